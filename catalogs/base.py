@@ -1,0 +1,171 @@
+"""The catalog interface: every backend turns a :class:`SearchQuery` into a list of ``pystac.Item``.
+
+Backends: ``local`` (static catalog folder / catalog.json, or a stac-geoparquet file), and the API backends in
+their own modules. :func:`open_catalog` picks one from the config's ``catalog`` section.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterable, Protocol, runtime_checkable
+
+import pystac
+
+from pipeline.errors import CatalogError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """A backend-neutral search: what pystac-client's ``search`` takes, typed.
+
+    ``query`` uses the STAC query extension form, e.g. ``{"eo:cloud_cover": {"lt": 20}}``.
+    """
+
+    collections: tuple[str, ...]
+    bbox: tuple[float, float, float, float] | None = None
+    intersects: dict[str, Any] | None = None
+    datetime: str | None = None
+    ids: tuple[str, ...] = ()
+    query: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_items: int | None = None
+
+    def describe(self) -> str:
+        parts = [f"collections={list(self.collections)}"]
+        for k in ("bbox", "datetime", "ids", "query", "intersects"):
+            v = getattr(self, k)
+            if v:
+                parts.append(f"{k}={v}")
+        return ", ".join(parts)
+
+
+@runtime_checkable
+class Catalog(Protocol):
+    name: str
+
+    def search(self, query: SearchQuery) -> list[pystac.Item]: ...
+
+    def sign(self, item: pystac.Item) -> pystac.Item: ...
+
+
+def parse_interval(value: str | None) -> tuple[datetime | None, datetime | None]:
+    """Parse an ISO 8601 interval ``start/end`` (either side may be ``..`` or empty) or a single date/datetime."""
+    if not value:
+        return None, None
+
+    def one(s: str, end: bool) -> datetime | None:
+        s = s.strip()
+        if s in ("", ".."):
+            return None
+        try:
+            if len(s) == 7:  # YYYY-MM
+                y, m = map(int, s.split("-"))
+                if end:
+                    m2, y2 = (1, y + 1) if m == 12 else (m + 1, y)
+                    return datetime(y2, m2, 1, tzinfo=timezone.utc).replace(microsecond=0) - _EPS
+                return datetime(y, m, 1, tzinfo=timezone.utc)
+            d = datetime.fromisoformat(s.replace("Z", "+00:00"))
+        except ValueError:
+            raise CatalogError(f"cannot parse date {s!r} in period {value!r}; use YYYY-MM-DD/YYYY-MM-DD") from None
+        if d.tzinfo is None:
+            d = d.replace(tzinfo=timezone.utc)
+        if len(s) == 10 and end:
+            d = d.replace(hour=23, minute=59, second=59)
+        return d
+
+    if "/" in value:
+        a, b = value.split("/", 1)
+        return one(a, False), one(b, True)
+    return one(value, False), one(value, True)
+
+
+_EPS = __import__("datetime").timedelta(seconds=1)
+
+
+def _cmp(op: str, a: Any, b: Any) -> bool:
+    if a is None:
+        return False
+    return {
+        "lt": a < b, "lte": a <= b, "gt": a > b, "gte": a >= b, "eq": a == b, "neq": a != b,
+        "in": a in b if isinstance(b, (list, tuple)) else False,
+    }[op]
+
+
+def matches(item: pystac.Item, q: SearchQuery) -> bool:
+    """Client-side evaluation of a :class:`SearchQuery` (used by backends without server-side search)."""
+    if q.collections and item.collection_id not in q.collections:
+        return False
+    if q.ids and item.id not in q.ids:
+        return False
+    if q.bbox is not None and item.bbox is not None:
+        a, b = q.bbox, item.bbox
+        if a[0] > b[2] or a[2] < b[0] or a[1] > b[3] or a[3] < b[1]:
+            return False
+    if q.intersects is not None and item.geometry is not None:
+        from shapely.geometry import shape
+
+        if not shape(q.intersects).intersects(shape(item.geometry)):
+            return False
+    if q.datetime:
+        start, end = parse_interval(q.datetime)
+        dt = item.datetime or item.common_metadata.start_datetime
+        if dt is not None:
+            if dt.tzinfo is None:
+                dt = dt.replace(tzinfo=timezone.utc)
+            if (start and dt < start) or (end and dt > end):
+                return False
+    for prop, ops in q.query.items():
+        val = item.properties.get(prop)
+        for op, ref in ops.items():
+            if not _cmp(op, val, ref):
+                return False
+    return True
+
+
+def dedupe(items: Iterable[pystac.Item]) -> list[pystac.Item]:
+    """Drop repeated (collection, id) pairs, keeping the first (API paging can repeat items)."""
+    seen: set[tuple[str | None, str]] = set()
+    out = []
+    for it in items:
+        key = (it.collection_id, it.id)
+        if key not in seen:
+            seen.add(key)
+            out.append(it)
+    return out
+
+
+def open_catalog(cfg) -> Catalog:
+    """Build the backend the ``catalog`` config section asks for."""
+    from catalogs.local import LocalCatalog
+
+    if cfg.kind == "local":
+        return LocalCatalog(cfg.url)
+    backends = _api_backends()
+    if cfg.kind in backends:
+        return backends[cfg.kind](cfg)
+    raise CatalogError(
+        f"catalog kind {cfg.kind!r} is not available in this build; available: local, {', '.join(backends)}"
+    )
+
+
+def _api_backends() -> dict[str, Any]:
+    """API backends, imported lazily so the local path needs no network libraries."""
+    import importlib
+
+    out: dict[str, Any] = {}
+    for kind, target in {
+        "stac-api": "catalogs.stac_api:StacApiCatalog",
+        "planetary-computer": "catalogs.planetary_computer:PlanetaryComputerCatalog",
+        "earth-search": "catalogs.earth_search:EarthSearchCatalog",
+        "sentinel-hub": "catalogs.sentinel_hub:SentinelHubCatalog",
+    }.items():
+        mod, _, attr = target.partition(":")
+        try:
+            out[kind] = getattr(importlib.import_module(mod), attr)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+    return out

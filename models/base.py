@@ -1,0 +1,82 @@
+"""The removal-model interface.
+
+A model is a class with a frozen :class:`ModelSpec` (what it needs) and ``predict(TileInputs) -> TileResult``.
+Parameters are a pydantic model (``Params``, unknown keys rejected) so a YAML typo fails loudly. Handles must be
+picklable and load weights lazily (once per worker) so dask.distributed can ship them; GPU models override
+``predict_batch`` to run several tiles at once.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal, Protocol, Sequence, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.contract import TileInputs, TileResult
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model declares about itself; the runner reads it instead of duplicating arguments.
+
+    Attributes:
+        bands: the Sentinel-2 bands it needs (others are passed through untouched if present).
+        level: processing level it was built for (``"L1C"``, ``"L2A"`` or ``"any"``).
+        needs_reference: it cannot run without at least one temporal reference.
+        needs_sar: it cannot run without Sentinel-1.
+        max_references: how many references it can use (0 = none).
+        halo: receptive-field radius in pixels; tiles are padded by this much on each side.
+        description: one line for ``cloudfree models``.
+        weights: file name of its weights (None for models without learned weights).
+    """
+
+    bands: tuple[str, ...]
+    level: Literal["L1C", "L2A", "any"] = "any"
+    needs_reference: bool = False
+    needs_sar: bool = False
+    max_references: int = 0
+    halo: int = 0
+    description: str = ""
+    weights: str | None = None
+
+
+class ModelParams(BaseModel):
+    """Base for a model's parameters: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@runtime_checkable
+class RemovalModel(Protocol):
+    name: ClassVar[str]
+    spec: ClassVar[ModelSpec]
+    params: ModelParams
+
+    def predict(self, tile: TileInputs) -> TileResult: ...
+
+    def predict_batch(self, tiles: Sequence[TileInputs]) -> list[TileResult]: ...
+
+
+class RemovalModelBase(ABC):
+    """Convenience base: stores validated params, loops ``predict`` for ``predict_batch``."""
+
+    name: ClassVar[str] = ""
+    spec: ClassVar[ModelSpec]
+    Params: ClassVar[type[ModelParams]] = ModelParams
+
+    def __init__(self, params: ModelParams | dict | None = None) -> None:
+        if params is None or isinstance(params, dict):
+            params = self.Params(**(params or {}))
+        self.params = params
+
+    @abstractmethod
+    def predict(self, tile: TileInputs) -> TileResult:
+        """Restore one tile."""
+
+    def predict_batch(self, tiles: Sequence[TileInputs]) -> list[TileResult]:
+        return [self.predict(t) for t in tiles]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params!r})"

@@ -1,0 +1,71 @@
+"""Model registry: built-ins register with ``@register``; third parties through the ``cloudfree.models`` entry
+point group (as rasterio/rioxarray plug-ins do). Unknown names fail with the list of available ones."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from importlib.metadata import entry_points
+
+from pydantic import ValidationError
+
+from pipeline.errors import ConfigError, UnknownModelError
+
+log = logging.getLogger(__name__)
+
+_REGISTRY: dict[str, type] = {}
+#: Built-in model modules, imported on first use so `cloudfree --help` stays fast.
+BUILTIN_MODULES = (
+    "models.reference_replace",
+)
+_loaded = False
+
+
+def register(cls: type) -> type:
+    """Class decorator: register a model under ``cls.name``."""
+    name = getattr(cls, "name", "")
+    if not name:
+        raise TypeError(f"{cls.__name__} has no `name`; set a class attribute name = '...'")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise TypeError(f"model name {name!r} registered twice ({_REGISTRY[name].__name__}, {cls.__name__})")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for mod in BUILTIN_MODULES:
+        importlib.import_module(mod)
+    for ep in entry_points(group="cloudfree.models"):
+        if ep.name in _REGISTRY:
+            continue
+        try:
+            register(ep.load())
+        except Exception as exc:  # a broken plug-in must not break the built-ins
+            log.warning("model plug-in %s (%s) failed to load: %s", ep.name, ep.value, exc)
+    _loaded = True
+
+
+def available_models() -> dict[str, type]:
+    _load()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_model_class(name: str) -> type:
+    models = available_models()
+    if name not in models:
+        raise UnknownModelError(
+            f"no removal model named {name!r}; available: {', '.join(models)} (see `cloudfree models`)"
+        )
+    return models[name]
+
+
+def build_model(name: str, params: dict | None = None):
+    """Instantiate model ``name`` with validated ``params``."""
+    cls = get_model_class(name)
+    try:
+        return cls(params or {})
+    except ValidationError as exc:
+        raise ConfigError(f"model {name!r}: invalid params {params}: {exc}") from None

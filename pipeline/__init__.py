@@ -1,0 +1,7 @@
+"""cloudfree: cloudy Sentinel-2 scenes in, cloud-free Cloud-Optimized GeoTIFFs out.
+
+`pipeline` holds what ties the stages together: the typed config, the data contract between stages, the
+exception hierarchy, the runner and the CLI.
+"""
+
+__version__ = "0.1.0"

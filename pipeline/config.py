@@ -1,0 +1,194 @@
+"""One typed, frozen config with a section per stage. Unknown keys are rejected, so a YAML typo fails loudly.
+
+Environment overrides: ``CLOUDFREE_<SECTION>__<KEY>=value`` (e.g. ``CLOUDFREE_MODEL__NAME=dcp``), applied by
+:func:`load_config` only (library code never reads the environment).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CatalogConfig(_Section):
+    """Where to search. ``kind`` picks the backend in :mod:`catalogs`."""
+
+    kind: Literal["local", "stac-api", "planetary-computer", "earth-search", "sentinel-hub"] = "local"
+    #: local: a static catalog (catalog.json / folder), a stac-geoparquet file; stac-api: the API root URL.
+    url: str = "data/demo/catalog.json"
+    collection: str = "sentinel-2-l2a"
+    sar_collection: str | None = None
+    #: HTTP timeout (s) and retries for API backends.
+    timeout: float = 30.0
+    max_retries: int = 4
+
+
+class SearchConfig(_Section):
+    """Which targets and references to pick."""
+
+    #: AOI as [minx, miny, maxx, maxy] in EPSG:4326, or a path to a GeoJSON file; None = the whole catalog.
+    aoi: list[float] | str | None = None
+    #: ISO 8601 interval "start/end"; None = any time.
+    period: str | None = None
+    #: explicit target item ids (then aoi/period only filter references).
+    targets: list[str] = Field(default_factory=list)
+    #: eo:cloud_cover range (percent) that makes an item a target.
+    target_cloud_cover: tuple[float, float] = (5.0, 95.0)
+    #: an item with eo:cloud_cover at most this is a candidate clear reference.
+    reference_max_cloud_cover: float = 30.0
+    #: how many references to keep per target, best first.
+    max_references: int = 2
+    #: references further than this from the target (days) are ignored.
+    max_days: float = 120.0
+
+    @field_validator("aoi")
+    @classmethod
+    def _bbox(cls, v: Any) -> Any:
+        if isinstance(v, list) and (len(v) != 4 or v[0] >= v[2] or v[1] >= v[3]):
+            raise ValueError(f"aoi bbox must be [minx, miny, maxx, maxy] with min < max, got {v}")
+        return v
+
+    @field_validator("target_cloud_cover")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= v[1] <= 100:
+            raise ValueError(f"target_cloud_cover must be 0 <= min <= max <= 100, got {v}")
+        return v
+
+
+class GridConfig(_Section):
+    """The output grid every input is loaded onto."""
+
+    #: "EPSG:32633"; None = the target's own CRS (its UTM zone).
+    crs: str | None = None
+    resolution: float = 10.0
+    bands: list[str] = Field(default_factory=lambda: ["B02", "B03", "B04", "B08", "B11", "B12"])
+    #: dask chunk (pixels) used while loading.
+    chunk: int = 512
+
+    @field_validator("bands")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from pipeline.contract import S2_BANDS
+
+        bad = [b for b in v if b not in S2_BANDS]
+        if bad:
+            raise ValueError(f"unknown Sentinel-2 bands {bad}; valid: {sorted(S2_BANDS)}")
+        return v
+
+
+class MaskConfig(_Section):
+    """Cloud masks; methods are combined with OR, the continuous probability with max."""
+
+    methods: list[Literal["cldprb", "scl", "spectral", "s2cloudless"]] = Field(default_factory=lambda: ["cldprb"])
+    #: MSK_CLDPRB threshold (percent), 40 as in the PhyVLM-CR paper.
+    cldprb_threshold: float = 40.0
+    #: morphological closing then opening radius (10 m pixels) applied to the binary mask.
+    closing_radius: int = 2
+    opening_radius: int = 1
+    #: SCL classes treated as unusable (3 shadow, 8/9 cloud, 10 cirrus; add 11 for snow).
+    scl_classes: list[int] = Field(default_factory=lambda: [3, 8, 9, 10])
+    #: dilation (pixels) of the final mask.
+    dilation: int = 2
+
+
+class TileConfig(_Section):
+    size: int = Field(512, ge=16)
+    #: halo in pixels; None = the model's declared receptive field.
+    halo: int | None = Field(None, ge=0)
+
+
+class ModelConfig(_Section):
+    name: str = "reference-replace"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputConfig(_Section):
+    dir: Path = Path("outputs")
+    compress: Literal["deflate", "zstd", "lzw"] = "deflate"
+    blocksize: int = 512
+    quicklook: bool = True
+    overwrite: bool = False
+
+
+class RunConfig(_Section):
+    scheduler: Literal["threads", "synchronous", "processes", "distributed"] = "threads"
+    workers: int | None = None
+    #: per-worker memory limit for the distributed scheduler.
+    memory_limit: str = "4GiB"
+    progress: bool = True
+
+
+class Config(_Section):
+    catalog: CatalogConfig = Field(default_factory=CatalogConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    grid: GridConfig = Field(default_factory=GridConfig)
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    tile: TileConfig = Field(default_factory=TileConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _tile_vs_chunk(self) -> "Config":
+        if self.output.blocksize % 16:
+            raise ValueError(f"output.blocksize must be a multiple of 16, got {self.output.blocksize}")
+        return self
+
+    def replace(self, **sections: dict[str, Any]) -> "Config":
+        """A copy with some keys of some sections changed: ``cfg.replace(model={"name": "dcp"})``."""
+        data = self.model_dump()
+        for sec, vals in sections.items():
+            data[sec] = {**data[sec], **vals}
+        return parse_config(data, source="override")
+
+
+def parse_config(data: dict[str, Any] | None, *, source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"])
+            lines.append(f"  {loc}: {err['msg']}" + (f" (got {err.get('input')!r})" if err["type"] != "missing" else ""))
+        raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines) + "\nSee the README's config reference.") from None
+
+
+def _env_overrides(prefix: str = "CLOUDFREE_") -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, val in os.environ.items():
+        if key.startswith(prefix) and "__" in key:
+            sec, _, name = key[len(prefix):].lower().partition("__")
+            out.setdefault(sec, {})[name] = yaml.safe_load(val)
+    return out
+
+
+def load_config(path: str | Path | None = None, *, env: bool = True) -> Config:
+    """Read a YAML config (None = defaults), apply ``CLOUDFREE_SECTION__KEY`` environment overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+    if env:
+        for sec, vals in _env_overrides().items():
+            data.setdefault(sec, {})
+            if isinstance(data[sec], dict):
+                data[sec].update(vals)
+    return parse_config(data, source=str(path or "defaults"))
