@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, Sequence, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -30,6 +30,8 @@ class ModelSpec:
         halo: receptive-field radius in pixels; tiles are padded by this much on each side.
         description: one line for ``cloudfree models``.
         weights: file name of its weights (None for models without learned weights).
+        scene_context: the runner calls ``fit_scene`` once per target on a coarse whole-scene sample and passes
+            the result to every tile as ``TileInputs.context``.
     """
 
     bands: tuple[str, ...]
@@ -40,6 +42,7 @@ class ModelSpec:
     halo: int = 0
     description: str = ""
     weights: str | None = None
+    scene_context: bool = False
 
 
 class ModelParams(BaseModel):
@@ -77,6 +80,10 @@ class RemovalModelBase(ABC):
 
     def predict_batch(self, tiles: Sequence[TileInputs]) -> list[TileResult]:
         return [self.predict(t) for t in tiles]
+
+    def fit_scene(self, sample: TileInputs) -> dict[str, Any]:
+        """Scene-level statistics from a coarse whole-scene sample (only called if ``spec.scene_context``)."""
+        return {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"

@@ -12,9 +12,10 @@ lets GPU models batch tiles (``predict_batch``) without a rewrite.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
 from pipeline.errors import ContractError
@@ -106,6 +107,8 @@ class TileInputs:
         sar_bands: polarisation names of ``sar`` axis 1 (e.g. ``("vv", "vh")``).
         halo: pixels of context around the core on each side (already included in the arrays).
         target_id: STAC id of the target.
+        context: scene-level statistics the model computed once per scene with ``fit_scene`` on a coarse
+            sample (e.g. per-reference radiometric alignment), so tiles agree and mosaics have no seams.
     """
 
     bands: tuple[str, ...]
@@ -120,6 +123,7 @@ class TileInputs:
     sar_bands: tuple[str, ...] = ()
     halo: int = 0
     target_id: str = ""
+    context: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         nb, ny, nx = _shape(self.target, 3, "target")
@@ -141,10 +145,10 @@ class TileInputs:
 
     def band_index(self, *names: str) -> list[int]:
         """Positions of the named bands; select bands by name, never by position."""
-        try:
-            return [self.bands.index(n) for n in names]
-        except ValueError as exc:
-            raise ContractError(f"tile {self.target_id}: band missing ({exc}); have {self.bands}") from None
+        missing = [n for n in names if n not in self.bands]
+        if missing:
+            raise ContractError(f"tile {self.target_id}: bands {missing} missing; have {self.bands}")
+        return [self.bands.index(n) for n in names]
 
     @property
     def shape(self) -> tuple[int, int]:

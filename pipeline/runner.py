@@ -1,0 +1,184 @@
+"""The runner: search -> load -> masks -> tile -> remove -> write -> publish, one target at a time.
+
+Each target is computed in one dask pass (inputs read once), written atomically, and marked done by its STAC item,
+so a rerun skips finished targets (resume) unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+import numpy as np
+
+from catalogs.base import open_catalog
+from pipeline.config import Config
+from pipeline.errors import CloudfreeError
+from stages.search import TargetPlan, plan_targets
+
+log = logging.getLogger(__name__)
+
+QUICKLOOK_MAX = 900
+
+
+@dataclass
+class TargetResult:
+    target_id: str
+    status: str  # done | skipped | dry-run | failed
+    references: list[str] = field(default_factory=list)
+    outputs: dict[str, Path] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def output_stem(target_id: str, model_name: str) -> str:
+    return f"{target_id}__{model_name}"
+
+
+@contextlib.contextmanager
+def dask_context(cfg: Config):
+    """The configured scheduler, scoped (no global state)."""
+    if cfg.run.scheduler == "distributed":
+        from dask.distributed import Client, LocalCluster
+
+        with LocalCluster(n_workers=cfg.run.workers or 2, threads_per_worker=1, memory_limit=cfg.run.memory_limit,
+                          processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
+            log.info("dask.distributed cluster: %s", client)
+            yield
+    else:
+        kw = {"scheduler": cfg.run.scheduler}
+        if cfg.run.workers and cfg.run.scheduler in ("threads", "processes"):
+            kw["num_workers"] = cfg.run.workers
+        with dask.config.set(**kw):
+            yield
+
+
+def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None) -> list[TargetResult]:
+    """Run the batch job the config describes; returns one result per target."""
+    from models.registry import build_model
+
+    model = build_model(cfg.model.name, cfg.model.params)
+    catalog = open_catalog(cfg.catalog)
+    search_cfg = cfg.search if not targets else cfg.search.model_copy(update={"targets": list(targets)})
+    plans = plan_targets(catalog, search_cfg, cfg.catalog.collection, cfg.catalog.sar_collection)
+    if model.spec.needs_reference:
+        for p in plans:
+            if not p.references:
+                log.warning("target %s has no reference; model %s needs one: its cloudy pixels stay unfilled",
+                            p.target.id, model.name)
+    run_id = uuid.uuid4().hex[:12]
+    results = []
+    with dask_context(cfg):
+        for plan in plans:
+            stem = output_stem(plan.target.id, model.name)
+            refs = [c.item.id for c in plan.references]
+            if dry_run:
+                results.append(TargetResult(plan.target.id, "dry-run", refs))
+                continue
+            from stages.write import is_done, paths_for
+
+            if is_done(cfg.output.dir, stem) and not cfg.output.overwrite:
+                log.info("%s: output exists, skipping (use --overwrite to redo)", stem)
+                results.append(TargetResult(plan.target.id, "skipped", refs,
+                                            outputs=paths_for(cfg.output.dir, stem)))
+                continue
+            t0 = time.perf_counter()
+            try:
+                res = process_target(plan, model, cfg, run_id)
+            except CloudfreeError as exc:
+                log.error("%s failed: %s", plan.target.id, exc)
+                res = TargetResult(plan.target.id, "failed", refs, error=str(exc))
+            res.seconds = time.perf_counter() - t0
+            results.append(res)
+    return results
+
+
+#: longest side (pixels) of the coarse whole-scene sample given to ``model.fit_scene``.
+SCENE_SAMPLE_MAX = 1024
+
+
+def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) -> dict:
+    """Run ``model.fit_scene`` on a coarse load of the whole scene (COG overviews: cheap, bounded memory)."""
+    from stages.load import load_reflectance
+    from stages.masks import build_masks
+    from stages.remove import SceneInputs, to_tile_inputs
+
+    k = max(1, int(np.ceil(max(geobox.shape) / SCENE_SAMPLE_MAX)))
+    coarse = geobox.zoom_out(k) if k > 1 else geobox
+    stack = load_reflectance(items, bands, coarse, cfg.grid.chunk, name=f"{items[0].id}-sample")
+    mask, prob = build_masks(items, coarse, cfg.mask, cfg.grid.chunk)
+    n = len(items)
+    sample = to_tile_inputs(SceneInputs(
+        stack[0], mask[0], prob[0], stack[1:] if n > 1 else None,
+        (mask[1:] | stack[1:].isnull().any("band")) if n > 1 else None,
+        tuple(i.id for i in items[1:]), tuple(c.dt_days for c in plan.references[: n - 1]), items[0].id,
+    ))
+    ctx = model.fit_scene(sample)
+    log.info("%s: scene context from a %dx%d sample: %s", items[0].id, *coarse.shape, sorted(ctx))
+    return ctx
+
+
+def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetResult:
+    from catalogs.harmonise import harmonisation
+    from stages.load import load_reflectance, output_geobox
+    from stages.masks import build_masks
+    from stages.publish import output_item
+    from stages.remove import SceneInputs, remove_clouds
+    from stages.search import _aoi_bbox
+    from stages.tile import plan_tiles
+    from stages.write import RGB, paths_for, quicklook, write_json_atomic, write_outputs
+
+    target = plan.target
+    refs = [c.item for c in plan.references][: max(model.spec.max_references, 0)]
+    items = [target, *refs]
+    bands = list(dict.fromkeys([*cfg.grid.bands, *model.spec.bands]))
+    geobox = output_geobox(target, cfg.grid, _aoi_bbox(cfg.search))
+    stack = load_reflectance(items, bands, geobox, cfg.grid.chunk, name=target.id)
+    mask, prob = build_masks(items, geobox, cfg.mask, cfg.grid.chunk)
+    ref_masks = None
+    if refs:
+        ref_masks = mask[1:] | stack[1:].isnull().any("band")
+    inputs = SceneInputs(
+        target=stack[0], cloud_mask=mask[0], cloud_prob=prob[0],
+        references=stack[1:] if refs else None, reference_masks=ref_masks,
+        reference_ids=tuple(r.id for r in refs),
+        reference_dt_days=tuple(c.dt_days for c in plan.references[: len(refs)]), target_id=target.id,
+    )
+    halo = cfg.tile.halo if cfg.tile.halo is not None else model.spec.halo
+    tiles = plan_tiles(geobox.shape, cfg.tile.size, halo)
+    context = scene_context(model, items, bands, geobox, cfg, plan) if model.spec.scene_context else {}
+    ds = remove_clouds(inputs, model, tiles, halo, context)
+    stem = output_stem(target.id, model.name)
+    k = max(1, int(np.ceil(max(geobox.shape) / QUICKLOOK_MAX)))
+    rgb = [b for b in RGB if b in bands]
+    extras = ()
+    if cfg.output.quicklook and len(rgb) == 3:
+        extras = (stack[0].sel(band=rgb)[:, ::k, ::k].data, ds.reflectance.sel(band=rgb)[:, ::k, ::k].data,
+                  mask[0][::k, ::k].data)
+    log.info("%s: %d tiles of %d px (halo %d), %d reference(s), model %s", target.id, len(tiles), cfg.tile.size,
+             halo, len(refs), model.name)
+    out, computed = write_outputs(ds, cfg.output.dir, stem, cfg.output, extra_compute=extras,
+                                  progress=cfg.run.progress)
+    paths = paths_for(cfg.output.dir, stem)
+    if computed:
+        before, after, m = computed
+        out.files["quicklook"] = quicklook(before, after, m, paths["quicklook"], title=f"{target.id} / {model.name}")
+    metrics = {}
+    if "truth" in target.assets:
+        from pipeline.truth import evaluate_against_truth
+
+        metrics = evaluate_against_truth(target, out.reflectance, geobox, bands, cfg.mask, cfg.grid.chunk)
+    extra = {"cloudfree:evaluation": metrics} if metrics else {}
+    extra["eo:cloud_cover"] = target.properties.get("eo:cloud_cover")
+    item = output_item(target, refs, out, geobox, bands, model.name, dict(cfg.model.params), run_id,
+                       [harmonisation(i).to_dict() for i in items], extra=extra)
+    item.set_self_href(str(paths["item"].resolve()))
+    write_json_atomic(item.to_dict(include_self_link=False, transform_hrefs=False), paths["item"])
+    out.files["item"] = paths["item"]
+    return TargetResult(target.id, "done", [r.id for r in refs], outputs=dict(out.files), metrics=metrics)

@@ -1,0 +1,157 @@
+"""Write stage: one compute pass -> Cloud-Optimized GeoTIFFs, a quicklook PNG and a STAC Item per target.
+
+The lazy result is computed once, streamed tile by tile into a tiled intermediate GeoTIFF (rioxarray, with a lock),
+then turned into COGs with rio-cogeo (internal tiles, overviews, nodata, DEFLATE/ZSTD + predictor):
+
+* ``<id>_reflectance.tif``: uint16, ``DN = reflectance * 10000`` (scale 1e-4, offset 0, nodata 0), like the input;
+* ``<id>_confidence.tif``: uint8 0-100 (percent), nodata 255;
+* ``<id>_source.tif``: uint8 source codes (``pipeline.contract.SOURCE_*``).
+
+Everything goes to a staging folder first and is moved into place at the end (atomic); the STAC item is written
+last and marks the target as done, so a rerun skips finished targets and redoes unfinished ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask
+import numpy as np
+import rasterio
+import xarray as xr
+from rio_cogeo.cogeo import cog_translate, cog_validate
+from rio_cogeo.profiles import cog_profiles
+
+from pipeline.config import OutputConfig
+
+log = logging.getLogger(__name__)
+
+REFLECTANCE_SCALE = 1e-4
+CONF_NODATA = 255
+RGB = ("B04", "B03", "B02")
+
+
+@dataclass
+class WrittenOutput:
+    stem: str
+    directory: Path
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def reflectance(self) -> Path:
+        return self.files["reflectance"]
+
+
+def paths_for(out_dir: Path, stem: str) -> dict[str, Path]:
+    d = Path(out_dir) / stem
+    return {
+        "reflectance": d / f"{stem}_reflectance.tif",
+        "confidence": d / f"{stem}_confidence.tif",
+        "source": d / f"{stem}_source.tif",
+        "quicklook": d / f"{stem}_quicklook.png",
+        "item": d / f"{stem}.json",
+    }
+
+
+def is_done(out_dir: Path, stem: str) -> bool:
+    """A target is done when its STAC item exists (written last)."""
+    return paths_for(out_dir, stem)["item"].exists()
+
+
+def _encode(ds: xr.Dataset) -> xr.DataArray:
+    """Stack reflectance/confidence/source into one uint16 array for the single streaming write."""
+    refl = ds.reflectance
+    dn = (refl / REFLECTANCE_SCALE).round().clip(1, 65535).fillna(0)
+    conf = (ds.confidence * 100).round().clip(0, 100).where(refl.notnull().all("band"), CONF_NODATA)
+    src = ds.source.fillna(0)
+    stacked = xr.concat([dn, conf.expand_dims(band=["confidence"]), src.expand_dims(band=["source"])], dim="band")
+    stacked = stacked.astype(np.uint16)
+    return stacked.rio.write_crs(ds.rio.crs).rio.write_nodata(None)
+
+
+def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, extra_compute=(),
+                  progress: bool = True) -> tuple[WrittenOutput, list]:
+    """Compute ``ds`` once and write the COGs. ``extra_compute`` lazy objects are computed in the same pass
+    (e.g. decimated quicklook inputs), sharing the input reads. Returns the outputs and the computed extras."""
+    final = paths_for(out_dir, stem)
+    stage = Path(out_dir) / f".staging-{stem}"
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    inter = stage / "intermediate.tif"
+    enc = _encode(ds)
+    nb = ds.sizes["band"]
+    write = enc.rio.to_raster(inter, tiled=True, blockxsize=cfg.blocksize, blockysize=cfg.blocksize,
+                              compress="deflate", lock=threading.Lock(), compute=False, BIGTIFF="IF_SAFER")
+    from pipeline.progress import progress_bar
+
+    with progress_bar(enabled=progress, desc=f"{stem}: compute+write"):
+        _, *extras = dask.compute(write, *extra_compute)
+    profile = dict(cog_profiles.get(cfg.compress))
+    profile.update(blockxsize=cfg.blocksize, blockysize=cfg.blocksize, predictor=2)
+    products = {
+        "reflectance": (list(range(1, nb + 1)), "uint16", 0),
+        "confidence": ([nb + 1], "uint8", CONF_NODATA),
+        "source": ([nb + 2], "uint8", None),
+    }
+    bands = [str(b) for b in ds.band.values]
+    with rasterio.open(inter, "r+") as d:  # descriptions/scales travel into the COGs with cog_translate
+        for i, b in enumerate([*bands, "confidence", "source"], 1):
+            d.set_band_description(i, b)
+        d.scales = [REFLECTANCE_SCALE] * nb + [1.0, 1.0]
+        d.offsets = [0.0] * (nb + 2)
+    out = WrittenOutput(stem, final["item"].parent)
+    for name, (idx, dtype, nodata) in products.items():
+        dst = stage / final[name].name
+        with rasterio.open(inter) as src:
+            cog_translate(src, dst, dict(profile), indexes=idx, dtype=dtype, nodata=nodata,
+                          overview_resampling="average" if name == "reflectance" else "nearest",
+                          quiet=True, in_memory=False)
+        ok, errors, _ = cog_validate(dst, quiet=True)
+        if not ok:
+            raise RuntimeError(f"{dst} is not a valid COG: {errors}")  # pragma: no cover - rio-cogeo bug guard
+        out.files[name] = final[name]
+    inter.unlink()
+    out.directory.mkdir(parents=True, exist_ok=True)
+    for f in stage.iterdir():
+        f.replace(out.directory / f.name)
+    stage.rmdir()
+    return out, extras
+
+
+def quicklook(before_rgb: np.ndarray, after_rgb: np.ndarray, mask: np.ndarray, path: Path, title: str = "") -> Path:
+    """before | after | mask PNG (2-98 % stretch of the cloud-free ``after``, shared by both panels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    finite = after_rgb[np.isfinite(after_rgb)]
+    lo, hi = (np.percentile(finite, [2, 98]) if finite.size else (0, 1))
+
+    def stretch(a):
+        return np.clip((np.nan_to_num(np.moveaxis(a, 0, -1), nan=0) - lo) / max(hi - lo, 1e-6), 0, 1)
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.4), constrained_layout=True)
+    for ax, img, t in zip(axes, [stretch(before_rgb), stretch(after_rgb), mask],
+                          ["before (cloudy target)", "after (cloud-free)", "cloud mask"]):
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+        ax.set_title(t)
+        ax.set_axis_off()
+    fig.suptitle(title)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def write_json_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp.json")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)

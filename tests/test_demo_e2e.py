@@ -1,0 +1,90 @@
+"""The main job end to end on the demo catalog: real S2 pixels, simulated clouds with a known truth."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pystac
+import rasterio
+from rio_cogeo.cogeo import cog_info, cog_validate
+
+from pipeline.contract import SOURCE_REFERENCE_BASE, SOURCE_TARGET
+
+TARGET = "S2A_T33UUU_20170216_SIMCLOUDY"
+
+
+def _result(demo_run, target=TARGET):
+    return next(r for r in demo_run if r.target_id == target)
+
+
+def test_demo_finds_both_targets_with_references(demo_run):
+    assert {r.target_id for r in demo_run} == {TARGET, "S2B_T33UUU_20170226_SIMTHIN"}
+    for r in demo_run:
+        assert r.status == "done", r.error
+        assert r.references and r.references[0] == "S2A_T33UUU_20170206_SIMREF" or r.target_id != TARGET
+
+
+def test_cloudy_pixels_move_closer_to_truth(demo_run):
+    m = _result(demo_run).metrics
+    assert m["simulated"] is True
+    # measured on the simulated-cloudy pixels (t < 0.95) against the real cloud-free pixels
+    assert m["psnr_after_cloudy"] > m["psnr_before_cloudy"] + 10, m
+    assert m["psnr_after_all"] > m["psnr_before_all"] + 10, m
+
+
+def test_outputs_are_valid_cogs(demo_run):
+    out = _result(demo_run).outputs
+    for key in ("reflectance", "confidence", "source"):
+        ok, errors, warnings = cog_validate(out[key], quiet=True)
+        assert ok, (key, errors)
+        info = cog_info(out[key])
+        assert info.IFD and len(info.IFD) > 1, f"{key}: no overviews"
+        assert info.Profile.Tiled
+    with rasterio.open(out["reflectance"]) as ds:
+        assert ds.dtypes[0] == "uint16" and ds.nodata == 0
+        assert ds.compression.name.lower() == "deflate"
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("PREDICTOR") == "2"
+        assert ds.scales[0] == 1e-4
+        assert list(ds.descriptions) == ["B02", "B03", "B04", "B08", "B11", "B12"]
+        assert ds.block_shapes[0] == (512, 512)
+        assert ds.crs.to_epsg() == 32633 and ds.shape == (768, 1536)
+    with rasterio.open(out["confidence"]) as ds:
+        assert ds.dtypes[0] == "uint8" and ds.nodata == 255
+        conf = ds.read(1)
+    with rasterio.open(out["source"]) as ds:
+        src = ds.read(1)
+    assert set(np.unique(src)) <= {SOURCE_TARGET, SOURCE_REFERENCE_BASE, SOURCE_REFERENCE_BASE + 1}
+    kept = conf[src == SOURCE_TARGET]
+    # kept target pixels are clear (100) or masked thin cloud no reference could fill (0)
+    assert set(np.unique(kept)) <= {0, 100} and (kept == 100).mean() > 0.95
+    assert (conf[src >= SOURCE_REFERENCE_BASE] < 100).all()
+    assert 0.3 < (src >= SOURCE_REFERENCE_BASE).mean() < 0.8  # about the simulated cloud + shadow cover
+
+
+def test_stac_item_links_every_input_and_records_processing(demo_run):
+    r = _result(demo_run)
+    d = json.loads(r.outputs["item"].read_text())
+    item = pystac.Item.from_dict(d)
+    derived = {link.extra_fields.get("id") for link in item.links if link.rel == "derived_from"}
+    assert derived == {TARGET, *r.references}
+    assert any("processing" in e for e in item.stac_extensions)
+    assert item.properties["processing:lineage"].startswith("cloud removal of")
+    assert item.properties["cloudfree:model"]["name"] == "reference-replace"
+    assert item.properties["cloudfree:simulated_inputs"] is True
+    assert [h["item"] for h in item.properties["cloudfree:harmonisation"]] == [TARGET, *r.references]
+    assert set(item.assets) >= {"reflectance", "confidence", "source", "quicklook"}
+    assert item.assets["reflectance"].extra_fields["file:checksum"].startswith("1220")
+    assert r.outputs["quicklook"].stat().st_size > 10_000
+
+
+def test_rerun_resumes_and_overwrite_redoes(demo_config, demo_run):
+    from pipeline.runner import run
+
+    again = run(demo_config)
+    assert {r.status for r in again} == {"skipped"}
+    item = _result(demo_run).outputs["item"]
+    before = item.stat().st_mtime_ns
+    redo = run(demo_config.replace(output={"overwrite": True}, search={"targets": [TARGET]}))
+    assert [r.status for r in redo] == ["done"] and item.stat().st_mtime_ns > before
+    assert not list(item.parent.parent.glob(".staging-*")), "staging folders must not be left behind"
