@@ -140,6 +140,11 @@ class StacApiCatalog:
                     f"cannot open STAC API {self.url}: {exc}; check catalog.url and the network "
                     f"(timeout {self.timeout} s, {self.max_retries} retries)"
                 ) from exc
+            # pystac-client 0.9 matches only ``v1.0.0*/item-search#sort``; APIs announcing a newer version
+            # (stac-fastapi-pgstac 7 says v1.1.0) would otherwise get a spurious DoesNotConformTo warning.
+            conforms = self._client.get_conforms_to() if hasattr(self._client, "get_conforms_to") else []
+            if any(str(c).endswith("/item-search#sort") for c in conforms):
+                self._client.add_conforms_to("SORT")
         return self._client
 
     # -- search -------------------------------------------------------------------------------------------------
