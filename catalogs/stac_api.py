@@ -197,7 +197,21 @@ class StacApiCatalog:
         return items
 
     def get(self, item_id: str, collection: str | None = None) -> pystac.Item:
-        """One item by id (via item search ``ids``, so it works without knowing the collection)."""
+        """One item by id: from ``/collections/{collection}/items/{id}`` when the collection is known, else via
+        item search ``ids``."""
+        if collection:
+            from pystac_client.exceptions import APIError
+
+            try:
+                item = self.client.get_collection(collection).get_item(item_id)
+            except (APIError, requests.RequestException, pystac.STACError) as exc:
+                raise CatalogError(
+                    f"cannot read item {item_id!r} of collection {collection!r} from {self.url}: {exc}; check the "
+                    "id and collection"
+                ) from exc
+            if item is None:
+                raise NoItemsFoundError(f"item {item_id!r} is not in collection {collection!r} of {self.url}")
+            return item
         q = SearchQuery(collections=(collection,) if collection else (), ids=(item_id,), allow_empty=True)
         items = self.search(q)
         if not items:
