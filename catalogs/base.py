@@ -65,6 +65,9 @@ def parse_interval(value: str | None) -> tuple[datetime | None, datetime | None]
         if s in ("", ".."):
             return None
         try:
+            if len(s) == 4 and s.isdigit():  # YYYY
+                y = int(s)
+                return datetime(y + 1, 1, 1, tzinfo=timezone.utc) - _EPS if end else datetime(y, 1, 1, tzinfo=timezone.utc)
             if len(s) == 7:  # YYYY-MM
                 y, m = map(int, s.split("-"))
                 if end:

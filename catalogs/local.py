@@ -74,6 +74,12 @@ class LocalCatalog:
             )
         if p.suffix in GEOPARQUET_SUFFIXES:
             items = read_geoparquet(p)
+        elif p.suffix == ".json" and p.read_text()[:200].lstrip().startswith("["):
+            # a bare JSON array of items (as some exports and the shared fixtures hold)
+            import json
+
+            items = [pystac.Item.from_dict(d) for d in json.loads(p.read_text())
+                     if isinstance(d, dict) and d.get("type") == "Feature"]
         else:
             try:
                 root = pystac.read_file(str(p))

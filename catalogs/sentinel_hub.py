@@ -140,7 +140,7 @@ class SentinelHubCatalog:
 
     def search(self, query: SearchQuery) -> list[pystac.Item]:
         from sentinelhub import CRS, BBox, DataCollection, Geometry, SentinelHubCatalog as _ShCatalog
-        from sentinelhub.exceptions import SHException
+        from sentinelhub.exceptions import BaseSentinelHubException
 
         self._check_credentials()
         start, end = parse_interval(query.datetime)
@@ -173,7 +173,7 @@ class SentinelHubCatalog:
                         found.append(pystac.Item.from_dict(feat, preserve_dict=False))
                         if query.max_items and len(found) >= query.max_items:
                             break
-                except (SHException, OSError) as exc:
+                except (BaseSentinelHubException, OSError) as exc:
                     raise CatalogError(
                         f"Sentinel Hub catalog search for {cid} failed with {query.describe()}: "
                         f"{type(exc).__name__}: {exc}; check credentials and quota"

@@ -77,8 +77,12 @@ def relative_orbit(item: pystac.Item) -> int | None:
     for key in ("sat:relative_orbit", "sentinel:relative_orbit"):
         if item.properties.get(key) is not None:
             return int(item.properties[key])
-    m = re.search(r"_R(\d{3})_", item.id) or re.search(r"_R(\d{3})_", str(item.properties.get("s2:product_uri", "")))
-    return int(m.group(1)) if m else None
+    for text in (item.id, str(item.properties.get("s2:product_uri", "")),
+                 str(item.properties.get("sentinel:product_id", ""))):
+        m = re.search(r"_R(\d{3})_", text)
+        if m:
+            return int(m.group(1))
+    return None
 
 
 def mgrs_tile(item: pystac.Item) -> str | None:
@@ -165,7 +169,10 @@ def scl_clear_fraction(
             key = asset_key(it, "SCL")
             if key is None:
                 raise InputDataError(f"item {it.id} has no SCL asset")
-            url = href(it, key) if href else it.assets[key].get_absolute_href()
+            raw = it.assets[key].href
+            # pystac joins even a local absolute path onto an s3:// self link; keep absolute hrefs as they are
+            absolute = raw.startswith("/") or "://" in raw
+            url = href(it, key) if href else (raw if absolute else it.assets[key].get_absolute_href())
             dst = np.zeros((size, size), dtype=np.uint8)
             with rasterio.open(url) as src:
                 reproject(rasterio.band(src, 1), dst, dst_transform=dst_transform, dst_crs=CRS.from_epsg(4326),
