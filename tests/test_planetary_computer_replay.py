@@ -138,3 +138,11 @@ def test_non_blob_hrefs_are_not_signed() -> None:
     cache = SasTokenCache("http://127.0.0.1:9/unused", timeout=0.1, max_retries=0)
     href = "https://sentinel-cogs.s3.us-west-2.amazonaws.com/x/B04.tif"
     assert cache.sign_href(href) == href and cache.fetches == 0
+
+
+@pytest.mark.network
+def test_live_planetary_computer_search_and_sign() -> None:
+    cat = PlanetaryComputerCatalog(timeout=20, max_retries=2)
+    (item,) = cat.search(SearchQuery(collections=("sentinel-2-l2a",), bbox=(17.28, 48.83, 17.31, 48.86),
+                                     datetime="2024-06-01/2024-06-30", max_items=1))
+    assert "se=" in cat.sign(item, assets=("B04",)).assets["B04"].href
