@@ -43,7 +43,8 @@ scene: install ## one target scene: make scene ITEM=<stac id> [MODEL=...] [CONFI
 	@test -n "$(ITEM)" || { echo "usage: make scene ITEM=<stac item id> [MODEL=$(MODEL)]"; exit 2; }
 	$(CLOUDFREE) scene $(ITEM) --config $(CONFIG) --model $(MODEL) --overwrite
 
-test: install ## run the offline test suite
+test: install ## run the offline test suite (installs the local STAC API server for the pgstac tests first)
+	scripts/install_stac_server.sh
 	$(BIN)/python -m pytest -q
 
 bench: install demo-catalog ## benchmarks, JSON under bench/

@@ -32,10 +32,14 @@ class SearchQuery:
     ids: tuple[str, ...] = ()
     query: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_items: int | None = None
+    #: sort keys, ``"-eo:cloud_cover"`` for descending (STAC sort extension); ignored by backends without it.
+    sortby: tuple[str, ...] = ()
+    #: False: a search that matches nothing raises :class:`~pipeline.errors.NoItemsFoundError`; True: returns [].
+    allow_empty: bool = False
 
     def describe(self) -> str:
         parts = [f"collections={list(self.collections)}"]
-        for k in ("bbox", "datetime", "ids", "query", "intersects"):
+        for k in ("bbox", "datetime", "ids", "query", "sortby", "intersects", "max_items"):
             v = getattr(self, k)
             if v:
                 parts.append(f"{k}={v}")
@@ -61,6 +65,9 @@ def parse_interval(value: str | None) -> tuple[datetime | None, datetime | None]
         if s in ("", ".."):
             return None
         try:
+            if len(s) == 4 and s.isdigit():  # YYYY
+                y = int(s)
+                return datetime(y + 1, 1, 1, tzinfo=timezone.utc) - _EPS if end else datetime(y, 1, 1, tzinfo=timezone.utc)
             if len(s) == 7:  # YYYY-MM
                 y, m = map(int, s.split("-"))
                 if end:
@@ -101,8 +108,11 @@ def matches(item: pystac.Item, q: SearchQuery) -> bool:
     if q.ids and item.id not in q.ids:
         return False
     if q.bbox is not None and item.bbox is not None:
-        a, b = q.bbox, item.bbox
-        if a[0] > b[2] or a[2] < b[0] or a[1] > b[3] or a[3] < b[1]:
+        b = item.bbox
+        # a bbox with minx > maxx crosses the antimeridian: it is the union of an east and a west part
+        parts = [q.bbox] if q.bbox[0] <= q.bbox[2] else [
+            (q.bbox[0], q.bbox[1], 180.0, q.bbox[3]), (-180.0, q.bbox[1], q.bbox[2], q.bbox[3])]
+        if all(a[0] > b[2] or a[2] < b[0] or a[1] > b[3] or a[3] < b[1] for a in parts):
             return False
     if q.intersects is not None and item.geometry is not None:
         from shapely.geometry import shape

@@ -150,33 +150,35 @@ def scene(item_id, config, model, out_dir, overwrite, dry_run, no_progress) -> N
 
 @main.command()
 @click.option("-c", "--config", type=click.Path(dir_okay=False), help="YAML config (see configs/).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def search(config, as_json) -> None:
-    """List cloudy targets and the references chosen for each."""
-    from catalogs.base import open_catalog
-    from pipeline.errors import CloudfreeError
-    from stages.search import plan_targets
+@click.option("--catalog", "kind",
+              type=click.Choice(["local", "stac-api", "planetary-computer", "earth-search", "sentinel-hub"]),
+              help="Catalog backend; overrides catalog.kind.")
+@click.option("--url", help="Catalog URL or path; overrides catalog.url.")
+@click.option("--collection", help="Optical collection; overrides catalog.collection.")
+@click.option("--sar-collection", help="Sentinel-1 collection (e.g. sentinel-1-rtc); overrides catalog.sar_collection.")
+@click.option("--aoi", type=click.Path(dir_okay=False, exists=True), help="AOI GeoJSON; overrides search.aoi.")
+@click.option("--period", help="ISO interval, e.g. 2024-06-01/2024-08-31 or 2024-06; overrides search.period.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False),
+              help="Also write the plans: .json (full items, reusable by later runs) or .parquet (GeoParquet).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def search(config, kind, url, collection, sar_collection, aoi, period, out_path, overwrite) -> None:
+    """List cloudy targets with their chosen references and Sentinel-1 scenes.
 
+    \b
+    Example:
+      cloudfree search --catalog planetary-computer --collection sentinel-2-l2a \\
+          --sar-collection sentinel-1-rtc --aoi aoi.geojson --period 2024-06-01/2024-08-31 --out plans.json
+    """
+    from catalogs.cli_search import search_command
+    from pipeline.errors import CloudfreeError
+
+    cat = {k: v for k, v in (("kind", kind), ("url", url), ("collection", collection),
+                             ("sar_collection", sar_collection)) if v}
     try:
-        cfg = _load(config)
-        plans = plan_targets(open_catalog(cfg.catalog), cfg.search, cfg.catalog.collection, cfg.catalog.sar_collection)
+        cfg = _load(config, catalog=cat)
+        search_command(cfg.catalog, cfg.search, aoi, period, out_path, None, overwrite=overwrite)
     except CloudfreeError as exc:
         _fail(exc)
-    rows = [{
-        "target": p.target.id, "datetime": p.target.datetime.isoformat(),
-        "cloud_cover": p.target.properties.get("eo:cloud_cover"),
-        "references": [{"id": c.item.id, "dt_days": round(c.dt_days, 1), "reason": c.reason} for c in p.references],
-        "sar": [{"id": c.item.id, "dt_days": round(c.dt_days, 1)} for c in p.sar],
-    } for p in plans]
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    for r in rows:
-        click.echo(f"{r['target']}  {r['datetime'][:10]}  cloud {r['cloud_cover']}%")
-        for ref in r["references"]:
-            click.echo(f"    ref {ref['id']}  {ref['reason']}")
-        for s in r["sar"]:
-            click.echo(f"    sar {s['id']}  {s['dt_days']:+.1f} d")
 
 
 @main.command()

@@ -31,6 +31,42 @@ class CatalogConfig(_Section):
     #: HTTP timeout (s) and retries for API backends.
     timeout: float = 30.0
     max_retries: int = 4
+    #: exponential backoff base (s) between retries; jitter of the same size is added.
+    backoff_factor: float = Field(0.5, ge=0)
+    #: items per page asked from a STAC API.
+    page_size: int = Field(100, ge=1, le=10000)
+
+
+class SelectionPolicy(_Section):
+    """How references and SAR scenes are ranked for a target (stages/search.py).
+
+    score = (w_time * exp(-dt / time_scale_days) + w_clear * clear_fraction + w_overlap * overlap
+             + w_same_orbit * same_orbit + w_same_tile * same_tile) / sum of the weights, in [0, 1].
+    """
+
+    w_time: float = Field(1.0, ge=0)
+    w_clear: float = Field(1.0, ge=0)
+    w_overlap: float = Field(0.5, ge=0)
+    w_same_orbit: float = Field(0.25, ge=0)
+    w_same_tile: float = Field(0.25, ge=0)
+    #: e-folding time (days) of the temporal-distance term.
+    time_scale_days: float = Field(30.0, gt=0)
+    #: references covering less than this fraction of the target footprint are dropped.
+    min_overlap: float = Field(0.3, ge=0, le=1)
+    #: references whose estimated clear fraction over the target is below this are dropped.
+    min_clear_fraction: float = Field(0.0, ge=0, le=1)
+    #: Sentinel-1 scenes further than this from the target (days) are ignored.
+    sar_max_days: float = Field(6.0, ge=0)
+    #: how many SAR scenes to keep per target, best first (RTC before GRD, then nearest in time).
+    max_sar: int = Field(1, ge=0)
+    #: SAR scenes covering less than this fraction of the target are dropped.
+    sar_min_overlap: float = Field(0.3, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> "SelectionPolicy":
+        if self.w_time + self.w_clear + self.w_overlap + self.w_same_orbit + self.w_same_tile <= 0:
+            raise ValueError("search.policy needs at least one positive weight")
+        return self
 
 
 class SearchConfig(_Section):
@@ -50,6 +86,8 @@ class SearchConfig(_Section):
     max_references: int = 2
     #: references further than this from the target (days) are ignored.
     max_days: float = 120.0
+    #: ranking weights and thresholds for references and SAR.
+    policy: SelectionPolicy = Field(default_factory=SelectionPolicy)
 
     @field_validator("aoi")
     @classmethod

@@ -125,12 +125,12 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
 
 
 def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetResult:
-    from catalogs.harmonise import harmonisation
+    from catalogs.harmonise import harmonise
     from stages.load import load_reflectance, output_geobox
     from stages.masks import build_masks
     from stages.publish import output_item
     from stages.remove import SceneInputs, remove_clouds
-    from stages.search import _aoi_bbox
+    from stages.search import load_aoi
     from stages.tile import plan_tiles
     from stages.write import RGB, paths_for, quicklook, write_json_atomic, write_outputs
 
@@ -138,7 +138,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     refs = [c.item for c in plan.references][: max(model.spec.max_references, 0)]
     items = [target, *refs]
     bands = list(dict.fromkeys([*cfg.grid.bands, *model.spec.bands]))
-    geobox = output_geobox(target, cfg.grid, _aoi_bbox(cfg.search))
+    geobox = output_geobox(target, cfg.grid, load_aoi(cfg.search.aoi)[0])
     stack = load_reflectance(items, bands, geobox, cfg.grid.chunk, name=target.id)
     mask, prob = build_masks(items, geobox, cfg.mask, cfg.grid.chunk)
     ref_masks = None
@@ -177,7 +177,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     extra = {"cloudfree:evaluation": metrics} if metrics else {}
     extra["eo:cloud_cover"] = target.properties.get("eo:cloud_cover")
     item = output_item(target, refs, out, geobox, bands, model.name, dict(cfg.model.params), run_id,
-                       [harmonisation(i).to_dict() for i in items], extra=extra)
+                       [harmonise(i).as_properties() for i in items], extra=extra)
     item.set_self_href(str(paths["item"].resolve()))
     write_json_atomic(item.to_dict(include_self_link=False, transform_hrefs=False), paths["item"])
     out.files["item"] = paths["item"]

@@ -33,10 +33,10 @@ def item_harmonisation(item: pystac.Item, band: str) -> tuple[float, float]:
 
     Delegates to :mod:`catalogs.harmonise` when available (processing baseline, catalog flags, raster:bands).
     """
-    from catalogs.harmonise import harmonisation
+    from catalogs.harmonise import harmonise
 
-    h = harmonisation(item)
-    return h.scale_offset(band)
+    h = harmonise(item)
+    return h.scale[band], h.offset[band]
 
 
 def output_geobox(target: pystac.Item, grid: GridConfig, bbox4326: Sequence[float] | None = None) -> GeoBox:

@@ -37,13 +37,17 @@ def test_models_lists_registered():
     assert r.exit_code == 0 and "reference-replace" in r.output and "needs: reference" in r.output
 
 
-def test_search_json(tmp_path, demo_catalog):
+def test_search_table_and_json(tmp_path, demo_catalog):
     cfg, _ = _yaml(tmp_path, demo_catalog)
-    r = CliRunner().invoke(main, ["search", "-c", str(cfg), "--json"])
+    out = tmp_path / "plans.json"
+    r = CliRunner().invoke(main, ["search", "-c", str(cfg), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    rows = json.loads(r.stdout)
-    first = next(x for x in rows if x["target"] == "S2A_T33UUU_20170216_SIMCLOUDY")
-    assert first["references"][0]["id"] == "S2A_T33UUU_20170206_SIMREF"
+    assert "S2A_T33UUU_20170216_SIMCLOUDY" in r.output and "S2A_T33UUU_20170206_SIMREF" in r.output
+    rows = json.loads(out.read_text())
+    text = json.dumps(rows)
+    assert "S2A_T33UUU_20170216_SIMCLOUDY" in text and "S2A_T33UUU_20170206_SIMREF" in text
+    r = CliRunner().invoke(main, ["search", "-c", str(cfg), "--out", str(out)])
+    assert r.exit_code != 0 and "overwrite" in r.output
 
 
 def test_run_dry_run_writes_nothing(tmp_path, demo_catalog):
