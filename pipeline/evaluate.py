@@ -5,7 +5,8 @@ Metrics (all on reflectance, 0-1 scale):
 * **PSNR** ``10 log10(R^2 / MSE)``, ``R = data_range`` = 1.0 reflectance by default (the dynamic range of
   surface reflectance, not the image's max, so scores are comparable between scenes), MSE over bands and pixels.
 * **SSIM** ``skimage.metrics.structural_similarity`` per band (Gaussian-free 7x7 window, ``data_range`` given),
-  the per-pixel SSIM map averaged over the region's pixels, then over bands.
+  the per-pixel SSIM map averaged over the region's pixels (image borders included, so the ``overall`` value
+  differs slightly from skimage's border-cropped mean), then over bands.
 * **SAM** the spectral angle ``arccos(<p, g> / (|p| |g|))`` per pixel, in degrees, mean over the region.
 * **MAE** mean absolute error over bands and pixels.
 
@@ -604,6 +605,16 @@ def _report(summary: Sequence[Mapping[str, Any]], speeds: Mapping[str, float], m
         *[f"| {m} | {s:.2f} |" for m, s in speeds.items()],
         "",
         "Figures: `docs/figures/*.png` (cloudy, reference, each model, truth, PhyVLM-CR's A, t, U, omega).",
+        "",
+        "## Reading the tables (written by hand, checked against the numbers above at commit time)",
+        "",
+        "- Real pair: the reference is simulated *from the truth* and the truth is another season than the target,",
+        "  so aligning the reference to the target's clear pixels moves it away from the truth: the unaligned",
+        "  median composite scores best there for that reason, not because it is a better method.",
+        "- Real pair, PhyVLM-CR thick cloud: the estimated atmospheric light A (eqs. 3-4) is not the thick cloud's",
+        "  brightness on this scene (cloud reflectance is only ~0.1 after /10), so eq. 5 leaves t around 0.19 under",
+        "  thick cloud, omega ~0.07, and 7 % of a meaningless J_phy leaks into the reference fill. This is the",
+        "  known weak point of the implementation (see the final report of issue 5).",
         "",
     ]
     return "\n".join(parts)
