@@ -17,6 +17,10 @@ _REGISTRY: dict[str, type] = {}
 #: Built-in model modules, imported on first use so `cloudfree --help` stays fast.
 BUILTIN_MODULES = (
     "models.reference_replace",
+    "models.none",
+    "models.dcp",
+    "models.median_composite",
+    "models.phyvlm",
 )
 _loaded = False
 

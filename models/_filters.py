@@ -1,0 +1,161 @@
+"""Shared pure-numpy image filters for the physics-based models (no I/O).
+
+* :func:`box_mean`: mean over a ``(2r+1) x (2r+1)`` window on the last two axes (``scipy.ndimage.uniform_filter``,
+  a running-sum filter whose cost does not depend on ``r``), reflecting at the edges.
+* :func:`guided_filter`: He, Sun & Tang, "Guided Image Filtering" (ECCV 2010 / TPAMI 2013), with a single-channel
+  guide and any number of source bands, optionally *weighted*: every pixel ``k`` of a window enters the local
+  linear fit ``q = a I + b`` with weight ``w_k`` (weighted means ``box(w x) / box(w)``), so untrusted pixels do not
+  drive the coefficients, which are then averaged with plain box means as in the original filter. Receptive field
+  radius ``2 r`` (one box for the coefficients, one for averaging them).
+  With ``subsample=s > 1`` it is He & Sun's *Fast Guided Filter* (arXiv:1505.00996, 2015): the coefficients are
+  fitted on ``s x s`` block means with radius ``r / s`` and bilinearly upsampled before ``q = A I + B`` on the
+  full-resolution guide, so edges still follow the full-resolution guide at ``1/s^2`` of the box-filter cost.
+* :func:`laplacian_magnitude`: ``|∇² x|`` with the 5-point stencil (radius 1).
+* :func:`gradient_magnitude`: central differences (radius 1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def box_mean(x: np.ndarray, r: int) -> np.ndarray:
+    """Mean over a ``(2r+1)^2`` window on the last two axes, float32, edges reflected."""
+    x = np.asarray(x, np.float32)
+    if r <= 0:
+        return x.copy()
+    size = (1,) * (x.ndim - 2) + (2 * r + 1, 2 * r + 1)
+    return ndimage.uniform_filter(x, size=size, mode="reflect")
+
+
+def guided_filter(
+    guide: np.ndarray,
+    src: np.ndarray,
+    r: int,
+    eps: float,
+    weights: np.ndarray | None = None,
+    subsample: int = 1,
+) -> np.ndarray:
+    """Edge-preserving smoothing of ``src`` (``(y, x)`` or ``(band, y, x)``) steered by ``guide`` ``(y, x)``.
+
+    Args:
+        guide: single-channel guide image.
+        src: image(s) to filter; a leading band axis is filtered band by band with the same guide.
+        r: window radius in pixels.
+        eps: regularisation of the local gain ``a`` (in squared guide units); larger = smoother.
+        weights: optional ``(y, x)`` non-negative per-pixel trust; ``None`` = the unweighted filter.
+        subsample: fit the coefficients on ``subsample``-times coarser block means (Fast Guided Filter).
+    Returns:
+        float32 array shaped like ``src``.
+    """
+    g_full = np.asarray(guide, np.float32)
+    s = int(subsample)
+    if s > 1 and min(g_full.shape) >= 4 * s:
+        g = block_mean(g_full, s)
+        p = block_mean(np.asarray(src, np.float32), s)
+        weights = None if weights is None else block_mean(np.asarray(weights, np.float32), s)
+        r = max(1, int(round(r / s)))
+    else:
+        s, g, p = 1, g_full, np.asarray(src, np.float32)
+    if weights is None:
+        m_g = box_mean(g, r)
+        var_g = box_mean(g * g, r) - m_g * m_g
+        m_p = box_mean(p, r)
+        cov = box_mean(g * p, r) - m_g * m_p
+    else:
+        w = np.asarray(weights, np.float32)
+        wsum = box_mean(w, r) + np.float32(1e-12)
+        m_g = box_mean(w * g, r) / wsum
+        var_g = box_mean(w * g * g, r) / wsum - m_g * m_g
+        wp = w * p
+        m_p = box_mean(wp, r) / wsum
+        cov = box_mean(wp * g, r) / wsum - m_g * m_p
+    a = cov / (np.maximum(var_g, 0) + np.float32(eps))
+    b = m_p - a * m_g
+    a, b = box_mean(a, r), box_mean(b, r)
+    if s > 1:
+        a, b = upsample_bilinear(a, g_full.shape), upsample_bilinear(b, g_full.shape)
+    return (a * g_full + b).astype(np.float32, copy=False)
+
+
+def block_mean(x: np.ndarray, s: int) -> np.ndarray:
+    """Mean over ``s x s`` blocks of the last two axes (edge blocks may be partial), float32."""
+    x = np.asarray(x, np.float32)
+    ny, nx = x.shape[-2:]
+    py, px = (-ny) % s, (-nx) % s
+    if py or px:
+        x = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, py), (0, px)], mode="edge")
+    sh = x.shape[:-2] + (x.shape[-2] // s, s, x.shape[-1] // s, s)
+    return x.reshape(sh).mean(axis=(-3, -1), dtype=np.float32)
+
+
+def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """``(n_out, n_in)`` bilinear weights from ``n_in`` block centres to ``n_out = s * n_in`` pixel centres."""
+    c = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    c = np.clip(c, 0, n_in - 1)
+    i0 = np.floor(c).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    f = (c - i0).astype(np.float32)
+    m = np.zeros((n_out, n_in), np.float32)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, i0), 1 - f)
+    np.add.at(m, (rows, i1), f)
+    return m
+
+
+def upsample_bilinear(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of block means ``x`` (last two axes) to ``shape``, by two small matrix products."""
+    ny, nx = shape
+    by, bx = x.shape[-2:]
+    s_y, s_x = -(-ny // by), -(-nx // bx)
+    my = _interp_matrix(by * s_y, by)[:ny]
+    mx = _interp_matrix(bx * s_x, bx)[:nx]
+    lead = x.shape[:-2]
+    x = np.ascontiguousarray(x, np.float32).reshape(-1, by, bx)
+    nb = x.shape[0]
+    # two large GEMMs instead of a batched matmul: along x for all rows of all bands, then along y
+    tmp = (x.reshape(nb * by, bx) @ mx.T).reshape(nb, by, nx)
+    tmp = np.ascontiguousarray(tmp.transpose(1, 0, 2)).reshape(by, nb * nx)
+    out = (my @ tmp).reshape(ny, nb, nx).transpose(1, 0, 2)
+    return np.ascontiguousarray(out).reshape(lead + (ny, nx))
+
+
+def laplacian_magnitude(x: np.ndarray) -> np.ndarray:
+    """``|∇² x|`` (5-point stencil, reflected edges) on the last two axes."""
+    x = np.asarray(x, np.float32)
+    p = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(1, 1), (1, 1)], mode="reflect")
+    lap = p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:] - 4 * x
+    return np.abs(lap)
+
+
+def gradient_magnitude(x: np.ndarray) -> np.ndarray:
+    """``||∇x||`` by central differences (one-sided at the edges) on a ``(y, x)`` image."""
+    gy, gx = np.gradient(np.asarray(x, np.float32))
+    return np.hypot(gy, gx).astype(np.float32, copy=False)
+
+
+def nanmedian_axis0(stack: np.ndarray) -> np.ndarray:
+    """Median over axis 0 ignoring NaN (NaN where all are NaN); a sort-based replacement for ``np.nanmedian``,
+    which goes through masked arrays and is ~10x slower for the few observations of a reference stack."""
+    if stack.shape[0] == 1:
+        return stack[0].astype(np.float32, copy=True)
+    if stack.shape[0] == 2:  # the median of two is their mean; of one, itself
+        a, b = stack[0], stack[1]
+        fa, fb = np.isfinite(a), np.isfinite(b)
+        return np.where(fa & fb, 0.5 * (a + b), np.where(fa, a, b)).astype(np.float32)
+    n = np.isfinite(stack).sum(axis=0)
+    srt = np.sort(stack, axis=0)  # NaN sort last
+    lo = np.maximum((n - 1) // 2, 0)[None]
+    hi = np.maximum(n // 2, 0)[None]
+    med = 0.5 * (np.take_along_axis(srt, lo, 0)[0] + np.take_along_axis(srt, hi, 0)[0])
+    return np.where(n > 0, med, np.nan).astype(np.float32)
+
+
+def robust_percentile(x: np.ndarray, q: float | list[float], stride: int = 2) -> np.ndarray:
+    """Percentile(s) of the finite values of ``x`` estimated on a regular ``stride`` sub-sample (for speed)."""
+    sub = np.asarray(x)[..., ::stride, ::stride].ravel()
+    sub = sub[np.isfinite(sub)]
+    if sub.size == 0:
+        return np.full(np.shape(q), np.nan, np.float32)
+    return np.percentile(sub, q).astype(np.float32)

@@ -1,0 +1,105 @@
+"""Baseline: per-pixel compositing of the clear observations among the target and its references.
+
+``method: median``: the per-band median of every clear observation (target where ``cloud_mask`` is False,
+references where ``reference_masks`` is False; non-finite values never count). ``method: best``: the
+best-available-pixel variant, the clear observation nearest in time (the target itself has ``dt = 0``; ties go to
+the better-ranked reference). No radiometric alignment: a composite is built from the observations as they are.
+
+With ``keep_clear_target`` (default) clear target pixels are passed through unchanged and only cloudy pixels are
+composited (what the product needs); set it False for a classic composite of the whole tile.
+
+Provenance: ``SOURCE_TARGET`` where the target supplies the pixel; otherwise ``SOURCE_REFERENCE_BASE + i`` with
+``i`` the reference whose spectrum is closest (L2 over bands) to the composite value (for ``best`` the reference
+used). Pixels with no clear observation keep the (cloudy) target, code ``SOURCE_TARGET``, confidence 0.
+Confidence: 1 for the target's own clear pixels, ``reference_confidence`` for composited reference pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field
+
+from models._filters import nanmedian_axis0
+from models.base import ModelParams, ModelSpec, RemovalModelBase
+from models.registry import register
+from pipeline.contract import SOURCE_NODATA, SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs, TileResult
+from pipeline.errors import ModelError
+
+
+def composite(
+    stack: np.ndarray, clear: np.ndarray, dt_days: np.ndarray, method: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Composite ``stack`` ``(obs, band, y, x)`` over observations where ``clear`` ``(obs, y, x)``.
+
+    Returns ``value`` ``(band, y, x)`` (NaN where nothing is clear), ``chosen`` ``(y, x)`` int (observation index
+    closest to the value, -1 = none) and ``n_clear`` ``(y, x)``.
+    """
+    n_clear = clear.sum(axis=0)
+    if method == "median":
+        masked = np.where(clear[:, None], stack, np.nan)
+        value = nanmedian_axis0(masked)
+        dist = np.where(clear, np.nansum((masked - value[None]) ** 2, axis=1), np.inf)
+        chosen = np.where(n_clear > 0, np.argmin(dist, axis=0), -1)
+    elif method == "best":
+        order = np.argsort(np.abs(dt_days), kind="stable")
+        chosen = np.full(clear.shape[1:], -1, np.intp)
+        for i in order[::-1]:  # nearest last so it wins
+            chosen[clear[i]] = i
+        value = np.full(stack.shape[1:], np.nan, np.float32)
+        for i in range(stack.shape[0]):
+            sel = chosen == i
+            value[:, sel] = stack[i][:, sel]
+    else:
+        raise ModelError(f"median-composite: unknown method {method!r}; use 'median' or 'best'")
+    return value, chosen, n_clear
+
+
+class MedianCompositeParams(ModelParams):
+    method: Literal["median", "best"] = "median"
+    keep_clear_target: bool = True
+    reference_confidence: float = Field(0.8, ge=0, le=1)
+
+
+@register
+class MedianComposite(RemovalModelBase):
+    name = "median-composite"
+    spec = ModelSpec(
+        bands=(),
+        level="any",
+        needs_reference=True,
+        max_references=8,
+        halo=0,
+        description="per-pixel median (or nearest-in-time clear) of the clear observations, no alignment",
+    )
+    Params = MedianCompositeParams
+
+    def predict(self, tile: TileInputs) -> TileResult:
+        p = self.params
+        target_ok = np.isfinite(tile.target).all(axis=0)
+        stack = np.concatenate([tile.target[None], tile.references], axis=0).astype(np.float32)
+        clear = np.concatenate([(~tile.cloud_mask & target_ok)[None], ~tile.reference_masks], axis=0)
+        clear &= np.isfinite(stack).all(axis=1)
+        nref = tile.references.shape[0]
+        dts = np.array(list(tile.reference_dt_days) or [0.0] * nref, np.float64)
+        if dts.size != nref:
+            dts = np.arange(1, nref + 1, dtype=np.float64)  # unknown dates: rank order stands in for time
+        dt = np.concatenate([[0.0], dts])
+        if p.keep_clear_target:
+            clear[0] = False
+        value, chosen, n_clear = composite(stack, clear, dt, p.method)
+        out = tile.target.copy()
+        conf = np.zeros(tile.shape, np.float32)
+        source = np.where(target_ok, SOURCE_TARGET, SOURCE_NODATA).astype(np.uint8)
+        fill = n_clear > 0
+        if p.keep_clear_target:
+            fill &= tile.cloud_mask | ~target_ok
+            keep = ~tile.cloud_mask & target_ok
+            conf[keep] = 1.0
+        out[:, fill] = value[:, fill]
+        from_ref = fill & (chosen >= 1)
+        source[from_ref] = (SOURCE_REFERENCE_BASE + chosen[from_ref] - 1).astype(np.uint8)
+        source[fill & (chosen == 0)] = SOURCE_TARGET
+        conf[fill] = np.where(chosen[fill] == 0, 1.0, p.reference_confidence)
+        return TileResult(out, conf, source).validate(tile, self.name)

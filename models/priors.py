@@ -1,0 +1,370 @@
+"""Pluggable priors ``J_VLM`` for PhyVLM-CR (paper eq. 2: ``J = J_VLM + E``).
+
+The paper obtains its cognitive prior ``J_VLM`` from Qwen-Image-Edit prompted with "remove cloud" (in Chinese).
+Here the prior is anything implementing :class:`Prior` (``name``, ``halo``, ``__call__(tile) -> PriorResult``):
+
+* :class:`ReferencePrior` (``"reference"``, the default): the temporal reference(s), radiometrically aligned to
+  the target by :func:`models._align.fit_linear` on pixels clear in both; pixels no clear reference covers fall
+  back to a dark-channel dehaze of the target (:func:`models.dcp.dcp_dehaze`), and a tile without any reference
+  is entirely the dark-channel fallback (logged).
+* :class:`LearnedPrior` (``"learned"``): any model registered in this project, by name; its ``predict`` output is
+  the prior. (No learned model exists yet; the hook is generic and tested with registered baselines.)
+* :class:`DiffusersPrior` (``"diffusers"``): a local image-editing pipeline through the optional ``diffusers``
+  package and locally stored weights (e.g. Qwen-Image-Edit). Reflectance is mapped to an 8-bit RGB image
+  (B04/B03/B02, fixed reflectance range, gamma 2.2), edited, mapped back with the exact inverse, and the non-RGB
+  bands are predicted from the edited RGB by per-band linear regressions fitted on the target's clear pixels.
+  ``diffusers`` is imported lazily; without it (or without the weights) a specific error names the fix.
+
+Everything except the diffusers call itself is pure numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+
+from models._align import apply_linear, fit_linear
+from models._filters import nanmedian_axis0
+from pipeline.contract import SOURCE_FAILED, SOURCE_NODATA, TileInputs
+from pipeline.errors import ModelError, WeightsError
+
+log = logging.getLogger(__name__)
+
+#: alignment fits use at most this many pixels (a regular sub-sample of the fit region), for speed.
+MAX_FIT_PIXELS = 16384
+#: The paper's prompt, "remove cloud" in Chinese.
+DEFAULT_PROMPT = "去除云"
+
+
+class PriorBackendMissingError(ModelError, ImportError):
+    """An optional package a prior needs (e.g. ``diffusers``) is not installed."""
+
+
+@dataclass
+class PriorResult:
+    """A prior image ``(band, y, x)`` float32, where it is usable, and a one-line provenance."""
+
+    image: np.ndarray
+    valid: np.ndarray
+    description: str
+
+
+@runtime_checkable
+class Prior(Protocol):
+    """What PhyVLM-CR needs from a prior: a cloud-free guess of the whole tile."""
+
+    name: str
+    #: extra context (pixels) the prior needs around the tile core.
+    halo: int
+
+    def __call__(self, tile: TileInputs) -> PriorResult: ...
+
+
+def thin_mask(mask: np.ndarray, max_pixels: int = MAX_FIT_PIXELS) -> np.ndarray:
+    """Keep a regular-grid subset of ``mask`` with at most about ``max_pixels`` True pixels."""
+    n = int(mask.sum())
+    if n <= max_pixels:
+        return mask
+    k = int(np.ceil(np.sqrt(n / max_pixels)))
+    out = np.zeros_like(mask)
+    out[::k, ::k] = mask[::k, ::k]
+    return out
+
+
+def composite_reference(
+    target: np.ndarray,
+    references: np.ndarray,
+    reference_valid: np.ndarray,
+    fit_region: np.ndarray,
+    combine: str = "first",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Aligned reference composite.
+
+    Each reference ``i`` is mapped onto the target by a per-band gain/offset fitted on ``fit_region`` & its own
+    valid pixels (:func:`models._align.fit_linear`). ``combine="first"``: each pixel takes the best-ranked
+    reference valid there; ``"median"``: the per-band median of all aligned references valid there (``index``
+    is then the best-ranked valid one).
+
+    Args:
+        target: ``(band, y, x)``; references: ``(time, band, y, x)``; reference_valid: ``(time, y, x)`` bool;
+        fit_region: ``(y, x)`` bool, target pixels trusted for the fit.
+    Returns:
+        ``image`` ``(band, y, x)`` float32 (NaN where no reference is valid) and ``index`` ``(y, x)`` int16
+        (reference index, -1 = none).
+    """
+    nb, ny, nx = target.shape
+    if combine == "median" and references.shape[0] > 1:
+        aligned = np.full(references.shape, np.nan, np.float32)
+        index = np.full((ny, nx), -1, np.int16)
+        for i in range(references.shape[0]):
+            ok = reference_valid[i]
+            if not ok.any():
+                continue
+            gain, offset = fit_linear(target, references[i], thin_mask(fit_region & ok))
+            aligned[i] = np.where(ok[None], apply_linear(references[i], gain, offset), np.nan)
+            index[(index < 0) & ok] = i
+        return nanmedian_axis0(aligned), index
+    if combine not in ("first", "median"):
+        raise ModelError(f"unknown reference combination {combine!r}; use 'first' or 'median'")
+    image = np.full((nb, ny, nx), np.nan, np.float32)
+    index = np.full((ny, nx), -1, np.int16)
+    for i in range(references.shape[0]):
+        todo = index < 0
+        if not todo.any():
+            break
+        ok = reference_valid[i]
+        fill = todo & ok
+        if not fill.any():
+            continue
+        gain, offset = fit_linear(target, references[i], thin_mask(fit_region & ok))
+        image[:, fill] = apply_linear(references[i][:, fill][:, :, None], gain, offset)[:, :, 0]
+        index[fill] = i
+    return image, index
+
+
+def reference_validity(tile: TileInputs) -> np.ndarray:
+    """``(time, y, x)`` True where a reference pixel is clear and finite."""
+    return ~tile.reference_masks & np.isfinite(tile.references).all(axis=1)
+
+
+def _fill_target(tile: TileInputs) -> np.ndarray:
+    """The target with non-finite pixels replaced by the band median (filters must not spread NaN)."""
+    img = tile.target.astype(np.float32, copy=True)
+    bad = ~np.isfinite(img)
+    if bad.any():
+        med = np.nanmedian(np.where(bad, np.nan, img).reshape(img.shape[0], -1), axis=1)
+        img = np.where(bad, np.nan_to_num(med, nan=0.0)[:, None, None], img)
+    return img
+
+
+class ReferencePrior:
+    """The aligned temporal reference as prior; dark-channel dehaze of the target where no reference is clear."""
+
+    name = "reference"
+    halo = 0
+
+    def __init__(self, dcp_params: dict | None = None, combine: str = "first") -> None:
+        self.dcp_params = dict(dcp_params or {})
+        self.combine = combine
+
+    def __call__(self, tile: TileInputs) -> PriorResult:
+        from models.dcp import dcp_dehaze
+
+        target_ok = np.isfinite(tile.target).all(axis=0)
+        image, index = composite_reference(
+            tile.target, tile.references, reference_validity(tile), ~tile.cloud_mask & target_ok, self.combine
+        )
+        missing = index < 0
+        desc = "aligned temporal reference"
+        if missing.any():
+            j, _, _ = dcp_dehaze(_fill_target(tile), **self.dcp_params)
+            image[:, missing] = np.maximum(j[:, missing], 0)
+            frac = float(missing.mean())
+            if tile.references.shape[0] == 0:
+                log.warning("tile %s: no reference; prior = dark-channel dehaze of the target", tile.target_id)
+                desc = "dark-channel dehaze of the target (no reference)"
+            else:
+                log.info("tile %s: %.1f%% of pixels without a clear reference use the dark-channel prior",
+                         tile.target_id, 100 * frac)
+                desc = f"aligned temporal reference, dark-channel dehaze on {100 * frac:.1f}% of pixels"
+        return PriorResult(image, np.isfinite(image).all(axis=0), desc)
+
+
+class LearnedPrior:
+    """Any registered model of this project, by name, as the prior (its ``predict`` reflectance)."""
+
+    name = "learned"
+
+    def __init__(self, model_name: str, params: dict | None = None) -> None:
+        if model_name == "phyvlm-cr":
+            raise ModelError("the learned prior of phyvlm-cr cannot be phyvlm-cr itself; pick another model name")
+        self.model_name = model_name
+        self.model_params = dict(params or {})
+        self._model: Any = None
+
+    def _get(self) -> Any:
+        if self._model is None:
+            from models.registry import build_model
+
+            self._model = build_model(self.model_name, self.model_params)
+        return self._model
+
+    @property
+    def halo(self) -> int:
+        from models.registry import get_model_class
+
+        return int(get_model_class(self.model_name).spec.halo)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_model": None}  # rebuilt lazily, once per worker
+
+    def __call__(self, tile: TileInputs) -> PriorResult:
+        model = self._get()
+        if model.spec.needs_reference and tile.references.shape[0] == 0:
+            raise ModelError(
+                f"learned prior {self.model_name!r} needs a reference and tile {tile.target_id} has none; "
+                "pick a reference-free prior model (e.g. 'dcp')"
+            )
+        res = model.predict(tile)
+        valid = np.isfinite(res.reflectance).all(axis=0) & ~np.isin(res.source, (SOURCE_NODATA, SOURCE_FAILED))
+        return PriorResult(res.reflectance.astype(np.float32), valid, f"registered model {self.model_name!r}")
+
+
+# ---------------------------------------------------------------------------------------------- diffusers adapter
+def reflectance_to_rgb(image: np.ndarray, rgb_idx: list[int], max_reflectance: float, gamma: float) -> np.ndarray:
+    """``(band, y, x)`` reflectance -> ``(y, x, 3)`` uint8: ``255 * clip(R / max_reflectance, 0, 1) ** (1/gamma)``."""
+    rgb = np.clip(np.nan_to_num(image[rgb_idx], nan=0.0) / max_reflectance, 0.0, 1.0) ** (1.0 / gamma)
+    return np.round(np.moveaxis(rgb, 0, -1) * 255).astype(np.uint8)
+
+
+def rgb_to_reflectance(rgb: np.ndarray, max_reflectance: float, gamma: float) -> np.ndarray:
+    """Exact inverse of :func:`reflectance_to_rgb` (up to 8-bit quantisation): ``(y, x, 3)`` -> ``(3, y, x)``."""
+    x = np.asarray(rgb, np.float32)
+    if x.dtype.kind != "f" or x.max() > 1.0 + 1e-6:
+        x = x / 255.0
+    return (np.moveaxis(np.clip(x, 0, 1), -1, 0) ** gamma * max_reflectance).astype(np.float32)
+
+
+def extend_rgb_to_bands(
+    target: np.ndarray, rgb_idx: list[int], edited_rgb: np.ndarray, fit_region: np.ndarray
+) -> np.ndarray:
+    """Predict every band from an edited RGB ``(3, y, x)``: per band, ``band ~ c0 + c . rgb`` fitted on the target's
+    ``fit_region`` (least squares), applied to the edited RGB; the RGB bands themselves are the edited ones."""
+    nb = target.shape[0]
+    out = np.empty((nb,) + edited_rgb.shape[1:], np.float32)
+    x = target[rgb_idx][:, fit_region].T.astype(np.float64)
+    ok = np.isfinite(x).all(axis=1)
+    design = np.column_stack([np.ones(ok.sum()), x[ok]])
+    edited = np.concatenate([np.ones((1,) + edited_rgb.shape[1:], np.float32), edited_rgb])
+    for b in range(nb):
+        if b in rgb_idx:
+            out[b] = edited_rgb[rgb_idx.index(b)]
+            continue
+        y = target[b][fit_region].astype(np.float64)[ok]
+        if design.shape[0] < 16:
+            coef = np.zeros(4)
+            coef[0] = float(np.nanmedian(target[b])) if np.isfinite(target[b]).any() else 0.0
+        else:
+            coef = np.linalg.lstsq(design, y, rcond=None)[0]
+        out[b] = np.tensordot(coef.astype(np.float32), edited, axes=1)
+    return out
+
+
+def _resize_rgb(rgb: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if rgb.shape[:2] == shape:
+        return rgb
+    from scipy import ndimage
+
+    zoom = (shape[0] / rgb.shape[0], shape[1] / rgb.shape[1], 1)
+    out = ndimage.zoom(rgb.astype(np.float32), zoom, order=1)
+    return out[: shape[0], : shape[1]]
+
+
+class DiffusersPrior:
+    """Adapter to a local ``diffusers`` image-editing pipeline (e.g. Qwen-Image-Edit), loaded lazily from disk.
+
+    ``pipeline`` may be injected (any callable ``pipeline(image=PIL.Image | ndarray, prompt=str, **kw)`` returning an
+    object with ``.images[0]`` or an array): tests use a fake one; production loads ``weights`` once per worker.
+    """
+
+    name = "diffusers"
+    halo = 0
+
+    def __init__(
+        self,
+        weights: str | Path | None,
+        *,
+        prompt: str = DEFAULT_PROMPT,
+        rgb_bands: tuple[str, str, str] = ("B04", "B03", "B02"),
+        max_reflectance: float = 0.3,
+        gamma: float = 2.2,
+        steps: int = 30,
+        device: str = "cpu",
+        seed: int = 0,
+        pipeline: Callable[..., Any] | None = None,
+    ) -> None:
+        self.weights = None if weights is None else Path(weights)
+        self.prompt = prompt
+        self.rgb_bands = tuple(rgb_bands)
+        self.max_reflectance = float(max_reflectance)
+        self.gamma = float(gamma)
+        self.steps = int(steps)
+        self.device = device
+        self.seed = int(seed)
+        self._pipeline = pipeline
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pipeline": None}
+
+    def load_pipeline(self) -> Callable[..., Any]:
+        """The injected pipeline, or ``diffusers.DiffusionPipeline.from_pretrained(weights, local_files_only=True)``."""
+        if self._pipeline is not None:
+            return self._pipeline
+        if self.weights is None or not self.weights.exists():
+            raise WeightsError(
+                f"diffusers prior: weights folder {self.weights} not found; download an image-editing pipeline "
+                "(e.g. Qwen/Qwen-Image-Edit) with `huggingface-cli download <repo> --local-dir <dir>` on a machine "
+                "with internet and set model.params.diffusers_weights: <dir>"
+            )
+        try:
+            import diffusers  # noqa: PLC0415 (optional, heavy)
+        except ImportError as exc:
+            raise PriorBackendMissingError(
+                "diffusers prior: the optional package `diffusers` is not installed "
+                f"({exc}); install it with `pip install diffusers transformers accelerate` (keep torch==2.13.0 "
+                "pinned), or use prior: reference / learned"
+            ) from exc
+        log.info("loading diffusers pipeline from %s on %s", self.weights, self.device)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(str(self.weights), local_files_only=True)
+        self._pipeline = pipe.to(self.device)
+        return self._pipeline
+
+    def preprocess(self, tile: TileInputs) -> np.ndarray:
+        return reflectance_to_rgb(tile.target, tile.band_index(*self.rgb_bands), self.max_reflectance, self.gamma)
+
+    def postprocess(self, tile: TileInputs, edited: Any) -> np.ndarray:
+        images = getattr(edited, "images", edited)
+        first = images[0] if isinstance(images, (list, tuple)) else images
+        rgb = _resize_rgb(np.asarray(first), tile.shape)
+        if rgb.ndim != 3 or rgb.shape[-1] < 3:
+            raise ModelError(f"diffusers prior: the pipeline returned an image of shape {rgb.shape}, expected (y, x, 3)")
+        refl = rgb_to_reflectance(rgb[..., :3], self.max_reflectance, self.gamma)
+        rgb_idx = tile.band_index(*self.rgb_bands)
+        fit = ~tile.cloud_mask & np.isfinite(tile.target).all(axis=0)
+        return extend_rgb_to_bands(tile.target, rgb_idx, refl, thin_mask(fit))
+
+    def __call__(self, tile: TileInputs) -> PriorResult:
+        pipe = self.load_pipeline()
+        rgb = self.preprocess(tile)
+        try:
+            from PIL import Image
+
+            image_in: Any = Image.fromarray(rgb)
+        except ImportError:
+            image_in = rgb
+        kwargs: dict[str, Any] = {"image": image_in, "prompt": self.prompt, "num_inference_steps": self.steps}
+        try:
+            import torch
+
+            kwargs["generator"] = torch.Generator(device="cpu").manual_seed(self.seed)
+        except ImportError:
+            pass
+        out = self.postprocess(tile, pipe(**kwargs))
+        return PriorResult(out, np.isfinite(out).all(axis=0), f"diffusers pipeline {self.weights}")
+
+
+def build_prior(kind: str, **kw: Any) -> Prior:
+    """Factory used by PhyVLM-CR's params: ``reference`` | ``learned`` | ``diffusers``."""
+    if kind == "reference":
+        return ReferencePrior(kw.get("dcp_params"), kw.get("combine", "first"))
+    if kind == "learned":
+        if not kw.get("model_name"):
+            raise ModelError("prior 'learned' needs prior_model: <registered model name> (see `cloudfree models`)")
+        return LearnedPrior(kw["model_name"], kw.get("model_params"))
+    if kind == "diffusers":
+        return DiffusersPrior(kw.get("weights"), **kw.get("options", {}))
+    raise ModelError(f"unknown prior {kind!r}; choose reference, learned or diffusers")

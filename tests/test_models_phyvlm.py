@@ -1,0 +1,188 @@
+"""PhyVLM-CR: kernel equations, transmission recovery, fusion, priors (reference / learned / diffusers adapter)."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+
+from models._filters import block_mean, guided_filter, nanmedian_axis0, upsample_bilinear
+from models.phyvlm import PhyVLMCR, atmospheric_light, brightness_saturation, phyvlm_kernel
+from models.priors import (
+    DiffusersPrior,
+    LearnedPrior,
+    PriorBackendMissingError,
+    ReferencePrior,
+    extend_rgb_to_bands,
+    reflectance_to_rgb,
+    rgb_to_reflectance,
+)
+from models.registry import build_model
+from pipeline.contract import SOURCE_MODEL, SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs
+from pipeline.errors import ModelError, WeightsError
+from pipeline.evaluate import psnr, simulated_case
+from stages.simulate import CloudSpec
+
+BANDS = ("B02", "B03", "B04", "B08")
+
+
+def _clear(n: int = 128, seed: int = 3) -> np.ndarray:
+    """Textured synthetic surface (smooth fields + edges), reflectance 0.03-0.45."""
+    rng = np.random.default_rng(seed)
+    from scipy import ndimage
+
+    base = ndimage.gaussian_filter(rng.standard_normal((n, n)), 6)
+    fields = (ndimage.gaussian_filter(rng.standard_normal((n, n)), 2) > 0).astype(np.float32)
+    spec = np.array([0.05, 0.08, 0.07, 0.30], np.float32)
+    soil = np.array([0.12, 0.16, 0.20, 0.28], np.float32)
+    img = spec[:, None, None] * fields + soil[:, None, None] * (1 - fields)
+    return np.clip(img * (1 + 0.3 * base / base.std()), 0.01, 0.6).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def case():
+    return simulated_case(_clear(), BANDS, seed=5, spec=CloudSpec(scale=48.0))
+
+
+def test_fast_guided_filter_close_to_exact_and_upsampling():
+    yy, xx = np.mgrid[0:96, 0:96] / 96.0
+    g = (np.sin(5 * yy) + xx).astype(np.float32)
+    src = np.stack([g, 2 * g + 1])
+    exact, fast = guided_filter(g, src, 8, 1e-3), guided_filter(g, src, 8, 1e-3, subsample=4)
+    assert np.abs(exact - fast).max() < 0.05
+    smooth = (yy + 2 * xx).astype(np.float32)
+    up = upsample_bilinear(block_mean(smooth, 4), smooth.shape)
+    assert np.abs(up - smooth)[4:-4, 4:-4].max() < 1e-4
+    # weighted filter: a zero-weight outlier does not move its neighbours
+    flat = np.zeros((40, 40), np.float32)
+    p = flat.copy()
+    p[20, 20] = 10.0
+    w = np.ones_like(p)
+    w[20, 20] = 0.0
+    assert np.abs(guided_filter(flat, p, 3, 1e-2, weights=w)).max() < 1e-3
+
+
+def test_nanmedian_axis0_matches_numpy():
+    rng = np.random.default_rng(0)
+    for t in (1, 2, 3, 5):
+        x = rng.random((t, 4, 5)).astype(np.float32)
+        x[rng.random(x.shape) < 0.3] = np.nan
+        with warnings.catch_warnings():  # all-NaN columns warn in numpy
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref = np.nanmedian(x, axis=0)
+        np.testing.assert_allclose(nanmedian_axis0(x), ref, equal_nan=True, rtol=1e-6)
+
+
+def test_atmospheric_light_from_bright_flat_cloud(case):
+    v, s = brightness_saturation(case.target, [0, 1, 2])
+    a, p = atmospheric_light(case.target, v, s)
+    # simulated cloud albedo is 0.83-0.84; A must sit near it, far above the surface
+    assert np.all(np.abs(a - np.array([0.83, 0.83, 0.84, 0.84])) < 0.08)
+    assert p.shape == v.shape and 0 <= p.min() and p.max() <= 1
+
+
+def test_kernel_recovers_known_transmission_with_ideal_prior(case):
+    """With J_VLM = the true surface, eq. 5 inverts eq. 1: t matches the simulated transmission."""
+    no_ref = np.zeros((0,) + case.target.shape, np.float32)
+    k = phyvlm_kernel(case.target, case.truth, no_ref, np.zeros((0,) + case.target.shape[1:], bool),
+                      visible_idx=[0, 1, 2])
+    shadowless = case.regions["thin"] | case.regions["thick"] | ~case.regions["cloudy"]
+    err = np.abs(k.t - case.transmission)[shadowless]
+    assert np.median(err) < 0.05 and np.mean(err) < 0.08
+    assert k.omega.min() >= np.exp(-4.0) - 1e-6 and k.omega.max() <= 1.0
+    np.testing.assert_allclose(k.omega, np.exp(-4.0 * (1 - k.t)), rtol=1e-5)
+    assert 0 <= k.u.min() and k.u.max() <= 1
+
+
+def test_phyvlm_model_beats_none_and_sets_provenance(case):
+    tile = case.tile_inputs()
+    res = build_model("phyvlm-cr").predict(tile)
+    none = build_model("none").predict(tile)
+    cloudy = case.regions["cloudy"]
+    assert psnr(res.reflectance, case.truth, cloudy) > psnr(none.reflectance, case.truth, cloudy) + 10
+    for key in ("A", "t", "U", "omega", "J_phy"):
+        assert key in res.diagnostics
+    assert res.diagnostics["A"].shape == tile.target.shape
+    # clear & visible pixels are the target's own; thick cloud comes from a reference
+    keep = res.source == SOURCE_TARGET
+    np.testing.assert_array_equal(res.reflectance[:, keep], tile.target[:, keep])
+    assert not tile.cloud_mask[keep].any()
+    thick = case.regions["thick"]
+    assert (res.source[thick] >= SOURCE_REFERENCE_BASE).mean() > 0.9
+    assert res.confidence.min() >= 0 and res.confidence.max() <= 1
+    assert PhyVLMCR.spec.halo >= 2 * 8 + 2 * 8 + 8
+
+
+def test_phyvlm_without_reference_uses_dark_channel_prior(case, caplog):
+    t = case.tile_inputs()
+    tile = TileInputs(bands=t.bands, target=t.target, cloud_prob=t.cloud_prob, cloud_mask=t.cloud_mask,
+                      references=t.references[:0], reference_masks=t.reference_masks[:0], target_id="noref")
+    with caplog.at_level("WARNING"):
+        res = build_model("phyvlm-cr").predict(tile)
+    assert "dark-channel" in caplog.text
+    assert np.isfinite(res.reflectance).all()
+    assert set(np.unique(res.source)) <= {SOURCE_TARGET, SOURCE_MODEL}
+
+
+def test_learned_prior_hook_calls_any_registered_model(case):
+    tile = case.tile_inputs()
+    prior = LearnedPrior("reference-replace")
+    got = prior(tile)
+    expected = build_model("reference-replace").predict(tile).reflectance
+    np.testing.assert_array_equal(got.image, expected)
+    model = build_model("phyvlm-cr", {"prior": "learned", "prior_model": "dcp"})
+    res = model.predict(tile)
+    assert np.isfinite(res.reflectance).all()
+    pickle.loads(pickle.dumps(model))  # picklable handle, lazily rebuilt prior model
+    with pytest.raises(ModelError):
+        build_model("phyvlm-cr", {"prior": "learned"})
+    with pytest.raises(ModelError):
+        LearnedPrior("phyvlm-cr")
+
+
+def test_reference_prior_is_aligned_reference(case):
+    got = ReferencePrior()(case.tile_inputs())
+    assert got.valid.all()
+    assert psnr(got.image, case.truth) > 25
+
+
+def test_diffusers_adapter_missing_weights_and_package(tmp_path, case):
+    tile = case.tile_inputs()
+    with pytest.raises(WeightsError, match="huggingface-cli download"):
+        DiffusersPrior(tmp_path / "nope")(tile)
+    with pytest.raises(PriorBackendMissingError, match="pip install diffusers"):
+        DiffusersPrior(tmp_path)(tile)  # folder exists, package does not
+    assert issubclass(PriorBackendMissingError, ModelError)
+
+
+def test_diffusers_adapter_pre_and_post_processing_with_fake_pipeline(case):
+    tile = case.tile_inputs()
+    calls = {}
+
+    class FakeOut:
+        def __init__(self, images):
+            self.images = images
+
+    def fake_pipeline(image, prompt, **kw):
+        calls["prompt"], calls["size"] = prompt, np.asarray(image).shape
+        # "edits" by returning the truth's RGB at half resolution (the adapter must resize back)
+        rgb = reflectance_to_rgb(case.truth, [2, 1, 0], 0.3, 2.2)[::2, ::2]
+        return FakeOut([rgb])
+
+    prior = DiffusersPrior(None, pipeline=fake_pipeline)
+    got = prior(tile)
+    assert calls["prompt"] == "去除云" and calls["size"] == tile.shape + (3,)
+    assert got.image.shape == tile.target.shape
+    rgb_err = np.abs(got.image[:3] - case.truth[:3])
+    assert np.median(rgb_err) < 0.02  # 8-bit quantisation + half-resolution round trip
+    # round trip of the reflectance <-> RGB mapping is exact up to quantisation
+    x = np.clip(case.truth, 0, 0.3)
+    back = rgb_to_reflectance(reflectance_to_rgb(x, [2, 1, 0], 0.3, 2.2), 0.3, 2.2)
+    assert np.abs(back - x[[2, 1, 0]]).max() < 0.006
+    # NIR predicted from RGB by the regression fitted on clear target pixels
+    nir = extend_rgb_to_bands(case.truth, [2, 1, 0], case.truth[[2, 1, 0]], np.ones(tile.shape, bool))[3]
+    assert np.corrcoef(nir.ravel(), case.truth[3].ravel())[0, 1] > 0.8
+    model = PhyVLMCR({}, prior=prior)
+    assert np.isfinite(model.predict(tile).reflectance).all()
