@@ -25,7 +25,7 @@ from pipeline.evaluate import (
 from models.registry import build_model
 from stages.simulate import CloudSpec
 
-from test_models_phyvlm import BANDS, _clear
+from tests.test_models_phyvlm import BANDS, _clear
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

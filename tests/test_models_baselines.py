@@ -74,7 +74,7 @@ def test_dcp_model_improves_thin_haze_case():
     from pipeline.evaluate import simulated_case
     from stages.simulate import CloudSpec
 
-    from test_models_phyvlm import _clear
+    from tests.test_models_phyvlm import _clear
 
     case = simulated_case(_clear(seed=8), BANDS, seed=2, spec=CloudSpec(cover=0.9, thick_fraction=0.0,
                                                                          shadow_strength=0.0, scale=64))
