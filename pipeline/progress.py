@@ -20,7 +20,7 @@ class TqdmCallback(Callback):
         from tqdm.auto import tqdm
 
         total = sum(len(state[k]) for k in ("ready", "waiting", "running", "finished"))
-        self.bar = tqdm(total=total, desc=self.desc, unit="task", file=sys.stderr, leave=False)
+        self.bar = tqdm(total=total, desc=self.desc, unit="task", file=sys.stderr, leave=False, disable=None)
 
     def _posttask(self, key, result, dsk, state, worker_id):
         if self.bar is not None:
