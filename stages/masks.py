@@ -10,6 +10,7 @@ binary decision). Methods are combined with OR (mask) and max (probability).
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import dask.array as dsa
 import numpy as np
@@ -63,6 +64,14 @@ def scl_mask(scl: xr.DataArray, cfg: MaskConfig) -> tuple[xr.DataArray, xr.DataA
     return mask.rename("cloud_mask"), prob.rename("cloud_prob")
 
 
+def _per_plane(b: np.ndarray, *, func, dtype, kw: dict) -> np.ndarray:
+    """Apply ``func`` to each trailing (y, x) plane of block ``b`` (module level: picklable for distributed)."""
+    out = np.empty(b.shape, dtype)
+    for idx in np.ndindex(b.shape[:-2]):
+        out[idx] = func(b[idx], **kw)
+    return out
+
+
 def _lazy_2d(func, da: xr.DataArray, depth: int, dtype, **kw) -> xr.DataArray:
     """Apply a 2-D kernel to every (y, x) plane of ``da`` lazily, with a halo of ``depth`` pixels."""
     data = da.data
@@ -70,13 +79,8 @@ def _lazy_2d(func, da: xr.DataArray, depth: int, dtype, **kw) -> xr.DataArray:
         data = dsa.from_array(data, chunks=(1,) * (data.ndim - 2) + (512, 512))
     depths = {i: 0 for i in range(data.ndim - 2)} | {data.ndim - 2: depth, data.ndim - 1: depth}
 
-    def block(b):
-        out = np.empty(b.shape, dtype)
-        for idx in np.ndindex(b.shape[:-2]):
-            out[idx] = func(b[idx], **kw)
-        return out
-
-    res = dsa.map_overlap(block, data, depth=depths, boundary="none", dtype=dtype, trim=True)
+    res = dsa.map_overlap(partial(_per_plane, func=func, dtype=dtype, kw=kw), data, depth=depths, boundary="none",
+                          dtype=dtype, trim=True)
     return xr.DataArray(res, dims=da.dims, coords=da.coords, name=da.name)
 
 

@@ -74,6 +74,17 @@ def _encode(ds: xr.Dataset) -> xr.DataArray:
     return stacked.rio.write_crs(ds.rio.crs).rio.write_nodata(None)
 
 
+def _write_lock(name: str):
+    """A lock the active scheduler can share: a distributed Lock under dask.distributed, else a thread lock."""
+    try:
+        from distributed import Lock, default_client
+
+        default_client()
+    except (ImportError, ValueError):
+        return threading.Lock()
+    return Lock(f"cloudfree-write-{name}")
+
+
 def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, extra_compute=(),
                   progress: bool = True) -> tuple[WrittenOutput, list]:
     """Compute ``ds`` once and write the COGs. ``extra_compute`` lazy objects are computed in the same pass
@@ -87,7 +98,7 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
     enc = _encode(ds)
     nb = ds.sizes["band"]
     write = enc.rio.to_raster(inter, tiled=True, blockxsize=cfg.blocksize, blockysize=cfg.blocksize,
-                              compress="deflate", lock=threading.Lock(), compute=False, BIGTIFF="IF_SAFER")
+                              compress="deflate", lock=_write_lock(stem), compute=False, BIGTIFF="IF_SAFER")
     from pipeline.progress import progress_bar
 
     with progress_bar(enabled=progress, desc=f"{stem}: compute+write"):
