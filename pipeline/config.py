@@ -55,6 +55,10 @@ class SelectionPolicy(_Section):
     min_overlap: float = Field(0.3, ge=0, le=1)
     #: references whose estimated clear fraction over the target is below this are dropped.
     min_clear_fraction: float = Field(0.0, ge=0, le=1)
+    #: how the clear fraction is estimated: "metadata" (1 - eo:cloud_cover, scene-wide) or "scl" (share of the
+    #: target's cloudy SCL pixels that are clear in the reference's SCL, read from overviews; falls back to
+    #: metadata when an item has no readable SCL).
+    clear_fraction: Literal["metadata", "scl"] = "metadata"
     #: Sentinel-1 scenes further than this from the target (days) are ignored.
     sar_max_days: float = Field(6.0, ge=0)
     #: how many SAR scenes to keep per target, best first (RTC before GRD, then nearest in time).

@@ -258,7 +258,7 @@ def plan_targets(
     SAR gets empty tuples (and a log line), since the model may still work from the target alone.
     """
     policy = search_cfg.policy
-    estimate = clear_fraction or clear_fraction_from_metadata
+    estimate = clear_fraction or (scl_clear_fraction if policy.clear_fraction == "scl" else clear_fraction_from_metadata)
     bbox, geom = load_aoi(search_cfg.aoi)
     targets = _targets(catalog, search_cfg, collection, bbox, geom)
     targets.sort(key=lambda it: (item_time(it), it.id))

@@ -74,3 +74,21 @@ def test_scl_clear_fraction_on_real_scl(items, tmp_path) -> None:
     other = item.clone()
     other.assets["scl"].href = str(tmp_path / "missing.tif")
     assert scl_clear_fraction(item, other, size=64) == pytest.approx(clear_fraction_from_metadata(item, other))
+
+
+def test_pixel_level_clear_fraction_from_config(demo_catalog):
+    """search.policy.clear_fraction = scl ranks references by how much of the target's cloud they see clear."""
+    from catalogs.local import LocalCatalog
+    from pipeline.config import parse_config
+    from stages.search import plan_targets
+
+    cat = LocalCatalog(demo_catalog)
+    meta = parse_config({"search": {"targets": ["S2A_T33UUU_20170216_SIMCLOUDY"]}}).search
+    scl = parse_config({"search": {"targets": ["S2A_T33UUU_20170216_SIMCLOUDY"],
+                                   "policy": {"clear_fraction": "scl"}}}).search
+    by_meta = {c.item.id: c.clear_fraction for c in plan_targets(cat, meta, "demo-s2-l1c")[0].references}
+    by_scl = {c.item.id: c.clear_fraction for c in plan_targets(cat, scl, "demo-s2-l1c")[0].references}
+    assert set(by_meta) == set(by_scl)
+    # the pixel estimate is measured over the target's cloudy pixels, so it differs from 1 - eo:cloud_cover
+    assert any(abs(by_meta[k] - by_scl[k]) > 0.005 for k in by_meta)
+    assert all(0.5 < v <= 1.0 for v in by_scl.values())
