@@ -51,16 +51,16 @@ for the default parameters). ``A``, ``κ``, ``λ`` and the alignments are per-ti
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
 
-from models._align import MIN_PIXELS
+from models._align import MIN_PIXELS, fit_linear
 from models._filters import box_mean, gradient_magnitude, guided_filter, laplacian_magnitude, robust_percentile
 from models.base import ModelParams, ModelSpec, RemovalModelBase
-from models.priors import Prior, _fill_target, build_prior, composite_reference, reference_validity
+from models.priors import Prior, _fill_target, build_prior, composite_reference, reference_validity, thin_mask
 from models.registry import register
 from pipeline.contract import (
     SOURCE_FUSED,
@@ -99,17 +99,35 @@ def brightness_saturation(image: np.ndarray, visible_idx: list[int] | None) -> t
 
 
 def atmospheric_light(
-    image: np.ndarray, v: np.ndarray, s: np.ndarray, kappa_percentile: float = 85.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Eqs. 3-4: ``A`` ``(band,)`` = median of ``I`` over ``Ω``; returns ``A`` and the probability map ``p``."""
+    image: np.ndarray,
+    v: np.ndarray,
+    s: np.ndarray,
+    kappa_percentile: float = 85.0,
+    cloud_region: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eqs. 3-4: ``A`` ``(band,)`` = median of ``I`` over ``Ω``; returns ``A``, the probability map ``p`` and ``Ω``.
+
+    ``cloud_region`` (``(y, x)`` bool, e.g. the mask stage's thick cloud): the paper regresses ``A`` "from the
+    image region exhibiting the highest cloud probability"; when the region holds at least ``MIN_PIXELS`` pixels,
+    ``κ`` is the percentile of ``p`` *within* it and ``Ω = cloud_region ∩ {p > κ}``. Otherwise (no or too little
+    cloud) ``κ`` and ``Ω`` are taken over the whole image, as in eq. 4.
+    """
     g = gradient_magnitude(v)
     p = _sigmoid(_zscore(v)) * _sigmoid(_zscore(1.0 - s)) * _sigmoid(_zscore(-g))
-    kappa = robust_percentile(p, kappa_percentile, stride=2)
-    omega = p > kappa
-    if omega.sum() < MIN_PIXELS:  # flat probability map (e.g. constant tile): take the top pixels
-        omega = p >= kappa
+    region = None
+    if cloud_region is not None and int(cloud_region.sum()) >= MIN_PIXELS:
+        region = np.asarray(cloud_region, bool)
+        kappa = float(np.percentile(p[region], kappa_percentile))
+        omega = region & (p > kappa)
+        if omega.sum() < MIN_PIXELS:
+            omega = region & (p >= kappa)
+    else:
+        kappa = robust_percentile(p, kappa_percentile, stride=2)
+        omega = p > kappa
+        if omega.sum() < MIN_PIXELS:  # flat probability map (e.g. constant tile): take the top pixels
+            omega = p >= kappa
     a = np.median(image[:, omega], axis=1).astype(np.float32)
-    return a, p.astype(np.float32)
+    return a, p.astype(np.float32), omega
 
 
 @dataclass
@@ -128,6 +146,7 @@ class PhyVLMOutputs:
     reference_index: np.ndarray  #: int16, -1 = no reference
     omega_region: np.ndarray  #: bool, Ω of eq. 4
     shadow: np.ndarray  #: refined shadow factor s (1 = none; extension)
+    visible: np.ndarray  #: bool, high-visibility pixels (t >= t_visible, no shadow) the I_ref alignment uses
 
 
 def phyvlm_kernel(
@@ -153,6 +172,11 @@ def phyvlm_kernel(
     kappa_percentile: float = 85.0,
     lambda_percentile: float = 75.0,
     t_visible: float = 0.9,
+    a: np.ndarray | None = None,
+    cloud_region: np.ndarray | None = None,
+    alignment: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    aligned_reference: tuple[np.ndarray, np.ndarray] | None = None,
+    omega_t_floor: float = 0.0,
 ) -> PhyVLMOutputs:
     """PhyVLM-CR eqs. 3-11 on finite arrays.
 
@@ -164,6 +188,13 @@ def phyvlm_kernel(
         visible_idx: positions of B02/B03/B04 (None = use all bands for ``V``, ``S = 0``).
         shadow_candidates: ``(y, x)`` bool where the shadow term may be fitted (None = no shadow term).
         reference_combine: ``"first"`` (best-ranked clear reference) or ``"median"`` of the aligned references.
+        a: precomputed atmospheric light ``(band,)`` (scene level, from ``fit_scene``); None = eqs. 3-4 here.
+        cloud_region: ``(y, x)`` bool, highest-cloud-probability pixels that restrict ``Ω`` (see
+            :func:`atmospheric_light`).
+        alignment: precomputed ``(gain, offset)`` per reference; None = fitted here on high-visibility pixels.
+        aligned_reference: precomputed aligned composite ``(image, index)`` (e.g. from the prior); skips the
+            alignment entirely.
+        omega_t_floor: ``ω = 0`` where the refined ``t`` is below this (0 = eq. 11 unchanged).
     """
     img = np.asarray(image, np.float32)
     jv = np.asarray(prior, np.float32)
@@ -171,8 +202,11 @@ def phyvlm_kernel(
     v_j, _ = brightness_saturation(jv, visible_idx)
 
     # eqs. 3-4
-    a, p = atmospheric_light(img, v_i, s_i, kappa_percentile)
-    omega_region = p > robust_percentile(p, kappa_percentile, stride=2)
+    if a is None:
+        a, _, omega_region = atmospheric_light(img, v_i, s_i, kappa_percentile, cloud_region)
+    else:
+        a = np.asarray(a, np.float32)
+        omega_region = np.zeros(img.shape[1:], bool)
     a3 = a[:, None, None]
 
     # base layers (edge-preserving)
@@ -226,15 +260,20 @@ def phyvlm_kernel(
 
     # reference aligned on high-visibility pixels, eqs. 10-11
     w = np.exp(-gamma * (1.0 - t * s_sh)).astype(np.float32)
-    ref, ref_idx = composite_reference(img, references, reference_valid, (t >= t_visible) & (s_raw >= 1.0),
-                                       reference_combine)
+    if omega_t_floor > 0:
+        w[t < omega_t_floor] = 0.0
+    visible = (t >= t_visible) & (s_raw >= 1.0)
+    if aligned_reference is not None:
+        ref, ref_idx = aligned_reference
+    else:
+        ref, ref_idx = composite_reference(img, references, reference_valid, visible, reference_combine, alignment)
     has_ref = ref_idx >= 0
     out = j_cog.copy()
     if has_ref.any():
         out[:, has_ref] = w[has_ref] * j_cog[:, has_ref] + (1.0 - w[has_ref]) * ref[:, has_ref]
     log.debug("phyvlm: A=%s lambda_phy=%.4g lambda_hall=%.4g mean t=%.3f", np.round(a, 4), lam_phy, lam_hall,
               float(t.mean()))
-    return PhyVLMOutputs(out, a, t_raw, t, u, w, j_phy, j_cog, ref, ref_idx, omega_region, s_sh)
+    return PhyVLMOutputs(out, a, t_raw, t, u, w, j_phy, j_cog, ref, ref_idx, omega_region, s_sh, visible)
 
 
 class PhyVLMParams(ModelParams):
@@ -271,6 +310,11 @@ class PhyVLMParams(ModelParams):
     shadow_term: bool = True
     #: extension: how several references combine, for the prior and for I_ref ("first" = the paper's single one).
     reference_combine: Literal["first", "median"] = "median"
+    #: restrict Ω (eq. 4) to the highest-cloud-probability pixels: mask & cloud_prob >= a_cloud_prob.
+    a_from_cloud_prob: bool = True
+    a_cloud_prob: float = Field(0.6, ge=0, le=1)
+    #: deviation: ω = 0 where the refined t is below this (0 = eq. 11 exactly).
+    omega_t_floor: float = Field(0.1, ge=0, lt=1)
 
 
 def _default_halo() -> int:
@@ -288,6 +332,7 @@ class PhyVLMCR(RemovalModelBase):
         max_references=4,
         halo=_default_halo(),
         description="PhyVLM-CR: physics-guided prior (reference/learned/diffusers), eqs. 1-11, soft fusion",
+        scene_context=True,
     )
     Params = PhyVLMParams
 
@@ -303,13 +348,20 @@ class PhyVLMCR(RemovalModelBase):
             options=p.diffusers_options,
         )
 
-    def predict(self, tile: TileInputs) -> TileResult:
+    def cloud_region(self, tile: TileInputs) -> np.ndarray | None:
+        """Highest-cloud-probability pixels for ``Ω`` (mask & ``cloud_prob >= a_cloud_prob``); None = whole image."""
+        if not self.params.a_from_cloud_prob:
+            return None
+        prob = np.nan_to_num(np.asarray(tile.cloud_prob, np.float32), nan=0.0)
+        return tile.cloud_mask & (prob >= self.params.a_cloud_prob) & np.isfinite(tile.target).all(axis=0)
+
+    def _kernel(self, tile: TileInputs, context: dict[str, Any]) -> tuple[PhyVLMOutputs, np.ndarray]:
         p = self.params
-        valid = np.isfinite(tile.target).all(axis=0)
         img = _fill_target(tile)
         prior = self.prior(tile)
         jv = np.where(prior.valid[None], prior.image, img).astype(np.float32)
         vis = [tile.bands.index(b) for b in VISIBLE] if all(b in tile.bands for b in VISIBLE) else None
+        a = context.get("A")
         k = phyvlm_kernel(
             img, jv, tile.references, reference_validity(tile), visible_idx=vis,
             shadow_candidates=tile.cloud_mask if p.shadow_term else None, reference_combine=p.reference_combine,
@@ -317,7 +369,48 @@ class PhyVLMCR(RemovalModelBase):
             t_radius=p.t_radius, t_eps=p.t_eps, t_subsample=p.t_subsample, t0=p.t0, alpha=p.alpha, beta=p.beta,
             lp_radius=p.lp_radius, gamma=p.gamma, kappa_percentile=p.kappa_percentile,
             lambda_percentile=p.lambda_percentile, t_visible=p.t_visible,
+            a=None if a is None else np.asarray(a, np.float32),
+            cloud_region=None if a is not None else self.cloud_region(tile),
+            alignment=context.get("alignment_visible"),
+            omega_t_floor=p.omega_t_floor,
         )
+        return k, jv
+
+    def fit_scene(self, sample: TileInputs) -> dict[str, Any]:
+        """Scene-level ``A`` (eqs. 3-4 on the whole-scene sample) and reference alignment on high-visibility pixels.
+
+        Pass 1 aligns each reference on pixels clear in the mask stage and runs the kernel on the sample with the
+        scene ``A``; pass 2 refits each alignment on the sample's high-visibility pixels (refined ``t >=
+        t_visible``, mask-clear, reference clear), as the paper prescribes for ``I_ref``. Every tile then uses the
+        same ``A`` and gains (no seams).
+        """
+        img = _fill_target(sample)
+        vis = [sample.bands.index(b) for b in VISIBLE] if all(b in sample.bands for b in VISIBLE) else None
+        v, s = brightness_saturation(img, vis)
+        a, _, _ = atmospheric_light(img, v, s, self.params.kappa_percentile, self.cloud_region(sample))
+        target_ok = np.isfinite(sample.target).all(axis=0)
+        ref_ok = reference_validity(sample)
+        clear = ~sample.cloud_mask & target_ok
+        align = [fit_linear(sample.target, sample.references[i], thin_mask(clear & ref_ok[i]))
+                 for i in range(sample.references.shape[0])]
+        ctx: dict[str, Any] = {"A": a}
+        if align:
+            ctx["alignment"] = align
+            k, _ = self._kernel(replace(sample, context=ctx), ctx)
+            visible = target_ok & k.visible
+            refit = []
+            for i in range(len(align)):
+                region = thin_mask(visible & ref_ok[i])
+                refit.append(fit_linear(sample.target, sample.references[i], region)
+                             if region.sum() >= MIN_PIXELS else align[i])
+            ctx["alignment_visible"] = refit
+        log.info("%s: scene A=%s, %d alignment(s)", sample.target_id, np.round(a, 4), len(align))
+        return ctx
+
+    def predict(self, tile: TileInputs) -> TileResult:
+        p = self.params
+        valid = np.isfinite(tile.target).all(axis=0)
+        k, jv = self._kernel(tile, dict(tile.context))
         out = np.maximum(k.restored, 0.0)
         has_ref = k.reference_index >= 0
         conf = np.where(has_ref, k.omega * k.u + (1 - k.omega) * p.reference_confidence, k.omega * k.u)

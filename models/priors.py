@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -51,6 +51,8 @@ class PriorResult:
     image: np.ndarray
     valid: np.ndarray
     description: str
+    #: the aligned reference composite ``(image, index)`` when the prior computed one (reused as ``I_ref``).
+    reference: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @runtime_checkable
@@ -79,8 +81,9 @@ def composite_reference(
     target: np.ndarray,
     references: np.ndarray,
     reference_valid: np.ndarray,
-    fit_region: np.ndarray,
+    fit_region: np.ndarray | None,
     combine: str = "first",
+    alignment: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Aligned reference composite.
 
@@ -91,12 +94,22 @@ def composite_reference(
 
     Args:
         target: ``(band, y, x)``; references: ``(time, band, y, x)``; reference_valid: ``(time, y, x)`` bool;
-        fit_region: ``(y, x)`` bool, target pixels trusted for the fit.
+        fit_region: ``(y, x)`` bool, target pixels trusted for the fit (unused for references ``alignment`` covers).
+        alignment: precomputed ``(gain, offset)`` per reference (e.g. the scene-level fit of ``fit_scene``); a
+            reference beyond its length is fitted on ``fit_region``.
     Returns:
         ``image`` ``(band, y, x)`` float32 (NaN where no reference is valid) and ``index`` ``(y, x)`` int16
         (reference index, -1 = none).
     """
     nb, ny, nx = target.shape
+
+    def params(i: int, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if alignment is not None and i < len(alignment):
+            return alignment[i]
+        if fit_region is None:
+            raise ModelError("composite_reference: neither an alignment nor a fit region for reference %d" % i)
+        return fit_linear(target, references[i], thin_mask(fit_region & ok))
+
     if combine == "median" and references.shape[0] > 1:
         aligned = np.full(references.shape, np.nan, np.float32)
         index = np.full((ny, nx), -1, np.int16)
@@ -104,7 +117,7 @@ def composite_reference(
             ok = reference_valid[i]
             if not ok.any():
                 continue
-            gain, offset = fit_linear(target, references[i], thin_mask(fit_region & ok))
+            gain, offset = params(i, ok)
             aligned[i] = np.where(ok[None], apply_linear(references[i], gain, offset), np.nan)
             index[(index < 0) & ok] = i
         return nanmedian_axis0(aligned), index
@@ -120,7 +133,7 @@ def composite_reference(
         fill = todo & ok
         if not fill.any():
             continue
-        gain, offset = fit_linear(target, references[i], thin_mask(fit_region & ok))
+        gain, offset = params(i, ok)
         image[:, fill] = apply_linear(references[i][:, fill][:, :, None], gain, offset)[:, :, 0]
         index[fill] = i
     return image, index
@@ -156,8 +169,10 @@ class ReferencePrior:
 
         target_ok = np.isfinite(tile.target).all(axis=0)
         image, index = composite_reference(
-            tile.target, tile.references, reference_validity(tile), ~tile.cloud_mask & target_ok, self.combine
+            tile.target, tile.references, reference_validity(tile), ~tile.cloud_mask & target_ok, self.combine,
+            alignment=tile.context.get("alignment"),
         )
+        composite = (image.copy(), index)
         missing = index < 0
         desc = "aligned temporal reference"
         if missing.any():
@@ -171,7 +186,7 @@ class ReferencePrior:
                 log.info("tile %s: %.1f%% of pixels without a clear reference use the dark-channel prior",
                          tile.target_id, 100 * frac)
                 desc = f"aligned temporal reference, dark-channel dehaze on {100 * frac:.1f}% of pixels"
-        return PriorResult(image, np.isfinite(image).all(axis=0), desc)
+        return PriorResult(image, np.isfinite(image).all(axis=0), desc, composite)
 
 
 class LearnedPrior:

@@ -34,6 +34,7 @@ Run ``python -m pipeline.evaluate --out docs/`` to write ``evaluation.md``, ``ev
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -352,6 +353,7 @@ def predict_tiled(model: Any, tile: TileInputs, tile_size: int | None = None) ->
                 cloud_mask=tile.cloud_mask[ry, rx], references=tile.references[:, :, ry, rx],
                 reference_masks=tile.reference_masks[:, ry, rx], reference_ids=tile.reference_ids,
                 reference_dt_days=tile.reference_dt_days, halo=halo, target_id=f"{tile.target_id}@{y0},{x0}",
+                context=tile.context,
             )
             res = model.predict(sub)
             cy, cx = slice(y0 - ry.start, y1 - ry.start), slice(x0 - rx.start, x1 - rx.start)
@@ -364,6 +366,14 @@ def predict_tiled(model: Any, tile: TileInputs, tile_size: int | None = None) ->
     return TileResult(out, conf, src, diags)
 
 
+def with_scene_context(model: Any, tile: TileInputs) -> TileInputs:
+    """``tile`` carrying ``model.fit_scene(tile)`` as context when the model asks for one (``spec.scene_context``),
+    as :func:`pipeline.runner.scene_context` does with a coarse whole-scene sample."""
+    if not getattr(model.spec, "scene_context", False):
+        return tile
+    return dataclasses.replace(tile, context=model.fit_scene(tile))
+
+
 def run_models(case: EvalCase, model_names: Sequence[str], model_params: Mapping[str, dict] | None = None,
                tile_size: int | None = None) -> dict[str, tuple[TileResult, float]]:
     """Run each model on ``case``; returns ``{name: (result, seconds)}``."""
@@ -374,7 +384,7 @@ def run_models(case: EvalCase, model_names: Sequence[str], model_params: Mapping
     for name in model_names:
         model = build_model(name, dict((model_params or {}).get(name, {})))
         t0 = time.perf_counter()
-        res = predict_tiled(model, tile, tile_size)
+        res = predict_tiled(model, with_scene_context(model, tile), tile_size)
         out[name] = (res, time.perf_counter() - t0)
     return out
 
