@@ -73,10 +73,13 @@ def guided_filter(
         cov = box_mean(wp * g, r) / wsum - m_g * m_p
     a = cov / (np.maximum(var_g, 0) + np.float32(eps))
     b = m_p - a * m_g
-    a, b = box_mean(a, r), box_mean(b, r)
+    ab = box_mean(np.stack([a, b]), r)  # one filter call (and one upsampling) for both coefficient maps
     if s > 1:
-        a, b = upsample_bilinear(a, g_full.shape), upsample_bilinear(b, g_full.shape)
-    return (a * g_full + b).astype(np.float32, copy=False)
+        ab = upsample_bilinear(ab, g_full.shape)
+    q = ab[0]
+    q *= g_full
+    q += ab[1]
+    return q.astype(np.float32, copy=False)
 
 
 def block_mean(x: np.ndarray, s: int) -> np.ndarray:

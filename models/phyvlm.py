@@ -268,9 +268,12 @@ def phyvlm_kernel(
     else:
         ref, ref_idx = composite_reference(img, references, reference_valid, visible, reference_combine, alignment)
     has_ref = ref_idx >= 0
-    out = j_cog.copy()
     if has_ref.any():
-        out[:, has_ref] = w[has_ref] * j_cog[:, has_ref] + (1.0 - w[has_ref]) * ref[:, has_ref]
+        # eq. 10 as J_cog + (1 - ω) (I_ref - J_cog): one fused pass, no boolean gathers
+        out = j_cog + np.where(has_ref, 1.0 - w, np.float32(0.0))[None] * np.where(has_ref[None], ref - j_cog, 0.0)
+        out = out.astype(np.float32, copy=False)
+    else:
+        out = j_cog.copy()
     log.debug("phyvlm: A=%s lambda_phy=%.4g lambda_hall=%.4g mean t=%.3f", np.round(a, 4), lam_phy, lam_hall,
               float(t.mean()))
     return PhyVLMOutputs(out, a, t_raw, t, u, w, j_phy, j_cog, ref, ref_idx, omega_region, s_sh, visible)
@@ -420,10 +423,10 @@ class PhyVLMCR(RemovalModelBase):
         source[to_ref] = (SOURCE_REFERENCE_BASE + k.reference_index[to_ref]).astype(np.uint8)
         if p.keep_clear_target:
             keep = ~tile.cloud_mask & valid & (k.omega >= p.omega_model)
-            out[:, keep] = tile.target[:, keep]
+            np.copyto(out, tile.target, where=keep[None])
             source[keep] = SOURCE_TARGET
             conf[keep] = 1.0
-        out[:, ~valid] = np.nan
+        np.copyto(out, np.float32(np.nan), where=~valid[None])
         source[~valid] = SOURCE_NODATA
         conf[~valid] = 0.0
         diag = {
