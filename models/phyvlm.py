@@ -58,7 +58,16 @@ import numpy as np
 from pydantic import Field
 
 from models._align import MIN_PIXELS, fit_linear
-from models._filters import box_mean, gradient_magnitude, guided_filter, laplacian_magnitude, robust_percentile
+from models._filters import (
+    block_mean,
+    box_mean,
+    gradient_magnitude,
+    guided_filter,
+    guided_filter_coarse,
+    laplacian_magnitude,
+    robust_percentile,
+    upsample_bilinear,
+)
 from models.base import ModelParams, ModelSpec, RemovalModelBase
 from models.priors import Prior, _fill_target, build_prior, composite_reference, reference_validity, thin_mask
 from models.registry import register
@@ -177,6 +186,7 @@ def phyvlm_kernel(
     alignment: list[tuple[np.ndarray, np.ndarray]] | None = None,
     aligned_reference: tuple[np.ndarray, np.ndarray] | None = None,
     omega_t_floor: float = 0.0,
+    physics_subsample: int = 1,
 ) -> PhyVLMOutputs:
     """PhyVLM-CR eqs. 3-11 on finite arrays.
 
@@ -195,6 +205,7 @@ def phyvlm_kernel(
         aligned_reference: precomputed aligned composite ``(image, index)`` (e.g. from the prior); skips the
             alignment entirely.
         omega_t_floor: ``ω = 0`` where the refined ``t`` is below this (0 = eq. 11 unchanged).
+        physics_subsample: grid (in pixels) of eqs. 5-7; 1 = full resolution.
     """
     img = np.asarray(image, np.float32)
     jv = np.asarray(prior, np.float32)
@@ -209,9 +220,25 @@ def phyvlm_kernel(
         omega_region = np.zeros(img.shape[1:], bool)
     a3 = a[:, None, None]
 
-    # base layers (edge-preserving)
-    i_b = guided_filter(v_i, img, base_radius, base_eps, subsample=base_subsample)
-    j_b = guided_filter(v_j, jv, base_radius, base_eps, subsample=base_subsample)
+    # base layers (edge-preserving). physics_subsample k > 1: eqs. 5-7 run on the k x k block-mean grid (the base
+    # layers are smooth at radius base_radius >> k), and the U-weighted refinement below is then the Fast Guided
+    # Filter taking t from that grid back to full resolution along the full-resolution guide.
+    ny, nx = img.shape[1:]
+    k = int(physics_subsample) if min(ny, nx) >= 4 * int(physics_subsample) else 1
+    hall_full = np.maximum(0.0, box_mean(laplacian_magnitude(v_j), 1) - box_mean(laplacian_magnitude(v_i), 1))
+    if k > 1:
+        vi_c, vj_c = block_mean(v_i, k), block_mean(v_j, k)
+        rb = max(1, int(round(base_radius / k)))
+        i_b = guided_filter(vi_c, block_mean(img, k), rb, base_eps)
+        j_b = guided_filter(vj_c, block_mean(jv, k), rb, base_eps)
+        cand = None if shadow_candidates is None else block_mean(shadow_candidates.astype(np.float32), k) >= 0.5
+        hall = block_mean(hall_full, k)
+    else:
+        vi_c = v_i
+        i_b = guided_filter(v_i, img, base_radius, base_eps, subsample=base_subsample)
+        j_b = guided_filter(v_j, jv, base_radius, base_eps, subsample=base_subsample)
+        cand = shadow_candidates
+        hall = hall_full
 
     # eq. 5
     di, dj = i_b - a3, j_b - a3
@@ -221,8 +248,8 @@ def phyvlm_kernel(
     # shadow term (extension): I = s t J + A (1 - t); where eq. 5 exceeds 1 the observation is darker than the
     # prior, which no veil can do: t = 1 there and s is the same pixel-wise regression through the origin.
     s_raw = np.ones_like(t_raw)
-    if shadow_candidates is not None:
-        sh = shadow_candidates & (t_unclamped > 1.0)
+    if cand is not None:
+        sh = cand & (t_unclamped > 1.0)
         if sh.any():
             s_fit = (i_b[:, sh] * j_b[:, sh]).sum(axis=0) / ((j_b[:, sh] ** 2).sum(axis=0) + EPSILON)
             s_raw[sh] = np.clip(s_fit, 0.0, 1.0)
@@ -230,19 +257,27 @@ def phyvlm_kernel(
     # eqs. 6-7 (with the shadow term, the re-synthesis is s t J^B + (1 - t) A)
     resid = di - (t_raw * s_raw)[None] * j_b + t_raw[None] * a3  # I^B - (s t J^B + (1 - t) A)
     r = np.sqrt((resid * resid).sum(axis=0))
-    lam_phy = max(float(robust_percentile(r, lambda_percentile)), 1e-6)
-    hall = np.maximum(0.0, box_mean(laplacian_magnitude(v_j), 1) - box_mean(laplacian_magnitude(v_i), 1))
-    lam_hall = max(float(robust_percentile(hall, lambda_percentile)), 1e-6)
+    lam_phy = max(float(robust_percentile(r, lambda_percentile, stride=2 if k == 1 else 1)), 1e-6)
+    lam_hall = max(float(robust_percentile(hall_full, lambda_percentile)), 1e-6)
     u = (np.exp(-r / lam_phy) * np.exp(-hall / lam_hall)).astype(np.float32)
 
     # U-weighted guided-filter refinement of t
     wu = u + np.float32(1e-3)
-    t = np.clip(guided_filter(v_i, t_raw, t_radius, t_eps, weights=wu, subsample=t_subsample),
-                0.0, 1.0).astype(np.float32)
-    s_sh = np.ones_like(t)
-    if shadow_candidates is not None and (s_raw < 1).any():
-        s_sh = np.clip(guided_filter(v_i, s_raw, t_radius, t_eps, weights=wu, subsample=t_subsample),
-                       0.0, 1.0).astype(np.float32)
+    if k > 1:
+        rt = max(1, int(round(t_radius / k)))
+        t = np.clip(guided_filter_coarse(v_i, vi_c, t_raw, rt, t_eps, wu), 0.0, 1.0).astype(np.float32)
+        s_sh = np.ones_like(t)
+        if cand is not None and (s_raw < 1).any():
+            s_sh = np.clip(guided_filter_coarse(v_i, vi_c, s_raw, rt, t_eps, wu), 0.0, 1.0).astype(np.float32)
+        up = upsample_bilinear(np.stack([u, t_raw, s_raw]), (ny, nx))
+        u, t_raw, s_raw = up[0], up[1], up[2]
+    else:
+        t = np.clip(guided_filter(v_i, t_raw, t_radius, t_eps, weights=wu, subsample=t_subsample),
+                    0.0, 1.0).astype(np.float32)
+        s_sh = np.ones_like(t)
+        if cand is not None and (s_raw < 1).any():
+            s_sh = np.clip(guided_filter(v_i, s_raw, t_radius, t_eps, weights=wu, subsample=t_subsample),
+                           0.0, 1.0).astype(np.float32)
 
     # eq. 8 (with the shadow term: J = (I - A (1 - t)) / (s t); s = 1 gives eq. 8 exactly)
     if shadow_candidates is None:
@@ -262,7 +297,7 @@ def phyvlm_kernel(
     w = np.exp(-gamma * (1.0 - t * s_sh)).astype(np.float32)
     if omega_t_floor > 0:
         w[t < omega_t_floor] = 0.0
-    visible = (t >= t_visible) & (s_raw >= 1.0)
+    visible = (t >= t_visible) & (s_raw >= 1.0 - 1e-6)
     if aligned_reference is not None:
         ref, ref_idx = aligned_reference
     else:
@@ -318,6 +353,8 @@ class PhyVLMParams(ModelParams):
     a_cloud_prob: float = Field(0.6, ge=0, le=1)
     #: deviation: ω = 0 where the refined t is below this (0 = eq. 11 exactly).
     omega_t_floor: float = Field(0.1, ge=0, lt=1)
+    #: speed: eqs. 5-7 on this block-mean grid, t brought back by the Fast Guided Filter (1 = full resolution).
+    physics_subsample: int = Field(2, ge=1)
 
 
 def _default_halo() -> int:
@@ -375,7 +412,7 @@ class PhyVLMCR(RemovalModelBase):
             a=None if a is None else np.asarray(a, np.float32),
             cloud_region=None if a is not None else self.cloud_region(tile),
             alignment=context.get("alignment_visible"),
-            omega_t_floor=p.omega_t_floor,
+            omega_t_floor=p.omega_t_floor, physics_subsample=p.physics_subsample,
         )
         return k, jv
 
