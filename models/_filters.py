@@ -10,6 +10,9 @@
   With ``subsample=s > 1`` it is He & Sun's *Fast Guided Filter* (arXiv:1505.00996, 2015): the coefficients are
   fitted on ``s x s`` block means with radius ``r / s`` and bilinearly upsampled before ``q = A I + B`` on the
   full-resolution guide, so edges still follow the full-resolution guide at ``1/s^2`` of the box-filter cost.
+  :func:`guided_filter_coarse` is the same filter for a caller whose source is already on the coarse grid.
+* :func:`block_mean` (``s x s`` block means by strided slice sums) and :func:`upsample_bilinear` (separable
+  two-tap gathers, half-pixel centres, edges clamped): the Fast Guided Filter's down/up-sampling.
 * :func:`laplacian_magnitude`: ``|∇² x|`` with the 5-point stencil (radius 1).
 * :func:`gradient_magnitude`: central differences (radius 1).
 """

@@ -6,7 +6,9 @@ Here the prior is anything implementing :class:`Prior` (``name``, ``halo``, ``__
 * :class:`ReferencePrior` (``"reference"``, the default): the temporal reference(s), radiometrically aligned to
   the target by :func:`models._align.fit_linear` on pixels clear in both; pixels no clear reference covers fall
   back to a dark-channel dehaze of the target (:func:`models.dcp.dcp_dehaze`), and a tile without any reference
-  is entirely the dark-channel fallback (logged).
+  is entirely the dark-channel fallback (logged). With a scene context (``tile.context["alignment"]``, from
+  PhyVLM-CR's ``fit_scene``) the scene-level gains are used instead of a per-tile fit, so tiles do not jump at
+  seams.
 * :class:`LearnedPrior` (``"learned"``): any model registered in this project, by name; its ``predict`` output is
   the prior. (No learned model exists yet; the hook is generic and tested with registered baselines.)
 * :class:`DiffusersPrior` (``"diffusers"``): a local image-editing pipeline through the optional ``diffusers``
