@@ -455,6 +455,25 @@ def to_markdown(summary: Sequence[Mapping[str, Any]], group: str, models: Sequen
     return "\n".join(lines)
 
 
+def per_case_markdown(rows: Sequence[Mapping[str, Any]], models: Sequence[str], region: str = "cloudy") -> str:
+    """A Markdown table with one line per case: ``region`` PSNR / SAM of every model (the best PSNR in bold)."""
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    head = "| case | " + " | ".join(f"{m} PSNR / SAM" for m in models) + " |"
+    lines = [head, "|---|" + "---:|" * len(models)]
+    for case in cases:
+        vals = {r["model"]: r for r in rows if r["case"] == case and r["region"] == region}
+        best = max((vals[m]["psnr"] for m in models if m in vals), default=float("nan"))
+        cells = []
+        for m in models:
+            if m not in vals:
+                cells.append("")
+                continue
+            p = f"{vals[m]['psnr']:.2f}"
+            cells.append(f"{'**' + p + '**' if vals[m]['psnr'] == best else p} / {vals[m]['sam']:.2f}")
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_json(path: str | Path, payload: Any) -> None:
     def default(o: Any) -> Any:
         if isinstance(o, (np.floating, np.integer)):
@@ -625,7 +644,7 @@ def run_evaluation(
     payload = {"rows": rows, "summary": summary, "speed_mpx_per_s": speeds, "figures": figure_paths,
                "seeds": {"tuning": [c.meta["seed"] for c in tuning], "report": [c.meta["seed"] for c in report]}}
     write_json(out / "evaluation.json", payload)
-    (out / "evaluation.md").write_text(_report(summary, speeds, models, real, tuning, report))
+    (out / "evaluation.md").write_text(_report(summary, speeds, models, real, tuning, report, rows))
     log.info("evaluation written to %s (%d cases, %d models)", out, len(all_cases), len(models))
     return payload
 
@@ -700,7 +719,8 @@ def bar_check(summary: Sequence[Mapping[str, Any]], models: Sequence[str], candi
 
 
 def _report(summary: Sequence[Mapping[str, Any]], speeds: Mapping[str, float], models: Sequence[str],
-            real: Sequence[EvalCase], tuning: Sequence[EvalCase], report: Sequence[EvalCase]) -> str:
+            real: Sequence[EvalCase], tuning: Sequence[EvalCase], report: Sequence[EvalCase],
+            rows: Sequence[Mapping[str, Any]] = ()) -> str:
     parts = [
         "# Evaluation of the removal models",
         "",
@@ -740,6 +760,9 @@ def _report(summary: Sequence[Mapping[str, Any]], speeds: Mapping[str, float], m
             to_markdown(summary, "simulated-tuning", models),
             "",
         ]
+    if rows:
+        parts += ["## Every case, cloudy pixels (PSNR dB / SAM deg; best PSNR in bold)", "",
+                  per_case_markdown(rows, models), ""]
     checks = bar_check(summary, models)
     for case in real:
         clear = ~case.cloud_mask
