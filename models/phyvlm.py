@@ -99,7 +99,15 @@ from models._filters import (
     upsample_bilinear,
 )
 from models.base import ModelParams, ModelSpec, RemovalModelBase
-from models.priors import Prior, _fill_target, build_prior, composite_reference, reference_validity, thin_mask
+from models.priors import (
+    Prior,
+    _fill_target,
+    build_prior,
+    composite_reference,
+    fallback_region,
+    reference_validity,
+    thin_mask,
+)
 from models.registry import register
 from pipeline.contract import (
     SOURCE_FUSED,
@@ -217,6 +225,7 @@ def phyvlm_kernel(
     aligned_reference: tuple[np.ndarray, np.ndarray] | None = None,
     omega_t_floor: float = 0.0,
     physics_subsample: int = 1,
+    fallback_region: np.ndarray | None = None,
 ) -> PhyVLMOutputs:
     """PhyVLM-CR eqs. 3-11 on finite arrays.
 
@@ -236,6 +245,9 @@ def phyvlm_kernel(
             alignment entirely.
         omega_t_floor: ``ω = 0`` where the refined ``t`` is below this (0 = eq. 11 unchanged).
         physics_subsample: grid (in pixels) of eqs. 5-7; 1 = full resolution.
+        fallback_region: ``(y, x)`` bool, pixels that may take a cloudy reference as ``I_ref`` where no clear one
+            exists (see :func:`models.priors.composite_reference`); only those with refined ``t`` below
+            ``max(omega_t_floor, t0)`` do (thin cloud is better inverted than replaced by a cloudy date).
     """
     img = np.asarray(image, np.float32)
     jv = np.asarray(prior, np.float32)
@@ -328,10 +340,13 @@ def phyvlm_kernel(
     if omega_t_floor > 0:
         w[t < omega_t_floor] = 0.0
     visible = (t >= t_visible) & (s_raw >= 1.0 - 1e-6)
+    if fallback_region is not None:  # a cloudy reference only where the target is opaque (t below t0)
+        fallback_region = fallback_region & (t < max(omega_t_floor, t0))
     if aligned_reference is not None:
         ref, ref_idx = aligned_reference
     else:
-        ref, ref_idx = composite_reference(img, references, reference_valid, visible, reference_combine, alignment)
+        ref, ref_idx = composite_reference(img, references, reference_valid, visible, reference_combine, alignment,
+                                           fallback_region)
     has_ref = ref_idx >= 0
     if has_ref.any():
         # eq. 10 as J_cog + (1 - ω) (I_ref - J_cog): one fused pass, no boolean gathers
@@ -383,6 +398,10 @@ class PhyVLMParams(ModelParams):
     a_cloud_prob: float = Field(0.6, ge=0, le=1)
     #: deviation: ω = 0 where the refined t is below this (0 = eq. 11 exactly).
     omega_t_floor: float = Field(0.1, ge=0, lt=1)
+    #: where no reference is clear, the target's cloud_prob >= this and the refined t < max(omega_t_floor, t0),
+    #: the best-ranked reference with data is used anyway as I_ref (reference replacement's fallback; not as
+    #: prior, where a cloudy reference would corrupt t). None = clear references only.
+    fallback_prob: float | None = Field(0.5, ge=0, le=1)
     #: speed: eqs. 5-7 on this block-mean grid, t brought back by the Fast Guided Filter (1 = full resolution).
     physics_subsample: int = Field(2, ge=1)
 
@@ -443,6 +462,7 @@ class PhyVLMCR(RemovalModelBase):
             cloud_region=None if a is not None else self.cloud_region(tile),
             alignment=context.get("alignment_visible"),
             omega_t_floor=p.omega_t_floor, physics_subsample=p.physics_subsample,
+            fallback_region=fallback_region(tile, p.fallback_prob),
         )
         return k, jv
 

@@ -86,6 +86,7 @@ def composite_reference(
     fit_region: np.ndarray | None,
     combine: str = "first",
     alignment: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    fallback: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Aligned reference composite.
 
@@ -99,19 +100,47 @@ def composite_reference(
         fit_region: ``(y, x)`` bool, target pixels trusted for the fit (unused for references ``alignment`` covers).
         alignment: precomputed ``(gain, offset)`` per reference (e.g. the scene-level fit of ``fit_scene``); a
             reference beyond its length is fitted on ``fit_region``.
+        fallback: ``(y, x)`` bool; where no reference is valid, these pixels take the best-ranked reference that
+            has finite data (cloudy or not; "best available pixel"), with the same gains. The fits never see them.
     Returns:
         ``image`` ``(band, y, x)`` float32 (NaN where no reference is valid) and ``index`` ``(y, x)`` int16
         (reference index, -1 = none).
     """
     nb, ny, nx = target.shape
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def params(i: int, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if alignment is not None and i < len(alignment):
-            return alignment[i]
-        if fit_region is None:
-            raise ModelError("composite_reference: neither an alignment nor a fit region for reference %d" % i)
-        return fit_linear(target, references[i], thin_mask(fit_region & ok))
+        if i not in cache:
+            if alignment is not None and i < len(alignment):
+                cache[i] = alignment[i]
+            elif fit_region is None:
+                raise ModelError(f"composite_reference: neither an alignment nor a fit region for reference {i}")
+            else:
+                cache[i] = fit_linear(target, references[i], thin_mask(fit_region & ok))
+        return cache[i]
 
+    image, index = _composite(references, reference_valid, combine, params)
+    if fallback is not None and references.shape[0]:
+        todo = fallback & (index < 0)
+        for i in range(references.shape[0]):
+            if not todo.any():
+                break
+            fill = todo & np.isfinite(references[i]).all(axis=0)
+            if fill.any():
+                gain, offset = params(i, reference_valid[i])
+                image[:, fill] = apply_linear(references[i][:, fill][:, :, None], gain, offset)[:, :, 0]
+                index[fill] = i
+                todo &= ~fill
+    return image, index
+
+
+def _composite(
+    references: np.ndarray,
+    reference_valid: np.ndarray,
+    combine: str,
+    params: Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    nt, nb, ny, nx = references.shape
     if combine == "median" and references.shape[0] > 1:
         aligned = np.full(references.shape, np.nan, np.float32)
         index = np.full((ny, nx), -1, np.int16)
@@ -141,6 +170,14 @@ def composite_reference(
     return image, index
 
 
+def fallback_region(tile: TileInputs, fallback_prob: float | None) -> np.ndarray | None:
+    """Thick-cloud target pixels (``cloud_prob >= fallback_prob``, NaN counts as cloud) that may take a cloudy
+    reference when no clear one exists (as reference replacement does); None when ``fallback_prob`` is None."""
+    if fallback_prob is None:
+        return None
+    return np.nan_to_num(np.asarray(tile.cloud_prob, np.float32), nan=1.0) >= fallback_prob
+
+
 def reference_validity(tile: TileInputs) -> np.ndarray:
     """``(time, y, x)`` True where a reference pixel is clear and finite."""
     return ~tile.reference_masks & np.isfinite(tile.references).all(axis=1)
@@ -162,9 +199,12 @@ class ReferencePrior:
     name = "reference"
     halo = 0
 
-    def __init__(self, dcp_params: dict | None = None, combine: str = "first") -> None:
+    def __init__(self, dcp_params: dict | None = None, combine: str = "first",
+                 fallback_prob: float | None = None) -> None:
         self.dcp_params = dict(dcp_params or {})
         self.combine = combine
+        #: see :func:`fallback_region`
+        self.fallback_prob = fallback_prob
 
     def __call__(self, tile: TileInputs) -> PriorResult:
         from models.dcp import dcp_dehaze
@@ -172,7 +212,7 @@ class ReferencePrior:
         target_ok = np.isfinite(tile.target).all(axis=0)
         image, index = composite_reference(
             tile.target, tile.references, reference_validity(tile), ~tile.cloud_mask & target_ok, self.combine,
-            alignment=tile.context.get("alignment"),
+            alignment=tile.context.get("alignment"), fallback=fallback_region(tile, self.fallback_prob),
         )
         composite = (image.copy(), index)
         missing = index < 0
@@ -377,7 +417,7 @@ class DiffusersPrior:
 def build_prior(kind: str, **kw: Any) -> Prior:
     """Factory used by PhyVLM-CR's params: ``reference`` | ``learned`` | ``diffusers``."""
     if kind == "reference":
-        return ReferencePrior(kw.get("dcp_params"), kw.get("combine", "first"))
+        return ReferencePrior(kw.get("dcp_params"), kw.get("combine", "first"), kw.get("fallback_prob"))
     if kind == "learned":
         if not kw.get("model_name"):
             raise ModelError("prior 'learned' needs prior_model: <registered model name> (see `cloudfree models`)")

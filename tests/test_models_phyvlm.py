@@ -237,3 +237,23 @@ def test_diffusers_adapter_pre_and_post_processing_with_fake_pipeline(case):
     assert np.corrcoef(nir.ravel(), case.truth[3].ravel())[0, 1] > 0.8
     model = PhyVLMCR({}, prior=prior)
     assert np.isfinite(model.predict(tile).reflectance).all()
+
+
+def test_cloudy_reference_fallback_only_under_opaque_cloud(case):
+    """No clear reference anywhere: pixels the kernel finds opaque (t < t0) take the masked reference as I_ref;
+    pixels where the target shows through never do."""
+    refs = case.references[1:2]
+    none_clear = np.zeros((1,) + case.target.shape[1:], bool)
+    fb = case.cloud_prob >= 0.5
+    k = phyvlm_kernel(case.target, case.truth, refs, none_clear, visible_idx=[0, 1, 2], omega_t_floor=0.1,
+                      fallback_region=fb)
+    k0 = phyvlm_kernel(case.target, case.truth, refs, none_clear, visible_idx=[0, 1, 2], omega_t_floor=0.1)
+    thick = case.regions["thick"]
+    used = k.reference_index >= 0
+    assert not (k0.reference_index >= 0).any()
+    assert used[thick].mean() > 0.8 and not used[k.t >= 0.1].any() and not used[~fb].any()
+    assert psnr(k.restored, case.truth, thick) > psnr(k0.restored, case.truth, thick) + 3
+    # through the model: where a clear reference covers every pixel the fallback changes nothing
+    tile = case.tile_inputs()
+    off = build_model("phyvlm-cr", {"fallback_prob": None}).predict(tile)
+    np.testing.assert_array_equal(build_model("phyvlm-cr").predict(tile).reflectance, off.reflectance)
