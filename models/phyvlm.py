@@ -52,6 +52,14 @@ docs/evaluation.md for the other seeds and the real pair):
   ``t`` from that grid back to full resolution along the full-resolution ``V``; ``U``, ``t_raw`` and ``s`` are
   upsampled bilinearly. Seed 0: 36.75 vs 36.76 dB at full resolution, ~1.5x faster. 1 = the paper's
   full-resolution computation.
+* ``fallback_prob`` (0.5): where no reference is clear, the target's ``cloud_prob >= 0.5`` and the refined
+  ``t < max(omega_t_floor, t0)``, the best-ranked reference that has data (cloudy or not) is ``I_ref``, with the
+  same gains (reference replacement's "best available pixel"). Not used as prior (a cloudy prior corrupts eq. 5)
+  and not where the target shows through (thin cloud is better inverted). Found on the demo catalog (not the
+  evaluation set): on S2A_T33UUU_20170216_SIMCLOUDY 97 % of PhyVLM-CR's squared error came from the 1.7 % of
+  cloudy pixels no clear reference covered, where ``J = J_cog`` of a dark-channel prior of thick cloud (8 dB);
+  cloudy-pixel PSNR 22.5 -> 25.9 dB with the fallback (reference replacement 25.4), SIMTHIN 28.5 -> 29.3 dB.
+  Applying it wherever ``cloud_prob >= 0.5`` instead (as reference replacement does) cost SIMTHIN 4.7 dB.
 * ``shadow_term`` (extension): where eq. 5 exceeds 1 in masked pixels the observation is darker than the prior,
   which no veil can do; there ``I = s t J + A (1 - t)`` with ``t = 1`` and a multiplicative shadow factor ``s``
   fitted the same way and refined with the same weighted filter.
