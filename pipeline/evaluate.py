@@ -810,6 +810,11 @@ NOTES = """## Reading the tables (written by hand)
   leaks into the reference fill under thick cloud (see models/phyvlm.py for the ablation numbers).
 - The thin-cloud gain comes from the physical inversion (eq. 8) + cognitive adjustment (eq. 9), which
   reference replacement cannot do: it swaps in another date wherever the mask fires.
+- Every simulated case has one reference clear everywhere, so PhyVLM-CR's cloudy-reference fallback (for pixels
+  no clear reference covers) is not exercised here; the demo catalog (`cloudfree run`, truth asset) is where it
+  matters (see models/phyvlm.py).
+- Tables are whole-case predictions; `--tile-size` predicts by tiles with the model's halo. PhyVLM-CR's A and
+  reference gains come from the scene context, its lambdas stay per tile.
 """
 
 
