@@ -22,7 +22,6 @@ import json
 import logging
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
