@@ -10,6 +10,9 @@
   With ``subsample=s > 1`` it is He & Sun's *Fast Guided Filter* (arXiv:1505.00996, 2015): the coefficients are
   fitted on ``s x s`` block means with radius ``r / s`` and bilinearly upsampled before ``q = A I + B`` on the
   full-resolution guide, so edges still follow the full-resolution guide at ``1/s^2`` of the box-filter cost.
+  :func:`guided_filter_coarse` is the same filter for a caller whose source is already on the coarse grid.
+* :func:`block_mean` (``s x s`` block means by strided slice sums) and :func:`upsample_bilinear` (separable
+  two-tap gathers, half-pixel centres, edges clamped): the Fast Guided Filter's down/up-sampling.
 * :func:`laplacian_magnitude`: ``|∇² x|`` with the 5-point stencil (radius 1).
 * :func:`gradient_magnitude`: central differences (radius 1).
 """
@@ -55,16 +58,33 @@ def guided_filter(
         g = block_mean(g_full, s)
         p = block_mean(np.asarray(src, np.float32), s)
         weights = None if weights is None else block_mean(np.asarray(weights, np.float32), s)
-        r = max(1, int(round(r / s)))
-    else:
-        s, g, p = 1, g_full, np.asarray(src, np.float32)
-    if weights is None:
+        return guided_filter_coarse(g_full, g, p, max(1, int(round(r / s))), eps, weights)
+    return guided_filter_coarse(g_full, g_full, np.asarray(src, np.float32), r, eps, weights)
+
+
+def guided_filter_coarse(
+    guide: np.ndarray,
+    guide_low: np.ndarray,
+    src_low: np.ndarray,
+    r_low: int,
+    eps: float,
+    weights_low: np.ndarray | None = None,
+) -> np.ndarray:
+    """The (weighted) guided filter's coefficients fitted on a coarse grid (``guide_low``, ``src_low``,
+    ``weights_low``: block means of the full-resolution images, radius ``r_low`` in coarse pixels), box-averaged,
+    bilinearly upsampled to ``guide``'s shape and applied as ``q = A guide + B`` (Fast Guided Filter); with
+    ``guide_low is guide`` it is the plain filter. Lets a caller that already works on the coarse grid (e.g. a
+    transmission estimated there) skip the block means."""
+    g = np.asarray(guide_low, np.float32)
+    p = np.asarray(src_low, np.float32)
+    r = r_low
+    if weights_low is None:
         m_g = box_mean(g, r)
         var_g = box_mean(g * g, r) - m_g * m_g
         m_p = box_mean(p, r)
         cov = box_mean(g * p, r) - m_g * m_p
     else:
-        w = np.asarray(weights, np.float32)
+        w = np.asarray(weights_low, np.float32)
         wsum = box_mean(w, r) + np.float32(1e-12)
         m_g = box_mean(w * g, r) / wsum
         var_g = box_mean(w * g * g, r) / wsum - m_g * m_g
@@ -73,52 +93,71 @@ def guided_filter(
         cov = box_mean(wp * g, r) / wsum - m_g * m_p
     a = cov / (np.maximum(var_g, 0) + np.float32(eps))
     b = m_p - a * m_g
-    a, b = box_mean(a, r), box_mean(b, r)
-    if s > 1:
-        a, b = upsample_bilinear(a, g_full.shape), upsample_bilinear(b, g_full.shape)
-    return (a * g_full + b).astype(np.float32, copy=False)
+    ab = box_mean(np.stack([a, b]), r)  # one filter call (and one upsampling) for both coefficient maps
+    g_full = np.asarray(guide, np.float32)
+    if ab.shape[-2:] != g_full.shape:
+        ab = upsample_bilinear(ab, g_full.shape)
+    q = ab[0]
+    q *= g_full
+    q += ab[1]
+    return q.astype(np.float32, copy=False)
 
 
 def block_mean(x: np.ndarray, s: int) -> np.ndarray:
-    """Mean over ``s x s`` blocks of the last two axes (edge blocks may be partial), float32."""
+    """Mean over ``s x s`` blocks of the last two axes (edge blocks padded by edge values), float32.
+
+    Summed as ``s`` strided slices along x then along y (numpy's multi-axis ``mean`` over a reshaped view is
+    ~10x slower on these strided layouts)."""
     x = np.asarray(x, np.float32)
     ny, nx = x.shape[-2:]
     py, px = (-ny) % s, (-nx) % s
     if py or px:
         x = np.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, py), (0, px)], mode="edge")
-    sh = x.shape[:-2] + (x.shape[-2] // s, s, x.shape[-1] // s, s)
-    return x.reshape(sh).mean(axis=(-3, -1), dtype=np.float32)
+        ny, nx = x.shape[-2:]
+    lead = x.shape[:-2]
+    r = x.reshape(lead + (ny, nx // s, s))
+    acc = r[..., 0].copy()
+    for j in range(1, s):
+        acc += r[..., j]
+    r2 = acc.reshape(lead + (ny // s, s, nx // s))
+    out = r2[..., 0, :].copy()
+    for j in range(1, s):
+        out += r2[..., j, :]
+    out *= np.float32(1.0 / (s * s))
+    return out
 
 
-def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """``(n_out, n_in)`` bilinear weights from ``n_in`` block centres to ``n_out = s * n_in`` pixel centres."""
+def _taps(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear taps from ``n_in`` block centres to ``n_out = s * n_in`` pixel centres: indices ``i0``, ``i1`` and
+    the weight ``f`` of ``i1`` (edges clamped)."""
     c = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
     c = np.clip(c, 0, n_in - 1)
     i0 = np.floor(c).astype(np.intp)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    f = (c - i0).astype(np.float32)
-    m = np.zeros((n_out, n_in), np.float32)
-    rows = np.arange(n_out)
-    np.add.at(m, (rows, i0), 1 - f)
-    np.add.at(m, (rows, i1), f)
-    return m
+    return i0, i1, (c - i0).astype(np.float32)
 
 
 def upsample_bilinear(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling of block means ``x`` (last two axes) to ``shape``, by two small matrix products."""
+    """Bilinear upsampling of block means ``x`` (last two axes) to ``shape``: separable two-tap interpolation by
+    gathers along x then y (O(1) per output pixel whatever the factor, and no BLAS threads, which a dense
+    interpolation-matrix product needs and which contend with other processes on a small machine)."""
     ny, nx = shape
     by, bx = x.shape[-2:]
     s_y, s_x = -(-ny // by), -(-nx // bx)
-    my = _interp_matrix(by * s_y, by)[:ny]
-    mx = _interp_matrix(bx * s_x, bx)[:nx]
-    lead = x.shape[:-2]
-    x = np.ascontiguousarray(x, np.float32).reshape(-1, by, bx)
-    nb = x.shape[0]
-    # two large GEMMs instead of a batched matmul: along x for all rows of all bands, then along y
-    tmp = (x.reshape(nb * by, bx) @ mx.T).reshape(nb, by, nx)
-    tmp = np.ascontiguousarray(tmp.transpose(1, 0, 2)).reshape(by, nb * nx)
-    out = (my @ tmp).reshape(ny, nb, nx).transpose(1, 0, 2)
-    return np.ascontiguousarray(out).reshape(lead + (ny, nx))
+    y0, y1, fy = (v[:ny] for v in _taps(by * s_y, by))
+    x0, x1, fx = (v[:nx] for v in _taps(bx * s_x, bx))
+    x = np.asarray(x, np.float32)
+    lo = x[..., x0]
+    hi = x[..., x1]
+    hi -= lo
+    hi *= fx
+    lo += hi  # (..., by, nx)
+    top = lo[..., y0, :]
+    bottom = lo[..., y1, :]
+    bottom -= top
+    bottom *= fy[:, None]
+    top += bottom
+    return top
 
 
 def laplacian_magnitude(x: np.ndarray) -> np.ndarray:

@@ -6,7 +6,9 @@ Here the prior is anything implementing :class:`Prior` (``name``, ``halo``, ``__
 * :class:`ReferencePrior` (``"reference"``, the default): the temporal reference(s), radiometrically aligned to
   the target by :func:`models._align.fit_linear` on pixels clear in both; pixels no clear reference covers fall
   back to a dark-channel dehaze of the target (:func:`models.dcp.dcp_dehaze`), and a tile without any reference
-  is entirely the dark-channel fallback (logged).
+  is entirely the dark-channel fallback (logged). With a scene context (``tile.context["alignment"]``, from
+  PhyVLM-CR's ``fit_scene``) the scene-level gains are used instead of a per-tile fit, so tiles do not jump at
+  seams.
 * :class:`LearnedPrior` (``"learned"``): any model registered in this project, by name; its ``predict`` output is
   the prior. (No learned model exists yet; the hook is generic and tested with registered baselines.)
 * :class:`DiffusersPrior` (``"diffusers"``): a local image-editing pipeline through the optional ``diffusers``
@@ -23,7 +25,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -51,6 +53,8 @@ class PriorResult:
     image: np.ndarray
     valid: np.ndarray
     description: str
+    #: the aligned reference composite ``(image, index)`` when the prior computed one (reused as ``I_ref``).
+    reference: tuple[np.ndarray, np.ndarray] | None = None
 
 
 @runtime_checkable
@@ -79,8 +83,10 @@ def composite_reference(
     target: np.ndarray,
     references: np.ndarray,
     reference_valid: np.ndarray,
-    fit_region: np.ndarray,
+    fit_region: np.ndarray | None,
     combine: str = "first",
+    alignment: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    fallback: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Aligned reference composite.
 
@@ -91,12 +97,50 @@ def composite_reference(
 
     Args:
         target: ``(band, y, x)``; references: ``(time, band, y, x)``; reference_valid: ``(time, y, x)`` bool;
-        fit_region: ``(y, x)`` bool, target pixels trusted for the fit.
+        fit_region: ``(y, x)`` bool, target pixels trusted for the fit (unused for references ``alignment`` covers).
+        alignment: precomputed ``(gain, offset)`` per reference (e.g. the scene-level fit of ``fit_scene``); a
+            reference beyond its length is fitted on ``fit_region``.
+        fallback: ``(y, x)`` bool; where no reference is valid, these pixels take the best-ranked reference that
+            has finite data (cloudy or not; "best available pixel"), with the same gains. The fits never see them.
     Returns:
         ``image`` ``(band, y, x)`` float32 (NaN where no reference is valid) and ``index`` ``(y, x)`` int16
         (reference index, -1 = none).
     """
     nb, ny, nx = target.shape
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def params(i: int, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if i not in cache:
+            if alignment is not None and i < len(alignment):
+                cache[i] = alignment[i]
+            elif fit_region is None:
+                raise ModelError(f"composite_reference: neither an alignment nor a fit region for reference {i}")
+            else:
+                cache[i] = fit_linear(target, references[i], thin_mask(fit_region & ok))
+        return cache[i]
+
+    image, index = _composite(references, reference_valid, combine, params)
+    if fallback is not None and references.shape[0]:
+        todo = fallback & (index < 0)
+        for i in range(references.shape[0]):
+            if not todo.any():
+                break
+            fill = todo & np.isfinite(references[i]).all(axis=0)
+            if fill.any():
+                gain, offset = params(i, reference_valid[i])
+                image[:, fill] = apply_linear(references[i][:, fill][:, :, None], gain, offset)[:, :, 0]
+                index[fill] = i
+                todo &= ~fill
+    return image, index
+
+
+def _composite(
+    references: np.ndarray,
+    reference_valid: np.ndarray,
+    combine: str,
+    params: Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    nt, nb, ny, nx = references.shape
     if combine == "median" and references.shape[0] > 1:
         aligned = np.full(references.shape, np.nan, np.float32)
         index = np.full((ny, nx), -1, np.int16)
@@ -104,7 +148,7 @@ def composite_reference(
             ok = reference_valid[i]
             if not ok.any():
                 continue
-            gain, offset = fit_linear(target, references[i], thin_mask(fit_region & ok))
+            gain, offset = params(i, ok)
             aligned[i] = np.where(ok[None], apply_linear(references[i], gain, offset), np.nan)
             index[(index < 0) & ok] = i
         return nanmedian_axis0(aligned), index
@@ -120,10 +164,18 @@ def composite_reference(
         fill = todo & ok
         if not fill.any():
             continue
-        gain, offset = fit_linear(target, references[i], thin_mask(fit_region & ok))
+        gain, offset = params(i, ok)
         image[:, fill] = apply_linear(references[i][:, fill][:, :, None], gain, offset)[:, :, 0]
         index[fill] = i
     return image, index
+
+
+def fallback_region(tile: TileInputs, fallback_prob: float | None) -> np.ndarray | None:
+    """Thick-cloud target pixels (``cloud_prob >= fallback_prob``, NaN counts as cloud) that may take a cloudy
+    reference when no clear one exists (as reference replacement does); None when ``fallback_prob`` is None."""
+    if fallback_prob is None:
+        return None
+    return np.nan_to_num(np.asarray(tile.cloud_prob, np.float32), nan=1.0) >= fallback_prob
 
 
 def reference_validity(tile: TileInputs) -> np.ndarray:
@@ -147,17 +199,22 @@ class ReferencePrior:
     name = "reference"
     halo = 0
 
-    def __init__(self, dcp_params: dict | None = None, combine: str = "first") -> None:
+    def __init__(self, dcp_params: dict | None = None, combine: str = "first",
+                 fallback_prob: float | None = None) -> None:
         self.dcp_params = dict(dcp_params or {})
         self.combine = combine
+        #: see :func:`fallback_region`
+        self.fallback_prob = fallback_prob
 
     def __call__(self, tile: TileInputs) -> PriorResult:
         from models.dcp import dcp_dehaze
 
         target_ok = np.isfinite(tile.target).all(axis=0)
         image, index = composite_reference(
-            tile.target, tile.references, reference_validity(tile), ~tile.cloud_mask & target_ok, self.combine
+            tile.target, tile.references, reference_validity(tile), ~tile.cloud_mask & target_ok, self.combine,
+            alignment=tile.context.get("alignment"), fallback=fallback_region(tile, self.fallback_prob),
         )
+        composite = (image.copy(), index)
         missing = index < 0
         desc = "aligned temporal reference"
         if missing.any():
@@ -171,7 +228,7 @@ class ReferencePrior:
                 log.info("tile %s: %.1f%% of pixels without a clear reference use the dark-channel prior",
                          tile.target_id, 100 * frac)
                 desc = f"aligned temporal reference, dark-channel dehaze on {100 * frac:.1f}% of pixels"
-        return PriorResult(image, np.isfinite(image).all(axis=0), desc)
+        return PriorResult(image, np.isfinite(image).all(axis=0), desc, composite)
 
 
 class LearnedPrior:
@@ -360,7 +417,7 @@ class DiffusersPrior:
 def build_prior(kind: str, **kw: Any) -> Prior:
     """Factory used by PhyVLM-CR's params: ``reference`` | ``learned`` | ``diffusers``."""
     if kind == "reference":
-        return ReferencePrior(kw.get("dcp_params"), kw.get("combine", "first"))
+        return ReferencePrior(kw.get("dcp_params"), kw.get("combine", "first"), kw.get("fallback_prob"))
     if kind == "learned":
         if not kw.get("model_name"):
             raise ModelError("prior 'learned' needs prior_model: <registered model name> (see `cloudfree models`)")

@@ -215,5 +215,47 @@ def demo_catalog(out, source, cache) -> None:
     click.echo(f"demo catalog: {path}")
 
 
+@main.command()
+@click.option("--models", "model_list", default=None,
+              help="Comma-separated model names (default: every registered model).")
+@click.option("--cases", default="slovakia,simulated", show_default=True,
+              help="Comma-separated cases: slovakia (real pair), simulated (simulated clouds on real pixels).")
+@click.option("--out", "out", default="docs", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for evaluation.md, evaluation.json and figures/.")
+@click.option("--seeds", default="0-9", show_default=True,
+              help="Simulated-case seeds, e.g. 0-9 or 0,3,5 (seed 0 = the tuning case, reported apart).")
+@click.option("--data-dir", type=click.Path(file_okay=False, exists=True),
+              help="Shared sample data folder (default: ../shared/data next to the repository).")
+@click.option("--tile-size", type=int, default=None, help="Predict by tiles of this size (default: whole case).")
+@click.option("--speed/--no-speed", default=True, show_default=True, help="Also time each model (512x512 tile).")
+@click.option("--figures/--no-figures", default=True, show_default=True, help="Write the image grids.")
+def evaluate(model_list, cases, out, seeds, data_dir, tile_size, speed, figures) -> None:
+    """Score removal models (PSNR, SSIM, SAM, MAE on cloudy/thin/thick pixels) on the real Slovakia pair and the
+    simulated set; writes a Markdown + JSON table and figures.
+
+    \b
+    Example:
+      cloudfree evaluate --models reference-replace,phyvlm-cr --cases simulated --seeds 0-3 --out eval/
+    """
+    from models.registry import available_models
+    from pipeline.errors import CloudfreeError
+    from pipeline.evaluate import DEFAULT_DATA_DIR, run_evaluation, parse_seeds
+
+    try:
+        names = [m.strip() for m in model_list.split(",") if m.strip()] if model_list else list(available_models())
+        payload = run_evaluation(
+            out, data_dir=data_dir or DEFAULT_DATA_DIR, models=names,
+            cases=[c.strip() for c in cases.split(",") if c.strip()], seeds=parse_seeds(seeds),
+            tile_size=tile_size, speed=speed, figures=figures,
+        )
+    except CloudfreeError as exc:
+        _fail(exc)
+    groups = sorted({r["group"] for r in payload["summary"]})
+    click.echo(f"evaluation: {Path(out) / 'evaluation.md'} ({len(names)} models, groups: {', '.join(groups)})")
+    for r in payload["summary"]:
+        if r["region"] == "cloudy":
+            click.echo(f"  {r['group']:17s} {r['model']:20s} cloudy PSNR {r['psnr']:6.2f} dB  SAM {r['sam']:5.2f} deg")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -105,3 +105,19 @@ def test_slovakia_case_builder_and_real_data():
 
         real = slovakia_case(DATA)
         assert real.target.shape == (12, 256, 256) and 0.4 < real.cloud_mask.mean() < 0.6
+
+
+@pytest.mark.skipif(not (DATA / "s2-l2a-tile-29RKH-100m").is_dir(), reason="shared sample data not found")
+def test_bench_models_reports_models_and_io(tmp_path):
+    from pipeline.bench_models import bench_models, main, read_window
+
+    res = bench_models(["none", "phyvlm-cr"], DATA, size=128, repeats=1)
+    assert set(res["models"]) == {"none", "phyvlm-cr"}
+    assert all(m["mpx_per_s"] > 0 for m in res["models"].values())
+    assert res["models"]["phyvlm-cr"]["fit_scene_seconds"] is not None  # scene context fitted, timed apart
+    assert res["models"]["none"]["fit_scene_seconds"] is None
+    assert res["io_target_mpx_per_s"] > res["io_model_inputs_mpx_per_s"] > 0
+    w = read_window(DATA, 128)
+    assert w.shape == (6, 128, 128) and w.dtype == np.float32 and 0 < np.nanmedian(w) < 1
+    assert main(["--out", str(tmp_path), "--models", "none", "--size", "64", "--repeats", "1"]) == 0
+    assert "io_target_mpx_per_s" in json.loads((tmp_path / "bench_models.json").read_text())

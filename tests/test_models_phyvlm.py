@@ -77,10 +77,61 @@ def test_nanmedian_axis0_matches_numpy():
 
 def test_atmospheric_light_from_bright_flat_cloud(case):
     v, s = brightness_saturation(case.target, [0, 1, 2])
-    a, p = atmospheric_light(case.target, v, s)
+    a, p, omega = atmospheric_light(case.target, v, s)
     # simulated cloud albedo is 0.83-0.84; A must sit near it, far above the surface
     assert np.all(np.abs(a - np.array([0.83, 0.83, 0.84, 0.84])) < 0.08)
-    assert p.shape == v.shape and 0 <= p.min() and p.max() <= 1
+    assert p.shape == v.shape and 0 <= p.min() and p.max() <= 1 and omega.shape == v.shape
+
+
+def test_atmospheric_light_restricted_to_thick_cloud_region():
+    """A bright cloud-free surface (snow-like) fools eq. 4 on the whole image; the cloud region does not."""
+    rng = np.random.default_rng(0)
+    img = np.full((3, 64, 64), 0.05, np.float32) + rng.normal(0, 0.002, (3, 64, 64)).astype(np.float32)
+    img[:, :, :20] = 0.9  # bright flat surface, clear
+    img[:, 40:, 30:] = np.array([0.3, 0.31, 0.32], np.float32)[:, None, None]  # the (dim) thick cloud
+    cloud = np.zeros((64, 64), bool)
+    cloud[40:, 30:] = True
+    v, s = brightness_saturation(img, [0, 1, 2])
+    a_all, _, _ = atmospheric_light(img, v, s)
+    a_cloud, _, omega = atmospheric_light(img, v, s, cloud_region=cloud)
+    assert a_all.min() > 0.8
+    np.testing.assert_allclose(a_cloud, [0.3, 0.31, 0.32], atol=0.01)
+    assert omega.any() and not omega[~cloud].any()
+    # too small a region falls back to the whole image
+    tiny = np.zeros_like(cloud)
+    tiny[50, 50] = True
+    np.testing.assert_allclose(atmospheric_light(img, v, s, cloud_region=tiny)[0], a_all)
+
+
+def test_omega_floor_zeroes_weight_where_t_is_clamped(case):
+    no_ref = np.zeros((0,) + case.target.shape, np.float32)
+    k = phyvlm_kernel(case.target, case.truth, no_ref, np.zeros((0,) + case.target.shape[1:], bool),
+                      visible_idx=[0, 1, 2], omega_t_floor=0.1)
+    low = k.t < 0.1
+    assert low.any() and np.all(k.omega[low] == 0)
+    np.testing.assert_allclose(k.omega[~low], np.exp(-4.0 * (1 - k.t[~low])), rtol=1e-5)
+
+
+def test_scene_context_gives_same_statistics_to_every_tile(case):
+    """fit_scene's A and alignments are used by every tile: no per-tile jumps, and whole-image predict with the
+    context equals predict without it when the tile is the scene."""
+    from dataclasses import replace
+
+    from pipeline.evaluate import predict_tiled
+
+    model = build_model("phyvlm-cr")
+    assert model.spec.scene_context
+    tile = case.tile_inputs()
+    ctx = model.fit_scene(tile)
+    assert set(ctx) == {"A", "alignment", "alignment_visible"}
+    assert ctx["A"].shape == (4,) and len(ctx["alignment"]) == tile.references.shape[0]
+    whole = model.predict(tile)
+    with_ctx = model.predict(replace(tile, context=ctx))
+    np.testing.assert_allclose(with_ctx.reflectance, whole.reflectance, atol=1e-5, equal_nan=True)
+    tiled = predict_tiled(model, replace(tile, context=ctx), tile_size=64)
+    a = tiled.diagnostics["A"]
+    np.testing.assert_allclose(a[:, :64, :64], a[:, 64:, 64:])  # the same A on every tile
+    np.testing.assert_allclose(a[:, 0, 0], ctx["A"])
 
 
 def test_kernel_recovers_known_transmission_with_ideal_prior(case):
@@ -186,3 +237,23 @@ def test_diffusers_adapter_pre_and_post_processing_with_fake_pipeline(case):
     assert np.corrcoef(nir.ravel(), case.truth[3].ravel())[0, 1] > 0.8
     model = PhyVLMCR({}, prior=prior)
     assert np.isfinite(model.predict(tile).reflectance).all()
+
+
+def test_cloudy_reference_fallback_only_under_opaque_cloud(case):
+    """No clear reference anywhere: pixels the kernel finds opaque (t < t0) take the masked reference as I_ref;
+    pixels where the target shows through never do."""
+    refs = case.references[1:2]
+    none_clear = np.zeros((1,) + case.target.shape[1:], bool)
+    fb = case.cloud_prob >= 0.5
+    k = phyvlm_kernel(case.target, case.truth, refs, none_clear, visible_idx=[0, 1, 2], omega_t_floor=0.1,
+                      fallback_region=fb)
+    k0 = phyvlm_kernel(case.target, case.truth, refs, none_clear, visible_idx=[0, 1, 2], omega_t_floor=0.1)
+    thick = case.regions["thick"]
+    used = k.reference_index >= 0
+    assert not (k0.reference_index >= 0).any()
+    assert used[thick].mean() > 0.8 and not used[k.t >= 0.1].any() and not used[~fb].any()
+    assert psnr(k.restored, case.truth, thick) > psnr(k0.restored, case.truth, thick) + 3
+    # through the model: where a clear reference covers every pixel the fallback changes nothing
+    tile = case.tile_inputs()
+    off = build_model("phyvlm-cr", {"fallback_prob": None}).predict(tile)
+    np.testing.assert_array_equal(build_model("phyvlm-cr").predict(tile).reflectance, off.reflectance)

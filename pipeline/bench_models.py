@@ -1,0 +1,130 @@
+"""Speed of the removal models next to the cost of reading their input (``python -m pipeline.bench_models``).
+
+For every registered model (or ``--models``): megapixels per second of ``predict`` on one 512x512 tile of 6 bands
+(B02, B03, B04, B08, B11, B12; real 29RKH pixels, simulated clouds, two simulated references; see
+:func:`pipeline.evaluate.benchmark_tile`), best of ``--repeats``. ``fit_scene`` (once per scene, on a coarse
+sample) is timed apart.
+
+I/O reference: reading the same amount of data (a 512x512 window of the same 6 bands) from the Cloud-Optimized
+GeoTIFFs of ``s2-l2a-tile-29RKH-100m`` with rasterio and converting it to float32 reflectance, best of
+``--repeats`` (files opened each time; the OS page cache is warm after the first run, so this is decode cost, not
+disk). ``io_target_mpx_per_s`` reads the target only; a model reads the target and its references, so
+``io_model_inputs_mpx_per_s`` divides by ``1 + n_references`` (2 in the benchmark tile). The 20 m bands are read
+through ``out_shape`` (nearest upsampling by GDAL), as the load stage does.
+
+Writes ``<out>/bench_models.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline.errors import InputDataError
+from pipeline.evaluate import BENCH_BANDS, DEFAULT_DATA_DIR, benchmark_tile, with_scene_context
+
+log = logging.getLogger(__name__)
+
+#: the benchmark tile's window in the 29RKH 100 m grid (rows/cols 200:712, as benchmark_tile).
+WINDOW_OFFSET = 200
+
+
+def read_window(data_dir: str | Path, size: int = 512, bands: Sequence[str] = BENCH_BANDS) -> np.ndarray:
+    """``(band, size, size)`` float32 reflectance read from the 29RKH COGs (the I/O-only measurement)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    d = Path(data_dir)
+    if (d / "s2-l2a-tile-29RKH-100m").is_dir():
+        d = d / "s2-l2a-tile-29RKH-100m"
+    out = np.empty((len(bands), size, size), np.float32)
+    for i, b in enumerate(bands):
+        path = d / f"{b}.tif"
+        if not path.exists():
+            raise InputDataError(f"I/O benchmark: {path} not found; pass the folder holding s2-l2a-tile-29RKH-100m")
+        with rasterio.open(path) as ds:
+            k = max(1, round(1098 / ds.width))  # 1 for the 100 m files, 2 for the 200 m ones
+            win = Window(WINDOW_OFFSET // k, WINDOW_OFFSET // k, size // k, size // k)
+            out[i] = ds.read(1, window=win, out_shape=(size, size)).astype(np.float32) * np.float32(1e-4)
+    return out
+
+
+def best_of(fn: Any, repeats: int) -> float:
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return min(ts)
+
+
+def bench_models(model_names: Sequence[str] | None = None, data_dir: str | Path = DEFAULT_DATA_DIR,
+                 size: int = 512, repeats: int = 3) -> dict[str, Any]:
+    """Mpx/s per model (predict, and fit_scene apart) and of reading the same data; see the module docstring."""
+    from models.registry import available_models, build_model
+
+    names = list(model_names) if model_names else list(available_models())
+    tile = benchmark_tile(data_dir, size)
+    npx = size * size
+    models: dict[str, Any] = {}
+    for name in names:
+        model = build_model(name, {})
+        t0 = time.perf_counter()
+        ctx_tile = with_scene_context(model, tile)
+        fit_s = time.perf_counter() - t0 if model.spec.scene_context else None
+        model.predict(ctx_tile)  # warm-up
+        secs = best_of(lambda: model.predict(ctx_tile), repeats)
+        models[name] = {"mpx_per_s": npx / secs / 1e6, "seconds": secs, "fit_scene_seconds": fit_s}
+        log.info("%-20s %.2f Mpx/s", name, npx / secs / 1e6)
+    read_window(data_dir, size)  # warm the page cache
+    io_s = best_of(lambda: read_window(data_dir, size), repeats)
+    n_refs = int(tile.references.shape[0])
+    result = {
+        "tile": {"size": size, "bands": list(BENCH_BANDS), "references": n_refs, "repeats": repeats},
+        "machine": {"processor": platform.processor() or platform.machine(), "python": platform.python_version(),
+                    "cpus": _cpus()},
+        "models": models,
+        "io_target_mpx_per_s": npx / io_s / 1e6,
+        "io_model_inputs_mpx_per_s": npx / io_s / 1e6 / (1 + n_refs),
+        "io_seconds_per_image": io_s,
+    }
+    log.info("I/O (target only) %.2f Mpx/s; target + %d references %.2f Mpx/s", result["io_target_mpx_per_s"],
+             n_refs, result["io_model_inputs_mpx_per_s"])
+    return result
+
+
+def _cpus() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Mpx/s per removal model next to COG reading; writes bench_models.json")
+    ap.add_argument("--out", default="bench", help="output folder")
+    ap.add_argument("--models", default="", help="comma list (default: every registered model)")
+    ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    res = bench_models([m for m in args.models.split(",") if m] or None, args.data_dir, args.size, args.repeats)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_models.json").write_text(json.dumps(res, indent=1))
+    log.info("wrote %s", out / "bench_models.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
