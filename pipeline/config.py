@@ -144,6 +144,9 @@ class TileConfig(_Section):
     size: int = Field(512, ge=16)
     #: halo in pixels; None = the model's declared receptive field.
     halo: int | None = Field(None, ge=0)
+    #: how overlapping tile predictions are merged (stages/mosaic.py): feathered or Hann-window blend over the
+    #: halo, or "none" (halo discarded: each pixel from the tile whose core holds it). No effect when halo is 0.
+    blend: Literal["feather", "hann", "none"] = "feather"
 
 
 class ModelConfig(_Section):
@@ -157,6 +160,14 @@ class OutputConfig(_Section):
     blocksize: int = 512
     quicklook: bool = True
     overwrite: bool = False
+    #: pixels whose confidence is below this floor (0-1) get the ``low_confidence`` treatment; 0 = off.
+    confidence_floor: float = Field(0.0, ge=0, le=1)
+    #: best-available: the first clear reference pixel (else the target's own); nodata; keep: the model's value.
+    low_confidence: Literal["best-available", "nodata", "keep"] = "best-available"
+    #: id of the STAC Collection the outputs are published in (<dir>/collection.json, <dir>/catalog.json).
+    collection: str = "cloudfree-outputs"
+    #: write a Markdown/HTML run report with PNGs under <dir>/reports/<run id>/.
+    report: bool = True
 
 
 class RunConfig(_Section):

@@ -153,7 +153,8 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     halo = cfg.tile.halo if cfg.tile.halo is not None else model.spec.halo
     tiles = plan_tiles(geobox.shape, cfg.tile.size, halo)
     context = scene_context(model, items, bands, geobox, cfg, plan) if model.spec.scene_context else {}
-    ds = remove_clouds(inputs, model, tiles, halo, context)
+    tile_timings: list = []
+    ds = remove_clouds(inputs, model, tiles, halo, context, blend=cfg.tile.blend, timings=tile_timings)
     stem = output_stem(target.id, model.name)
     k = max(1, int(np.ceil(max(geobox.shape) / QUICKLOOK_MAX)))
     rgb = [b for b in RGB if b in bands]
