@@ -159,3 +159,35 @@ def seam_ratio(image: np.ndarray, tile_size: int, offset: tuple[int, int] = (0, 
     if not ratios:
         raise ConfigError(f"image of shape {a.shape[1:]} holds no tile border for tile size {tile_size}")
     return float(np.mean(ratios))
+
+
+def confidence_fallback(ds, inputs, floor: float, mode: str):
+    """Where ``confidence < floor``: ``best-available`` writes the first clear reference pixel (best ranked
+    first; the model's value stays where no reference is clear), ``nodata`` writes NaN (source ``nodata``),
+    ``keep`` changes nothing. Lazy; confidence itself is left as the model reported it.
+    """
+    import dask.array as dsa
+    import xarray as xr
+
+    from pipeline.contract import SOURCE_NODATA, SOURCE_REFERENCE_BASE
+
+    if mode not in ("best-available", "nodata", "keep"):
+        raise ConfigError(f"output.low_confidence {mode!r} is unknown; use best-available, nodata or keep")
+    if mode == "keep" or floor <= 0:
+        return ds
+    refl, conf, src = ds.reflectance.data, ds.confidence.data, ds.source.data
+    low = conf < floor
+    if mode == "nodata":
+        refl = dsa.where(low[None], np.float32(np.nan), refl)
+        src = dsa.where(low, np.float32(SOURCE_NODATA), src)
+    elif inputs.references is not None:
+        refs, rmask = inputs.references.data, inputs.reference_masks.data
+        for i in reversed(range(refs.shape[0])):  # reversed: the best-ranked reference is applied last, wins
+            ok = low & ~rmask[i] & dsa.isfinite(refs[i]).all(axis=0)
+            refl = dsa.where(ok[None], refs[i].astype(np.float32), refl)
+            src = dsa.where(ok, np.float32(SOURCE_REFERENCE_BASE + i), src)
+    out = ds.copy()
+    out["reflectance"] = (ds.reflectance.dims, refl)
+    out["source"] = (ds.source.dims, src)
+    log.info("low-confidence fallback: confidence < %.2f -> %s", floor, mode)
+    return out
