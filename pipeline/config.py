@@ -170,6 +170,18 @@ class OutputConfig(_Section):
     report: bool = True
 
 
+class CompositeConfig(_Section):
+    """Regional composites (pipeline/composite.py): one cloud-free image per MGRS tile and period."""
+
+    #: median: per-pixel median of the clear observations; best-pixel: the clear observation with the lowest cloud
+    #: probability; model: target-date reconstruction of the period's latest acquisition with the configured model.
+    method: Literal["median", "best-pixel", "model"] = "median"
+    #: acquisitions with a larger eo:cloud_cover are not used.
+    max_cloud_cover: float = Field(100.0, ge=0, le=100)
+    #: at most this many acquisitions per tile (least cloudy first): bounds memory and reads.
+    max_items: int = Field(12, ge=1)
+
+
 class RunConfig(_Section):
     scheduler: Literal["threads", "synchronous", "processes", "distributed"] = "threads"
     workers: int | None = None
@@ -186,6 +198,7 @@ class Config(_Section):
     tile: TileConfig = Field(default_factory=TileConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    composite: CompositeConfig = Field(default_factory=CompositeConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")
