@@ -58,7 +58,9 @@ def composite_kernel(stack: np.ndarray, cloudy: np.ndarray, prob: np.ndarray, me
     """``stack (t, band, y, x)``, ``cloudy (t, y, x)`` bool, ``prob (t, y, x)`` -> ``(band + 2, y, x)``:
     reflectance, confidence, source (``10 + t`` for observation t; ``SOURCE_FUSED`` for a median of several)."""
     nt, nb = stack.shape[:2]
-    finite = np.isfinite(stack).all(axis=1)
+    # odc-stac fills pixels outside an item's footprint with 0 (not NaN) when loading float32 from uint16 with
+    # nodata 0 (stages/load.py); a real observation is never exactly 0 in every band, so treat that as nodata
+    finite = np.isfinite(stack).all(axis=1) & ~(stack == 0).all(axis=1)
     clear = finite & ~cloudy.astype(bool)
     p = np.where(finite, np.nan_to_num(prob, nan=1.0), np.inf)
     least = np.argmin(p, axis=0)  # least cloudy finite observation (first on ties: items are ranked)

@@ -216,7 +216,7 @@ def update_collection(out_dir: str | Path, item_path: str | Path, collection_id:
 
 
 #: Properties every output item must carry (checked by :func:`check_item`).
-REQUIRED_PROPERTIES = ("datetime", "proj:code", "proj:shape", "proj:transform", "processing:level",
+REQUIRED_PROPERTIES = ("proj:code", "proj:shape", "proj:transform", "processing:level",
                        "processing:lineage", "processing:software", "cloudfree:run_id", "cloudfree:model",
                        "cloudfree:harmonisation")
 
@@ -240,6 +240,9 @@ def check_item(item: pystac.Item | dict | str | Path) -> list[str]:
         problems.append(f"type is {d.get('type')!r}, not 'Feature'")
     if d.get("bbox") and len(d["bbox"]) != 4:
         problems.append(f"bbox {d['bbox']} is not [minx, miny, maxx, maxy]")
+    props = d["properties"]
+    if not props.get("datetime") and not (props.get("start_datetime") and props.get("end_datetime")):
+        problems.append("neither datetime nor start_datetime/end_datetime")
     for key in REQUIRED_PROPERTIES:
         if d["properties"].get(key) in (None, "", []):
             problems.append(f"property {key} missing")
