@@ -67,6 +67,15 @@ def predict_tile(model, target, cloud_mask, cloud_prob, references, reference_ma
     return out, time.perf_counter() - t0
 
 
+def _timing(index: tuple[int, int], seconds: float) -> tuple[tuple[int, int], float]:
+    return index, seconds
+
+
+def _core(pred: tuple[np.ndarray, float], ys: slice, xs: slice) -> np.ndarray:
+    """Halo discard: the core of one tile's ``(prediction, seconds)``."""
+    return pred[0][:, ys, xs]
+
+
 def _blend_task(core, parts, axis_w, n_bands, kind):
     """One output block from its neighbours' ``(prediction, seconds)`` pairs; weights built here (small graph)."""
     from stages.mosaic import blend_block
@@ -123,7 +132,7 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
         )
         preds[t.index] = d
         if timings is not None:
-            timings.append(dask.delayed(lambda s, i=t.index: (i, s), pure=True)(d[1]))
+            timings.append(dask.delayed(_timing, pure=True)(t.index, d[1]))
     axis_w = dask.delayed(grid_axis_weights(tiles, halo, kind), pure=True) if kind != "none" else None
     rows = []
     for row in grid_of_tiles(tiles):
@@ -132,7 +141,7 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
             cy, cx = t.core
             if kind == "none":
                 ys, xs = t.core_in_read
-                block = dask.delayed(lambda p, ys=ys, xs=xs: p[0][:, ys, xs], pure=True)(preds[t.index])
+                block = dask.delayed(_core, pure=True)(preds[t.index], ys, xs)
             else:
                 near = neighbours(t, tiles)
                 block = dask.delayed(_blend_task, pure=True)(

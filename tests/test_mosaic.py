@@ -116,3 +116,48 @@ def test_per_tile_statistics_model_has_seams_without_blending_and_none_with_it(t
     for kind in ("feather",):
         assert ratios[kind] < 1.1 and abs(ratios[kind] - ratios["input"]) < 0.06, ratios
     assert len(timings) == len(tiles) and all(s > 0 for _, s in timings)
+
+
+def _fallback_inputs():
+    import xarray as xr
+
+    from stages.remove import SceneInputs
+
+    ny, nx = 4, 5
+    coords = {"y": np.arange(ny), "x": np.arange(nx)}
+    conf = np.full((ny, nx), 0.9, np.float32)
+    conf[0, :] = 0.1  # low confidence on the first row
+    ds = xr.Dataset({
+        "reflectance": (("band", "y", "x"), np.full((2, ny, nx), 0.5, np.float32)),
+        "confidence": (("y", "x"), conf), "source": (("y", "x"), np.full((ny, nx), 2, np.float32)),
+    }, coords={"band": ["B02", "B03"], **coords}).chunk({"y": 2, "x": 3})
+    refs = np.stack([np.full((2, ny, nx), 0.1, np.float32), np.full((2, ny, nx), 0.2, np.float32)])
+    rmask = np.zeros((2, ny, nx), bool)
+    rmask[0, 0, :2] = True  # first reference cloudy at (0, 0..1) -> the second one is used there
+    rmask[:, 0, 4] = True  # no clear reference at (0, 4) -> the model value stays
+    inputs = SceneInputs(ds.reflectance, ds.confidence < 0, ds.confidence,
+                         xr.DataArray(refs, dims=("time", "band", "y", "x")).chunk({"y": 2}),
+                         xr.DataArray(rmask, dims=("time", "y", "x")).chunk({"y": 2}), ("r0", "r1"), (1.0, 2.0), "t")
+    return ds, inputs
+
+
+def test_confidence_fallback_modes():
+    import dask
+
+    from stages.mosaic import confidence_fallback
+
+    ds, inputs = _fallback_inputs()
+    with dask.config.set(scheduler="sync"):
+        keep = confidence_fallback(ds, inputs, 0.5, "keep")
+        assert keep is ds
+        nod = confidence_fallback(ds, inputs, 0.5, "nodata").compute()
+        assert np.isnan(nod.reflectance.values[:, 0]).all() and (nod.source.values[0] == 0).all()
+        assert (nod.reflectance.values[:, 1:] == 0.5).all()
+        best = confidence_fallback(ds, inputs, 0.5, "best-available").compute()
+    r, s = best.reflectance.values[0], best.source.values
+    assert list(r[0]) == pytest.approx([0.2, 0.2, 0.1, 0.1, 0.5])
+    assert list(s[0]) == [11, 11, 10, 10, 2]
+    assert (r[1:] == 0.5).all() and (s[1:] == 2).all()
+    np.testing.assert_array_equal(best.confidence.values, ds.confidence.values)  # confidence is not rewritten
+    with pytest.raises(ValueError, match="low_confidence"):
+        confidence_fallback(ds, inputs, 0.5, "fill")
