@@ -57,7 +57,8 @@ def output_item(
     now = datetime.now(timezone.utc)
     source_codes = dict(SOURCE_LABELS)
     for i, r in enumerate(references):
-        source_codes[SOURCE_REFERENCE_BASE + i] = f"reference {r.id}"
+        when = r.datetime.date().isoformat() if r.datetime else "undated"
+        source_codes[SOURCE_REFERENCE_BASE + i] = f"reference {r.id} ({when})"
     props = {
         "s2:product_type": target.properties.get("s2:product_type"),
         "s2:mgrs_tile": target.properties.get("s2:mgrs_tile"),

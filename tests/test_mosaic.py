@@ -161,3 +161,22 @@ def test_confidence_fallback_modes():
     np.testing.assert_array_equal(best.confidence.values, ds.confidence.values)  # confidence is not rewritten
     with pytest.raises(ValueError, match="low_confidence"):
         confidence_fallback(ds, inputs, 0.5, "fill")
+
+
+def test_blending_and_fallback_stay_lazy(thin_scene):
+    """Building the blended graph (and the fallback) reads no pixel: compute happens once, at the write."""
+    import dask
+
+    from models.registry import build_model
+    from stages.mosaic import confidence_fallback
+    from stages.remove import remove_clouds
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a stage computed eagerly")
+
+    inputs, target = thin_scene
+    model = build_model("dcp")
+    with dask.config.set(scheduler=refuse):
+        ds = remove_clouds(inputs, model, plan_tiles(target.shape[1:], 128, 16), 16, blend="hann")
+        ds = confidence_fallback(ds, inputs, 0.3, "nodata")
+    assert ds.reflectance.shape == target.shape and ds.reflectance.chunks[1][0] == 128
