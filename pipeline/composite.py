@@ -5,8 +5,8 @@ acquisition intersecting the region in the period (``eo:cloud_cover <= composite
 MGRS tile and builds, per tile, a composite by ``composite.method``:
 
 * ``median``: per-pixel median of the clear observations (masked by ``mask.methods``); confidence grows with the
-  number of clear observations (1 at 3 or more); where no observation is clear, the least cloudy one is kept with
-  confidence 0;
+  number of clear observations (0.67 for one, 1 for three or more: more observations guard against mask misses);
+  where no observation is clear, the least cloudy one is kept with confidence 0;
 * ``best-pixel``: per pixel the clear observation with the lowest cloud probability; confidence
   ``1 - probability``;
 * ``model``: target-date reconstruction of the period's latest acquisition with the configured removal model,
@@ -72,7 +72,7 @@ def composite_kernel(stack: np.ndarray, cloudy: np.ndarray, prob: np.ndarray, me
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: handled below
             refl = np.nanmedian(masked, axis=0)
-        conf = np.minimum(n_clear / 3.0, 1.0)
+        conf = 0.5 + 0.5 * np.minimum(n_clear, 3) / 3.0  # one clear observation 0.67 ... three or more 1
         only = np.argmax(clear, axis=0)
         src = np.where(n_clear >= 2, SOURCE_FUSED, SOURCE_REFERENCE_BASE + only).astype(np.float32)
     elif method == "best-pixel":
@@ -208,8 +208,13 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
         "cloudfree:source_codes": codes, "cloudfree:composite": {
             "tile": tile, "period": period, "method": method, "inputs": signature(items)},
         "processing:lineage": f"{method} composite of {len(items)} acquisition(s) of MGRS {tile} in {period}",
-        "s2:mgrs_tile": tile, "eo:cloud_cover": None,
+        "s2:mgrs_tile": tile,
     })
+    from pipeline.runner import cover_stats
+
+    stats = cover_stats(written.files["confidence"], None)
+    item.properties["eo:cloud_cover"] = round(100 * stats["low_confidence_after"], 2)  # share still uncertain
+    item.properties["cloudfree:cover"] = {k: v for k, v in stats.items() if k != "masked_before"}
     item.properties.pop("cloudfree:target", None)
     item.properties.pop("cloudfree:references", None)
     path = paths_for(out_dir, stem)["item"]

@@ -219,7 +219,8 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
 LOW_CONFIDENCE = 0.5
 
 
-def cover_stats(confidence_path: Path, provenance_path: Path, floor: float = 0.0, max_side: int = 1024) -> dict:
+def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: float = 0.0,
+                max_side: int = 1024) -> dict:
     """Cloud cover before (share of valid target pixels any mask method flagged) and after (share of valid output
     pixels with confidence below ``floor``, or 0.5 without a floor), read decimated from the COGs."""
     import rasterio
@@ -230,8 +231,11 @@ def cover_stats(confidence_path: Path, provenance_path: Path, floor: float = 0.0
         k = max(1, int(np.ceil(max(ds.shape) / max_side)))
         shape = (max(1, ds.height // k), max(1, ds.width // k))
         conf = ds.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
-    with rasterio.open(provenance_path) as ds:
-        bits = ds.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+    if provenance_path is None:  # e.g. composites: no single target whose mask could be reported
+        bits = np.zeros(shape, np.uint8)
+    else:
+        with rasterio.open(provenance_path) as ds:
+            bits = ds.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
     valid_in = (bits & NODATA_BIT) == 0
     valid_out = conf != 255
     thr = 100 * (floor if floor > 0 else LOW_CONFIDENCE)

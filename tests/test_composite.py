@@ -87,6 +87,7 @@ def test_composite_is_incremental(demo_catalog, tmp_path):
     assert (src == SOURCE_FUSED).mean() > 0.3  # most pixels are clear in two or more acquisitions
     item = json.loads(uuu.item.read_text())
     assert item["properties"]["start_datetime"].startswith("2017-02-06")
+    assert 0 <= item["properties"]["eo:cloud_cover"] < 20
     assert {lk["id"] for lk in item["links"] if lk["rel"] == "derived_from"} == set(uuu.inputs)
 
     res = CliRunner().invoke(main, ["composite", "--region", str(region), "--period", "2017-02",
