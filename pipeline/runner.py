@@ -88,6 +88,10 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
 
             if is_done(cfg.output.dir, stem) and not cfg.output.overwrite:
                 log.info("%s: output exists, skipping (use --overwrite to redo)", stem)
+                from stages.publish import update_collection
+
+                # outputs from before the collection existed (or another run) are listed too
+                update_collection(cfg.output.dir, paths_for(cfg.output.dir, stem)["item"], cfg.output.collection)
                 results.append(TargetResult(plan.target.id, "skipped", refs,
                                             outputs=paths_for(cfg.output.dir, stem)))
                 continue
