@@ -9,13 +9,17 @@ CONFIG ?= configs/demo.yaml
 MODEL ?= reference-replace
 ITEM ?=
 OUT ?= outputs
+REGION ?=
+PERIOD ?=
+# --out only when OUT is given on the command line (else the config's output.dir)
+OUT_OPT = $(if $(filter command line environment,$(origin OUT)),--out $(OUT))
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-catalog test test-all scene run bench lint clean
+.PHONY: help install demo demo-catalog test scene run composite bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: CONFIG=$(CONFIG) MODEL=$(MODEL) ITEM=<stac id> OUT=$(OUT)"
+	@echo "  variables: CONFIG=$(CONFIG) MODEL=$(MODEL) ITEM=<stac id> OUT=$(OUT) REGION=<geojson> PERIOD=<YYYY-MM>"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,8 +40,12 @@ demo-catalog: $(DEMO_CATALOG) ## build the embedded demo catalog (real S2 L1C fr
 demo: install demo-catalog ## run the main job on the embedded demo catalog, print PSNR before/after
 	$(CLOUDFREE) run --config $(CONFIG) --overwrite
 
-run: install ## AOI batch job: make run CONFIG=my.yaml
-	$(CLOUDFREE) run --config $(CONFIG)
+run: install ## AOI batch job over the config's search.aoi/period: make run CONFIG=my.yaml [OUT=...]
+	$(CLOUDFREE) run --config $(CONFIG) $(OUT_OPT)
+
+composite: install ## incremental regional composite: make composite REGION=region.geojson PERIOD=2024-06
+	@test -n "$(REGION)" -a -n "$(PERIOD)" || { echo "usage: make composite REGION=<geojson> PERIOD=<YYYY-MM> [CONFIG=...] [OUT=...]"; exit 2; }
+	$(CLOUDFREE) composite --region $(REGION) --period $(PERIOD) --config $(CONFIG) $(OUT_OPT)
 
 scene: install ## one target scene: make scene ITEM=<stac id> [MODEL=...] [CONFIG=...]
 	@test -n "$(ITEM)" || { echo "usage: make scene ITEM=<stac item id> [MODEL=$(MODEL)]"; exit 2; }

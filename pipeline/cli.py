@@ -51,10 +51,12 @@ def main(verbose: int, quiet: int) -> None:
 
     \b
     Jobs:
-      run      batch job over an area of interest (targets found by search)
-      scene    one target scene by STAC id
-      search   list targets with their chosen references (and SAR)
-      models   list the registered removal models
+      run        batch job over an area of interest (targets found by search)
+      scene      one target scene by STAC id
+      search     list targets with their chosen references (and SAR)
+      composite  incremental cloud-free composite of a region for a period
+      evaluate   score models on the real pair and simulated clouds (PSNR, SSIM, SAM, MAE)
+      models     list the registered removal models
     Start with `make demo`, which builds the embedded demo catalog and runs `cloudfree run`.
     """
     _setup_logging(verbose, quiet)
@@ -255,6 +257,52 @@ def evaluate(model_list, cases, out, seeds, data_dir, tile_size, speed, figures)
     for r in payload["summary"]:
         if r["region"] == "cloudy":
             click.echo(f"  {r['group']:17s} {r['model']:20s} cloudy PSNR {r['psnr']:6.2f} dB  SAM {r['sam']:5.2f} deg")
+
+
+@main.command()
+@click.option("--region", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="Region GeoJSON (Feature, FeatureCollection or geometry).")
+@click.option("--period", required=True, help="Period: 2024-06, 2024, or 2024-06-01/2024-06-15.")
+@click.option("-c", "--config", type=click.Path(dir_okay=False), help="YAML config (see configs/).")
+@click.option("--method", type=click.Choice(["median", "best-pixel", "model"]),
+              help="Compositing method; overrides composite.method.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder; overrides output.dir.")
+@click.option("--force", is_flag=True, help="Rebuild every tile even if its inputs are unchanged.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def composite(region, period, config, method, out_dir, force, no_progress) -> None:
+    """Cloud-free composite of every MGRS tile of REGION in PERIOD, incrementally.
+
+    Only tiles with new or updated acquisitions since the last run are processed (state in
+    <out>/composites/state.json); a rerun with nothing new processes zero tiles. Schedule it: docs/schedule.md.
+    """
+    from pipeline.composite import run_composite
+    from pipeline.errors import CloudfreeError
+
+    sections: dict = {}
+    if method:
+        sections["composite"] = {"method": method}
+    if out_dir:
+        sections["output"] = {"dir": out_dir}
+    if no_progress:
+        sections["run"] = {"progress": False}
+    try:
+        cfg = _load(config, **sections)
+        results = run_composite(cfg, region, period, force=force)
+    except CloudfreeError as exc:
+        _fail(exc)
+    for r in results:
+        line = f"{r.status:8s} {r.tile} {r.period}  {len(r.inputs)} acquisition(s)"
+        if r.seconds:
+            line += f"  ({r.seconds:.1f} s)"
+        click.echo(line)
+        if r.error:
+            click.echo(f"         error: {r.error}", err=True)
+        elif r.item:
+            click.echo(f"         item: {r.item}")
+    done = sum(r.status == "done" for r in results)
+    click.echo(f"{done} tile(s) processed, {sum(r.status == 'skipped' for r in results)} unchanged, "
+               f"{sum(r.status == 'failed' for r in results)} failed")
+    sys.exit(EXIT_FAILED if any(r.status == "failed" for r in results) else EXIT_OK)
 
 
 if __name__ == "__main__":  # pragma: no cover

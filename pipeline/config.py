@@ -148,6 +148,9 @@ class TileConfig(_Section):
     size: int = Field(512, ge=16)
     #: halo in pixels; None = the model's declared receptive field.
     halo: int | None = Field(None, ge=0)
+    #: how overlapping tile predictions are merged (stages/mosaic.py): feathered or Hann-window blend over the
+    #: halo, or "none" (halo discarded: each pixel from the tile whose core holds it). No effect when halo is 0.
+    blend: Literal["feather", "hann", "none"] = "feather"
 
 
 class ModelConfig(_Section):
@@ -161,6 +164,26 @@ class OutputConfig(_Section):
     blocksize: int = 512
     quicklook: bool = True
     overwrite: bool = False
+    #: pixels whose confidence is below this floor (0-1) get the ``low_confidence`` treatment; 0 = off.
+    confidence_floor: float = Field(0.0, ge=0, le=1)
+    #: best-available: the first clear reference pixel (else the target's own); nodata; keep: the model's value.
+    low_confidence: Literal["best-available", "nodata", "keep"] = "best-available"
+    #: id of the STAC Collection the outputs are published in (<dir>/collection.json, <dir>/catalog.json).
+    collection: str = "cloudfree-outputs"
+    #: write a Markdown/HTML run report with PNGs under <dir>/reports/<run id>/.
+    report: bool = True
+
+
+class CompositeConfig(_Section):
+    """Regional composites (pipeline/composite.py): one cloud-free image per MGRS tile and period."""
+
+    #: median: per-pixel median of the clear observations; best-pixel: the clear observation with the lowest cloud
+    #: probability; model: target-date reconstruction of the period's latest acquisition with the configured model.
+    method: Literal["median", "best-pixel", "model"] = "median"
+    #: acquisitions with a larger eo:cloud_cover are not used.
+    max_cloud_cover: float = Field(100.0, ge=0, le=100)
+    #: at most this many acquisitions per tile (least cloudy first): bounds memory and reads.
+    max_items: int = Field(12, ge=1)
 
 
 class RunConfig(_Section):
@@ -179,6 +202,7 @@ class Config(_Section):
     tile: TileConfig = Field(default_factory=TileConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    composite: CompositeConfig = Field(default_factory=CompositeConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
     @model_validator(mode="after")

@@ -35,6 +35,9 @@ class TargetResult:
     metrics: dict = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    #: ``{"tile (i, j)": seconds}`` of the model per tile, and cloud cover before/after (fractions).
+    tile_seconds: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
 
 
 def output_stem(target_id: str, model_name: str) -> str:
@@ -85,6 +88,10 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
 
             if is_done(cfg.output.dir, stem) and not cfg.output.overwrite:
                 log.info("%s: output exists, skipping (use --overwrite to redo)", stem)
+                from stages.publish import update_collection
+
+                # outputs from before the collection existed (or another run) are listed too
+                update_collection(cfg.output.dir, paths_for(cfg.output.dir, stem)["item"], cfg.output.collection)
                 results.append(TargetResult(plan.target.id, "skipped", refs,
                                             outputs=paths_for(cfg.output.dir, stem)))
                 continue
@@ -96,6 +103,14 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
                 res = TargetResult(plan.target.id, "failed", refs, error=str(exc))
             res.seconds = time.perf_counter() - t0
             results.append(res)
+    if cfg.output.report and not dry_run:
+        from pipeline.report import write_report
+
+        try:
+            path = write_report(results, cfg, run_id, model.name)
+            log.info("run report: %s", path)
+        except (OSError, ValueError) as exc:  # a report problem must not fail a finished run
+            log.error("run report could not be written: %s", exc)
     return results
 
 
@@ -127,8 +142,9 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
 def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetResult:
     from catalogs.harmonise import harmonise
     from stages.load import load_reflectance, output_geobox
-    from stages.masks import build_masks
-    from stages.publish import output_item
+    from stages.masks import NODATA_BIT, build_mask_provenance, build_masks, method_bits
+    from stages.mosaic import confidence_fallback
+    from stages.publish import file_sha256, output_item, update_collection
     from stages.remove import SceneInputs, remove_clouds
     from stages.search import load_aoi
     from stages.tile import plan_tiles
@@ -153,7 +169,12 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     halo = cfg.tile.halo if cfg.tile.halo is not None else model.spec.halo
     tiles = plan_tiles(geobox.shape, cfg.tile.size, halo)
     context = scene_context(model, items, bands, geobox, cfg, plan) if model.spec.scene_context else {}
-    ds = remove_clouds(inputs, model, tiles, halo, context)
+    tile_timings: list = []
+    ds = remove_clouds(inputs, model, tiles, halo, context, blend=cfg.tile.blend, timings=tile_timings)
+    ds = confidence_fallback(ds, inputs, cfg.output.confidence_floor, cfg.output.low_confidence)
+    prov = build_mask_provenance(items[:1], geobox, cfg.mask, cfg.grid.chunk)[0]
+    prov = prov | stack[0].isnull().any("band").astype(np.uint8) * np.uint8(NODATA_BIT)
+    ds["mask_provenance"] = (("y", "x"), prov.data)
     stem = output_stem(target.id, model.name)
     k = max(1, int(np.ceil(max(geobox.shape) / QUICKLOOK_MAX)))
     rgb = [b for b in RGB if b in bands]
@@ -163,9 +184,11 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
                   mask[0][::k, ::k].data)
     log.info("%s: %d tiles of %d px (halo %d), %d reference(s), model %s", target.id, len(tiles), cfg.tile.size,
              halo, len(refs), model.name)
-    out, computed = write_outputs(ds, cfg.output.dir, stem, cfg.output, extra_compute=extras,
+    out, computed = write_outputs(ds, cfg.output.dir, stem, cfg.output, extra_compute=(*extras, tile_timings),
                                   progress=cfg.run.progress)
     paths = paths_for(cfg.output.dir, stem)
+    *computed, timings = computed
+    tile_seconds = {f"{i}-{j}": round(float(sec), 3) for (i, j), sec in timings}
     if computed:
         before, after, m = computed
         out.files["quicklook"] = quicklook(before, after, m, paths["quicklook"], title=f"{target.id} / {model.name}")
@@ -175,10 +198,54 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
 
         metrics = evaluate_against_truth(target, out.reflectance, geobox, bands, cfg.mask, cfg.grid.chunk)
     extra = {"cloudfree:evaluation": metrics} if metrics else {}
-    extra["eo:cloud_cover"] = target.properties.get("eo:cloud_cover")
+    stats = cover_stats(out.files["confidence"], out.files["mask_provenance"], cfg.output.confidence_floor)
+    # eo:cloud_cover of an output = the share still low-confidence, so outputs rank as (clear) references later
+    extra["eo:cloud_cover"] = round(100 * stats["low_confidence_after"], 2)
+    extra["cloudfree:target_cloud_cover"] = target.properties.get("eo:cloud_cover")
+    extra["cloudfree:cover"] = stats
+    extra["cloudfree:tile_seconds"] = tile_seconds
+    extra["cloudfree:blend"] = cfg.tile.blend if halo > 0 else "none"
+    extra["cloudfree:low_confidence"] = {"floor": cfg.output.confidence_floor, "mode": cfg.output.low_confidence}
+    wpath = Path(model.spec.weights) if model.spec.weights else None
+    weights_sha = file_sha256(wpath) if wpath is not None and wpath.is_file() else None
     item = output_item(target, refs, out, geobox, bands, model.name, dict(cfg.model.params), run_id,
-                       [harmonise(i).as_properties() for i in items], extra=extra)
+                       [harmonise(i).as_properties() for i in items], extra=extra, weights_sha256=weights_sha,
+                       collection_id=cfg.output.collection, mask_bits=method_bits(cfg.mask.methods))
     item.set_self_href(str(paths["item"].resolve()))
     write_json_atomic(item.to_dict(include_self_link=False, transform_hrefs=False), paths["item"])
+    update_collection(cfg.output.dir, paths["item"], cfg.output.collection)
     out.files["item"] = paths["item"]
-    return TargetResult(target.id, "done", [r.id for r in refs], outputs=dict(out.files), metrics=metrics)
+    return TargetResult(target.id, "done", [r.id for r in refs], outputs=dict(out.files), metrics=metrics,
+                        tile_seconds=tile_seconds, stats=stats)
+
+
+#: confidence below this counts as "still cloudy" in the cover statistics when no floor is configured.
+LOW_CONFIDENCE = 0.5
+
+
+def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: float = 0.0,
+                max_side: int = 1024) -> dict:
+    """Cloud cover before (share of valid target pixels any mask method flagged) and after (share of valid output
+    pixels with confidence below ``floor``, or 0.5 without a floor), read decimated from the COGs."""
+    import rasterio
+
+    from stages.masks import NODATA_BIT
+
+    with rasterio.open(confidence_path) as ds:
+        k = max(1, int(np.ceil(max(ds.shape) / max_side)))
+        shape = (max(1, ds.height // k), max(1, ds.width // k))
+        conf = ds.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+    if provenance_path is None:  # e.g. composites: no single target whose mask could be reported
+        bits = np.zeros(shape, np.uint8)
+    else:
+        with rasterio.open(provenance_path) as ds:
+            bits = ds.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+    valid_in = (bits & NODATA_BIT) == 0
+    valid_out = conf != 255
+    thr = 100 * (floor if floor > 0 else LOW_CONFIDENCE)
+    return {
+        "masked_before": float(((bits & ~np.uint8(NODATA_BIT)) > 0)[valid_in].mean()) if valid_in.any() else 0.0,
+        "low_confidence_after": float((conf < thr)[valid_out].mean()) if valid_out.any() else 0.0,
+        "low_confidence_threshold": thr / 100,
+        "nodata_after": float((~valid_out).mean()),
+    }

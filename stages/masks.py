@@ -145,3 +145,32 @@ def build_masks(items, geobox, cfg: MaskConfig, chunk: int = 512) -> tuple[xr.Da
 
 #: Other mask methods (scl, spectral, s2cloudless) register here: name -> f(items, geobox, cfg, chunk).
 _EXTRA_METHODS: dict = {}
+
+
+#: Bit of each mask method in the per-pixel mask-provenance layer (``<id>_mask_provenance.tif``); methods not
+#: listed here get the next free bit (32, 64, 128) in the order of ``mask.methods``.
+METHOD_BITS = {"cldprb": 1, "scl": 2, "spectral": 4, "s2cloudless": 8}
+#: no valid target pixel (nodata, or an input read that failed).
+NODATA_BIT = 16
+
+
+def method_bits(methods) -> dict[str, int]:
+    """``{method: bit}`` for the configured methods (see :data:`METHOD_BITS`)."""
+    out, spare = {}, iter((32, 64, 128))
+    for m in methods:
+        out[m] = METHOD_BITS.get(m) or next(spare)
+    return out
+
+
+def build_mask_provenance(items, geobox, cfg: MaskConfig, chunk: int = 512) -> xr.DataArray:
+    """Which method flagged each pixel: ``(time, y, x)`` uint8, OR of :func:`method_bits` per method.
+
+    Each method's mask is built alone with :func:`build_masks` (same refinement as in the combined mask), so the
+    OR of the bits equals the combined mask. Lazy.
+    """
+    bits = None
+    for method, bit in method_bits(cfg.methods).items():
+        m, _ = build_masks(items, geobox, cfg.model_copy(update={"methods": [method]}), chunk)
+        b = m.astype(np.uint8) * np.uint8(bit)
+        bits = b if bits is None else bits | b
+    return bits.rename("mask_provenance")

@@ -5,7 +5,11 @@ then turned into COGs with rio-cogeo (internal tiles, overviews, nodata, DEFLATE
 
 * ``<id>_reflectance.tif``: uint16, ``DN = reflectance * 10000`` (scale 1e-4, offset 0, nodata 0), like the input;
 * ``<id>_confidence.tif``: uint8 0-100 (percent), nodata 255;
-* ``<id>_source.tif``: uint8 source codes (``pipeline.contract.SOURCE_*``).
+* ``<id>_source.tif``: uint8 source codes (``pipeline.contract.SOURCE_*``);
+* ``<id>_mask_provenance.tif``: uint8 bit flags, which mask method flagged the target pixel
+  (``stages.masks.METHOD_BITS``, 16 = no valid target data), when the result carries ``mask_provenance``;
+* ``<id>_<band>.vrt`` (one per band) and ``<id>_cldprb.vrt`` (100 - confidence): small VRTs over the COGs, so a
+  later run can load an output like any Sentinel-2 item (per-band assets, a cloud-probability layer).
 
 Everything goes to a staging folder first and is moved into place at the end (atomic); the STAC item is written
 last and marks the target as done, so a rerun skips finished targets and redoes unfinished ones.
@@ -53,6 +57,8 @@ def paths_for(out_dir: Path, stem: str) -> dict[str, Path]:
         "reflectance": d / f"{stem}_reflectance.tif",
         "confidence": d / f"{stem}_confidence.tif",
         "source": d / f"{stem}_source.tif",
+        "mask_provenance": d / f"{stem}_mask_provenance.tif",
+        "cldprb": d / f"{stem}_cldprb.vrt",
         "quicklook": d / f"{stem}_quicklook.png",
         "item": d / f"{stem}.json",
     }
@@ -69,7 +75,10 @@ def _encode(ds: xr.Dataset) -> xr.DataArray:
     dn = (refl / REFLECTANCE_SCALE).round().clip(1, 65535).fillna(0)
     conf = (ds.confidence * 100).round().clip(0, 100).where(refl.notnull().all("band"), CONF_NODATA)
     src = ds.source.fillna(0)
-    stacked = xr.concat([dn, conf.expand_dims(band=["confidence"]), src.expand_dims(band=["source"])], dim="band")
+    layers = [dn, conf.expand_dims(band=["confidence"]), src.expand_dims(band=["source"])]
+    if "mask_provenance" in ds:
+        layers.append(ds.mask_provenance.astype(np.float32).expand_dims(band=["mask_provenance"]))
+    stacked = xr.concat(layers, dim="band")
     stacked = stacked.astype(np.uint16)
     return stacked.rio.write_crs(ds.rio.crs).rio.write_nodata(None)
 
@@ -110,12 +119,15 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
         "confidence": ([nb + 1], "uint8", CONF_NODATA),
         "source": ([nb + 2], "uint8", None),
     }
+    extra_layers = ["mask_provenance"] if "mask_provenance" in ds else []
+    if extra_layers:
+        products["mask_provenance"] = ([nb + 3], "uint8", None)
     bands = [str(b) for b in ds.band.values]
     with rasterio.open(inter, "r+") as d:  # descriptions/scales travel into the COGs with cog_translate
-        for i, b in enumerate([*bands, "confidence", "source"], 1):
+        for i, b in enumerate([*bands, "confidence", "source", *extra_layers], 1):
             d.set_band_description(i, b)
-        d.scales = [REFLECTANCE_SCALE] * nb + [1.0, 1.0]
-        d.offsets = [0.0] * (nb + 2)
+        d.scales = [REFLECTANCE_SCALE] * nb + [1.0] * (2 + len(extra_layers))
+        d.offsets = [0.0] * (nb + 2 + len(extra_layers))
     out = WrittenOutput(stem, final["item"].parent)
     for name, (idx, dtype, nodata) in products.items():
         dst = stage / final[name].name
@@ -128,11 +140,53 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
             raise RuntimeError(f"{dst} is not a valid COG: {errors}")  # pragma: no cover - rio-cogeo bug guard
         out.files[name] = final[name]
     inter.unlink()
+    for name, path in band_vrts(stage, stem, bands).items():
+        out.files[name] = out.directory / path.name
     out.directory.mkdir(parents=True, exist_ok=True)
     for f in stage.iterdir():
         f.replace(out.directory / f.name)
     stage.rmdir()
     return out, extras
+
+
+_GDAL_TYPES = {"uint8": "Byte", "byte": "Byte", "uint16": "UInt16"}
+
+
+def _vrt(dst: Path, src_name: str, src_band: int, dtype: str, nodata: int, scale: float = 1.0,
+         offset: float = 0.0) -> Path:
+    """A one-band VRT over band ``src_band`` of the sibling file ``src_name`` (value * scale + offset)."""
+    with rasterio.open(dst.parent / src_name) as ds:
+        w, h, crs, gt = ds.width, ds.height, ds.crs.to_wkt(), ds.transform.to_gdal()
+        src_dtype = ds.dtypes[src_band - 1]
+        src_nodata = ds.nodatavals[src_band - 1]
+    from xml.sax.saxutils import escape
+
+    kind = "ComplexSource" if (scale, offset) != (1.0, 0.0) or src_nodata is not None else "SimpleSource"
+    extra = ""
+    if kind == "ComplexSource":
+        extra = f"<ScaleOffset>{offset}</ScaleOffset><ScaleRatio>{scale}</ScaleRatio>"
+        if src_nodata is not None:
+            extra += f"<NODATA>{src_nodata:g}</NODATA>"
+    xml = (
+        f'<VRTDataset rasterXSize="{w}" rasterYSize="{h}"><SRS>{escape(crs)}</SRS>'
+        f"<GeoTransform>{', '.join(repr(float(v)) for v in gt)}</GeoTransform>"
+        f'<VRTRasterBand dataType="{_GDAL_TYPES[dtype]}" band="1">'
+        f"<NoDataValue>{nodata}</NoDataValue><{kind}>"
+        f'<SourceFilename relativeToVRT="1">{escape(src_name)}</SourceFilename><SourceBand>{src_band}</SourceBand>'
+        f'<SourceProperties RasterXSize="{w}" RasterYSize="{h}" DataType="{_GDAL_TYPES[src_dtype]}"/>'
+        f"{extra}</{kind}></VRTRasterBand></VRTDataset>"
+    )
+    dst.write_text(xml)
+    return dst
+
+
+def band_vrts(directory: Path, stem: str, bands: list[str]) -> dict[str, Path]:
+    """Per-band VRTs over the reflectance COG and a cloud-probability VRT (``100 - confidence``)."""
+    refl = f"{stem}_reflectance.tif"
+    out = {f"band:{b}": _vrt(directory / f"{stem}_{b}.vrt", refl, i, "uint16", 0) for i, b in enumerate(bands, 1)}
+    out["cldprb"] = _vrt(directory / f"{stem}_cldprb.vrt", f"{stem}_confidence.tif", 1, "byte", CONF_NODATA,
+                         scale=-1.0, offset=100.0)
+    return out
 
 
 def quicklook(before_rgb: np.ndarray, after_rgb: np.ndarray, mask: np.ndarray, path: Path, title: str = "") -> Path:

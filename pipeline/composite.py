@@ -1,0 +1,297 @@
+"""Regional composites: one cloud-free image per MGRS tile and period, computed incrementally.
+
+``cloudfree composite --region region.geojson --period 2024-06`` searches the configured catalog for every
+acquisition intersecting the region in the period (``eo:cloud_cover <= composite.max_cloud_cover``), groups them by
+MGRS tile and builds, per tile, a composite by ``composite.method``:
+
+* ``median``: per-pixel median of the clear observations (masked by ``mask.methods``); confidence grows with the
+  number of clear observations (0.67 for one, 1 for three or more: more observations guard against mask misses);
+  where no observation is clear, the least cloudy one is kept with confidence 0;
+* ``best-pixel``: per pixel the clear observation with the lowest cloud probability; confidence
+  ``1 - probability``;
+* ``model``: target-date reconstruction of the period's latest acquisition with the configured removal model,
+  the other acquisitions as its references (the same code path as ``cloudfree run``).
+
+Incremental: ``<output.dir>/composites/state.json`` records, per ``tile/period``, the input item ids with their
+``updated`` timestamps (``created`` or the acquisition time when absent) and the method. A rerun with the same
+inputs processes zero tiles; a new or reprocessed acquisition re-processes only its tile. Outputs are published
+in ``<output.dir>/composites/collection.json`` like any cloudfree output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pystac
+
+from pipeline.config import Config
+from pipeline.contract import SOURCE_FUSED, SOURCE_NODATA, SOURCE_REFERENCE_BASE
+from pipeline.errors import CloudfreeError, ConfigError, NoItemsFoundError
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+@dataclass
+class CompositeResult:
+    tile: str
+    period: str
+    status: str  # done | skipped | failed
+    inputs: list[str] = field(default_factory=list)
+    item: Path | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+# -- pure kernel ---------------------------------------------------------------------------------------------------
+def composite_kernel(stack: np.ndarray, cloudy: np.ndarray, prob: np.ndarray, method: str) -> np.ndarray:
+    """``stack (t, band, y, x)``, ``cloudy (t, y, x)`` bool, ``prob (t, y, x)`` -> ``(band + 2, y, x)``:
+    reflectance, confidence, source (``10 + t`` for observation t; ``SOURCE_FUSED`` for a median of several)."""
+    nt, nb = stack.shape[:2]
+    # odc-stac fills pixels outside an item's footprint with 0 (not NaN) when loading float32 from uint16 with
+    # nodata 0 (stages/load.py); a real observation is never exactly 0 in every band, so treat that as nodata
+    finite = np.isfinite(stack).all(axis=1) & ~(stack == 0).all(axis=1)
+    clear = finite & ~cloudy.astype(bool)
+    p = np.where(finite, np.nan_to_num(prob, nan=1.0), np.inf)
+    least = np.argmin(p, axis=0)  # least cloudy finite observation (first on ties: items are ranked)
+    yy, xx = np.indices(least.shape)
+    any_finite = finite.any(axis=0)
+    n_clear = clear.sum(axis=0)
+    if method == "median":
+        masked = np.where(clear[:, None], stack, np.nan)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: handled below
+            refl = np.nanmedian(masked, axis=0)
+        conf = 0.5 + 0.5 * np.minimum(n_clear, 3) / 3.0  # one clear observation 0.67 ... three or more 1
+        only = np.argmax(clear, axis=0)
+        src = np.where(n_clear >= 2, SOURCE_FUSED, SOURCE_REFERENCE_BASE + only).astype(np.float32)
+    elif method == "best-pixel":
+        pc = np.where(clear, p, np.inf)
+        best = np.argmin(pc, axis=0)
+        refl = stack[best, :, yy, xx].transpose(2, 0, 1)
+        conf = np.where(n_clear > 0, 1.0 - np.clip(pc[best, yy, xx], 0, 1), 0.0)
+        src = (SOURCE_REFERENCE_BASE + best).astype(np.float32)
+    else:
+        raise ConfigError(f"composite.method {method!r} has no pixel kernel; use median or best-pixel")
+    none_clear = n_clear == 0
+    fallback = stack[least, :, yy, xx].transpose(2, 0, 1)
+    refl = np.where(none_clear[None], fallback, refl)
+    src = np.where(none_clear, SOURCE_REFERENCE_BASE + least, src)
+    conf = np.where(none_clear, 0.0, conf)
+    refl = np.where(any_finite[None], refl, np.nan)
+    src = np.where(any_finite, src, SOURCE_NODATA)
+    return np.concatenate([refl.astype(np.float32), conf[None].astype(np.float32), src[None].astype(np.float32)])
+
+
+# -- state ---------------------------------------------------------------------------------------------------------
+def item_updated(item: pystac.Item) -> str:
+    """The timestamp that changes when an acquisition is (re)published."""
+    p = item.properties
+    return str(p.get("updated") or p.get("created") or (item.datetime.isoformat() if item.datetime else ""))
+
+
+def signature(items: Sequence[pystac.Item]) -> dict[str, str]:
+    return {it.id: item_updated(it) for it in sorted(items, key=lambda i: i.id)}
+
+
+def load_state(path: Path) -> dict:
+    if not path.exists():
+        return {"version": STATE_VERSION, "tiles": {}}
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"composite state {path} is not valid JSON ({exc}); delete it to rebuild every tile") from None
+    if state.get("version") != STATE_VERSION:
+        raise ConfigError(f"composite state {path} has version {state.get('version')}, expected {STATE_VERSION}; "
+                          "delete it to rebuild every tile")
+    return state
+
+
+def save_state(state: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+# -- planning ------------------------------------------------------------------------------------------------------
+def period_interval(period: str) -> str:
+    """``2024-06`` / ``2024`` / ``2024-06-01/2024-06-15`` -> an explicit ISO interval every backend accepts."""
+    from catalogs.base import parse_interval
+
+    start, end = parse_interval(period)
+    if start is None or end is None:
+        raise ConfigError(f"composite period {period!r} must be bounded, e.g. 2024-06 or 2024-06-01/2024-06-30")
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    return f"{start.strftime(fmt)}/{end.strftime(fmt)}"
+
+
+def plan_composite(catalog, cfg: Config, region: str | Path, period: str) -> dict[str, list[pystac.Item]]:
+    """Acquisitions per MGRS tile, least cloudy first, at most ``composite.max_items`` each."""
+    from catalogs.base import SearchQuery
+    from stages.search import load_aoi, mgrs_tile
+
+    bbox, geom = load_aoi(str(region))
+    items = catalog.search(SearchQuery(
+        collections=(cfg.catalog.collection,), bbox=bbox, intersects=geom, datetime=period_interval(period),
+        query={"eo:cloud_cover": {"lte": cfg.composite.max_cloud_cover}}, allow_empty=True))
+    if not items:
+        raise NoItemsFoundError(f"no acquisitions of {cfg.catalog.collection!r} intersect {region} in {period} with "
+                                f"eo:cloud_cover <= {cfg.composite.max_cloud_cover}; widen the period or region")
+    tiles: dict[str, list[pystac.Item]] = {}
+    for it in items:
+        tile = mgrs_tile(it)
+        if tile is None:
+            log.warning("item %s has no MGRS tile (s2:mgrs_tile / mgrs:*); skipped", it.id)
+            continue
+        tiles.setdefault(tile, []).append(it)
+    for tile, its in tiles.items():
+        its.sort(key=lambda i: (i.properties.get("eo:cloud_cover", 100.0), i.id))
+        del its[cfg.composite.max_items:]
+    return dict(sorted(tiles.items()))
+
+
+# -- one tile ------------------------------------------------------------------------------------------------------
+def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Config, region_bbox, out_dir: Path,
+                     run_id: str) -> Path:
+    import dask.array as dsa
+    import xarray as xr
+
+    from catalogs.harmonise import harmonise
+    from stages.load import load_reflectance, output_geobox
+    from stages.masks import build_masks
+    from stages.publish import output_item, update_collection
+    from stages.write import paths_for, write_json_atomic, write_outputs
+
+    method = cfg.composite.method
+    bands = list(cfg.grid.bands)
+    geobox = output_geobox(items[0], cfg.grid, region_bbox)
+    stack = load_reflectance(items, bands, geobox, cfg.grid.chunk, name=f"{tile}-{period}")
+    mask, prob = build_masks(items, geobox, cfg.mask, cfg.grid.chunk)
+    nb = len(bands)
+    both = dsa.concatenate([stack.data, mask.data[:, None].astype(np.float32), prob.data[:, None].astype(np.float32)],
+                           axis=1).rechunk({0: -1, 1: -1})
+
+    def block(b):
+        return composite_kernel(b[:, :nb], b[:, nb] > 0.5, b[:, nb + 1], method)
+
+    out = dsa.map_blocks(block, both, drop_axis=0, new_axis=None, dtype=np.float32,
+                         chunks=((nb + 2,),) + both.chunks[2:])
+    y, x = stack.y, stack.x
+    ds = xr.Dataset({
+        "reflectance": xr.DataArray(out[:nb], dims=("band", "y", "x"), coords={"band": bands, "y": y, "x": x}),
+        "confidence": xr.DataArray(out[nb], dims=("y", "x"), coords={"y": y, "x": x}),
+        "source": xr.DataArray(out[nb + 1], dims=("y", "x"), coords={"y": y, "x": x}),
+    }).rio.write_crs(stack.rio.crs)
+    stem = f"{tile}_{period.replace('/', '_')}_{method}"
+    written, _ = write_outputs(ds, out_dir, stem, cfg.output, progress=cfg.run.progress)
+    item = output_item(items[0], items[1:], written, geobox, bands, method, {}, run_id,
+                       [harmonise(i).as_properties() for i in items],
+                       collection_id=f"{cfg.output.collection}-composites")
+    item.id = stem
+    times = sorted(i.datetime for i in items)
+    item.datetime = None
+    item.common_metadata.start_datetime, item.common_metadata.end_datetime = times[0], times[-1]
+    codes = {str(SOURCE_NODATA): "nodata", str(SOURCE_FUSED): "median of several clear acquisitions"}
+    codes |= {str(SOURCE_REFERENCE_BASE + k): f"acquisition {it.id}" for k, it in enumerate(items)}
+    item.properties.update({
+        "cloudfree:source_codes": codes, "cloudfree:composite": {
+            "tile": tile, "period": period, "method": method, "inputs": signature(items)},
+        "processing:lineage": f"{method} composite of {len(items)} acquisition(s) of MGRS {tile} in {period}",
+        "s2:mgrs_tile": tile,
+    })
+    from pipeline.runner import cover_stats
+
+    stats = cover_stats(written.files["confidence"], None)
+    item.properties["eo:cloud_cover"] = round(100 * stats["low_confidence_after"], 2)  # share still uncertain
+    item.properties["cloudfree:cover"] = {k: v for k, v in stats.items() if k != "masked_before"}
+    item.properties.pop("cloudfree:target", None)
+    item.properties.pop("cloudfree:references", None)
+    path = paths_for(out_dir, stem)["item"]
+    write_json_atomic(item.to_dict(include_self_link=False, transform_hrefs=False), path)
+    update_collection(out_dir, path, f"{cfg.output.collection}-composites", "cloudfree regional composites")
+    return path
+
+
+def _model_composite(items: list[pystac.Item], tile: str, period: str, cfg: Config, out_dir: Path,
+                     run_id: str) -> Path:
+    from models.registry import build_model
+    from pipeline.runner import process_target
+    from stages.search import Candidate, TargetPlan, item_time, mgrs_tile
+
+    target = max(items, key=lambda i: (item_time(i), i.id))
+    t0 = item_time(target)
+    cands = tuple(Candidate(it, abs((item_time(it) - t0).total_seconds()) / 86400.0,
+                            1 - it.properties.get("eo:cloud_cover", 100.0) / 100.0, 1.0, True,
+                            mgrs_tile(it) == tile, 0.0, "composite input")
+                  for it in items if it.id != target.id)
+    model = build_model(cfg.model.name, cfg.model.params)
+    sub = cfg.replace(output={"dir": str(out_dir), "overwrite": True,
+                              "collection": f"{cfg.output.collection}-composites"})
+    res = process_target(TargetPlan(target, cands, ()), model, sub, run_id)
+    return res.outputs["item"]
+
+
+# -- driver --------------------------------------------------------------------------------------------------------
+def run_composite(cfg: Config, region: str | Path, period: str, *, force: bool = False) -> list[CompositeResult]:
+    """Build (or bring up to date) the composite of every MGRS tile intersecting ``region`` in ``period``."""
+    import uuid
+
+    from catalogs.base import open_catalog
+    from pipeline.runner import dask_context
+    from stages.search import load_aoi
+
+    catalog = open_catalog(cfg.catalog)
+    plans = plan_composite(catalog, cfg, region, period)
+    out_dir = Path(cfg.output.dir) / "composites"
+    state_path = out_dir / "state.json"
+    state = load_state(state_path)
+    bbox, geom = load_aoi(str(region))
+    if bbox is None and geom is not None:
+        from shapely.geometry import shape
+
+        bbox = shape(geom).bounds
+    run_id = uuid.uuid4().hex[:12]
+    results = []
+    with dask_context(cfg):
+        for tile, items in plans.items():
+            key = f"{tile}/{period}"
+            sig = signature(items)
+            prev = state["tiles"].get(key)
+            if (not force and prev and prev["inputs"] == sig and prev["method"] == cfg.composite.method
+                    and (out_dir / prev["item"]).exists()):
+                log.info("composite %s: inputs unchanged (%d acquisitions), skipped", key, len(items))
+                results.append(CompositeResult(tile, period, "skipped", list(sig), out_dir / prev["item"]))
+                continue
+            if prev:
+                new = sorted(set(sig) - set(prev["inputs"]))
+                changed = sorted(k for k in sig if k in prev["inputs"] and prev["inputs"][k] != sig[k])
+                log.info("composite %s: new %s, updated %s: re-processing", key, new, changed)
+            t0 = time.perf_counter()
+            try:
+                if cfg.composite.method == "model":
+                    path = _model_composite(items, tile, period, cfg, out_dir, run_id)
+                else:
+                    path = _pixel_composite(items, tile, period, cfg, bbox, out_dir, run_id)
+            except CloudfreeError as exc:
+                log.error("composite %s failed: %s", key, exc)
+                results.append(CompositeResult(tile, period, "failed", list(sig), error=str(exc),
+                                               seconds=time.perf_counter() - t0))
+                continue
+            state["tiles"][key] = {
+                "inputs": sig, "method": cfg.composite.method, "item": path.relative_to(out_dir).as_posix(),
+                "run_id": run_id, "finished": datetime.now(timezone.utc).isoformat(),
+            }
+            save_state(state, state_path)  # after every tile: an interrupted run keeps what it finished
+            results.append(CompositeResult(tile, period, "done", list(sig), path, seconds=time.perf_counter() - t0))
+    return results
