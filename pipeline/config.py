@@ -140,6 +140,24 @@ class MaskConfig(_Section):
     dilation: int = 2
 
 
+class CoregisterConfig(_Section):
+    """Sub-pixel co-registration of references (and SAR) to the target (stages/coregister.py)."""
+
+    enabled: bool = True
+    #: estimated shifts larger than this (pixels, vector length) are recorded but not applied.
+    max_shift_px: float = Field(3.0, gt=0, le=64)
+    #: phase-correlation upsampling factor (1/upsample px resolution before the masked refinement).
+    upsample: int = Field(100, ge=1)
+    #: band the optical shift is estimated on.
+    band: str = "B08"
+    #: side (pixels) of the central window the shift is estimated on (one eager read of this size per image).
+    window: int = Field(512, ge=64)
+    #: minimum fraction of the window clear in both images; below it the reference is not shifted.
+    min_clear_fraction: float = Field(0.05, ge=0, le=1)
+    #: spline order used to apply the shift (1 bilinear, 3 cubic).
+    order: int = Field(1, ge=0, le=5)
+
+
 class TileConfig(_Section):
     size: int = Field(512, ge=16)
     #: halo in pixels; None = the model's declared receptive field.
@@ -173,6 +191,7 @@ class Config(_Section):
     grid: GridConfig = Field(default_factory=GridConfig)
     mask: MaskConfig = Field(default_factory=MaskConfig)
     tile: TileConfig = Field(default_factory=TileConfig)
+    coregister: CoregisterConfig = Field(default_factory=CoregisterConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     run: RunConfig = Field(default_factory=RunConfig)

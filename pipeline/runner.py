@@ -35,6 +35,8 @@ class TargetResult:
     metrics: dict = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    #: per-reference (and SAR) co-registration records (stages.coregister.Coregistration.as_properties()).
+    coregistration: list[dict] = field(default_factory=list)
 
 
 def output_stem(target_id: str, model_name: str) -> str:
@@ -126,7 +128,7 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
 
 def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetResult:
     from catalogs.harmonise import harmonise
-    from stages.load import load_reflectance, output_geobox
+    from stages.load import load_reflectance_checked, output_geobox
     from stages.masks import build_masks
     from stages.publish import output_item
     from stages.remove import SceneInputs, remove_clouds
@@ -139,14 +141,24 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     items = [target, *refs]
     bands = list(dict.fromkeys([*cfg.grid.bands, *model.spec.bands]))
     geobox = output_geobox(target, cfg.grid, load_aoi(cfg.search.aoi)[0])
-    stack = load_reflectance(items, bands, geobox, cfg.grid.chunk, name=target.id)
+    stack, failed, read_failures = load_reflectance_checked(items, bands, geobox, cfg.grid.chunk, name=target.id)
     mask, prob = build_masks(items, geobox, cfg.mask, cfg.grid.chunk)
     ref_masks = None
+    ref_stack = stack[1:] if refs else None
     if refs:
-        ref_masks = mask[1:] | stack[1:].isnull().any("band")
+        ref_masks = mask[1:] | stack[1:].isnull().any("band") | failed[1:]
+    coreg = []
+    if refs and cfg.coregister.enabled:
+        from stages.coregister import apply_shifts, estimate_reference_shifts
+
+        coreg = estimate_reference_shifts(stack[0], mask[0], ref_stack, ref_masks, [r.id for r in refs],
+                                          cfg.coregister)
+        ref_stack, ref_masks = apply_shifts(ref_stack, ref_masks, coreg, cfg.coregister)
+    if plan.sar and cfg.coregister.enabled:
+        coreg.append(_sar_coregistration(plan, stack[0], mask[0], geobox, cfg))
     inputs = SceneInputs(
         target=stack[0], cloud_mask=mask[0], cloud_prob=prob[0],
-        references=stack[1:] if refs else None, reference_masks=ref_masks,
+        references=ref_stack, reference_masks=ref_masks,
         reference_ids=tuple(r.id for r in refs),
         reference_dt_days=tuple(c.dt_days for c in plan.references[: len(refs)]), target_id=target.id,
     )
@@ -154,6 +166,8 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     tiles = plan_tiles(geobox.shape, cfg.tile.size, halo)
     context = scene_context(model, items, bands, geobox, cfg, plan) if model.spec.scene_context else {}
     ds = remove_clouds(inputs, model, tiles, halo, context)
+    if read_failures:
+        ds = mark_failed(ds, failed[0])
     stem = output_stem(target.id, model.name)
     k = max(1, int(np.ceil(max(geobox.shape) / QUICKLOOK_MAX)))
     rgb = [b for b in RGB if b in bands]
@@ -176,9 +190,40 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
         metrics = evaluate_against_truth(target, out.reflectance, geobox, bands, cfg.mask, cfg.grid.chunk)
     extra = {"cloudfree:evaluation": metrics} if metrics else {}
     extra["eo:cloud_cover"] = target.properties.get("eo:cloud_cover")
+    if read_failures:
+        extra["cloudfree:read_failures"] = [f.as_properties() for f in read_failures]
+    if coreg:
+        extra["cloudfree:coregistration"] = [c.as_properties() for c in coreg]
     item = output_item(target, refs, out, geobox, bands, model.name, dict(cfg.model.params), run_id,
                        [harmonise(i).as_properties() for i in items], extra=extra)
     item.set_self_href(str(paths["item"].resolve()))
     write_json_atomic(item.to_dict(include_self_link=False, transform_hrefs=False), paths["item"])
     out.files["item"] = paths["item"]
-    return TargetResult(target.id, "done", [r.id for r in refs], outputs=dict(out.files), metrics=metrics)
+    return TargetResult(target.id, "done", [r.id for r in refs], outputs=dict(out.files), metrics=metrics,
+                        coregistration=[c.as_properties() for c in coreg])
+
+
+def mark_failed(ds, failed):
+    """Pixels whose target read failed become ``SOURCE_FAILED`` (reflectance NaN, confidence 0), not nodata."""
+    from pipeline.contract import SOURCE_FAILED
+
+    return ds.assign(reflectance=ds.reflectance.where(~failed), confidence=ds.confidence.where(~failed, 0.0),
+                     source=ds.source.where(~failed, float(SOURCE_FAILED)))
+
+
+def _sar_coregistration(plan: TargetPlan, target, target_mask, geobox, cfg: Config):
+    """Estimate and record (not apply: no model consumes SAR through the runner yet) the S1 -> S2 shift."""
+    from pipeline.errors import ReadError
+    from stages.coregister import Coregistration, estimate_sar_shift
+    from stages.load import load_sar
+
+    sar_item = plan.sar[0].item
+    band = cfg.coregister.band if cfg.coregister.band in target.band.values else str(target.band.values[-1])
+    try:
+        sar = load_sar([sar_item], geobox, chunk=cfg.grid.chunk)
+        pol = "vv" if "vv" in sar.band.values else str(sar.band.values[0])
+        return estimate_sar_shift(target.sel(band=band), target_mask, sar.sel(band=pol)[0], sar_item.id,
+                                  cfg.coregister)
+    except (ReadError, CloudfreeError) as exc:
+        log.warning("%s: SAR co-registration with %s failed: %s", plan.target.id, sar_item.id, exc)
+        return Coregistration(sar_item.id, "sar", "failed", reason=str(exc))
