@@ -37,6 +37,7 @@ from typing import Sequence
 import dask
 import dask.array as dsa
 import numpy as np
+import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from scipy import ndimage
 
@@ -169,13 +170,19 @@ def estimate_shift_cross_modal(optical: np.ndarray, sar_linear: np.ndarray, vali
 def shift_block(block: np.ndarray, shift: Sequence[float], order: int = 1) -> np.ndarray:
     """Shift every ``(y, x)`` plane of ``block`` by ``shift``; NaN pixels stay NaN at their shifted position.
 
-    NaN is filled with the plane mean before the spline, and output pixels more than half covered by NaN input are
+    NaN is filled with the nearest valid value before the spline, and output pixels more than half covered by NaN input are
     NaN again (same rule as :func:`shift_mask_block`)."""
     out = np.empty(block.shape, np.float32)
     for idx in np.ndindex(block.shape[:-2]):
         plane = block[idx].astype(np.float32)
         bad = ~np.isfinite(plane)
-        filled = np.where(bad, np.float32(np.nanmean(plane)) if (~bad).any() else np.float32(0), plane)
+        if bad.all():
+            out[idx] = plane
+            continue
+        filled = plane
+        if bad.any():  # nearest valid value: local, so the result does not depend on chunk borders
+            near = ndimage.distance_transform_edt(bad, return_distances=False, return_indices=True)
+            filled = plane[tuple(near)]
         res = ndimage.shift(filled, shift, order=order, mode="nearest")
         if bad.any():
             bad_s = ndimage.shift(bad.astype(np.float32), shift, order=1, mode="nearest") > 0.5

@@ -79,7 +79,7 @@ def test_apply_shifts_is_lazy_and_chunk_independent(b08_29rkh):
     whole = shift_block(img[0], (-0.4, 1.3), order=1)
     np.testing.assert_allclose(out.values[0], whole, rtol=1e-5, atol=1e-6, equal_nan=True)
     m = mout.values[0]
-    assert m[9:21, 31:42].any() and m.sum() >= 100  # the nodata patch moved with the pixels
+    assert m[9:21, 31:42].any() and 90 <= m.sum() <= 110  # the nodata patch moved with the pixels
     rejected = Coregistration("r", "optical", "rejected", shift_px=(5.0, 0.0))
     same, _ = apply_shifts(refs, masks, [rejected], cfg)
     assert same is refs
