@@ -138,6 +138,13 @@ class MaskConfig(_Section):
     scl_classes: list[int] = Field(default_factory=lambda: [3, 8, 9, 10])
     #: dilation (pixels) of the final mask.
     dilation: int = 2
+    #: 'spectral': cloud-score threshold T_cloud (eq. 14 of the cloud-attentive fusion paper) and NDSI snow limit.
+    spectral_threshold: float = Field(0.2, ge=0, le=1)
+    snow_ndsi: float = Field(0.6, ge=-1, le=1)
+    #: 's2cloudless': probability threshold, averaging window and dilation (pixels, s2cloudless's own parameters).
+    s2cloudless_threshold: float = Field(0.4, ge=0, le=1)
+    s2cloudless_average_over: int = Field(4, ge=0)
+    s2cloudless_dilation: int = Field(2, ge=0)
 
 
 class CoregisterConfig(_Section):
