@@ -107,13 +107,14 @@ SCENE_SAMPLE_MAX = 1024
 
 def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) -> dict:
     """Run ``model.fit_scene`` on a coarse load of the whole scene (COG overviews: cheap, bounded memory)."""
-    from stages.load import load_reflectance
+    from stages.load import load_reflectance_checked
     from stages.masks import build_masks
     from stages.remove import SceneInputs, to_tile_inputs
 
     k = max(1, int(np.ceil(max(geobox.shape) / SCENE_SAMPLE_MAX)))
     coarse = geobox.zoom_out(k) if k > 1 else geobox
-    stack = load_reflectance(items, bands, coarse, cfg.grid.chunk, name=f"{items[0].id}-sample")
+    # failed assets (already reported by process_target) are NaN in the sample instead of raising mid-compute
+    stack = load_reflectance_checked(items, bands, coarse, cfg.grid.chunk, name=f"{items[0].id}-sample")[0]
     mask, prob = build_masks(items, coarse, cfg.mask, cfg.grid.chunk)
     n = len(items)
     sample = to_tile_inputs(SceneInputs(

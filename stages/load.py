@@ -1,8 +1,14 @@
 """Load stage: STAC items -> lazy ``(time, band, y, x)`` float32 reflectance on one output grid (odc-stac).
 
 DN -> reflectance uses each item's own harmonisation (scale, and the baseline-04.00 offset where it applies), so
-items from different baselines mix correctly. Reflectance bands are resampled bilinearly; class and probability
-layers (SCL, MSK_CLDPRB) with nearest/mode, never interpolated. Nothing is computed here.
+items from different baselines mix correctly. Reflectance bands are resampled bilinearly (``average`` when the
+grid is coarser than 1.5x the band's native resolution); class and probability layers (SCL, MSK_CLDPRB) with
+nearest, never interpolated. Nothing is computed here.
+
+Failed reads are never silently nodata: :func:`load_reflectance_checked` probes every asset with retries
+(GDAL's HTTP retries inside a scoped ``rasterio.Env`` plus an outer retry with backoff) and returns a ``failed``
+layer next to the data, so each pixel is observed, masked (cloud/nodata) or failed; the runner writes the failed
+ones as ``SOURCE_FAILED``. :func:`load_sar` loads Sentinel-1 backscatter (linear power) on the same grid.
 """
 
 from __future__ import annotations
@@ -80,6 +86,13 @@ def _item_crs(item: pystac.Item) -> str | None:
     return None
 
 
+def reflectance_resampling(bands: Sequence[str], resolution: float) -> dict[str, str]:
+    """Per band: ``average`` when the grid is coarser than 1.5x the band's native GSD, else ``bilinear``."""
+    from pipeline.contract import S2_BANDS
+
+    return {b: "average" if resolution > 1.5 * S2_BANDS.get(b, 10) else "bilinear" for b in bands}
+
+
 def load_reflectance(items: Sequence[pystac.Item], bands: Sequence[str], geobox: GeoBox, chunk: int = 512,
                      name: str = "scene") -> xr.DataArray:
     """Lazily load ``bands`` of ``items`` as float32 reflectance ``(time, band, y, x)``, NaN nodata."""
@@ -90,7 +103,8 @@ def load_reflectance(items: Sequence[pystac.Item], bands: Sequence[str], geobox:
         if missing:
             raise InputDataError(f"item {it.id} has no assets {missing}; pick grid.bands among {sorted(it.assets)}")
     ds = odc.stac.load(
-        items, bands=list(bands), geobox=geobox, chunks={"x": chunk, "y": chunk}, resampling="bilinear",
+        items, bands=list(bands), geobox=geobox, chunks={"x": chunk, "y": chunk},
+        resampling=reflectance_resampling(bands, abs(geobox.resolution.x)),
         dtype="float32", groupby="id", preserve_original_order=True, fail_on_error=True,
     )
     per_band = []
