@@ -15,9 +15,11 @@ GDAL's block cache is capped per run (``--gdal-cachemax``, 64 MB): with GDAL's d
 stage's GeoTIFF/COG passes fill the cache in proportion to the image, and peak RSS grew 480 -> 780 MB from 1x to
 4x for that reason alone (measured on this machine); capped, it stays flat.
 
-Two measurements per size:
+Three measurements per size:
 
 * ``load-mask``: load 6 bands + the SCL mask and reduce them chunk by chunk (no write);
+* ``remove``: the runner's chain up to the write (load, SCL mask, co-registration estimate and application,
+  tile plan, scene context, reference-replace per tile), reduced chunk by chunk (no write);
 * ``full``: the runner's ``process_target`` (load, SCL mask, co-registration estimate, tile plan,
   reference-replace per tile, COG write + STAC item), quicklook off.
 """
@@ -114,6 +116,12 @@ def run_one(factor: int, stage: str, folder: Path) -> dict:
                 tiles = plan_tiles(geobox.shape, cfg.tile.size, 0)
                 dask.compute(stack.sum(), mask.sum(), prob.sum())
                 n_tiles = len(tiles)
+            elif stage == "remove":
+                plan = TargetPlan(target, (Candidate(ref, -10.0, 1.0, 1.0, True, True, 1.0, "bench"),), ())
+                model = build_model(cfg.model.name, cfg.model.params)
+                ds = _removed(plan, model, cfg, geobox)
+                dask.compute(ds.reflectance.sum(), ds.source.sum(), ds.confidence.sum())
+                n_tiles = len(plan_tiles(geobox.shape, cfg.tile.size, model.spec.halo))
             else:
                 plan = TargetPlan(target, (Candidate(ref, -10.0, 1.0, 1.0, True, True, 1.0, "bench"),), ())
                 model = build_model(cfg.model.name, cfg.model.params)
@@ -129,12 +137,35 @@ def run_one(factor: int, stage: str, folder: Path) -> dict:
             "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
+def _removed(plan, model, cfg, geobox):
+    """The runner's chain up to (not including) the write: load, masks, co-registration, tiles, model."""
+    from pipeline.runner import scene_context
+    from stages.coregister import apply_shifts, estimate_reference_shifts
+    from stages.load import load_reflectance_checked
+    from stages.masks import build_masks
+    from stages.remove import SceneInputs, remove_clouds
+    from stages.tile import plan_tiles
+
+    items = [plan.target, *(c.item for c in plan.references)]
+    stack, failed, _ = load_reflectance_checked(items, BANDS, geobox, cfg.grid.chunk)
+    mask, prob = build_masks(items, geobox, cfg.mask, cfg.grid.chunk)
+    ref_masks = mask[1:] | stack[1:].isnull().any("band") | failed[1:]
+    ids = [c.item.id for c in plan.references]
+    shifts = estimate_reference_shifts(stack[0], mask[0], stack[1:], ref_masks, ids, cfg.coregister)
+    refs, ref_masks = apply_shifts(stack[1:], ref_masks, shifts, cfg.coregister)
+    halo = model.spec.halo
+    context = scene_context(model, items, BANDS, geobox, cfg, plan) if model.spec.scene_context else {}
+    inputs = SceneInputs(stack[0], mask[0], prob[0], refs, ref_masks, tuple(ids),
+                         tuple(c.dt_days for c in plan.references), plan.target.id)
+    return remove_clouds(inputs, model, plan_tiles(geobox.shape, cfg.tile.size, halo), halo, context)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="cloudfree benchmark (see the module docstring)")
     ap.add_argument("--out", type=Path, default=Path("bench"))
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--factors", default="1,4,16")
-    ap.add_argument("--stages", default="load-mask,full")
+    ap.add_argument("--stages", default="load-mask,remove,full")
     ap.add_argument("--gdal-cachemax", type=int, default=64,
                     help="GDAL block cache (MB) of each run; GDAL's default, 5%% of RAM, grows with the area")
     ap.add_argument("--one", nargs=2, metavar=("FACTOR", "STAGE"), help=argparse.SUPPRESS)
@@ -161,7 +192,22 @@ def main(argv: list[str] | None = None) -> int:
               "data": str(args.data), "gdal_cachemax_mb": args.gdal_cachemax, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(result, indent=1))
+    (args.out / "bench.md").write_text(to_markdown(result))
     return 0
+
+
+def to_markdown(result: dict) -> str:
+    """The runs as a Markdown table."""
+    m = result["machine"]
+    lines = [f"Machine: {m['cpus']} CPUs, Python {m['python']}, {m['platform']}; GDAL cache "
+             f"{result.get('gdal_cachemax_mb')} MB per run; dask threads, 2 workers; tiles and chunks 512 px.", "",
+             "| stage | area | grid | shape | Mpx | tiles | seconds | Mpx/s | RSS after imports (MB) | peak RSS (MB) |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['stage']} | {r['factor']}x | {r['resolution_m']:g} m | {r['shape'][0]}x{r['shape'][1]} | "
+                     f"{r['megapixels']} | {r['tiles']} | {r['seconds']} | {r['mpx_per_s']} | "
+                     f"{r['rss_after_imports_mb']} | {r['peak_rss_mb']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _cpus() -> int:
