@@ -137,9 +137,10 @@ def estimate_shift(target: np.ndarray, moving: np.ndarray, valid_t: np.ndarray |
         return ShiftEstimate((float(ps[0]), float(ps[1])), (float(ps[0]), float(ps[1])), int(both.sum()),
                              float("nan"), False)
     s, n, rms, conv = refine_shift_kernel(target, moving, valid_t, valid_m, ps)
-    if not conv or np.abs(s - ps).max() > 1.0:
-        log.debug("refinement did not converge (%s -> %s); keeping the phase-correlation shift", ps, s)
-        s = ps if np.abs(s - ps).max() > 1.0 else s
+    if not np.isfinite(s).all() or np.abs(s - ps).max() > 1.0:
+        # the linearisation only holds near the phase-correlation estimate: a jump > 1 px is a failed refinement
+        log.debug("refinement went from %s to %s; keeping the phase-correlation shift", ps, s)
+        s, conv = ps, False
     return ShiftEstimate((float(s[0]), float(s[1])), (float(ps[0]), float(ps[1])), n, rms, conv)
 
 
@@ -267,7 +268,12 @@ def estimate_reference_shifts(target: xr.DataArray, target_mask: xr.DataArray, r
                 f"coregister.min_clear_fraction {cfg.min_clear_fraction:.0%})")))
             log.warning("coregister %s: %s; not shifted", rid, out[-1].reason)
             continue
-        est = estimate_shift(t, r[i], vt, vr, upsample=cfg.upsample)
+        try:
+            est = estimate_shift(t, r[i], vt, vr, upsample=cfg.upsample)
+        except InputDataError as exc:
+            out.append(Coregistration(rid, "optical", "failed", window=win, reason=str(exc)))
+            log.warning("coregister %s: %s; not shifted", rid, exc)
+            continue
         out.append(_decide(rid, "optical", est, cfg, win))
     return out
 

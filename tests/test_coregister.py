@@ -98,3 +98,23 @@ def test_demo_misregistrations_are_recovered_and_recorded(demo_run):
             assert c["status"] == "applied"
             assert recorded[c["id"]]["misregistration_px"] == c["misregistration_px"]
             assert np.allclose(c["misregistration_px"], truth[c["id"]], atol=0.1), c
+
+
+def test_scene_level_estimate_applies_rejects_and_fails(b08_29rkh):
+    from stages.coregister import estimate_reference_shifts
+
+    def scene(a):
+        return xr.DataArray(dsa.from_array(a[None], chunks=(1, 128, 128)), dims=("band", "y", "x"),
+                            coords={"band": ["B08"]})
+
+    refs = xr.concat([scene(ndimage.shift(b08_29rkh, s, order=3, mode="nearest"))
+                      for s in [(0.3, -0.25), (2.5, 0.0), (0.0, 0.0)]], dim="time")
+    masks = xr.DataArray(np.zeros((3, 256, 256), bool), dims=("time", "y", "x"))
+    masks[2] = True  # the third reference is all cloud
+    tmask = xr.DataArray(np.zeros((256, 256), bool), dims=("y", "x"))
+    cfg = CoregisterConfig(max_shift_px=2.0, window=200)
+    out = estimate_reference_shifts(scene(b08_29rkh), tmask, refs, masks, ["a", "b", "c"], cfg)
+    assert [c.status for c in out] == ["applied", "rejected", "failed"]
+    assert np.allclose(out[0].as_properties()["misregistration_px"], (0.3, -0.25), atol=0.1)
+    assert np.allclose(out[1].as_properties()["misregistration_px"], (2.5, 0.0), atol=0.1)
+    assert out[0].window == (28, 228, 28, 228) and "max_shift_px" in out[1].reason
