@@ -140,7 +140,7 @@ def run_one(factor: int, stage: str, folder: Path) -> dict:
 def _removed(plan, model, cfg, geobox):
     """The runner's chain up to (not including) the write: load, masks, co-registration, tiles, model."""
     from pipeline.runner import scene_context
-    from stages.coregister import apply_shifts, estimate_reference_shifts
+    from stages.coregister import estimate_reference_shifts, load_aligned_references
     from stages.load import load_reflectance_checked
     from stages.masks import build_masks
     from stages.remove import SceneInputs, remove_clouds
@@ -152,7 +152,10 @@ def _removed(plan, model, cfg, geobox):
     ref_masks = mask[1:] | stack[1:].isnull().any("band") | failed[1:]
     ids = [c.item.id for c in plan.references]
     shifts = estimate_reference_shifts(stack[0], mask[0], stack[1:], ref_masks, ids, cfg.coregister)
-    refs, ref_masks = apply_shifts(stack[1:], ref_masks, shifts, cfg.coregister)
+    refs = stack[1:]
+    if any(c.applied for c in shifts):
+        refs, ref_masks = load_aligned_references([c.item for c in plan.references], shifts, geobox, BANDS, cfg.mask,
+                                                  cfg.grid.chunk, stack[0])
     halo = model.spec.halo
     context = scene_context(model, items, BANDS, geobox, cfg, plan) if model.spec.scene_context else {}
     inputs = SceneInputs(stack[0], mask[0], prob[0], refs, ref_masks, tuple(ids),

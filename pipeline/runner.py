@@ -150,11 +150,13 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
         ref_masks = mask[1:] | stack[1:].isnull().any("band") | failed[1:]
     coreg = []
     if refs and cfg.coregister.enabled:
-        from stages.coregister import apply_shifts, estimate_reference_shifts
+        from stages.coregister import estimate_reference_shifts, load_aligned_references
 
         coreg = estimate_reference_shifts(stack[0], mask[0], ref_stack, ref_masks, [r.id for r in refs],
                                           cfg.coregister)
-        ref_stack, ref_masks = apply_shifts(ref_stack, ref_masks, coreg, cfg.coregister)
+        if any(c.applied for c in coreg):  # re-read the references on shifted grids: one resampling, lazy
+            ref_stack, ref_masks = load_aligned_references(refs, coreg, geobox, bands, cfg.mask, cfg.grid.chunk,
+                                                           stack[0])
     if plan.sar and cfg.coregister.enabled:
         coreg.append(_sar_coregistration(plan, stack[0], mask[0], geobox, cfg))
     inputs = SceneInputs(
