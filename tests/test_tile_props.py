@@ -96,7 +96,7 @@ def test_load_mask_coregister_tile_remove_build_graphs_without_computing(demo_ca
 
     from models.registry import build_model
     from pipeline.config import CoregisterConfig, GridConfig, MaskConfig
-    from stages.coregister import Coregistration, apply_shifts
+    from stages.coregister import Coregistration, apply_shifts, load_aligned_references
     from stages.load import load_reflectance_checked, output_geobox
     from stages.masks import build_masks
     from stages.remove import SceneInputs, remove_clouds
@@ -113,12 +113,15 @@ def test_load_mask_coregister_tile_remove_build_graphs_without_computing(demo_ca
                                  grid.chunk)
         ref_masks = mask[1:] | stack[1:].isnull().any("band") | failed[1:]
         shifts = [Coregistration(r.id, "optical", "applied", shift_px=(0.3, -0.2)) for r in refs]
-        ref_stack, ref_masks = apply_shifts(stack[1:], ref_masks, shifts, CoregisterConfig())
+        shifted, _ = apply_shifts(stack[1:], ref_masks, shifts, CoregisterConfig())  # in-memory variant
+        ref_stack, ref_masks = load_aligned_references(refs, shifts, geobox, grid.bands,
+                                                       MaskConfig(methods=["cldprb", "scl", "spectral"]),
+                                                       grid.chunk, stack[0])  # what the runner uses
         tiles = plan_tiles(geobox.shape, 256, model.spec.halo)
         ds = remove_clouds(SceneInputs(stack[0], mask[0], prob[0], ref_stack, ref_masks,
                                        tuple(r.id for r in refs), (-10.0, 25.0), target.id),
                            model, tiles, model.spec.halo)
     assert not failures
-    for a in (stack, failed, mask, prob, ref_stack, ds.reflectance, ds.source):
+    for a in (stack, failed, mask, prob, shifted, ref_stack, ref_masks, ds.reflectance, ds.source):
         assert isinstance(a.data, dsa.Array)
     assert ds.reflectance.shape == (len(grid.bands),) + tuple(geobox.shape)
