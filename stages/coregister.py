@@ -24,7 +24,10 @@ Scale (:func:`estimate_reference_shifts`): estimation reads one band of a centra
 pixels, default 512) of each image, computed eagerly once per target while the graph is built (like the model's
 scene context): a few MB whatever the AOI size. The shift is assumed constant over the scene (true for the
 sub-pixel misregistration between Sentinel-2 acquisitions; a terrain-dependent warp is not modelled).
-Application (:func:`apply_shifts`) stays lazy: ``map_overlap`` per chunk with a halo of ``ceil(max_shift) + 2``.
+Application stays lazy. The runner re-reads each reference on a grid shifted by its estimate
+(:func:`load_aligned_references`): one bilinear resampling of the source pixels, no overlap layer, the same memory
+per chunk as a plain load. :func:`apply_shifts` (``map_overlap`` per chunk, halo ``ceil(max_shift) + 3``) shifts
+arrays that have no STAC source; on the 16x benchmark it cost 650 MB / 160 s against 440 MB / 41 s.
 """
 
 from __future__ import annotations
