@@ -142,6 +142,31 @@ class MaskConfig(_Section):
     scl_classes: list[int] = Field(default_factory=lambda: [3, 8, 9, 10])
     #: dilation (pixels) of the final mask.
     dilation: int = 2
+    #: 'spectral': cloud-score threshold T_cloud (eq. 14 of the cloud-attentive fusion paper) and NDSI snow limit.
+    spectral_threshold: float = Field(0.2, ge=0, le=1)
+    snow_ndsi: float = Field(0.6, ge=-1, le=1)
+    #: 's2cloudless': probability threshold, averaging window and dilation (pixels, s2cloudless's own parameters).
+    s2cloudless_threshold: float = Field(0.4, ge=0, le=1)
+    s2cloudless_average_over: int = Field(4, ge=0)
+    s2cloudless_dilation: int = Field(2, ge=0)
+
+
+class CoregisterConfig(_Section):
+    """Sub-pixel co-registration of references (and SAR) to the target (stages/coregister.py)."""
+
+    enabled: bool = True
+    #: estimated shifts larger than this (pixels, vector length) are recorded but not applied.
+    max_shift_px: float = Field(3.0, gt=0, le=64)
+    #: phase-correlation upsampling factor (1/upsample px resolution before the masked refinement).
+    upsample: int = Field(100, ge=1)
+    #: band the optical shift is estimated on.
+    band: str = "B08"
+    #: side (pixels) of the central window the shift is estimated on (one eager read of this size per image).
+    window: int = Field(512, ge=64)
+    #: minimum fraction of the window clear in both images; below it the reference is not shifted.
+    min_clear_fraction: float = Field(0.05, ge=0, le=1)
+    #: spline order used to apply the shift (1 bilinear, 3 cubic).
+    order: int = Field(1, ge=0, le=5)
 
 
 class TileConfig(_Section):
@@ -200,6 +225,7 @@ class Config(_Section):
     grid: GridConfig = Field(default_factory=GridConfig)
     mask: MaskConfig = Field(default_factory=MaskConfig)
     tile: TileConfig = Field(default_factory=TileConfig)
+    coregister: CoregisterConfig = Field(default_factory=CoregisterConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     composite: CompositeConfig = Field(default_factory=CompositeConfig)

@@ -38,6 +38,8 @@ class TargetResult:
     #: ``{"tile (i, j)": seconds}`` of the model per tile, and cloud cover before/after (fractions).
     tile_seconds: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
+    #: per-reference (and SAR) co-registration records (stages.coregister.Coregistration.as_properties()).
+    coregistration: list[dict] = field(default_factory=list)
 
 
 def output_stem(target_id: str, model_name: str) -> str:
@@ -120,13 +122,14 @@ SCENE_SAMPLE_MAX = 1024
 
 def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) -> dict:
     """Run ``model.fit_scene`` on a coarse load of the whole scene (COG overviews: cheap, bounded memory)."""
-    from stages.load import load_reflectance
+    from stages.load import load_reflectance_checked
     from stages.masks import build_masks
     from stages.remove import SceneInputs, to_tile_inputs
 
     k = max(1, int(np.ceil(max(geobox.shape) / SCENE_SAMPLE_MAX)))
     coarse = geobox.zoom_out(k) if k > 1 else geobox
-    stack = load_reflectance(items, bands, coarse, cfg.grid.chunk, name=f"{items[0].id}-sample")
+    # failed assets (already reported by process_target) are NaN in the sample instead of raising mid-compute
+    stack = load_reflectance_checked(items, bands, coarse, cfg.grid.chunk, name=f"{items[0].id}-sample")[0]
     mask, prob = build_masks(items, coarse, cfg.mask, cfg.grid.chunk)
     n = len(items)
     sample = to_tile_inputs(SceneInputs(
@@ -141,7 +144,7 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
 
 def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetResult:
     from catalogs.harmonise import harmonise
-    from stages.load import load_reflectance, output_geobox
+    from stages.load import load_reflectance_checked, output_geobox
     from stages.masks import NODATA_BIT, build_mask_provenance, build_masks, method_bits
     from stages.mosaic import confidence_fallback
     from stages.publish import file_sha256, output_item, update_collection
@@ -155,14 +158,26 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     items = [target, *refs]
     bands = list(dict.fromkeys([*cfg.grid.bands, *model.spec.bands]))
     geobox = output_geobox(target, cfg.grid, load_aoi(cfg.search.aoi)[0])
-    stack = load_reflectance(items, bands, geobox, cfg.grid.chunk, name=target.id)
+    stack, failed, read_failures = load_reflectance_checked(items, bands, geobox, cfg.grid.chunk, name=target.id)
     mask, prob = build_masks(items, geobox, cfg.mask, cfg.grid.chunk)
     ref_masks = None
+    ref_stack = stack[1:] if refs else None
     if refs:
-        ref_masks = mask[1:] | stack[1:].isnull().any("band")
+        ref_masks = mask[1:] | stack[1:].isnull().any("band") | failed[1:]
+    coreg = []
+    if refs and cfg.coregister.enabled:
+        from stages.coregister import estimate_reference_shifts, load_aligned_references
+
+        coreg = estimate_reference_shifts(stack[0], mask[0], ref_stack, ref_masks, [r.id for r in refs],
+                                          cfg.coregister)
+        if any(c.applied for c in coreg):  # re-read the references on shifted grids: one resampling, lazy
+            ref_stack, ref_masks = load_aligned_references(refs, coreg, geobox, bands, cfg.mask, cfg.grid.chunk,
+                                                           stack[0])
+    if plan.sar and cfg.coregister.enabled:
+        coreg.append(_sar_coregistration(plan, stack[0], mask[0], geobox, cfg))
     inputs = SceneInputs(
         target=stack[0], cloud_mask=mask[0], cloud_prob=prob[0],
-        references=stack[1:] if refs else None, reference_masks=ref_masks,
+        references=ref_stack, reference_masks=ref_masks,
         reference_ids=tuple(r.id for r in refs),
         reference_dt_days=tuple(c.dt_days for c in plan.references[: len(refs)]), target_id=target.id,
     )
@@ -175,6 +190,8 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     prov = build_mask_provenance(items[:1], geobox, cfg.mask, cfg.grid.chunk)[0]
     prov = prov | stack[0].isnull().any("band").astype(np.uint8) * np.uint8(NODATA_BIT)
     ds["mask_provenance"] = (("y", "x"), prov.data)
+    if read_failures:
+        ds = mark_failed(ds, failed[0])
     stem = output_stem(target.id, model.name)
     k = max(1, int(np.ceil(max(geobox.shape) / QUICKLOOK_MAX)))
     rgb = [b for b in RGB if b in bands]
@@ -208,6 +225,10 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     extra["cloudfree:low_confidence"] = {"floor": cfg.output.confidence_floor, "mode": cfg.output.low_confidence}
     wpath = Path(model.spec.weights) if model.spec.weights else None
     weights_sha = file_sha256(wpath) if wpath is not None and wpath.is_file() else None
+    if read_failures:
+        extra["cloudfree:read_failures"] = [f.as_properties() for f in read_failures]
+    if coreg:
+        extra["cloudfree:coregistration"] = [c.as_properties() for c in coreg]
     item = output_item(target, refs, out, geobox, bands, model.name, dict(cfg.model.params), run_id,
                        [harmonise(i).as_properties() for i in items], extra=extra, weights_sha256=weights_sha,
                        collection_id=cfg.output.collection, mask_bits=method_bits(cfg.mask.methods))
@@ -216,7 +237,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     update_collection(cfg.output.dir, paths["item"], cfg.output.collection)
     out.files["item"] = paths["item"]
     return TargetResult(target.id, "done", [r.id for r in refs], outputs=dict(out.files), metrics=metrics,
-                        tile_seconds=tile_seconds, stats=stats)
+                        tile_seconds=tile_seconds, stats=stats, coregistration=[c.as_properties() for c in coreg])
 
 
 #: confidence below this counts as "still cloudy" in the cover statistics when no floor is configured.
@@ -249,3 +270,29 @@ def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: floa
         "low_confidence_threshold": thr / 100,
         "nodata_after": float((~valid_out).mean()),
     }
+
+
+def mark_failed(ds, failed):
+    """Pixels whose target read failed become ``SOURCE_FAILED`` (reflectance NaN, confidence 0), not nodata."""
+    from pipeline.contract import SOURCE_FAILED
+
+    return ds.assign(reflectance=ds.reflectance.where(~failed), confidence=ds.confidence.where(~failed, 0.0),
+                     source=ds.source.where(~failed, float(SOURCE_FAILED)))
+
+
+def _sar_coregistration(plan: TargetPlan, target, target_mask, geobox, cfg: Config):
+    """Estimate and record (not apply: no model consumes SAR through the runner yet) the S1 -> S2 shift."""
+    from pipeline.errors import ReadError
+    from stages.coregister import Coregistration, estimate_sar_shift
+    from stages.load import load_sar
+
+    sar_item = plan.sar[0].item
+    band = cfg.coregister.band if cfg.coregister.band in target.band.values else str(target.band.values[-1])
+    try:
+        sar = load_sar([sar_item], geobox, chunk=cfg.grid.chunk)
+        pol = "vv" if "vv" in sar.band.values else str(sar.band.values[0])
+        return estimate_sar_shift(target.sel(band=band), target_mask, sar.sel(band=pol)[0], sar_item.id,
+                                  cfg.coregister)
+    except (ReadError, CloudfreeError) as exc:
+        log.warning("%s: SAR co-registration with %s failed: %s", plan.target.id, sar_item.id, exc)
+        return Coregistration(sar_item.id, "sar", "failed", reason=str(exc))

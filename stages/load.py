@@ -1,25 +1,37 @@
 """Load stage: STAC items -> lazy ``(time, band, y, x)`` float32 reflectance on one output grid (odc-stac).
 
 DN -> reflectance uses each item's own harmonisation (scale, and the baseline-04.00 offset where it applies), so
-items from different baselines mix correctly. Reflectance bands are resampled bilinearly; class and probability
-layers (SCL, MSK_CLDPRB) with nearest/mode, never interpolated. Nothing is computed here.
+items from different baselines mix correctly. Reflectance bands are resampled bilinearly (``average`` when the
+grid is coarser than 1.5x the band's native resolution); class and probability layers (SCL, MSK_CLDPRB) with
+nearest, never interpolated. Nothing is computed here.
+
+Failed reads are never silently nodata: :func:`load_reflectance_checked` probes every asset with retries
+(GDAL's HTTP retries inside a scoped ``rasterio.Env`` plus an outer retry with backoff) and returns a ``failed``
+layer next to the data, so each pixel is observed, masked (cloud/nodata) or failed; the runner writes the failed
+ones as ``SOURCE_FAILED``. :func:`load_sar` loads Sentinel-1 backscatter (linear power) on the same grid.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
+import dask.array as dsa
 import numpy as np
 import odc.stac
 import pystac
+import rasterio
+import rasterio.errors
+import rasterio.windows
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from odc.geo.geobox import GeoBox
 
 from pipeline.config import GridConfig
 from pipeline.contract import validate_scene
-from pipeline.errors import ContractError, InputDataError
+from pipeline.errors import ContractError, InputDataError, ReadError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +86,44 @@ def _item_crs(item: pystac.Item) -> str | None:
     return None
 
 
+def declared_resolution(item: pystac.Item, band: str) -> float | None:
+    """The pixel size (m) an item's asset declares for ``band``: asset ``proj:transform``, ``gsd`` or
+    ``raster:bands[0].spatial_resolution``; None when it declares none."""
+    asset = item.assets.get(band)
+    if asset is None:
+        return None
+    f = asset.extra_fields
+    if f.get("proj:transform"):
+        return abs(float(f["proj:transform"][0]))
+    rb = f.get("raster:bands") or [{}]
+    for v in (f.get("gsd"), rb[0].get("spatial_resolution") if isinstance(rb[0], dict) else None):
+        if v:
+            return float(v)
+    return None
+
+
+def reflectance_resampling(bands: Sequence[str], resolution: float,
+                           items: Sequence[pystac.Item] = ()) -> dict[str, str]:
+    """Per band: ``average`` when the grid is coarser than 1.5x the source pixels, else ``bilinear``.
+
+    The source pixel size is what the items' assets declare (the coarsest of them); with ``items`` given and no
+    declaration, ``bilinear`` is used: GDAL's ``average`` while actually *up*sampling (a decimated file whose real
+    pixels are coarser than the band's nominal GSD) gives wrong values at chunk edges. Without ``items`` the
+    nominal Sentinel-2 GSD is assumed.
+    """
+    from pipeline.contract import S2_BANDS
+
+    out = {}
+    for b in bands:
+        if items:
+            declared = [declared_resolution(it, b) for it in items]
+            src = max(declared) if all(d is not None for d in declared) else None
+        else:
+            src = S2_BANDS.get(b, 10)
+        out[b] = "average" if src is not None and resolution > 1.5 * src else "bilinear"
+    return out
+
+
 def load_reflectance(items: Sequence[pystac.Item], bands: Sequence[str], geobox: GeoBox, chunk: int = 512,
                      name: str = "scene") -> xr.DataArray:
     """Lazily load ``bands`` of ``items`` as float32 reflectance ``(time, band, y, x)``, NaN nodata."""
@@ -84,7 +134,8 @@ def load_reflectance(items: Sequence[pystac.Item], bands: Sequence[str], geobox:
         if missing:
             raise InputDataError(f"item {it.id} has no assets {missing}; pick grid.bands among {sorted(it.assets)}")
     ds = odc.stac.load(
-        items, bands=list(bands), geobox=geobox, chunks={"x": chunk, "y": chunk}, resampling="bilinear",
+        items, bands=list(bands), geobox=geobox, chunks={"x": chunk, "y": chunk},
+        resampling=reflectance_resampling(bands, abs(geobox.resolution.x), items),
         dtype="float32", groupby="id", preserve_original_order=True, fail_on_error=True,
     )
     per_band = []
@@ -118,3 +169,167 @@ def load_layer(items: Sequence[pystac.Item], asset: str, geobox: GeoBox, chunk: 
                        preserve_original_order=True)
     da = ds[asset]
     return da.assign_coords(time=[np.datetime64(it.datetime.replace(tzinfo=None), "ns") for it in items])
+
+
+# -- failed reads: retried, then reported as a third pixel state (observed / masked / failed) ----------------------
+#: GDAL's own HTTP retries for remote assets (/vsicurl/, /vsis3/...), scoped with rasterio.Env around every open.
+GDAL_RETRY_ENV = {"GDAL_HTTP_MAX_RETRY": "4", "GDAL_HTTP_RETRY_DELAY": "1", "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+
+
+@dataclass(frozen=True)
+class ReadFailure:
+    """One asset that could not be read after retries; it reaches the output as ``SOURCE_FAILED`` pixels."""
+
+    item_id: str
+    band: str
+    href: str
+    error: str
+    attempts: int
+
+    def as_properties(self) -> dict:
+        return asdict(self)
+
+
+def open_with_retry(href: str, retries: int = 3, delay: float = 0.5) -> tuple[int, int]:
+    """Open ``href`` and read one pixel (header and first block) with retries; return ``(height, width)``.
+
+    Raises :class:`ReadError` naming the asset after ``retries`` failed attempts (exponential backoff).
+    """
+    last: Exception | None = None
+    for attempt in range(1, retries + 1):
+        try:
+            with rasterio.Env(**GDAL_RETRY_ENV), rasterio.open(href) as src:
+                src.read(1, window=rasterio.windows.Window(0, 0, 1, 1))
+                return src.height, src.width
+        except (rasterio.errors.RasterioError, OSError) as exc:
+            last = exc
+            if attempt < retries:
+                log.debug("read of %s failed (attempt %d/%d): %s", href, attempt, retries, exc)
+                time.sleep(delay * 2 ** (attempt - 1))
+    raise ReadError(f"{href} could not be read after {retries} attempts: {last}; check the path/URL, signing and "
+                    "network, or drop the item")
+
+
+def check_assets(items: Sequence[pystac.Item], keys: Sequence[str], retries: int = 3,
+                 delay: float = 0.5) -> list[ReadFailure]:
+    """Probe every ``(item, asset)`` once (header + first block, with retries); return those that failed."""
+    failures = []
+    for it in items:
+        for k in keys:
+            if k not in it.assets:
+                continue
+            href = it.assets[k].get_absolute_href() or it.assets[k].href
+            try:
+                open_with_retry(href, retries, delay)
+            except ReadError as exc:
+                log.error("item %s asset %s: %s", it.id, k, exc)
+                failures.append(ReadFailure(it.id, k, href, str(exc), retries))
+    return failures
+
+
+def load_reflectance_checked(items: Sequence[pystac.Item], bands: Sequence[str], geobox: GeoBox, chunk: int = 512,
+                             name: str = "scene", retries: int = 3, delay: float = 0.5,
+                             ) -> tuple[xr.DataArray, xr.DataArray, list[ReadFailure]]:
+    """:func:`load_reflectance` with failed reads kept apart from nodata.
+
+    Every asset is probed first (:func:`check_assets`, retried). Assets that still fail are not read: their band is
+    NaN and ``failed`` ``(time, y, x)`` is True over the item's pixels, so the runner writes ``SOURCE_FAILED``
+    there instead of a silent nodata. Assets that pass are loaded with ``fail_on_error=True``: a read that fails
+    later (mid-compute) raises instead of becoming nodata.
+    """
+    from odc.geo.xr import xr_coords
+
+    failures = check_assets(items, bands, retries, delay)
+    bad = {(f.item_id, f.band) for f in failures}
+    if not failures:
+        stack = load_reflectance(items, bands, geobox, chunk, name=name)
+        failed = xr.zeros_like(stack.isel(band=0, drop=True), dtype=bool).rename("failed")
+        return stack, failed, []
+    coords = xr_coords(geobox)
+    per_item = []
+    for it in items:
+        good = [b for b in bands if (it.id, b) not in bad]
+        part = load_reflectance([it], good, geobox, chunk, name=name).isel(time=0) if good else None
+        planes = [part.sel(band=b).data if b in good else
+                  dsa.full(tuple(geobox.shape), np.nan, dtype=np.float32, chunks=chunk) for b in bands]
+        per_item.append(dsa.stack(planes))
+    out = xr.DataArray(
+        dsa.stack(per_item), dims=("time", "band", "y", "x"),
+        coords={"time": [np.datetime64(it.datetime.replace(tzinfo=None), "ns") for it in items],
+                "band": list(bands), "y": coords["y"].values, "x": coords["x"].values,
+                "id": ("time", [it.id for it in items])}, name=name)
+    out = out.rio.write_crs(geobox.crs.to_wkt())
+    failed_items = np.array([any((it.id, b) in bad for b in bands) for it in items])
+    flags = dsa.from_array(failed_items[:, None, None], chunks=1)
+    failed = xr.DataArray(dsa.broadcast_to(flags, (len(items),) + tuple(geobox.shape), chunks=(1, chunk, chunk)),
+                          dims=("time", "y", "x"), coords={"time": out.time, "y": out.y, "x": out.x}, name="failed")
+    return validate_scene(out, name=name, bands=tuple(bands)), failed, failures
+
+
+# -- Sentinel-1 -----------------------------------------------------------------------------------------------------
+SAR_POLS = ("vv", "vh")
+
+
+def _sar_source(item: pystac.Item, pol: str) -> tuple[str, int, bool] | None:
+    """``(href, band index 1-based, values in dB)`` of polarisation ``pol`` in ``item``, or None."""
+    for key, asset in item.assets.items():
+        names = [str(b.get("name", "")).lower() for b in asset.extra_fields.get("eo:bands", []) or []]
+        if key.lower() == pol or pol in names:
+            idx = names.index(pol) + 1 if pol in names else 1
+            rb = asset.extra_fields.get("raster:bands") or [{}]
+            unit = str(rb[min(idx - 1, len(rb) - 1)].get("unit", "")).lower()
+            is_db = unit in ("db", "decibel") or bool(asset.extra_fields.get("cloudfree:db"))
+            return asset.get_absolute_href() or asset.href, idx, is_db
+    return None
+
+
+def db_to_linear(db: np.ndarray) -> np.ndarray:
+    """Backscatter dB -> linear power (pure numpy)."""
+    return np.power(np.float32(10), db / np.float32(10)).astype(np.float32)
+
+
+def load_sar(items: Sequence[pystac.Item], geobox: GeoBox, pols: Sequence[str] = SAR_POLS, chunk: int = 512,
+             retries: int = 3, delay: float = 0.5) -> xr.DataArray:
+    """Sentinel-1 backscatter ``(time, band, y, x)`` float32 linear power on ``geobox``, lazily, NaN nodata.
+
+    Each item needs one asset per polarisation (key ``vv``/``vh``, or an ``eo:bands`` name in a multi-band asset);
+    dB assets (``raster:bands`` unit ``dB``) are converted to linear power. Pixels are reprojected with odc-geo:
+    bilinear, or average when the source is finer than the grid by more than 1.5x. A polarisation no item has is
+    dropped; an asset that cannot be opened after retries raises :class:`ReadError` naming item and asset.
+    """
+    from odc.geo.xr import xr_reproject
+
+    if not items:
+        raise InputDataError("load_sar: no Sentinel-1 items to load")
+    found = [p for p in pols if all(_sar_source(it, p) is not None for it in items)]
+    if not found:
+        raise InputDataError(f"items {[it.id for it in items]} carry none of the polarisations {list(pols)} (asset "
+                             "keys or eo:bands names); check search.sar collection and asset names")
+    res = abs(geobox.resolution.x)
+    per_item = []
+    for it in items:
+        planes = []
+        for p in found:
+            href, idx, is_db = _sar_source(it, p)
+            try:
+                open_with_retry(href, retries, delay)
+            except ReadError as exc:
+                raise ReadError(f"Sentinel-1 item {it.id} asset {p}: {exc}") from None
+            src = rioxarray.open_rasterio(href, chunks={"x": chunk, "y": chunk}, masked=True).sel(band=idx)
+            src_res = abs(float(src.rio.resolution()[0]))
+            resampling = "average" if src_res * 1.5 < res else "bilinear"
+            dst = xr_reproject(src.astype(np.float32), geobox, resampling=resampling, dst_nodata=np.nan,
+                               chunks=(chunk, chunk))
+            data = dst.data
+            if is_db:
+                data = dsa.map_blocks(db_to_linear, data, dtype=np.float32)
+            planes.append(data.astype(np.float32))
+        per_item.append(dsa.stack(planes))
+    from odc.geo.xr import xr_coords
+
+    coords = xr_coords(geobox)
+    da = xr.DataArray(dsa.stack(per_item), dims=("time", "band", "y", "x"),
+                      coords={"time": [np.datetime64(it.datetime.replace(tzinfo=None), "ns") for it in items],
+                              "band": list(found), "y": coords["y"], "x": coords["x"],
+                              "id": ("time", [it.id for it in items])}, name="sar")
+    return da.rio.write_crs(geobox.crs.to_wkt())

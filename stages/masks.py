@@ -174,3 +174,148 @@ def build_mask_provenance(items, geobox, cfg: MaskConfig, chunk: int = 512) -> x
         b = m.astype(np.uint8) * np.uint8(bit)
         bits = b if bits is None else bits | b
     return bits.rename("mask_provenance")
+
+
+# -- spectral cloud score (Sen2Cor-style, cloud-attentive SAR-optical fusion paper, eqs. 13-16) ----------------------
+#: ``(bands, lo, hi)`` of the score terms: each term is ``rescale(sum of bands, lo, hi)``, the score is their min.
+#: Clouds are bright in blue (B02), in coastal aerosol (B01) and cirrus (B01 + B10), and in all visible bands.
+SPECTRAL_TERMS: tuple[tuple[tuple[str, ...], float, float], ...] = (
+    (("B02",), 0.1, 0.5),
+    (("B01",), 0.1, 0.3),
+    (("B01", "B10"), 0.15, 0.2),
+    (("B04", "B03", "B02"), 0.2, 0.8),
+)
+#: bands the score cannot do without (the NDSI snow test needs B03 and B11).
+SPECTRAL_REQUIRED = ("B02", "B03", "B04", "B11")
+SPECTRAL_OPTIONAL = ("B01", "B10")
+
+
+def rescale(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Linear ramp: 0 at ``lo``, 1 at ``hi``, clipped (``hi < lo`` gives a decreasing ramp)."""
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+
+
+def ndsi_kernel(green: np.ndarray, swir: np.ndarray) -> np.ndarray:
+    """Normalised Difference Snow Index ``(B03 - B11) / (B03 + B11)`` (eq. 15); NaN where undefined."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (green - swir) / (green + swir)
+
+
+def spectral_score_kernel(refl: dict[str, np.ndarray], snow_ndsi: float = 0.6) -> np.ndarray:
+    """Continuous cloud score ``S_c`` in [0, 1] (eq. 13) with snow (NDSI >= ``snow_ndsi``, eq. 16) set to 0.
+
+    ``refl`` maps band names to TOA (or BOA) reflectance arrays of one shape. Terms whose bands are missing are
+    skipped (B01/B10: L2A has no B10, some sensors no B01), so the score degrades to the blue and visible tests.
+    NaN input gives NaN.
+    """
+    missing = [b for b in SPECTRAL_REQUIRED if b not in refl]
+    if missing:
+        raise KeyError(f"spectral cloud score needs bands {missing}")
+    score = np.ones_like(refl["B02"], dtype=np.float32)
+    for bands, lo, hi in SPECTRAL_TERMS:
+        if all(b in refl for b in bands):
+            score = np.minimum(score, rescale(sum(refl[b] for b in bands), lo, hi))
+    snow = ndsi_kernel(refl["B03"], refl["B11"]) >= snow_ndsi
+    score = np.where(snow, 0.0, score).astype(np.float32)
+    nan = ~np.isfinite(refl["B02"]) | ~np.isfinite(refl["B11"])
+    return np.where(nan, np.nan, score).astype(np.float32)
+
+
+def spectral_mask_kernel(score: np.ndarray, threshold: float, closing: int, opening: int,
+                         dilation: int) -> np.ndarray:
+    """``S_c > T_cloud`` (eq. 14; snow already removed, eq. 16), then closing/opening/dilation."""
+    return refine_kernel(np.nan_to_num(score, nan=0.0) > threshold, closing, opening, dilation)
+
+
+def _score_block(block: np.ndarray, bands: tuple[str, ...], snow_ndsi: float) -> np.ndarray:
+    """``(time, band, y, x)`` block -> ``(time, y, x)`` score."""
+    return np.stack([spectral_score_kernel({b: block[t, i] for i, b in enumerate(bands)}, snow_ndsi)
+                     for t in range(block.shape[0])])
+
+
+def spectral_mask(items, geobox, cfg: MaskConfig, chunk: int = 512) -> tuple[xr.DataArray, xr.DataArray]:
+    """Mask method ``spectral``: for items without any cloud layer; needs B02/B03/B04/B11, uses B01/B10 if present."""
+    from pipeline.errors import InputDataError
+    from stages.load import load_reflectance
+
+    lacking = {it.id: [b for b in SPECTRAL_REQUIRED if b not in it.assets] for it in items}
+    lacking = {k: v for k, v in lacking.items() if v}
+    if lacking:
+        raise InputDataError(f"mask method 'spectral' needs bands {list(SPECTRAL_REQUIRED)}; items lack {lacking}; "
+                             "use 'scl'/'cldprb' for them")
+    bands = SPECTRAL_REQUIRED + tuple(b for b in SPECTRAL_OPTIONAL if all(b in it.assets for it in items))
+    stack = load_reflectance(items, bands, geobox, chunk, name="spectral-mask-input")
+    data = stack.data.rechunk({1: -1})
+    score = dsa.map_blocks(_score_block, data, bands=bands, snow_ndsi=cfg.snow_ndsi, drop_axis=1, dtype=np.float32)
+    prob = xr.DataArray(score, dims=("time", "y", "x"), coords={k: stack.coords[k] for k in ("time", "y", "x")})
+    depth = cfg.closing_radius + cfg.opening_radius + cfg.dilation + 1
+    mask = _lazy_2d(spectral_mask_kernel, prob, depth, bool, threshold=cfg.spectral_threshold,
+                    closing=cfg.closing_radius, opening=cfg.opening_radius, dilation=cfg.dilation)
+    return mask.rename("cloud_mask"), prob.rename("cloud_prob")
+
+
+# -- s2cloudless (LightGBM, trained on L1C TOA with B10) --------------------------------------------------------------
+#: the 10 bands s2cloudless's model takes, in its order.
+S2CLOUDLESS_BANDS = ("B01", "B02", "B04", "B05", "B08", "B8A", "B09", "B10", "B11", "B12")
+
+
+def s2cloudless_kernel(refl: np.ndarray, threshold: float = 0.4, average_over: int = 4,
+                       dilation_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """``(y, x, 10)`` L1C TOA reflectance in :data:`S2CLOUDLESS_BANDS` order -> ``(probability, mask)``.
+
+    NaN pixels get probability NaN and mask False.
+    """
+    from s2cloudless import S2PixelCloudDetector
+
+    det = S2PixelCloudDetector(threshold=threshold, all_bands=False, average_over=average_over,
+                               dilation_size=dilation_size)
+    bad = ~np.isfinite(refl).all(axis=-1)
+    x = np.nan_to_num(refl, nan=0.0).astype(np.float32)[None]
+    prob = det.get_cloud_probability_maps(x)[0].astype(np.float32)
+    mask = det.get_mask_from_prob(prob[None])[0].astype(bool)
+    prob[bad] = np.nan
+    mask[bad] = False
+    return prob, mask
+
+
+def _s2cloudless_block(block: np.ndarray, threshold: float, average_over: int, dilation_size: int) -> np.ndarray:
+    """``(time, band, y, x)`` -> ``(time, 2, y, x)``: probability and mask (as 0/1)."""
+    out = np.empty((block.shape[0], 2) + block.shape[2:], np.float32)
+    for t in range(block.shape[0]):
+        p, m = s2cloudless_kernel(np.moveaxis(block[t], 0, -1), threshold, average_over, dilation_size)
+        out[t, 0], out[t, 1] = p, m
+    return out
+
+
+def s2cloudless_mask(items, geobox, cfg: MaskConfig, chunk: int = 512) -> tuple[xr.DataArray, xr.DataArray]:
+    """Mask method ``s2cloudless``: L1C items only (the model needs TOA reflectance including B10).
+
+    L2A items are refused with :class:`InputDataError` naming them: L2A has no B10 and BOA reflectance is not what
+    the model was trained on; use 'cldprb'/'scl' (Sen2Cor's own layers) or 'spectral' for L2A.
+    """
+    from catalogs.harmonise import processing_level
+    from pipeline.errors import InputDataError
+    from stages.load import load_reflectance
+
+    bad = [it.id for it in items
+           if processing_level(it) not in (None, "L1C") or any(b not in it.assets for b in S2CLOUDLESS_BANDS)]
+    if bad:
+        raise InputDataError(
+            f"mask method 's2cloudless' needs L1C items with bands {list(S2CLOUDLESS_BANDS)} (incl. B10); items "
+            f"{bad} are L2A or lack them; use 'cldprb', 'scl' or 'spectral' for L2A items")
+    stack = load_reflectance(items, S2CLOUDLESS_BANDS, geobox, chunk, name="s2cloudless-input")
+    data = stack.data.rechunk({1: -1})
+    depth = cfg.s2cloudless_average_over + cfg.s2cloudless_dilation + 2
+    res = dsa.map_overlap(_s2cloudless_block, data, depth={0: 0, 1: 0, 2: depth, 3: depth}, boundary="none",
+                          trim=True, dtype=np.float32, chunks=(data.chunks[0], (2,), data.chunks[2], data.chunks[3]),
+                          threshold=cfg.s2cloudless_threshold, average_over=cfg.s2cloudless_average_over,
+                          dilation_size=cfg.s2cloudless_dilation)
+    coords = {k: stack.coords[k] for k in ("time", "y", "x")}
+    prob = xr.DataArray(res[:, 0], dims=("time", "y", "x"), coords=coords)
+    raw = xr.DataArray(res[:, 1] > 0.5, dims=("time", "y", "x"), coords=coords)
+    mask = _lazy_2d(refine_kernel, raw, cfg.dilation + 1, bool, closing=0, opening=0, dilation=cfg.dilation)
+    return mask.rename("cloud_mask"), prob.rename("cloud_prob")
+
+
+_EXTRA_METHODS["spectral"] = spectral_mask
+_EXTRA_METHODS["s2cloudless"] = s2cloudless_mask

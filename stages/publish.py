@@ -116,19 +116,21 @@ def output_item(
             "cloudfree:mask_bits)", media_type=pystac.MediaType.COG, roles=["data", "provenance", "cloud"],
             extra_fields={"raster:bands": [{"data_type": "uint8"}]},
         ))
+    grid = {"proj:shape": list(geobox.shape), "proj:transform": list(geobox.transform)[:6]}
     for i, b in enumerate(bands, 1):
         if f"band:{b}" in out.files:
             item.add_asset(b, pystac.Asset(
-                f"./{out.files[f'band:{b}'].name}", f"{b} (band {i} of the reflectance COG)",
-                media_type="application/xml", roles=["data", "virtual"],
-                extra_fields={"eo:bands": [{"name": b}], "raster:bands": [
+                f"./{out.files[f'band:{b}'].name}", f"{b} (band {i} of the reflectance COG, GDAL VRT)",
+                # no media type: GDAL VRT has no registered one, and odc-stac reads an untyped "data" asset
+                media_type=None, roles=["data", "virtual"],
+                extra_fields={"eo:bands": [{"name": b}], **grid, "raster:bands": [
                     {"data_type": "uint16", "nodata": 0, "scale": REFLECTANCE_SCALE, "offset": 0}]},
             ))
     if "cldprb" in out.files:
         item.add_asset("CLDPRB", pystac.Asset(
-            f"./{out.files['cldprb'].name}", "residual cloud probability, percent (100 - confidence)",
-            media_type="application/xml", roles=["data", "cloud-probability", "virtual"],
-            extra_fields={"raster:bands": [{"data_type": "uint8", "nodata": 255, "unit": "percent"}]},
+            f"./{out.files['cldprb'].name}", "residual cloud probability, percent (100 - confidence), GDAL VRT",
+            media_type=None, roles=["data", "cloud-probability", "virtual"],
+            extra_fields={**grid, "raster:bands": [{"data_type": "uint8", "nodata": 255, "unit": "percent"}]},
         ))
     if "quicklook" in out.files:
         item.add_asset("quicklook", pystac.Asset(f"./{out.files['quicklook'].name}", "before | after | mask",

@@ -1,0 +1,190 @@
+"""Load stage: failed reads are retried then reported (never silent nodata), SOURCE_FAILED reaches the output,
+Sentinel-1 loads as linear power on the output grid, resampling keeps classes and picks average when coarser."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dask.array as dsa
+import numpy as np
+import pystac
+import pytest
+import rasterio
+import xarray as xr
+from odc.geo.geobox import GeoBox
+
+from pipeline.contract import SOURCE_FAILED, SOURCE_TARGET
+from pipeline.errors import ReadError
+from stages import load as load_mod
+from stages.load import (check_assets, db_to_linear, load_reflectance, load_reflectance_checked, load_sar,
+                         open_with_retry, output_geobox, reflectance_resampling)
+from tests.conftest import shared
+
+TARGET = "S2A_T33UUU_20170216_SIMCLOUDY"
+
+
+@pytest.fixture(scope="module")
+def demo_items(demo_catalog) -> dict[str, pystac.Item]:
+    return {i.id: i for i in pystac.Catalog.from_file(str(demo_catalog)).get_items(recursive=True)}
+
+
+def _broken_copy(item: pystac.Item, tmp_path: Path) -> pystac.Item:
+    """The demo target with B04 pointing at a missing file and B11 at a corrupt one."""
+    bad = item.clone()
+    bad.id = item.id + "_BROKEN"
+    for k, a in bad.assets.items():
+        a.href = item.assets[k].get_absolute_href()
+    corrupt = tmp_path / "B11.tif"
+    corrupt.write_bytes(b"II*\x00 this is not a GeoTIFF")
+    bad.assets["B04"].href = str(tmp_path / "missing" / "B04.tif")
+    bad.assets["B11"].href = str(corrupt)
+    return bad
+
+
+def test_failed_assets_are_retried_reported_and_flagged(demo_items, tmp_path, monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(load_mod.time, "sleep", sleeps.append)
+    good, ref = demo_items[TARGET], demo_items["S2A_T33UUU_20170206_SIMREF"]
+    bad = _broken_copy(good, tmp_path)
+    gb = output_geobox(good, __import__("pipeline.config", fromlist=["GridConfig"]).GridConfig())[:256, :256]
+    bands = ["B02", "B04", "B08", "B11"]
+    stack, failed, failures = load_reflectance_checked([bad, ref], bands, gb, 128, retries=3, delay=0.01)
+    assert {(f.item_id, f.band) for f in failures} == {(bad.id, "B04"), (bad.id, "B11")}
+    assert all(f.attempts == 3 and bad.id in f.item_id for f in failures)
+    assert len(sleeps) == 4  # 2 assets x (3 attempts - 1) backoffs
+    assert isinstance(stack.data, dsa.Array) and isinstance(failed.data, dsa.Array)
+    s, f = stack.values, failed.values
+    assert f[0].all() and not f[1].any()  # the broken item is failed, the reference observed
+    assert np.isnan(s[0, [1, 3]]).all() and np.isfinite(s[0, [0, 2]]).all()  # readable bands still loaded
+    assert np.isfinite(s[1]).all()
+
+
+def test_retry_recovers_from_a_transient_failure(demo_items, monkeypatch):
+    href = demo_items[TARGET].assets["B02"].get_absolute_href()
+    real, calls = rasterio.open, []
+
+    def flaky(path, *a, **kw):
+        calls.append(path)
+        if len(calls) < 3:
+            raise rasterio.errors.RasterioIOError(f"{path}: HTTP 503 (simulated)")
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(load_mod.rasterio, "open", flaky)
+    monkeypatch.setattr(load_mod.time, "sleep", lambda s: None)
+    assert open_with_retry(href, retries=3) == (768, 1536)
+    calls.clear()
+    with pytest.raises(ReadError, match="after 2 attempts"):
+        open_with_retry(href, retries=2)
+
+
+def test_unchecked_load_raises_instead_of_nodata(demo_items, tmp_path):
+    bad = _broken_copy(demo_items[TARGET], tmp_path)
+    gb = GeoBox.from_bbox(rasterio.open(demo_items[TARGET].assets["B02"].get_absolute_href()).bounds,
+                          "EPSG:32633", resolution=40)
+    da = load_reflectance([bad], ["B11"], gb, 128)
+    with pytest.raises(Exception, match="B11|not recognized|TIFF"):
+        da.values
+    assert check_assets([demo_items[TARGET]], ["B02", "SCL"], retries=1) == []
+
+
+def test_failed_target_pixels_reach_the_output_as_source_failed(demo_config, demo_items, tmp_path):
+    """End to end on a small AOI: a target whose B04 cannot be read is written as SOURCE_FAILED, not nodata."""
+    from models.registry import build_model
+    from pipeline.runner import process_target
+    from stages.search import Candidate, TargetPlan
+
+    good = demo_items[TARGET]
+    bad = _broken_copy(good, tmp_path)
+    bad.assets["B11"].href = good.assets["B11"].get_absolute_href()  # only B04 fails
+    for k in ("truth", "truth_transmission"):  # no evaluation against the simulated truth here
+        bad.assets.pop(k, None)
+    ref = demo_items["S2A_T33UUU_20170206_SIMREF"]
+    x0, y0, x1, y1 = good.bbox
+    aoi = [x0 + 0.3 * (x1 - x0), y0 + 0.3 * (y1 - y0), x0 + 0.45 * (x1 - x0), y0 + 0.6 * (y1 - y0)]
+    cfg = demo_config.replace(search={"aoi": aoi}, output={"dir": str(tmp_path / "out"), "quicklook": False})
+    plan = TargetPlan(bad, (Candidate(ref, -10.0, 0.9, 1.0, True, True, 1.0, "test"),), ())
+    model = build_model(cfg.model.name, cfg.model.params)
+    res = process_target(plan, model, cfg, "test")
+    assert res.status == "done"
+    with rasterio.open(res.outputs["source"]) as ds:
+        src = ds.read(1)
+    assert (src == SOURCE_FAILED).all() and SOURCE_TARGET not in src
+    item = json.loads(res.outputs["item"].read_text())
+    assert [f["band"] for f in item["properties"]["cloudfree:read_failures"]] == ["B04"]
+
+
+def test_mark_failed_sets_source_and_nan():
+    from pipeline.runner import mark_failed
+
+    ds = xr.Dataset({"reflectance": (("band", "y", "x"), np.ones((2, 3, 3), np.float32)),
+                     "confidence": (("y", "x"), np.ones((3, 3), np.float32)),
+                     "source": (("y", "x"), np.full((3, 3), float(SOURCE_TARGET), np.float32))})
+    failed = xr.DataArray(np.eye(3, dtype=bool), dims=("y", "x"))
+    out = mark_failed(ds, failed)
+    assert (out.source.values[np.eye(3, dtype=bool)] == SOURCE_FAILED).all()
+    assert (out.source.values[~np.eye(3, dtype=bool)] == SOURCE_TARGET).all()
+    assert np.isnan(out.reflectance.values[:, 0, 0]).all() and out.confidence.values[0, 0] == 0
+
+
+def test_resampling_choice():
+    assert reflectance_resampling(["B02", "B11", "B01"], 10) == {"B02": "bilinear", "B11": "bilinear",
+                                                                 "B01": "bilinear"}
+    assert reflectance_resampling(["B02", "B11", "B01"], 40) == {"B02": "average", "B11": "average",
+                                                                 "B01": "bilinear"}
+
+
+def _sar_item(path: Path, assets: dict, day: int = 1) -> pystac.Item:
+    with rasterio.open(path) as ds:
+        from odc.geo.geom import BoundingBox
+
+        bbox = list(BoundingBox(*ds.bounds, crs=ds.crs).to_crs("EPSG:4326"))
+    item = pystac.Item(f"S1_{path.stem[:20]}", None, bbox, datetime(2019, 6, day, tzinfo=timezone.utc),
+                       {"platform": "sentinel-1a", "sar:polarizations": ["VV", "VH"]})
+    for k, extra in assets.items():
+        item.add_asset(k, pystac.Asset(str(path), extra_fields=extra))
+    return item
+
+
+def test_load_sar_linear_power_on_the_native_and_a_coarser_grid():
+    path = next(shared("s1-uk-10m").glob("*.tif"))
+    item = _sar_item(path, {"data": {"eo:bands": [{"name": "vh"}, {"name": "vv"}, {"name": "one"}]}})
+    with rasterio.open(path) as ds:
+        raw = ds.read().astype(np.float32)
+        gb = GeoBox((ds.height, ds.width), ds.transform, ds.crs)
+    sar = load_sar([item], gb, chunk=128)
+    assert isinstance(sar.data, dsa.Array) and sar.dtype == np.float32
+    assert sar.dims == ("time", "band", "y", "x") and list(sar.band.values) == ["vv", "vh"]
+    np.testing.assert_allclose(sar.sel(band="vv").values[0], raw[1], rtol=1e-5)
+    np.testing.assert_allclose(sar.sel(band="vh").values[0], raw[0], rtol=1e-5)
+    coarse = load_sar([item], gb.zoom_out(4), chunk=64).values  # 40 m: average of 4x4 blocks
+    expect = raw[1].reshape(64, 4, 64, 4).mean(axis=(1, 3))
+    np.testing.assert_allclose(coarse[0, 0], expect, rtol=1e-3)
+
+
+def test_load_sar_converts_db_to_linear_and_reprojects():
+    path = next(shared("s1-vv-db-20m").glob("*.tif"))
+    item = _sar_item(path, {"vv": {"raster:bands": [{"unit": "dB"}]}})
+    with rasterio.open(path) as ds:
+        db = ds.read(1, masked=True).astype(np.float32)
+        gb = GeoBox((ds.height * 2, ds.width * 2), ds.transform * ds.transform.scale(0.5), ds.crs)
+    sar = load_sar([item], gb, chunk=128).values[0, 0]  # 20 m dB -> 10 m linear, bilinear
+    assert list(load_sar([item], gb).band.values) == ["vv"]
+    ok = np.isfinite(sar)
+    assert ok.mean() > 0.5 and (sar[ok] > 0).all()
+    assert abs(np.median(10 * np.log10(sar[ok])) - np.ma.median(db)) < 0.5
+    np.testing.assert_allclose(db_to_linear(np.array([-10.0, 0.0], np.float32)), [0.1, 1.0], rtol=1e-6)
+
+
+def test_resampling_follows_declared_source_resolution(demo_catalog):
+    """average only when the assets declare pixels finer than the grid; undeclared (decimated files) -> bilinear."""
+    from catalogs.local import LocalCatalog
+
+    demo = LocalCatalog(demo_catalog).get("S2A_T33UUU_20170206_SIMREF")  # assets declare proj:transform
+    assert reflectance_resampling(["B02", "B11"], 40, [demo]) == {"B02": "average", "B11": "average"}
+    assert reflectance_resampling(["B02", "B11"], 20, [demo]) == {"B02": "average", "B11": "bilinear"}
+    bare = demo.clone()
+    for a in bare.assets.values():
+        a.extra_fields.clear()
+    assert reflectance_resampling(["B02", "B11"], 40, [bare]) == {"B02": "bilinear", "B11": "bilinear"}
