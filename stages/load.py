@@ -143,7 +143,11 @@ def load_reflectance(items: Sequence[pystac.Item], bands: Sequence[str], geobox:
         so = np.array([item_harmonisation(it, b) for it in items], np.float32)  # (time, 2)
         scale = xr.DataArray(so[:, 0], dims="time")
         offset = xr.DataArray(so[:, 1], dims="time")
-        per_band.append(ds[b] * scale + offset)
+        # odc-stac fills pixels outside an item's footprint (and the file's own nodata) with the band's nodata
+        # value (S2: DN 0), also when converting to float32: mask them before scaling, so nodata is NaN
+        nodata = ds[b].attrs.get("nodata", 0)
+        raw = ds[b] if nodata is None or (isinstance(nodata, float) and np.isnan(nodata)) else ds[b].where(ds[b] != nodata)
+        per_band.append(raw * scale + offset)
     da = xr.concat(per_band, dim=xr.DataArray(list(bands), dims="band", name="band"))
     da = da.transpose("time", "band", "y", "x").astype(np.float32)
     da = da.assign_coords(time=[np.datetime64(it.datetime.replace(tzinfo=None), "ns") for it in items])

@@ -188,3 +188,19 @@ def test_resampling_follows_declared_source_resolution(demo_catalog):
     for a in bare.assets.values():
         a.extra_fields.clear()
     assert reflectance_resampling(["B02", "B11"], 40, [bare]) == {"B02": "bilinear", "B11": "bilinear"}
+
+
+def test_outside_the_footprint_is_nan_not_zero(demo_catalog):
+    """A grid larger than the item: pixels the item does not cover are nodata (NaN), never 0 reflectance."""
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+
+    from catalogs.local import LocalCatalog
+
+    item = LocalCatalog(demo_catalog).get("S2A_T33UUU_20170206_SIMREF")
+    # 100 m grid starting 1 km west and north of the item's top-left corner (330000, 5822040)
+    grid = GeoBox((100, 100), Affine(100, 0, 329000, 0, -100, 5823040), "EPSG:32633")
+    a = load_reflectance([item], ["B02"], grid).values[0, 0]
+    assert np.isnan(a[:10, :]).all() and np.isnan(a[:, :10]).all()
+    inside = a[20:80, 20:]  # the item is 7.68 km tall: rows 10-86 of this grid
+    assert np.isfinite(inside).all() and (inside > 0).all() and np.isnan(a[90:]).all()
