@@ -145,7 +145,7 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
 def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetResult:
     from catalogs.harmonise import harmonise
     from stages.load import load_reflectance_checked, output_geobox
-    from stages.masks import NODATA_BIT, build_mask_provenance, build_masks, method_bits
+    from stages.masks import NODATA_BIT, build_masks_by_method, mask_provenance, method_bits
     from stages.mosaic import confidence_fallback
     from stages.publish import file_sha256, output_item, update_collection
     from stages.remove import SceneInputs, remove_clouds
@@ -159,7 +159,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     bands = list(dict.fromkeys([*cfg.grid.bands, *model.spec.bands]))
     geobox = output_geobox(target, cfg.grid, load_aoi(cfg.search.aoi)[0])
     stack, failed, read_failures = load_reflectance_checked(items, bands, geobox, cfg.grid.chunk, name=target.id)
-    mask, prob = build_masks(items, geobox, cfg.mask, cfg.grid.chunk)
+    mask, prob, by_method = build_masks_by_method(items, geobox, cfg.mask, cfg.grid.chunk)
     ref_masks = None
     ref_stack = stack[1:] if refs else None
     if refs:
@@ -187,7 +187,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     tile_timings: list = []
     ds = remove_clouds(inputs, model, tiles, halo, context, blend=cfg.tile.blend, timings=tile_timings)
     ds = confidence_fallback(ds, inputs, cfg.output.confidence_floor, cfg.output.low_confidence)
-    prov = build_mask_provenance(items[:1], geobox, cfg.mask, cfg.grid.chunk)[0]
+    prov = mask_provenance({m: v[0] for m, v in by_method.items()}, cfg.mask.methods)  # same reads as `mask`
     prov = prov | stack[0].isnull().any("band").astype(np.uint8) * np.uint8(NODATA_BIT)
     ds["mask_provenance"] = (("y", "x"), prov.data)
     if read_failures:

@@ -113,6 +113,13 @@ def build_masks(items, geobox, cfg: MaskConfig, chunk: int = 512) -> tuple[xr.Da
 
     Raises :class:`pipeline.errors.InputDataError` naming the item and the fix when a method's layer is missing.
     """
+    mask, prob, _ = build_masks_by_method(items, geobox, cfg, chunk)
+    return mask, prob
+
+
+def build_masks_by_method(items, geobox, cfg: MaskConfig, chunk: int = 512):
+    """:func:`build_masks` plus each method's own binary mask ``{method: (time, y, x)}`` (for mask provenance),
+    all from one read of each layer."""
     from pipeline.errors import InputDataError
     from stages.load import load_layer
 
@@ -140,7 +147,8 @@ def build_masks(items, geobox, cfg: MaskConfig, chunk: int = 512) -> tuple[xr.Da
             if extra is None:
                 raise InputDataError(f"mask method {method!r} is not available in this build; use 'cldprb'")
             parts.append(extra(items, geobox, cfg, chunk))
-    return combine(parts)
+    mask, prob = combine(parts)
+    return mask, prob, {m: part[0] for m, part in zip(cfg.methods, parts)}
 
 
 #: Other mask methods (scl, spectral, s2cloudless) register here: name -> f(items, geobox, cfg, chunk).
@@ -162,16 +170,11 @@ def method_bits(methods) -> dict[str, int]:
     return out
 
 
-def build_mask_provenance(items, geobox, cfg: MaskConfig, chunk: int = 512) -> xr.DataArray:
-    """Which method flagged each pixel: ``(time, y, x)`` uint8, OR of :func:`method_bits` per method.
-
-    Each method's mask is built alone with :func:`build_masks` (same refinement as in the combined mask), so the
-    OR of the bits equals the combined mask. Lazy.
-    """
+def mask_provenance(by_method: dict[str, xr.DataArray], methods) -> xr.DataArray:
+    """Which method flagged each pixel: uint8, OR of :func:`method_bits` over ``by_method`` (lazy)."""
     bits = None
-    for method, bit in method_bits(cfg.methods).items():
-        m, _ = build_masks(items, geobox, cfg.model_copy(update={"methods": [method]}), chunk)
-        b = m.astype(np.uint8) * np.uint8(bit)
+    for method, bit in method_bits(methods).items():
+        b = by_method[method].astype(np.uint8) * np.uint8(bit)
         bits = b if bits is None else bits | b
     return bits.rename("mask_provenance")
 
