@@ -6,7 +6,6 @@ The library is imported inside each command so ``--help`` stays fast; logging is
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path

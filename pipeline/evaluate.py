@@ -285,33 +285,32 @@ def slovakia_case(data_dir: str | Path, seed: int = 7) -> EvalCase:
     return slovakia_arrays_to_case(arrays["cloudy"] / 10.0, arrays["clean"] / 10.0, arrays["mask"][0], seed)
 
 
-def load_29rkh(data_dir: str | Path, bands: Sequence[str] = SIM_BANDS) -> np.ndarray:
-    """Real L2A reflectance (DN / 10000) of the decimated 29RKH tile, 10 m bands at 100 m, ``(band, y, x)``."""
+def _read_dn_reflectance(paths: Sequence[Path]) -> np.ndarray:
+    """Single-band rasters (DN, baseline before 04.00) as float32 reflectance ``(band, y, x)``."""
     import rasterio
 
-    d = Path(data_dir)
-    if (d / "s2-l2a-tile-29RKH-100m").is_dir():
-        d = d / "s2-l2a-tile-29RKH-100m"
     out = []
-    for b in bands:
-        with rasterio.open(d / f"{b}.tif") as ds:
+    for path in paths:
+        with rasterio.open(path) as ds:
             out.append(ds.read(1).astype(np.float32) / 10000.0)
     return np.stack(out)
+
+
+def _subdir(data_dir: str | Path, name: str) -> Path:
+    d = Path(data_dir)
+    return d / name if (d / name).is_dir() else d
+
+
+def load_29rkh(data_dir: str | Path, bands: Sequence[str] = SIM_BANDS) -> np.ndarray:
+    """Real L2A reflectance (DN / 10000) of the decimated 29RKH tile, 10 m bands at 100 m, ``(band, y, x)``."""
+    d = _subdir(data_dir, "s2-l2a-tile-29RKH-100m")
+    return _read_dn_reflectance([d / f"{b}.tif" for b in bands])
 
 
 def load_33uuu(data_dir: str | Path, bands: Sequence[str] = SIM_BANDS) -> np.ndarray:
     """Real L1C TOA reflectance (DN / 10000, baseline before 04.00) of the 33UUU crop, ``(band, y, x)``."""
-    import rasterio
-
-    d = Path(data_dir)
-    if (d / "s2-l1c-crop-33UUU").is_dir():
-        d = d / "s2-l1c-crop-33UUU"
-    out = []
-    for b in bands:
-        path = next((d / "IMG_DATA").glob(f"*_{b}.jp2"))
-        with rasterio.open(path) as ds:
-            out.append(ds.read(1).astype(np.float32) / 10000.0)
-    return np.stack(out)
+    d = _subdir(data_dir, "s2-l1c-crop-33UUU") / "IMG_DATA"
+    return _read_dn_reflectance([next(d.glob(f"*_{b}.jp2")) for b in bands])
 
 
 #: (source, row, col) of 256x256 crops of clear real pixels (29RKH: interior, two textured and one flat desert crop;

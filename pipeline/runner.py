@@ -213,7 +213,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     if "truth" in target.assets:
         from pipeline.truth import evaluate_against_truth
 
-        metrics = evaluate_against_truth(target, out.reflectance, geobox, bands, cfg.mask, cfg.grid.chunk)
+        metrics = evaluate_against_truth(target, out.reflectance, geobox, bands, cfg.grid.chunk)
     extra = {"cloudfree:evaluation": metrics} if metrics else {}
     stats = cover_stats(out.files["confidence"], out.files["mask_provenance"], cfg.output.confidence_floor)
     # eo:cloud_cover of an output = the share still low-confidence, so outputs rank as (clear) references later

@@ -12,13 +12,6 @@ from rasterio.enums import Resampling
 from rasterio.vrt import WarpedVRT
 
 
-def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio (dB) over finite pixels; reflectance data range 1.0 by default."""
-    ok = np.isfinite(a) & np.isfinite(b)
-    mse = float(np.mean((a[ok] - b[ok]) ** 2)) if ok.any() else float("nan")
-    return float(10 * np.log10(data_range**2 / mse)) if mse > 0 else float("inf")
-
-
 def _read_on(href: str, geobox: GeoBox, indexes: list[int]) -> np.ndarray:
     with rasterio.open(href) as src, WarpedVRT(src, crs=geobox.crs.to_wkt(), transform=geobox.transform,
                                                width=geobox.shape[1], height=geobox.shape[0],
@@ -26,7 +19,7 @@ def _read_on(href: str, geobox: GeoBox, indexes: list[int]) -> np.ndarray:
         return vrt.read(indexes).astype(np.float32)
 
 
-def evaluate_against_truth(target, output_path, geobox: GeoBox, bands, mask_cfg, chunk: int) -> dict:
+def evaluate_against_truth(target, output_path, geobox: GeoBox, bands, chunk: int) -> dict:
     """PSNR (dB, reflectance range 1) of target and output vs truth: on all pixels and on simulated-cloudy pixels.
 
     Cloudy = simulated transmission < 0.95 (from the ``truth_transmission`` asset) when present.
@@ -38,6 +31,7 @@ def evaluate_against_truth(target, output_path, geobox: GeoBox, bands, mask_cfg,
         return {}
     truth = _read_on(truth_asset.get_absolute_href(), geobox, [tbands.index(b) + 1 for b in common]) * 1e-4
     out = _read_on(str(output_path), geobox, [list(bands).index(b) + 1 for b in common]) * 1e-4
+    from pipeline.evaluate import psnr
     from stages.load import load_reflectance
 
     before = load_reflectance([target], common, geobox, chunk).isel(time=0).values
@@ -52,8 +46,8 @@ def evaluate_against_truth(target, output_path, geobox: GeoBox, bands, mask_cfg,
         "bands": common,
         "psnr_before_all": psnr(before, truth),
         "psnr_after_all": psnr(out, truth),
-        "psnr_before_cloudy": psnr(before[:, cloudy], truth[:, cloudy]),
-        "psnr_after_cloudy": psnr(out[:, cloudy], truth[:, cloudy]),
+        "psnr_before_cloudy": psnr(before, truth, cloudy),
+        "psnr_after_cloudy": psnr(out, truth, cloudy),
         "cloudy_fraction": float(cloudy.mean()),
     }
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()}

@@ -167,7 +167,6 @@ def confidence_fallback(ds, inputs, floor: float, mode: str):
     ``keep`` changes nothing. Lazy; confidence itself is left as the model reported it.
     """
     import dask.array as dsa
-    import xarray as xr
 
     from pipeline.contract import SOURCE_NODATA, SOURCE_REFERENCE_BASE
 

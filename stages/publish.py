@@ -28,7 +28,7 @@ from odc.geo.geobox import GeoBox
 import pipeline
 from pipeline.contract import SOURCE_LABELS, SOURCE_REFERENCE_BASE
 from pipeline.errors import InputDataError
-from stages.masks import METHOD_BITS, NODATA_BIT
+from stages.masks import NODATA_BIT
 from stages.write import REFLECTANCE_SCALE, WrittenOutput
 
 log = logging.getLogger(__name__)

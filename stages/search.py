@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 import pystac
 
-from catalogs.base import SearchQuery, parse_interval
+from catalogs.base import SearchQuery
 from pipeline.errors import CatalogError, ConfigError, InputDataError, NoItemsFoundError
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,6 @@ the real 29RKH SCL layer."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pystac

@@ -60,7 +60,6 @@ def test_cldprb_threshold_closing_then_opening():
 
 
 def _small_geobox(items):
-    from odc.geo.geobox import GeoBox
 
     from pipeline.config import GridConfig
     from stages.load import output_geobox

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.contract import TileWindow
 from pipeline.errors import ConfigError
 from stages.tile import grid_of_tiles, plan_tiles
 
