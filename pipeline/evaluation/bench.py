@@ -1,6 +1,6 @@
 """Benchmark: throughput and peak memory of load + mask + tile (+ model + write) as the area grows.
 
-``python -m pipeline.bench --out bench`` writes ``bench/bench.json`` (and prints nothing else than a log).
+``python -m pipeline.evaluation.bench --out bench`` writes ``bench/bench.json`` (and prints nothing else than a log).
 
 Data: the real Sentinel-2 L2A tile 29RKH (2020-02-19) decimated to 100 m in ``../shared/data``; a local STAC item
 is built whose assets point at the local COGs (:func:`local_29rkh_item`). The reference for the
@@ -43,7 +43,7 @@ import pystac
 
 log = logging.getLogger(__name__)
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "s2-l2a-tile-29RKH-100m"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "s2-l2a-tile-29RKH-100m"
 BANDS = ["B02", "B03", "B04", "B08", "B11", "B12"]
 FILES = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12", "SCL")
 #: area factor -> grid resolution (m) of the whole tile.
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     for stage in args.stages.split(","):
         for f in (int(x) for x in args.factors.split(",")):
             env = {**os.environ, "GDAL_CACHEMAX": str(args.gdal_cachemax)}
-            proc = subprocess.run([sys.executable, "-m", "pipeline.bench", "--data", str(args.data), "--one", str(f),
+            proc = subprocess.run([sys.executable, "-m", "pipeline.evaluation.bench", "--data", str(args.data), "--one", str(f),
                                    stage], capture_output=True, text=True, check=False, env=env)
             if proc.returncode:
                 log.error("bench %s x%d failed:\n%s", stage, f, proc.stderr[-3000:])

@@ -1,8 +1,8 @@
-"""Speed of the removal models next to the cost of reading their input (``python -m pipeline.bench_models``).
+"""Speed of the removal models next to the cost of reading their input (``python -m pipeline.evaluation.bench_models``).
 
 For every registered model (or ``--models``): megapixels per second of ``predict`` on one 512x512 tile of 6 bands
 (B02, B03, B04, B08, B11, B12; real 29RKH pixels, simulated clouds, two simulated references; see
-:func:`pipeline.evaluate.benchmark_tile`), best of ``--repeats``. ``fit_scene`` (once per scene, on a coarse
+:func:`pipeline.evaluation.evaluate.benchmark_tile`), best of ``--repeats``. ``fit_scene`` (once per scene, on a coarse
 sample) is timed apart.
 
 I/O reference: reading the same amount of data (a 512x512 window of the same 6 bands) from the Cloud-Optimized
@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from pipeline.errors import InputDataError
-from pipeline.evaluate import BENCH_BANDS, DEFAULT_DATA_DIR, benchmark_tile, with_scene_context
+from pipeline.evaluation.evaluate import BENCH_BANDS, DEFAULT_DATA_DIR, benchmark_tile, with_scene_context
 
 log = logging.getLogger(__name__)
 

@@ -23,12 +23,12 @@ Cases (:class:`EvalCase`):
   reference-free models (``none``, ``dcp``) are unaffected by this choice; reference-based scores on this pair
   measure the methods under a *plausible* reference, not a real third acquisition.
 * :func:`simulated_case`: real clear pixels (S2 L2A 29RKH at 100 m, S2 L1C 33UUU at 10 m, bands B02/B03/B04/B08)
-  with SIMULATED clouds and shadows (:func:`stages.simulate.simulate_clouds`) for the target and two
+  with SIMULATED clouds and shadows (:func:`pipeline.evaluation.simulate.simulate_clouds`) for the target and two
   simulated-change references (one partly cloudy, masked). Known transmission gives the thin (0.1 <= t < 0.95)
   and thick (t < 0.1) masks; ``cloudy`` also includes simulated shadow (shadow factor < 0.95). The model input
   mask mimics the project's mask stage: cloud probability >= 40 % or shadow factor < 0.85, dilated by 2 px.
 
-Run ``python -m pipeline.evaluate --out docs/`` to write ``evaluation.md``, ``evaluation.json`` and figures.
+Run ``python -m pipeline.evaluation.evaluate --out docs/`` to write ``evaluation.md``, ``evaluation.json`` and figures.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from scipy import ndimage
 
 from pipeline.contract import TileInputs, TileResult
 from pipeline.errors import ConfigError, InputDataError
-from stages.simulate import CloudSpec, fractal_field, simulate_clouds
+from pipeline.evaluation.simulate import CloudSpec, fractal_field, simulate_clouds
 
 log = logging.getLogger(__name__)
 
@@ -577,7 +577,7 @@ CASES = ("slovakia", "simulated")
 TUNING_SEEDS = (0,)
 REPORT_SEEDS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 #: default data folder: the shared sample data next to the repository (../shared/data).
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def run_evaluation(
@@ -634,7 +634,7 @@ def run_evaluation(
             figure_paths.append(str(path))
     speeds = benchmark(models, data_dir) if speed else {}
     if speed:
-        from pipeline.bench_models import best_of, read_window
+        from pipeline.evaluation.bench_models import best_of, read_window
 
         read_window(data_dir)  # warm the page cache
         io_s = best_of(lambda: read_window(data_dir), 3)
@@ -723,7 +723,7 @@ def _report(summary: Sequence[Mapping[str, Any]], speeds: Mapping[str, float], m
     parts = [
         "# Evaluation of the removal models",
         "",
-        "Produced by `cloudfree evaluate --out docs/` (= `python -m pipeline.evaluate --out docs/`,",
+        "Produced by `cloudfree evaluate --out docs/` (= `python -m pipeline.evaluation.evaluate --out docs/`,",
         "pipeline/evaluate.py); every number below is computed, none is typed in. Reflectance 0-1; PSNR with data",
         "range 1.0; SSIM per band averaged; SAM in degrees. Regions: `cloudy` = every degraded pixel, `thin`/`thick`",
         "as defined per set below. Models with a scene context (`fit_scene`) get it from the whole case first, as",
@@ -745,7 +745,7 @@ def _report(summary: Sequence[Mapping[str, Any]], speeds: Mapping[str, float], m
             f"## Simulated set: {len(report)} cases (report seeds {', '.join(map(str, seeds))}), mean over cases",
             "",
             "Real clear S2 pixels (29RKH L2A at 100 m, 33UUU L1C at 10 m; B02/B03/B04/B08, 256x256 crops) with",
-            "SIMULATED clouds and shadows (stages/simulate.py, default CloudSpec) and two SIMULATED-change references.",
+            "SIMULATED clouds and shadows (pipeline/evaluation/simulate.py, default CloudSpec) and two SIMULATED-change references.",
             "thin = 0.1 <= t < 0.95, thick = t < 0.1, cloudy = t < 0.95 or shadow factor < 0.95.",
             "",
             to_markdown(summary, "simulated", models),
@@ -781,7 +781,7 @@ def _report(summary: Sequence[Mapping[str, Any]], speeds: Mapping[str, float], m
             "",
             "Shared 2-core machine: absolute numbers vary with load. The I/O rows read the same 512x512 window of",
             "the 6 bands from the 29RKH COGs with rasterio (float32 reflectance, page cache warm); a model reads the",
-            "target and its references (3 images here). `python -m pipeline.bench_models` writes the same as JSON.",
+            "target and its references (3 images here). `python -m pipeline.evaluation.bench_models` writes the same as JSON.",
             "",
             "| model | Mpx/s |",
             "|---|---:|",
