@@ -49,7 +49,8 @@ def run_tile(model, target, cloud_mask, cloud_prob, references, reference_masks,
 
 
 def predict_tile(model, target, cloud_mask, cloud_prob, references, reference_masks, *, bands, halo,
-                 reference_ids, reference_dt_days, target_id, context=None) -> tuple[np.ndarray, float]:
+                 reference_ids, reference_dt_days, target_id, context=None,
+                 origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, float]:
     """One task: numpy in, the whole read window ``(band + 2, y, x)`` float32 out, plus its wall time (s)."""
     t0 = time.perf_counter()
     nb = target.shape[0]
@@ -61,6 +62,7 @@ def predict_tile(model, target, cloud_mask, cloud_prob, references, reference_ma
         cloud_mask=np.asarray(cloud_mask, bool), references=np.asarray(references, np.float32),
         reference_masks=np.asarray(reference_masks, bool), reference_ids=reference_ids,
         reference_dt_days=reference_dt_days, halo=halo, target_id=target_id, context=context or {},
+        origin=(int(origin[0]), int(origin[1])),
     )
     res: TileResult = model.predict(tile).validate(tile, getattr(model, "name", "model"))
     out = np.concatenate([res.reflectance, res.confidence[None], res.source[None].astype(np.float32)])
@@ -127,7 +129,7 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
             model_d, inputs.target.data[:, ry, rx], inputs.cloud_mask.data[ry, rx],
             inputs.cloud_prob.data[ry, rx], refs, rmask, bands=bands, halo=halo,
             reference_ids=inputs.reference_ids, reference_dt_days=inputs.reference_dt_days,
-            target_id=inputs.target_id, context=context_d,
+            target_id=inputs.target_id, context=context_d, origin=(ry.start, rx.start),
             dask_key_name=f"cloudfree-tile-{inputs.target_id}-{t.index[0]}-{t.index[1]}-{token}",
         )
         preds[t.index] = d
