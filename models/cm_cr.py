@@ -15,9 +15,9 @@ filled from the consistency-model literature, choice by choice:
   ``σ ∈ [0.002, 80]``); ``teacher_steps`` steps cost ``2 steps - 1`` network evaluations.
 * **Conditions**: the cloudy optical ``y`` (4 bands, encoded like ``x``), the mask stage's cloud mask, Sentinel-1
   VV and VH backscatter in dB clipped to [-25, 0] and mapped to [-1, 1], and a SAR-present flag channel; all are
-  concatenated to the network input (the same for teacher and student). Training drops SAR on 20 % of the
-  samples (SAR channels zero, flag 0), so the model also runs where no Sentinel-1 acquisition exists; predictions
-  without SAR are optical-only and said so in the diagnostics (``sar_used``).
+  concatenated to the network input (the same for teacher and student). Training drops SAR on a fraction of the
+  samples (the data config's ``sar_dropout``, 0.3: SAR channels zero, flag 0), so the model also runs where no
+  Sentinel-1 acquisition exists; predictions without SAR are optical-only and say so (diagnostic ``sar_used``).
 * **Student (SCCM)**: consistency model of Song et al. 2023 with ``f(x, σ) = c_skip(σ) x + c_out(σ) F(...)``,
   ``c_skip = σ_d² / ((σ - σ_min)² + σ_d²)``, ``c_out = (σ - σ_min) σ_d / √(σ_d² + σ²)``, so the boundary condition
   ``f(x, σ_min) = x`` holds exactly; ``F`` has the teacher's architecture and is initialised from the teacher.
@@ -166,15 +166,28 @@ class EDMPrecond(nn.Module):
 class CMCRNetworks(nn.Module):
     """Teacher (EDM denoiser) and student (consistency function) in one module (one weights file)."""
 
+    ema_mu = 0.95
+
     def __init__(self, base: int = 24, mults: tuple[int, ...] = (1, 2, 2)) -> None:
         super().__init__()
         self.config = {"base": base, "mults": list(mults)}
         self.teacher = EDMPrecond(base, mults, "edm")
         self.student = EDMPrecond(base, mults, "cm")
+        #: EMA target network θ⁻ of consistency distillation (not trained by the optimiser).
+        self.target = EDMPrecond(base, mults, "cm")
+        self.target.requires_grad_(False)
+        self.register_buffer("distill_started", torch.zeros((), dtype=torch.uint8))
         self.factor = self.teacher.factor
 
     def init_student_from_teacher(self) -> None:
         self.student.net.load_state_dict(self.teacher.net.state_dict())
+
+    @torch.no_grad()
+    def start_distillation(self) -> None:
+        """Student <- teacher, target <- student (in place: optimiser references stay valid); sets the flag."""
+        self.init_student_from_teacher()
+        self.target.load_state_dict(self.student.state_dict())
+        self.distill_started.fill_(1)
 
 
 # -------------------------------------------------------------------------------------------------- losses
@@ -428,3 +441,86 @@ class CMCR(RemovalModelBase):
         conf[~valid] = 0.0
         diag = {"sar_used": np.full(tile.shape, float(sar_used), np.float32)}
         return TileResult(out, conf, source, diag).validate(tile, self.name)
+
+
+# -------------------------------------------------------------------------------------------------- training
+class CMCRTrainable:
+    """``cloudfree train cm-cr``: teacher training, then consistency distillation, on the shared loop.
+
+    Stages (fractions of ``steps``, ``network: {stage_fractions: [a, b]}``): ``teacher`` (60 %: EDM loss, only the
+    teacher's parameters) then ``distill`` (40 %: consistency distillation, only the student's). At the first
+    distillation step the student is initialised from the teacher and the EMA target from the student; the flag
+    lives in the network's state (a buffer), so a resumed run does not re-initialise. The EMA update of the target
+    (``μ = 0.95``) runs at the start of each distillation step, i.e. after the previous optimiser step.
+    SAR enters as the batch's target-date ``sar`` (scaled ``(dB + 25) / 25``) times ``sar_present``; SAR dropout is
+    the data config's ``sar_dropout``. Validation: one-step student (teacher 8 Heun steps while distillation has
+    not started).
+    """
+
+    name = "cm-cr"
+    n_references = 0
+    card_notes = [
+        "Trained on the Romania L2A stack (real optical, real transplanted or simulated clouds); the shared data has "
+        "no co-located Sentinel-1, so the SAR branch saw SIMULATED SAR (see data) or none (dropout).",
+        "Trained minutes on a shared 2-core CPU: far from converged.",
+    ]
+
+    def __init__(self) -> None:
+        from pipeline.training.weights import InputConvention
+
+        self.convention = InputConvention(bands=GEN_BANDS, level="L2A", sar_pols=SAR_POLS)
+        self.fractions = (0.6, 0.4)
+
+    def build_network(self, config: dict[str, Any]) -> "CMCRNetworks":
+        cfg = dict(config)
+        if "stage_fractions" in cfg:
+            self.fractions = tuple(float(f) for f in cfg.pop("stage_fractions"))
+        return CMCRNetworks(**network_kwargs(cfg))
+
+    def stages(self, total_steps: int, lr: float) -> list:
+        from pipeline.training.api import Stage
+
+        n1 = int(round(self.fractions[0] * total_steps))
+        return [Stage("teacher", n1, lr, params=lambda n: n.teacher.parameters()),
+                Stage("distill", total_steps - n1, lr, params=lambda n: n.student.parameters())]
+
+    @staticmethod
+    def condition(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x0 = encode(batch["truth"])
+        y = encode(batch["target"].clamp(0.0, Y_MAX_REFLECTANCE))
+        mask = batch["cloud_mask"][:, None].float()
+        present = batch["sar_present"].float()[:, None, None, None]
+        sar = (2 * batch["sar"][:, 0, :2] - 1) * present
+        flag = present.expand_as(mask)
+        return x0, torch.cat([y, mask, sar, flag], dim=1)
+
+    def loss(self, net: "CMCRNetworks", batch: dict[str, torch.Tensor], stage: str):
+        x0, cond = self.condition(batch)
+        if stage == "teacher":
+            loss = teacher_loss(net.teacher, x0, cond)
+            return loss, {"edm": float(loss.detach())}
+        if not bool(net.distill_started):
+            net.start_distillation()
+        else:
+            ema_update(net.target, net.student, net.ema_mu)
+        loss = distillation_loss(net, net.target, x0, cond)
+        return loss, {"cd": float(loss.detach())}
+
+    @torch.no_grad()
+    def predict(self, net: "CMCRNetworks", batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        _, cond = self.condition(batch)
+        noise = lambda k: torch.randn_like(cond[:, :N_BANDS])  # noqa: E731
+        if bool(net.distill_started):
+            x = sample_consistency(net.student, cond, noise, 1)
+        else:
+            x = sample_teacher(net.teacher, cond, noise, 8)
+        mask = batch["cloud_mask"][:, None] > 0.5
+        return torch.where(mask, decode(x), batch["target"])
+
+
+def network_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    keys = ("base", "mults")
+    return {k: (tuple(v) if k == "mults" else v) for k, v in config.items() if k in keys}
+
+
+CMCR.trainable = classmethod(lambda cls: CMCRTrainable())  # type: ignore[attr-defined]

@@ -367,3 +367,115 @@ class DiffusionEnhancement(RemovalModelBase):
         diag = {"x0_E": np.asarray(ref.reflectance[gi], np.float32),
                 "W_mean": np.full(tile.shape, wmean, np.float32)}
         return TileResult(out, conf, source, diag).validate(tile, self.name)
+
+
+# -------------------------------------------------------------------------------------------------- training
+class DETrainable:
+    """``cloudfree train diffusion-enhancement``: the coarse-to-fine schedule of Sec. IV-D on the shared loop.
+
+    Stages (fractions of ``steps``, overridable with ``network: {stage_fractions: [a, b, c]}``):
+
+    1. ``cnp`` (40 %): CNP alone, eq. 7, on a random ``patch / 2`` crop of each sample (the paper's "small images";
+       it downsizes to 1/4, here half the side because the training patches are already small);
+    2. ``wa`` (20 %): WA alone with the CNP frozen (only WA parameters in the optimiser), eq. 14 (L1,
+       ``x_0,ε,t`` stop-gradient), full patches;
+    3. ``joint`` (40 %): both, eq. 15 with ``λ = 1``, at half the learning rate.
+
+    ``x_0,E`` is the reference model (PhyVLM-CR by default) run on every training sample with its references (the
+    batch's ``references``), as at inference. Validation samples with ``val_steps`` DDIM steps (4) to stay cheap.
+    """
+
+    name = "diffusion-enhancement"
+    n_references = 2
+    val_steps = 4
+    card_notes = [
+        "DE refines the reference model's restoration of B02/B03/B04/B08; other bands are the reference model's.",
+        "Trained minutes on a shared 2-core CPU: far from converged; the weights show the method works end to end, "
+        "not the paper's quality.",
+    ]
+
+    def __init__(self, reference_model: str = "phyvlm-cr", reference_params: dict | None = None) -> None:
+        from pipeline.training.weights import InputConvention
+
+        self.convention = InputConvention(bands=GEN_BANDS, level="L2A")
+        self.reference_model = reference_model
+        self.reference = build_model(reference_model, dict(reference_params or {}))
+        self.sched = DDPMSchedule()
+        self.fractions = (0.4, 0.2, 0.4)
+
+    def build_network(self, config: dict[str, Any]) -> DENetworks:
+        cfg = dict(config)
+        if "stage_fractions" in cfg:
+            self.fractions = tuple(float(f) for f in cfg.pop("stage_fractions"))
+        return DENetworks(**network_kwargs(cfg))
+
+    def stages(self, total_steps: int, lr: float) -> list:
+        from pipeline.training.api import Stage
+
+        a, b, _ = self.fractions
+        n1, n2 = int(round(a * total_steps)), int(round(b * total_steps))
+        n3 = max(total_steps - n1 - n2, 0)
+        return [Stage("cnp", n1, lr, params=lambda n: n.cnp.parameters()),
+                Stage("wa", n2, lr, params=lambda n: n.wa.parameters()),
+                Stage("joint", n3, lr * 0.5)]
+
+    def reference_outputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``x_0,E`` (reflectance) of every sample: the reference model on the sample as one tile."""
+        tgt = batch["target"].detach().cpu().numpy()
+        mask = batch["cloud_mask"].detach().cpu().numpy() > 0.5
+        refs = batch["references"].detach().cpu().numpy()
+        rmask = batch["ref_masks"].detach().cpu().numpy() > 0.5
+        out = []
+        for i in range(tgt.shape[0]):
+            tile = TileInputs(bands=GEN_BANDS, target=tgt[i], cloud_prob=mask[i].astype(np.float32),
+                              cloud_mask=mask[i], references=refs[i], reference_masks=rmask[i],
+                              reference_dt_days=tuple(float(d) for d in batch["ref_dt"][i].cpu().numpy()),
+                              target_id=f"train-{i}")
+            r = self.reference.predict(tile).reflectance
+            out.append(np.where(np.isfinite(r), r, tgt[i]))
+        return torch.from_numpy(np.clip(np.stack(out), 0.0, 1.0).astype(np.float32)).to(batch["target"].device)
+
+    def loss(self, net: DENetworks, batch: dict[str, torch.Tensor], stage: str):
+        x0 = encode(batch["truth"])
+        y = encode(batch["target"].clamp(0.0, Y_MAX_REFLECTANCE))
+        mask = batch["cloud_mask"][:, None].float()
+        b = x0.shape[0]
+        t = torch.randint(0, self.sched.T, (b,), device=x0.device)
+        if stage == "cnp":
+            size = max(net.factor, (x0.shape[-1] // 2) // net.factor * net.factor)
+            oy = int(torch.randint(0, x0.shape[-2] - size + 1, (1,)))
+            ox = int(torch.randint(0, x0.shape[-1] - size + 1, (1,)))
+            sl = (Ellipsis, slice(oy, oy + size), slice(ox, ox + size))
+            x0, y, mask = x0[sl], y[sl], mask[sl]
+            eps = torch.randn_like(x0)
+            loss = loss_ddpm(net, self.sched, x0, y, mask, t, eps)
+            return loss, {"ddpm": float(loss.detach())}
+        eps = torch.randn_like(x0)
+        x0e = encode(self.reference_outputs(batch))
+        if stage == "wa":
+            loss = loss_wa(net, self.sched, x0, y, mask, x0e, t, eps)
+            return loss, {"wa": float(loss.detach())}
+        x_t = self.sched.q_sample(x0, t, eps)
+        eps_pred = net.eps(x_t, t, y, mask)
+        l_ddpm = F.mse_loss(eps_pred, eps)
+        l_wa = loss_wa(net, self.sched, x0, y, mask, x0e, t, eps, eps_pred)
+        return l_ddpm + l_wa, {"ddpm": float(l_ddpm.detach()), "wa": float(l_wa.detach())}
+
+    @torch.no_grad()
+    def predict(self, net: DENetworks, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        y = encode(batch["target"].clamp(0.0, Y_MAX_REFLECTANCE))
+        mask = batch["cloud_mask"][:, None].float()
+        x0e = encode(self.reference_outputs(batch))
+        x = ddim_sample(lambda xt, tt: net.eps(xt, tt.to(y.device), y, mask),
+                        lambda xt, tt: net.weight(xt, tt.to(y.device), y, x0e), x0e,
+                        lambda k: torch.randn_like(y), self.sched, self.val_steps, w_floor=DEParams().w_floor)
+        return torch.where(mask > 0.5, decode(x), batch["target"])
+
+
+def network_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`DENetworks` arguments among a training config's ``network`` keys."""
+    keys = ("cnp_base", "wa_base", "mults")
+    return {k: (tuple(v) if k == "mults" else v) for k, v in config.items() if k in keys}
+
+
+DiffusionEnhancement.trainable = classmethod(lambda cls: DETrainable())  # type: ignore[attr-defined]

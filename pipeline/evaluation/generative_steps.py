@@ -1,0 +1,175 @@
+"""Speed/quality trade-off of the generative models: sampling steps vs PSNR/SSIM/SAM and seconds per tile.
+
+For each configuration (Diffusion Enhancement with 1, 2, 4, 8, 50 DDIM steps; CM-CR's consistency student with
+1, 2, 4, 8, 50 steps (1 + multistep resampling); CM-CR's diffusion teacher with 1, 2, 4, 8, 50 Heun steps) it runs
+``predict`` on whole 256 x 256 tiles of the simulated evaluation cases (REAL clear pixels of 29RKH / 33UUU with
+SIMULATED clouds, :func:`pipeline.evaluation.evaluate.simulated_set`) and scores the cloudy pixels. CM-CR gets the
+cases' SIMULATED Sentinel-1 (:func:`pipeline.training.datasets.simulate_sar` of the clear image, the same simulator
+its training used), because no evaluation case has co-located real S1; ``--no-sar`` runs it optical-only.
+
+Seconds per tile are wall time of ``predict`` on this machine's CPU (threads as set by ``--threads``), best of the
+cases' runs excluded nothing: the mean over cases. DE's time includes its reference model (PhyVLM-CR), whose own
+time is reported as a separate row. Writes ``generative.json``, ``generative_steps.md`` (the table) and
+``figures/steps.png``.
+
+Run: ``python -m pipeline.evaluation.generative_steps --out docs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline.evaluation.evaluate import DEFAULT_DATA_DIR, EvalCase, all_metrics, simulated_set
+
+log = logging.getLogger(__name__)
+
+STEPS = (1, 2, 4, 8, 50)
+SEEDS = (1, 2, 3, 4)
+
+
+def case_sar_db(case: EvalCase, seed: int) -> np.ndarray:
+    """SIMULATED S1 VV/VH ``(1, 2, y, x)`` in dB of the case's clear image (what SAR would see through cloud)."""
+    from pipeline.training.datasets import simulate_sar
+
+    scaled = simulate_sar(case.truth, case.bands, np.random.default_rng(seed))
+    return (scaled * 25.0 - 25.0)[None].astype(np.float32)
+
+
+def configurations(steps: Sequence[int] = STEPS) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(label, model, params)`` of every row."""
+    rows = [("phyvlm-cr (DE's reference)", "phyvlm-cr", {})]
+    rows += [(f"diffusion-enhancement {s}", "diffusion-enhancement", {"steps": s}) for s in steps]
+    rows += [(f"cm-cr student {s}", "cm-cr", {"sampler": "student", "steps": s}) for s in steps]
+    rows += [(f"cm-cr teacher {s}", "cm-cr", {"sampler": "teacher", "steps": s}) for s in steps]
+    return rows
+
+
+def nfe(model: str, params: dict[str, Any]) -> int:
+    """Network evaluations per tile (DE: CNP + WA per step; teacher Heun: 2 steps - 1)."""
+    s = int(params.get("steps", 0))
+    if model == "diffusion-enhancement":
+        return 2 * s
+    if model == "cm-cr":
+        return s if params.get("sampler", "student") == "student" else 2 * s - 1
+    return 0
+
+
+def run(out: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, seeds: Sequence[int] = SEEDS,
+        steps: Sequence[int] = STEPS, sar: bool = True, threads: int | None = None) -> dict[str, Any]:
+    import torch
+
+    from models.registry import build_model
+    from pipeline.evaluation.evaluate import with_scene_context
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    cases = simulated_set(data_dir, seeds)
+    tiles = []
+    for case in cases:
+        tile = case.tile_inputs()
+        if sar:
+            tile = dataclasses.replace(tile, sar=case_sar_db(case, case.meta["seed"]), sar_bands=("vv", "vh"))
+        tiles.append(tile)
+    rows = []
+    for label, name, params in configurations(steps):
+        model = build_model(name, dict(params))
+        per_case = []
+        for case, tile in zip(cases, tiles):
+            t = with_scene_context(model, tile)
+            if name != "phyvlm-cr" and not per_case:
+                model.predict(t)  # warm-up: weights loaded once, not timed
+            t0 = time.perf_counter()
+            res = model.predict(t)
+            secs = time.perf_counter() - t0
+            m = all_metrics(res.reflectance, case.truth, case.regions["cloudy"])
+            per_case.append({"case": case.name, "seconds": secs, **m})
+        row = {"label": label, "model": name, "params": params, "nfe": nfe(name, params),
+               "seconds_per_tile": float(np.mean([c["seconds"] for c in per_case])),
+               **{k: float(np.mean([c[k] for c in per_case])) for k in ("psnr", "ssim", "sam", "mae")},
+               "cases": per_case}
+        log.info("%s: %.2f dB, %.3f s/tile", label, row["psnr"], row["seconds_per_tile"])
+        rows.append(row)
+    payload = {"rows": rows, "seeds": list(seeds), "tile": [len(cases[0].bands), 256, 256],
+               "bands": list(cases[0].bands), "sar": "SIMULATED from the clear image" if sar else "none",
+               "threads": torch.get_num_threads(), "region": "cloudy"}
+    (out / "generative.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
+    (out / "generative_steps.md").write_text(markdown(rows))
+    figure(rows, out / "figures" / "steps.png")
+    return payload
+
+
+def markdown(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| configuration | steps | network evals | PSNR (dB) | SSIM | SAM (deg) | s / tile |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['label'].rsplit(' ', 1)[0] if r['params'] else r['label']} | "
+                     f"{r['params'].get('steps', '-')} | {r['nfe']} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
+                     f"{r['sam']:.2f} | {r['seconds_per_tile']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["params"]:
+            groups.setdefault(r["label"].rsplit(" ", 1)[0], []).append(r)
+    for g, rs in groups.items():
+        s = [r["params"]["steps"] for r in rs]
+        axes[0].plot(s, [r["psnr"] for r in rs], "o-", label=g)
+        axes[1].plot([r["seconds_per_tile"] for r in rs], [r["psnr"] for r in rs], "o-", label=g)
+        for r in rs:
+            axes[1].annotate(str(r["params"]["steps"]), (r["seconds_per_tile"], r["psnr"]), fontsize=7)
+    ref = [r for r in rows if not r["params"]]
+    for r in ref:
+        axes[0].axhline(r["psnr"], color="grey", ls="--", lw=1, label=r["label"])
+        axes[1].axhline(r["psnr"], color="grey", ls="--", lw=1)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("sampling steps")
+    axes[0].set_ylabel("PSNR on cloudy pixels (dB)")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("seconds per 256x256 tile (CPU)")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("quality vs steps")
+    axes[1].set_title("quality vs time (labels: steps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Steps vs quality/speed of the generative models")
+    ap.add_argument("--out", default="docs")
+    ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR))
+    ap.add_argument("--seeds", default=",".join(str(s) for s in SEEDS))
+    ap.add_argument("--steps", default=",".join(str(s) for s in STEPS))
+    ap.add_argument("--no-sar", action="store_true", help="run CM-CR without (simulated) SAR")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("-v", "--verbose", action="count", default=0)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING - 10 * a.verbose, format="%(levelname)s %(name)s: %(message)s")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        run(a.out, a.data_dir, [int(s) for s in a.seeds.split(",")], [int(s) for s in a.steps.split(",")],
+            sar=not a.no_sar, threads=a.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
