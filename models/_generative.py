@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -227,3 +228,30 @@ def extend_bands(restored: np.ndarray, target: np.ndarray, clear: np.ndarray, mi
 
 def count_parameters(module: nn.Module) -> int:
     return int(sum(p.numel() for p in module.parameters()))
+
+
+# ----------------------------------------------------------------------------------------------------- weights
+def load_network(model_name: str, path: str | Path, convention, build) -> nn.Module:
+    """The network in weights file ``path``, built by ``build(network_config)``, loaded lazily once per process
+    (:func:`pipeline.training.weights.cached_network`), after checking the file's sha256 against its model card and
+    its recorded input convention against ``convention``."""
+    import json
+
+    from pipeline.errors import WeightsError
+    from pipeline.training.weights import cached_network, card_paths, card_sha256, read_weights
+
+    p = Path(path)
+    sha = card_sha256(p) if p.is_file() else None
+    if p.is_file() and sha is None:
+        raise WeightsError(f"{model_name}: weights {p} have no model card {card_paths(p)[0].name} (with their sha256) "
+                           "next to them; restore the card or retrain with `cloudfree train`")
+
+    def build_checked() -> nn.Module:
+        state, meta = read_weights(p, sha, convention)
+        if meta.get("cloudfree:model", model_name) != model_name:
+            raise WeightsError(f"{model_name}: {p} holds weights of {meta.get('cloudfree:model')!r}")
+        net = build(json.loads(meta.get("cloudfree:network", "{}")))
+        net.load_state_dict(state)
+        return net.eval()
+
+    return cached_network((model_name, str(p.resolve()), sha), build_checked)

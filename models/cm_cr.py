@@ -291,19 +291,21 @@ def sample_consistency(student: EDMPrecond, cond: torch.Tensor, noise: NoiseFn, 
 
 # -------------------------------------------------------------------------------------------------- weights
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-WEIGHTS_FILE = "cm-cr.safetensors"
-_NETS_CACHE: dict[str, CMCRNetworks] = {}
+WEIGHTS_FILE = "cm_cr.safetensors"
+
+
+def convention():
+    from pipeline.training.weights import InputConvention
+
+    return InputConvention(bands=GEN_BANDS, level="L2A", sar_pols=SAR_POLS)
 
 
 def load_networks(path: str | Path | None = None) -> CMCRNetworks:
-    """Load the shipped (or given) weights once per process (hash-checked), cached by path."""
-    from models._weights import load_module
+    """The shipped (or given) weights, hash- and convention-checked, loaded once per process."""
+    from models._generative import load_network
 
     p = Path(path) if path else WEIGHTS_DIR / WEIGHTS_FILE
-    key = str(p.resolve())
-    if key not in _NETS_CACHE:
-        _NETS_CACHE[key] = load_module(p, lambda cfg: CMCRNetworks(**cfg), model_name="cm-cr")
-    return _NETS_CACHE[key]
+    return load_network("cm-cr", p, convention(), lambda cfg: CMCRNetworks(**network_kwargs(cfg)))
 
 
 def condition(y_reflectance: np.ndarray, mask: np.ndarray, sar: np.ndarray | None) -> np.ndarray:
@@ -466,9 +468,7 @@ class CMCRTrainable:
     ]
 
     def __init__(self) -> None:
-        from pipeline.training.weights import InputConvention
-
-        self.convention = InputConvention(bands=GEN_BANDS, level="L2A", sar_pols=SAR_POLS)
+        self.convention = convention()
         self.fractions = (0.6, 0.4)
 
     def build_network(self, config: dict[str, Any]) -> "CMCRNetworks":

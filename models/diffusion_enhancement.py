@@ -210,19 +210,21 @@ def ddim_sample(eps_fn: EpsFn, weight_fn: WeightFn | None, x0e: torch.Tensor | N
 
 # -------------------------------------------------------------------------------------------------- weights
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-WEIGHTS_FILE = "diffusion-enhancement.safetensors"
-_NETS_CACHE: dict[str, DENetworks] = {}
+WEIGHTS_FILE = "diffusion_enhancement.safetensors"
+
+
+def convention():
+    from pipeline.training.weights import InputConvention
+
+    return InputConvention(bands=GEN_BANDS, level="L2A")
 
 
 def load_networks(path: str | Path | None = None) -> DENetworks:
-    """Load the shipped (or given) weights once per process (hash-checked), cached by path."""
-    from models._weights import load_module
+    """The shipped (or given) weights, hash- and convention-checked, loaded once per process."""
+    from models._generative import load_network
 
     p = Path(path) if path else WEIGHTS_DIR / WEIGHTS_FILE
-    key = str(p.resolve())
-    if key not in _NETS_CACHE:
-        _NETS_CACHE[key] = load_module(p, lambda cfg: DENetworks(**cfg), model_name="diffusion-enhancement")
-    return _NETS_CACHE[key]
+    return load_network("diffusion-enhancement", p, convention(), lambda cfg: DENetworks(**network_kwargs(cfg)))
 
 
 # -------------------------------------------------------------------------------------------------- model
@@ -395,9 +397,7 @@ class DETrainable:
     ]
 
     def __init__(self, reference_model: str = "phyvlm-cr", reference_params: dict | None = None) -> None:
-        from pipeline.training.weights import InputConvention
-
-        self.convention = InputConvention(bands=GEN_BANDS, level="L2A")
+        self.convention = convention()
         self.reference_model = reference_model
         self.reference = build_model(reference_model, dict(reference_params or {}))
         self.sched = DDPMSchedule()

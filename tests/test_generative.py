@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from models._generative import GEN_BANDS, coordinate_noise, extend_bands, scene_seed
-from models._weights import save_module, sha256_file, write_card
 from models.cm_cr import (
     SIGMA_MIN,
     CMCRNetworks,
@@ -27,7 +26,7 @@ from models.diffusion_enhancement import (
 )
 from models.registry import build_model
 from pipeline.contract import SOURCE_MODEL, SOURCE_TARGET, TileInputs
-from pipeline.errors import ConfigError, ContractError
+from pipeline.errors import ConfigError, ContractError, WeightsError
 
 
 # ---------------------------------------------------------------------------------------------------- noise
@@ -231,16 +230,24 @@ def test_extend_bands_recovers_a_linear_relation():
 
 # ---------------------------------------------------------------------------------------------------- models
 def _weights(tmp_path, which: str):
+    """Random small networks saved as the loop saves them (safetensors + convention + card with the sha256)."""
+    import json
+
+    from models import cm_cr, diffusion_enhancement
+    from pipeline.training.weights import card_paths, save_weights
+
     torch.manual_seed(4)
     if which == "de":
-        nets, name = DENetworks(cnp_base=8, wa_base=8), "diffusion-enhancement"
+        nets, name, mod, cfg = DENetworks(cnp_base=8, wa_base=8), "diffusion-enhancement", diffusion_enhancement, \
+            {"cnp_base": 8, "wa_base": 8}
     else:
-        nets, name = CMCRNetworks(base=8), "cm-cr"
+        nets, name, mod, cfg = CMCRNetworks(base=8), "cm-cr", cm_cr, {"base": 8}
     for p in nets.parameters():
         torch.nn.init.normal_(p, std=0.05)
     path = tmp_path / f"{name}.safetensors"
-    sha = save_module(nets, path, nets.config, name)
-    write_card(path, {"sha256": sha, "note": "random test weights"})
+    sha = save_weights(nets.state_dict(), path, mod.convention(),
+                       extra={"cloudfree:network": json.dumps(cfg), "cloudfree:model": name})
+    card_paths(path)[0].write_text(json.dumps({"sha256": sha, "note": "random test weights"}))
     return str(path)
 
 
@@ -301,8 +308,7 @@ def test_weights_hash_checked(tmp_path):
     with open(w, "r+b") as fh:
         fh.seek(-4, 2)
         fh.write(b"\x00\x01\x02\x03")
-    assert sha256_file(w) != ""
-    with pytest.raises(ConfigError, match="sha256"):
+    with pytest.raises(WeightsError, match="sha256"):
         build_model("cm-cr", {"weights": w, "device": "cpu"}).predict(_tile())
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(WeightsError, match="not found"):
         build_model("cm-cr", {"weights": str(tmp_path / "none.safetensors"), "device": "cpu"}).predict(_tile())
