@@ -205,25 +205,22 @@ def pad_to_multiple(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[int, i
 
 
 # ----------------------------------------------------------------------------------------------------- bands
-def extend_bands(restored: np.ndarray, target: np.ndarray, clear: np.ndarray, min_pixels: int = 64) -> np.ndarray:
-    """Predict extra bands ``(k, y, x)`` from the restored trained bands ``(4, y, x)``: per extra band, a linear
-    regression ``target_b ~ [restored, 1]`` fitted by least squares on ``clear`` pixels of the tile (where the
-    restored trained bands equal the observed ones). Where fewer than ``min_pixels`` pixels are clear, the band's
-    clear-pixel median (or the tile median of the target) is used as a constant (flagged by low confidence)."""
-    k = target.shape[0]
+def extend_bands(restored: np.ndarray, target: np.ndarray, clear: np.ndarray) -> np.ndarray:
+    """Predict extra bands ``(k, y, x)`` from the restored trained bands ``(4, y, x)`` with the learned models'
+    per-tile spectral extension (:func:`models._learned.fit_band_extension`: least squares ``target_b ~ [restored,
+    1]`` on the tile's clear pixels, where the restored bands equal the observed ones). With too few clear pixels
+    each band is the median of its finite observed values (a constant, flagged by the models' low confidence)."""
+    from models._learned import fit_band_extension
+
     ok = clear & np.isfinite(target).all(axis=0) & np.isfinite(restored).all(axis=0)
-    out = np.empty((k,) + restored.shape[1:], np.float32)
-    design = np.concatenate([restored.reshape(restored.shape[0], -1), np.ones((1, restored[0].size), np.float32)])
-    if ok.sum() >= min_pixels:
-        a = design[:, ok.ravel()].T.astype(np.float64)
-        b = target[:, ok].T.astype(np.float64)
-        coef, *_ = np.linalg.lstsq(a, b, rcond=None)
-        out[:] = (coef.T @ design).reshape(out.shape)
+    coef = fit_band_extension(restored, target, ok)
+    if coef is not None:
+        design = np.concatenate([restored.reshape(restored.shape[0], -1), np.ones((1, restored[0].size), np.float32)])
+        out = (coef @ design).reshape((target.shape[0],) + restored.shape[1:])
     else:
-        for i in range(k):
-            vals = target[i][np.isfinite(target[i])]
-            out[i] = np.median(vals) if vals.size else 0.0
-    return np.maximum(out, 0.0)
+        out = np.stack([np.full(restored.shape[1:], np.nanmedian(b) if np.isfinite(b).any() else 0.0, np.float32)
+                        for b in target])
+    return np.maximum(out, 0.0).astype(np.float32)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -99,11 +99,8 @@ def sar_to_unit(sar_db: np.ndarray) -> np.ndarray:
 
 
 def sar_db(tile: TileInputs) -> np.ndarray | None:
-    """``(2, y, x)`` VV, VH in dB clipped to [-25, 0] from ``tile.sar`` (first date), or None without SAR.
-
-    The contract allows linear power or dB: an array with any negative finite value is taken as dB, otherwise as
-    linear power (converted with ``10 log10``). Missing pixels become the polarisation's median.
-    """
+    """``(2, y, x)`` VV, VH of the target date in dB clipped to [-25, 0] from ``tile.sar`` (the runner delivers dB,
+    ``spec.sar_units = "db"``), or None without SAR. Missing pixels become the polarisation's median."""
     if tile.sar is None or tile.sar.shape[0] == 0:
         return None
     names = [b.lower() for b in tile.sar_bands] if tile.sar_bands else []
@@ -116,13 +113,7 @@ def sar_db(tile: TileInputs) -> np.ndarray | None:
         idx = [0, 1]
     else:
         raise ContractError(f"tile {tile.target_id}: cm-cr needs VV and VH, the SAR array has {tile.sar.shape[1]} band")
-    s = np.asarray(tile.sar[0, idx], np.float64)
-    finite = np.isfinite(s)
-    if finite.any() and (s[finite] < 0).any():
-        db = s
-    else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            db = 10 * np.log10(np.where(s > 0, s, np.nan))
+    db = np.asarray(tile.sar[0, idx], np.float32)
     out = np.empty(db.shape, np.float32)
     for i in range(db.shape[0]):
         ok = np.isfinite(db[i])
@@ -347,6 +338,8 @@ class CMCR(RemovalModelBase):
         level="any",
         needs_reference=False,
         needs_sar=False,
+        accepts_sar=True,
+        sar_units="db",
         max_references=0,
         halo=48,
         description="CM-CR: SAR-conditioned consistency model distilled from an EDM teacher; 1-step + resampling",

@@ -99,7 +99,7 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
                 continue
             t0 = time.perf_counter()
             try:
-                res = process_target(plan, model, cfg, run_id)
+                res = process_target(plan, model, cfg, run_id, catalog=catalog)
             except CloudfreeError as exc:
                 log.error("%s failed: %s", plan.target.id, exc)
                 res = TargetResult(plan.target.id, "failed", refs, error=str(exc))
@@ -142,7 +142,7 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
     return ctx
 
 
-def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetResult:
+def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=None) -> TargetResult:
     from catalogs.harmonise import harmonise
     from stages.load import load_reflectance_checked, output_geobox
     from stages.masks import NODATA_BIT, build_masks_by_method, mask_provenance, method_bits
@@ -173,13 +173,17 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
         if any(c.applied for c in coreg):  # re-read the references on shifted grids: one resampling, lazy
             ref_stack, ref_masks = load_aligned_references(refs, coreg, geobox, bands, cfg.mask, cfg.grid.chunk,
                                                            stack[0])
-    if plan.sar and cfg.coregister.enabled:
+    sar = None
+    if model.spec.needs_sar or model.spec.accepts_sar:
+        sar, sar_records = model_sar(plan, refs, catalog, stack[0], mask[0], geobox, cfg, model)
+        coreg.extend(sar_records)
+    elif plan.sar and cfg.coregister.enabled:
         coreg.append(_sar_coregistration(plan, stack[0], mask[0], geobox, cfg))
     inputs = SceneInputs(
         target=stack[0], cloud_mask=mask[0], cloud_prob=prob[0],
         references=ref_stack, reference_masks=ref_masks,
         reference_ids=tuple(r.id for r in refs),
-        reference_dt_days=tuple(c.dt_days for c in plan.references[: len(refs)]), target_id=target.id,
+        reference_dt_days=tuple(c.dt_days for c in plan.references[: len(refs)]), target_id=target.id, sar=sar,
     )
     halo = cfg.tile.halo if cfg.tile.halo is not None else model.spec.halo
     tiles = plan_tiles(geobox.shape, cfg.tile.size, halo)
@@ -278,6 +282,26 @@ def mark_failed(ds, failed):
 
     return ds.assign(reflectance=ds.reflectance.where(~failed), confidence=ds.confidence.where(~failed, 0.0),
                      source=ds.source.where(~failed, float(SOURCE_FAILED)))
+
+
+def model_sar(plan: TargetPlan, refs, catalog, target, target_mask, geobox, cfg: Config, model):
+    """SAR for a model that needs or accepts it (:mod:`stages.sar`): one scene per optical date on the output
+    grid, co-registered, in the model's units. A model that *needs* SAR and gets none fails the target."""
+    from pipeline.errors import ModelError
+    from stages.sar import prepare_model_sar, sar_items_per_date
+
+    items = sar_items_per_date(plan, refs, catalog, cfg)
+    band = cfg.coregister.band if cfg.coregister.band in target.band.values else str(target.band.values[-1])
+    sar, records = prepare_model_sar(items, target.sel(band=band), target_mask, geobox, cfg, model.spec.sar_units)
+    if sar is None and model.spec.needs_sar:
+        why = ("no catalog.sar_collection is configured" if not cfg.catalog.sar_collection else
+               f"no scene of {cfg.catalog.sar_collection} within {cfg.search.policy.sar_max_days} days covers it")
+        raise ModelError(f"model {model.name} needs Sentinel-1 but target {plan.target.id} has none: {why}; set "
+                         "catalog.sar_collection / widen search.policy.sar_max_days, or pick a model that runs "
+                         "without SAR")
+    if sar is None:
+        log.info("%s: no Sentinel-1; model %s runs without SAR", plan.target.id, model.name)
+    return sar, records
 
 
 def _sar_coregistration(plan: TargetPlan, target, target_mask, geobox, cfg: Config):

@@ -31,7 +31,8 @@ from pipeline.training.weights import InputConvention
 
 @dataclass(frozen=True)
 class Stage:
-    """One phase of training: ``steps`` optimiser steps at learning rate ``lr`` on ``params(net)`` (None = all),
+    """One phase of training: ``steps`` optimiser steps at learning rate ``lr`` on ``params(net)`` (None = all;
+    or a list of ``{"params": [...], "lr_scale": 0.1}`` groups for per-module learning rates),
     with the model's loss called as ``loss(net, batch, stage=name)``. ``lr_decay_every`` halves the rate every that
     many steps after ``lr_decay_after`` (CA-MTCR's schedule); 0 disables decay."""
 

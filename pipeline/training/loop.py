@@ -126,6 +126,10 @@ def _optimizer(net, stage):
     import torch
 
     params = list(stage.params(net)) if stage.params is not None else list(net.parameters())
+    if params and isinstance(params[0], dict):  # parameter groups, each with an optional "lr_scale"
+        groups = [{"params": [p for p in g["params"] if p.requires_grad], "lr_scale": g.get("lr_scale", 1.0)}
+                  for g in params]
+        return torch.optim.Adam(groups, lr=stage.lr)
     return torch.optim.Adam([p for p in params if p.requires_grad], lr=stage.lr)
 
 
@@ -218,7 +222,7 @@ def train(cfg: TrainConfig, trainable=None, source: PairSource | None = None, *,
             if si != opt_stage:
                 opt, opt_stage = _optimizer(net, st), si
             for g in opt.param_groups:
-                g["lr"] = st.lr_at(in_stage)
+                g["lr"] = st.lr_at(in_stage) * g.get("lr_scale", 1.0)
             torch.manual_seed(_step_seed(cfg.seed, step))
             batch = _to(batch_at(source, cfg.seed, step, cfg.batch_size), device)
             loss, terms = trainable.loss(net, batch, st.name)
