@@ -323,6 +323,9 @@ class CMCRParams(ModelParams):
     #: refuse tiles without Sentinel-1 (default: run optical-only, as trained with SAR dropout, and say so).
     require_sar: bool = False
     seed: int = 0
+    #: "scene": noise from the scene seed and global pixel coordinates (overlapping tiles agree; the default);
+    #: "tile": an independent draw per tile (seeded by the tile's origin), only to measure what shared noise buys.
+    noise: Literal["scene", "tile"] = "scene"
     weights: str | None = None
     keep_clear_target: bool = True
     model_confidence: float = Field(0.5, ge=0, le=1)
@@ -403,7 +406,8 @@ class CMCR(RemovalModelBase):
         cond = torch.from_numpy(np.stack(conds)).to(dev)
         cond, (h, w) = pad_to_multiple(cond, nets.factor)
         shape = tuple(cond.shape[-2:])
-        seeds = [scene_seed(p.seed, tile_scene_key(t.target_id)) for t in tiles]
+        seeds = [scene_seed(p.seed, tile_scene_key(t.target_id) if p.noise == "scene" else f"{t.target_id}@{t.origin}")
+                 for t in tiles]
 
         def noise(k: int) -> torch.Tensor:
             return torch.from_numpy(np.stack([coordinate_noise(s, k, N_BANDS, t.origin, shape)

@@ -239,6 +239,9 @@ class DEParams(ModelParams):
     #: DDIM stochasticity (0 = deterministic DDIM; 1 = DDPM-like); noise from the scene seed either way.
     ddim_eta: float = Field(0.0, ge=0, le=1)
     seed: int = 0
+    #: "scene": noise from the scene seed and global pixel coordinates (overlapping tiles agree; the default);
+    #: "tile": an independent draw per tile (seeded by the tile's origin), only to measure what shared noise buys.
+    noise: Literal["scene", "tile"] = "scene"
     #: weights file (None = the shipped models/weights/diffusion-enhancement.safetensors).
     weights: str | None = None
     keep_clear_target: bool = True
@@ -337,7 +340,8 @@ class DiffusionEnhancement(RemovalModelBase):
         y, _ = pad_to_multiple(y, nets.factor)
         mask, _ = pad_to_multiple(mask, nets.factor)
         shape = tuple(x0e.shape[-2:])
-        seeds = [scene_seed(p.seed, tile_scene_key(t.target_id)) for t in tiles]
+        seeds = [scene_seed(p.seed, tile_scene_key(t.target_id) if p.noise == "scene" else f"{t.target_id}@{t.origin}")
+                 for t in tiles]
 
         def noise(k: int) -> torch.Tensor:
             return torch.from_numpy(np.stack([coordinate_noise(s, k, N_BANDS, t.origin, shape)
