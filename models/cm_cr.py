@@ -338,7 +338,7 @@ class CMCR(RemovalModelBase):
     name = "cm-cr"
     spec = ModelSpec(
         bands=GEN_BANDS,
-        level="any",
+        level="L2A",
         needs_reference=False,
         needs_sar=False,
         accepts_sar=True,

@@ -255,7 +255,7 @@ class DiffusionEnhancement(RemovalModelBase):
     name = "diffusion-enhancement"
     spec = ModelSpec(
         bands=GEN_BANDS,
-        level="any",
+        level="L2A",
         needs_reference=False,
         max_references=4,
         halo=48,

@@ -49,36 +49,50 @@ def _mosaic(model, inputs, size=64, halo=16):
         return ds.reflectance.values
 
 
+def _whole(model, inputs):
+    from pipeline.contract import TileInputs
+
+    ny, nx = inputs.cloud_mask.shape
+    return model.predict(TileInputs(BANDS, inputs.target.values, inputs.cloud_prob.values, inputs.cloud_mask.values,
+                                    np.zeros((0, 4, ny, nx), np.float32), np.zeros((0, ny, nx), bool),
+                                    target_id=inputs.target_id)).reflectance
+
+
 @pytest.mark.parametrize("name,params", [("cm-cr", {"steps": 1}),
                                          ("diffusion-enhancement", {"steps": 4, "reference_model": "none"})])
 def test_shared_scene_noise_keeps_tiles_seamless(cloudy_scene, name, params):
-    """Tiles predicted through the remove stage (halo 16, feathered blend) with the scene's coordinate noise show
-    no seam on the generated pixels; independent noise per tile (the ablation) does."""
+    """The seam metric of stages/mosaic.py on the generated pixels, at the tile borders (every 64 px), for the
+    mosaic of tiles predicted through the remove stage (halo 16, feathered blend) and for the untiled prediction
+    of the whole scene (no border at all: the metric's baseline for this content, which is not exactly 1 on a
+    128 px scene). With the scene's coordinate noise the tiled mosaic measures as the untiled one; with
+    independent noise per tile (the ablation) the overlap bands average two different samples and the metric
+    moves away (a blurred band reads below the baseline, a halo-discard mosaic far above it)."""
     from models.registry import build_model
 
     inputs, mask, _ = cloudy_scene
-    ratios = {}
-    for noise in ("scene", "tile"):
-        refl = _mosaic(build_model(name, {**params, "noise": noise, "device": "cpu"}), inputs)
-        ratios[noise] = seam_ratio(np.where(mask[None], refl, np.nan), 64)
-    print(name, "seam ratios on generated pixels:", {k: round(v, 3) for k, v in ratios.items()})
-    assert ratios["scene"] < 1.15, ratios
-    assert ratios["tile"] > ratios["scene"] + 0.05, ratios
+
+    def ratio(img):
+        return seam_ratio(np.where(mask[None], img, np.nan), 64)
+
+    base = ratio(_whole(build_model(name, {**params, "device": "cpu"}), inputs))
+    ratios = {noise: ratio(_mosaic(build_model(name, {**params, "noise": noise, "device": "cpu"}), inputs))
+              for noise in ("scene", "tile")}
+    print(name, "seam ratios on generated pixels:", {k: round(v, 3) for k, v in ratios.items()}, "untiled",
+          round(base, 3))
+    assert abs(ratios["scene"] - base) < 0.03, (ratios, base)
+    assert abs(ratios["tile"] - base) > 0.1, (ratios, base)
 
 
 def test_tiled_equals_whole_scene_closely(cloudy_scene):
     """Shared noise: the tiled mosaic and the one-tile prediction of the scene differ only by halo truncation."""
     from models.registry import build_model
-    from pipeline.contract import TileInputs
 
     inputs, mask, _ = cloudy_scene
     model = build_model("cm-cr", {"steps": 1, "device": "cpu"})
-    tiled = _mosaic(model, inputs, 64, 32)
-    whole = model.predict(TileInputs(BANDS, inputs.target.values, inputs.cloud_prob.values, inputs.cloud_mask.values,
-                                     np.zeros((0, 4, 128, 128), np.float32), np.zeros((0, 128, 128), bool),
-                                     target_id=inputs.target_id)).reflectance
-    diff = np.abs(tiled - whole)[:, mask]
-    assert np.median(diff) < 0.01, np.median(diff)
+    diff = np.abs(_mosaic(model, inputs, 64, 32) - _whole(model, inputs))[:, mask]
+    assert np.median(diff) < 0.005, np.median(diff)
+    tile_noise = build_model("cm-cr", {"steps": 1, "device": "cpu", "noise": "tile"})
+    assert np.median(np.abs(_mosaic(tile_noise, inputs, 64, 32) - _whole(model, inputs))[:, mask]) > 2 * np.median(diff)
 
 
 def test_shipped_weights_cards_and_sizes():
@@ -97,13 +111,10 @@ def test_shipped_weights_cards_and_sizes():
 def test_trained_cmcr_beats_doing_nothing_under_cloud(cloudy_scene):
     """Not a quality claim: the trained student must at least move cloudy pixels towards the surface."""
     from models.registry import build_model
-    from pipeline.contract import TileInputs
     from pipeline.evaluation.evaluate import psnr
 
     inputs, mask, clear = cloudy_scene
-    tile = TileInputs(BANDS, inputs.target.values, inputs.cloud_prob.values, inputs.cloud_mask.values,
-                      np.zeros((0, 4, 128, 128), np.float32), np.zeros((0, 128, 128), bool), target_id="t")
-    out = build_model("cm-cr", {"steps": 1, "device": "cpu"}).predict(tile).reflectance
+    out = _whole(build_model("cm-cr", {"steps": 1, "device": "cpu"}), inputs)
     assert psnr(out, clear, mask) > psnr(inputs.target.values, clear, mask) + 3
 
 
