@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.evaluation.evaluate import DEFAULT_DATA_DIR, EvalCase, all_metrics, simulated_set
+from pipeline.evaluation.evaluate import DEFAULT_DATA_DIR, SIM_BANDS, EvalCase, all_metrics, simulated_set
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,28 @@ def case_sar_db(case: EvalCase, seed: int) -> np.ndarray:
 
     scaled = simulate_sar(case.truth, case.bands, np.random.default_rng(seed))
     return (scaled * 25.0 - 25.0)[None].astype(np.float32)
+
+
+def romania_val_cases(n: int = 6, patch: int = 96, seed: int = 0) -> list[tuple[str, Any, np.ndarray, np.ndarray]]:
+    """In-domain cases: ``n`` samples of the training source's VALIDATION split (Romania L2A stack, clear dates
+    never trained on, every 5th clear date; SIMULATED clouds; real other dates as references; SIMULATED SAR), as
+    ``(name, TileInputs, truth, cloudy mask)``."""
+    from models._generative import GEN_BANDS
+    from pipeline.contract import TileInputs
+    from pipeline.training.datasets import DataConfig, build_source
+
+    src = build_source(DataConfig(clouds="simulate", sar="simulated", sar_dropout=0.0), GEN_BANDS, 2, patch)
+    out = []
+    for i in range(n):
+        s = src.sample(np.random.default_rng([seed, 10**6 + i]), "val")
+        mask = s["cloud_mask"] > 0.5
+        tile = TileInputs(bands=GEN_BANDS, target=s["target"], cloud_prob=s["cloud_mask"], cloud_mask=mask,
+                          references=s["references"], reference_masks=s["ref_masks"] > 0.5,
+                          reference_dt_days=tuple(float(d) for d in s["ref_dt"]),
+                          sar=(s["sar"][:1] * 25.0 - 25.0).astype(np.float32), sar_bands=("vv", "vh"),
+                          target_id=f"romania-val-{i}")
+        out.append((f"romania-val-{i}", tile, s["truth"], mask))
+    return out
 
 
 def configurations(steps: Sequence[int] = STEPS) -> list[tuple[str, str, dict[str, Any]]]:
@@ -64,7 +86,8 @@ def nfe(model: str, params: dict[str, Any]) -> int:
 
 
 def run(out: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, seeds: Sequence[int] = SEEDS,
-        steps: Sequence[int] = STEPS, sar: bool = True, threads: int | None = None) -> dict[str, Any]:
+        steps: Sequence[int] = STEPS, sar: bool = True, threads: int | None = None,
+        romania: bool = True) -> dict[str, Any]:
     import torch
 
     from models.registry import build_model
@@ -74,34 +97,39 @@ def run(out: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, seeds: Sequenc
         torch.set_num_threads(threads)
     out = Path(out)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    cases = simulated_set(data_dir, seeds)
-    tiles = []
-    for case in cases:
+    sets: dict[str, list[tuple[str, Any, np.ndarray, np.ndarray]]] = {"simulated-256": []}
+    for case in simulated_set(data_dir, seeds):
         tile = case.tile_inputs()
         if sar:
             tile = dataclasses.replace(tile, sar=case_sar_db(case, case.meta["seed"]), sar_bands=("vv", "vh"))
-        tiles.append(tile)
+        sets["simulated-256"].append((case.name, tile, case.truth, case.regions["cloudy"]))
+    if romania:
+        sets["romania-val-96"] = romania_val_cases()
+        if not sar:
+            sets["romania-val-96"] = [(n, dataclasses.replace(t, sar=None, sar_bands=()), g, m)
+                                      for n, t, g, m in sets["romania-val-96"]]
     rows = []
     for label, name, params in configurations(steps):
         model = build_model(name, dict(params))
-        per_case = []
-        for case, tile in zip(cases, tiles):
-            t = with_scene_context(model, tile)
-            if name != "phyvlm-cr" and not per_case:
-                model.predict(t)  # warm-up: weights loaded once, not timed
-            t0 = time.perf_counter()
-            res = model.predict(t)
-            secs = time.perf_counter() - t0
-            m = all_metrics(res.reflectance, case.truth, case.regions["cloudy"])
-            per_case.append({"case": case.name, "seconds": secs, **m})
-        row = {"label": label, "model": name, "params": params, "nfe": nfe(name, params),
-               "seconds_per_tile": float(np.mean([c["seconds"] for c in per_case])),
-               **{k: float(np.mean([c[k] for c in per_case])) for k in ("psnr", "ssim", "sam", "mae")},
-               "cases": per_case}
-        log.info("%s: %.2f dB, %.3f s/tile", label, row["psnr"], row["seconds_per_tile"])
+        row = {"label": label, "model": name, "params": params, "nfe": nfe(name, params)}
+        for set_name, cases in sets.items():
+            per_case = []
+            for case_name, tile, truth, cloudy in cases:
+                t = with_scene_context(model, tile)
+                if name != "phyvlm-cr" and not per_case:
+                    model.predict(t)  # warm-up: weights loaded once, not timed
+                t0 = time.perf_counter()
+                res = model.predict(t)
+                secs = time.perf_counter() - t0
+                per_case.append({"case": case_name, "seconds": secs, **all_metrics(res.reflectance, truth, cloudy)})
+            row[set_name] = {"seconds_per_tile": float(np.mean([c["seconds"] for c in per_case])),
+                             **{k: float(np.mean([c[k] for c in per_case])) for k in ("psnr", "ssim", "sam", "mae")},
+                             "cases": per_case}
+            log.info("%s on %s: %.2f dB, %.3f s/tile", label, set_name, row[set_name]["psnr"],
+                     row[set_name]["seconds_per_tile"])
         rows.append(row)
-    payload = {"rows": rows, "seeds": list(seeds), "tile": [len(cases[0].bands), 256, 256],
-               "bands": list(cases[0].bands), "sar": "SIMULATED from the clear image" if sar else "none",
+    payload = {"rows": rows, "seeds": list(seeds), "sets": list(sets), "bands": list(SIM_BANDS),
+               "sar": "SIMULATED from the clear image" if sar else "none",
                "threads": torch.get_num_threads(), "region": "cloudy"}
     (out / "generative.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
     (out / "generative_steps.md").write_text(markdown(rows))
@@ -110,12 +138,15 @@ def run(out: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, seeds: Sequenc
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| configuration | steps | network evals | PSNR (dB) | SSIM | SAM (deg) | s / tile |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    sets = [k for k in ("simulated-256", "romania-val-96") if k in rows[0]]
+    head = "| configuration | steps | network evals | " + " | ".join(
+        f"{k}: PSNR (dB) | SSIM | SAM (deg) | s / tile" for k in sets) + " |"
+    lines = [head, "|---|---:|---:|" + "---:|---:|---:|---:|" * len(sets)]
     for r in rows:
-        lines.append(f"| {r['label'].rsplit(' ', 1)[0] if r['params'] else r['label']} | "
-                     f"{r['params'].get('steps', '-')} | {r['nfe']} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
-                     f"{r['sam']:.2f} | {r['seconds_per_tile']:.2f} |")
+        name = r["label"].rsplit(" ", 1)[0] if r["params"] else r["label"]
+        cells = [f"{r[k]['psnr']:.2f} | {r[k]['ssim']:.4f} | {r[k]['sam']:.2f} | {r[k]['seconds_per_tile']:.2f}"
+                 for k in sets]
+        lines.append(f"| {name} | {r['params'].get('steps', '-')} | {r['nfe']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -125,29 +156,35 @@ def figure(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    sets = [k for k in ("simulated-256", "romania-val-96") if k in rows[0]]
+    fig, axes = plt.subplots(1, len(sets) + 1, figsize=(5.2 * (len(sets) + 1), 4))
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r["params"]:
             groups.setdefault(r["label"].rsplit(" ", 1)[0], []).append(r)
     for g, rs in groups.items():
         s = [r["params"]["steps"] for r in rs]
-        axes[0].plot(s, [r["psnr"] for r in rs], "o-", label=g)
-        axes[1].plot([r["seconds_per_tile"] for r in rs], [r["psnr"] for r in rs], "o-", label=g)
+        for ax, k in zip(axes, sets):
+            ax.plot(s, [r[k]["psnr"] for r in rs], "o-", label=g)
+        axes[-1].plot([r[sets[0]]["seconds_per_tile"] for r in rs], [r[sets[0]]["psnr"] for r in rs], "o-", label=g)
         for r in rs:
-            axes[1].annotate(str(r["params"]["steps"]), (r["seconds_per_tile"], r["psnr"]), fontsize=7)
-    ref = [r for r in rows if not r["params"]]
-    for r in ref:
-        axes[0].axhline(r["psnr"], color="grey", ls="--", lw=1, label=r["label"])
-        axes[1].axhline(r["psnr"], color="grey", ls="--", lw=1)
-    axes[0].set_xscale("log")
-    axes[0].set_xlabel("sampling steps")
-    axes[0].set_ylabel("PSNR on cloudy pixels (dB)")
-    axes[1].set_xscale("log")
-    axes[1].set_xlabel("seconds per 256x256 tile (CPU)")
+            axes[-1].annotate(str(r["params"]["steps"]), (r[sets[0]]["seconds_per_tile"], r[sets[0]]["psnr"]),
+                              fontsize=7)
+    for r in (r for r in rows if not r["params"]):
+        for ax, k in zip(axes, sets):
+            ax.axhline(r[k]["psnr"], color="grey", ls="--", lw=1, label=r["label"])
+        axes[-1].axhline(r[sets[0]]["psnr"], color="grey", ls="--", lw=1)
+    for ax, k in zip(axes, sets):
+        ax.set_xscale("log")
+        ax.set_xlabel("sampling steps")
+        ax.set_ylabel("PSNR on cloudy pixels (dB)")
+        ax.set_title(k)
+        ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
     axes[0].legend(fontsize=7)
-    axes[0].set_title("quality vs steps")
-    axes[1].set_title("quality vs time (labels: steps)")
+    axes[-1].set_xscale("log")
+    axes[-1].set_xlabel(f"seconds per 256x256x4 tile (CPU) [{sets[0]}]")
+    axes[-1].set_ylim(bottom=max(0.0, axes[-1].get_ylim()[0]))
+    axes[-1].set_title("quality vs time (labels: steps)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -161,13 +198,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--steps", default=",".join(str(s) for s in STEPS))
     ap.add_argument("--no-sar", action="store_true", help="run CM-CR without (simulated) SAR")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-romania", action="store_true", help="skip the in-domain Romania validation cases")
     ap.add_argument("-v", "--verbose", action="count", default=0)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * a.verbose, format="%(levelname)s %(name)s: %(message)s")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         run(a.out, a.data_dir, [int(s) for s in a.seeds.split(",")], [int(s) for s in a.steps.split(",")],
-            sar=not a.no_sar, threads=a.threads)
+            sar=not a.no_sar, threads=a.threads, romania=not a.no_romania)
     return 0
 
 
