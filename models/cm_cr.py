@@ -33,9 +33,9 @@ filled from the consistency-model literature, choice by choice:
   re-noise only at levels that touch texture.
 
 Deviations: the networks are the small local UNets of :mod:`models._generative` (no attention, per-pixel channel
-normalisation; base 24, multipliers (1, 2, 2)) where the paper's is ~80x a DDPM's parameters: they must train in
-minutes on a shared 2-core CPU and tile without seams. Other bands than the four trained ones are predicted from
-the restored bands by a per-band linear regression fitted on the tile's clear pixels
+normalisation; multipliers (1, 2, 2), base 16 in the shipped weights) where the paper's is ~80x a DDPM's parameters:
+they must train in minutes on a shared 2-core CPU and tile without seams. Other bands than the four trained ones are
+predicted from the restored bands by a per-band linear regression fitted on the tile's clear pixels
 (:func:`models._generative.extend_bands`). Noise is :func:`models._generative.coordinate_noise` of the scene seed
 and global pixel coordinates (tiles agree in their halos). Clear pixels keep the observation
 (``keep_clear_target``). Restored pixels get ``model_confidence`` (0.5: a generated surface, not an observation).

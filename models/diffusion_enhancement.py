@@ -379,7 +379,8 @@ class DiffusionEnhancement(RemovalModelBase):
 class DETrainable:
     """``cloudfree train diffusion-enhancement``: the coarse-to-fine schedule of Sec. IV-D on the shared loop.
 
-    Stages (fractions of ``steps``, overridable with ``network: {stage_fractions: [a, b, c]}``):
+    Stages (fractions of ``steps``, overridable with ``network: {stage_fractions: [a, b, c]}``; the shipped weights
+    used 0.6 / 0.15 / 0.25, configs/train-diffusion-enhancement.yaml):
 
     1. ``cnp`` (40 %): CNP alone, eq. 7, on a random ``patch / 2`` crop of each sample (the paper's "small images";
        it downsizes to 1/4, here half the side because the training patches are already small);
