@@ -188,6 +188,13 @@ class StacApiCatalog:
         if query.max_items is not None:
             items = items[: query.max_items]
         log.debug("%s: %d items for %s (%d pages)", self.url, len(items), query.describe(), pages)
+        if not items and query.collections:
+            have = self.collection_ids()
+            unknown = [c for c in query.collections if have and c not in have]
+            if unknown:
+                raise NoItemsFoundError(
+                    f"collection(s) {unknown} are not in STAC API {self.url}; its collections are {have}: set "
+                    "catalog.collection (or --collection) to one of them")
         if not items and not query.allow_empty:
             raise NoItemsFoundError(
                 f"no items in STAC API {self.url} for collection(s) {list(query.collections)} with "
@@ -195,6 +202,16 @@ class StacApiCatalog:
                 f"check the collection id (list them at {self.url}/collections)"
             )
         return items
+
+    def collection_ids(self) -> list[str]:
+        """Ids of the API's collections (empty when they cannot be listed: then nothing is claimed)."""
+        from pystac_client.exceptions import APIError
+
+        try:
+            return sorted(c.id for c in self.client.get_collections())
+        except (APIError, requests.RequestException, pystac.STACError, CatalogError) as exc:
+            log.debug("%s: collections could not be listed: %s", self.url, exc)
+            return []
 
     def get(self, item_id: str, collection: str | None = None) -> pystac.Item:
         """One item by id: from ``/collections/{collection}/items/{id}`` when the collection is known, else via
