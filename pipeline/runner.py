@@ -97,7 +97,7 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
             except Exception as exc:  # noqa: BLE001 - fault isolation per target; KeyboardInterrupt still stops
                 from pipeline.redact import redact
 
-                msg = redact(str(exc) if isinstance(exc, CloudfreeError) else f"{type(exc).__name__}: {exc}")
+                msg = redact(failure_message(plan, exc))
                 log.error("%s failed: %s", plan.target.id, msg)
                 log.debug("%s: traceback", plan.target.id, exc_info=True)
                 res = TargetResult(plan.target.id, "failed", refs, error=msg)
@@ -300,6 +300,28 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
     return TargetResult(target.id, status, [r.id for r in refs], outputs=dict(out.files), metrics=metrics,
                         error=error, tile_seconds=tile_seconds, stats=stats,
                         coregistration=[c.as_properties() for c in coreg])
+
+
+def failure_message(plan: TargetPlan, exc: BaseException) -> str:
+    """What the run report and the ``failed`` line say about a target that raised ``exc``."""
+    import rasterio.errors
+
+    if isinstance(exc, CloudfreeError):
+        return str(exc)
+    if isinstance(exc, (rasterio.errors.RasterioError, OSError)):  # a file that passed the probe broke mid-read
+        return (f"target {plan.target.id}: an input failed mid-read ({exception_chain(exc)}); items "
+                f"{[plan.target.id, *(c.item.id for c in plan.references)]}: check their files (truncated or corrupt "
+                "download, network; the log names the file), fetch them again or drop the item, and rerun")
+    return f"target {plan.target.id}: {exception_chain(exc)}"
+
+
+def exception_chain(exc: BaseException, limit: int = 4) -> str:
+    """``exc`` and its causes in one line (GDAL names the failing file in the chained errors)."""
+    parts, x = [], exc
+    while x is not None and len(parts) < limit:
+        parts.append(f"{type(x).__name__}: {x}")
+        x = x.__cause__ or x.__context__
+    return " <- ".join(parts)
 
 
 def restoration_status(stats: dict) -> tuple[str, str]:
