@@ -171,6 +171,10 @@ class SentinelHubCatalog:
 
         self._check_credentials()
         start, end = parse_interval(query.datetime)
+        bad = [c for c in query.collections if c not in SH_COLLECTIONS]
+        if bad:  # before any network use
+            raise CatalogError(f"collection(s) {bad} are not mapped to a Sentinel Hub collection; "
+                               f"use one of {sorted(SH_COLLECTIONS)}")
         check_reachable(self.config.sh_token_url, timeout=min(float(getattr(self.cfg, "timeout", 30.0)), 5.0))
         time = (start.isoformat() if start else None, end.isoformat() if end else None)
         bboxes = [None]

@@ -1,7 +1,10 @@
 """The runner: search -> load -> masks -> tile -> remove -> write -> publish, one target at a time.
 
-Each target is computed in one dask pass (inputs read once), written atomically, and marked done by its STAC item,
-so a rerun skips finished targets (resume) unless ``overwrite``.
+Each target is computed in one dask pass (inputs read once), under its lock, in its own staging folder, published
+with one rename and marked done by its STAC item, so a rerun skips finished targets (resume) unless ``overwrite``.
+A target that raises is recorded as ``failed`` (message redacted, naming the target and the fix) and the batch goes
+on; a target whose cloudy pixels could not be restored is written but reported ``unrestored`` (source code
+``SOURCE_UNFILLED``, ``cloudfree:status``) and retried by the next run. See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ QUICKLOOK_MAX = 900
 @dataclass
 class TargetResult:
     target_id: str
-    status: str  # done | skipped | dry-run | failed
+    status: str  # done | unrestored | skipped | dry-run | failed
     references: list[str] = field(default_factory=list)
     outputs: dict[str, Path] = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
@@ -280,7 +283,11 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
     wpath = Path(model.spec.weights) if model.spec.weights else None
     weights_sha = file_sha256(wpath) if wpath is not None and wpath.is_file() else None
     if read_failures:
-        extra["cloudfree:read_failures"] = [f.as_properties() for f in read_failures]
+        from pipeline.redact import redact
+
+        # hrefs may be signed (SAS tokens): never put a credential into an output file
+        extra["cloudfree:read_failures"] = [{k: redact(v) if isinstance(v, str) else v for k, v in
+                                             f.as_properties().items()} for f in read_failures]
     if plausibility:
         extra["cloudfree:plausibility"] = list(plausibility)
     if coreg:

@@ -22,7 +22,7 @@ import pytest
 import rasterio
 import yaml
 
-from pipeline.contract import SOURCE_FAILED, SOURCE_REFERENCE_BASE, SOURCE_TARGET, SOURCE_UNFILLED
+from pipeline.contract import SOURCE_TARGET, SOURCE_UNFILLED
 from pipeline.errors import CatalogError, ConfigError, InputDataError, NoItemsFoundError
 from pipeline.safety import UnsafePathError, ensure_inside, safe_stem, target_lock
 from tests.conftest import ROOT
@@ -276,7 +276,6 @@ def test_antimeridian_aoi_bbox_and_polygon_match_both_sides_only(tmp_path, demo_
 
 # -- 5. broken files: one target fails, the batch goes on -----------------------------------------------------------
 def test_truncated_band_and_10x_too_small_target_fail_alone_and_the_batch_goes_on(demo_config, demo_dicts, tmp_path):
-    from pipeline.report import render_markdown  # noqa: F401  (the report is written by run)
     from pipeline.runner import run
 
     cloudy = demo_dicts[CLOUDY]
