@@ -87,4 +87,5 @@ def test_rerun_resumes_and_overwrite_redoes(demo_config, demo_run):
     before = item.stat().st_mtime_ns
     redo = run(demo_config.replace(output={"overwrite": True}, search={"targets": [TARGET]}))
     assert [r.status for r in redo] == ["done"] and item.stat().st_mtime_ns > before
-    assert not list(item.parent.parent.glob(".staging-*")), "staging folders must not be left behind"
+    out = item.parent.parent
+    assert not list(out.glob(".staging-*")) and not list((out / ".staging").glob("*")), "staging left behind"
