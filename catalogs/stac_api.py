@@ -48,6 +48,27 @@ def make_retry(max_retries: int, backoff_factor: float = 0.5, backoff_jitter: fl
     )
 
 
+def check_resolvable(url: str, attempts: int = 2, delay: float = 1.0) -> None:
+    """Fail at once with :class:`CatalogError` when the API's host name does not resolve (offline), instead of
+    ``max_retries`` connection retries with backoff; a transient DNS error gets ``attempts`` tries."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname
+    if not host:
+        return
+    for i in range(attempts):
+        try:
+            socket.getaddrinfo(host, None)
+            return
+        except socket.gaierror as exc:
+            if i + 1 == attempts:
+                raise CatalogError(f"cannot resolve the host of STAC API {url}: {exc}; check the network (offline "
+                                   "runs need catalog.kind: local) or catalog.url") from None
+            time.sleep(delay)
+
+
 def split_antimeridian_bbox(bbox: tuple[float, float, float, float]) -> list[tuple[float, float, float, float]]:
     """A bbox crossing the antimeridian (``minx > maxx``) as two bboxes; any other bbox unchanged."""
     minx, miny, maxx, maxy = bbox
@@ -132,6 +153,7 @@ class StacApiCatalog:
             from pystac_client import Client
             from pystac_client.exceptions import APIError
 
+            check_resolvable(self.url)
             try:
                 self._client = Client.open(self.url, stac_io=self.stac_io(), modifier=self._modifier,
                                            timeout=self.timeout)

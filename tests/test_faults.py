@@ -220,6 +220,16 @@ def test_stac_api_timeouts_and_persistent_errors_give_a_clear_catalog_error():
         assert srv.count("/search") == 3
 
 
+def test_stac_api_offline_fails_fast_naming_the_api():
+    from catalogs.base import SearchQuery
+    from catalogs.stac_api import StacApiCatalog
+
+    t0 = time.monotonic()
+    with pytest.raises(CatalogError, match=r"cannot resolve the host of STAC API https://stac\.invalid/v1.*network"):
+        StacApiCatalog(url="https://stac.invalid/v1", max_retries=4).search(SearchQuery(collections=("x",)))
+    assert time.monotonic() - t0 < 5  # not 4 connection retries with backoff
+
+
 def test_wrong_collection_lists_the_catalogs_collections(demo_catalog):
     from catalogs.base import SearchQuery
     from catalogs.local import LocalCatalog
