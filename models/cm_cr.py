@@ -459,8 +459,8 @@ class CMCRTrainable:
     name = "cm-cr"
     n_references = 0
     card_notes = [
-        "Trained on the Romania L2A stack (real optical, real transplanted or simulated clouds); the shared data has "
-        "no co-located Sentinel-1, so the SAR branch saw SIMULATED SAR (see data) or none (dropout).",
+        "Clouds and SAR as the data section says; the shared data has no co-located Sentinel-1, so with it the SAR "
+        "branch saw SIMULATED SAR or none (dropout), never a real radar image of the optical scene.",
         "Trained minutes on a shared 2-core CPU: far from converged.",
     ]
 
