@@ -83,8 +83,10 @@ class LearnedModel(RemovalModelBase):
 
     def __init__(self, params=None) -> None:
         super().__init__(params)
-        if self.params.require_sar and not type(self).spec.needs_sar:
-            self.spec = dataclasses.replace(type(self).spec, needs_sar=True)  # instance-level: runner reads it
+        # instance-level spec (the runner reads it): the weights actually used (their sha256 goes into the output
+        # item), and needs_sar when the user requires SAR
+        self.spec = dataclasses.replace(type(self).spec, weights=str(self.weights_path),
+                                        needs_sar=type(self).spec.needs_sar or self.params.require_sar)
 
     @classmethod
     def trainable(cls):
@@ -189,6 +191,9 @@ class LearnedModel(RemovalModelBase):
                 if py or px:
                     for k in ("target", "cloud_mask", "references", "ref_masks", "sar"):
                         v = batch[k]
+                        if v.numel() == 0:
+                            batch[k] = v.new_zeros(*v.shape[:-2], ny + py, nx + px)
+                            continue
                         flat = v.reshape(-1, 1, *v.shape[-2:]) if v.ndim != 4 else v
                         mode = "reflect" if min(ny, nx) > max(py, px) else "replicate"
                         padded = torch.nn.functional.pad(flat, (0, px, 0, py), mode=mode)

@@ -138,7 +138,7 @@ def validate(trainable, net, source: PairSource, cfg: TrainConfig, device) -> di
     import torch
 
     net.eval()
-    se = ab = n = se_c = n_c = 0.0
+    se = ab = n = se_c = n_c = se_in = se_in_c = 0.0
     with torch.no_grad():
         for i in range(cfg.val_batches):
             b = _to(batch_at(source, cfg.seed, 10**9 + i, cfg.batch_size, "val"), device)
@@ -150,10 +150,15 @@ def validate(trainable, net, source: PairSource, cfg: TrainConfig, device) -> di
             m = b["cloud_mask"][:, None].expand_as(err) > 0.5
             se_c += float((err[m] ** 2).sum())
             n_c += int(m.sum())
+            err_in = b["target"] - b["truth"]  # the cloudy input itself, as a floor to compare against
+            se_in += float((err_in ** 2).sum())
+            se_in_c += float((err_in[m] ** 2).sum())
     net.train()
     mse, mse_c = se / max(n, 1), se_c / max(n_c, 1)
     return {"l1": ab / max(n, 1), "psnr": -10 * math.log10(max(mse, 1e-12)),
-            "psnr_cloudy": -10 * math.log10(max(mse_c, 1e-12)) if n_c else float("nan")}
+            "psnr_cloudy": -10 * math.log10(max(mse_c, 1e-12)) if n_c else float("nan"),
+            "input_psnr": -10 * math.log10(max(se_in / max(n, 1), 1e-12)),
+            "input_psnr_cloudy": -10 * math.log10(max(se_in_c / max(n_c, 1), 1e-12)) if n_c else float("nan")}
 
 
 def _rewrite_metrics(path: Path, upto_step: int) -> None:
