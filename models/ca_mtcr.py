@@ -300,7 +300,7 @@ class CAMTCRModel(LearnedModel):
         sar_units="db",
         max_references=2,
         halo=32,
-        description="CA-MTCR: change-aware multi-temporal fusion (SAR change map + L-TAE), learned (small, CPU-trained)",
+        description="CA-MTCR: change-aware multi-temporal fusion (SAR change map + L-TAE), learned, small",
         weights="models/weights/ca_mtcr.safetensors",
     )
     weights_file = "ca_mtcr.safetensors"
