@@ -6,8 +6,9 @@ and network blocks several papers use (window attention, MBConv, residual dense 
 ``predict_batch`` (grouped by shape), and maps the prediction back:
 
 * clear target pixels are returned unchanged (``SOURCE_TARGET``, confidence 1); cloudy ones take the network's
-  prediction (``SOURCE_MODEL``, confidence ``cloudy_confidence``: a fixed prior, these networks give no
-  per-pixel uncertainty);
+  prediction (``SOURCE_MODEL``) with confidence ``cloudy_confidence`` (0.6) where the network had support -- a clear
+  reference at the pixel (multi-temporal) or SAR (mono-temporal) -- and ``unsupported_confidence`` (0.3) where it
+  only inpainted; fixed priors, these networks give no per-pixel uncertainty;
 * bands the network was not trained on (e.g. B05..B12 of a 12-band scene) are predicted under cloud by a per-tile
   linear regression on the network's bands, fitted on the tile's clear pixels (``SPECTRAL EXTENSION``, not learned);
 * weights are read lazily, once per process, checked against the sha256 of their model card (or ``weights_sha256``)
@@ -46,8 +47,12 @@ class LearnedParams(ModelParams):
     device: str = "auto"
     #: fail tiles that carry no Sentinel-1 (otherwise the network runs with its "no SAR" input, as trained).
     require_sar: bool = False
-    #: confidence written for pixels the network filled (a fixed prior: no per-pixel uncertainty).
+    #: confidence written for pixels the network filled where it had support (a clear reference at the pixel for
+    #: multi-temporal models, SAR for mono-temporal ones): a fixed prior, these networks give no uncertainty.
     cloudy_confidence: float = 0.6
+    #: confidence where it had none (pure inpainting): below 0.5, so such pixels count as still cloudy in the
+    #: cover statistics and ``output.confidence_floor`` can drop them.
+    unsupported_confidence: float = 0.3
     #: tiles per forward pass in predict_batch.
     batch_size: int = 4
     #: torch threads (None = torch default).
@@ -204,6 +209,15 @@ class LearnedModel(RemovalModelBase):
                     preds[i] = out[j]
         return [self._result(t, p) for t, p in zip(tiles, preds)]
 
+    def supported(self, tile: TileInputs) -> np.ndarray:
+        """``(y, x)`` True where the network had more than the cloudy pixel's surroundings to go on."""
+        n = self.trainable_cls.n_references
+        if n > 0:
+            k = min(n, tile.references.shape[0])
+            refs_ok = ~tile.reference_masks[:k] & np.isfinite(tile.references[:k]).all(1)
+            return refs_ok.any(0) if k else np.zeros(tile.shape, bool)
+        return np.full(tile.shape, tile.sar is not None)
+
     def _result(self, tile: TileInputs, pred: np.ndarray) -> TileResult:
         tr = self.trainable_cls
         idx = tile.band_index(*tr.convention.bands)
@@ -219,7 +233,10 @@ class LearnedModel(RemovalModelBase):
                 est = np.tensordot(coef[:, :-1], pred, axes=1) + coef[:, -1:, None]
                 for j, b in enumerate(extra):
                     out[b][cloudy] = np.maximum(est[j][cloudy], 0)
-        conf = np.where(cloudy, np.float32(self.params.cloudy_confidence), np.float32(1)).astype(np.float32)
+        support = self.supported(tile)
+        filled = np.where(support, np.float32(self.params.cloudy_confidence),
+                          np.float32(self.params.unsupported_confidence))
+        conf = np.where(cloudy, filled, np.float32(1)).astype(np.float32)
         src = np.where(cloudy, SOURCE_MODEL, SOURCE_TARGET).astype(np.uint8)
         out[:, ~valid] = np.nan
         conf[~valid] = 0

@@ -70,6 +70,10 @@ def test_inference_keeps_clear_pixels_and_fills_cloud(tiny_weights, name):
     assert np.isfinite(res.reflectance).all() and not np.allclose(res.reflectance[:, tile.cloud_mask], 0.7)
     # B11 is not a network band: under cloud it comes from the per-tile regression on the predicted bands
     assert not np.allclose(res.reflectance[4][tile.cloud_mask], 0.7)
+    # confidence: a fixed prior where the network had support (clear reference / SAR), lower where it only inpainted
+    assert np.all(res.confidence[clear] == 1.0) and np.all(res.confidence[tile.cloud_mask] == 0.6)
+    bare = model.predict(_tile(np.random.default_rng(0), refs=0, sar=False))
+    assert np.all(bare.confidence[tile.cloud_mask] == 0.3)
     # batched = one by one (odd sizes padded to the network's multiple and cropped back)
     t2 = _tile(np.random.default_rng(1), size=45)
     one = [model.predict(t).reflectance for t in (tile, t2, tile)]
