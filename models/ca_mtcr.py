@@ -223,6 +223,10 @@ class CAMTCRTrainable:
         "Perceptual network: frozen random-feature CNN (no VGG16 weights can be downloaded here).",
         "Windowed (8x8-token) attention instead of global attention; width 32, 3 blocks (paper: 9).",
         "Trained for minutes on 2 shared CPU cores: an under-trained small configuration, not the paper's model.",
+        "Validation samples always carry SAR; that SAR is SIMULATED from the clear truth (training.datasets."
+        "simulate_sar), so validation PSNR includes a SAR input no real scene provides.",
+        "One 1 km2 forest footprint (Romania) is all the optical it saw: other land covers, seasons outside its "
+        "dates, L1C inputs (e.g. the demo catalog) and other resolutions are out of domain.",
     ]
 
     def __init__(self) -> None:

@@ -105,6 +105,11 @@ class CloudAttentiveTrainable:
     card_notes = [
         "Loss mask M = the sample's cloud mask (transplanted Sen2Cor SCL); the paper's spectral M needs B11/B10.",
         "Width 32, 2 fusion stages of RDB + 2 Swin blocks; Adam 2e-4; minutes of CPU training.",
+        "Validation samples always carry SAR; that SAR is SIMULATED from the clear truth (training.datasets."
+        "simulate_sar), so validation PSNR includes a SAR input no real scene provides.",
+        "Mono-temporal: under thick cloud without SAR it can only inpaint from the surroundings (confidence 0.3).",
+        "One 1 km2 forest footprint (Romania) is all the optical it saw: other land covers, L1C inputs and other "
+        "resolutions are out of domain.",
     ]
 
     def build_network(self, config):
