@@ -331,3 +331,19 @@ def log_days(dt) -> Any:
     """Signed log-compressed day offsets (for temporal encodings)."""
     torch, _, _ = _torch()
     return torch.sign(dt) * torch.log1p(dt.abs()) / math.log(366.0)
+
+
+def clear_stats(x, clear, eps: float = 0.01, min_pixels: int = 16):
+    """Per-sample, per-band mean and std of ``x`` ``(B, [T,] C, H, W)`` over ``clear`` ``(B, [T,] 1, H, W)`` pixels
+    (all pixels when fewer than ``min_pixels`` are clear); std floored at ``eps``. Shapes ``(B, C, 1, 1)``."""
+    if x.ndim == 5:  # pool the dates
+        x = x.transpose(1, 2).flatten(2, 3)  # (B, C, T*H, W)
+        clear = clear.transpose(1, 2).flatten(2, 3)
+    n = clear.sum((2, 3), keepdim=True)
+    mu_c = (x * clear).sum((2, 3), keepdim=True) / n.clamp_min(1)
+    var_c = (((x - mu_c) ** 2) * clear).sum((2, 3), keepdim=True) / n.clamp_min(1)
+    mu_a, var_a = x.mean((2, 3), keepdim=True), x.var((2, 3), keepdim=True, unbiased=False)
+    use_clear = n >= min_pixels
+    mu = mu_c.where(use_clear, mu_a)
+    sd = var_c.where(use_clear, var_a).sqrt().clamp_min(eps)
+    return mu, sd

@@ -32,6 +32,10 @@ Deviations (each for a reason that holds on this project's CPUs and data):
   region-selection learn it); with very little training this is what lets the network tell cloud from bright land.
 * **Decoder**: pixel-shuffle upsampling of ``F_c`` with a full-resolution skip of the target and its mask (the paper
   does not detail its decoder).
+* **Per-sample normalisation** (``normalise: true``, the shipped weights): optical inputs of all dates are
+  standardised per band with the mean/std of the sample's clear pixels (target and references) and the output is
+  mapped back with them. Trained on one forest footprint, the network otherwise learns that footprint's absolute
+  reflectance; without it, the first weights scored 17.5 dB on the simulated desert/winter cases (cloudy pixels).
 * **No SAR**: when a tile has no Sentinel-1 (``sar_present = 0``, 30 % of training samples), SAR features are zeros
   and ``c^t = 1`` (no change information), so the model degrades to cloud-aware temporal fusion.
 
@@ -43,7 +47,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from models._learned import LearnedModel, build_blocks, log_days
+from models._learned import LearnedModel, build_blocks, clear_stats, log_days
 from models.base import ModelSpec
 from models.registry import register
 from pipeline.training.api import Stage
@@ -51,7 +55,7 @@ from pipeline.training.weights import InputConvention
 
 BANDS = ("B02", "B03", "B04", "B08")
 DEFAULTS = {"dim": 32, "blocks": 3, "heads": 2, "window": 8, "codebook": 64, "ltae_heads": 4,
-            "perceptual": "random"}
+            "perceptual": "random", "normalise": False}
 
 
 def build_network(config: Mapping[str, Any], n_bands: int = len(BANDS)):
@@ -157,6 +161,11 @@ def build_network(config: Mapping[str, Any], n_bands: int = len(BANDS)):
             tgt, m = batch["target"], batch["cloud_mask"][:, None]
             opt = torch.cat([tgt[:, None], batch["references"]], 1)  # (B, T, C, H, W), target first
             masks = torch.cat([m[:, None], batch["ref_masks"][:, :, None]], 1)  # (B, T, 1, H, W)
+            mu = sd = None
+            if cfg["normalise"]:  # per-sample band statistics of every clear pixel of every date (see docstring)
+                mu, sd = clear_stats(opt, 1 - masks)
+                opt = ((opt - mu[:, None]) / sd[:, None]).clamp(-20, 20)
+                tgt = opt[:, 0]
             b, t = opt.shape[:2]
             f_opt = self.opt_enc(torch.cat([opt, masks], 2).flatten(0, 1))
             f_sar = self.sar_enc(batch["sar"].flatten(0, 1))
@@ -170,6 +179,8 @@ def build_network(config: Mapping[str, Any], n_bands: int = len(BANDS)):
             dt = torch.cat([torch.zeros_like(batch["ref_dt"][:, :1]), batch["ref_dt"]], 1)
             f_c, att = self.ltae(f_f, change, dt)
             out = self.head(torch.cat([self.up(f_c), tgt, m], 1))
+            if mu is not None:
+                out = out * sd + mu
             return (out, {"attention": att, "change": change}) if return_aux else out
 
     return CAMTCR()

@@ -17,8 +17,8 @@ from pipeline.errors import ContractError, WeightsError
 from pipeline.training.weights import clear_cache
 from tests.conftest import shared
 
-TINY = {"ca-mtcr": {"dim": 16, "blocks": 1, "heads": 2, "window": 4, "codebook": 8, "ltae_heads": 2},
-        "sar-optical-fusion": {"dim": 16, "stages": 1, "swin_per_stage": 1, "heads": 2, "window": 4}}
+TINY = {"ca-mtcr": {"dim": 16, "blocks": 1, "heads": 2, "window": 4, "codebook": 8, "ltae_heads": 2, "normalise": True},
+        "sar-optical-fusion": {"dim": 16, "stages": 1, "swin_per_stage": 1, "heads": 2, "window": 4, "normalise": True}}
 
 
 @pytest.fixture(scope="module")
