@@ -333,6 +333,18 @@ def log_days(dt) -> Any:
     return torch.sign(dt) * torch.log1p(dt.abs()) / math.log(366.0)
 
 
+def per_date_stats(x, clear, eps: float = 0.01, min_pixels: int = 64):
+    """Per-sample, per-date, per-band mean/std ``(B, T, C, 1, 1)`` of ``x`` ``(B, T, C, H, W)`` over each date's
+    ``clear`` ``(B, T, 1, H, W)`` pixels; a date with fewer than ``min_pixels`` clear pixels takes the statistics
+    pooled over every clear pixel of every date (:func:`clear_stats`)."""
+    pooled_mu, pooled_sd = clear_stats(x, clear, eps, min_pixels)
+    n = clear.sum((3, 4), keepdim=True)
+    mu = (x * clear).sum((3, 4), keepdim=True) / n.clamp_min(1)
+    sd = ((((x - mu) ** 2) * clear).sum((3, 4), keepdim=True) / n.clamp_min(1)).sqrt().clamp_min(eps)
+    ok = n >= min_pixels
+    return mu.where(ok, pooled_mu[:, None]), sd.where(ok, pooled_sd[:, None])
+
+
 def clear_stats(x, clear, eps: float = 0.01, min_pixels: int = 16):
     """Per-sample, per-band mean and std of ``x`` ``(B, [T,] C, H, W)`` over ``clear`` ``(B, [T,] 1, H, W)`` pixels
     (all pixels when fewer than ``min_pixels`` are clear); std floored at ``eps``. Shapes ``(B, C, 1, 1)``."""

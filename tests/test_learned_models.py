@@ -17,7 +17,7 @@ from pipeline.errors import ContractError, WeightsError
 from pipeline.training.weights import clear_cache
 from tests.conftest import shared
 
-TINY = {"ca-mtcr": {"dim": 16, "blocks": 1, "heads": 2, "window": 4, "codebook": 8, "ltae_heads": 2, "normalise": True},
+TINY = {"ca-mtcr": {"dim": 16, "blocks": 1, "heads": 2, "window": 4, "codebook": 8, "ltae_heads": 2, "normalise": "per-date"},
         "sar-optical-fusion": {"dim": 16, "stages": 1, "swin_per_stage": 1, "heads": 2, "window": 4, "normalise": True}}
 
 
