@@ -6,8 +6,9 @@ and network blocks several papers use (window attention, MBConv, residual dense 
 ``predict_batch`` (grouped by shape), and maps the prediction back:
 
 * clear target pixels are returned unchanged (``SOURCE_TARGET``, confidence 1); cloudy ones take the network's
-  prediction (``SOURCE_MODEL``, confidence ``cloudy_confidence``: a fixed prior, these networks give no
-  per-pixel uncertainty);
+  prediction (``SOURCE_MODEL``) with confidence ``cloudy_confidence`` (0.6) where the network had support -- a clear
+  reference at the pixel (multi-temporal) or SAR (mono-temporal) -- and ``unsupported_confidence`` (0.3) where it
+  only inpainted; fixed priors, these networks give no per-pixel uncertainty;
 * bands the network was not trained on (e.g. B05..B12 of a 12-band scene) are predicted under cloud by a per-tile
   linear regression on the network's bands, fitted on the tile's clear pixels (``SPECTRAL EXTENSION``, not learned);
 * weights are read lazily, once per process, checked against the sha256 of their model card (or ``weights_sha256``)
@@ -46,8 +47,12 @@ class LearnedParams(ModelParams):
     device: str = "auto"
     #: fail tiles that carry no Sentinel-1 (otherwise the network runs with its "no SAR" input, as trained).
     require_sar: bool = False
-    #: confidence written for pixels the network filled (a fixed prior: no per-pixel uncertainty).
+    #: confidence written for pixels the network filled where it had support (a clear reference at the pixel for
+    #: multi-temporal models, SAR for mono-temporal ones): a fixed prior, these networks give no uncertainty.
     cloudy_confidence: float = 0.6
+    #: confidence where it had none (pure inpainting): below 0.5, so such pixels count as still cloudy in the
+    #: cover statistics and ``output.confidence_floor`` can drop them.
+    unsupported_confidence: float = 0.3
     #: tiles per forward pass in predict_batch.
     batch_size: int = 4
     #: torch threads (None = torch default).
@@ -83,8 +88,10 @@ class LearnedModel(RemovalModelBase):
 
     def __init__(self, params=None) -> None:
         super().__init__(params)
-        if self.params.require_sar and not type(self).spec.needs_sar:
-            self.spec = dataclasses.replace(type(self).spec, needs_sar=True)  # instance-level: runner reads it
+        # instance-level spec (the runner reads it): the weights actually used (their sha256 goes into the output
+        # item), and needs_sar when the user requires SAR
+        self.spec = dataclasses.replace(type(self).spec, weights=str(self.weights_path),
+                                        needs_sar=type(self).spec.needs_sar or self.params.require_sar)
 
     @classmethod
     def trainable(cls):
@@ -189,6 +196,9 @@ class LearnedModel(RemovalModelBase):
                 if py or px:
                     for k in ("target", "cloud_mask", "references", "ref_masks", "sar"):
                         v = batch[k]
+                        if v.numel() == 0:
+                            batch[k] = v.new_zeros(*v.shape[:-2], ny + py, nx + px)
+                            continue
                         flat = v.reshape(-1, 1, *v.shape[-2:]) if v.ndim != 4 else v
                         mode = "reflect" if min(ny, nx) > max(py, px) else "replicate"
                         padded = torch.nn.functional.pad(flat, (0, px, 0, py), mode=mode)
@@ -198,6 +208,15 @@ class LearnedModel(RemovalModelBase):
                 for j, i in enumerate(chunk):
                     preds[i] = out[j]
         return [self._result(t, p) for t, p in zip(tiles, preds)]
+
+    def supported(self, tile: TileInputs) -> np.ndarray:
+        """``(y, x)`` True where the network had more than the cloudy pixel's surroundings to go on."""
+        n = self.trainable_cls.n_references
+        if n > 0:
+            k = min(n, tile.references.shape[0])
+            refs_ok = ~tile.reference_masks[:k] & np.isfinite(tile.references[:k]).all(1)
+            return refs_ok.any(0) if k else np.zeros(tile.shape, bool)
+        return np.full(tile.shape, tile.sar is not None)
 
     def _result(self, tile: TileInputs, pred: np.ndarray) -> TileResult:
         tr = self.trainable_cls
@@ -214,7 +233,10 @@ class LearnedModel(RemovalModelBase):
                 est = np.tensordot(coef[:, :-1], pred, axes=1) + coef[:, -1:, None]
                 for j, b in enumerate(extra):
                     out[b][cloudy] = np.maximum(est[j][cloudy], 0)
-        conf = np.where(cloudy, np.float32(self.params.cloudy_confidence), np.float32(1)).astype(np.float32)
+        support = self.supported(tile)
+        filled = np.where(support, np.float32(self.params.cloudy_confidence),
+                          np.float32(self.params.unsupported_confidence))
+        conf = np.where(cloudy, filled, np.float32(1)).astype(np.float32)
         src = np.where(cloudy, SOURCE_MODEL, SOURCE_TARGET).astype(np.uint8)
         out[:, ~valid] = np.nan
         conf[~valid] = 0
@@ -309,3 +331,31 @@ def log_days(dt) -> Any:
     """Signed log-compressed day offsets (for temporal encodings)."""
     torch, _, _ = _torch()
     return torch.sign(dt) * torch.log1p(dt.abs()) / math.log(366.0)
+
+
+def per_date_stats(x, clear, eps: float = 0.01, min_pixels: int = 64):
+    """Per-sample, per-date, per-band mean/std ``(B, T, C, 1, 1)`` of ``x`` ``(B, T, C, H, W)`` over each date's
+    ``clear`` ``(B, T, 1, H, W)`` pixels; a date with fewer than ``min_pixels`` clear pixels takes the statistics
+    pooled over every clear pixel of every date (:func:`clear_stats`)."""
+    pooled_mu, pooled_sd = clear_stats(x, clear, eps, min_pixels)
+    n = clear.sum((3, 4), keepdim=True)
+    mu = (x * clear).sum((3, 4), keepdim=True) / n.clamp_min(1)
+    sd = ((((x - mu) ** 2) * clear).sum((3, 4), keepdim=True) / n.clamp_min(1)).sqrt().clamp_min(eps)
+    ok = n >= min_pixels
+    return mu.where(ok, pooled_mu[:, None]), sd.where(ok, pooled_sd[:, None])
+
+
+def clear_stats(x, clear, eps: float = 0.01, min_pixels: int = 16):
+    """Per-sample, per-band mean and std of ``x`` ``(B, [T,] C, H, W)`` over ``clear`` ``(B, [T,] 1, H, W)`` pixels
+    (all pixels when fewer than ``min_pixels`` are clear); std floored at ``eps``. Shapes ``(B, C, 1, 1)``."""
+    if x.ndim == 5:  # pool the dates
+        x = x.transpose(1, 2).flatten(2, 3)  # (B, C, T*H, W)
+        clear = clear.transpose(1, 2).flatten(2, 3)
+    n = clear.sum((2, 3), keepdim=True)
+    mu_c = (x * clear).sum((2, 3), keepdim=True) / n.clamp_min(1)
+    var_c = (((x - mu_c) ** 2) * clear).sum((2, 3), keepdim=True) / n.clamp_min(1)
+    mu_a, var_a = x.mean((2, 3), keepdim=True), x.var((2, 3), keepdim=True, unbiased=False)
+    use_clear = n >= min_pixels
+    mu = mu_c.where(use_clear, mu_a)
+    sd = var_c.where(use_clear, var_a).sqrt().clamp_min(eps)
+    return mu, sd

@@ -212,7 +212,8 @@ def models() -> None:
 
     for name, cls in available_models().items():
         s = cls.spec
-        needs = [n for n, flag in (("reference", s.needs_reference), ("SAR", s.needs_sar)) if flag]
+        needs = [n for n, flag in (("reference", s.needs_reference), ("SAR", s.needs_sar),
+                                   ("SAR if available", s.accepts_sar and not s.needs_sar)) if flag]
         click.echo(f"{name:20s} {s.description}")
         click.echo(f"{'':20s} level {s.level}, halo {s.halo} px, needs: {', '.join(needs) or 'nothing extra'}")
 

@@ -125,3 +125,58 @@ def test_model_that_needs_sar_fails_the_target_clearly(demo_config):
     assert results and all(r.status == "failed" for r in results)
     for r in results:
         assert "needs Sentinel-1" in r.error and "sar_collection" in r.error
+
+
+def _write_db(path, vv_db, vh_db, profile):
+    prof = dict(profile, count=2, dtype="float32", nodata=None, driver="GTiff")
+    with rasterio.open(path, "w", **prof) as ds:
+        ds.write(np.stack([vv_db, vh_db]).astype(np.float32))
+
+
+def test_run_feeds_one_s1_scene_per_date_to_a_multi_temporal_model(demo_catalog, demo_config, tmp_path):
+    """`cloudfree run` with a Sentinel-1 collection: each optical date gets its own S1 scene (searched per date),
+    the target's known misregistration is estimated and applied, and a model that requires SAR runs (so every tile
+    got it). The S1 here is SIMULATED (training.datasets.simulate_sar on the demo's real pixels): the shared data
+    has no S1 co-located with any S2."""
+    import json
+    from datetime import timedelta
+
+    from catalogs.local import LocalCatalog
+    from pipeline.runner import run
+    from pipeline.training.datasets import simulate_sar
+
+    target_id = "S2B_T33UUU_20170226_SIMTHIN"
+    items = LocalCatalog(demo_catalog)._load()
+    truth_href = next(it for it in items if it.id == target_id).assets["truth"].get_absolute_href()
+    with rasterio.open(truth_href) as ds:
+        profile, truth = ds.profile, ds.read().astype(np.float32) / 1e4  # B02 B03 B04 B08
+    docs = [it.to_dict() for it in items]
+    rng = np.random.default_rng(0)
+    for it in items:
+        scaled = simulate_sar(truth, ("B02", "B03", "B04", "B08"), rng)  # same surface every date: no change
+        db = scaled * 25 - 25
+        if it.id == target_id:
+            db = np.stack([ndimage.shift(b, (1.0, -0.5), order=3, mode="nearest") for b in db])
+        path = tmp_path / f"S1SIM_{it.id}.tif"
+        _write_db(path, db[0], db[1], profile)
+        s1 = pystac.Item(f"S1SIM_{it.id}", it.geometry, it.bbox, it.datetime + timedelta(hours=6),
+                         {"cloudfree:simulated": True, "platform": "sentinel-1a"}, collection="demo-s1-simulated")
+        s1.add_asset("vv", pystac.Asset(str(path), media_type="image/tiff",
+                                        extra_fields={"eo:bands": [{"name": "vv"}, {"name": "vh"}],
+                                                      "raster:bands": [{"unit": "dB"}, {"unit": "dB"}]}))
+        docs.append(s1.to_dict())
+    cat = tmp_path / "items.json"
+    cat.write_text(json.dumps(docs))
+    cfg = demo_config.replace(catalog={"url": str(cat), "sar_collection": "demo-s1-simulated"},
+                              model={"name": "ca-mtcr", "params": {"require_sar": True}},
+                              search={"targets": [target_id]}, output={"dir": str(tmp_path / "out")})
+    [res] = run(cfg)
+    assert res.status == "done", res.error
+    sar = [c for c in res.coregistration if c["kind"] == "sar"]
+    assert [c["id"] for c in sar] == [f"S1SIM_{i}" for i in (target_id, *res.references)]
+    assert sar[0]["status"] == "applied"
+    assert np.allclose(sar[0]["misregistration_px"], (1.0, -0.5), atol=0.3), sar[0]
+    for c in sar[1:]:
+        assert np.hypot(*c["misregistration_px"]) < 0.5, c  # unshifted scenes: no (large) shift found
+    item = json.loads(res.outputs["item"].read_text())
+    assert {c["id"] for c in item["properties"]["cloudfree:coregistration"]} >= {c["id"] for c in sar}

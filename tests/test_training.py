@@ -203,8 +203,11 @@ def test_allclear_reader(tmp_path):
 @pytest.mark.skipif(not ROMANIA.is_file(), reason="needs ../shared/data")
 def test_stac_pairs_on_romania_hold_out_and_transplant():
     src = StacPairs(DataConfig(path=str(ROMANIA), augment=False), BANDS, 2, 48)
-    days = [d.day.isoformat() for d in src.dates]
-    assert not any("2019-06-01" <= d <= "2019-07-15" or "2018-06-20" <= d <= "2018-07-31" for d in days)
+    from pipeline.training.datasets import ROMANIA_EVAL_DATES, ROMANIA_MASK_DATES
+
+    days = {d.day.isoformat() for d in src.dates}
+    assert days.isdisjoint(ROMANIA_EVAL_DATES) and days.isdisjoint(ROMANIA_MASK_DATES)
+    assert len(days) == 140 - len(set(ROMANIA_EVAL_DATES) | set(ROMANIA_MASK_DATES))
     assert {d.id for d in src.split["train"]}.isdisjoint({d.id for d in src.split["val"]})
     s = src.sample(np.random.default_rng(5))
     m = s["cloud_mask"] > 0
@@ -212,3 +215,27 @@ def test_stac_pairs_on_romania_hold_out_and_transplant():
     np.testing.assert_array_equal(s["target"][:, ~m], s["truth"][:, ~m])  # clear pixels are the truth date's
     assert np.abs(s["target"][:, m] - s["truth"][:, m]).mean() > 0.01  # cloudy ones come from another date
     assert s["sar_present"] in (0.0, 1.0) and s["sar"].shape == (3, 2, 48, 48)
+
+
+@pytest.mark.skipif(not ROMANIA.is_file(), reason="needs ../shared/data")
+def test_stac_pairs_simulated_clouds_and_real_unpaired_sar():
+    s1 = next(Path("../shared/data/s1-uk-10m").glob("*.tif"))
+    cfg = DataConfig(path=str(ROMANIA), augment=False, clouds="simulate", sar="real-unpaired", sar_paths=[str(s1)],
+                     sar_dropout=0.0)
+    src = StacPairs(cfg, BANDS, 1, 48)
+    s = src.sample(np.random.default_rng(3))
+    m = s["cloud_mask"] > 0
+    assert m.any() and (~m).any()
+    assert np.abs(s["target"][:, m] - s["truth"][:, m]).mean() > 0.005  # simulated veil over the real clear date
+    with rasterio.open(s1) as ds:
+        vv = ds.read(1)
+    sar = s["sar"][0, 0]
+    assert 0 < sar.mean() < 1 and s["sar_present"] == 1.0
+    # the SAR is a window of the real file, converted to the scaled dB convention
+    from pipeline.training.datasets import linear_to_scaled
+
+    full = linear_to_scaled(vv)
+    hits = [(y, x) for y in range(full.shape[0] - 47) for x in range(full.shape[1] - 47)
+            if np.allclose(full[y, x], sar[0, 0]) and np.allclose(full[y:y + 48, x:x + 48], sar)]
+    assert hits
+    assert "UNRELATED" in src.describe()["sar"]

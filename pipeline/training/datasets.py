@@ -13,7 +13,8 @@ Sources:
   SIMULATED clouds (``clouds: simulate``, :func:`pipeline.evaluation.simulate.simulate_clouds`). References are the
   nearest other dates with their own masks. SAR: the catalog's co-located Sentinel-1 (``sar: catalog``), SIMULATED
   SAR (``sar: simulated``, :func:`simulate_sar`), real S1 rasters *unrelated to the optical* (``sar: real-unpaired``)
-  or none. Dates in ``holdout`` (by default the Romania evaluation windows) never enter training or validation.
+  or none. Dates in ``holdout_dates`` (default: the Romania evaluation dates and their cloud donors) never enter
+  training or validation.
 * :class:`Sen12MSCR`: SEN12MS-CR (Ebel et al. 2020) layout
   ``ROIs<roi>_<season>_{s1,s2,s2_cloudy}/{s1,s2,s2_cloudy}_<scene>/ROIs<roi>_<season>_<kind>_<scene>_p<patch>.tif``
   (S2: 13 bands B01..B12 with B8A and B10, DN; S1: VV, VH in dB).
@@ -35,7 +36,7 @@ import json
 import logging
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -51,14 +52,30 @@ log = logging.getLogger(__name__)
 S2_13_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 S1_POLS = ("vv", "vh")
 
-#: Romania stack dates reserved for evaluation (the cloudy/clear sequences named in ../shared/data/README.md and
-#: used by the temporal evaluation): every date inside these windows is excluded from training AND validation, as
-#: target, truth, cloud-mask source or reference, so no evaluation pixel (and no date next to one) is trained on.
-ROMANIA_HELDOUT_WINDOWS: tuple[tuple[str, str], ...] = (("2018-06-15", "2018-08-05"), ("2019-05-25", "2019-07-20"))
+#: Romania stack dates the evaluation uses (``pipeline.evaluation.romania`` on the temporal branch, issue 13):
+#: every target date of its hidden-clear and real-cloudy sets (ROMANIA_EVAL_DATES) and the donor dates whose real
+#: clouds hide its targets (ROMANIA_MASK_DATES). They are excluded from training AND validation in every role
+#: (truth, target, cloud-mask source, reference). Kept here as the same list until that module is in main.
+ROMANIA_EVAL_DATES: tuple[str, ...] = (
+    "2016-04-07", "2017-06-21", "2017-07-11", "2017-08-05", "2017-08-30", "2017-09-14", "2017-10-04",
+    "2018-04-27", "2018-05-12", "2018-07-06", "2018-07-21", "2018-07-26", "2018-08-05", "2018-08-20",
+    "2018-08-25", "2018-08-30", "2018-10-04", "2019-06-21", "2019-06-26", "2019-07-01", "2019-08-30",
+    "2019-09-04", "2019-10-09", "2020-05-11", "2020-07-10", "2020-08-04", "2020-09-13", "2020-09-23",
+)
+ROMANIA_MASK_DATES: tuple[str, ...] = (
+    "2015-08-01", "2016-12-13", "2017-08-30", "2018-03-28", "2018-05-12", "2018-07-06", "2018-07-26",
+    "2018-08-05", "2018-08-20", "2019-06-26", "2019-07-31", "2019-08-05", "2019-08-30", "2019-09-04",
+    "2020-07-30", "2019-09-14",
+)
+ROMANIA_HELDOUT_DATES: tuple[str, ...] = tuple(sorted(set(ROMANIA_EVAL_DATES) | set(ROMANIA_MASK_DATES)))
 
 
 def in_windows(day: date, windows: Sequence[tuple[str, str]]) -> bool:
     return any(date.fromisoformat(a) <= day <= date.fromisoformat(b) for a, b in windows)
+
+
+def is_held_out(day: date, dates: Sequence[str], windows: Sequence[tuple[str, str]]) -> bool:
+    return day.isoformat() in set(dates) or in_windows(day, windows)
 
 
 def scale_optical(dn_or_refl: np.ndarray, dn: bool) -> np.ndarray:
@@ -169,7 +186,9 @@ class DataConfig(BaseModel):
     sar_paths: list[str] = Field(default_factory=list)
     #: probability that a training sample's SAR is dropped (zeros, sar_present = 0): the model learns to run without.
     sar_dropout: float = Field(0.3, ge=0, le=1)
-    holdout_windows: list[tuple[str, str]] = Field(default_factory=lambda: list(ROMANIA_HELDOUT_WINDOWS))
+    #: dates (ISO) and date windows never used in training or validation (default: the Romania evaluation dates).
+    holdout_dates: list[str] = Field(default_factory=lambda: list(ROMANIA_HELDOUT_DATES))
+    holdout_windows: list[tuple[str, str]] = Field(default_factory=list)
     #: every k-th clear date (k = round(1 / val_fraction)) is a validation truth date.
     val_fraction: float = Field(0.2, gt=0, lt=1)
     #: references are drawn among dates at most this far from the truth date.
@@ -223,7 +242,7 @@ class StacPairs(PairSource):
         if not self.split["train"] or not self.split["val"] or (cfg.clouds == "transplant" and not self.cloudy):
             raise InputDataError(
                 f"catalog {cfg.path}: {len(clear)} clear and {len(self.cloudy)} cloudy dates outside the held-out "
-                "windows; training needs at least 2 clear dates and (for transplanted clouds) 1 cloudy date: widen "
+                "dates; training needs at least 2 clear dates and (for transplanted clouds) 1 cloudy date: widen "
                 "data.period / data.bbox or relax data.clear_max_cloud / data.cloudy_range")
         if min(self.dates[0].image.shape[1:]) < patch:
             raise ConfigError(f"patch {patch} px is larger than the AOI grid {self.dates[0].image.shape[1:]}")
@@ -245,8 +264,8 @@ class StacPairs(PairSource):
         items = catalog.search(SearchQuery(collections=(cfg.collection,), bbox=tuple(cfg.bbox) if cfg.bbox else None,
                                            datetime=cfg.period))
         items = sorted(items, key=lambda it: it.datetime)
-        kept = [it for it in items if not in_windows(it.datetime.date(), cfg.holdout_windows)]
-        log.info("training catalog %s: %d items, %d outside the held-out windows", cfg.path, len(items), len(kept))
+        kept = [it for it in items if not is_held_out(it.datetime.date(), cfg.holdout_dates, cfg.holdout_windows)]
+        log.info("training catalog %s: %d items, %d not held out", cfg.path, len(items), len(kept))
         if len(kept) < 3:
             raise InputDataError(f"catalog {cfg.path} collection {cfg.collection}: only {len(kept)} usable items")
         geobox = output_geobox(kept[0], GridConfig(resolution=cfg.resolution, bands=list(self.bands)), cfg.bbox)
@@ -370,7 +389,9 @@ class StacPairs(PairSource):
                 "split": f"{len(self.split['train'])} clear truth dates for training, {len(self.split['val'])} for "
                          f"validation (every {max(2, round(1 / cfg.val_fraction))}th clear date); "
                          f"{len(self.cloudy)} cloudy mask-source dates",
-                "held_out": f"all dates in {cfg.holdout_windows} excluded (evaluation dates)"}
+                "held_out": f"{len(cfg.holdout_dates)} evaluation/mask-donor dates {cfg.holdout_dates}"
+                            + (f" and windows {cfg.holdout_windows}" if cfg.holdout_windows else "")
+                            + " excluded from every role"}
 
 
 # -- public datasets ------------------------------------------------------------------------------------------

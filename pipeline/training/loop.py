@@ -9,7 +9,9 @@
   Noise2Noise pretraining, then the full network); a fresh optimiser per stage over that stage's parameters.
 * **Metrics**: one JSON line per logged step in ``<out>/metrics.jsonl`` (``loss`` and the model's terms, ``lr``,
   ``stage``, ``seconds``) and a ``split: val`` line every ``val_every`` steps (L1, PSNR, PSNR on cloudy pixels over a
-  fixed set of validation batches). Lines after the checkpoint's step are dropped on resume.
+  fixed set of validation batches, next to two floors on the same pixels: the cloudy input itself and the cloudy
+  pixels filled with the per-band mean of the sample's clear pixels). Lines after the checkpoint's step are dropped
+  on resume.
 * **Export**: the final weights as safetensors with the input convention in their metadata, and a model card.
 * Progress bar (tqdm), ``--device auto`` (CUDA when present), thread count (``threads``) for shared CPUs.
 """
@@ -138,7 +140,7 @@ def validate(trainable, net, source: PairSource, cfg: TrainConfig, device) -> di
     import torch
 
     net.eval()
-    se = ab = n = se_c = n_c = 0.0
+    se = ab = n = se_c = n_c = se_in = se_in_c = se_mean_c = 0.0
     with torch.no_grad():
         for i in range(cfg.val_batches):
             b = _to(batch_at(source, cfg.seed, 10**9 + i, cfg.batch_size, "val"), device)
@@ -150,10 +152,21 @@ def validate(trainable, net, source: PairSource, cfg: TrainConfig, device) -> di
             m = b["cloud_mask"][:, None].expand_as(err) > 0.5
             se_c += float((err[m] ** 2).sum())
             n_c += int(m.sum())
+            err_in = b["target"] - b["truth"]  # the cloudy input itself, as a floor to compare against
+            se_in += float((err_in ** 2).sum())
+            se_in_c += float((err_in[m] ** 2).sum())
+            # trivial baseline: cloudy pixels filled with the per-band mean of the sample's clear pixels
+            clear = (b["cloud_mask"] < 0.5)[:, None].float()
+            mean = (b["target"] * clear).sum((2, 3), keepdim=True) / clear.sum((2, 3), keepdim=True).clamp_min(1)
+            se_mean_c += float(((mean.expand_as(err) - b["truth"])[m] ** 2).sum())
     net.train()
     mse, mse_c = se / max(n, 1), se_c / max(n_c, 1)
     return {"l1": ab / max(n, 1), "psnr": -10 * math.log10(max(mse, 1e-12)),
-            "psnr_cloudy": -10 * math.log10(max(mse_c, 1e-12)) if n_c else float("nan")}
+            "psnr_cloudy": -10 * math.log10(max(mse_c, 1e-12)) if n_c else float("nan"),
+            "input_psnr": -10 * math.log10(max(se_in / max(n, 1), 1e-12)),
+            "input_psnr_cloudy": -10 * math.log10(max(se_in_c / max(n_c, 1), 1e-12)) if n_c else float("nan"),
+            "clear_mean_fill_psnr_cloudy": -10 * math.log10(max(se_mean_c / max(n_c, 1), 1e-12)) if n_c
+            else float("nan")}
 
 
 def _rewrite_metrics(path: Path, upto_step: int) -> None:

@@ -101,6 +101,7 @@ def save_weights(state_dict: Mapping[str, Any], path: str | Path, convention: In
             save_file(tensors, tmp, metadata=meta)
         else:
             torch.save({"state_dict": tensors, "metadata": meta}, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -221,6 +222,7 @@ def write_model_card(card: ModelCard, weights: str | Path) -> tuple[Path, Path]:
     fd, tmp = _atomic_target(mpath)
     with os.fdopen(fd, "w") as f:
         f.write(card.to_markdown())
+    os.chmod(tmp, 0o644)
     os.replace(tmp, mpath)
     return jpath, mpath
 
