@@ -146,3 +146,19 @@ def test_train_resume_matches_uninterrupted(tmp_path):
             assert len(set(x for x in stages if x)) >= 2, stages
         for k, v in runs["straight"].items():
             torch.testing.assert_close(runs["resumed"][k], v, atol=1e-5, rtol=1e-4, msg=f"{model} {k}")
+
+
+def test_steps_benchmark_writes_table_json_and_figure(tmp_path):
+    """The steps-vs-quality benchmark end to end on one simulated case and one in-domain case, 1 step each."""
+    from pipeline.evaluation import generative_steps as gs
+
+    payload = gs.run(tmp_path, DATA, seeds=[1], steps=[1], threads=1)
+    labels = [r["label"] for r in payload["rows"]]
+    assert labels == ["phyvlm-cr (DE's reference)", "diffusion-enhancement 1", "cm-cr student 1", "cm-cr teacher 1"]
+    assert [r["nfe"] for r in payload["rows"]] == [0, 2, 1, 1]
+    for r in payload["rows"]:
+        for s in ("simulated-256", "romania-val-96"):
+            assert np.isfinite(r[s]["psnr"]) and r[s]["seconds_per_tile"] > 0
+    assert (tmp_path / "figures" / "steps.png").stat().st_size > 10_000
+    table = (tmp_path / "generative_steps.md").read_text()
+    assert table.count("\n") == 2 + len(labels) and "romania-val-96" in table
