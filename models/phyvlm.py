@@ -82,8 +82,9 @@ kept clear; otherwise ``SOURCE_MODEL`` where ``ω >= omega_model`` (or no refere
 where ``ω <= omega_reference`` (``i`` = the reference used), ``SOURCE_FUSED`` in between. Diagnostics: ``A``
 (broadcast, band x y x x), ``t`` (refined), ``t_raw``, ``U``, ``omega``, ``J_phy``, ``J_vlm``, ``omega_region``.
 
-Tiling: the filters' receptive field is ``2 base_radius + 2 t_radius + lp_radius + 2`` pixels (the halo declared
-for the default parameters).
+Tiling: the filters' receptive field is ``2 base_radius + 2 t_radius + lp_radius + 2`` pixels; an instance
+declares that (from its configured radii) plus its prior's own halo (:func:`kernel_halo`; the class-level spec
+shows the default radii only).
 """
 
 from __future__ import annotations
@@ -95,7 +96,15 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from models._align import MIN_PIXELS, fit_linear
+from models._align import (
+    MIN_PIXELS,
+    composite_reference,
+    fallback_region,
+    fill_target,
+    fit_linear,
+    reference_validity,
+    thin_mask,
+)
 from models._filters import (
     block_mean,
     box_mean,
@@ -107,15 +116,7 @@ from models._filters import (
     upsample_bilinear,
 )
 from models.base import ModelParams, ModelSpec, RemovalModelBase
-from models.priors import (
-    Prior,
-    _fill_target,
-    build_prior,
-    composite_reference,
-    fallback_region,
-    reference_validity,
-    thin_mask,
-)
+from models.priors import Prior, build_prior
 from models.registry import register
 from pipeline.contract import (
     SOURCE_FUSED,
@@ -249,8 +250,9 @@ def phyvlm_kernel(
         cloud_region: ``(y, x)`` bool, highest-cloud-probability pixels that restrict ``Ω`` (see
             :func:`atmospheric_light`).
         alignment: precomputed ``(gain, offset)`` per reference; None = fitted here on high-visibility pixels.
-        aligned_reference: precomputed aligned composite ``(image, index)`` (e.g. from the prior); skips the
-            alignment entirely.
+        aligned_reference: precomputed aligned reference estimate ``(image, index)`` used as ``I_ref`` (PhyVLM-CR
+            passes the temporal prior's ``PriorResult.reference``); skips the alignment. Its cloudy-reference
+            fallback pixels (no clear reference) are kept only where ``fallback_region`` allows.
         omega_t_floor: ``ω = 0`` where the refined ``t`` is below this (0 = eq. 11 unchanged).
         physics_subsample: grid (in pixels) of eqs. 5-7; 1 = full resolution.
         fallback_region: ``(y, x)`` bool, pixels that may take a cloudy reference as ``I_ref`` where no clear one
@@ -352,6 +354,15 @@ def phyvlm_kernel(
         fallback_region = fallback_region & (t < max(omega_t_floor, t0))
     if aligned_reference is not None:
         ref, ref_idx = aligned_reference
+        # the estimate may hold cloudy-reference fallbacks where no reference is clear: keep them only where the
+        # kernel's own fallback would (fallback_region & t below the floor), as for the aligned references
+        no_clear = ~np.asarray(reference_valid, bool).any(axis=0) if len(reference_valid) else np.ones_like(visible)
+        drop = no_clear & (ref_idx >= 0)
+        if fallback_region is not None:
+            drop &= ~fallback_region
+        if drop.any():
+            ref = np.where(drop[None], np.nan, ref).astype(np.float32)
+            ref_idx = np.where(drop, -1, ref_idx).astype(np.int16)
     else:
         ref, ref_idx = composite_reference(img, references, reference_valid, visible, reference_combine, alignment,
                                            fallback_region)
@@ -368,9 +379,12 @@ def phyvlm_kernel(
 
 
 class PhyVLMParams(ModelParams):
-    #: which prior J_VLM: "reference" (aligned temporal reference), "learned" (a registered model), "diffusers".
-    prior: Literal["reference", "learned", "diffusers"] = "reference"
-    #: registered model name for prior "learned", and its params.
+    #: which prior J_VLM: "temporal" (per-pixel interpolation in time of the clear references, aligned; also I_ref),
+    #: "reference" (aligned reference composite), "model" (another registered model's output), "diffusers".
+    prior: Literal["temporal", "reference", "model", "diffusers"] = "temporal"
+    #: options of the temporal prior (models.temporal.TemporalParams: method, tau_days, local_radius, ...).
+    temporal_options: dict = Field(default_factory=dict)
+    #: registered model name for prior "model", and its params.
     prior_model: str | None = None
     prior_model_params: dict = Field(default_factory=dict)
     #: local folder of a diffusers image-editing pipeline for prior "diffusers", and adapter options
@@ -414,8 +428,9 @@ class PhyVLMParams(ModelParams):
     physics_subsample: int = Field(2, ge=1)
 
 
-def _default_halo() -> int:
-    p = PhyVLMParams()
+def kernel_halo(p: PhyVLMParams) -> int:
+    """Receptive field (pixels) of the kernel's filters: base layers (guided filter, 2 r), the t refinement
+    (2 r), the low-pass of eq. 9 (r) and the 3x3 texture/gradient stencils."""
     return 2 * p.base_radius + 2 * p.t_radius + p.lp_radius + 2
 
 
@@ -427,7 +442,7 @@ class PhyVLMCR(RemovalModelBase):
         level="any",
         needs_reference=False,
         max_references=4,
-        halo=_default_halo(),
+        halo=kernel_halo(PhyVLMParams()),  # class-level: default params, reference prior; see __init__
         description="PhyVLM-CR: physics-guided prior (reference/learned/diffusers), eqs. 1-11, soft fusion",
         scene_context=True,
     )
@@ -440,10 +455,14 @@ class PhyVLMCR(RemovalModelBase):
             p.prior,
             combine=p.reference_combine,
             model_name=p.prior_model,
+            temporal_options=p.temporal_options,
             model_params=p.prior_model_params,
             weights=p.diffusers_weights,
             options=p.diffusers_options,
         )
+        # the halo follows the configured radii and the prior's own receptive field (the prior's output feeds
+        # the kernel's filters, so the two add up); the instance's spec shadows the class default
+        self.spec = replace(type(self).spec, halo=kernel_halo(p) + int(getattr(self.prior, "halo", 0)))
 
     def cloud_region(self, tile: TileInputs) -> np.ndarray | None:
         """Highest-cloud-probability pixels for ``Ω`` (mask & ``cloud_prob >= a_cloud_prob``); None = whole image."""
@@ -454,7 +473,7 @@ class PhyVLMCR(RemovalModelBase):
 
     def _kernel(self, tile: TileInputs, context: dict[str, Any]) -> tuple[PhyVLMOutputs, np.ndarray]:
         p = self.params
-        img = _fill_target(tile)
+        img = fill_target(tile)
         prior = self.prior(tile)
         jv = np.where(prior.valid[None], prior.image, img).astype(np.float32)
         vis = [tile.bands.index(b) for b in VISIBLE] if all(b in tile.bands for b in VISIBLE) else None
@@ -471,6 +490,7 @@ class PhyVLMCR(RemovalModelBase):
             alignment=context.get("alignment_visible"),
             omega_t_floor=p.omega_t_floor, physics_subsample=p.physics_subsample,
             fallback_region=fallback_region(tile, p.fallback_prob),
+            aligned_reference=prior.reference,
         )
         return k, jv
 
@@ -482,7 +502,7 @@ class PhyVLMCR(RemovalModelBase):
         t_visible``, mask-clear, reference clear), as the paper prescribes for ``I_ref``. Every tile then uses the
         same ``A`` and gains (no seams).
         """
-        img = _fill_target(sample)
+        img = fill_target(sample)
         vis = [sample.bands.index(b) for b in VISIBLE] if all(b in sample.bands for b in VISIBLE) else None
         v, s = brightness_saturation(img, vis)
         a, _, _ = atmospheric_light(img, v, s, self.params.kappa_percentile, self.cloud_region(sample))

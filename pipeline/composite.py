@@ -233,7 +233,8 @@ def _model_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     t0 = item_time(target)
     cands = tuple(Candidate(it, abs((item_time(it) - t0).total_seconds()) / 86400.0,
                             1 - it.properties.get("eo:cloud_cover", 100.0) / 100.0, 1.0, True,
-                            mgrs_tile(it) == tile, 0.0, "composite input")
+                            mgrs_tile(it) == tile, 0.0, "composite input",
+                            (item_time(it) - t0).total_seconds() / 86400.0)
                   for it in items if it.id != target.id)
     model = build_model(cfg.model.name, cfg.model.params)
     sub = cfg.replace(output={"dir": str(out_dir), "overwrite": True,

@@ -179,7 +179,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
         target=stack[0], cloud_mask=mask[0], cloud_prob=prob[0],
         references=ref_stack, reference_masks=ref_masks,
         reference_ids=tuple(r.id for r in refs),
-        reference_dt_days=tuple(c.dt_days for c in plan.references[: len(refs)]), target_id=target.id,
+        reference_dt_days=tuple(c.offset_days for c in plan.references[: len(refs)]), target_id=target.id,
     )
     halo = cfg.tile.halo if cfg.tile.halo is not None else model.spec.halo
     tiles = plan_tiles(geobox.shape, cfg.tile.size, halo)

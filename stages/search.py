@@ -56,6 +56,8 @@ class Candidate:
     same_tile: bool
     score: float
     reason: str
+    #: signed days from the target to this item (negative = before the target).
+    offset_days: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,8 @@ def plan_targets(
         for ref in refs:
             if ref.id == target.id:
                 continue
-            dt = abs((item_time(ref) - t0).total_seconds()) / 86400.0
+            signed = (item_time(ref) - t0).total_seconds() / 86400.0
+            dt = abs(signed)
             if dt > search_cfg.max_days:
                 continue
             ov = footprint_overlap(target, ref)
@@ -289,15 +292,36 @@ def plan_targets(
             score = _score(policy, dt, cf, ov, so, st)
             reason = (f"dt={dt:.1f} d, clear={cf:.2f}, overlap={ov:.2f}, "
                       f"{'same' if so else 'other'} orbit, {'same' if st else 'other'} tile")
-            cands.append(Candidate(ref, dt, cf, ov, so, st, score, reason))
+            cands.append(Candidate(ref, dt, cf, ov, so, st, score, reason, signed))
         cands.sort(key=lambda c: (-c.score, c.dt_days, c.item.id))
-        references = tuple(cands[: search_cfg.max_references])
+        references = select_references(cands, search_cfg.max_references, getattr(policy, "bracket", False))
         sar = _sar(catalog, target, sar_collection, policy) if sar_collection else ()
         if not references:
             log.warning("target %s: no reference within %s d with eo:cloud_cover <= %s and overlap >= %s",
                         target.id, search_cfg.max_days, search_cfg.reference_max_cloud_cover, policy.min_overlap)
         plans.append(TargetPlan(target, references, sar))
     return plans
+
+
+def select_references(ranked: Sequence[Candidate], n: int, bracket: bool = True) -> tuple[Candidate, ...]:
+    """The ``n`` references to keep from ``ranked`` (best score first). With ``bracket``, the best-scored candidate
+    before the target and the best-scored one after it are kept whenever both sides have one (a temporal model
+    then interpolates instead of extrapolating); the remaining places go by score. Order stays by score."""
+    if n <= 0 or not ranked:
+        return ()
+    chosen: list[Candidate] = []
+    if bracket and n >= 2:
+        before = next((c for c in ranked if c.offset_days < 0), None)
+        after = next((c for c in ranked if c.offset_days > 0), None)
+        if before is not None and after is not None:
+            chosen = [before, after]
+    for c in ranked:
+        if len(chosen) >= n:
+            break
+        if c not in chosen:
+            chosen.append(c)
+    order = {id(c): i for i, c in enumerate(ranked)}
+    return tuple(sorted(chosen, key=lambda c: order[id(c)]))
 
 
 def _sar(catalog: Any, target: pystac.Item, sar_collection: str, policy: Any) -> tuple[Candidate, ...]:
@@ -314,7 +338,8 @@ def _sar(catalog: Any, target: pystac.Item, sar_collection: str, policy: Any) ->
         return ()
     cands = []
     for s in scenes:
-        dt = abs((item_time(s) - t0).total_seconds()) / 86400.0
+        signed = (item_time(s) - t0).total_seconds() / 86400.0
+        dt = abs(signed)
         ov = footprint_overlap(target, s)
         if dt > policy.sar_max_days or ov < policy.sar_min_overlap:
             continue
@@ -323,14 +348,14 @@ def _sar(catalog: Any, target: pystac.Item, sar_collection: str, policy: Any) ->
         reason = (f"{'RTC' if rtc else 'GRD'}, dt={dt * 24:.1f} h, overlap={ov:.2f}, "
                   f"orbit={s.properties.get('sat:orbit_state', '?')}, platform={s.properties.get('platform', '?')}, "
                   f"relative orbit {relative_orbit(s)}")
-        cands.append(Candidate(s, dt, float("nan"), ov, False, False, score, reason))
+        cands.append(Candidate(s, dt, float("nan"), ov, False, False, score, reason, signed))
     cands.sort(key=lambda c: (not is_rtc(c.item), c.dt_days, -c.overlap, c.item.id))
     return tuple(cands[: policy.max_sar])
 
 
 # -- persistence ---------------------------------------------------------------------------------------------------
 def _cand_record(c: Candidate) -> dict[str, Any]:
-    return {"dt_days": c.dt_days, "clear_fraction": None if math.isnan(c.clear_fraction) else c.clear_fraction,
+    return {"dt_days": c.dt_days, "offset_days": c.offset_days, "clear_fraction": None if math.isnan(c.clear_fraction) else c.clear_fraction,
             "overlap": c.overlap, "same_orbit": c.same_orbit, "same_tile": c.same_tile, "score": c.score,
             "reason": c.reason, "item": c.item.to_dict(transform_hrefs=False)}
 
@@ -346,13 +371,21 @@ def plans_from_json(doc: dict[str, Any]) -> list[TargetPlan]:
     if doc.get("type") != "cloudfree:plans":
         raise InputDataError(f"not a cloudfree plans document (type={doc.get('type')!r}); write it with write_plans")
 
-    def cand(r: dict[str, Any]) -> Candidate:
+    def cand(r: dict[str, Any], target: pystac.Item) -> Candidate:
         cf = r["clear_fraction"]
-        return Candidate(pystac.Item.from_dict(r["item"]), r["dt_days"], float("nan") if cf is None else cf,
-                         r["overlap"], r["same_orbit"], r["same_tile"], r["score"], r["reason"])
+        item = pystac.Item.from_dict(r["item"])
+        offset = r.get("offset_days")
+        if offset is None:  # plans written before offsets were recorded: recompute from the dates
+            offset = (item_time(item) - item_time(target)).total_seconds() / 86400.0
+        return Candidate(item, r["dt_days"], float("nan") if cf is None else cf,
+                         r["overlap"], r["same_orbit"], r["same_tile"], r["score"], r["reason"], float(offset))
 
-    return [TargetPlan(pystac.Item.from_dict(p["target"]), tuple(cand(r) for r in p["references"]),
-                       tuple(cand(r) for r in p["sar"])) for p in doc["plans"]]
+    out = []
+    for p in doc["plans"]:
+        target = pystac.Item.from_dict(p["target"])
+        out.append(TargetPlan(target, tuple(cand(r, target) for r in p["references"]),
+                              tuple(cand(r, target) for r in p["sar"])))
+    return out
 
 
 def to_table(plans: Sequence[TargetPlan]) -> Any:
