@@ -151,11 +151,17 @@ def temporal_estimate(
     local_max_prob: float = 0.1,
     local_margin: int = 3,
     fallback_prob: float | None = 0.5,
+    align: bool = True,
 ) -> TemporalEstimate:
     """Aligned per-pixel temporal interpolation of ``tile``'s references at the target date (steps 1-4)."""
     target_ok = np.isfinite(tile.target).all(axis=0)
     ref_ok = reference_validity(tile)
-    alignment = tile.context.get("alignment") or scene_alignment(tile)
+    nref = tile.references.shape[0]
+    nb = tile.target.shape[0]
+    if align:
+        alignment = tile.context.get("alignment") or scene_alignment(tile)
+    else:
+        alignment = [(np.ones(nb, np.float32), np.zeros(nb, np.float32))] * nref
     nref = tile.references.shape[0]
     dts = tuple(tile.reference_dt_days)
     if len(dts) != nref:
@@ -166,7 +172,7 @@ def temporal_estimate(
         np.zeros((0,) + tile.target.shape, np.float32)
     image, index, bracketed = interpolate_in_time(aligned, ref_ok, dts, method=method, tau_days=tau_days,
                                                   min_robust=min_robust)
-    if local_radius > 0:
+    if align and local_radius > 0:
         fit = confidently_clear(tile, local_max_prob, local_margin)
         image = local_alignment(tile.target, image, fit, local_radius, local_eps, local_min_fraction)
     fb = np.zeros(tile.shape, bool)
@@ -198,6 +204,9 @@ def confidently_clear(tile: TileInputs, max_prob: float, margin: int) -> np.ndar
 
 
 class TemporalParams(ModelParams):
+    #: align the references to the target (global gain/offset per reference, then the local field); False =
+    #: interpolate the observations as they are (as a compositing method would).
+    align: bool = True
     #: "bracket": linear in date between the nearest clear observations before/after; "robust": Huber line.
     method: Literal["bracket", "robust"] = "bracket"
     #: e-folding time (days) of the robust fit's temporal weights.
@@ -251,7 +260,7 @@ class Temporal(RemovalModelBase):
         return temporal_estimate(tile, method=p.method, tau_days=p.tau_days, min_robust=p.min_robust,
                                  local_radius=p.local_radius, local_eps=p.local_eps,
                                  local_min_fraction=p.local_min_fraction, local_max_prob=p.local_max_prob,
-                                 local_margin=p.local_margin, fallback_prob=p.fallback_prob)
+                                 local_margin=p.local_margin, fallback_prob=p.fallback_prob, align=p.align)
 
     def predict(self, tile: TileInputs) -> TileResult:
         p = self.params
