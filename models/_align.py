@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from models._filters import box_mean, nanmedian_axis0
+from models._filters import block_mean, box_mean, nanmedian_axis0, upsample_bilinear
 from pipeline.contract import TileInputs
 from pipeline.errors import ModelError
 
@@ -86,7 +86,7 @@ def scene_alignment(sample: TileInputs) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def local_alignment(target: np.ndarray, pred: np.ndarray, fit: np.ndarray, radius: int, eps: float = 1e-3,
-                    min_fraction: float = 0.2) -> np.ndarray:
+                    min_fraction: float = 0.2, subsample: int = 4) -> np.ndarray:
     """Map ``pred`` ``(band, y, x)`` onto ``target`` by a smooth per-window gain/offset field (per band).
 
     A weighted guided filter (He et al.) with ``pred`` as guide and ``target`` as source, weights = ``fit`` (the
@@ -95,30 +95,43 @@ def local_alignment(target: np.ndarray, pred: np.ndarray, fit: np.ndarray, radiu
     window holds less than ``min_fraction`` clear pixels, its coefficients blend towards those of a 4x wider
     window, and where that is empty too, towards identity (the global alignment already applied). The
     coefficients are box-averaged (radius ``radius``) before ``gain * pred + offset``. NaN in ``pred`` stay NaN.
+    ``subsample`` (4): the moments and coefficients are computed on the 4x4 block-mean grid and the field is
+    upsampled bilinearly (the Fast Guided Filter's trick; the field is smooth at these radii).
     """
     fit = np.asarray(fit, bool) & np.isfinite(pred).all(axis=0) & np.isfinite(target).all(axis=0)
     if radius <= 0 or not fit.any():
         return pred.astype(np.float32, copy=True)
+    ny, nx = fit.shape
+    k = subsample if subsample > 1 and min(ny, nx) >= 4 * subsample and radius >= subsample else 1
     w = fit.astype(np.float32)
     p = np.where(fit[None], pred, 0.0).astype(np.float32)
     t = np.where(fit[None], target, 0.0).astype(np.float32)
+    # the five weighted moments, on the k x k block-mean grid (the field is smooth at this radius; Fast Guided
+    # Filter, He & Sun 2015): block means of products are exact window sums at the coarse scale
+    moments = [w, p * w, t * w, p * p * w, p * t * w]
+    if k > 1:
+        moments = [block_mean(m, k) for m in moments]
+    rk = max(1, int(round(radius / k)))
 
     def coefficients(r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        sw = box_mean(w, r)
+        sw, swp, swt, swpp, swpt = (box_mean(m, r) for m in moments)
         den = np.maximum(sw, 1e-6)[None]
-        mp, mt = box_mean(p * w, r) / den, box_mean(t * w, r) / den
-        cov = box_mean(p * t * w, r) / den - mp * mt
-        var = np.maximum(box_mean(p * p * w, r) / den - mp * mp, 0.0)
+        mp, mt = swp / den, swt / den
+        cov = swpt / den - mp * mt
+        var = np.maximum(swpp / den - mp * mp, 0.0)
         gain = np.clip((cov + eps) / (var + eps), 0.5, 2.0)
         return gain, mt - gain * mp, sw
 
-    g1, o1, f1 = coefficients(radius)
-    g4, o4, f4 = coefficients(4 * radius)
+    g1, o1, f1 = coefficients(rk)
+    g4, o4, f4 = coefficients(4 * rk)
     c4 = np.clip(f4 / min_fraction, 0.0, 1.0)[None]
     g_wide, o_wide = c4 * g4 + (1 - c4), c4 * o4
     c1 = np.clip(f1 / min_fraction, 0.0, 1.0)[None]
-    gain = box_mean(c1 * g1 + (1 - c1) * g_wide, radius)
-    offset = box_mean(c1 * o1 + (1 - c1) * o_wide, radius)
+    gain = box_mean(c1 * g1 + (1 - c1) * g_wide, rk)
+    offset = box_mean(c1 * o1 + (1 - c1) * o_wide, rk)
+    if k > 1:
+        gain = upsample_bilinear(gain, (ny, nx))
+        offset = upsample_bilinear(offset, (ny, nx))
     return (gain * pred + offset).astype(np.float32)
 
 

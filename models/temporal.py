@@ -208,7 +208,7 @@ class TemporalParams(ModelParams):
     #: interpolate the observations as they are (as a compositing method would).
     align: bool = True
     #: "bracket": linear in date between the nearest clear observations before/after; "robust": Huber line.
-    method: Literal["bracket", "robust"] = "bracket"
+    method: Literal["bracket", "robust"] = "robust"
     #: e-folding time (days) of the robust fit's temporal weights.
     tau_days: float = Field(30.0, gt=0)
     #: a pixel needs this many clear observations (and both sides) for the robust fit.

@@ -184,7 +184,8 @@ class TileConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: str = "reference-replace"
+    #: the measured best on the real multi-date evaluation (docs/evaluation.md, "Default model (computed)").
+    name: str = "temporal"
     params: dict[str, Any] = Field(default_factory=dict)
 
 

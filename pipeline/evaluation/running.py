@@ -93,17 +93,40 @@ def with_scene_context(model: Any, tile: TileInputs) -> TileInputs:
     return dataclasses.replace(tile, context=model.fit_scene(tile))
 
 
+def describe_prior(model: Any) -> str | None:
+    """Which prior a model uses (PhyVLM-CR and any model with a ``prior`` attribute), for the report; None if
+    the model has no prior."""
+    prior = getattr(model, "prior", None)
+    if prior is None:
+        return None
+    name = getattr(prior, "name", type(prior).__name__)
+    if name == "temporal":
+        p = prior.params
+        return (f"temporal (per-pixel interpolation in time of the clear references, {p.method} fit, "
+                f"{'global + local (r=' + str(p.local_radius) + ') ' if p.align and p.local_radius else ''}"
+                f"{'alignment' if p.align else 'no alignment'})")
+    if name == "reference":
+        return f"reference (aligned reference composite, {prior.combine}; dark-channel dehaze where none is clear)"
+    if name == "model":
+        return f"model (output of the registered model {prior.model_name!r})"
+    return str(name)
+
+
 def run_models(case: EvalCase, model_names: Sequence[str], model_params: Mapping[str, dict] | None = None,
-               tile_size: int | None = None) -> dict[str, tuple[TileResult, float]]:
-    """Run each model on ``case``; returns ``{name: (result, seconds)}``."""
+               tile_size: int | None = None,
+               priors: dict[str, str] | None = None) -> dict[str, tuple[TileResult, float]]:
+    """Run each model on ``case``; returns ``{name: (result, seconds)}``; ``priors`` collects
+    :func:`describe_prior` per model name."""
+    from models.registry import build_model
+
     tile = case.tile_inputs()
     out = {}
     for name in model_names:
         base, params = parse_model_spec(name)
         params = {**params, **dict((model_params or {}).get(name, {}))}
-        from models.registry import build_model
-
         model = build_model(base, params)
+        if priors is not None and describe_prior(model):
+            priors[name] = describe_prior(model)
         t0 = time.perf_counter()
         res = predict_tiled(model, with_scene_context(model, tile), tile_size)
         out[name] = (res, time.perf_counter() - t0)
@@ -131,17 +154,21 @@ def evaluate_models(
     tile_size: int | None = None,
     data_range: float = 1.0,
     outputs: dict[str, dict[str, TileResult]] | None = None,
+    priors: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Score every model on every case. Returns one row per (case, model, region) with the four metrics, the
     pixel count and the run time; ``outputs`` (if given) collects ``{case: {model: TileResult}}`` for figures."""
     rows: list[dict[str, Any]] = []
     for case in cases:
-        results = run_models(case, model_names, model_params, tile_size)
+        results = run_models(case, model_names, model_params, tile_size, priors)
         if outputs is not None:
             outputs[case.name] = {k: v[0] for k, v in results.items()}
         for name, (res, secs) in results.items():
             for r in score(case, res.reflectance, data_range):
-                rows.append({"case": case.name, "group": case.group, "model": name, "seconds": secs, **r})
+                row = {"case": case.name, "group": case.group, "model": name, "seconds": secs, **r}
+                if "gap_days" in case.meta:
+                    row["gap_days"] = case.meta["gap_days"]
+                rows.append(row)
         log.info("evaluated %s (%d models)", case.name, len(model_names))
     return rows
 
