@@ -202,7 +202,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     log.info("%s: %d tiles of %d px (halo %d), %d reference(s), model %s", target.id, len(tiles), cfg.tile.size,
              halo, len(refs), model.name)
     out, computed = write_outputs(ds, cfg.output.dir, stem, cfg.output, extra_compute=(*extras, tile_timings),
-                                  progress=cfg.run.progress)
+                                  progress=_progress_callback(cfg))
     paths = paths_for(cfg.output.dir, stem)
     *computed, timings = computed
     tile_seconds = {f"{i}-{j}": round(float(sec), 3) for (i, j), sec in timings}
@@ -242,6 +242,15 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
 
 #: confidence below this counts as "still cloudy" in the cover statistics when no floor is configured.
 LOW_CONFIDENCE = 0.5
+
+
+def _progress_callback(cfg: Config):
+    """The CLI's progress bar as the write stage's callback (None when ``run.progress`` is off)."""
+    if not cfg.run.progress:
+        return None
+    from pipeline.progress import progress_bar
+
+    return lambda desc: progress_bar(True, desc)
 
 
 def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: float = 0.0,

@@ -17,7 +17,7 @@ The clear fraction is a pluggable ``ClearFractionFn(target, reference) -> float`
 the SCL assets of target and reference (when readable) and measures, over the target's cloudy pixels, the share
 that is clear in the reference. The runner may pass any other estimator.
 
-:func:`to_table`, :func:`write_plans` (JSON or GeoParquet) and :func:`read_plans` (JSON) keep plans for later runs.
+:func:`format_plans` (the text table ``cloudfree search`` prints), :func:`to_table`, :func:`write_plans` (JSON or GeoParquet) and :func:`read_plans` (JSON) keep plans for later runs.
 """
 
 from __future__ import annotations
@@ -386,6 +386,29 @@ def plans_from_json(doc: dict[str, Any]) -> list[TargetPlan]:
         out.append(TargetPlan(target, tuple(cand(r, target) for r in p["references"]),
                               tuple(cand(r, target) for r in p["sar"])))
     return out
+
+
+def format_plans(plans: list[Any]) -> str:
+    """A plain-text table: one line per target, its references and SAR indented below it."""
+    lines = [f"{'role':<10} {'item':<70} {'date':<16} {'cc %':>6} {'dt d':>6} {'clear':>5} {'ovl':>4} {'score':>5}"]
+    for p in plans:
+        t = p.target
+        cc = t.properties.get("eo:cloud_cover")
+        lines.append(f"{'TARGET':<10} {t.id[:70]:<70} {item_time(t):%Y-%m-%d %H:%M} "
+                     f"{'' if cc is None else f'{cc:6.1f}':>6}")
+        for role, cands in (("ref", p.references), ("sar", p.sar)):
+            for i, c in enumerate(cands, 1):
+                it = c.item
+                cc = it.properties.get("eo:cloud_cover")
+                clear = "" if c.clear_fraction != c.clear_fraction else f"{c.clear_fraction:5.2f}"
+                lines.append(f"  {role + str(i):<8} {it.id[:70]:<70} {item_time(it):%Y-%m-%d %H:%M} "
+                             f"{'' if cc is None else f'{cc:6.1f}':>6} {c.dt_days:6.1f} {clear:>5} {c.overlap:4.2f} "
+                             f"{c.score:5.2f}  {c.reason}")
+        if not p.references:
+            lines.append("  (no reference)")
+        if not p.sar:
+            lines.append("  (no SAR)")
+    return "\n".join(lines)
 
 
 def to_table(plans: Sequence[TargetPlan]) -> Any:

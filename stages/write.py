@@ -17,12 +17,17 @@ last and marks the target as done, so a rerun skips finished targets and redoes 
 
 from __future__ import annotations
 
+from typing import Callable, ContextManager
+
+import contextlib
+
 import json
 import logging
 import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import dask
 import numpy as np
@@ -95,9 +100,11 @@ def _write_lock(name: str):
 
 
 def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, extra_compute=(),
-                  progress: bool = True) -> tuple[WrittenOutput, list]:
+                  progress: Callable[[str], ContextManager] | None = None) -> tuple[WrittenOutput, list]:
     """Compute ``ds`` once and write the COGs. ``extra_compute`` lazy objects are computed in the same pass
-    (e.g. decimated quicklook inputs), sharing the input reads. Returns the outputs and the computed extras."""
+    (e.g. decimated quicklook inputs), sharing the input reads. ``progress(desc)`` (e.g. the CLI's progress bar)
+    returns a context manager the compute runs in; None = no progress report. Returns the outputs and the
+    computed extras."""
     final = paths_for(out_dir, stem)
     stage = Path(out_dir) / f".staging-{stem}"
     if stage.exists():
@@ -108,9 +115,7 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
     nb = ds.sizes["band"]
     write = enc.rio.to_raster(inter, tiled=True, blockxsize=cfg.blocksize, blockysize=cfg.blocksize,
                               compress="deflate", lock=_write_lock(stem), compute=False, BIGTIFF="IF_SAFER")
-    from pipeline.progress import progress_bar
-
-    with progress_bar(enabled=progress, desc=f"{stem}: compute+write"):
+    with progress(f"{stem}: compute+write") if progress is not None else contextlib.nullcontext():
         _, *extras = dask.compute(write, *extra_compute)
     profile = dict(cog_profiles.get(cfg.compress))
     profile.update(blockxsize=cfg.blocksize, blockysize=cfg.blocksize, predictor=2)

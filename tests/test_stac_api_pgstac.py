@@ -9,7 +9,7 @@ import geopandas as gpd
 import pytest
 
 from catalogs.base import SearchQuery
-from catalogs.cli_search import search_command
+from pipeline.cli import search_command
 from catalogs.local import LocalCatalog, write_geoparquet
 from catalogs.stac_api import StacApiCatalog
 from pipeline.config import CatalogConfig, SearchConfig, SelectionPolicy
