@@ -12,9 +12,10 @@ target in time when the catalog allows, ``search.policy.bracket``):
 
    * ``method="bracket"``: linear in date between the nearest clear observation before and the nearest after;
      with clear observations on one side only, the nearest one (no extrapolation of a slope).
-   * ``method="robust"``: where a pixel has at least ``min_robust`` clear observations *and* is bracketed, a
-     line ``v = a + b dt`` fitted by iteratively reweighted least squares with Huber weights (``huber_k`` robust
-     sigmas) times a temporal weight ``exp(-|dt| / tau_days)``; the value is ``a``. Elsewhere as ``bracket``.
+   * ``method="robust"`` (default): where a pixel has at least ``min_robust`` clear observations *and* is
+     bracketed, a line ``v = a + b dt`` fitted by iteratively reweighted least squares (Huber, then Tukey
+     bisquare weights, from the median; :func:`_robust_line`) times a temporal weight ``exp(-|dt| / tau_days)``;
+     the value is ``a``. Elsewhere as ``bracket``.
      One cloudy-but-unmasked date (SCL misses thin cloud) then pulls the line less than it pulls an
      interpolation between two dates.
 3. **Local alignment** (:func:`models._align.local_alignment`, ``local_radius > 0``): the interpolated image is
@@ -108,26 +109,35 @@ def interpolate_in_time(
 
 
 def _robust_line(v: np.ndarray, ok: np.ndarray, dt: np.ndarray, tau: float, k: float, iterations: int) -> np.ndarray:
-    """Intercept at ``dt = 0`` of a per-pixel, per-band Huber-IRLS line ``v ~ a + b dt`` weighted by
-    ``exp(-|dt| / tau)``. ``v`` ``(time, band, n)``, ``ok`` ``(time, n)``; returns ``(band, n)``."""
+    """Intercept at ``dt = 0`` of a per-pixel, per-band robust line ``v ~ a + b dt``, weighted by
+    ``exp(-|dt| / tau)``. ``v`` ``(time, band, n)``, ``ok`` ``(time, n)``; returns ``(band, n)``.
+
+    Iteratively reweighted least squares: residuals start from the per-pixel median of the observations (so one
+    bright unmasked date cannot steer the first fit), the first pass uses Huber weights (``k`` robust sigmas),
+    the later ones Tukey's bisquare (``4.685`` sigmas), which gives a gross outlier zero weight; sigma = 1.4826
+    MAD of the valid residuals, floored at 0.002 reflectance (sensor noise)."""
     x = dt[:, None, None]
-    base = (np.exp(-np.abs(dt) / max(tau, 1e-6))[:, None] * ok)[:, None, :].astype(np.float64)  # (t, 1, n)
-    y = np.where(ok[:, None, :], v, 0.0).astype(np.float64)
-    w = np.broadcast_to(base, y.shape).copy()
+    okb = np.broadcast_to(ok[:, None, :], v.shape)
+    base = np.where(okb, np.exp(-np.abs(dt) / max(tau, 1e-6))[:, None, None], 0.0)
+    y = np.where(okb, v, 0.0).astype(np.float64)
+    with np.errstate(all="ignore"):
+        res = np.where(okb, v - np.nanmedian(np.where(okb, v, np.nan), axis=0)[None], np.nan)
     a = np.zeros(y.shape[1:])
     for it in range(iterations + 1):
+        scale = np.maximum(np.nanmedian(np.abs(res), axis=0) * 1.4826, 2e-3)
+        r = np.nan_to_num(np.abs(res) / scale, nan=0.0)
+        if it == 0:
+            rw = np.where(r <= k, 1.0, k / np.maximum(r, 1e-12))
+        else:
+            rw = np.where(r < 4.685, (1 - (r / 4.685) ** 2) ** 2, 0.0)
+        w = base * rw
         sw = w.sum(0)
         mx = (w * x).sum(0) / np.maximum(sw, 1e-12)
         my = (w * y).sum(0) / np.maximum(sw, 1e-12)
         sxx = (w * (x - mx) ** 2).sum(0)
         b = np.where(sxx > 1e-9, (w * (x - mx) * (y - my)).sum(0) / np.maximum(sxx, 1e-9), 0.0)
-        a = my - b * mx
-        if it == iterations:
-            break
-        res = np.where(ok[:, None, :], y - (a + b * x), 0.0)
-        scale = np.maximum(np.median(np.abs(res), axis=0) * 1.4826, 2e-3)  # reflectance noise floor
-        r = np.abs(res) / (k * scale)
-        w = base * np.where(r <= 1, 1.0, 1.0 / np.maximum(r, 1e-12))
+        a = np.where(sw > 0, my - b * mx, a)
+        res = np.where(okb, y - (a + b * x), np.nan)
     return a.astype(np.float32)
 
 
