@@ -113,6 +113,7 @@ from models._align import (
     fill_target,
     fit_linear,
     reference_validity,
+    scene_alignment,
     thin_mask,
 )
 from models._filters import (
@@ -453,7 +454,8 @@ class PhyVLMCR(RemovalModelBase):
         needs_reference=False,
         max_references=4,
         halo=kernel_halo(PhyVLMParams()),  # class-level: default params, reference prior; see __init__
-        description="PhyVLM-CR: physics-guided prior (reference/learned/diffusers), eqs. 1-11, soft fusion",
+        description="PhyVLM-CR: scattering-model inversion, pluggable prior (temporal/reference/model/diffusers), "
+        "eqs. 1-11, soft fusion",
         scene_context=True,
     )
     Params = PhyVLMParams
@@ -518,9 +520,7 @@ class PhyVLMCR(RemovalModelBase):
         a, _, _ = atmospheric_light(img, v, s, self.params.kappa_percentile, self.cloud_region(sample))
         target_ok = np.isfinite(sample.target).all(axis=0)
         ref_ok = reference_validity(sample)
-        clear = ~sample.cloud_mask & target_ok
-        align = [fit_linear(sample.target, sample.references[i], thin_mask(clear & ref_ok[i]))
-                 for i in range(sample.references.shape[0])]
+        align = scene_alignment(sample)
         ctx: dict[str, Any] = {"A": a}
         if align:
             ctx["alignment"] = align

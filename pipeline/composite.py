@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
