@@ -92,6 +92,8 @@ class SearchConfig(_Section):
     reference_max_cloud_cover: float = 30.0
     #: how many references to keep per target, best first (with ``policy.bracket``, at least one on each side of
     #: the target when the catalog has one). More than two let a temporal model fit a robust line in time.
+    #: Measured on the Romania hidden-date set (mean cloudy PSNR of `temporal`, 16 cases): 2 references by score
+    #: 34.98 dB, 2 bracketing 35.13, 4 bracketing 36.11, 6 bracketing 36.20 dB (reference-replace 33.8 throughout).
     max_references: int = 4
     #: references further than this from the target (days) are ignored.
     max_days: float = 120.0

@@ -7,7 +7,12 @@
 * references: items of the same collection within ``search.max_days`` of the target with ``eo:cloud_cover`` at
   most ``search.reference_max_cloud_cover``, covering at least ``policy.min_overlap`` of the target footprint,
   ranked by the weighted score of :class:`~pipeline.config.SelectionPolicy` (temporal distance, clear fraction
-  over the target's cloudy pixels, footprint overlap, same relative orbit, same MGRS tile); best first;
+  over the target's cloudy pixels, footprint overlap, same relative orbit, same MGRS tile); best first. With
+  ``policy.bracket`` (default) the best-scored reference before the target and the best-scored one after it are
+  always among the ``search.max_references`` kept when both sides have one (:func:`select_references`), so a
+  temporal model interpolates instead of extrapolating; every candidate carries its signed ``offset_days``
+  (the runner passes them to the model as ``TileInputs.reference_dt_days``). Validity stays per pixel: the
+  load/mask stages give every reference its own cloud mask;
 * sar: scenes of ``sar_collection`` (comma-separated ids allowed, e.g. ``"sentinel-1-rtc,sentinel-1-grd"``)
   within ``policy.sar_max_days``, RTC before GRD, then nearest in time; orbit direction and platform are recorded
   in the reason.
