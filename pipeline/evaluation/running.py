@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pipeline.contract import TileInputs, TileResult
-from pipeline.errors import ConfigError
+from pipeline.errors import CloudfreeError, ConfigError
 from pipeline.evaluation.cases import EvalCase
 from pipeline.evaluation.metrics import METRICS, REGIONS, all_metrics
 
@@ -116,7 +116,9 @@ def run_models(case: EvalCase, model_names: Sequence[str], model_params: Mapping
                tile_size: int | None = None,
                priors: dict[str, str] | None = None) -> dict[str, tuple[TileResult, float]]:
     """Run each model on ``case``; returns ``{name: (result, seconds)}``; ``priors`` collects
-    :func:`describe_prior` per model name."""
+    :func:`describe_prior` per model name. A model that needs what the case lacks (Sentinel-1, a reference) or
+    raises a :class:`~pipeline.errors.CloudfreeError` is left out of that case (logged), so the evaluation stays
+    generic over the registry (models added later, e.g. SAR fusion, are scored where they can run)."""
     from models.registry import build_model
 
     tile = case.tile_inputs()
@@ -127,8 +129,18 @@ def run_models(case: EvalCase, model_names: Sequence[str], model_params: Mapping
         model = build_model(base, params)
         if priors is not None and describe_prior(model):
             priors[name] = describe_prior(model)
+        if getattr(model.spec, "needs_sar", False) and tile.sar is None:
+            log.warning("%s: %s needs Sentinel-1 and the case has none; not scored", case.name, name)
+            continue
+        if getattr(model.spec, "needs_reference", False) and tile.references.shape[0] == 0:
+            log.warning("%s: %s needs a reference and the case has none; not scored", case.name, name)
+            continue
         t0 = time.perf_counter()
-        res = predict_tiled(model, with_scene_context(model, tile), tile_size)
+        try:
+            res = predict_tiled(model, with_scene_context(model, tile), tile_size)
+        except CloudfreeError as exc:  # one model failing on one case never stops the evaluation
+            log.warning("%s: %s failed: %s", case.name, name, exc)
+            continue
         out[name] = (res, time.perf_counter() - t0)
     return out
 
