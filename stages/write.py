@@ -11,8 +11,9 @@ then turned into COGs with rio-cogeo (internal tiles, overviews, nodata, DEFLATE
 * ``<id>_<band>.vrt`` (one per band) and ``<id>_cldprb.vrt`` (100 - confidence): small VRTs over the COGs, so a
   later run can load an output like any Sentinel-2 item (per-band assets, a cloud-probability layer).
 
-Everything goes to a staging folder first and is moved into place at the end (atomic); the STAC item is written
-last and marks the target as done, so a rerun skips finished targets and redoes unfinished ones.
+Everything goes to a staging folder first (``pipeline.safety``: one per run and target, under the target's lock) and
+the finished folder, STAC item included, is moved into place with one rename (atomic); the item marks the target as
+done, so a rerun skips finished targets and redoes unfinished ones.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import contextlib
 
 import json
 import logging
-import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +70,16 @@ def paths_for(out_dir: Path, stem: str) -> dict[str, Path]:
 
 
 def is_done(out_dir: Path, stem: str) -> bool:
-    """A target is done when its STAC item exists (written last)."""
-    return paths_for(out_dir, stem)["item"].exists()
+    """A target is done when its STAC item exists (published last, with the folder) and does not say
+    ``cloudfree:status: unrestored`` (those are retried by every run: a new reference may have arrived)."""
+    p = paths_for(out_dir, stem)["item"]
+    if not p.exists():
+        return False
+    try:
+        status = json.loads(p.read_text())["properties"].get("cloudfree:status", "done")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # unreadable item: redo the target
+    return status == "done"
 
 
 def _encode(ds: xr.Dataset) -> xr.DataArray:
@@ -100,16 +108,49 @@ def _write_lock(name: str):
 
 
 def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, extra_compute=(),
-                  progress: Callable[[str], ContextManager] | None = None) -> tuple[WrittenOutput, list]:
+                  progress: Callable[[str], ContextManager] | None = None, stage: Path | None = None
+                  ) -> tuple[WrittenOutput, list]:
     """Compute ``ds`` once and write the COGs. ``extra_compute`` lazy objects are computed in the same pass
     (e.g. decimated quicklook inputs), sharing the input reads. ``progress(desc)`` (e.g. the CLI's progress bar)
     returns a context manager the compute runs in; None = no progress report. Returns the outputs and the
-    computed extras."""
-    final = paths_for(out_dir, stem)
-    stage = Path(out_dir) / f".staging-{stem}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
+    computed extras.
+
+    With ``stage`` (a folder from :func:`pipeline.safety.staging_dir`, the caller holding the target's lock) the
+    files are written there and stay there: the caller adds the item and publishes the folder
+    (:func:`pipeline.safety.publish_dir`); ``out.files`` then point into ``stage``. Without it, a private staging
+    folder is used and its files are moved into ``<out_dir>/<stem>/`` at the end. Either way every temporary file
+    (the intermediate GeoTIFF, rio-cogeo's temporaries) lives in the staging folder, and a failure removes it.
+    """
+    from pipeline.safety import safe_rmtree, staging_dir
+
+    own_stage = stage is None
+    if own_stage:
+        import uuid
+
+        stage = staging_dir(out_dir, stem, uuid.uuid4().hex[:12])
+    try:
+        out, extras = _write_into(ds, Path(stage), stem, cfg, extra_compute, progress)
+    except BaseException:
+        safe_rmtree(out_dir, stage)
+        raise
+    if not own_stage:
+        return out, extras
+    from pipeline.safety import ensure_inside
+
+    final_dir = ensure_inside(out_dir, paths_for(out_dir, stem)["item"].parent)
+    final_dir.mkdir(parents=True, exist_ok=True)
+    for f in Path(stage).iterdir():
+        f.replace(final_dir / f.name)
+    Path(stage).rmdir()
+    out.directory = final_dir
+    out.files = {k: final_dir / Path(v).name for k, v in out.files.items()}
+    return out, extras
+
+
+def _write_into(ds: xr.Dataset, stage: Path, stem: str, cfg: OutputConfig, extra_compute,
+                progress: Callable[[str], ContextManager] | None) -> tuple[WrittenOutput, list]:
+    """The COGs and VRTs of ``ds`` written into the folder ``stage`` (files named as in :func:`paths_for`)."""
+    final = paths_for(stage.parent, stem)
     inter = stage / "intermediate.tif"
     enc = _encode(ds)
     nb = ds.sizes["band"]
@@ -133,9 +174,10 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
             d.set_band_description(i, b)
         d.scales = [REFLECTANCE_SCALE] * nb + [1.0] * (2 + len(extra_layers))
         d.offsets = [0.0] * (nb + 2 + len(extra_layers))
-    out = WrittenOutput(stem, final["item"].parent)
+    out = WrittenOutput(stem, stage)
     for name, (idx, dtype, nodata) in products.items():
         dst = stage / final[name].name
+        # rio-cogeo puts its temporary file next to dst, i.e. inside the staging folder
         with rasterio.open(inter) as src:
             cog_translate(src, dst, dict(profile), indexes=idx, dtype=dtype, nodata=nodata,
                           overview_resampling="average" if name == "reflectance" else "nearest",
@@ -143,14 +185,10 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
         ok, errors, _ = cog_validate(dst, quiet=True)
         if not ok:
             raise RuntimeError(f"{dst} is not a valid COG: {errors}")  # pragma: no cover - rio-cogeo bug guard
-        out.files[name] = final[name]
+        out.files[name] = dst
     inter.unlink()
     for name, path in band_vrts(stage, stem, bands).items():
-        out.files[name] = out.directory / path.name
-    out.directory.mkdir(parents=True, exist_ok=True)
-    for f in stage.iterdir():
-        f.replace(out.directory / f.name)
-    stage.rmdir()
+        out.files[name] = path
     return out, extras
 
 

@@ -135,7 +135,7 @@ def _jsonable(meta: dict) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Evaluate the removal models; writes evaluation.md/.json + figures")
-    ap.add_argument("--out", default="docs", help="output folder")
+    ap.add_argument("--out", default="evaluation", help="output folder (docs/ only when asked: --out docs)")
     ap.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder holding the shared sample data")
     ap.add_argument("--models", default="", help="comma list (default: every registered model + variants)")
     ap.add_argument("--cases", default=",".join(CASES))
