@@ -283,8 +283,13 @@ def models() -> None:
     """List the registered removal models and what each needs."""
     from models.registry import available_models
 
+    from models.registry import build_model
+
     for name, cls in available_models().items():
-        s = cls.spec
+        try:  # an instance with the default params declares its real halo (radii, prior)
+            s = build_model(name).spec
+        except Exception:  # noqa: BLE001  (a plug-in that cannot be built still gets listed)
+            s = cls.spec
         needs = [n for n, flag in (("reference", s.needs_reference), ("SAR", s.needs_sar)) if flag]
         click.echo(f"{name:20s} {s.description}")
         click.echo(f"{'':20s} level {s.level}, halo {s.halo} px, needs: {', '.join(needs) or 'nothing extra'}")

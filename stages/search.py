@@ -461,7 +461,7 @@ def format_plans(plans: list[Any]) -> str:
                 cc = it.properties.get("eo:cloud_cover")
                 clear = "" if c.clear_fraction != c.clear_fraction else f"{c.clear_fraction:5.2f}"
                 lines.append(f"  {role + str(i):<8} {it.id[:70]:<70} {item_time(it):%Y-%m-%d %H:%M} "
-                             f"{'' if cc is None else f'{cc:6.1f}':>6} {c.dt_days:6.1f} {clear:>5} {c.overlap:4.2f} "
+                             f"{'' if cc is None else f'{cc:6.1f}':>6} {c.offset_days:+6.1f} {clear:>5} {c.overlap:4.2f} "
                              f"{c.score:5.2f}  {c.reason}")
         if not p.references:
             lines.append("  (no reference)")
