@@ -22,6 +22,8 @@ BUILTIN_MODULES = (
     "models.median_composite",
     "models.phyvlm",
     "models.temporal",
+    "models.ca_mtcr",
+    "models.sar_optical_fusion",
 )
 _loaded = False
 

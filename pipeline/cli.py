@@ -6,6 +6,7 @@ The library is imported inside each command so ``--help`` stays fast; logging is
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -290,9 +291,39 @@ def models() -> None:
             s = build_model(name).spec
         except Exception:  # noqa: BLE001  (a plug-in that cannot be built still gets listed)
             s = cls.spec
-        needs = [n for n, flag in (("reference", s.needs_reference), ("SAR", s.needs_sar)) if flag]
+        needs = [n for n, flag in (("reference", s.needs_reference), ("SAR", s.needs_sar),
+                                   ("SAR if available", s.accepts_sar and not s.needs_sar)) if flag]
         click.echo(f"{name:20s} {s.description}")
         click.echo(f"{'':20s} level {s.level}, halo {s.halo} px, needs: {', '.join(needs) or 'nothing extra'}")
+
+
+@main.command()
+@click.argument("model_name", metavar="MODEL")
+@click.option("-c", "--config", type=click.Path(dir_okay=False, exists=True),
+              help="Training YAML (see configs/train-*.yaml and pipeline/training/loop.py TrainConfig).")
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Run folder (checkpoint, metrics, weights).")
+@click.option("--steps", type=int, help="Total optimiser steps; overrides the config.")
+@click.option("--seed", type=int, help="Seed; overrides the config.")
+@click.option("--catalog", "catalog", help="STAC catalog (static path, stac-geoparquet or API URL) to build pairs from; "
+              "sets data.source=stac and data.path.")
+@click.option("--device", help="cpu, cuda, or auto (default: the config's).")
+@click.option("--export", help="Also copy the final weights and model card to this path.")
+@click.option("--resume", is_flag=True, help="Continue from <out>/checkpoint.pt.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train(model_name, config, out, steps, seed, catalog, device, export, resume, no_progress) -> None:
+    """Train a learned removal model (checkpoints, resume, JSON-lines metrics, validation, model card)."""
+    from pipeline.errors import CloudfreeError
+    from pipeline.training.loop import load_train_config, train as run_training
+
+    try:
+        cfg = load_train_config(config, model=model_name, out=out, steps=steps, seed=seed, device=device,
+                                export=export)
+        if catalog:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "stac", "path": catalog})})
+        summary = run_training(cfg, resume=resume, progress=not no_progress)
+    except CloudfreeError as exc:
+        _fail(exc)
+    click.echo(json.dumps(summary, indent=2))
 
 
 @main.command("demo-catalog")

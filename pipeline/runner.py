@@ -96,7 +96,7 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
                 continue
             t0 = time.perf_counter()
             try:  # one failing target never stops the batch: it is recorded and the next one runs
-                res = _run_target(plan, model, cfg, run_id, out_dir)
+                res = _run_target(plan, model, cfg, run_id, out_dir, catalog=catalog)
             except Exception as exc:  # noqa: BLE001 - fault isolation per target; KeyboardInterrupt still stops
                 from pipeline.redact import redact
 
@@ -117,7 +117,7 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
     return results
 
 
-def _run_target(plan: TargetPlan, model, cfg: Config, run_id: str, out_dir: Path) -> TargetResult:
+def _run_target(plan: TargetPlan, model, cfg: Config, run_id: str, out_dir: Path, catalog=None) -> TargetResult:
     """One target under its lock: stale staging from killed runs removed, then skipped (done) or processed."""
     from pipeline.safety import clean_stale_staging, target_lock
     from stages.write import is_done, paths_for
@@ -134,7 +134,7 @@ def _run_target(plan: TargetPlan, model, cfg: Config, run_id: str, out_dir: Path
             update_collection(out_dir, paths_for(out_dir, stem)["item"], cfg.output.collection)
             return TargetResult(plan.target.id, "skipped", [c.item.id for c in plan.references],
                                 outputs=paths_for(out_dir, stem))
-        return process_target(plan, model, cfg, run_id)
+        return process_target(plan, model, cfg, run_id, catalog=catalog)
 
 
 #: longest side (pixels) of the coarse whole-scene sample given to ``model.fit_scene``.
@@ -163,7 +163,7 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
     return ctx
 
 
-def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetResult:
+def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=None) -> TargetResult:
     from stages.load import load_reflectance_checked, output_geobox
     from stages.masks import NODATA_BIT, build_masks_by_method, mask_provenance
     from stages.mosaic import confidence_fallback
@@ -196,13 +196,17 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
         if any(c.applied for c in coreg):  # re-read the references on shifted grids: one resampling, lazy
             ref_stack, ref_masks = load_aligned_references(refs, coreg, geobox, bands, cfg.mask, cfg.grid.chunk,
                                                            stack[0])
-    if plan.sar and cfg.coregister.enabled:
+    sar = None
+    if model.spec.needs_sar or model.spec.accepts_sar:
+        sar, sar_records = model_sar(plan, refs, catalog, stack[0], mask[0], geobox, cfg, model)
+        coreg.extend(sar_records)
+    elif plan.sar and cfg.coregister.enabled:
         coreg.append(_sar_coregistration(plan, stack[0], mask[0], geobox, cfg))
     inputs = SceneInputs(
         target=stack[0], cloud_mask=mask[0], cloud_prob=prob[0],
         references=ref_stack, reference_masks=ref_masks,
         reference_ids=tuple(r.id for r in refs),
-        reference_dt_days=tuple(c.offset_days for c in plan.references[: len(refs)]), target_id=target.id,
+        reference_dt_days=tuple(c.offset_days for c in plan.references[: len(refs)]), target_id=target.id, sar=sar,
     )
     halo = cfg.tile.halo if cfg.tile.halo is not None else model.spec.halo
     tiles = plan_tiles(geobox.shape, cfg.tile.size, halo)
@@ -434,6 +438,26 @@ def mark_failed(ds, failed, bands=None):
         band_hit = xr.DataArray(np.isin([str(b) for b in ds.band.values], list(bands)), dims="band")
     return ds.assign(reflectance=ds.reflectance.where(~(hit & band_hit)), confidence=ds.confidence.where(~hit, 0.0),
                      source=ds.source.where(~hit, float(SOURCE_FAILED)))
+
+
+def model_sar(plan: TargetPlan, refs, catalog, target, target_mask, geobox, cfg: Config, model):
+    """SAR for a model that needs or accepts it (:mod:`stages.sar`): one scene per optical date on the output
+    grid, co-registered, in the model's units. A model that *needs* SAR and gets none fails the target."""
+    from pipeline.errors import ModelError
+    from stages.sar import prepare_model_sar, sar_items_per_date
+
+    items = sar_items_per_date(plan, refs, catalog, cfg)
+    band = cfg.coregister.band if cfg.coregister.band in target.band.values else str(target.band.values[-1])
+    sar, records = prepare_model_sar(items, target.sel(band=band), target_mask, geobox, cfg, model.spec.sar_units)
+    if sar is None and model.spec.needs_sar:
+        why = ("no catalog.sar_collection is configured" if not cfg.catalog.sar_collection else
+               f"no scene of {cfg.catalog.sar_collection} within {cfg.search.policy.sar_max_days} days covers it")
+        raise ModelError(f"model {model.name} needs Sentinel-1 but target {plan.target.id} has none: {why}; set "
+                         "catalog.sar_collection / widen search.policy.sar_max_days, or pick a model that runs "
+                         "without SAR")
+    if sar is None:
+        log.info("%s: no Sentinel-1; model %s runs without SAR", plan.target.id, model.name)
+    return sar, records
 
 
 def _sar_coregistration(plan: TargetPlan, target, target_mask, geobox, cfg: Config):

@@ -36,6 +36,7 @@ class SceneInputs:
     reference_ids: tuple[str, ...] = ()
     reference_dt_days: tuple[float, ...] = ()
     target_id: str = ""
+    sar: xr.DataArray | None = None  #: (time, pol, y, x) one S1 scene per optical date, model units (stages.sar)
 
 
 def run_tile(model, target, cloud_mask, cloud_prob, references, reference_masks, *, bands, core_in_read,
@@ -49,8 +50,12 @@ def run_tile(model, target, cloud_mask, cloud_prob, references, reference_masks,
 
 
 def predict_tile(model, target, cloud_mask, cloud_prob, references, reference_masks, *, bands, halo,
-                 reference_ids, reference_dt_days, target_id, context=None) -> tuple[np.ndarray, float]:
-    """One task: numpy in, the whole read window ``(band + 2, y, x)`` float32 out, plus its wall time (s)."""
+                 reference_ids, reference_dt_days, target_id, context=None, sar=None,
+                 sar_bands=()) -> tuple[np.ndarray, float]:
+    """One task: numpy in, the whole read window ``(band + 2, y, x)`` float32 out, plus its wall time (s).
+
+    The model is called through ``predict_batch`` (a batch of one tile per task; batching models get their
+    several-tile path from callers that hold several tiles, e.g. the benchmarks)."""
     t0 = time.perf_counter()
     nb = target.shape[0]
     if references is None:
@@ -61,8 +66,9 @@ def predict_tile(model, target, cloud_mask, cloud_prob, references, reference_ma
         cloud_mask=np.asarray(cloud_mask, bool), references=np.asarray(references, np.float32),
         reference_masks=np.asarray(reference_masks, bool), reference_ids=reference_ids,
         reference_dt_days=reference_dt_days, halo=halo, target_id=target_id, context=context or {},
+        sar=None if sar is None else np.asarray(sar, np.float32), sar_bands=tuple(sar_bands),
     )
-    res: TileResult = model.predict(tile).validate(tile, getattr(model, "name", "model"))
+    res: TileResult = model.predict_batch([tile])[0].validate(tile, getattr(model, "name", "model"))
     out = np.concatenate([res.reflectance, res.confidence[None], res.source[None].astype(np.float32)])
     return out, time.perf_counter() - t0
 
@@ -123,11 +129,17 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
         refs = inputs.references.data[:, :, ry, rx] if inputs.references is not None else None
         rmask = inputs.reference_masks.data[:, ry, rx] if inputs.reference_masks is not None else None
         token = dask.base.tokenize(model, t, context)
+        sar_kw = {}
+        if inputs.sar is not None:
+            from stages.sar import sar_window
+
+            sar_kw = {"sar": sar_window(inputs.sar, t.read),
+                      "sar_bands": tuple(str(b) for b in inputs.sar.band.values)}
         d = dask.delayed(predict_tile, pure=True, nout=2)(
             model_d, inputs.target.data[:, ry, rx], inputs.cloud_mask.data[ry, rx],
             inputs.cloud_prob.data[ry, rx], refs, rmask, bands=bands, halo=halo,
             reference_ids=inputs.reference_ids, reference_dt_days=inputs.reference_dt_days,
-            target_id=inputs.target_id, context=context_d,
+            target_id=inputs.target_id, context=context_d, **sar_kw,
             dask_key_name=f"cloudfree-tile-{inputs.target_id}-{t.index[0]}-{t.index[1]}-{token}",
         )
         preds[t.index] = d
