@@ -21,6 +21,7 @@ BUILTIN_MODULES = (
     "models.dcp",
     "models.median_composite",
     "models.phyvlm",
+    "models.temporal",
     "models.ca_mtcr",
     "models.sar_optical_fusion",
     "models.diffusion_enhancement",

@@ -156,7 +156,7 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
     sample = to_tile_inputs(SceneInputs(
         stack[0], mask[0], prob[0], stack[1:] if n > 1 else None,
         (mask[1:] | stack[1:].isnull().any("band")) if n > 1 else None,
-        tuple(i.id for i in items[1:]), tuple(c.dt_days for c in plan.references[: n - 1]), items[0].id,
+        tuple(i.id for i in items[1:]), tuple(c.offset_days for c in plan.references[: n - 1]), items[0].id,
     ))
     ctx = model.fit_scene(sample)
     log.info("%s: scene context from a %dx%d sample: %s", items[0].id, *coarse.shape, sorted(ctx))
@@ -206,7 +206,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
         target=stack[0], cloud_mask=mask[0], cloud_prob=prob[0],
         references=ref_stack, reference_masks=ref_masks,
         reference_ids=tuple(r.id for r in refs),
-        reference_dt_days=tuple(c.dt_days for c in plan.references[: len(refs)]), target_id=target.id, sar=sar,
+        reference_dt_days=tuple(c.offset_days for c in plan.references[: len(refs)]), target_id=target.id, sar=sar,
     )
     halo = cfg.tile.halo if cfg.tile.halo is not None else model.spec.halo
     tiles = plan_tiles(geobox.shape, cfg.tile.size, halo)
@@ -257,7 +257,7 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
     log.info("%s: %d tiles of %d px (halo %d), %d reference(s), model %s", target.id, len(tiles), cfg.tile.size,
              halo, len(refs), model.name)
     out, computed = write_outputs(ds, cfg.output.dir, stem, cfg.output, extra_compute=(*extras, tile_timings),
-                                  progress=cfg.run.progress, stage=stage)
+                                  progress=_progress_callback(cfg), stage=stage)
     staged = paths_for(stage.parent, stem)
     staged = {k: stage / v.name for k, v in staged.items()}
     final = paths_for(cfg.output.dir, stem)
@@ -348,6 +348,15 @@ def restoration_status(stats: dict) -> tuple[str, str]:
 
 #: confidence below this counts as "still cloudy" in the cover statistics when no floor is configured.
 LOW_CONFIDENCE = 0.5
+
+
+def _progress_callback(cfg: Config):
+    """The CLI's progress bar as the write stage's callback (None when ``run.progress`` is off)."""
+    if not cfg.run.progress:
+        return None
+    from pipeline.progress import progress_bar
+
+    return lambda desc: progress_bar(True, desc)
 
 
 def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: float = 0.0,

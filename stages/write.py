@@ -18,11 +18,16 @@ done, so a rerun skips finished targets and redoes unfinished ones.
 
 from __future__ import annotations
 
+from typing import Callable, ContextManager
+
+import contextlib
+
 import json
 import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import dask
 import numpy as np
@@ -103,9 +108,12 @@ def _write_lock(name: str):
 
 
 def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, extra_compute=(),
-                  progress: bool = True, stage: Path | None = None) -> tuple[WrittenOutput, list]:
+                  progress: Callable[[str], ContextManager] | None = None, stage: Path | None = None
+                  ) -> tuple[WrittenOutput, list]:
     """Compute ``ds`` once and write the COGs. ``extra_compute`` lazy objects are computed in the same pass
-    (e.g. decimated quicklook inputs), sharing the input reads. Returns the outputs and the computed extras.
+    (e.g. decimated quicklook inputs), sharing the input reads. ``progress(desc)`` (e.g. the CLI's progress bar)
+    returns a context manager the compute runs in; None = no progress report. Returns the outputs and the
+    computed extras.
 
     With ``stage`` (a folder from :func:`pipeline.safety.staging_dir`, the caller holding the target's lock) the
     files are written there and stay there: the caller adds the item and publishes the folder
@@ -139,8 +147,8 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
     return out, extras
 
 
-def _write_into(ds: xr.Dataset, stage: Path, stem: str, cfg: OutputConfig, extra_compute, progress: bool
-                ) -> tuple[WrittenOutput, list]:
+def _write_into(ds: xr.Dataset, stage: Path, stem: str, cfg: OutputConfig, extra_compute,
+                progress: Callable[[str], ContextManager] | None) -> tuple[WrittenOutput, list]:
     """The COGs and VRTs of ``ds`` written into the folder ``stage`` (files named as in :func:`paths_for`)."""
     final = paths_for(stage.parent, stem)
     inter = stage / "intermediate.tif"
@@ -148,9 +156,7 @@ def _write_into(ds: xr.Dataset, stage: Path, stem: str, cfg: OutputConfig, extra
     nb = ds.sizes["band"]
     write = enc.rio.to_raster(inter, tiled=True, blockxsize=cfg.blocksize, blockysize=cfg.blocksize,
                               compress="deflate", lock=_write_lock(stem), compute=False, BIGTIFF="IF_SAFER")
-    from pipeline.progress import progress_bar
-
-    with progress_bar(enabled=progress, desc=f"{stem}: compute+write"):
+    with progress(f"{stem}: compute+write") if progress is not None else contextlib.nullcontext():
         _, *extras = dask.compute(write, *extra_compute)
     profile = dict(cog_profiles.get(cfg.compress))
     profile.update(blockxsize=cfg.blocksize, blockysize=cfg.blocksize, predictor=2)

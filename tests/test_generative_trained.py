@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluation.evaluate import load_29rkh
+from pipeline.evaluation.cases import load_29rkh
 from pipeline.evaluation.simulate import CloudSpec, simulate_clouds
 from stages.mosaic import seam_ratio
 from stages.tile import plan_tiles
@@ -111,7 +111,7 @@ def test_shipped_weights_cards_and_sizes():
 def test_trained_cmcr_beats_doing_nothing_under_cloud(cloudy_scene):
     """Not a quality claim: the trained student must at least move cloudy pixels towards the surface."""
     from models.registry import build_model
-    from pipeline.evaluation.evaluate import psnr
+    from pipeline.evaluation.metrics import psnr
 
     inputs, mask, clear = cloudy_scene
     out = _whole(build_model("cm-cr", {"steps": 1, "device": "cpu"}), inputs)

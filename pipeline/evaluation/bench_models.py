@@ -2,7 +2,7 @@
 
 For every registered model (or ``--models``): megapixels per second of ``predict`` on one 512x512 tile of 6 bands
 (B02, B03, B04, B08, B11, B12; real 29RKH pixels, simulated clouds, two simulated references; see
-:func:`pipeline.evaluation.evaluate.benchmark_tile`), best of ``--repeats``. ``fit_scene`` (once per scene, on a coarse
+:func:`benchmark_tile`), best of ``--repeats``. ``fit_scene`` (once per scene, on a coarse
 sample) is timed apart.
 
 I/O reference: reading the same amount of data (a 512x512 window of the same 6 bands) from the Cloud-Optimized
@@ -34,10 +34,53 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pipeline.contract import TileInputs
 from pipeline.errors import InputDataError
-from pipeline.evaluation.evaluate import BENCH_BANDS, DEFAULT_DATA_DIR, benchmark_tile, with_scene_context
+from pipeline.evaluation.cases import DEFAULT_DATA_DIR, SIM_BANDS, load_29rkh, simulated_case
+from pipeline.evaluation.running import with_scene_context
 
 log = logging.getLogger(__name__)
+
+BENCH_BANDS = ("B02", "B03", "B04", "B08", "B11", "B12")
+
+
+def benchmark_tile(data_dir: str | Path, size: int = 512, bands: Sequence[str] = BENCH_BANDS) -> TileInputs:
+    """One ``size x size x len(bands)`` tile of real 29RKH pixels (20 m bands nearest-upsampled from their 200 m
+    files onto the 100 m grid) with simulated clouds and two simulated references (seed 99)."""
+    full = load_29rkh(data_dir, bands=[b for b in bands if b in SIM_BANDS])
+    extra = [b for b in bands if b not in SIM_BANDS]
+    if extra:  # 20 m bands are stored at 200 m: nearest-upsample them onto the 100 m grid
+        ex = load_29rkh(data_dir, bands=extra)
+        ex = np.repeat(np.repeat(ex, 2, axis=1), 2, axis=2)[:, : full.shape[1], : full.shape[2]]
+        full = np.concatenate([full, ex])
+        order = [b for b in bands if b in SIM_BANDS] + extra
+        full = full[[order.index(b) for b in bands]]
+    clear = full[:, 200:200 + size, 200:200 + size]
+    return simulated_case(clear, tuple(bands), seed=99).tile_inputs()
+
+
+def benchmark(model_names: Sequence[str], data_dir: str | Path, size: int = 512, repeats: int = 3,
+              bands: Sequence[str] = BENCH_BANDS) -> dict[str, float]:
+    """Mpx/s of ``predict`` per model on :func:`benchmark_tile` (scene context, if any, fitted beforehand and
+    not timed: it is computed once per scene); the best of ``repeats`` runs."""
+    from pipeline.evaluation.running import build_spec
+
+    tile = benchmark_tile(data_dir, size, bands)
+    speeds = {}
+    for name in model_names:
+        model = build_spec(name)
+        t = with_scene_context(model, tile)
+        model.predict(t)  # warm-up
+        best = min(_timed(model, t) for _ in range(repeats))
+        speeds[name] = size * size / best / 1e6
+    return speeds
+
+
+def _timed(model: Any, tile: TileInputs) -> float:
+    t0 = time.perf_counter()
+    model.predict(tile)
+    return time.perf_counter() - t0
+
 
 #: the benchmark tile's window in the 29RKH 100 m grid (rows/cols 200:712, as benchmark_tile).
 WINDOW_OFFSET = 200
@@ -87,10 +130,12 @@ def bench_one(name: str, data_dir: str | Path, size: int, repeats: int, batch: i
               params: dict | None = None) -> dict[str, Any]:
     """Timing and memory of one model (see the module docstring)."""
     from models.registry import build_model
+    from pipeline.evaluation.running import parse_model_spec
 
     tile = benchmark_tile(data_dir, size)
     npx = size * size
-    model = build_model(name, dict(params or {}))
+    base, spec_params = parse_model_spec(name)  # "name" or "name[key=value,...]"
+    model = build_model(base, {**spec_params, **dict(params or {})})
     base_rss = _rss_mb(False)
     t0 = time.perf_counter()
     ctx_tile = with_scene_context(model, tile)
@@ -127,7 +172,9 @@ def bench_models(model_names: Sequence[str] | None = None, data_dir: str | Path 
     npx = size * size
     models: dict[str, Any] = {}
     for name in names:
-        cls = available_models()[name]
+        from pipeline.evaluation.running import parse_model_spec
+
+        cls = available_models()[parse_model_spec(name)[0]]
         params = {"device": device} if hasattr(cls, "trainable") else {}
         args = (name, str(data_dir), size, repeats, batch, params)
         if isolate:

@@ -28,7 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.evaluation.evaluate import DEFAULT_DATA_DIR, SIM_BANDS, EvalCase, all_metrics, simulated_set
+from pipeline.evaluation.cases import DEFAULT_DATA_DIR, SIM_BANDS, EvalCase, simulated_set
+from pipeline.evaluation.metrics import all_metrics
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def run(out: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, seeds: Sequenc
     import torch
 
     from models.registry import build_model
-    from pipeline.evaluation.evaluate import with_scene_context
+    from pipeline.evaluation.running import with_scene_context
 
     if threads:
         torch.set_num_threads(threads)

@@ -46,27 +46,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
 from pipeline.errors import ConfigError, InputDataError
+from pipeline.evaluation.cases import ROMANIA_EVAL_DATES, ROMANIA_MASK_DATES
 
 log = logging.getLogger(__name__)
 
 S2_13_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 S1_POLS = ("vv", "vh")
 
-#: Romania stack dates the evaluation uses (``pipeline.evaluation.romania`` on the temporal branch, issue 13):
-#: every target date of its hidden-clear and real-cloudy sets (ROMANIA_EVAL_DATES) and the donor dates whose real
-#: clouds hide its targets (ROMANIA_MASK_DATES). They are excluded from training AND validation in every role
-#: (truth, target, cloud-mask source, reference). Kept here as the same list until that module is in main.
-ROMANIA_EVAL_DATES: tuple[str, ...] = (
-    "2016-04-07", "2017-06-21", "2017-07-11", "2017-08-05", "2017-08-30", "2017-09-14", "2017-10-04",
-    "2018-04-27", "2018-05-12", "2018-07-06", "2018-07-21", "2018-07-26", "2018-08-05", "2018-08-20",
-    "2018-08-25", "2018-08-30", "2018-10-04", "2019-06-21", "2019-06-26", "2019-07-01", "2019-08-30",
-    "2019-09-04", "2019-10-09", "2020-05-11", "2020-07-10", "2020-08-04", "2020-09-13", "2020-09-23",
-)
-ROMANIA_MASK_DATES: tuple[str, ...] = (
-    "2015-08-01", "2016-12-13", "2017-08-30", "2018-03-28", "2018-05-12", "2018-07-06", "2018-07-26",
-    "2018-08-05", "2018-08-20", "2019-06-26", "2019-07-31", "2019-08-05", "2019-08-30", "2019-09-04",
-    "2020-07-30", "2019-09-14",
-)
+#: Romania stack dates the evaluation uses (:mod:`pipeline.evaluation.romania`): every target date of its
+#: hidden-clear and real-cloudy sets (ROMANIA_EVAL_DATES) and the donor dates whose real clouds hide its targets
+#: (ROMANIA_MASK_DATES). They are excluded from training AND validation in every role (truth, target, cloud-mask
+#: source, reference). Imported from the evaluation (``pipeline.evaluation.cases``): one list, never two that drift.
+
 ROMANIA_HELDOUT_DATES: tuple[str, ...] = tuple(sorted(set(ROMANIA_EVAL_DATES) | set(ROMANIA_MASK_DATES)))
 
 
