@@ -154,9 +154,10 @@ def test_steps_benchmark_writes_table_json_and_figure(tmp_path):
 
     payload = gs.run(tmp_path, DATA, seeds=[1], steps=[1], threads=1)
     labels = [r["label"] for r in payload["rows"]]
-    assert labels == ["phyvlm-cr (DE's reference)", "diffusion-enhancement 1", "cm-cr student 1", "cm-cr teacher 1"]
-    assert [r["nfe"] for r in payload["rows"]] == [0, 2, 1, 1]
-    for r in payload["rows"]:
+    assert labels == ["clear-pixel mean fill (trivial baseline)", "phyvlm-cr (DE's reference)",
+                      "diffusion-enhancement 1", "cm-cr student 1", "cm-cr teacher 1"]
+    assert [r["nfe"] for r in payload["rows"]] == [0, 0, 2, 1, 1]
+    for r in payload["rows"][1:]:
         for s in ("simulated-256", "romania-val-96"):
             assert np.isfinite(r[s]["psnr"]) and r[s]["seconds_per_tile"] > 0
     assert (tmp_path / "figures" / "steps.png").stat().st_size > 10_000
