@@ -9,7 +9,11 @@ the per-worker memory stay flat as the AOI grows. Each tile task also reports it
 
 from __future__ import annotations
 
+import json
 import logging
+import operator
+import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -36,21 +40,75 @@ class SceneInputs:
     reference_ids: tuple[str, ...] = ()
     reference_dt_days: tuple[float, ...] = ()
     target_id: str = ""
+    #: optional Sentinel-1 backscatter ``(time, pol, y, x)`` on the same grid; each tile gets its window as
+    #: ``TileInputs.sar`` (with ``sar_bands`` = the ``band`` coordinate).
+    sar: xr.DataArray | None = None
+
+
+# -- per-worker model cache -----------------------------------------------------------------------------------------
+_MODELS: dict[tuple[str, str], object] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """A registered model by name and parameters: what travels in the task graph instead of the model object.
+
+    :func:`resolve_model` builds the model once per process (per dask worker) and keeps it, so weights load once
+    per worker, not once per task or per pickling.
+    """
+
+    name: str
+    params_json: str
+
+    @classmethod
+    def of(cls, model) -> "ModelHandle | None":
+        """A handle for ``model`` when it is a registered model built from its params, else None."""
+        from models.registry import get_model_class
+
+        name = getattr(model, "name", "")
+        params = getattr(model, "params", None)
+        try:
+            if not name or params is None or type(model) is not get_model_class(name):
+                return None
+        except Exception:  # unknown name: not a registered model, ship the object itself
+            return None
+        return cls(name, params.model_dump_json() if hasattr(params, "model_dump_json") else json.dumps(params))
+
+
+def resolve_model(model):
+    """The model object for ``model`` (a :class:`ModelHandle` is built once per process and cached)."""
+    if not isinstance(model, ModelHandle):
+        return model
+    key = (model.name, model.params_json)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            from models.registry import build_model
+
+            _MODELS[key] = build_model(model.name, json.loads(model.params_json))
+            log.info("model %s built in process %d", model.name, os.getpid())
+        return _MODELS[key]
 
 
 def run_tile(model, target, cloud_mask, cloud_prob, references, reference_masks, *, bands, core_in_read,
-             halo, reference_ids, reference_dt_days, target_id, context=None) -> np.ndarray:
+             halo, reference_ids, reference_dt_days, target_id, context=None, sar=None, sar_bands=()) -> np.ndarray:
     """One task: numpy in, ``(band + 2, y, x)`` float32 core out (reflectance, confidence, source)."""
     out, _ = predict_tile(model, target, cloud_mask, cloud_prob, references, reference_masks, bands=bands, halo=halo,
                           reference_ids=reference_ids, reference_dt_days=reference_dt_days, target_id=target_id,
-                          context=context)
+                          context=context, sar=sar, sar_bands=sar_bands)
     ys, xs = core_in_read
     return out[:, ys, xs]
 
 
 def predict_tile(model, target, cloud_mask, cloud_prob, references, reference_masks, *, bands, halo,
-                 reference_ids, reference_dt_days, target_id, context=None) -> tuple[np.ndarray, float]:
-    """One task: numpy in, the whole read window ``(band + 2, y, x)`` float32 out, plus its wall time (s)."""
+                 reference_ids, reference_dt_days, target_id, context=None, sar=None,
+                 sar_bands=()) -> tuple[np.ndarray, float]:
+    """One task: numpy in, the whole read window ``(band + 2, y, x)`` float32 out, plus its wall time (s).
+
+    ``model`` is a model object or a :class:`ModelHandle` (resolved once per process); ``sar`` an optional
+    ``(time, pol, y, x)`` Sentinel-1 window with polarisation names ``sar_bands``.
+    """
+    model = resolve_model(model)
     t0 = time.perf_counter()
     nb = target.shape[0]
     if references is None:
@@ -61,6 +119,7 @@ def predict_tile(model, target, cloud_mask, cloud_prob, references, reference_ma
         cloud_mask=np.asarray(cloud_mask, bool), references=np.asarray(references, np.float32),
         reference_masks=np.asarray(reference_masks, bool), reference_ids=reference_ids,
         reference_dt_days=reference_dt_days, halo=halo, target_id=target_id, context=context or {},
+        sar=None if sar is None else np.asarray(sar, np.float32), sar_bands=tuple(sar_bands),
     )
     res: TileResult = model.predict(tile).validate(tile, getattr(model, "name", "model"))
     out = np.concatenate([res.reflectance, res.confidence[None], res.source[None].astype(np.float32)])
@@ -101,6 +160,49 @@ def to_tile_inputs(inputs: "SceneInputs", halo: int = 0, context=None) -> TileIn
                       inputs.reference_dt_days, halo=halo, target_id=inputs.target_id, context=context or {})
 
 
+class HaloWindows:
+    """Halo-padded windows of a lazy array, cut from its own chunks (a tile-read cache in the task graph).
+
+    Each chunk of ``arr`` stays one task, computed once per run however many tile windows overlap it; a window is
+    assembled from its (up to 9) chunks by slicing strips off the neighbours (``map_overlap``-style, but with
+    windows that follow the tile plan even where the chunks do not match it). The array's graph is not optimised
+    here (``to_delayed(optimize_graph=False)``): optimising each window on its own would fuse the reads into every
+    window and read the shared chunks once per window, which is what the old slicing did (3-8x the reads with a
+    42 px halo on 512 px tiles).
+    """
+
+    def __init__(self, arr: dsa.Array):
+        lead = arr.ndim - 2
+        if any(len(c) > 1 for c in arr.chunks[:lead]):
+            arr = arr.rechunk({i: -1 for i in range(lead)})
+        self.blocks = arr.to_delayed(optimize_graph=False).reshape(arr.numblocks[-2:])
+        self.yb = np.cumsum((0,) + arr.chunks[-2])
+        self.xb = np.cumsum((0,) + arr.chunks[-1])
+
+    def window(self, ry: slice, rx: slice):
+        """A Delayed numpy array ``arr[..., ry, rx]``."""
+        def span(b, s):
+            idx = [i for i in range(len(b) - 1) if b[i] < s.stop and b[i + 1] > s.start]
+            return [(i, slice(max(s.start, b[i]) - b[i], min(s.stop, b[i + 1]) - b[i]), b[i + 1] - b[i])
+                    for i in idx]
+
+        rows = []
+        for i, ys, ny in span(self.yb, ry):
+            row = []
+            for j, xs, nx in span(self.xb, rx):
+                blk = self.blocks[i, j]
+                whole = (ys.start, ys.stop, xs.start, xs.stop) == (0, ny, 0, nx)
+                row.append(blk if whole else dask.delayed(operator.getitem, pure=True)(blk, (Ellipsis, ys, xs)))
+            rows.append(row)
+        if len(rows) == 1 and len(rows[0]) == 1:
+            return rows[0][0]
+        return dask.delayed(_assemble, pure=True)(rows)
+
+
+def _assemble(rows: list[list[np.ndarray]]) -> np.ndarray:
+    return np.concatenate([np.concatenate(r, axis=-1) for r in rows], axis=-2)
+
+
 def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int, context=None,
                   blend: str = "feather", timings: list | None = None) -> xr.Dataset:
     """Lazy Dataset with ``reflectance (band, y, x)``, ``confidence (y, x)`` and ``source (y, x)``.
@@ -109,25 +211,36 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
     picks how overlapping tile predictions are merged (:mod:`stages.mosaic`); with ``halo == 0`` it makes no
     difference and the cheaper core crop is used. When ``timings`` is a list, one lazy ``(tile index, seconds)``
     pair per tile is appended to it (compute them in the same pass as the output).
+
+    Every input chunk is read once: tiles get their halo from the neighbouring chunks (:class:`HaloWindows`).
+    A registered model travels as a :class:`ModelHandle` and is built once per worker process.
     """
     from stages.mosaic import grid_axis_weights, neighbours
 
     bands = tuple(str(b) for b in inputs.target.band.values)
     nb = len(bands)
     kind = blend if halo > 0 else "none"
-    model_d = dask.delayed(model, pure=True)
+    handle = ModelHandle.of(model)
+    model_d = dask.delayed(handle if handle is not None else model, pure=True)
     context_d = dask.delayed(dict(context or {}), pure=True)
+    win_t = HaloWindows(inputs.target.data)
+    win_m = HaloWindows(inputs.cloud_mask.data)
+    win_p = HaloWindows(inputs.cloud_prob.data)
+    win_r = HaloWindows(inputs.references.data) if inputs.references is not None else None
+    win_rm = HaloWindows(inputs.reference_masks.data) if inputs.reference_masks is not None else None
+    win_s = HaloWindows(inputs.sar.data) if inputs.sar is not None else None
+    sar_bands = tuple(str(b) for b in inputs.sar.band.values) if inputs.sar is not None else ()
     preds = {}
     for t in tiles:
         ry, rx = t.read
-        refs = inputs.references.data[:, :, ry, rx] if inputs.references is not None else None
-        rmask = inputs.reference_masks.data[:, ry, rx] if inputs.reference_masks is not None else None
-        token = dask.base.tokenize(model, t, context)
+        token = dask.base.tokenize(handle or model, t, context)
         d = dask.delayed(predict_tile, pure=True, nout=2)(
-            model_d, inputs.target.data[:, ry, rx], inputs.cloud_mask.data[ry, rx],
-            inputs.cloud_prob.data[ry, rx], refs, rmask, bands=bands, halo=halo,
+            model_d, win_t.window(ry, rx), win_m.window(ry, rx), win_p.window(ry, rx),
+            win_r.window(ry, rx) if win_r is not None else None,
+            win_rm.window(ry, rx) if win_rm is not None else None, bands=bands, halo=halo,
             reference_ids=inputs.reference_ids, reference_dt_days=inputs.reference_dt_days,
             target_id=inputs.target_id, context=context_d,
+            sar=win_s.window(ry, rx) if win_s is not None else None, sar_bands=sar_bands,
             dask_key_name=f"cloudfree-tile-{inputs.target_id}-{t.index[0]}-{t.index[1]}-{token}",
         )
         preds[t.index] = d
@@ -147,7 +260,7 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
                 block = dask.delayed(_blend_task, pure=True)(
                     t, [(n, preds[n.index]) for n in near], axis_w, nb, kind,
                     dask_key_name=f"cloudfree-blend-{inputs.target_id}-{t.index[0]}-{t.index[1]}-"
-                                  f"{dask.base.tokenize(model, t, context, kind)}",
+                                  f"{dask.base.tokenize(handle or model, t, context, kind)}",
                 )
             blocks.append(dsa.from_delayed(block, shape=(nb + 2, cy.stop - cy.start, cx.stop - cx.start),
                                            dtype=np.float32))
