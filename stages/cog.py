@@ -20,6 +20,7 @@ system (odc-geo's file sink writes part files next to the destination).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Sequence
 from xml.sax.saxutils import escape
@@ -73,10 +74,10 @@ def cog_write(layer: xr.DataArray, dst: Path, *, blocksize: int = 512, compress:
         raise TypeError(f"{dst.name}: COG layers are integer-encoded, got {layer.dtype}")
     names = [str(b) for b in layer.band.values]
     layer = layer.copy(data=layer.data.rechunk({0: -1, 1: blocksize, 2: blocksize}))
-    parts = save_cog_with_dask(
+    parts = _unpadded(lambda: save_cog_with_dask(
         layer, "", compression=_COMPRESSION[compress], level=level, predictor=predictor,
         blocksize=[blocksize, blocksize], overview_resampling=overview_resampling, stats=False, bigtiff=False,
-    )
+    ))
     parts_dir = dst.parent / f".{dst.name}.parts"
     spills = []
     # coarsest overview first, full resolution last: the COG layout rio-cogeo validates
@@ -87,6 +88,31 @@ def cog_write(layer: xr.DataArray, dst: Path, *, blocksize: int = 512, compress:
     return dask.delayed(_assemble_cog, pure=True)(
         str(dst), parts["meta"], parts["hdr0"], _metadata_items(names, scales, offsets), spills,
         dask_key_name=f"cogwrite-{dst.name}-{dask.base.tokenize(layer, dst, blocksize, compress, level)}")
+
+
+_PAD_LOCK = threading.Lock()
+
+
+def _unpadded(build):
+    """Run ``build`` (a graph-building call of odc-geo's COG writer) with the image NOT padded.
+
+    odc-geo pads the image right/bottom to a multiple of ``2**levels`` so each overview halves exactly; that
+    would make the COG larger than the output grid (1098 -> 1100 px on the 29RKH tile, 10980 -> 10992 on a 10 m
+    MGRS tile). ``compute_cog_spec`` takes ``max_pad``, but ``_make_empty_cog`` does not pass it, so it is
+    passed here (``max_pad=0``) for the duration of the call, under a lock. Overviews are then
+    ``floor(n / 2)`` px over the full extent (pixel size ``extent / n``), which GDAL reads like any overview.
+    """
+    import functools
+
+    import odc.geo.cog._tifffile as tf
+
+    with _PAD_LOCK:
+        orig = tf.compute_cog_spec
+        tf.compute_cog_spec = functools.partial(orig, max_pad=0)
+        try:
+            return build()
+        finally:
+            tf.compute_cog_spec = orig
 
 
 def _spill(path: str, tiles) -> tuple[str, list]:
@@ -226,13 +252,9 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
     together with ``extra_compute``; returns ``(files, computed extras, the files' grid)``.
 
     Everything is one graph (:func:`compute_once`): optimising the writes, the quicklook and the timings each on
-    its own would fuse the shared reads into each of them and read the inputs again per consumer. The
-    files' grid is ``geobox`` padded right/bottom to a whole number of overview blocks (odc-geo's COG layout: each
-    overview halves exactly); the padding is nodata.
+    its own would fuse the shared reads into each of them and read the inputs again per consumer. The files'
+    grid is ``geobox`` exactly (no padding, see :func:`_unpadded`).
     """
-    from odc.geo.cog._shared import compute_cog_spec
-    from odc.geo import wh_
-
     from pipeline.progress import progress_bar
 
     if geobox is None:
@@ -251,5 +273,4 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
         ok, errors, _ = cog_validate(dst, quiet=True)
         if not ok:
             raise RuntimeError(f"{dst} is not a valid COG: {errors}")  # pragma: no cover - writer bug guard
-    padded, _, _ = compute_cog_spec(geobox.shape, wh_(blocksize, blocksize))
-    return files, extras, geobox.expand(padded)
+    return files, extras, geobox

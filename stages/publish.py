@@ -68,9 +68,8 @@ def output_item(
         "constellation": target.properties.get("constellation"),
         "instruments": target.properties.get("instruments"),
         "proj:code": str(geobox.crs),
-        # the files' grid: the output grid padded right/bottom with nodata to whole overview blocks (stages.cog)
-        "proj:shape": list((out.grid or geobox).shape),
-        "proj:transform": list((out.grid or geobox).transform)[:6],
+        "proj:shape": list(geobox.shape),
+        "proj:transform": list(geobox.transform)[:6],
         "processing:level": "L2-cloudfree" if target.properties.get("s2:product_type", "").endswith("2A") else "L1-cloudfree",
         "processing:software": {"cloudfree": pipeline.__version__},
         "processing:lineage": (
@@ -117,8 +116,7 @@ def output_item(
             "cloudfree:mask_bits)", media_type=pystac.MediaType.COG, roles=["data", "provenance", "cloud"],
             extra_fields={"raster:bands": [{"data_type": "uint8"}]},
         ))
-    fgrid = out.grid or geobox
-    grid = {"proj:shape": list(fgrid.shape), "proj:transform": list(fgrid.transform)[:6]}
+    grid = {"proj:shape": list(geobox.shape), "proj:transform": list(geobox.transform)[:6]}
     for i, b in enumerate(bands, 1):
         if f"band:{b}" in out.files:
             item.add_asset(b, pystac.Asset(

@@ -42,8 +42,6 @@ class WrittenOutput:
     stem: str
     directory: Path
     files: dict[str, Path] = field(default_factory=dict)
-    #: the COGs' pixel grid (the output grid padded right/bottom to whole overview blocks, see stages.cog).
-    grid: object = None
 
     @property
     def reflectance(self) -> Path:
@@ -81,9 +79,8 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
 
     bands = [str(b) for b in ds.band.values]
     out = WrittenOutput(stem, final["item"].parent)
-    files, extras, out.grid = write_layers(ds, stage, final, blocksize=cfg.blocksize, compress=cfg.compress,
-                                           extra_compute=extra_compute, progress=progress,
-                                           desc=f"{stem}: compute+write")
+    files, extras, _ = write_layers(ds, stage, final, blocksize=cfg.blocksize, compress=cfg.compress,
+                                    extra_compute=extra_compute, progress=progress, desc=f"{stem}: compute+write")
     for name, dst in files.items():
         out.files[name] = final[name]
     for name, path in band_vrts(stage, stem, bands).items():
