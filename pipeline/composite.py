@@ -54,6 +54,21 @@ class CompositeResult:
 
 
 # -- pure kernel ---------------------------------------------------------------------------------------------------
+def nanmedian0(a: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(a, axis=0)`` for a few observations, by one sort (NaN sorts last) and two gathers.
+
+    numpy's nanmedian goes through masked arrays when the axis is short (< 600), 3-4x slower on a stack of a
+    dozen dates; same values (the mean of the two middle ones for an even count; NaN where all are NaN).
+    """
+    s = np.sort(a, axis=0)
+    n = np.isfinite(a).sum(axis=0)
+    lo = np.take_along_axis(s, np.maximum((n - 1) // 2, 0)[None], axis=0)[0]
+    hi = np.take_along_axis(s, np.maximum(n // 2, 0)[None], axis=0)[0]
+    with np.errstate(invalid="ignore"):
+        med = (lo + hi) / a.dtype.type(2) if a.dtype.kind == "f" else (lo + hi) / 2
+    return np.where(n > 0, med, np.nan).astype(a.dtype if a.dtype.kind == "f" else np.float64)
+
+
 def composite_kernel(stack: np.ndarray, cloudy: np.ndarray, prob: np.ndarray, method: str) -> np.ndarray:
     """``stack (t, band, y, x)``, ``cloudy (t, y, x)`` bool, ``prob (t, y, x)`` -> ``(band + 2, y, x)``:
     reflectance, confidence, source (``10 + t`` for observation t; ``SOURCE_FUSED`` for a median of several)."""
@@ -68,10 +83,7 @@ def composite_kernel(stack: np.ndarray, cloudy: np.ndarray, prob: np.ndarray, me
     any_finite = finite.any(axis=0)
     n_clear = clear.sum(axis=0)
     if method == "median":
-        masked = np.where(clear[:, None], stack, np.nan)
-        with np.errstate(all="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels: handled below
-            refl = np.nanmedian(masked, axis=0)
+        refl = nanmedian0(np.where(clear[:, None], stack, np.float32(np.nan)))
         conf = 0.5 + 0.5 * np.minimum(n_clear, 3) / 3.0  # one clear observation 0.67 ... three or more 1
         only = np.argmax(clear, axis=0)
         src = np.where(n_clear >= 2, SOURCE_FUSED, SOURCE_REFERENCE_BASE + only).astype(np.float32)
@@ -179,14 +191,10 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     stack = load_reflectance(items, bands, geobox, cfg.grid.chunk, name=f"{tile}-{period}")
     mask, prob = build_masks(items, geobox, cfg.mask, cfg.grid.chunk)
     nb = len(bands)
-    both = dsa.concatenate([stack.data, mask.data[:, None].astype(np.float32), prob.data[:, None].astype(np.float32)],
-                           axis=1).rechunk({0: -1, 1: -1})
-
-    def block(b):
-        return composite_kernel(b[:, :nb], b[:, nb] > 0.5, b[:, nb + 1], method)
-
-    out = dsa.map_blocks(block, both, drop_axis=0, new_axis=None, dtype=np.float32,
-                         chunks=((nb + 2,),) + both.chunks[2:])
+    # one task per output block over all dates: memory per task = dates x bands x block, whatever the area
+    # (the dates and bands are concatenated inside the task: no separate rechunk tasks holding merged stacks)
+    out = dsa.blockwise(composite_kernel, "cyx", stack.data, "tbyx", mask.data, "tyx", prob.data.astype(np.float32), "tyx",
+                        method, None, new_axes={"c": nb + 2}, concatenate=True, dtype=np.float32)
     y, x = stack.y, stack.x
     ds = xr.Dataset({
         "reflectance": xr.DataArray(out[:nb], dims=("band", "y", "x"), coords={"band": bands, "y": y, "x": x}),

@@ -194,6 +194,32 @@ def encoded_layers(ds: xr.Dataset, geobox: GeoBox) -> dict[str, tuple[xr.DataArr
     return out
 
 
+def inline_reader_opens(dsk: dict) -> dict:
+    """Inline odc-loader's reader-open tasks (cheap: they wrap a source and a context, no I/O) into the chunk
+    reads that use them.
+
+    Each ``open`` task feeds every chunk of one (item, band); as a shared root it makes dask's ordering read one
+    (item, band) over the whole area before the next, so a per-block reduction over dates and bands (the
+    composite, the model) starts only when every input is in memory: memory then grows with the area (600 MB
+    of held input blocks at 4x on the 29RKH bench). Inlined, every chunk read is its own root and the blocks are
+    reduced as they arrive.
+    """
+    from dask._task_spec import Task, convert_legacy_graph
+    from odc.loader._builder import _dask_open_reader
+
+    dsk = convert_legacy_graph(dsk)
+    opens = {k: t for k, t in dsk.items()
+             if isinstance(t, Task) and getattr(t, "func", None) is _dask_open_reader and not t.dependencies}
+    if not opens:
+        return dsk
+    users = [k for k, t in dsk.items() if k not in opens and t.dependencies & opens.keys()]
+    for k in users:
+        dsk[k] = dsk[k].substitute({o: opens[o] for o in dsk[k].dependencies & opens.keys()})
+    for k in opens:
+        del dsk[k]
+    return dsk
+
+
 def compute_once(*objs):
     """Compute ``objs`` (dask collections, or lists/tuples of them, or plain values) as ONE graph.
 
@@ -226,7 +252,7 @@ def compute_once(*objs):
         return list(objs)
     merged = HighLevelGraph.merge(*[c.__dask_graph__() for c in colls])
     keys = [c.__dask_keys__() for c in colls]
-    dsk = dict(array_optimize(merged, list(flatten(keys))))
+    dsk = inline_reader_opens(dict(array_optimize(merged, list(flatten(keys)))))
     name = "cloudfree-compute-once-" + tokenize(*colls)
     for i, (c, k) in enumerate(zip(colls, keys)):
         post, args = c.__dask_postcompute__()
