@@ -13,9 +13,13 @@ from typing import Any, Iterable, Protocol, runtime_checkable
 
 import pystac
 
-from pipeline.errors import CatalogError
+from pipeline.errors import CatalogError, ConfigError
 
 log = logging.getLogger(__name__)
+
+
+class PeriodError(CatalogError, ConfigError):
+    """A period (``search.period``, ``--period``) that is not an ISO 8601 date or interval; a config error."""
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,8 @@ def parse_interval(value: str | None) -> tuple[datetime | None, datetime | None]
                 return datetime(y, m, 1, tzinfo=timezone.utc)
             d = datetime.fromisoformat(s.replace("Z", "+00:00"))
         except ValueError:
-            raise CatalogError(f"cannot parse date {s!r} in period {value!r}; use YYYY-MM-DD/YYYY-MM-DD") from None
+            raise PeriodError(f"cannot parse date {s!r} in period {value!r}; use YYYY-MM-DD/YYYY-MM-DD, YYYY-MM or "
+                              "YYYY") from None
         if d.tzinfo is None:
             d = d.replace(tzinfo=timezone.utc)
         if len(s) == 10 and end:
@@ -85,8 +90,12 @@ def parse_interval(value: str | None) -> tuple[datetime | None, datetime | None]
 
     if "/" in value:
         a, b = value.split("/", 1)
-        return one(a, False), one(b, True)
-    return one(value, False), one(value, True)
+        start, end = one(a, False), one(b, True)
+    else:
+        start, end = one(value, False), one(value, True)
+    if start and end and start > end:
+        raise PeriodError(f"period {value!r} ends before it starts; write start/end with start <= end")
+    return start, end
 
 
 _EPS = __import__("datetime").timedelta(seconds=1)
@@ -117,7 +126,10 @@ def matches(item: pystac.Item, q: SearchQuery) -> bool:
     if q.intersects is not None and item.geometry is not None:
         from shapely.geometry import shape
 
-        if not shape(q.intersects).intersects(shape(item.geometry)):
+        from catalogs.stac_api import split_antimeridian_geometry
+
+        # a polygon whose longitudes span > 180 degrees crosses the antimeridian (as in the STAC API backend)
+        if not any(shape(g).intersects(shape(item.geometry)) for g in split_antimeridian_geometry(q.intersects)):
             return False
     if q.datetime:
         start, end = parse_interval(q.datetime)

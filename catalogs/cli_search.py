@@ -67,8 +67,13 @@ def search_command(
     if period is not None:
         updates["period"] = period
     if updates:
-        search_cfg = search_cfg.model_copy(update=updates)
-        search_cfg = type(search_cfg).model_validate(search_cfg.model_dump())
+        from pydantic import ValidationError
+
+        try:
+            search_cfg = type(search_cfg).model_validate({**search_cfg.model_dump(), **updates})
+        except ValidationError as exc:
+            msgs = "; ".join(f"search.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"--aoi/--period: {msgs}") from None
     if out_path is not None:
         out_path = Path(out_path)
         fmt = (fmt or out_path.suffix.lstrip(".") or "json").lower()

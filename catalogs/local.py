@@ -110,6 +110,13 @@ class LocalCatalog:
                 prop = prop.removeprefix("properties.")
                 out.sort(key=lambda it: (it.properties.get(prop) is None, it.properties.get(prop)), reverse=desc)
         out = out[: query.max_items] if query.max_items else out
+        if not out and query.collections:
+            have = sorted({it.collection_id for it in self._load() if it.collection_id})
+            unknown = [c for c in query.collections if c not in have]
+            if unknown:  # a wrong collection name is a config error, not an empty period
+                raise NoItemsFoundError(
+                    f"collection(s) {unknown} are not in local catalog {self.url}; its collections are {have}: "
+                    "set catalog.collection (or --collection) to one of them")
         if not out and not query.allow_empty:
             raise NoItemsFoundError(
                 f"no items in local catalog {self.url} for collection(s) {list(query.collections)} with "

@@ -61,9 +61,35 @@ def make_config(cfg: Any = None, **overrides: Any) -> Any:
     kwargs: dict[str, Any] = {
         "max_download_attempts": int(getattr(cfg, "max_retries", 4)) + 1,
         "download_timeout_seconds": float(getattr(cfg, "timeout", 30.0)),
+        # sentinelhub sleeps download_sleep_time * 2**n between attempts (default 5 s): follow catalog.backoff_factor
+        "download_sleep_time": float(getattr(cfg, "backoff_factor", 0.5)),
     }
+    url = str(getattr(cfg, "url", "") or "")
+    if url.startswith(("http://", "https://")):  # another deployment (or a local test server) than the default
+        url = url.rstrip("/")
+        kwargs.update(sh_base_url=url, sh_token_url=f"{url}{TOKEN_PATH}")
     kwargs.update(overrides)
     return SHConfig(**kwargs)
+
+
+TOKEN_PATH = "/auth/realms/main/protocol/openid-connect/token"
+
+
+def check_reachable(url: str, timeout: float = 5.0) -> None:
+    """Fail at once with :class:`CatalogError` when the host of ``url`` cannot be resolved or connected to
+    (offline), instead of sentinelhub's silent timeouts and growing retry sleeps."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        socket.create_connection((u.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        raise CatalogError(
+            f"Sentinel Hub ({u.scheme}://{u.netloc}) is not reachable: {type(exc).__name__}: {exc}; check the network "
+            "or proxy, or search a local catalog (catalog.kind: local) when offline"
+        ) from None
 
 
 def _evalscript(layers: Sequence[str]) -> str:
@@ -140,10 +166,16 @@ class SentinelHubCatalog:
 
     def search(self, query: SearchQuery) -> list[pystac.Item]:
         from sentinelhub import CRS, BBox, DataCollection, Geometry, SentinelHubCatalog as _ShCatalog
+        from oauthlib.oauth2.rfc6749.errors import OAuth2Error
         from sentinelhub.exceptions import BaseSentinelHubException
 
         self._check_credentials()
         start, end = parse_interval(query.datetime)
+        bad = [c for c in query.collections if c not in SH_COLLECTIONS]
+        if bad:  # before any network use
+            raise CatalogError(f"collection(s) {bad} are not mapped to a Sentinel Hub collection; "
+                               f"use one of {sorted(SH_COLLECTIONS)}")
+        check_reachable(self.config.sh_token_url, timeout=min(float(getattr(self.cfg, "timeout", 30.0)), 5.0))
         time = (start.isoformat() if start else None, end.isoformat() if end else None)
         bboxes = [None]
         if query.bbox is not None:
@@ -173,11 +205,14 @@ class SentinelHubCatalog:
                         found.append(pystac.Item.from_dict(feat, preserve_dict=False))
                         if query.max_items and len(found) >= query.max_items:
                             break
-                except (BaseSentinelHubException, OSError) as exc:
-                    raise CatalogError(
+                except (BaseSentinelHubException, OAuth2Error, OSError, ValueError, RuntimeError) as exc:
+                    # (requests' errors are OSErrors) the message is redacted: an exception text can echo a request
+                    # body
+                    from pipeline.redact import redact
+
+                    raise CatalogError(redact(
                         f"Sentinel Hub catalog search for {cid} failed with {query.describe()}: "
-                        f"{type(exc).__name__}: {exc}; check credentials and quota"
-                    ) from exc
+                        f"{type(exc).__name__}: {exc}; check credentials and quota")) from None
         items = dedupe(found)[: query.max_items] if query.max_items else dedupe(found)
         if not items and not query.allow_empty:
             raise NoItemsFoundError(

@@ -48,6 +48,27 @@ def make_retry(max_retries: int, backoff_factor: float = 0.5, backoff_jitter: fl
     )
 
 
+def check_resolvable(url: str, attempts: int = 2, delay: float = 1.0) -> None:
+    """Fail at once with :class:`CatalogError` when the API's host name does not resolve (offline), instead of
+    ``max_retries`` connection retries with backoff; a transient DNS error gets ``attempts`` tries."""
+    import socket
+    import time
+    from urllib.parse import urlparse
+
+    host = urlparse(url).hostname
+    if not host:
+        return
+    for i in range(attempts):
+        try:
+            socket.getaddrinfo(host, None)
+            return
+        except socket.gaierror as exc:
+            if i + 1 == attempts:
+                raise CatalogError(f"cannot resolve the host of STAC API {url}: {exc}; check the network (offline "
+                                   "runs need catalog.kind: local) or catalog.url") from None
+            time.sleep(delay)
+
+
 def split_antimeridian_bbox(bbox: tuple[float, float, float, float]) -> list[tuple[float, float, float, float]]:
     """A bbox crossing the antimeridian (``minx > maxx``) as two bboxes; any other bbox unchanged."""
     minx, miny, maxx, maxy = bbox
@@ -132,6 +153,7 @@ class StacApiCatalog:
             from pystac_client import Client
             from pystac_client.exceptions import APIError
 
+            check_resolvable(self.url)
             try:
                 self._client = Client.open(self.url, stac_io=self.stac_io(), modifier=self._modifier,
                                            timeout=self.timeout)
@@ -188,6 +210,13 @@ class StacApiCatalog:
         if query.max_items is not None:
             items = items[: query.max_items]
         log.debug("%s: %d items for %s (%d pages)", self.url, len(items), query.describe(), pages)
+        if not items and query.collections:
+            have = self.collection_ids()
+            unknown = [c for c in query.collections if have and c not in have]
+            if unknown:
+                raise NoItemsFoundError(
+                    f"collection(s) {unknown} are not in STAC API {self.url}; its collections are {have}: set "
+                    "catalog.collection (or --collection) to one of them")
         if not items and not query.allow_empty:
             raise NoItemsFoundError(
                 f"no items in STAC API {self.url} for collection(s) {list(query.collections)} with "
@@ -195,6 +224,16 @@ class StacApiCatalog:
                 f"check the collection id (list them at {self.url}/collections)"
             )
         return items
+
+    def collection_ids(self) -> list[str]:
+        """Ids of the API's collections (empty when they cannot be listed: then nothing is claimed)."""
+        from pystac_client.exceptions import APIError
+
+        try:
+            return sorted(c.id for c in self.client.get_collections())
+        except (APIError, requests.RequestException, pystac.STACError, CatalogError) as exc:
+            log.debug("%s: collections could not be listed: %s", self.url, exc)
+            return []
 
     def get(self, item_id: str, collection: str | None = None) -> pystac.Item:
         """One item by id: from ``/collections/{collection}/items/{id}`` when the collection is known, else via

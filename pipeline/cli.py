@@ -14,13 +14,21 @@ import click
 
 log = logging.getLogger("cloudfree")
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: 0 all done/skipped; 1 a target failed (or a job error); 2 bad config/usage; 3 no failure, but a target could not
+#: be restored (written, labelled ``unrestored``, retried by the next run).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 
 
 def _setup_logging(verbose: int, quiet: int) -> None:
     level = max(logging.DEBUG, logging.INFO - 10 * verbose + 10 * quiet)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    from pipeline.redact import install
+
+    install()  # credentials never reach the log, at any verbosity (requests_oauthlib/urllib3 DEBUG included)
     logging.getLogger("rasterio").setLevel(max(level, logging.WARNING))
+    if verbose < 2:  # -vv: third-party HTTP/OAuth debug output too (still redacted)
+        for name in ("requests_oauthlib", "oauthlib", "urllib3", "sentinelhub"):
+            logging.getLogger(name).setLevel(max(level, logging.INFO))
     import warnings
 
     # odc-loader warps from an in-memory window without a geotransform; output is bit-identical to a
@@ -37,8 +45,11 @@ def _load(config: str | None, **sections):
 
 
 def _fail(exc: Exception) -> None:
-    click.echo(f"error: {exc}", err=True)
-    sys.exit(EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILED)
+    from pipeline.errors import ConfigError
+    from pipeline.redact import redact
+
+    click.echo(f"error: {redact(exc)}", err=True)
+    sys.exit(EXIT_USAGE if isinstance(exc, (ConfigError, ValueError)) else EXIT_FAILED)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,6 +73,8 @@ def main(verbose: int, quiet: int) -> None:
 
 
 def _print_results(results, out_dir: Path) -> int:
+    from pipeline.redact import redact
+
     failed = 0
     for r in results:
         line = f"{r.status:8s} {r.target_id}"
@@ -78,13 +91,17 @@ def _print_results(results, out_dir: Path) -> int:
                 f"{m['psnr_after_all']:.2f} dB (bands {', '.join(m['bands'])})"
             )
         if r.error:
-            click.echo(f"         error: {r.error}", err=True)
-            failed += 1
+            click.echo(f"         {'error' if r.status == 'failed' else 'warning'}: {redact(r.error)}", err=True)
+        failed += r.status == "failed"
         for k in ("reflectance", "quicklook", "item"):
             if k in r.outputs:
                 click.echo(f"         {k}: {r.outputs[k]}")
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "unrestored", "failed")}
+    click.echo(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do")
     click.echo(f"outputs in {out_dir.resolve()}")
-    return EXIT_FAILED if failed else EXIT_OK
+    if failed:
+        return EXIT_FAILED
+    return EXIT_INCOMPLETE if counts["unrestored"] else EXIT_OK
 
 
 _common = [
@@ -221,8 +238,9 @@ def demo_catalog(out, source, cache) -> None:
               help="Comma-separated model names (default: every registered model).")
 @click.option("--cases", default="slovakia,simulated", show_default=True,
               help="Comma-separated cases: slovakia (real pair), simulated (simulated clouds on real pixels).")
-@click.option("--out", "out", default="docs", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for evaluation.md, evaluation.json and figures/.")
+@click.option("--out", "out", default="evaluation", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for evaluation.md, evaluation.json and figures/ (the repository's docs/ is regenerated "
+                   "only when asked: --out docs).")
 @click.option("--seeds", default="0-9", show_default=True,
               help="Simulated-case seeds, e.g. 0-9 or 0,3,5 (seed 0 = the tuning case, reported apart).")
 @click.option("--data-dir", type=click.Path(file_okay=False, exists=True),

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -201,7 +200,9 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
         "confidence": xr.DataArray(out[nb], dims=("y", "x"), coords={"y": y, "x": x}),
         "source": xr.DataArray(out[nb + 1], dims=("y", "x"), coords={"y": y, "x": x}),
     }).rio.write_crs(stack.rio.crs)
-    stem = f"{tile}_{period.replace('/', '_')}_{method}"
+    from pipeline.safety import safe_stem
+
+    stem = safe_stem(f"{tile}_{period.replace('/', '_')}_{method}")  # the tile name comes from the catalog: untrusted
     written, _ = write_outputs(ds, out_dir, stem, cfg.output, progress=cfg.run.progress)
     item = output_item(items[0], items[1:], written, geobox, bands, method, {}, run_id,
                        [harmonise(i).as_properties() for i in items],
@@ -221,7 +222,8 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     from pipeline.runner import cover_stats
 
     stats = cover_stats(written.files["confidence"], None)
-    item.properties["eo:cloud_cover"] = round(100 * stats["low_confidence_after"], 2)  # share still uncertain
+    # the share that is not a usable clear estimate: still uncertain or nodata
+    item.properties["eo:cloud_cover"] = round(100 * stats["unusable_after"], 2)
     item.properties["cloudfree:cover"] = {k: v for k, v in stats.items() if k != "masked_before"}
     item.properties.pop("cloudfree:target", None)
     item.properties.pop("cloudfree:references", None)

@@ -96,8 +96,28 @@ class SearchConfig(_Section):
     @field_validator("aoi")
     @classmethod
     def _bbox(cls, v: Any) -> Any:
-        if isinstance(v, list) and (len(v) != 4 or v[0] >= v[2] or v[1] >= v[3]):
-            raise ValueError(f"aoi bbox must be [minx, miny, maxx, maxy] with min < max, got {v}")
+        # minx > maxx is allowed: the bbox crosses the antimeridian (STAC API convention), e.g. [170, -20, -170, -10]
+        # (a crossing box wider than 180 degrees is read as swapped coordinates, the likelier mistake)
+        if isinstance(v, list) and (len(v) != 4 or v[0] == v[2] or v[1] >= v[3]
+                                    or not all(-180 <= x <= 180 for x in v[::2])
+                                    or not all(-90 <= y <= 90 for y in v[1::2])
+                                    or (v[0] > v[2] and 360 - (v[0] - v[2]) > 180)):
+            raise ValueError(f"aoi bbox must be [minx, miny, maxx, maxy] in degrees (EPSG:4326) with miny < maxy "
+                             f"and minx < maxx (minx > maxx only for a box that crosses the antimeridian, e.g. [170, -20, -170, -10]), "
+                             f"got {v}")
+        return v
+
+    @field_validator("period")
+    @classmethod
+    def _period(cls, v: str | None) -> str | None:
+        if v is not None:
+            from catalogs.base import parse_interval
+            from pipeline.errors import CloudfreeError
+
+            try:
+                parse_interval(v)
+            except CloudfreeError as exc:
+                raise ValueError(str(exc)) from None
         return v
 
     @field_validator("target_cloud_cover")

@@ -33,6 +33,7 @@ SOURCE_TARGET = 1  #: the target's own observation, kept unchanged (clear)
 SOURCE_MODEL = 2  #: restored from the target by the model (e.g. thin-cloud inversion)
 SOURCE_FUSED = 3  #: blend of model restoration and a reference (soft gate, PhyVLM-CR eq. 10)
 SOURCE_FAILED = 4  #: an input read failed; the pixel is not a cloud-free estimate
+SOURCE_UNFILLED = 5  #: the target's cloudy observation, kept because nothing could restore it (not clear)
 SOURCE_REFERENCE_BASE = 10  #: reference ``i`` (0 = best ranked) supplied the pixel -> code ``10 + i``
 
 SOURCE_LABELS = {
@@ -41,6 +42,7 @@ SOURCE_LABELS = {
     SOURCE_MODEL: "restored by model from the target",
     SOURCE_FUSED: "fusion of model and reference",
     SOURCE_FAILED: "read failed",
+    SOURCE_UNFILLED: "cloudy, not restored",
 }
 
 

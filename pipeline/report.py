@@ -91,30 +91,41 @@ def render_markdown(results: Sequence, run_id: str, model_name: str, report_dir:
     """The report's Markdown; writes the confidence/source PNGs into ``report_dir`` as it goes."""
     import json
 
-    done = [r for r in results if r.status == "done"]
+    from pipeline.redact import redact
+
+    def pct(st: dict, key: str) -> str:
+        return f"{100 * st[key]:.1f} %" if st.get(key) is not None else "-"
+
+    done = [r for r in results if r.status in ("done", "unrestored") and "reflectance" in r.outputs]
     lines = [f"# cloudfree run {run_id}", "",
              f"Model `{model_name}`; outputs in `{out_dir}`.", "",
-             "| target | status | references | seconds | masked before | low-confidence after |",
-             "|---|---|---|---|---|---|"]
+             "| target | status | references | seconds | masked before | low-confidence after | unusable after |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         st = getattr(r, "stats", {}) or {}
-        before = f"{100 * st['masked_before']:.1f} %" if "masked_before" in st else "-"
-        after = f"{100 * st['low_confidence_after']:.1f} %" if "low_confidence_after" in st else "-"
-        lines.append(f"| {r.target_id} | {r.status} | {', '.join(r.references) or '-'} | {r.seconds:.1f} | "
-                     f"{before} | {after} |")
+        lines.append(f"| {_md(r.target_id)} | {r.status} | {', '.join(map(_md, r.references)) or '-'} | "
+                     f"{r.seconds:.1f} | {pct(st, 'masked_before')} | {pct(st, 'low_confidence_after')} | "
+                     f"{pct(st, 'unusable_after')} |")
     lines.append("")
     failed = [r for r in results if r.status == "failed"]
     lines += ["## Failures", ""]
-    lines += [f"- **{r.target_id}**: {r.error}" for r in failed] or ["None."]
+    lines += [f"- **{_md(r.target_id)}**: {_md(redact(r.error))}" for r in failed] or ["None."]
     lines.append("")
+    unrestored = [r for r in results if r.status == "unrestored"]
+    if unrestored:
+        lines += ["## Not restored (written, labelled `unrestored`, retried by the next run)", ""]
+        lines += [f"- **{_md(r.target_id)}**: {_md(redact(r.error))}" for r in unrestored]
+        lines.append("")
     for r in done:
-        lines += [f"## {r.target_id}", ""]
+        lines += [f"## {_md(r.target_id)}", ""]
         st = r.stats or {}
         if st:
-            lines.append(f"Cloud cover: {100 * st['masked_before']:.1f} % of the target's valid pixels flagged by "
-                         f"the mask before; {100 * st['low_confidence_after']:.1f} % of the output below "
+            lines.append(f"Cloud cover: {pct(st, 'masked_before')} of the target's valid pixels flagged by "
+                         f"the mask before; {pct(st, 'low_confidence_after')} of the valid output below "
                          f"{100 * st['low_confidence_threshold']:.0f} % confidence after; "
-                         f"{100 * st['nodata_after']:.1f} % nodata.")
+                         f"{pct(st, 'nodata_after')} nodata, {pct(st, 'unfilled_after')} cloudy and not restored, "
+                         f"{pct(st, 'failed_after')} failed reads: {pct(st, 'unusable_after')} not usable "
+                         "(the output's eo:cloud_cover).")
             lines.append("")
         if "quicklook" in r.outputs:
             lines += [f"![before / after / mask]({_rel(r.outputs['quicklook'], report_dir)})", ""]
@@ -136,6 +147,14 @@ def render_markdown(results: Sequence, run_id: str, model_name: str, report_dir:
         lines += ["Files: " + ", ".join(f"[{k}]({_rel(Path(v), report_dir)})" for k, v in sorted(r.outputs.items())
                                         if not k.startswith("band:")), ""]
     return "\n".join(lines) + "\n"
+
+
+def _md(text: object) -> str:
+    """Untrusted text (item ids, error messages) as inert Markdown: no table breaks, links, images or HTML."""
+    s = str(text).replace("\x00", "\\0").replace("\n", " ")
+    for ch in "\\|[]()!*`<>":
+        s = s.replace(ch, "\\" + ch)
+    return s
 
 
 _INLINE = [(re.compile(r"!\[([^\]]*)\]\(([^)]+)\)"), r'<img alt="\1" src="\2" style="max-width:100%">'),

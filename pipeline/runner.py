@@ -1,7 +1,10 @@
 """The runner: search -> load -> masks -> tile -> remove -> write -> publish, one target at a time.
 
-Each target is computed in one dask pass (inputs read once), written atomically, and marked done by its STAC item,
-so a rerun skips finished targets (resume) unless ``overwrite``.
+Each target is computed in one dask pass (inputs read once), under its lock, in its own staging folder, published
+with one rename and marked done by its STAC item, so a rerun skips finished targets (resume) unless ``overwrite``.
+A target that raises is recorded as ``failed`` (message redacted, naming the target and the fix) and the batch goes
+on; a target whose cloudy pixels could not be restored is written but reported ``unrestored`` (source code
+``SOURCE_UNFILLED``, ``cloudfree:status``) and retried by the next run. See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
+import xarray as xr
 
 from catalogs.base import open_catalog
 from pipeline.config import Config
@@ -29,7 +33,7 @@ QUICKLOOK_MAX = 900
 @dataclass
 class TargetResult:
     target_id: str
-    status: str  # done | skipped | dry-run | failed
+    status: str  # done | unrestored | skipped | dry-run | failed
     references: list[str] = field(default_factory=list)
     outputs: dict[str, Path] = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
@@ -43,7 +47,11 @@ class TargetResult:
 
 
 def output_stem(target_id: str, model_name: str) -> str:
-    return f"{target_id}__{model_name}"
+    """The output folder/file stem of a target: ``<id>__<model>``, mapped to a safe stem (item ids are untrusted:
+    ``..``, separators, NUL or very long ids get a sanitised, hashed stem, see :func:`pipeline.safety.safe_stem`)."""
+    from pipeline.safety import safe_stem
+
+    return safe_stem(f"{target_id}__{model_name}")
 
 
 @contextlib.contextmanager
@@ -109,30 +117,23 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
                             p.target.id, model.name)
     run_id = uuid.uuid4().hex[:12]
     results = []
+    out_dir = Path(cfg.output.dir)
     with dask_context(cfg):
         for plan in plans:
-            stem = output_stem(plan.target.id, model.name)
             refs = [c.item.id for c in plan.references]
             if dry_run:
                 results.append(TargetResult(plan.target.id, "dry-run", refs))
                 continue
-            from stages.write import is_done, paths_for
-
-            if is_done(cfg.output.dir, stem) and not cfg.output.overwrite:
-                log.info("%s: output exists, skipping (use --overwrite to redo)", stem)
-                from stages.publish import update_collection
-
-                # outputs from before the collection existed (or another run) are listed too
-                update_collection(cfg.output.dir, paths_for(cfg.output.dir, stem)["item"], cfg.output.collection)
-                results.append(TargetResult(plan.target.id, "skipped", refs,
-                                            outputs=paths_for(cfg.output.dir, stem)))
-                continue
             t0 = time.perf_counter()
-            try:
-                res = process_target(plan, model, cfg, run_id)
-            except CloudfreeError as exc:
-                log.error("%s failed: %s", plan.target.id, exc)
-                res = TargetResult(plan.target.id, "failed", refs, error=str(exc))
+            try:  # one failing target never stops the batch: it is recorded and the next one runs
+                res = _run_target(plan, model, cfg, run_id, out_dir)
+            except Exception as exc:  # noqa: BLE001 - fault isolation per target; KeyboardInterrupt still stops
+                from pipeline.redact import redact
+
+                msg = redact(failure_message(plan, exc))
+                log.error("%s failed: %s", plan.target.id, msg)
+                log.debug("%s: traceback", plan.target.id, exc_info=True)
+                res = TargetResult(plan.target.id, "failed", refs, error=msg)
             res.seconds = time.perf_counter() - t0
             results.append(res)
     if cfg.output.report and not dry_run:
@@ -144,6 +145,26 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
         except (OSError, ValueError) as exc:  # a report problem must not fail a finished run
             log.error("run report could not be written: %s", exc)
     return results
+
+
+def _run_target(plan: TargetPlan, model, cfg: Config, run_id: str, out_dir: Path) -> TargetResult:
+    """One target under its lock: stale staging from killed runs removed, then skipped (done) or processed."""
+    from pipeline.safety import clean_stale_staging, target_lock
+    from stages.write import is_done, paths_for
+
+    stem = output_stem(plan.target.id, model.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with target_lock(out_dir, stem):
+        clean_stale_staging(out_dir, stem)
+        if is_done(out_dir, stem) and not cfg.output.overwrite:
+            log.info("%s: output exists, skipping (use --overwrite to redo)", stem)
+            from stages.publish import update_collection
+
+            # outputs from before the collection existed (or another run) are listed too
+            update_collection(out_dir, paths_for(out_dir, stem)["item"], cfg.output.collection)
+            return TargetResult(plan.target.id, "skipped", [c.item.id for c in plan.references],
+                                outputs=paths_for(out_dir, stem))
+        return process_target(plan, model, cfg, run_id)
 
 
 #: longest side (pixels) of the coarse whole-scene sample given to ``model.fit_scene``.
@@ -173,15 +194,15 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
 
 
 def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetResult:
-    from catalogs.harmonise import harmonise
     from stages.load import load_reflectance_checked, output_geobox
-    from stages.masks import NODATA_BIT, build_masks_by_method, mask_provenance, method_bits
+    from stages.masks import NODATA_BIT, build_masks_by_method, mask_provenance
     from stages.mosaic import confidence_fallback
-    from stages.publish import file_sha256, output_item, update_collection
+    from stages.plausibility import check_reflectance
+    from stages.publish import update_collection
     from stages.remove import SceneInputs, remove_clouds
     from stages.search import load_aoi
     from stages.tile import plan_tiles
-    from stages.write import RGB, paths_for, quicklook, write_json_atomic, write_outputs
+    from stages.write import paths_for
 
     target = plan.target
     refs = [c.item for c in plan.references][: max(model.spec.max_references, 0)]
@@ -189,6 +210,8 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     bands = list(dict.fromkeys([*cfg.grid.bands, *model.spec.bands]))
     geobox = output_geobox(target, cfg.grid, load_aoi(cfg.search.aoi)[0])
     stack, failed, read_failures = load_reflectance_checked(items, bands, geobox, cfg.grid.chunk, name=target.id)
+    # wrong scale/offset or band order: fails the target (InputDataError naming item, band, fix) or warns
+    plausibility = check_reflectance(target, refs, bands, skip={(f.item_id, f.band) for f in read_failures})
     mask, prob, by_method = build_masks_by_method(items, geobox, cfg.mask, cfg.grid.chunk)
     ref_masks = None
     ref_stack = stack[1:] if refs else None
@@ -220,9 +243,37 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     prov = mask_provenance({m: v[0] for m, v in by_method.items()}, cfg.mask.methods)  # same reads as `mask`
     prov = prov | stack[0].isnull().any("band").astype(np.uint8) * np.uint8(NODATA_BIT)
     ds["mask_provenance"] = (("y", "x"), prov.data)
+    ds = mark_unfilled(ds, mask[0])
     if read_failures:
-        ds = mark_failed(ds, failed[0])
+        ds = mark_failed(ds, failed[0], [f.band for f in read_failures if f.item_id == target.id])
     stem = output_stem(target.id, model.name)
+    from pipeline.safety import publish_dir, safe_rmtree, staging_dir
+
+    stage = staging_dir(cfg.output.dir, stem, run_id)
+    try:
+        res = _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, items, bands, geobox, stack,
+                                 mask, ds, coreg, tiles, halo, tile_timings, read_failures, plausibility)
+        final = paths_for(cfg.output.dir, stem)
+        publish_dir(cfg.output.dir, stage, final["item"].parent)
+    except BaseException:
+        safe_rmtree(cfg.output.dir, stage)
+        raise
+    res.outputs = {k: final["item"].parent / Path(v).name for k, v in res.outputs.items()}
+    update_collection(cfg.output.dir, final["item"], cfg.output.collection)
+    if res.status == "unrestored":
+        log.warning("%s: %s", target.id, res.error)
+    return res
+
+
+def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, items, bands, geobox, stack, mask, ds,
+                       coreg, tiles, halo, tile_timings, read_failures, plausibility) -> TargetResult:
+    """Write the COGs, quicklook and item of one target into its staging folder ``stage``."""
+    from catalogs.harmonise import harmonise
+    from pipeline.contract import SOURCE_UNFILLED
+    from stages.masks import method_bits
+    from stages.publish import file_sha256, output_item
+    from stages.write import RGB, paths_for, quicklook, write_json_atomic, write_outputs
+
     k = max(1, int(np.ceil(max(geobox.shape) / QUICKLOOK_MAX)))
     rgb = [b for b in RGB if b in bands]
     extras = ()
@@ -232,22 +283,28 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     log.info("%s: %d tiles of %d px (halo %d), %d reference(s), model %s", target.id, len(tiles), cfg.tile.size,
              halo, len(refs), model.name)
     out, computed = write_outputs(ds, cfg.output.dir, stem, cfg.output, extra_compute=(*extras, tile_timings),
-                                  progress=cfg.run.progress)
-    paths = paths_for(cfg.output.dir, stem)
+                                  progress=cfg.run.progress, stage=stage)
+    staged = paths_for(stage.parent, stem)
+    staged = {k: stage / v.name for k, v in staged.items()}
+    final = paths_for(cfg.output.dir, stem)
     *computed, timings = computed
     tile_seconds = {f"{i}-{j}": round(float(sec), 3) for (i, j), sec in timings}
     if computed:
         before, after, m = computed
-        out.files["quicklook"] = quicklook(before, after, m, paths["quicklook"], title=f"{target.id} / {model.name}")
+        out.files["quicklook"] = quicklook(before, after, m, staged["quicklook"], title=f"{target.id} / {model.name}")
     metrics = {}
     if "truth" in target.assets:
         from pipeline.evaluation.truth import evaluate_against_truth
 
         metrics = evaluate_against_truth(target, out.reflectance, geobox, bands, cfg.grid.chunk)
     extra = {"cloudfree:evaluation": metrics} if metrics else {}
-    stats = cover_stats(out.files["confidence"], out.files["mask_provenance"], cfg.output.confidence_floor)
-    # eo:cloud_cover of an output = the share still low-confidence, so outputs rank as (clear) references later
-    extra["eo:cloud_cover"] = round(100 * stats["low_confidence_after"], 2)
+    stats = cover_stats(out.files["confidence"], out.files["mask_provenance"], cfg.output.confidence_floor,
+                        source_path=out.files["source"])
+    # eo:cloud_cover of an output = the share that is not a usable cloud-free estimate (low confidence, cloudy and
+    # not restored, failed reads, nodata), so an unusable output never ranks as a clear reference later
+    extra["eo:cloud_cover"] = round(100 * stats["unusable_after"], 2)
+    status, why = restoration_status(stats)
+    extra["cloudfree:status"] = status
     extra["cloudfree:target_cloud_cover"] = target.properties.get("eo:cloud_cover")
     extra["cloudfree:cover"] = stats
     extra["cloudfree:tile_seconds"] = tile_seconds
@@ -256,18 +313,63 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
     wpath = Path(model.spec.weights) if model.spec.weights else None
     weights_sha = file_sha256(wpath) if wpath is not None and wpath.is_file() else None
     if read_failures:
-        extra["cloudfree:read_failures"] = [f.as_properties() for f in read_failures]
+        from pipeline.redact import redact
+
+        # hrefs may be signed (SAS tokens): never put a credential into an output file
+        extra["cloudfree:read_failures"] = [{k: redact(v) if isinstance(v, str) else v for k, v in
+                                             f.as_properties().items()} for f in read_failures]
+    if plausibility:
+        extra["cloudfree:plausibility"] = list(plausibility)
     if coreg:
         extra["cloudfree:coregistration"] = [c.as_properties() for c in coreg]
     item = output_item(target, refs, out, geobox, bands, model.name, dict(cfg.model.params), run_id,
                        [harmonise(i).as_properties() for i in items], extra=extra, weights_sha256=weights_sha,
                        collection_id=cfg.output.collection, mask_bits=method_bits(cfg.mask.methods))
-    item.set_self_href(str(paths["item"].resolve()))
-    write_json_atomic(item.to_dict(include_self_link=False, transform_hrefs=False), paths["item"])
-    update_collection(cfg.output.dir, paths["item"], cfg.output.collection)
-    out.files["item"] = paths["item"]
-    return TargetResult(target.id, "done", [r.id for r in refs], outputs=dict(out.files), metrics=metrics,
-                        tile_seconds=tile_seconds, stats=stats, coregistration=[c.as_properties() for c in coreg])
+    item.set_self_href(str(final["item"].resolve()))
+    write_json_atomic(item.to_dict(include_self_link=False, transform_hrefs=False), staged["item"])
+    out.files["item"] = staged["item"]
+    error = None
+    if status == "unrestored":
+        error = (f"{why}; written with source code {SOURCE_UNFILLED} (cloudy, not restored), "
+                 f"eo:cloud_cover {extra['eo:cloud_cover']} and cloudfree:status 'unrestored', so later searches do not "
+                 "take it as a clear reference and a rerun retries it; widen search.max_days / "
+                 "search.reference_max_cloud_cover or rerun when newer acquisitions exist")
+    return TargetResult(target.id, status, [r.id for r in refs], outputs=dict(out.files), metrics=metrics,
+                        error=error, tile_seconds=tile_seconds, stats=stats,
+                        coregistration=[c.as_properties() for c in coreg])
+
+
+def failure_message(plan: TargetPlan, exc: BaseException) -> str:
+    """What the run report and the ``failed`` line say about a target that raised ``exc``."""
+    import rasterio.errors
+
+    if isinstance(exc, CloudfreeError):
+        return str(exc)
+    if isinstance(exc, (rasterio.errors.RasterioError, OSError)):  # a file that passed the probe broke mid-read
+        return (f"target {plan.target.id}: an input failed mid-read ({exception_chain(exc)}); items "
+                f"{[plan.target.id, *(c.item.id for c in plan.references)]}: check their files (truncated or corrupt "
+                "download, network; the log names the file), fetch them again or drop the item, and rerun")
+    return f"target {plan.target.id}: {exception_chain(exc)}"
+
+
+def exception_chain(exc: BaseException, limit: int = 4) -> str:
+    """``exc`` and its causes in one line (GDAL names the failing file in the chained errors)."""
+    parts, x = [], exc
+    while x is not None and len(parts) < limit:
+        parts.append(f"{type(x).__name__}: {x}")
+        x = x.__cause__ or x.__context__
+    return " <- ".join(parts)
+
+
+def restoration_status(stats: dict) -> tuple[str, str]:
+    """``("done", "")`` or ``("unrestored", why)``: unrestored when the target had cloudy pixels and none of them was
+    restored, or when no output pixel is a usable estimate."""
+    if stats.get("unusable_after", 0.0) >= 1.0:
+        return "unrestored", "no output pixel is a usable cloud-free estimate"
+    if stats.get("unfilled_after", 0.0) > 0 and stats.get("restored_after", 0.0) == 0:
+        return "unrestored", (f"none of the cloudy pixels could be restored ({100 * stats['unfilled_after']:.1f} % of "
+                              "the output is cloudy and unfilled)")
+    return "done", ""
 
 
 #: confidence below this counts as "still cloudy" in the cover statistics when no floor is configured.
@@ -275,39 +377,84 @@ LOW_CONFIDENCE = 0.5
 
 
 def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: float = 0.0,
-                max_side: int = 1024) -> dict:
-    """Cloud cover before (share of valid target pixels any mask method flagged) and after (share of valid output
-    pixels with confidence below ``floor``, or 0.5 without a floor), read decimated from the COGs."""
+                max_side: int = 1024, source_path: Path | None = None) -> dict:
+    """Cover statistics of an output, read decimated from its COGs. Shares are of all output pixels unless said:
+
+    * ``masked_before``: share of the target's *valid* pixels any mask method flagged (None: no valid pixel);
+    * ``nodata_before``: share of the target without valid data;
+    * ``low_confidence_after``: share of the valid output pixels with confidence below ``floor`` (0.5 without
+      a floor; None: no valid pixel); ``nodata_after``: share of output nodata;
+    * with ``source_path``: ``unfilled_after`` (cloudy, not restored), ``failed_after`` (read failed),
+      ``restored_after`` (model, fusion or a reference supplied the pixel);
+    * ``unusable_after``: share that is not a usable cloud-free estimate (nodata, low confidence, unfilled or
+      failed), the value published as the output's ``eo:cloud_cover``.
+    """
     import rasterio
 
+    from pipeline.contract import SOURCE_FAILED, SOURCE_FUSED, SOURCE_MODEL, SOURCE_REFERENCE_BASE, SOURCE_UNFILLED
     from stages.masks import NODATA_BIT
 
-    with rasterio.open(confidence_path) as ds:
-        k = max(1, int(np.ceil(max(ds.shape) / max_side)))
-        shape = (max(1, ds.height // k), max(1, ds.width // k))
-        conf = ds.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
-    if provenance_path is None:  # e.g. composites: no single target whose mask could be reported
-        bits = np.zeros(shape, np.uint8)
-    else:
-        with rasterio.open(provenance_path) as ds:
-            bits = ds.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+    def read(path, shape=None):
+        with rasterio.open(path) as ds:
+            if shape is None:
+                k = max(1, int(np.ceil(max(ds.shape) / max_side)))
+                shape = (max(1, ds.height // k), max(1, ds.width // k))
+            return ds.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+
+    conf = read(confidence_path)
+    shape = conf.shape
+    # e.g. composites: no single target whose mask could be reported
+    bits = np.zeros(shape, np.uint8) if provenance_path is None else read(provenance_path, shape)
+    src = None if source_path is None else read(source_path, shape)
     valid_in = (bits & NODATA_BIT) == 0
     valid_out = conf != 255
     thr = 100 * (floor if floor > 0 else LOW_CONFIDENCE)
-    return {
-        "masked_before": float(((bits & ~np.uint8(NODATA_BIT)) > 0)[valid_in].mean()) if valid_in.any() else 0.0,
-        "low_confidence_after": float((conf < thr)[valid_out].mean()) if valid_out.any() else 0.0,
+    low = conf < thr
+    unusable = ~valid_out | low
+    stats = {
+        "masked_before": float(((bits & ~np.uint8(NODATA_BIT)) > 0)[valid_in].mean()) if valid_in.any() else None,
+        "nodata_before": float((~valid_in).mean()) if provenance_path is not None else None,
+        "low_confidence_after": float(low[valid_out].mean()) if valid_out.any() else None,
         "low_confidence_threshold": thr / 100,
         "nodata_after": float((~valid_out).mean()),
     }
+    if src is not None:
+        unfilled, failed = src == SOURCE_UNFILLED, src == SOURCE_FAILED
+        restored = np.isin(src, (SOURCE_MODEL, SOURCE_FUSED)) | (src >= SOURCE_REFERENCE_BASE)
+        stats.update(unfilled_after=float(unfilled.mean()), failed_after=float(failed.mean()),
+                     restored_after=float(restored.mean()))
+        unusable |= unfilled | failed
+    stats["unusable_after"] = float(unusable.mean())
+    return stats
 
 
-def mark_failed(ds, failed):
-    """Pixels whose target read failed become ``SOURCE_FAILED`` (reflectance NaN, confidence 0), not nodata."""
-    from pipeline.contract import SOURCE_FAILED
+def mark_unfilled(ds, cloud_mask):
+    """Cloudy target pixels that the model kept as they are (``SOURCE_TARGET``) become ``SOURCE_UNFILLED`` with
+    confidence 0: the pixel is the cloudy observation, never labelled "target observation (clear)"."""
+    from pipeline.contract import SOURCE_TARGET, SOURCE_UNFILLED
 
-    return ds.assign(reflectance=ds.reflectance.where(~failed), confidence=ds.confidence.where(~failed, 0.0),
-                     source=ds.source.where(~failed, float(SOURCE_FAILED)))
+    unfilled = cloud_mask & (ds.source == float(SOURCE_TARGET))
+    return ds.assign(source=ds.source.where(~unfilled, float(SOURCE_UNFILLED)),
+                     confidence=ds.confidence.where(~unfilled, 0.0))
+
+
+def mark_failed(ds, failed, bands=None):
+    """Pixels whose target read failed become ``SOURCE_FAILED`` (confidence 0), not nodata.
+
+    ``bands``: the bands whose read failed (default: all). Only those bands become NaN, the others keep their
+    values; pixels a reference supplied (source >= ``SOURCE_REFERENCE_BASE``, every band from that reference)
+    keep their value and code.
+    """
+    from pipeline.contract import SOURCE_FAILED, SOURCE_REFERENCE_BASE
+
+    if bands is None:
+        hit = failed
+        band_hit = xr.DataArray(np.ones(ds.sizes["band"], bool), dims="band")
+    else:
+        hit = failed & (ds.source < SOURCE_REFERENCE_BASE)
+        band_hit = xr.DataArray(np.isin([str(b) for b in ds.band.values], list(bands)), dims="band")
+    return ds.assign(reflectance=ds.reflectance.where(~(hit & band_hit)), confidence=ds.confidence.where(~hit, 0.0),
+                     source=ds.source.where(~hit, float(SOURCE_FAILED)))
 
 
 def _sar_coregistration(plan: TargetPlan, target, target_mask, geobox, cfg: Config):

@@ -201,7 +201,7 @@ def load_aoi(aoi: Any) -> tuple[tuple[float, float, float, float] | None, dict[s
         return None, None
     if isinstance(aoi, (list, tuple)):
         return tuple(float(v) for v in aoi), None  # type: ignore[return-value]
-    from shapely.geometry import mapping, shape
+    from shapely.geometry import mapping
     from shapely.ops import unary_union
 
     p = Path(aoi)
@@ -211,12 +211,64 @@ def load_aoi(aoi: Any) -> tuple[tuple[float, float, float, float] | None, dict[s
         gj = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"search.aoi file {p} is not valid JSON: {exc}") from None
-    geoms = ([f["geometry"] for f in gj["features"]] if gj.get("type") == "FeatureCollection"
-             else [gj["geometry"]] if gj.get("type") == "Feature" else [gj])
-    geom = unary_union([shape(g) for g in geoms])
+    geom = unary_union([_aoi_shape(g, p, i) for i, g in enumerate(_aoi_geometries(gj, p))])
     if geom.is_empty:
         raise ConfigError(f"search.aoi file {p} holds no geometry")
     return None, mapping(geom)
+
+
+def _aoi_geometries(gj: Any, p: Path) -> list[dict[str, Any]]:
+    """The geometries of an AOI GeoJSON (FeatureCollection, Feature or geometry), each checked to exist."""
+    if not isinstance(gj, dict):
+        raise ConfigError(f"search.aoi file {p} must hold a GeoJSON object, got {type(gj).__name__}")
+    kind = gj.get("type")
+    if kind == "FeatureCollection":
+        feats = gj.get("features") or []
+        if not feats:
+            raise ConfigError(f"search.aoi file {p}: the FeatureCollection has no features; add a Polygon feature")
+    elif kind == "Feature":
+        feats = [gj]
+    elif kind in ("Polygon", "MultiPolygon", "GeometryCollection", "Point", "MultiPoint", "LineString",
+                  "MultiLineString"):
+        return [gj]
+    else:
+        raise ConfigError(f"search.aoi file {p}: GeoJSON type {kind!r} is not a FeatureCollection, Feature or "
+                          "geometry; write a Polygon")
+    out = []
+    for i, f in enumerate(feats):
+        g = f.get("geometry") if isinstance(f, dict) else None
+        if not isinstance(g, dict) or "type" not in g:
+            raise ConfigError(f"search.aoi file {p}: feature {i} has no geometry (got {g!r}); give each feature a "
+                              "Polygon geometry")
+        out.append(g)
+    return out
+
+
+def _aoi_shape(g: dict[str, Any], p: Path, i: int) -> Any:
+    """A shapely geometry from AOI geometry ``i``; unclosed or invalid polygon rings are config errors (RFC 7946
+    rings repeat their first position at the end; shapely would close them silently)."""
+    from shapely.geometry import shape
+
+    rings = []
+    if g.get("type") == "Polygon":
+        rings = list(g.get("coordinates") or [])
+    elif g.get("type") == "MultiPolygon":
+        rings = [r for poly in (g.get("coordinates") or []) for r in poly]
+    for r in rings:
+        if len(r) < 4 or list(r[0]) != list(r[-1]):
+            raise ConfigError(f"search.aoi file {p}: geometry {i} has an unclosed or too short ring (first position "
+                              f"{r[0] if r else None}, last {r[-1] if r else None}, {len(r)} positions); repeat the "
+                              "first position at the end (RFC 7946) and give at least 4 positions")
+    try:
+        shp = shape(g)
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise ConfigError(f"search.aoi file {p}: geometry {i} is not valid GeoJSON: {exc}") from None
+    if not shp.is_valid:
+        from shapely.validation import explain_validity
+
+        raise ConfigError(f"search.aoi file {p}: geometry {i} is invalid ({explain_validity(shp)}); fix it (e.g. "
+                          "shapely make_valid) before running")
+    return shp
 
 
 def _score(policy: Any, dt_days: float, clear: float, overlap: float, same_orbit: bool, same_tile: bool) -> float:
@@ -275,6 +327,8 @@ def plan_targets(
         for ref in refs:
             if ref.id == target.id:
                 continue
+            if ref.properties.get("cloudfree:status") == "unrestored":
+                continue  # a cloudfree output that could not be restored is cloudy, whatever its other fields say
             dt = abs((item_time(ref) - t0).total_seconds()) / 86400.0
             if dt > search_cfg.max_days:
                 continue

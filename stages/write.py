@@ -12,15 +12,15 @@ no intermediate file and no lock; each file is checked with ``rio_cogeo.cogeo.co
 * ``<id>_<band>.vrt`` (one per band) and ``<id>_cldprb.vrt`` (100 - confidence): small VRTs over the COGs, so a
   later run can load an output like any Sentinel-2 item (per-band assets, a cloud-probability layer).
 
-Everything goes to a staging folder first and is moved into place at the end (atomic); the STAC item is written
-last and marks the target as done, so a rerun skips finished targets and redoes unfinished ones.
+Everything goes to a staging folder first (``pipeline.safety``: one per run and target, under the target's lock) and
+the finished folder, STAC item included, is moved into place with one rename (atomic); the item marks the target as
+done, so a rerun skips finished targets and redoes unfinished ones.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,33 +62,68 @@ def paths_for(out_dir: Path, stem: str) -> dict[str, Path]:
 
 
 def is_done(out_dir: Path, stem: str) -> bool:
-    """A target is done when its STAC item exists (written last)."""
-    return paths_for(out_dir, stem)["item"].exists()
+    """A target is done when its STAC item exists (published last, with the folder) and does not say
+    ``cloudfree:status: unrestored`` (those are retried by every run: a new reference may have arrived)."""
+    p = paths_for(out_dir, stem)["item"]
+    if not p.exists():
+        return False
+    try:
+        status = json.loads(p.read_text())["properties"].get("cloudfree:status", "done")
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # unreadable item: redo the target
+    return status == "done"
 
 
 def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, extra_compute=(),
-                  progress: bool = True) -> tuple[WrittenOutput, list]:
+                  progress: bool = True, stage: Path | None = None) -> tuple[WrittenOutput, list]:
     """Compute ``ds`` once and write the COGs. ``extra_compute`` lazy objects are computed in the same pass
-    (e.g. decimated quicklook inputs), sharing the input reads. Returns the outputs and the computed extras."""
-    final = paths_for(out_dir, stem)
-    stage = Path(out_dir) / f".staging-{stem}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir(parents=True)
+    (e.g. decimated quicklook inputs), sharing the input reads. Returns the outputs and the computed extras.
+
+    With ``stage`` (a folder from :func:`pipeline.safety.staging_dir`, the caller holding the target's lock) the
+    files are written there and stay there: the caller adds the item and publishes the folder
+    (:func:`pipeline.safety.publish_dir`); ``out.files`` then point into ``stage``. Without it, a private staging
+    folder is used and its files are moved into ``<out_dir>/<stem>/`` at the end. Either way every temporary file
+    (the COG part files) lives in the staging folder, and a failure removes it.
+    """
+    from pipeline.safety import safe_rmtree, staging_dir
+
+    own_stage = stage is None
+    if own_stage:
+        import uuid
+
+        stage = staging_dir(out_dir, stem, uuid.uuid4().hex[:12])
+    try:
+        out, extras = _write_into(ds, Path(stage), stem, cfg, extra_compute, progress)
+    except BaseException:
+        safe_rmtree(out_dir, stage)
+        raise
+    if not own_stage:
+        return out, extras
+    from pipeline.safety import ensure_inside
+
+    final_dir = ensure_inside(out_dir, paths_for(out_dir, stem)["item"].parent)
+    final_dir.mkdir(parents=True, exist_ok=True)
+    for f in Path(stage).iterdir():
+        f.replace(final_dir / f.name)
+    Path(stage).rmdir()
+    out.directory = final_dir
+    out.files = {k: final_dir / Path(v).name for k, v in out.files.items()}
+    return out, extras
+
+
+def _write_into(ds: xr.Dataset, stage: Path, stem: str, cfg: OutputConfig, extra_compute, progress: bool
+                ) -> tuple[WrittenOutput, list]:
+    """The COGs and VRTs of ``ds`` written into the folder ``stage`` (files named as in :func:`paths_for`)."""
     from stages.cog import write_layers
 
+    final = paths_for(stage.parent, stem)
     bands = [str(b) for b in ds.band.values]
-    out = WrittenOutput(stem, final["item"].parent)
+    out = WrittenOutput(stem, stage)
     files, extras, _ = write_layers(ds, stage, final, blocksize=cfg.blocksize, compress=cfg.compress,
                                     extra_compute=extra_compute, progress=progress, desc=f"{stem}: compute+write")
-    for name, dst in files.items():
-        out.files[name] = final[name]
+    out.files.update(files)
     for name, path in band_vrts(stage, stem, bands).items():
-        out.files[name] = out.directory / path.name
-    out.directory.mkdir(parents=True, exist_ok=True)
-    for f in stage.iterdir():
-        f.replace(out.directory / f.name)
-    stage.rmdir()
+        out.files[name] = path
     return out, extras
 
 

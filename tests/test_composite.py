@@ -87,7 +87,12 @@ def test_composite_is_incremental(demo_catalog, tmp_path):
     assert (src == SOURCE_FUSED).mean() > 0.3  # most pixels are clear in two or more acquisitions
     item = json.loads(uuu.item.read_text())
     assert item["properties"]["start_datetime"].startswith("2017-02-06")
-    assert 0 <= item["properties"]["eo:cloud_cover"] < 20
+    cover = item["properties"]["cloudfree:cover"]
+    assert 0 <= cover["low_confidence_after"] < 0.2
+    # eo:cloud_cover counts what is not a usable clear estimate: low confidence and nodata (outside the footprints)
+    assert item["properties"]["eo:cloud_cover"] == round(100 * cover["unusable_after"], 2)
+    assert cover["unusable_after"] >= max(cover["low_confidence_after"] * (1 - cover["nodata_after"]),
+                                          cover["nodata_after"])
     assert {lk["id"] for lk in item["links"] if lk["rel"] == "derived_from"} == set(uuu.inputs)
 
     res = CliRunner().invoke(main, ["composite", "--region", str(region), "--period", "2017-02",

@@ -9,7 +9,7 @@ import pystac
 import rasterio
 from rio_cogeo.cogeo import cog_info, cog_validate
 
-from pipeline.contract import SOURCE_REFERENCE_BASE, SOURCE_TARGET
+from pipeline.contract import SOURCE_REFERENCE_BASE, SOURCE_TARGET, SOURCE_UNFILLED
 
 TARGET = "S2A_T33UUU_20170216_SIMCLOUDY"
 
@@ -54,10 +54,10 @@ def test_outputs_are_valid_cogs(demo_run):
         conf = ds.read(1)
     with rasterio.open(out["source"]) as ds:
         src = ds.read(1)
-    assert set(np.unique(src)) <= {SOURCE_TARGET, SOURCE_REFERENCE_BASE, SOURCE_REFERENCE_BASE + 1}
-    kept = conf[src == SOURCE_TARGET]
-    # kept target pixels are clear (100) or masked thin cloud no reference could fill (0)
-    assert set(np.unique(kept)) <= {0, 100} and (kept == 100).mean() > 0.95
+    assert set(np.unique(src)) <= {SOURCE_TARGET, SOURCE_UNFILLED, SOURCE_REFERENCE_BASE, SOURCE_REFERENCE_BASE + 1}
+    # kept target pixels are clear (100); masked (thin) cloud no reference could fill is labelled unfilled (0)
+    assert set(np.unique(conf[src == SOURCE_TARGET])) == {100}
+    assert set(np.unique(conf[src == SOURCE_UNFILLED])) <= {0} and (src == SOURCE_UNFILLED).mean() < 0.05
     assert (conf[src >= SOURCE_REFERENCE_BASE] < 100).all()
     assert 0.3 < (src >= SOURCE_REFERENCE_BASE).mean() < 0.8  # about the simulated cloud + shadow cover
 
@@ -87,4 +87,5 @@ def test_rerun_resumes_and_overwrite_redoes(demo_config, demo_run):
     before = item.stat().st_mtime_ns
     redo = run(demo_config.replace(output={"overwrite": True}, search={"targets": [TARGET]}))
     assert [r.status for r in redo] == ["done"] and item.stat().st_mtime_ns > before
-    assert not list(item.parent.parent.glob(".staging-*")), "staging folders must not be left behind"
+    out = item.parent.parent
+    assert not list(out.glob(".staging-*")) and not list((out / ".staging").glob("*")), "staging left behind"

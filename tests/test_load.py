@@ -15,7 +15,7 @@ import rasterio
 import xarray as xr
 from odc.geo.geobox import GeoBox
 
-from pipeline.contract import SOURCE_FAILED, SOURCE_TARGET
+from pipeline.contract import SOURCE_REFERENCE_BASE, SOURCE_FAILED, SOURCE_TARGET
 from pipeline.errors import ReadError
 from stages import load as load_mod
 from stages.load import (check_assets, db_to_linear, load_reflectance, load_reflectance_checked, load_sar,
@@ -90,7 +90,9 @@ def test_unchecked_load_raises_instead_of_nodata(demo_items, tmp_path):
 
 
 def test_failed_target_pixels_reach_the_output_as_source_failed(demo_config, demo_items, tmp_path):
-    """End to end on a small AOI: a target whose B04 cannot be read is written as SOURCE_FAILED, not nodata."""
+    """End to end on a small AOI: a target whose B04 cannot be read is never written as its own (clear)
+    observation: a pixel a clear reference supplies keeps the reference's code (all bands from it), any other
+    pixel is SOURCE_FAILED with B04 nodata and the healthy bands kept."""
     from models.registry import build_model
     from pipeline.runner import process_target
     from stages.search import Candidate, TargetPlan
@@ -110,7 +112,14 @@ def test_failed_target_pixels_reach_the_output_as_source_failed(demo_config, dem
     assert res.status == "done"
     with rasterio.open(res.outputs["source"]) as ds:
         src = ds.read(1)
-    assert (src == SOURCE_FAILED).all() and SOURCE_TARGET not in src
+    with rasterio.open(res.outputs["reflectance"]) as ds:
+        refl = ds.read()
+    assert ((src == SOURCE_FAILED) | (src >= SOURCE_REFERENCE_BASE)).all() and SOURCE_TARGET not in src
+    b04 = cfg.grid.bands.index("B04")
+    assert (refl[b04][src == SOURCE_FAILED] == 0).all()  # the failed band: nodata
+    assert (refl[b04][src >= SOURCE_REFERENCE_BASE] > 0).all()  # from the reference: every band valid
+    others = np.delete(refl, b04, axis=0)
+    assert (others[:, src == SOURCE_FAILED] > 0).all()  # healthy bands of failed pixels are kept
     item = json.loads(res.outputs["item"].read_text())
     assert [f["band"] for f in item["properties"]["cloudfree:read_failures"]] == ["B04"]
 

@@ -1,0 +1,129 @@
+"""Plausibility of input reflectance: catch a wrong scale, offset or band order before it becomes an output.
+
+Each asset of the target and its references is read once at a coarse overview (``SAMPLE`` x ``SAMPLE`` px, cheap
+with COG overviews), converted with the item's own harmonisation (:mod:`catalogs.harmonise`) and summarised by
+its median and 10th percentile over valid pixels. Checks, per band:
+
+* **unscaled** (error): median reflectance above ``MAX_MEDIAN`` (1.5): the DN were not scaled (e.g. a
+  ``raster:bands`` scale of 1 instead of 1e-4);
+* **darker than its references** (error below ``1 / FAIL_RATIO`` = 1/4, warning below ``1 / WARN_RATIO`` = 1/2):
+  clouds only brighten a scene and shadows darken a small part of it, so the darker pixels of a target (its 10th
+  percentile: its clear ones) are not 4x darker than every reference's 10th percentile of the same band unless
+  the band has a scale/offset error (a target 10x too small) or is a swapped band (only swaps between bands whose
+  levels differ that much are caught: in a winter scene B02 and B08 are alike);
+* **implausibly dark** without references (warning): the 99th percentile of every band below ``MIN_P99``.
+
+Errors raise :class:`~pipeline.errors.InputDataError` naming the item, the band and the fix; warnings are logged
+and returned (the runner records them in the output item's ``cloudfree:plausibility``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Sequence
+
+import numpy as np
+import pystac
+
+from pipeline.errors import InputDataError
+
+log = logging.getLogger(__name__)
+
+SAMPLE = 128
+MAX_MEDIAN = 1.5
+FAIL_RATIO = 4.0
+WARN_RATIO = 2.0
+#: percentile compared between target and references: the darker pixels of a cloudy target are its clear ones.
+LOW_PERCENTILE = 10
+MIN_P99 = 0.01
+
+
+def band_sample(item: pystac.Item, band: str, size: int = SAMPLE) -> np.ndarray | None:
+    """Reflectance of ``band`` of ``item`` at a coarse overview (valid pixels only, flattened); None if unreadable."""
+    got = _read_sample(item, band, size)
+    if got is None:
+        return None
+    vals = got[0]
+    return vals[np.isfinite(vals)].astype(np.float64)
+
+
+def _read_sample(item: pystac.Item, band: str, size: int = SAMPLE) -> tuple[np.ndarray, tuple] | None:
+    """``(reflectance (size, size) float32 with NaN nodata, footprint key (crs, bounds))`` of one asset, read from
+    the overviews (every asset resampled to the same shape, so assets with one footprint line up)."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    from stages.load import GDAL_RETRY_ENV, item_harmonisation
+
+    asset = item.assets.get(band)
+    if asset is None:
+        return None
+    href = asset.get_absolute_href() or asset.href
+    try:
+        with rasterio.Env(**GDAL_RETRY_ENV), rasterio.open(href) as ds:
+            dn = ds.read(1, out_shape=(size, size), resampling=Resampling.nearest, masked=True)
+            key = (str(ds.crs), tuple(round(v, 3) for v in ds.bounds))
+    except (rasterio.errors.RasterioError, OSError) as exc:  # read failures are reported by load's probe
+        log.debug("plausibility: %s %s unreadable: %s", item.id, band, exc)
+        return None
+    scale, offset = item_harmonisation(item, band)
+    vals = dn.filled(0).astype(np.float32)
+    return np.where(vals != 0, vals * np.float32(scale) + np.float32(offset), np.nan), key  # DN 0 = nodata
+
+
+def _median(v: np.ndarray | None) -> float | None:
+    return float(np.median(v)) if v is not None and v.size >= 16 else None
+
+
+def _low(v: np.ndarray | None) -> float | None:
+    return float(np.percentile(v, LOW_PERCENTILE)) if v is not None and v.size >= 16 else None
+
+
+def check_reflectance(target: pystac.Item, references: Sequence[pystac.Item], bands: Sequence[str],
+                      skip: Iterable[tuple[str, str]] = ()) -> list[str]:
+    """Check ``target`` (and the references' scale) as described in the module docstring; return the warnings,
+    raise :class:`InputDataError` on a clear error. ``skip``: ``(item id, band)`` pairs whose read failed."""
+    skip = set(skip)
+    warnings: list[str] = []
+    grids = {(it.id, b): _read_sample(it, b) for it in [target, *references] for b in bands if (it.id, b) not in skip}
+    samples = {k: (None if g is None else g[0][np.isfinite(g[0])].astype(np.float64)) for k, g in grids.items()}
+    for (iid, b), v in samples.items():
+        med = _median(v)
+        if med is not None and med > MAX_MEDIAN:
+            raise InputDataError(
+                f"item {iid} band {b}: median reflectance {med:.3g} is above {MAX_MEDIAN}: the DN look unscaled; "
+                "fix the item's raster:bands scale/offset (Sentinel-2 L2A: scale 1e-4, offset -0.1 from baseline "
+                "04.00) in the catalog, or drop the item")
+    dark = []
+    for b in bands:
+        t = _low(samples.get((target.id, b)))
+        refs = [m for m in (_low(samples.get((r.id, b))) for r in references) if m is not None and m > 0]
+        if t is None or not refs:
+            continue
+        ratio = min(refs) / max(t, 1e-6)
+        if ratio >= WARN_RATIO:
+            dark.append((b, ratio, t, min(refs)))
+    fails = [d for d in dark if d[1] >= FAIL_RATIO]
+    for b, ratio, t, r in dark:
+        msg = (f"target {target.id} band {b}: {LOW_PERCENTILE}th percentile reflectance {t:.4f} is {ratio:.1f}x below "
+               f"its references' "
+               f"({r:.4f}); clouds only brighten a scene, so check the item's scale/offset (raster:bands, processing "
+               "baseline) and the band order of its assets")
+        if (b, ratio, t, r) not in fails:
+            log.warning("%s", msg)
+            warnings.append(msg)
+    if fails:
+        b, ratio, t, r = max(fails, key=lambda d: d[1])
+        raise InputDataError(
+            f"target {target.id} band {b}: {LOW_PERCENTILE}th percentile reflectance {t:.4f} is {ratio:.1f}x below its "
+            f"references' ({r:.4f}) (bands {[d[0] for d in fails]} affected): a wrong scale/offset (e.g. 10x too small) or band "
+            "order; fix the item's raster:bands scale/offset or asset keys in the catalog, or drop it")
+    if not references:
+        p99 = [float(np.percentile(v, 99)) for b in bands if (v := samples.get((target.id, b))) is not None
+               and v.size >= 16]
+        if p99 and max(p99) < MIN_P99:
+            msg = (f"target {target.id}: every band's 99th percentile reflectance is below {MIN_P99} "
+                   f"(max {max(p99):.4f}): implausibly dark, check the item's scale/offset")
+            log.warning("%s", msg)
+            warnings.append(msg)
+    return warnings
