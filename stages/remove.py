@@ -126,8 +126,8 @@ def predict_tile(model, target, cloud_mask, cloud_prob, references, reference_ma
     return out, time.perf_counter() - t0
 
 
-def _timing(index: tuple[int, int], seconds: float) -> tuple[tuple[int, int], float]:
-    return index, seconds
+def _timing_of(index: tuple[int, int], pred: tuple[np.ndarray, float]) -> tuple[tuple[int, int], float]:
+    return index, pred[1]
 
 
 def _core(pred: tuple[np.ndarray, float], ys: slice, xs: slice) -> np.ndarray:
@@ -165,42 +165,64 @@ class HaloWindows:
 
     Each chunk of ``arr`` stays one task, computed once per run however many tile windows overlap it; a window is
     assembled from its (up to 9) chunks by slicing strips off the neighbours (``map_overlap``-style, but with
-    windows that follow the tile plan even where the chunks do not match it). The array's graph is not optimised
-    here (``to_delayed(optimize_graph=False)``): optimising each window on its own would fuse the reads into every
-    window and read the shared chunks once per window, which is what the old slicing did (3-8x the reads with a
-    42 px halo on 512 px tiles).
+    windows that follow the tile plan even where the chunks do not match it). The tasks are written straight into
+    the caller's graph layer (:meth:`window` adds them to ``layer``): wrapping sliced arrays in ``dask.delayed``
+    optimises each window's graph on its own, which fuses the reads into every window (3-8x the reads with a
+    42 px halo on 512 px tiles) and costs O(tiles x graph) to build.
     """
 
-    def __init__(self, arr: dsa.Array):
+    def __init__(self, arr: dsa.Array, name: str, layer: dict):
         lead = arr.ndim - 2
         if any(len(c) > 1 for c in arr.chunks[:lead]):
             arr = arr.rechunk({i: -1 for i in range(lead)})
-        self.blocks = arr.to_delayed(optimize_graph=False).reshape(arr.numblocks[-2:])
+        self.arr, self.name, self.layer, self.lead = arr, name, layer, (0,) * lead
         self.yb = np.cumsum((0,) + arr.chunks[-2])
         self.xb = np.cumsum((0,) + arr.chunks[-1])
 
-    def window(self, ry: slice, rx: slice):
-        """A Delayed numpy array ``arr[..., ry, rx]``."""
+    def window(self, index: tuple[int, int], ry: slice, rx: slice):
+        """The key of a task computing ``arr[..., ry, rx]`` (tasks added to the layer)."""
+        from dask._task_spec import Task, TaskRef
+
         def span(b, s):
             idx = [i for i in range(len(b) - 1) if b[i] < s.stop and b[i + 1] > s.start]
-            return [(i, slice(max(s.start, b[i]) - b[i], min(s.stop, b[i + 1]) - b[i]), b[i + 1] - b[i])
+            return [(i, slice(int(max(s.start, b[i]) - b[i]), int(min(s.stop, b[i + 1]) - b[i])), int(b[i + 1] - b[i]))
                     for i in idx]
 
-        rows = []
+        pieces, layout = [], []
         for i, ys, ny in span(self.yb, ry):
-            row = []
+            layout.append(0)
             for j, xs, nx in span(self.xb, rx):
-                blk = self.blocks[i, j]
-                whole = (ys.start, ys.stop, xs.start, xs.stop) == (0, ny, 0, nx)
-                row.append(blk if whole else dask.delayed(operator.getitem, pure=True)(blk, (Ellipsis, ys, xs)))
-            rows.append(row)
-        if len(rows) == 1 and len(rows[0]) == 1:
-            return rows[0][0]
-        return dask.delayed(_assemble, pure=True)(rows)
+                src = (self.arr.name, *self.lead, i, j)
+                if (ys.start, ys.stop, xs.start, xs.stop) == (0, ny, 0, nx):
+                    pieces.append(TaskRef(src))
+                else:
+                    k = (f"{self.name}-strip", *index, i, j)
+                    self.layer[k] = Task(k, operator.getitem, TaskRef(src), (Ellipsis, ys, xs))
+                    pieces.append(TaskRef(k))
+                layout[-1] += 1
+        key = (self.name, *index)
+        self.layer[key] = Task(key, _assemble, tuple(layout), *pieces)
+        return TaskRef(key)
 
 
-def _assemble(rows: list[list[np.ndarray]]) -> np.ndarray:
-    return np.concatenate([np.concatenate(r, axis=-1) for r in rows], axis=-2)
+def _assemble(layout: tuple[int, ...], *pieces: np.ndarray) -> np.ndarray:
+    """Pieces in row-major order, ``layout[r]`` of them in row ``r`` -> one array (last two axes)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    rows, k = [], 0
+    for n in layout:
+        rows.append(np.concatenate(pieces[k:k + n], axis=-1))
+        k += n
+    return np.concatenate(rows, axis=-2)
+
+
+def _predict_task(model, context, static: dict, target, cloud_mask, cloud_prob, references, reference_masks, sar):
+    return predict_tile(model, target, cloud_mask, cloud_prob, references, reference_masks, context=context,
+                        sar=sar, **static)
+
+
+def _blend_parts(core, near, axis_w, n_bands, kind, *preds):
+    return _blend_task(core, list(zip(near, preds)), axis_w, n_bands, kind)
 
 
 def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int, context=None,
@@ -217,55 +239,68 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
     """
     from stages.mosaic import grid_axis_weights, neighbours
 
+    from dask._task_spec import DataNode, Task, TaskRef
+    from dask.delayed import Delayed
+    from dask.highlevelgraph import HighLevelGraph
+
     bands = tuple(str(b) for b in inputs.target.band.values)
     nb = len(bands)
     kind = blend if halo > 0 else "none"
     handle = ModelHandle.of(model)
-    model_d = dask.delayed(handle if handle is not None else model, pure=True)
-    context_d = dask.delayed(dict(context or {}), pure=True)
-    win_t = HaloWindows(inputs.target.data)
-    win_m = HaloWindows(inputs.cloud_mask.data)
-    win_p = HaloWindows(inputs.cloud_prob.data)
-    win_r = HaloWindows(inputs.references.data) if inputs.references is not None else None
-    win_rm = HaloWindows(inputs.reference_masks.data) if inputs.reference_masks is not None else None
-    win_s = HaloWindows(inputs.sar.data) if inputs.sar is not None else None
     sar_bands = tuple(str(b) for b in inputs.sar.band.values) if inputs.sar is not None else ()
+    token = dask.base.tokenize(handle or model, context, tiles, halo, kind, inputs.target_id,
+                               inputs.target.data.name, inputs.cloud_mask.data.name, inputs.cloud_prob.data.name,
+                               *(a.data.name for a in (inputs.references, inputs.reference_masks, inputs.sar)
+                                 if a is not None))
+    name = f"cloudfree-tiles-{token}"
+    layer: dict = {}
+    model_k, ctx_k = (f"{name}-model",), (f"{name}-context",)
+    layer[model_k] = DataNode(model_k, handle if handle is not None else model)
+    layer[ctx_k] = DataNode(ctx_k, dict(context or {}))
+    deps, wins = [], {}
+    for role, da in (("target", inputs.target), ("mask", inputs.cloud_mask), ("prob", inputs.cloud_prob),
+                     ("refs", inputs.references), ("rmask", inputs.reference_masks), ("sar", inputs.sar)):
+        if da is not None:
+            wins[role] = HaloWindows(da.data, f"{name}-{role}", layer)
+            deps.append(wins[role].arr)
+    static = {"bands": bands, "halo": halo, "reference_ids": inputs.reference_ids,
+              "reference_dt_days": inputs.reference_dt_days, "target_id": inputs.target_id, "sar_bands": sar_bands}
     preds = {}
     for t in tiles:
         ry, rx = t.read
-        token = dask.base.tokenize(handle or model, t, context)
-        d = dask.delayed(predict_tile, pure=True, nout=2)(
-            model_d, win_t.window(ry, rx), win_m.window(ry, rx), win_p.window(ry, rx),
-            win_r.window(ry, rx) if win_r is not None else None,
-            win_rm.window(ry, rx) if win_rm is not None else None, bands=bands, halo=halo,
-            reference_ids=inputs.reference_ids, reference_dt_days=inputs.reference_dt_days,
-            target_id=inputs.target_id, context=context_d,
-            sar=win_s.window(ry, rx) if win_s is not None else None, sar_bands=sar_bands,
-            dask_key_name=f"cloudfree-tile-{inputs.target_id}-{t.index[0]}-{t.index[1]}-{token}",
-        )
-        preds[t.index] = d
-        if timings is not None:
-            timings.append(dask.delayed(_timing, pure=True)(t.index, d[1]))
-    axis_w = dask.delayed(grid_axis_weights(tiles, halo, kind), pure=True) if kind != "none" else None
-    rows = []
-    for row in grid_of_tiles(tiles):
-        blocks = []
-        for t in row:
-            cy, cx = t.core
+        w = {r: (wins[r].window(t.index, ry, rx) if r in wins else None)
+             for r in ("target", "mask", "prob", "refs", "rmask", "sar")}
+        k = (f"{name}-predict", *t.index)
+        layer[k] = Task(k, _predict_task, TaskRef(model_k), TaskRef(ctx_k), static, w["target"], w["mask"], w["prob"],
+                        w["refs"], w["rmask"], w["sar"])
+        preds[t.index] = k
+    out_name = f"cloudfree-removed-{token}"
+    axis_k = (f"{name}-weights",)
+    if kind != "none":
+        layer[axis_k] = DataNode(axis_k, grid_axis_weights(tiles, halo, kind))
+    rows = grid_of_tiles(tiles)
+    for r, row in enumerate(rows):
+        for c, t in enumerate(row):
+            k = (out_name, 0, r, c)
             if kind == "none":
                 ys, xs = t.core_in_read
-                block = dask.delayed(_core, pure=True)(preds[t.index], ys, xs)
+                layer[k] = Task(k, _core, TaskRef(preds[t.index]), ys, xs)
             else:
                 near = neighbours(t, tiles)
-                block = dask.delayed(_blend_task, pure=True)(
-                    t, [(n, preds[n.index]) for n in near], axis_w, nb, kind,
-                    dask_key_name=f"cloudfree-blend-{inputs.target_id}-{t.index[0]}-{t.index[1]}-"
-                                  f"{dask.base.tokenize(handle or model, t, context, kind)}",
-                )
-            blocks.append(dsa.from_delayed(block, shape=(nb + 2, cy.stop - cy.start, cx.stop - cx.start),
-                                           dtype=np.float32))
-        rows.append(blocks)
-    stacked = dsa.concatenate([dsa.concatenate(r, axis=2) for r in rows], axis=1)
+                layer[k] = Task(k, _blend_parts, t, tuple(near), TaskRef(axis_k), nb, kind,
+                                *(TaskRef(preds[n.index]) for n in near))
+    timing_keys = []
+    if timings is not None:
+        for t in tiles:
+            k = (f"{name}-seconds", *t.index)
+            layer[k] = Task(k, _timing_of, t.index, TaskRef(preds[t.index]))
+            timing_keys.append(k)
+    graph = HighLevelGraph.from_collections(out_name, layer, dependencies=deps)
+    chunks = ((nb + 2,), tuple(row[0].core[0].stop - row[0].core[0].start for row in rows),
+              tuple(t.core[1].stop - t.core[1].start for t in rows[0]))
+    stacked = dsa.Array(graph, out_name, chunks, dtype=np.float32)
+    if timings is not None:
+        timings.extend(Delayed(k, graph, layer=out_name) for k in timing_keys)
     y, x = inputs.target.y, inputs.target.x
     refl = xr.DataArray(stacked[:nb], dims=("band", "y", "x"), coords={"band": list(bands), "y": y, "x": x})
     conf = xr.DataArray(stacked[nb], dims=("y", "x"), coords={"y": y, "x": x})
