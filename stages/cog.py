@@ -220,6 +220,10 @@ def inline_reader_opens(dsk: dict) -> dict:
     return dsk
 
 
+#: task count of every graph :func:`compute_once` ran in this process (the benchmark reports them).
+GRAPH_SIZES: list[int] = []
+
+
 def compute_once(*objs):
     """Compute ``objs`` (dask collections, or lists/tuples of them, or plain values) as ONE graph.
 
@@ -258,6 +262,7 @@ def compute_once(*objs):
         post, args = c.__dask_postcompute__()
         dsk[(name, i)] = (post, k, *args)
     dsk[name] = (list, [(name, i) for i in range(len(colls))])
+    GRAPH_SIZES.append(len(dsk))
     results = Delayed(name, dsk).compute()
 
     def build(sp):
