@@ -180,7 +180,8 @@ class HaloWindows:
         self.xb = np.cumsum((0,) + arr.chunks[-1])
 
     def window(self, index: tuple[int, int], ry: slice, rx: slice):
-        """The key of a task computing ``arr[..., ry, rx]`` (tasks added to the layer)."""
+        """``(layout, pieces)`` of ``arr[..., ry, rx]``: task references to whole chunks or halo strips (strip
+        tasks added to the layer), assembled by :func:`_assemble` inside the consuming task."""
         from dask._task_spec import Task, TaskRef
 
         def span(b, s):
@@ -197,12 +198,15 @@ class HaloWindows:
                     pieces.append(TaskRef(src))
                 else:
                     k = (f"{self.name}-strip", *index, i, j)
-                    self.layer[k] = Task(k, operator.getitem, TaskRef(src), (Ellipsis, ys, xs))
+                    self.layer[k] = Task(k, _strip, TaskRef(src), (Ellipsis, ys, xs))
                     pieces.append(TaskRef(k))
                 layout[-1] += 1
-        key = (self.name, *index)
-        self.layer[key] = Task(key, _assemble, tuple(layout), *pieces)
-        return TaskRef(key)
+        return tuple(layout), pieces
+
+
+def _strip(block: np.ndarray, index) -> np.ndarray:
+    """A copy (not a view: a view would keep the whole neighbouring chunk in memory) of a halo strip."""
+    return np.array(block[index], copy=True)
 
 
 def _assemble(layout: tuple[int, ...], *pieces: np.ndarray) -> np.ndarray:
@@ -216,7 +220,18 @@ def _assemble(layout: tuple[int, ...], *pieces: np.ndarray) -> np.ndarray:
     return np.concatenate(rows, axis=-2)
 
 
-def _predict_task(model, context, static: dict, target, cloud_mask, cloud_prob, references, reference_masks, sar):
+def _predict_task(model, context, static: dict, layouts: tuple, *pieces):
+    """One tile: its input windows assembled from chunk/strip pieces (in the task: no window is held as a
+    separate result), then :func:`predict_tile`."""
+    arrays, k = [], 0
+    for layout in layouts:
+        if layout is None:
+            arrays.append(None)
+            continue
+        n = sum(layout)
+        arrays.append(_assemble(layout, *pieces[k:k + n]))
+        k += n
+    target, cloud_mask, cloud_prob, references, reference_masks, sar = arrays
     return predict_tile(model, target, cloud_mask, cloud_prob, references, reference_masks, context=context,
                         sar=sar, **static)
 
@@ -268,11 +283,16 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
     preds = {}
     for t in tiles:
         ry, rx = t.read
-        w = {r: (wins[r].window(t.index, ry, rx) if r in wins else None)
-             for r in ("target", "mask", "prob", "refs", "rmask", "sar")}
+        layouts, pieces = [], []
+        for role in ("target", "mask", "prob", "refs", "rmask", "sar"):
+            if role in wins:
+                lay, pcs = wins[role].window(t.index, ry, rx)
+                layouts.append(lay)
+                pieces.extend(pcs)
+            else:
+                layouts.append(None)
         k = (f"{name}-predict", *t.index)
-        layer[k] = Task(k, _predict_task, TaskRef(model_k), TaskRef(ctx_k), static, w["target"], w["mask"], w["prob"],
-                        w["refs"], w["rmask"], w["sar"])
+        layer[k] = Task(k, _predict_task, TaskRef(model_k), TaskRef(ctx_k), static, tuple(layouts), *pieces)
         preds[t.index] = k
     out_name = f"cloudfree-removed-{token}"
     axis_k = (f"{name}-weights",)
