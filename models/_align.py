@@ -14,12 +14,20 @@ only the offset (median difference), instead of clamping a meaningless gain.
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import numpy as np
+
+from models._filters import block_mean, box_mean, nanmedian_axis0, upsample_bilinear
+from pipeline.contract import TileInputs
+from pipeline.errors import ModelError
 
 #: fewer common valid pixels than this and the fit falls back to identity (gain 1, offset 0).
 MIN_PIXELS = 64
 #: below this correlation only an offset is fitted (gain 1).
 MIN_CORRELATION = 0.7
+#: alignment fits use at most this many pixels (a regular sub-sample of the fit region), for speed.
+MAX_FIT_PIXELS = 16384
 
 
 def fit_linear(target: np.ndarray, reference: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -66,3 +74,189 @@ def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 def apply_linear(reference: np.ndarray, gain: np.ndarray, offset: np.ndarray) -> np.ndarray:
     return (reference * gain[:, None, None] + offset[:, None, None]).astype(np.float32)
+
+
+def scene_alignment(sample: TileInputs) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-reference ``(gain, offset)`` fitted on pixels clear in both target and reference of a scene sample
+    (the one scene-level alignment every reference-based model uses; PhyVLM-CR refits on high-visibility pixels)."""
+    target_ok = ~sample.cloud_mask & np.isfinite(sample.target).all(axis=0)
+    ref_ok = reference_validity(sample)
+    return [fit_linear(sample.target, sample.references[i], thin_mask(target_ok & ref_ok[i]))
+            for i in range(sample.references.shape[0])]
+
+
+def local_alignment(target: np.ndarray, pred: np.ndarray, fit: np.ndarray, radius: int, eps: float = 1e-3,
+                    min_fraction: float = 0.2, subsample: int = 4) -> np.ndarray:
+    """Map ``pred`` ``(band, y, x)`` onto ``target`` by a smooth per-window gain/offset field (per band).
+
+    A weighted guided filter (He et al.) with ``pred`` as guide and ``target`` as source, weights = ``fit`` (the
+    target's clear pixels): in each ``(2 radius + 1)^2`` window, ``gain = (cov + eps) / (var + eps)`` (shrunk
+    towards 1, so a flat window only shifts the offset) and ``offset = mean(target) - gain mean(pred)``. Where a
+    window holds less than ``min_fraction`` clear pixels, its coefficients blend towards those of a 4x wider
+    window, and where that is empty too, towards identity (the global alignment already applied). The
+    coefficients are box-averaged (radius ``radius``) before ``gain * pred + offset``. NaN in ``pred`` stay NaN.
+    ``subsample`` (4): the moments and coefficients are computed on the 4x4 block-mean grid and the field is
+    upsampled bilinearly (the Fast Guided Filter's trick; the field is smooth at these radii).
+    """
+    fit = np.asarray(fit, bool) & np.isfinite(pred).all(axis=0) & np.isfinite(target).all(axis=0)
+    if radius <= 0 or not fit.any():
+        return pred.astype(np.float32, copy=True)
+    ny, nx = fit.shape
+    k = subsample if subsample > 1 and min(ny, nx) >= 4 * subsample and radius >= subsample else 1
+    w = fit.astype(np.float32)
+    p = np.where(fit[None], pred, 0.0).astype(np.float32)
+    t = np.where(fit[None], target, 0.0).astype(np.float32)
+    # the five weighted moments, on the k x k block-mean grid (the field is smooth at this radius; Fast Guided
+    # Filter, He & Sun 2015): block means of products are exact window sums at the coarse scale
+    moments = [w, p * w, t * w, p * p * w, p * t * w]
+    if k > 1:
+        moments = [block_mean(m, k) for m in moments]
+    rk = max(1, int(round(radius / k)))
+
+    def coefficients(r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        sw, swp, swt, swpp, swpt = (box_mean(m, r) for m in moments)
+        den = np.maximum(sw, 1e-6)[None]
+        mp, mt = swp / den, swt / den
+        cov = swpt / den - mp * mt
+        var = np.maximum(swpp / den - mp * mp, 0.0)
+        gain = np.clip((cov + eps) / (var + eps), 0.5, 2.0)
+        return gain, mt - gain * mp, sw
+
+    g1, o1, f1 = coefficients(rk)
+    g4, o4, f4 = coefficients(4 * rk)
+    c4 = np.clip(f4 / min_fraction, 0.0, 1.0)[None]
+    g_wide, o_wide = c4 * g4 + (1 - c4), c4 * o4
+    c1 = np.clip(f1 / min_fraction, 0.0, 1.0)[None]
+    gain = box_mean(c1 * g1 + (1 - c1) * g_wide, rk)
+    offset = box_mean(c1 * o1 + (1 - c1) * o_wide, rk)
+    if k > 1:
+        gain = upsample_bilinear(gain, (ny, nx))
+        offset = upsample_bilinear(offset, (ny, nx))
+    return (gain * pred + offset).astype(np.float32)
+
+
+def thin_mask(mask: np.ndarray, max_pixels: int = MAX_FIT_PIXELS) -> np.ndarray:
+    """Keep a regular-grid subset of ``mask`` with at most about ``max_pixels`` True pixels."""
+    n = int(mask.sum())
+    if n <= max_pixels:
+        return mask
+    k = int(np.ceil(np.sqrt(n / max_pixels)))
+    out = np.zeros_like(mask)
+    out[::k, ::k] = mask[::k, ::k]
+    return out
+
+
+def composite_reference(
+    target: np.ndarray,
+    references: np.ndarray,
+    reference_valid: np.ndarray,
+    fit_region: np.ndarray | None,
+    combine: str = "first",
+    alignment: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    fallback: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Aligned reference composite.
+
+    Each reference ``i`` is mapped onto the target by a per-band gain/offset fitted on ``fit_region`` & its own
+    valid pixels (:func:`models._align.fit_linear`). ``combine="first"``: each pixel takes the best-ranked
+    reference valid there; ``"median"``: the per-band median of all aligned references valid there (``index``
+    is then the best-ranked valid one).
+
+    Args:
+        target: ``(band, y, x)``; references: ``(time, band, y, x)``; reference_valid: ``(time, y, x)`` bool;
+        fit_region: ``(y, x)`` bool, target pixels trusted for the fit (unused for references ``alignment`` covers).
+        alignment: precomputed ``(gain, offset)`` per reference (e.g. the scene-level fit of ``fit_scene``); a
+            reference beyond its length is fitted on ``fit_region``.
+        fallback: ``(y, x)`` bool; where no reference is valid, these pixels take the best-ranked reference that
+            has finite data (cloudy or not; "best available pixel"), with the same gains. The fits never see them.
+    Returns:
+        ``image`` ``(band, y, x)`` float32 (NaN where no reference is valid) and ``index`` ``(y, x)`` int16
+        (reference index, -1 = none).
+    """
+    nb, ny, nx = target.shape
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def params(i: int, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if i not in cache:
+            if alignment is not None and i < len(alignment):
+                cache[i] = alignment[i]
+            elif fit_region is None:
+                raise ModelError(f"composite_reference: neither an alignment nor a fit region for reference {i}")
+            else:
+                cache[i] = fit_linear(target, references[i], thin_mask(fit_region & ok))
+        return cache[i]
+
+    image, index = _composite(references, reference_valid, combine, params)
+    if fallback is not None and references.shape[0]:
+        todo = fallback & (index < 0)
+        for i in range(references.shape[0]):
+            if not todo.any():
+                break
+            fill = todo & np.isfinite(references[i]).all(axis=0)
+            if fill.any():
+                gain, offset = params(i, reference_valid[i])
+                image[:, fill] = apply_linear(references[i][:, fill][:, :, None], gain, offset)[:, :, 0]
+                index[fill] = i
+                todo &= ~fill
+    return image, index
+
+
+def _composite(
+    references: np.ndarray,
+    reference_valid: np.ndarray,
+    combine: str,
+    params: Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray]:
+    nt, nb, ny, nx = references.shape
+    if combine == "median" and references.shape[0] > 1:
+        aligned = np.full(references.shape, np.nan, np.float32)
+        index = np.full((ny, nx), -1, np.int16)
+        for i in range(references.shape[0]):
+            ok = reference_valid[i]
+            if not ok.any():
+                continue
+            gain, offset = params(i, ok)
+            aligned[i] = np.where(ok[None], apply_linear(references[i], gain, offset), np.nan)
+            index[(index < 0) & ok] = i
+        return nanmedian_axis0(aligned), index
+    if combine not in ("first", "median"):
+        raise ModelError(f"unknown reference combination {combine!r}; use 'first' or 'median'")
+    image = np.full((nb, ny, nx), np.nan, np.float32)
+    index = np.full((ny, nx), -1, np.int16)
+    for i in range(references.shape[0]):
+        todo = index < 0
+        if not todo.any():
+            break
+        ok = reference_valid[i]
+        fill = todo & ok
+        if not fill.any():
+            continue
+        gain, offset = params(i, ok)
+        image[:, fill] = apply_linear(references[i][:, fill][:, :, None], gain, offset)[:, :, 0]
+        index[fill] = i
+    return image, index
+
+
+def fallback_region(tile: TileInputs, fallback_prob: float | None) -> np.ndarray | None:
+    """Thick-cloud target pixels (``cloud_prob >= fallback_prob``, NaN counts as cloud) that may take a cloudy
+    reference when no clear one exists (as reference replacement does); None when ``fallback_prob`` is None."""
+    if fallback_prob is None:
+        return None
+    return np.nan_to_num(np.asarray(tile.cloud_prob, np.float32), nan=1.0) >= fallback_prob
+
+
+def reference_validity(tile: TileInputs) -> np.ndarray:
+    """``(time, y, x)`` True where a reference pixel is clear and finite."""
+    return ~tile.reference_masks & np.isfinite(tile.references).all(axis=1)
+
+
+def fill_target(tile: TileInputs) -> np.ndarray:
+    """The target with non-finite pixels replaced by the band median (filters must not spread NaN)."""
+    img = tile.target.astype(np.float32, copy=True)
+    bad = ~np.isfinite(img)
+    if bad.any():
+        med = np.nanmedian(np.where(bad, np.nan, img).reshape(img.shape[0], -1), axis=1)
+        img = np.where(bad, np.nan_to_num(med, nan=0.0)[:, None, None], img)
+    return img
+
+

@@ -26,6 +26,10 @@ class ModelSpec:
         level: processing level it was built for (``"L1C"``, ``"L2A"`` or ``"any"``).
         needs_reference: it cannot run without at least one temporal reference.
         needs_sar: it cannot run without Sentinel-1.
+        accepts_sar: it uses Sentinel-1 when the runner can give it (``needs_sar`` implies it): the runner then
+            loads one SAR scene per optical date (target first) on the output grid and fills ``TileInputs.sar``.
+        sar_units: the convention ``TileInputs.sar`` arrives in: ``"linear"`` power, or ``"db"`` (sigma0 dB clipped
+            to [-25, 0], the SEN12MS-CR convention).
         max_references: how many references it can use (0 = none).
         halo: receptive-field radius in pixels; tiles are padded by this much on each side.
         description: one line for ``cloudfree models``.
@@ -38,6 +42,8 @@ class ModelSpec:
     level: Literal["L1C", "L2A", "any"] = "any"
     needs_reference: bool = False
     needs_sar: bool = False
+    accepts_sar: bool = False
+    sar_units: Literal["linear", "db"] = "linear"
     max_references: int = 0
     halo: int = 0
     description: str = ""

@@ -24,6 +24,7 @@ import numpy as np
 from pydantic import Field
 from scipy import ndimage
 
+from models._align import fill_target
 from models._filters import guided_filter
 from models.base import ModelParams, ModelSpec, RemovalModelBase
 from models.registry import register
@@ -95,7 +96,7 @@ class DCP(RemovalModelBase):
     def predict(self, tile: TileInputs) -> TileResult:
         p = self.params
         valid = np.isfinite(tile.target).all(axis=0)
-        img = np.where(valid[None], tile.target, np.nanmedian(tile.target) if valid.any() else 0.0)
+        img = fill_target(tile)
         idx = tile.band_index(*p.dark_bands) if p.dark_bands else None
         j, t, a = dcp_dehaze(
             img, patch=p.patch, omega=p.omega, top_fraction=p.top_fraction, gf_radius=p.gf_radius,

@@ -29,12 +29,15 @@ from pipeline.errors import ModelError
 
 
 def composite(
-    stack: np.ndarray, clear: np.ndarray, dt_days: np.ndarray, method: str
+    stack: np.ndarray, clear: np.ndarray, key: np.ndarray, method: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Composite ``stack`` ``(obs, band, y, x)`` over observations where ``clear`` ``(obs, y, x)``.
+    """Composite ``stack`` ``(obs, band, y, x)`` over observations where ``clear`` ``(obs, y, x)``; the one
+    implementation of median / best-pixel compositing (this model and ``cloudfree composite`` use it).
 
-    Returns ``value`` ``(band, y, x)`` (NaN where nothing is clear), ``chosen`` ``(y, x)`` int (observation index
-    closest to the value, -1 = none) and ``n_clear`` ``(y, x)``.
+    ``method="median"``: per-band median of the clear observations; ``"best"``: the clear observation with the
+    smallest ``key`` (``(obs,)`` e.g. ``|dt|``, or ``(obs, y, x)`` e.g. cloud probability; ties go to the first,
+    i.e. best-ranked, observation). Returns ``value`` ``(band, y, x)`` (NaN where nothing is clear), ``chosen``
+    ``(y, x)`` int (the observation used, for the median the one closest to the value; -1 = none) and ``n_clear``.
     """
     n_clear = clear.sum(axis=0)
     if method == "median":
@@ -43,14 +46,12 @@ def composite(
         dist = np.where(clear, np.nansum((masked - value[None]) ** 2, axis=1), np.inf)
         chosen = np.where(n_clear > 0, np.argmin(dist, axis=0), -1)
     elif method == "best":
-        order = np.argsort(np.abs(dt_days), kind="stable")
-        chosen = np.full(clear.shape[1:], -1, np.intp)
-        for i in order[::-1]:  # nearest last so it wins
-            chosen[clear[i]] = i
-        value = np.full(stack.shape[1:], np.nan, np.float32)
-        for i in range(stack.shape[0]):
-            sel = chosen == i
-            value[:, sel] = stack[i][:, sel]
+        k = np.asarray(key, np.float64)
+        k = k.reshape(k.shape + (1,) * (clear.ndim - k.ndim))
+        ranked = np.where(clear, k, np.inf)
+        chosen = np.where(n_clear > 0, np.argmin(ranked, axis=0), -1)
+        value = np.take_along_axis(stack, np.maximum(chosen, 0)[None, None], axis=0)[0].astype(np.float32)
+        value[:, chosen < 0] = np.nan
     else:
         raise ModelError(f"median-composite: unknown method {method!r}; use 'median' or 'best'")
     return value, chosen, n_clear
@@ -88,7 +89,7 @@ class MedianComposite(RemovalModelBase):
         dt = np.concatenate([[0.0], dts])
         if p.keep_clear_target:
             clear[0] = False
-        value, chosen, n_clear = composite(stack, clear, dt, p.method)
+        value, chosen, n_clear = composite(stack, clear, np.abs(dt), p.method)
         out = tile.target.copy()
         conf = np.zeros(tile.shape, np.float32)
         source = np.where(target_ok, SOURCE_TARGET, SOURCE_NODATA).astype(np.uint8)

@@ -3,14 +3,18 @@
 The paper obtains its cognitive prior ``J_VLM`` from Qwen-Image-Edit prompted with "remove cloud" (in Chinese).
 Here the prior is anything implementing :class:`Prior` (``name``, ``halo``, ``__call__(tile) -> PriorResult``):
 
-* :class:`ReferencePrior` (``"reference"``, the default): the temporal reference(s), radiometrically aligned to
+* :class:`ReferencePrior` (``"reference"``): the temporal reference(s), radiometrically aligned to
   the target by :func:`models._align.fit_linear` on pixels clear in both; pixels no clear reference covers fall
   back to a dark-channel dehaze of the target (:func:`models.dcp.dcp_dehaze`), and a tile without any reference
   is entirely the dark-channel fallback (logged). With a scene context (``tile.context["alignment"]``, from
   PhyVLM-CR's ``fit_scene``) the scene-level gains are used instead of a per-tile fit, so tiles do not jump at
   seams.
-* :class:`LearnedPrior` (``"learned"``): any model registered in this project, by name; its ``predict`` output is
-  the prior. (No learned model exists yet; the hook is generic and tested with registered baselines.)
+* :class:`TemporalPrior` (``"temporal"``, PhyVLM-CR's default): per-pixel interpolation in time of the clear
+  references at the target date, aligned to the target (globally, then by a local gain/offset field); see
+  :mod:`models.temporal`. It doubles as ``I_ref`` of eq. 10 (``PriorResult.reference``).
+* :class:`ModelPrior` (``"model"``): any model registered in this project, by name; its ``predict`` output is
+  the prior. No learned model is registered yet, so today this wraps a baseline (e.g. ``dcp``); it is named for
+  what it is, not "learned".
 * :class:`DiffusersPrior` (``"diffusers"``): a local image-editing pipeline through the optional ``diffusers``
   package and locally stored weights (e.g. Qwen-Image-Edit). Reflectance is mapped to an 8-bit RGB image
   (B04/B03/B02, fixed reflectance range, gamma 2.2), edited, mapped back with the exact inverse, and the non-RGB
@@ -25,19 +29,23 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from models._align import apply_linear, fit_linear
-from models._filters import nanmedian_axis0
+from models._align import (  # noqa: F401  (re-exported: the one implementation lives in models._align)
+    MAX_FIT_PIXELS,
+    composite_reference,
+    fallback_region,
+    fill_target,
+    reference_validity,
+    thin_mask,
+)
 from pipeline.contract import SOURCE_FAILED, SOURCE_NODATA, TileInputs
 from pipeline.errors import ModelError, WeightsError
 
 log = logging.getLogger(__name__)
 
-#: alignment fits use at most this many pixels (a regular sub-sample of the fit region), for speed.
-MAX_FIT_PIXELS = 16384
 #: The paper's prompt, "remove cloud" in Chinese.
 DEFAULT_PROMPT = "去除云"
 
@@ -53,7 +61,8 @@ class PriorResult:
     image: np.ndarray
     valid: np.ndarray
     description: str
-    #: the aligned reference composite ``(image, index)`` when the prior computed one (reused as ``I_ref``).
+    #: ``(image, index)``: an aligned reference estimate PhyVLM-CR uses as ``I_ref`` of eq. 10 instead of aligning
+    #: the references itself (set by :class:`TemporalPrior`; None = the kernel aligns on high-visibility pixels).
     reference: tuple[np.ndarray, np.ndarray] | None = None
 
 
@@ -66,131 +75,6 @@ class Prior(Protocol):
     halo: int
 
     def __call__(self, tile: TileInputs) -> PriorResult: ...
-
-
-def thin_mask(mask: np.ndarray, max_pixels: int = MAX_FIT_PIXELS) -> np.ndarray:
-    """Keep a regular-grid subset of ``mask`` with at most about ``max_pixels`` True pixels."""
-    n = int(mask.sum())
-    if n <= max_pixels:
-        return mask
-    k = int(np.ceil(np.sqrt(n / max_pixels)))
-    out = np.zeros_like(mask)
-    out[::k, ::k] = mask[::k, ::k]
-    return out
-
-
-def composite_reference(
-    target: np.ndarray,
-    references: np.ndarray,
-    reference_valid: np.ndarray,
-    fit_region: np.ndarray | None,
-    combine: str = "first",
-    alignment: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
-    fallback: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Aligned reference composite.
-
-    Each reference ``i`` is mapped onto the target by a per-band gain/offset fitted on ``fit_region`` & its own
-    valid pixels (:func:`models._align.fit_linear`). ``combine="first"``: each pixel takes the best-ranked
-    reference valid there; ``"median"``: the per-band median of all aligned references valid there (``index``
-    is then the best-ranked valid one).
-
-    Args:
-        target: ``(band, y, x)``; references: ``(time, band, y, x)``; reference_valid: ``(time, y, x)`` bool;
-        fit_region: ``(y, x)`` bool, target pixels trusted for the fit (unused for references ``alignment`` covers).
-        alignment: precomputed ``(gain, offset)`` per reference (e.g. the scene-level fit of ``fit_scene``); a
-            reference beyond its length is fitted on ``fit_region``.
-        fallback: ``(y, x)`` bool; where no reference is valid, these pixels take the best-ranked reference that
-            has finite data (cloudy or not; "best available pixel"), with the same gains. The fits never see them.
-    Returns:
-        ``image`` ``(band, y, x)`` float32 (NaN where no reference is valid) and ``index`` ``(y, x)`` int16
-        (reference index, -1 = none).
-    """
-    nb, ny, nx = target.shape
-    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-
-    def params(i: int, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if i not in cache:
-            if alignment is not None and i < len(alignment):
-                cache[i] = alignment[i]
-            elif fit_region is None:
-                raise ModelError(f"composite_reference: neither an alignment nor a fit region for reference {i}")
-            else:
-                cache[i] = fit_linear(target, references[i], thin_mask(fit_region & ok))
-        return cache[i]
-
-    image, index = _composite(references, reference_valid, combine, params)
-    if fallback is not None and references.shape[0]:
-        todo = fallback & (index < 0)
-        for i in range(references.shape[0]):
-            if not todo.any():
-                break
-            fill = todo & np.isfinite(references[i]).all(axis=0)
-            if fill.any():
-                gain, offset = params(i, reference_valid[i])
-                image[:, fill] = apply_linear(references[i][:, fill][:, :, None], gain, offset)[:, :, 0]
-                index[fill] = i
-                todo &= ~fill
-    return image, index
-
-
-def _composite(
-    references: np.ndarray,
-    reference_valid: np.ndarray,
-    combine: str,
-    params: Callable[[int, np.ndarray], tuple[np.ndarray, np.ndarray]],
-) -> tuple[np.ndarray, np.ndarray]:
-    nt, nb, ny, nx = references.shape
-    if combine == "median" and references.shape[0] > 1:
-        aligned = np.full(references.shape, np.nan, np.float32)
-        index = np.full((ny, nx), -1, np.int16)
-        for i in range(references.shape[0]):
-            ok = reference_valid[i]
-            if not ok.any():
-                continue
-            gain, offset = params(i, ok)
-            aligned[i] = np.where(ok[None], apply_linear(references[i], gain, offset), np.nan)
-            index[(index < 0) & ok] = i
-        return nanmedian_axis0(aligned), index
-    if combine not in ("first", "median"):
-        raise ModelError(f"unknown reference combination {combine!r}; use 'first' or 'median'")
-    image = np.full((nb, ny, nx), np.nan, np.float32)
-    index = np.full((ny, nx), -1, np.int16)
-    for i in range(references.shape[0]):
-        todo = index < 0
-        if not todo.any():
-            break
-        ok = reference_valid[i]
-        fill = todo & ok
-        if not fill.any():
-            continue
-        gain, offset = params(i, ok)
-        image[:, fill] = apply_linear(references[i][:, fill][:, :, None], gain, offset)[:, :, 0]
-        index[fill] = i
-    return image, index
-
-
-def fallback_region(tile: TileInputs, fallback_prob: float | None) -> np.ndarray | None:
-    """Thick-cloud target pixels (``cloud_prob >= fallback_prob``, NaN counts as cloud) that may take a cloudy
-    reference when no clear one exists (as reference replacement does); None when ``fallback_prob`` is None."""
-    if fallback_prob is None:
-        return None
-    return np.nan_to_num(np.asarray(tile.cloud_prob, np.float32), nan=1.0) >= fallback_prob
-
-
-def reference_validity(tile: TileInputs) -> np.ndarray:
-    """``(time, y, x)`` True where a reference pixel is clear and finite."""
-    return ~tile.reference_masks & np.isfinite(tile.references).all(axis=1)
-
-
-def _fill_target(tile: TileInputs) -> np.ndarray:
-    """The target with non-finite pixels replaced by the band median (filters must not spread NaN)."""
-    img = tile.target.astype(np.float32, copy=True)
-    bad = ~np.isfinite(img)
-    if bad.any():
-        med = np.nanmedian(np.where(bad, np.nan, img).reshape(img.shape[0], -1), axis=1)
-        img = np.where(bad, np.nan_to_num(med, nan=0.0)[:, None, None], img)
-    return img
 
 
 class ReferencePrior:
@@ -207,38 +91,80 @@ class ReferencePrior:
         self.fallback_prob = fallback_prob
 
     def __call__(self, tile: TileInputs) -> PriorResult:
-        from models.dcp import dcp_dehaze
-
         target_ok = np.isfinite(tile.target).all(axis=0)
         image, index = composite_reference(
             tile.target, tile.references, reference_validity(tile), ~tile.cloud_mask & target_ok, self.combine,
             alignment=tile.context.get("alignment"), fallback=fallback_region(tile, self.fallback_prob),
         )
-        composite = (image.copy(), index)
-        missing = index < 0
-        desc = "aligned temporal reference"
-        if missing.any():
-            j, _, _ = dcp_dehaze(_fill_target(tile), **self.dcp_params)
-            image[:, missing] = np.maximum(j[:, missing], 0)
-            frac = float(missing.mean())
-            if tile.references.shape[0] == 0:
-                log.warning("tile %s: no reference; prior = dark-channel dehaze of the target", tile.target_id)
-                desc = "dark-channel dehaze of the target (no reference)"
-            else:
-                log.info("tile %s: %.1f%% of pixels without a clear reference use the dark-channel prior",
-                         tile.target_id, 100 * frac)
-                desc = f"aligned temporal reference, dark-channel dehaze on {100 * frac:.1f}% of pixels"
-        return PriorResult(image, np.isfinite(image).all(axis=0), desc, composite)
+        desc = dcp_fill(tile, image, index < 0, self.dcp_params, "aligned temporal reference")
+        return PriorResult(image, np.isfinite(image).all(axis=0), desc)
 
 
-class LearnedPrior:
-    """Any registered model of this project, by name, as the prior (its ``predict`` reflectance)."""
+def dcp_fill(tile: TileInputs, image: np.ndarray, missing: np.ndarray, dcp_params: dict, what: str) -> str:
+    """Fill ``image`` (in place) with a dark-channel dehaze of the target on ``missing`` pixels (no reference
+    covers them); returns the prior's one-line description."""
+    from models.dcp import dcp_dehaze
 
-    name = "learned"
+    if not missing.any():
+        return what
+    j, _, _ = dcp_dehaze(fill_target(tile), **dcp_params)
+    image[:, missing] = np.maximum(j[:, missing], 0)
+    if tile.references.shape[0] == 0:
+        log.warning("tile %s: no reference; prior = dark-channel dehaze of the target", tile.target_id)
+        return "dark-channel dehaze of the target (no reference)"
+    frac = float(missing.mean())
+    log.info("tile %s: %.1f%% of pixels without a clear reference use the dark-channel prior", tile.target_id,
+             100 * frac)
+    return f"{what}, dark-channel dehaze on {100 * frac:.1f}% of pixels"
+
+
+class TemporalPrior:
+    """Per-pixel interpolation in time of the clear references at the target date, aligned to the target
+    (:func:`models.temporal.temporal_estimate`, the ``temporal`` model's estimate). It is also returned as
+    ``PriorResult.reference`` and becomes PhyVLM-CR's ``I_ref`` (eq. 10), so prior and fusion agree. Pixels no
+    reference covers get the dark-channel dehaze of the target, as :class:`ReferencePrior`."""
+
+    name = "temporal"
+
+    def __init__(self, options: dict | None = None, dcp_params: dict | None = None) -> None:
+        from models.temporal import TemporalParams
+
+        opts = dict(options or {})
+        for k in ("reference_confidence", "one_sided_confidence", "fallback_confidence"):
+            opts.pop(k, None)
+        self.params = TemporalParams(**opts)
+        self.dcp_params = dict(dcp_params or {})
+
+    @property
+    def halo(self) -> int:
+        from models.temporal import temporal_halo
+
+        return temporal_halo(self.params.local_radius)
+
+    def __call__(self, tile: TileInputs) -> PriorResult:
+        from models.temporal import temporal_estimate
+
+        p = self.params
+        est = temporal_estimate(tile, method=p.method, tau_days=p.tau_days, min_robust=p.min_robust,
+                                local_radius=p.local_radius, local_eps=p.local_eps,
+                                local_min_fraction=p.local_min_fraction, local_max_prob=p.local_max_prob,
+                                local_margin=p.local_margin, fallback_prob=p.fallback_prob, align=p.align)
+        reference = (est.image.copy(), est.index)
+        image = est.image
+        desc = dcp_fill(tile, image, est.index < 0, self.dcp_params,
+                        f"temporal interpolation ({p.method}, local alignment r={p.local_radius})")
+        return PriorResult(image, np.isfinite(image).all(axis=0), desc, reference)
+
+
+class ModelPrior:
+    """Any registered model of this project, by name, as the prior (its ``predict`` reflectance). Named for what
+    it is: it wraps another model (a baseline today; a learned model once one is registered)."""
+
+    name = "model"
 
     def __init__(self, model_name: str, params: dict | None = None) -> None:
         if model_name == "phyvlm-cr":
-            raise ModelError("the learned prior of phyvlm-cr cannot be phyvlm-cr itself; pick another model name")
+            raise ModelError("the model prior of phyvlm-cr cannot be phyvlm-cr itself; pick another model name")
         self.model_name = model_name
         self.model_params = dict(params or {})
         self._model: Any = None
@@ -263,7 +189,7 @@ class LearnedPrior:
         model = self._get()
         if model.spec.needs_reference and tile.references.shape[0] == 0:
             raise ModelError(
-                f"learned prior {self.model_name!r} needs a reference and tile {tile.target_id} has none; "
+                f"model prior {self.model_name!r} needs a reference and tile {tile.target_id} has none; "
                 "pick a reference-free prior model (e.g. 'dcp')"
             )
         res = model.predict(tile)
@@ -415,13 +341,18 @@ class DiffusersPrior:
 
 
 def build_prior(kind: str, **kw: Any) -> Prior:
-    """Factory used by PhyVLM-CR's params: ``reference`` | ``learned`` | ``diffusers``."""
+    """Factory used by PhyVLM-CR's params: ``temporal`` | ``reference`` | ``model`` | ``diffusers``."""
+    if kind == "temporal":
+        return TemporalPrior(kw.get("temporal_options"), kw.get("dcp_params"))
     if kind == "reference":
         return ReferencePrior(kw.get("dcp_params"), kw.get("combine", "first"), kw.get("fallback_prob"))
-    if kind == "learned":
+    if kind == "model":
         if not kw.get("model_name"):
-            raise ModelError("prior 'learned' needs prior_model: <registered model name> (see `cloudfree models`)")
-        return LearnedPrior(kw["model_name"], kw.get("model_params"))
+            raise ModelError("prior 'model' needs prior_model: <registered model name> (see `cloudfree models`)")
+        return ModelPrior(kw["model_name"], kw.get("model_params"))
     if kind == "diffusers":
         return DiffusersPrior(kw.get("weights"), **kw.get("options", {}))
-    raise ModelError(f"unknown prior {kind!r}; choose reference, learned or diffusers")
+    if kind == "learned":
+        raise ModelError("prior 'learned' was renamed 'model' (it wraps any registered model; no learned model is "
+                         "registered yet): set prior: model and prior_model: <name>")
+    raise ModelError(f"unknown prior {kind!r}; choose temporal, reference, model or diffusers")

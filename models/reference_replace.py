@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models._align import apply_linear, fit_linear
+from models._align import composite_reference, reference_validity, scene_alignment
 from models.base import ModelParams, ModelSpec, RemovalModelBase
 from models.registry import register
 from pipeline.contract import SOURCE_NODATA, SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs, TileResult
@@ -48,52 +48,21 @@ class ReferenceReplace(RemovalModelBase):
         return {"alignment": scene_alignment(sample)}
 
     def predict(self, tile: TileInputs) -> TileResult:
-        out = tile.target.copy()
-        ny, nx = tile.shape
-        source = np.full((ny, nx), SOURCE_TARGET, np.uint8)
-        conf = np.ones((ny, nx), np.float32)
         target_valid = np.isfinite(tile.target).all(axis=0)
         todo = tile.cloud_mask | ~target_valid
-        source[~target_valid] = SOURCE_NODATA
-        conf[todo] = 0.0
-        fit_region = ~tile.cloud_mask & target_valid
-        aligned_params = []
-        for i in range(tile.references.shape[0]):
-            ref = tile.references[i]
-            ref_ok = ~tile.reference_masks[i] & np.isfinite(ref).all(axis=0)
-            if "alignment" in tile.context and i < len(tile.context["alignment"]):
-                gain, offset = tile.context["alignment"][i]
-            else:
-                gain, offset = fit_linear(tile.target, ref, fit_region & ref_ok)
-            aligned_params.append((gain, offset))
-            fill = todo & ref_ok
-            if fill.any():
-                aligned = apply_linear(ref, gain, offset)
-                out[:, fill] = aligned[:, fill]
-                source[fill] = SOURCE_REFERENCE_BASE + i
-                conf[fill] = self.params.reference_confidence
-                todo &= ~fill
-        thick = todo & (np.nan_to_num(tile.cloud_prob, nan=1.0) >= self.params.fallback_prob)
-        for i in range(tile.references.shape[0]):
-            if not thick.any():
-                break
-            ref = tile.references[i]
-            fill = thick & np.isfinite(ref).all(axis=0)
-            if fill.any():
-                gain, offset = aligned_params[i]
-                out[:, fill] = apply_linear(ref, gain, offset)[:, fill]
-                source[fill] = SOURCE_REFERENCE_BASE + i
-                conf[fill] = self.params.fallback_confidence
-                thick &= ~fill
+        ref_ok = reference_validity(tile)
+        image, index = composite_reference(
+            tile.target, tile.references, ref_ok, ~tile.cloud_mask & target_valid, "first",
+            alignment=tile.context.get("alignment"),
+            fallback=todo & (np.nan_to_num(tile.cloud_prob, nan=1.0) >= self.params.fallback_prob),
+        )
+        out = tile.target.copy()
+        source = np.where(target_valid, SOURCE_TARGET, SOURCE_NODATA).astype(np.uint8)
+        conf = np.where(todo, 0.0, 1.0).astype(np.float32)
+        fill = todo & (index >= 0)
+        out[:, fill] = image[:, fill]
+        source[fill] = (SOURCE_REFERENCE_BASE + index[fill]).astype(np.uint8)
+        clear_ref = ref_ok.any(axis=0) if ref_ok.shape[0] else np.zeros(tile.shape, bool)
+        conf[fill & clear_ref] = self.params.reference_confidence
+        conf[fill & ~clear_ref] = self.params.fallback_confidence
         return TileResult(reflectance=out, confidence=conf, source=source).validate(tile, self.name)
-
-
-def scene_alignment(sample: TileInputs) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per-reference (gain, offset) fitted on pixels clear in both target and reference of a scene sample."""
-    target_ok = ~sample.cloud_mask & np.isfinite(sample.target).all(axis=0)
-    out = []
-    for i in range(sample.references.shape[0]):
-        ref = sample.references[i]
-        ok = target_ok & ~sample.reference_masks[i] & np.isfinite(ref).all(axis=0)
-        out.append(fit_linear(sample.target, ref, ok))
-    return out

@@ -21,6 +21,9 @@ BUILTIN_MODULES = (
     "models.dcp",
     "models.median_composite",
     "models.phyvlm",
+    "models.temporal",
+    "models.ca_mtcr",
+    "models.sar_optical_fusion",
 )
 _loaded = False
 

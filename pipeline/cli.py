@@ -6,9 +6,11 @@ The library is imported inside each command so ``--help`` stays fast; logging is
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -65,7 +67,7 @@ def main(verbose: int, quiet: int) -> None:
       scene      one target scene by STAC id
       search     list targets with their chosen references (and SAR)
       composite  incremental cloud-free composite of a region for a period
-      evaluate   score models on the real pair and simulated clouds (PSNR, SSIM, SAM, MAE)
+      evaluate   score models on the real multi-date stack, the real pair and simulated clouds
       models     list the registered removal models
     Start with `make demo`, which builds the embedded demo catalog and runs `cloudfree run`.
     """
@@ -138,7 +140,10 @@ def _overrides(model, out_dir, overwrite, no_progress) -> dict:
 
 @main.command()
 @common
-def run(config, model, out_dir, overwrite, dry_run, no_progress) -> None:
+@click.option("--compare", "compare_model", default=None,
+              help="Also run this model on the same targets and print both PSNRs where a target has a truth "
+                   "asset (the demo: --compare reference-replace).")
+def run(config, model, out_dir, overwrite, dry_run, no_progress, compare_model) -> None:
     """Batch job: every cloudy target the config's search finds in its AOI/period.
 
     Each target gets <out>/<target>__<model>/ with a reflectance COG, confidence and source COGs, a quicklook PNG
@@ -150,9 +155,29 @@ def run(config, model, out_dir, overwrite, dry_run, no_progress) -> None:
     try:
         cfg = _load(config, **_overrides(model, out_dir, overwrite, no_progress))
         results = run_job(cfg, dry_run=dry_run)
+        code = _print_results(results, cfg.output.dir)
+        if compare_model and not dry_run:
+            other = run_job(cfg.replace(model={"name": compare_model, "params": {}}), dry_run=False)
+            click.echo(comparison_table(results, other, cfg.model.name, compare_model))
     except CloudfreeError as exc:
         _fail(exc)
-    sys.exit(_print_results(results, cfg.output.dir))
+    sys.exit(code)
+
+
+def comparison_table(results, other, name: str, other_name: str) -> str:
+    """PSNR vs truth (cloudy pixels, all pixels) of two runs of the same targets, one line per target."""
+    lines = [f"comparison (PSNR dB vs simulated truth, cloudy / all pixels): {name} vs {other_name}"]
+    by_id = {r.target_id: r for r in other}
+    for r in results:
+        o = by_id.get(r.target_id)
+        if not (r.metrics and o is not None and o.metrics):
+            lines.append(f"  {r.target_id}: no truth to compare against")
+            continue
+        a, b = r.metrics, o.metrics
+        lines.append(f"  {r.target_id}: {name} {a['psnr_after_cloudy']:.2f} / {a['psnr_after_all']:.2f}  "
+                     f"{other_name} {b['psnr_after_cloudy']:.2f} / {b['psnr_after_all']:.2f}  "
+                     f"({a['psnr_after_cloudy'] - b['psnr_after_cloudy']:+.2f} dB on cloudy pixels)")
+    return "\n".join(lines)
 
 
 @main.command()
@@ -192,7 +217,6 @@ def search(config, kind, url, collection, sar_collection, aoi, period, out_path,
       cloudfree search --catalog planetary-computer --collection sentinel-2-l2a \\
           --sar-collection sentinel-1-rtc --aoi aoi.geojson --period 2024-06-01/2024-08-31 --out plans.json
     """
-    from catalogs.cli_search import search_command
     from pipeline.errors import CloudfreeError
 
     cat = {k: v for k, v in (("kind", kind), ("url", url), ("collection", collection),
@@ -204,16 +228,102 @@ def search(config, kind, url, collection, sar_collection, aoi, period, out_path,
         _fail(exc)
 
 
+def search_command(
+    catalog_cfg: Any,
+    search_cfg: Any,
+    aoi_path: str | Path | None = None,
+    period: str | None = None,
+    out_path: str | Path | None = None,
+    fmt: str | None = None,
+    *,
+    overwrite: bool = False,
+    catalog: Any = None,
+) -> list[Any]:
+    """Plan targets with ``catalog_cfg`` / ``search_cfg`` (``aoi_path`` and ``period`` override the config), echo
+    the table, write ``out_path`` as ``fmt`` ("json" or "parquet"; default from the suffix). Returns the plans.
+
+    ``catalog`` may pass an already open catalog (tests, the runner); otherwise ``open_catalog(catalog_cfg)``.
+    """
+    from catalogs.base import open_catalog
+    from pipeline.errors import ConfigError, OutputExistsError
+    from stages.search import format_plans, plan_targets, write_plans
+
+    updates: dict[str, Any] = {}
+    if aoi_path is not None:
+        updates["aoi"] = str(aoi_path)
+    if period is not None:
+        updates["period"] = period
+    if updates:
+        from pydantic import ValidationError
+
+        try:
+            search_cfg = type(search_cfg).model_validate({**search_cfg.model_dump(), **updates})
+        except ValidationError as exc:
+            msgs = "; ".join(f"search.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ConfigError(f"--aoi/--period: {msgs}") from None
+    if out_path is not None:
+        out_path = Path(out_path)
+        fmt = (fmt or out_path.suffix.lstrip(".") or "json").lower()
+        if fmt not in ("json", "parquet", "geoparquet"):
+            raise ConfigError(f"--out {out_path}: unknown format {fmt!r}; use .json or .parquet")
+        if out_path.exists() and not overwrite:
+            raise OutputExistsError(f"{out_path} exists; pass --overwrite or choose another --out")
+    cat = catalog if catalog is not None else open_catalog(catalog_cfg)
+    plans = plan_targets(cat, search_cfg, catalog_cfg.collection, catalog_cfg.sar_collection)
+    click.echo(format_plans(plans))
+    n_ref = sum(bool(p.references) for p in plans)
+    click.echo(f"{len(plans)} target(s), {n_ref} with references, {sum(bool(p.sar) for p in plans)} with SAR")
+    if out_path is not None:
+        write_plans(plans, out_path, fmt)
+        click.echo(f"wrote {out_path}")
+    return plans
+
+
 @main.command()
 def models() -> None:
     """List the registered removal models and what each needs."""
     from models.registry import available_models
 
+    from models.registry import build_model
+
     for name, cls in available_models().items():
-        s = cls.spec
-        needs = [n for n, flag in (("reference", s.needs_reference), ("SAR", s.needs_sar)) if flag]
+        try:  # an instance with the default params declares its real halo (radii, prior)
+            s = build_model(name).spec
+        except Exception:  # noqa: BLE001  (a plug-in that cannot be built still gets listed)
+            s = cls.spec
+        needs = [n for n, flag in (("reference", s.needs_reference), ("SAR", s.needs_sar),
+                                   ("SAR if available", s.accepts_sar and not s.needs_sar)) if flag]
         click.echo(f"{name:20s} {s.description}")
         click.echo(f"{'':20s} level {s.level}, halo {s.halo} px, needs: {', '.join(needs) or 'nothing extra'}")
+
+
+@main.command()
+@click.argument("model_name", metavar="MODEL")
+@click.option("-c", "--config", type=click.Path(dir_okay=False, exists=True),
+              help="Training YAML (see configs/train-*.yaml and pipeline/training/loop.py TrainConfig).")
+@click.option("--out", "out", type=click.Path(file_okay=False), help="Run folder (checkpoint, metrics, weights).")
+@click.option("--steps", type=int, help="Total optimiser steps; overrides the config.")
+@click.option("--seed", type=int, help="Seed; overrides the config.")
+@click.option("--catalog", "catalog", help="STAC catalog (static path, stac-geoparquet or API URL) to build pairs from; "
+              "sets data.source=stac and data.path.")
+@click.option("--device", help="cpu, cuda, or auto (default: the config's).")
+@click.option("--export", help="Also copy the final weights and model card to this path.")
+@click.option("--resume", is_flag=True, help="Continue from <out>/checkpoint.pt.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train(model_name, config, out, steps, seed, catalog, device, export, resume, no_progress) -> None:
+    """Train a learned removal model (checkpoints, resume, JSON-lines metrics, validation, model card)."""
+    from pipeline.errors import CloudfreeError
+    from pipeline.training.loop import load_train_config, train as run_training
+
+    try:
+        cfg = load_train_config(config, model=model_name, out=out, steps=steps, seed=seed, device=device,
+                                export=export)
+        if catalog:
+            cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": "stac", "path": catalog})})
+        summary = run_training(cfg, resume=resume, progress=not no_progress)
+    except CloudfreeError as exc:
+        _fail(exc)
+    click.echo(json.dumps(summary, indent=2))
 
 
 @main.command("demo-catalog")
@@ -235,9 +345,11 @@ def demo_catalog(out, source, cache) -> None:
 
 @main.command()
 @click.option("--models", "model_list", default=None,
-              help="Comma-separated model names (default: every registered model).")
-@click.option("--cases", default="slovakia,simulated", show_default=True,
-              help="Comma-separated cases: slovakia (real pair), simulated (simulated clouds on real pixels).")
+              help="Comma-separated registered model names, optionally with params: phyvlm-cr[prior=reference] "
+                   "(default: every registered model plus phyvlm-cr[prior=reference]).")
+@click.option("--cases", default="romania,slovakia,simulated", show_default=True,
+              help="Comma-separated cases: romania (real 140-date stack: hidden clear dates + real cloudy dates), "
+                   "slovakia (real pair), simulated (simulated clouds on real pixels).")
 @click.option("--out", "out", default="evaluation", show_default=True, type=click.Path(file_okay=False),
               help="Folder for evaluation.md, evaluation.json and figures/ (the repository's docs/ is regenerated "
                    "only when asked: --out docs).")
@@ -249,31 +361,30 @@ def demo_catalog(out, source, cache) -> None:
 @click.option("--speed/--no-speed", default=True, show_default=True, help="Also time each model (512x512 tile).")
 @click.option("--figures/--no-figures", default=True, show_default=True, help="Write the image grids.")
 def evaluate(model_list, cases, out, seeds, data_dir, tile_size, speed, figures) -> None:
-    """Score removal models (PSNR, SSIM, SAM, MAE on cloudy/thin/thick pixels) on the real Slovakia pair and the
-    simulated set; writes a Markdown + JSON table and figures.
+    """Score removal models (PSNR, SSIM, SAM, MAE on cloudy/thin/thick pixels) on the real Romania stack, the
+    real Slovakia pair and the simulated set; writes a Markdown + JSON table and figures.
 
     \b
     Example:
-      cloudfree evaluate --models reference-replace,phyvlm-cr --cases simulated --seeds 0-3 --out eval/
+      cloudfree evaluate --models temporal,reference-replace,phyvlm-cr --cases romania --out eval/
     """
-    from models.registry import available_models
     from pipeline.errors import CloudfreeError
-    from pipeline.evaluation.evaluate import DEFAULT_DATA_DIR, run_evaluation, parse_seeds
+    from pipeline.evaluation.evaluate import DEFAULT_DATA_DIR, parse_seeds, run_evaluation, split_models
 
     try:
-        names = [m.strip() for m in model_list.split(",") if m.strip()] if model_list else list(available_models())
         payload = run_evaluation(
-            out, data_dir=data_dir or DEFAULT_DATA_DIR, models=names,
+            out, data_dir=data_dir or DEFAULT_DATA_DIR, models=split_models(model_list or "") or None,
             cases=[c.strip() for c in cases.split(",") if c.strip()], seeds=parse_seeds(seeds),
             tile_size=tile_size, speed=speed, figures=figures,
         )
     except CloudfreeError as exc:
         _fail(exc)
     groups = sorted({r["group"] for r in payload["summary"]})
-    click.echo(f"evaluation: {Path(out) / 'evaluation.md'} ({len(names)} models, groups: {', '.join(groups)})")
+    click.echo(f"evaluation: {Path(out) / 'evaluation.md'} ({len(payload['models'])} models, groups: "
+               f"{', '.join(groups)}, {payload['run_seconds']:.0f} s)")
     for r in payload["summary"]:
         if r["region"] == "cloudy":
-            click.echo(f"  {r['group']:17s} {r['model']:20s} cloudy PSNR {r['psnr']:6.2f} dB  SAM {r['sam']:5.2f} deg")
+            click.echo(f"  {r['group']:17s} {r['model']:28s} cloudy PSNR {r['psnr']:6.2f} dB  SAM {r['sam']:5.2f} deg")
 
 
 @main.command()

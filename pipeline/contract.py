@@ -105,7 +105,8 @@ class TileInputs:
         reference_masks: ``(time, y, x)`` True where a reference pixel is cloudy or nodata.
         reference_ids: STAC ids of the references, same order.
         reference_dt_days: signed days from the target to each reference.
-        sar: ``(time, pol, y, x)`` Sentinel-1 backscatter (linear power) or None.
+        sar: ``(time, pol, y, x)`` Sentinel-1 backscatter, one scene per optical date (target first), in the units
+            the model's ``spec.sar_units`` declares (linear power, or dB clipped to [-25, 0]); None without S1.
         sar_bands: polarisation names of ``sar`` axis 1 (e.g. ``("vv", "vh")``).
         halo: pixels of context around the core on each side (already included in the arrays).
         target_id: STAC id of the target.

@@ -126,7 +126,7 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
                 continue
             t0 = time.perf_counter()
             try:  # one failing target never stops the batch: it is recorded and the next one runs
-                res = _run_target(plan, model, cfg, run_id, out_dir)
+                res = _run_target(plan, model, cfg, run_id, out_dir, catalog=catalog)
             except Exception as exc:  # noqa: BLE001 - fault isolation per target; KeyboardInterrupt still stops
                 from pipeline.redact import redact
 
@@ -147,7 +147,7 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
     return results
 
 
-def _run_target(plan: TargetPlan, model, cfg: Config, run_id: str, out_dir: Path) -> TargetResult:
+def _run_target(plan: TargetPlan, model, cfg: Config, run_id: str, out_dir: Path, catalog=None) -> TargetResult:
     """One target under its lock: stale staging from killed runs removed, then skipped (done) or processed."""
     from pipeline.safety import clean_stale_staging, target_lock
     from stages.write import is_done, paths_for
@@ -164,7 +164,7 @@ def _run_target(plan: TargetPlan, model, cfg: Config, run_id: str, out_dir: Path
             update_collection(out_dir, paths_for(out_dir, stem)["item"], cfg.output.collection)
             return TargetResult(plan.target.id, "skipped", [c.item.id for c in plan.references],
                                 outputs=paths_for(out_dir, stem))
-        return process_target(plan, model, cfg, run_id)
+        return process_target(plan, model, cfg, run_id, catalog=catalog)
 
 
 #: longest side (pixels) of the coarse whole-scene sample given to ``model.fit_scene``.
@@ -186,14 +186,14 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
     sample = to_tile_inputs(SceneInputs(
         stack[0], mask[0], prob[0], stack[1:] if n > 1 else None,
         (mask[1:] | stack[1:].isnull().any("band")) if n > 1 else None,
-        tuple(i.id for i in items[1:]), tuple(c.dt_days for c in plan.references[: n - 1]), items[0].id,
+        tuple(i.id for i in items[1:]), tuple(c.offset_days for c in plan.references[: n - 1]), items[0].id,
     ))
     ctx = model.fit_scene(sample)
     log.info("%s: scene context from a %dx%d sample: %s", items[0].id, *coarse.shape, sorted(ctx))
     return ctx
 
 
-def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetResult:
+def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=None) -> TargetResult:
     from stages.load import load_reflectance_checked, output_geobox
     from stages.masks import NODATA_BIT, build_masks_by_method, mask_provenance
     from stages.mosaic import confidence_fallback
@@ -226,13 +226,17 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str) -> TargetR
         if any(c.applied for c in coreg):  # re-read the references on shifted grids: one resampling, lazy
             ref_stack, ref_masks = load_aligned_references(refs, coreg, geobox, bands, cfg.mask, cfg.grid.chunk,
                                                            stack[0])
-    if plan.sar and cfg.coregister.enabled:
+    sar = None
+    if model.spec.needs_sar or model.spec.accepts_sar:
+        sar, sar_records = model_sar(plan, refs, catalog, stack[0], mask[0], geobox, cfg, model)
+        coreg.extend(sar_records)
+    elif plan.sar and cfg.coregister.enabled:
         coreg.append(_sar_coregistration(plan, stack[0], mask[0], geobox, cfg))
     inputs = SceneInputs(
         target=stack[0], cloud_mask=mask[0], cloud_prob=prob[0],
         references=ref_stack, reference_masks=ref_masks,
         reference_ids=tuple(r.id for r in refs),
-        reference_dt_days=tuple(c.dt_days for c in plan.references[: len(refs)]), target_id=target.id,
+        reference_dt_days=tuple(c.offset_days for c in plan.references[: len(refs)]), target_id=target.id, sar=sar,
     )
     halo = cfg.tile.halo if cfg.tile.halo is not None else model.spec.halo
     tiles = plan_tiles(geobox.shape, cfg.tile.size, halo)
@@ -283,7 +287,7 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
     log.info("%s: %d tiles of %d px (halo %d), %d reference(s), model %s", target.id, len(tiles), cfg.tile.size,
              halo, len(refs), model.name)
     out, computed = write_outputs(ds, cfg.output.dir, stem, cfg.output, extra_compute=(*extras, tile_timings),
-                                  progress=cfg.run.progress, stage=stage)
+                                  progress=_progress_callback(cfg), stage=stage)
     staged = paths_for(stage.parent, stem)
     staged = {k: stage / v.name for k, v in staged.items()}
     final = paths_for(cfg.output.dir, stem)
@@ -376,6 +380,15 @@ def restoration_status(stats: dict) -> tuple[str, str]:
 LOW_CONFIDENCE = 0.5
 
 
+def _progress_callback(cfg: Config):
+    """The CLI's progress bar as the write stage's callback (None when ``run.progress`` is off)."""
+    if not cfg.run.progress:
+        return None
+    from pipeline.progress import progress_bar
+
+    return lambda desc: progress_bar(True, desc)
+
+
 def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: float = 0.0,
                 max_side: int = 1024, source_path: Path | None = None) -> dict:
     """Cover statistics of an output, read decimated from its COGs. Shares are of all output pixels unless said:
@@ -455,6 +468,26 @@ def mark_failed(ds, failed, bands=None):
         band_hit = xr.DataArray(np.isin([str(b) for b in ds.band.values], list(bands)), dims="band")
     return ds.assign(reflectance=ds.reflectance.where(~(hit & band_hit)), confidence=ds.confidence.where(~hit, 0.0),
                      source=ds.source.where(~hit, float(SOURCE_FAILED)))
+
+
+def model_sar(plan: TargetPlan, refs, catalog, target, target_mask, geobox, cfg: Config, model):
+    """SAR for a model that needs or accepts it (:mod:`stages.sar`): one scene per optical date on the output
+    grid, co-registered, in the model's units. A model that *needs* SAR and gets none fails the target."""
+    from pipeline.errors import ModelError
+    from stages.sar import prepare_model_sar, sar_items_per_date
+
+    items = sar_items_per_date(plan, refs, catalog, cfg)
+    band = cfg.coregister.band if cfg.coregister.band in target.band.values else str(target.band.values[-1])
+    sar, records = prepare_model_sar(items, target.sel(band=band), target_mask, geobox, cfg, model.spec.sar_units)
+    if sar is None and model.spec.needs_sar:
+        why = ("no catalog.sar_collection is configured" if not cfg.catalog.sar_collection else
+               f"no scene of {cfg.catalog.sar_collection} within {cfg.search.policy.sar_max_days} days covers it")
+        raise ModelError(f"model {model.name} needs Sentinel-1 but target {plan.target.id} has none: {why}; set "
+                         "catalog.sar_collection / widen search.policy.sar_max_days, or pick a model that runs "
+                         "without SAR")
+    if sar is None:
+        log.info("%s: no Sentinel-1; model %s runs without SAR", plan.target.id, model.name)
+    return sar, records
 
 
 def _sar_coregistration(plan: TargetPlan, target, target_mask, geobox, cfg: Config):

@@ -277,7 +277,7 @@ def compute_once(*objs):
 
 
 def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocksize: int = 512,
-                 compress: str = "deflate", extra_compute=(), progress: bool = False, desc: str = "",
+                 compress: str = "deflate", extra_compute=(), progress=None, desc: str = "",
                  geobox: GeoBox | None = None) -> tuple[dict[str, Path], list, GeoBox]:
     """Write every layer of ``ds`` as a COG into ``folder`` (file names from ``names[layer]``) in ONE dask pass,
     together with ``extra_compute``; returns ``(files, computed extras, the files' grid)``.
@@ -286,7 +286,7 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
     its own would fuse the shared reads into each of them and read the inputs again per consumer. The files'
     grid is ``geobox`` exactly (no padding, see :func:`_unpadded`).
     """
-    from pipeline.progress import progress_bar
+    import contextlib
 
     if geobox is None:
         geobox = ds.reflectance.odc.geobox
@@ -296,7 +296,8 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
         writes.append(cog_write(layer, dst, blocksize=blocksize, compress=compress, overview_resampling=resampling,
                                 scales=scales, offsets=[0.0] * len(scales) if scales else None))
         files[name] = dst
-    with progress_bar(enabled=progress, desc=desc or "compute+write"):
+    # progress(desc): e.g. the CLI's progress bar, a context manager the compute runs in; None = none
+    with progress(desc or "compute+write") if progress is not None else contextlib.nullcontext():
         _, *extras = compute_once(writes, *extra_compute)
     from rio_cogeo.cogeo import cog_validate
 

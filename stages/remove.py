@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import operator
 import os
 import threading
 import time
@@ -40,8 +39,8 @@ class SceneInputs:
     reference_ids: tuple[str, ...] = ()
     reference_dt_days: tuple[float, ...] = ()
     target_id: str = ""
-    #: optional Sentinel-1 backscatter ``(time, pol, y, x)`` on the same grid; each tile gets its window as
-    #: ``TileInputs.sar`` (with ``sar_bands`` = the ``band`` coordinate).
+    #: (time, pol, y, x) one S1 scene per optical date, model units (stages.sar); each tile gets its halo window
+    #: as ``TileInputs.sar`` (``sar_bands`` = the ``band`` coordinate), cut from the same chunks (HaloWindows).
     sar: xr.DataArray | None = None
 
 
@@ -106,8 +105,9 @@ def predict_tile(model, target, cloud_mask, cloud_prob, references, reference_ma
     """One task: numpy in, the whole read window ``(band + 2, y, x)`` float32 out, plus its wall time (s).
 
     ``model`` is a model object or a :class:`ModelHandle` (resolved once per process); ``sar`` an optional
-    ``(time, pol, y, x)`` Sentinel-1 window with polarisation names ``sar_bands``.
-    """
+    ``(time, pol, y, x)`` Sentinel-1 window with polarisation names ``sar_bands``. The model is called through
+    ``predict_batch`` (a batch of one tile per task; batching models get their several-tile path from callers that
+    hold several tiles, e.g. the benchmarks)."""
     model = resolve_model(model)
     t0 = time.perf_counter()
     nb = target.shape[0]
@@ -121,7 +121,7 @@ def predict_tile(model, target, cloud_mask, cloud_prob, references, reference_ma
         reference_dt_days=reference_dt_days, halo=halo, target_id=target_id, context=context or {},
         sar=None if sar is None else np.asarray(sar, np.float32), sar_bands=tuple(sar_bands),
     )
-    res: TileResult = model.predict(tile).validate(tile, getattr(model, "name", "model"))
+    res: TileResult = model.predict_batch([tile])[0].validate(tile, getattr(model, "name", "model"))
     out = np.concatenate([res.reflectance, res.confidence[None], res.source[None].astype(np.float32)])
     return out, time.perf_counter() - t0
 

@@ -7,7 +7,12 @@
 * references: items of the same collection within ``search.max_days`` of the target with ``eo:cloud_cover`` at
   most ``search.reference_max_cloud_cover``, covering at least ``policy.min_overlap`` of the target footprint,
   ranked by the weighted score of :class:`~pipeline.config.SelectionPolicy` (temporal distance, clear fraction
-  over the target's cloudy pixels, footprint overlap, same relative orbit, same MGRS tile); best first;
+  over the target's cloudy pixels, footprint overlap, same relative orbit, same MGRS tile); best first. With
+  ``policy.bracket`` (default) the best-scored reference before the target and the best-scored one after it are
+  always among the ``search.max_references`` kept when both sides have one (:func:`select_references`), so a
+  temporal model interpolates instead of extrapolating; every candidate carries its signed ``offset_days``
+  (the runner passes them to the model as ``TileInputs.reference_dt_days``). Validity stays per pixel: the
+  load/mask stages give every reference its own cloud mask;
 * sar: scenes of ``sar_collection`` (comma-separated ids allowed, e.g. ``"sentinel-1-rtc,sentinel-1-grd"``)
   within ``policy.sar_max_days``, RTC before GRD, then nearest in time; orbit direction and platform are recorded
   in the reason.
@@ -17,7 +22,7 @@ The clear fraction is a pluggable ``ClearFractionFn(target, reference) -> float`
 the SCL assets of target and reference (when readable) and measures, over the target's cloudy pixels, the share
 that is clear in the reference. The runner may pass any other estimator.
 
-:func:`to_table`, :func:`write_plans` (JSON or GeoParquet) and :func:`read_plans` (JSON) keep plans for later runs.
+:func:`format_plans` (the text table ``cloudfree search`` prints), :func:`to_table`, :func:`write_plans` (JSON or GeoParquet) and :func:`read_plans` (JSON) keep plans for later runs.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ class Candidate:
     same_tile: bool
     score: float
     reason: str
+    #: signed days from the target to this item (negative = before the target).
+    offset_days: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -329,7 +336,8 @@ def plan_targets(
                 continue
             if ref.properties.get("cloudfree:status") == "unrestored":
                 continue  # a cloudfree output that could not be restored is cloudy, whatever its other fields say
-            dt = abs((item_time(ref) - t0).total_seconds()) / 86400.0
+            signed = (item_time(ref) - t0).total_seconds() / 86400.0
+            dt = abs(signed)
             if dt > search_cfg.max_days:
                 continue
             ov = footprint_overlap(target, ref)
@@ -343,15 +351,36 @@ def plan_targets(
             score = _score(policy, dt, cf, ov, so, st)
             reason = (f"dt={dt:.1f} d, clear={cf:.2f}, overlap={ov:.2f}, "
                       f"{'same' if so else 'other'} orbit, {'same' if st else 'other'} tile")
-            cands.append(Candidate(ref, dt, cf, ov, so, st, score, reason))
+            cands.append(Candidate(ref, dt, cf, ov, so, st, score, reason, signed))
         cands.sort(key=lambda c: (-c.score, c.dt_days, c.item.id))
-        references = tuple(cands[: search_cfg.max_references])
+        references = select_references(cands, search_cfg.max_references, getattr(policy, "bracket", False))
         sar = _sar(catalog, target, sar_collection, policy) if sar_collection else ()
         if not references:
             log.warning("target %s: no reference within %s d with eo:cloud_cover <= %s and overlap >= %s",
                         target.id, search_cfg.max_days, search_cfg.reference_max_cloud_cover, policy.min_overlap)
         plans.append(TargetPlan(target, references, sar))
     return plans
+
+
+def select_references(ranked: Sequence[Candidate], n: int, bracket: bool = True) -> tuple[Candidate, ...]:
+    """The ``n`` references to keep from ``ranked`` (best score first). With ``bracket``, the best-scored candidate
+    before the target and the best-scored one after it are kept whenever both sides have one (a temporal model
+    then interpolates instead of extrapolating); the remaining places go by score. Order stays by score."""
+    if n <= 0 or not ranked:
+        return ()
+    chosen: list[Candidate] = []
+    if bracket and n >= 2:
+        before = next((c for c in ranked if c.offset_days < 0), None)
+        after = next((c for c in ranked if c.offset_days > 0), None)
+        if before is not None and after is not None:
+            chosen = [before, after]
+    for c in ranked:
+        if len(chosen) >= n:
+            break
+        if c not in chosen:
+            chosen.append(c)
+    order = {id(c): i for i, c in enumerate(ranked)}
+    return tuple(sorted(chosen, key=lambda c: order[id(c)]))
 
 
 def _sar(catalog: Any, target: pystac.Item, sar_collection: str, policy: Any) -> tuple[Candidate, ...]:
@@ -368,7 +397,8 @@ def _sar(catalog: Any, target: pystac.Item, sar_collection: str, policy: Any) ->
         return ()
     cands = []
     for s in scenes:
-        dt = abs((item_time(s) - t0).total_seconds()) / 86400.0
+        signed = (item_time(s) - t0).total_seconds() / 86400.0
+        dt = abs(signed)
         ov = footprint_overlap(target, s)
         if dt > policy.sar_max_days or ov < policy.sar_min_overlap:
             continue
@@ -377,14 +407,14 @@ def _sar(catalog: Any, target: pystac.Item, sar_collection: str, policy: Any) ->
         reason = (f"{'RTC' if rtc else 'GRD'}, dt={dt * 24:.1f} h, overlap={ov:.2f}, "
                   f"orbit={s.properties.get('sat:orbit_state', '?')}, platform={s.properties.get('platform', '?')}, "
                   f"relative orbit {relative_orbit(s)}")
-        cands.append(Candidate(s, dt, float("nan"), ov, False, False, score, reason))
+        cands.append(Candidate(s, dt, float("nan"), ov, False, False, score, reason, signed))
     cands.sort(key=lambda c: (not is_rtc(c.item), c.dt_days, -c.overlap, c.item.id))
     return tuple(cands[: policy.max_sar])
 
 
 # -- persistence ---------------------------------------------------------------------------------------------------
 def _cand_record(c: Candidate) -> dict[str, Any]:
-    return {"dt_days": c.dt_days, "clear_fraction": None if math.isnan(c.clear_fraction) else c.clear_fraction,
+    return {"dt_days": c.dt_days, "offset_days": c.offset_days, "clear_fraction": None if math.isnan(c.clear_fraction) else c.clear_fraction,
             "overlap": c.overlap, "same_orbit": c.same_orbit, "same_tile": c.same_tile, "score": c.score,
             "reason": c.reason, "item": c.item.to_dict(transform_hrefs=False)}
 
@@ -400,13 +430,44 @@ def plans_from_json(doc: dict[str, Any]) -> list[TargetPlan]:
     if doc.get("type") != "cloudfree:plans":
         raise InputDataError(f"not a cloudfree plans document (type={doc.get('type')!r}); write it with write_plans")
 
-    def cand(r: dict[str, Any]) -> Candidate:
+    def cand(r: dict[str, Any], target: pystac.Item) -> Candidate:
         cf = r["clear_fraction"]
-        return Candidate(pystac.Item.from_dict(r["item"]), r["dt_days"], float("nan") if cf is None else cf,
-                         r["overlap"], r["same_orbit"], r["same_tile"], r["score"], r["reason"])
+        item = pystac.Item.from_dict(r["item"])
+        offset = r.get("offset_days")
+        if offset is None:  # plans written before offsets were recorded: recompute from the dates
+            offset = (item_time(item) - item_time(target)).total_seconds() / 86400.0
+        return Candidate(item, r["dt_days"], float("nan") if cf is None else cf,
+                         r["overlap"], r["same_orbit"], r["same_tile"], r["score"], r["reason"], float(offset))
 
-    return [TargetPlan(pystac.Item.from_dict(p["target"]), tuple(cand(r) for r in p["references"]),
-                       tuple(cand(r) for r in p["sar"])) for p in doc["plans"]]
+    out = []
+    for p in doc["plans"]:
+        target = pystac.Item.from_dict(p["target"])
+        out.append(TargetPlan(target, tuple(cand(r, target) for r in p["references"]),
+                              tuple(cand(r, target) for r in p["sar"])))
+    return out
+
+
+def format_plans(plans: list[Any]) -> str:
+    """A plain-text table: one line per target, its references and SAR indented below it."""
+    lines = [f"{'role':<10} {'item':<70} {'date':<16} {'cc %':>6} {'dt d':>6} {'clear':>5} {'ovl':>4} {'score':>5}"]
+    for p in plans:
+        t = p.target
+        cc = t.properties.get("eo:cloud_cover")
+        lines.append(f"{'TARGET':<10} {t.id[:70]:<70} {item_time(t):%Y-%m-%d %H:%M} "
+                     f"{'' if cc is None else f'{cc:6.1f}':>6}")
+        for role, cands in (("ref", p.references), ("sar", p.sar)):
+            for i, c in enumerate(cands, 1):
+                it = c.item
+                cc = it.properties.get("eo:cloud_cover")
+                clear = "" if c.clear_fraction != c.clear_fraction else f"{c.clear_fraction:5.2f}"
+                lines.append(f"  {role + str(i):<8} {it.id[:70]:<70} {item_time(it):%Y-%m-%d %H:%M} "
+                             f"{'' if cc is None else f'{cc:6.1f}':>6} {c.offset_days:+6.1f} {clear:>5} {c.overlap:4.2f} "
+                             f"{c.score:5.2f}  {c.reason}")
+        if not p.references:
+            lines.append("  (no reference)")
+        if not p.sar:
+            lines.append("  (no SAR)")
+    return "\n".join(lines)
 
 
 def to_table(plans: Sequence[TargetPlan]) -> Any:

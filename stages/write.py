@@ -23,6 +23,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import numpy as np
 import rasterio
@@ -75,9 +76,12 @@ def is_done(out_dir: Path, stem: str) -> bool:
 
 
 def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, extra_compute=(),
-                  progress: bool = True, stage: Path | None = None) -> tuple[WrittenOutput, list]:
+                  progress: Callable[[str], ContextManager] | None = None, stage: Path | None = None
+                  ) -> tuple[WrittenOutput, list]:
     """Compute ``ds`` once and write the COGs. ``extra_compute`` lazy objects are computed in the same pass
-    (e.g. decimated quicklook inputs), sharing the input reads. Returns the outputs and the computed extras.
+    (e.g. decimated quicklook inputs), sharing the input reads. ``progress(desc)`` (e.g. the CLI's progress bar)
+    returns a context manager the compute runs in; None = no progress report. Returns the outputs and the
+    computed extras.
 
     With ``stage`` (a folder from :func:`pipeline.safety.staging_dir`, the caller holding the target's lock) the
     files are written there and stay there: the caller adds the item and publishes the folder
@@ -111,8 +115,8 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
     return out, extras
 
 
-def _write_into(ds: xr.Dataset, stage: Path, stem: str, cfg: OutputConfig, extra_compute, progress: bool
-                ) -> tuple[WrittenOutput, list]:
+def _write_into(ds: xr.Dataset, stage: Path, stem: str, cfg: OutputConfig, extra_compute,
+                progress: Callable[[str], ContextManager] | None) -> tuple[WrittenOutput, list]:
     """The COGs and VRTs of ``ds`` written into the folder ``stage`` (files named as in :func:`paths_for`)."""
     from stages.cog import write_layers
 

@@ -63,7 +63,7 @@ def test_scene_runs_one_target_and_prints_psnr(tmp_path, demo_catalog):
     r = CliRunner().invoke(main, ["scene", "S2B_T33UUU_20170226_SIMTHIN", "-c", str(cfg), "--no-progress"])
     assert r.exit_code == 0, r.output
     assert "PSNR vs simulated truth" in r.output
-    assert (out / "S2B_T33UUU_20170226_SIMTHIN__reference-replace").is_dir()
+    assert (out / "S2B_T33UUU_20170226_SIMTHIN__temporal").is_dir()
 
 
 def test_config_error_exit_code_and_message(tmp_path, demo_catalog):
@@ -78,3 +78,17 @@ def test_unknown_model_and_missing_item(tmp_path, demo_catalog):
     assert r.exit_code != 0 and "available" in r.output
     r = CliRunner().invoke(main, ["scene", "NO_SUCH_ITEM", "-c", str(cfg)])
     assert r.exit_code != 0 and "NO_SUCH_ITEM" in r.output
+
+
+def test_run_compare_prints_both_models_per_target():
+    """`cloudfree run --compare reference-replace` (the demo): one line per target with both PSNRs and the gain."""
+    from pipeline.cli import comparison_table
+    from pipeline.runner import TargetResult
+
+    m = {"psnr_after_cloudy": 25.5, "psnr_after_all": 28.0}
+    o = {"psnr_after_cloudy": 24.0, "psnr_after_all": 27.5}
+    ours = [TargetResult("A", "done", metrics=m), TargetResult("B", "done")]
+    theirs = [TargetResult("A", "done", metrics=o), TargetResult("B", "done")]
+    text = comparison_table(ours, theirs, "temporal", "reference-replace")
+    assert "A: temporal 25.50 / 28.00  reference-replace 24.00 / 27.50  (+1.50 dB on cloudy pixels)" in text
+    assert "B: no truth to compare against" in text

@@ -6,29 +6,37 @@ import json
 
 import numpy as np
 import pystac
+import pytest
 import rasterio
 from rio_cogeo.cogeo import cog_info, cog_validate
 
 from pipeline.contract import SOURCE_REFERENCE_BASE, SOURCE_TARGET, SOURCE_UNFILLED
 
 TARGET = "S2A_T33UUU_20170216_SIMCLOUDY"
+THIN = "S2B_T33UUU_20170226_SIMTHIN"
+BEFORE, AFTER = "S2A_T33UUU_20170206_SIMREF", "S2B_T33UUU_20170313_SIMREF"
 
 
 def _result(demo_run, target=TARGET):
     return next(r for r in demo_run if r.target_id == target)
 
 
-def test_demo_finds_both_targets_with_references(demo_run):
-    assert {r.target_id for r in demo_run} == {TARGET, "S2B_T33UUU_20170226_SIMTHIN"}
+def test_demo_finds_both_targets_with_bracketing_references(demo_run):
+    assert {r.target_id for r in demo_run} == {TARGET, THIN}
     for r in demo_run:
         assert r.status == "done", r.error
-        assert r.references and r.references[0] == "S2A_T33UUU_20170206_SIMREF" or r.target_id != TARGET
+    # the reference policy brackets each target in time: one reference before and one after it
+    # (SIMCLOUDY 2017-02-16: 02-06 and 03-13; SIMTHIN 2017-02-26: 03-13 and 02-06), best-scored first
+    assert _result(demo_run, TARGET).references == [BEFORE, AFTER]
+    assert _result(demo_run, THIN).references == [AFTER, BEFORE]
 
 
-def test_cloudy_pixels_move_closer_to_truth(demo_run):
-    m = _result(demo_run).metrics
+@pytest.mark.parametrize("target", [TARGET, THIN])
+def test_cloudy_pixels_move_closer_to_truth(demo_run, target):
+    m = _result(demo_run, target).metrics
     assert m["simulated"] is True
-    # measured on the simulated-cloudy pixels (t < 0.95) against the real cloud-free pixels
+    # measured on the simulated-cloudy pixels (t < 0.95) against the real cloud-free pixels; the default model
+    # (temporal) measured 5.00 -> 25.64 dB (SIMCLOUDY) and 7.56 -> 23.08 dB (SIMTHIN) on cloudy pixels
     assert m["psnr_after_cloudy"] > m["psnr_before_cloudy"] + 10, m
     assert m["psnr_after_all"] > m["psnr_before_all"] + 10, m
 
@@ -70,7 +78,7 @@ def test_stac_item_links_every_input_and_records_processing(demo_run):
     assert derived == {TARGET, *r.references}
     assert any("processing" in e for e in item.stac_extensions)
     assert item.properties["processing:lineage"].startswith("cloud removal of")
-    assert item.properties["cloudfree:model"]["name"] == "reference-replace"
+    assert item.properties["cloudfree:model"]["name"] == "temporal"
     assert item.properties["cloudfree:simulated_inputs"] is True
     assert [h["item"] for h in item.properties["cloudfree:harmonisation"]] == [TARGET, *r.references]
     assert set(item.assets) >= {"reflectance", "confidence", "source", "quicklook"}

@@ -1,4 +1,4 @@
-"""Metrics against known values, tiled prediction, writers and the figure."""
+"""Metrics against known values, tiled prediction, writers, the figure, the computed report statements."""
 
 from __future__ import annotations
 
@@ -8,21 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluation.evaluate import (
-    evaluate_models,
-    figure,
-    mae,
-    predict_tiled,
-    psnr,
-    sam,
-    simulated_case,
-    slovakia_arrays_to_case,
-    ssim,
-    summarise,
-    to_markdown,
-    write_json,
-)
 from models.registry import build_model
+from pipeline.evaluation.cases import simulated_case, slovakia_arrays_to_case
+from pipeline.evaluation.figures import figure
+from pipeline.evaluation.metrics import mae, psnr, sam, ssim
+from pipeline.evaluation.report import bar_check, choose_default, to_markdown, write_json
+from pipeline.evaluation.running import evaluate_models, parse_model_spec, predict_tiled, summarise
 from pipeline.evaluation.simulate import CloudSpec
 
 from tests.test_models_phyvlm import BANDS, _clear
@@ -81,18 +72,41 @@ def test_evaluate_models_table_phyvlm_beats_none_on_cloudy(case, tmp_path):
     assert (tmp_path / "f.png").stat().st_size > 10_000
 
 
-def test_predict_tiled_matches_whole_image_for_pointwise_model(case):
-    tile = case.tile_inputs()
-    model = build_model("reference-replace")
+@pytest.mark.parametrize("name", ["reference-replace", "median-composite"])
+def test_predict_tiled_equals_whole_image_for_pointwise_models(case, name):
+    """Pixel-wise models (halo 0, scene-level alignment) give bit-identical values tiled and whole."""
+    from pipeline.evaluation.running import with_scene_context
+
+    model = build_model(name)
+    tile = with_scene_context(model, case.tile_inputs())
     whole = model.predict(tile)
-    tiled = predict_tiled(build_model("none"), tile, tile_size=40)
-    np.testing.assert_array_equal(tiled.reflectance, tile.target)
-    assert whole.reflectance.shape == tiled.reflectance.shape
-    phy = predict_tiled(build_model("phyvlm-cr"), tile, tile_size=48)
-    assert np.isfinite(phy.reflectance).all() and "t" in phy.diagnostics
+    tiled = predict_tiled(model, tile, tile_size=40)
+    np.testing.assert_array_equal(tiled.reflectance, whole.reflectance)
+    np.testing.assert_array_equal(tiled.source, whole.source)
+    np.testing.assert_array_equal(tiled.confidence, whole.confidence)
 
 
-def test_slovakia_case_builder_and_real_data():
+@pytest.mark.parametrize("name", ["phyvlm-cr", "temporal"])
+def test_predict_tiled_with_halo_matches_whole_image(case, name):
+    """Models with a receptive field: tiles padded by the model's declared halo reproduce the whole-image
+    prediction (same scene context; lambdas of PhyVLM-CR stay per tile, hence a tolerance, not equality)."""
+    from pipeline.evaluation.running import with_scene_context
+
+    model = build_model(name)
+    tile = with_scene_context(model, case.tile_inputs())
+    whole = model.predict(tile)
+    tiled = predict_tiled(model, tile, tile_size=48)
+    diff = np.abs(tiled.reflectance - whole.reflectance)
+    assert np.isfinite(tiled.reflectance).all()
+    assert np.median(diff) < 1e-3 and psnr(tiled.reflectance, whole.reflectance) > 40, (np.median(diff), diff.max())
+    # without the halo the tiles see less context: the prediction differs more (the halo is doing work)
+    short = type(model)(model.params)
+    short.spec = type(model.spec)(**{**model.spec.__dict__, "halo": 0})
+    no_halo = predict_tiled(short, tile, tile_size=48)
+    assert psnr(no_halo.reflectance, whole.reflectance) < psnr(tiled.reflectance, whole.reflectance)
+
+
+def test_slovakia_case_builder():
     rng = np.random.default_rng(0)
     clean = rng.random((12, 32, 32)).astype(np.float32) * 0.3
     mask = np.zeros((32, 32), np.float32)
@@ -100,11 +114,41 @@ def test_slovakia_case_builder_and_real_data():
     c = slovakia_arrays_to_case(clean + 0.2, clean, mask)
     assert c.regions["thick"].sum() == 320 and c.regions["thin"].sum() == 320
     assert not np.array_equal(c.references[0], clean)  # the reference is simulated, never the truth
-    if (DATA / "s2-pair-slovakia" / "cloudy.tif").exists():
-        from pipeline.evaluation.evaluate import slovakia_case
 
-        real = slovakia_case(DATA)
-        assert real.target.shape == (12, 256, 256) and 0.4 < real.cloud_mask.mean() < 0.6
+
+@pytest.mark.skipif(not (DATA / "s2-pair-slovakia" / "cloudy.tif").exists(),
+                    reason=f"real Slovakia pair not found under {DATA}")
+def test_slovakia_case_real_data():
+    from pipeline.evaluation.cases import slovakia_case
+
+    real = slovakia_case(DATA)
+    assert real.target.shape == (12, 256, 256) and 0.4 < real.cloud_mask.mean() < 0.6
+    assert real.simulated is False and "SIMULATED" in real.notes  # the reference is simulated and says so
+
+
+def test_model_spec_parsing_and_generic_registry():
+    assert parse_model_spec("temporal") == ("temporal", {})
+    assert parse_model_spec("phyvlm-cr[prior=reference,temporal_options.local_radius=0]") == (
+        "phyvlm-cr", {"prior": "reference", "temporal_options": {"local_radius": 0}})
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        parse_model_spec("phyvlm-cr[prior]")
+
+
+def test_bar_compares_against_best_other_model_and_default_is_best():
+    """The bar names the best other model of each set (not a chosen baseline); the default is the best."""
+    summary = []
+    for model, (cloudy, thin) in {"a": (30.0, 31.0), "b": (33.0, 29.0), "c": (32.0, 34.0),
+                                  "c[x=1]": (40.0, 40.0)}.items():
+        for region, v in (("cloudy", cloudy), ("thin", thin)):
+            summary.append({"group": "romania-hidden", "model": model, "region": region, "psnr": v, "sam": 50 - v,
+                            "ssim": 0.9, "mae": 0.01, "n_cases": 1})
+    models = ["a", "b", "c", "c[x=1]"]
+    (line,) = bar_check(summary, models, "c")
+    assert "cloudy 32.00 dB vs best other b 33.00 dB (does NOT beat" in line  # c[x=1] is c itself, excluded
+    assert "thin 34.00 dB vs best other b 29.00 dB (beats" not in line and "best other a 31.00" in line
+    assert choose_default(summary, models) == "b"  # parameter variants are not candidates for the default
 
 
 @pytest.mark.skipif(not (DATA / "s2-l2a-tile-29RKH-100m").is_dir(), reason="shared sample data not found")

@@ -30,7 +30,8 @@ from tests.fault_server import FaultServer
 
 CLOUDY = "S2A_T33UUU_20170216_SIMCLOUDY"
 THIN = "S2B_T33UUU_20170226_SIMTHIN"
-MODEL = "reference-replace"
+#: the demo config's model (the measured default; output folders are named after it)
+MODEL = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())["model"]["name"]
 SECRET = "s3cr3t-CLIENT-secret-value-4711"
 
 

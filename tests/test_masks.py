@@ -26,9 +26,8 @@ def test_spectral_score_on_labelled_l1c():
 
 def test_spectral_score_against_sen2cor_scl_on_29rkh():
     shared("s2-l2a-tile-29RKH-100m")
-    spectral, scl = score_29rkh(SHARED)
+    (spectral,) = score_29rkh(SHARED)  # the scl method is not scored against its own layer
     assert spectral.f1 >= 0.14 and spectral.recall >= 0.6, spectral  # measured F1 0.163, recall 0.666 (over-detects)
-    assert scl.f1 == 1.0
 
 
 def test_s2cloudless_on_real_l1c_crop():

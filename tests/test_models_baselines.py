@@ -10,7 +10,7 @@ import numpy as np
 from models.dcp import dcp_dehaze, dark_channel
 from models.registry import BUILTIN_MODULES, available_models, build_model
 from pipeline.contract import SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs
-from pipeline.evaluation.evaluate import psnr
+from pipeline.evaluation.metrics import psnr
 
 BANDS = ("B02", "B03", "B04", "B08")
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -71,7 +71,7 @@ def test_dcp_kernel_inverts_uniform_haze():
 
 
 def test_dcp_model_improves_thin_haze_case():
-    from pipeline.evaluation.evaluate import simulated_case
+    from pipeline.evaluation.cases import simulated_case
     from pipeline.evaluation.simulate import CloudSpec
 
     from tests.test_models_phyvlm import _clear

@@ -1,4 +1,4 @@
-"""PhyVLM-CR: kernel equations, transmission recovery, fusion, priors (reference / learned / diffusers adapter)."""
+"""PhyVLM-CR: kernel equations, transmission recovery, fusion, priors (temporal / reference / model / diffusers adapter)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from models._filters import block_mean, guided_filter, nanmedian_axis0, upsample
 from models.phyvlm import PhyVLMCR, atmospheric_light, brightness_saturation, phyvlm_kernel
 from models.priors import (
     DiffusersPrior,
-    LearnedPrior,
+    ModelPrior,
     PriorBackendMissingError,
     ReferencePrior,
     extend_rgb_to_bands,
@@ -22,7 +22,8 @@ from models.priors import (
 from models.registry import build_model
 from pipeline.contract import SOURCE_MODEL, SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs
 from pipeline.errors import ModelError, WeightsError
-from pipeline.evaluation.evaluate import psnr, simulated_case
+from pipeline.evaluation.cases import simulated_case
+from pipeline.evaluation.metrics import psnr
 from pipeline.evaluation.simulate import CloudSpec
 
 BANDS = ("B02", "B03", "B04", "B08")
@@ -117,7 +118,7 @@ def test_scene_context_gives_same_statistics_to_every_tile(case):
     context equals predict without it when the tile is the scene."""
     from dataclasses import replace
 
-    from pipeline.evaluation.evaluate import predict_tiled
+    from pipeline.evaluation.running import predict_tiled
 
     model = build_model("phyvlm-cr")
     assert model.spec.scene_context
@@ -163,7 +164,20 @@ def test_phyvlm_model_beats_none_and_sets_provenance(case):
     thick = case.regions["thick"]
     assert (res.source[thick] >= SOURCE_REFERENCE_BASE).mean() > 0.9
     assert res.confidence.min() >= 0 and res.confidence.max() <= 1
-    assert PhyVLMCR.spec.halo >= 2 * 8 + 2 * 8 + 8
+
+
+def test_halo_follows_configured_radii_and_prior():
+    """The halo is computed from the configured params and the prior's own receptive field, not fixed at import."""
+    ref = build_model("phyvlm-cr", {"prior": "reference"})
+    assert ref.spec.halo == 2 * 8 + 2 * 8 + 8 + 2
+    wide = build_model("phyvlm-cr", {"prior": "reference", "base_radius": 20, "lp_radius": 30})
+    assert wide.spec.halo == 2 * 20 + 2 * 8 + 30 + 2
+    temporal = build_model("phyvlm-cr", {"temporal_options": {"local_radius": 32}})
+    assert temporal.spec.halo == ref.spec.halo + 5 * 32 + 1
+    assert build_model("phyvlm-cr", {"temporal_options": {"local_radius": 0}}).spec.halo == ref.spec.halo
+    # a model prior with a larger receptive field than the kernel's widens the halo
+    assert build_model("phyvlm-cr", {"prior": "model", "prior_model": "dcp"}).spec.halo == \
+        ref.spec.halo + build_model("dcp").spec.halo
 
 
 def test_phyvlm_without_reference_uses_dark_channel_prior(case, caplog):
@@ -177,20 +191,25 @@ def test_phyvlm_without_reference_uses_dark_channel_prior(case, caplog):
     assert set(np.unique(res.source)) <= {SOURCE_TARGET, SOURCE_MODEL}
 
 
-def test_learned_prior_hook_calls_any_registered_model(case):
+def test_model_prior_hook_calls_any_registered_model(case):
     tile = case.tile_inputs()
-    prior = LearnedPrior("reference-replace")
+    prior = ModelPrior("reference-replace")
     got = prior(tile)
     expected = build_model("reference-replace").predict(tile).reflectance
     np.testing.assert_array_equal(got.image, expected)
-    model = build_model("phyvlm-cr", {"prior": "learned", "prior_model": "dcp"})
+    model = build_model("phyvlm-cr", {"prior": "model", "prior_model": "dcp"})
     res = model.predict(tile)
     assert np.isfinite(res.reflectance).all()
     pickle.loads(pickle.dumps(model))  # picklable handle, lazily rebuilt prior model
+    with pytest.raises(ModelError, match="prior_model"):
+        build_model("phyvlm-cr", {"prior": "model"})
     with pytest.raises(ModelError):
-        build_model("phyvlm-cr", {"prior": "learned"})
-    with pytest.raises(ModelError):
-        LearnedPrior("phyvlm-cr")
+        ModelPrior("phyvlm-cr")
+    # no learned model is registered: the wrapper is not called "learned"
+    from models.priors import build_prior
+
+    with pytest.raises(ModelError, match="renamed 'model'"):
+        build_prior("learned", model_name="dcp")
 
 
 def test_reference_prior_is_aligned_reference(case):
@@ -199,12 +218,17 @@ def test_reference_prior_is_aligned_reference(case):
     assert psnr(got.image, case.truth) > 25
 
 
-def test_diffusers_adapter_missing_weights_and_package(tmp_path, case):
+def test_diffusers_adapter_missing_weights_and_package(tmp_path, case, monkeypatch):
     tile = case.tile_inputs()
     with pytest.raises(WeightsError, match="huggingface-cli download"):
         DiffusersPrior(tmp_path / "nope")(tile)
+    # the package made unimportable whether or not it is installed (a None entry in sys.modules makes
+    # `import diffusers` raise ImportError), so this checks the error path, not this machine's packages
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)
     with pytest.raises(PriorBackendMissingError, match="pip install diffusers"):
-        DiffusersPrior(tmp_path)(tile)  # folder exists, package does not
+        DiffusersPrior(tmp_path)(tile)  # folder exists, package cannot be imported
     assert issubclass(PriorBackendMissingError, ModelError)
 
 

@@ -9,7 +9,7 @@ import geopandas as gpd
 import pytest
 
 from catalogs.base import SearchQuery
-from catalogs.cli_search import search_command
+from pipeline.cli import search_command
 from catalogs.local import LocalCatalog, write_geoparquet
 from catalogs.stac_api import StacApiCatalog
 from pipeline.config import CatalogConfig, SearchConfig, SelectionPolicy
@@ -82,11 +82,20 @@ def test_plan_targets_on_api(cat) -> None:
     assert [p.target.id for p in plans] == ["derived-T47XML-20240419-cc62", "derived-T47XML-20240424-cc12",
                                              "derived-T47XML-20240504-cc45"]
     first = plans[0]
-    assert [c.item.id for c in first.references] == ["derived-T47XML-20240414-cc3", "derived-T47XML-20240409-cc0"]
+    # four references (search.max_references), best score first; 0424 (12 % cloud, other orbit, +5 d) is the only
+    # candidate after the target, so the bracketing policy keeps it even with two references
+    assert [(c.item.id, c.offset_days) for c in first.references] == [
+        ("derived-T47XML-20240414-cc3", -5.0), ("derived-T47XML-20240409-cc0", -10.0),
+        ("derived-T47XML-20240424-cc12", 5.0), ("derived-T47XML-20240310-cc1", -40.0)]
+    two = plan_targets(cat, cfg.model_copy(update={"max_references": 2}), "s2-l2a-derived")[0]
+    assert [c.item.id for c in two.references] == ["derived-T47XML-20240414-cc3", "derived-T47XML-20240424-cc12"]
+    no_bracket = cfg.model_copy(update={"max_references": 2, "policy": SelectionPolicy(bracket=False)})
+    assert [c.item.id for c in plan_targets(cat, no_bracket, "s2-l2a-derived")[0].references] == [
+        "derived-T47XML-20240414-cc3", "derived-T47XML-20240409-cc0"]
     assert first.references[0].same_orbit and first.references[0].same_tile and first.references[0].dt_days == 5
     assert [c.item.id for c in first.sar] == ["derived-S1-A-20240418T0355"]
     assert "descending" in first.sar[0].reason and "SENTINEL-1A" in first.sar[0].reason
-    # 20240424 (other orbit 22) is a target itself (12 %), so it never appears as a reference of 0419
+    # 20240424 (other orbit 22) is a target itself (12 %); its own best reference is on another orbit
     assert plans[1].references[0].same_orbit is False
     assert plans[2].sar == ()  # nearest SAR is > 4 days away
 

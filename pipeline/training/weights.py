@@ -1,0 +1,235 @@
+"""Weights of learned models: save (safetensors, atomic), hash (sha256), model cards, lazy hash-checked loading.
+
+A weights file carries, in its safetensors metadata, the **input convention** the network was trained on
+(:class:`InputConvention`: bands, processing level, optical and SAR scaling). Loading compares it with what the
+model is configured for and refuses a mismatch with :class:`~pipeline.errors.WeightsError` naming both sides, so a
+network trained on L2A B02/B03/B04/B08 in [0, 1] is never silently fed L1C or other bands.
+
+Networks are loaded **lazily, once per process** (:func:`cached_network`): the model object that dask pickles to its
+workers holds only the path and the expected hash; the first tile a worker runs builds the network, checks the file's
+sha256 against the expected one (the model card's), and keeps it in a per-process cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from pipeline.errors import WeightsError
+
+#: Optical scaling every learned model here uses: L2A/L1C reflectance (DN / 10000) clipped to [0, 1], i.e. the
+#: SEN12MS-CR(-TS)/AllClear convention "clip to [0, 10000], scale to [0, 1]".
+OPTICAL_SCALING = "reflectance clip [0, 1] (= DN clip [0, 10000] / 10000)"
+#: SAR scaling: backscatter in dB clipped to [-25, 0] and mapped to [0, 1] ((dB + 25) / 25).
+SAR_SCALING = "sigma0 dB clip [-25, 0], (dB + 25) / 25"
+
+
+@dataclass(frozen=True)
+class InputConvention:
+    """What a network's inputs must be. Stored in the weights file; checked at load time."""
+
+    bands: tuple[str, ...]
+    level: str = "L2A"
+    optical_scaling: str = OPTICAL_SCALING
+    sar_pols: tuple[str, ...] = ()
+    sar_scaling: str = SAR_SCALING
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "InputConvention":
+        d = json.loads(text)
+        return cls(tuple(d["bands"]), d["level"], d["optical_scaling"], tuple(d.get("sar_pols", ())),
+                   d.get("sar_scaling", SAR_SCALING))
+
+    def check(self, trained: "InputConvention", where: str) -> None:
+        """Raise :class:`WeightsError` if ``trained`` (from the file) differs from this (the model's) convention."""
+        problems = []
+        if tuple(trained.bands) != tuple(self.bands):
+            problems.append(f"bands {list(trained.bands)} (model configured for {list(self.bands)})")
+        if trained.level != self.level and "any" not in (trained.level, self.level):
+            problems.append(f"level {trained.level} (model configured for {self.level})")
+        if trained.optical_scaling != self.optical_scaling:
+            problems.append(f"optical scaling {trained.optical_scaling!r} (model uses {self.optical_scaling!r})")
+        if trained.sar_pols and self.sar_pols and tuple(trained.sar_pols) != tuple(self.sar_pols):
+            problems.append(f"SAR polarisations {list(trained.sar_pols)} (model uses {list(self.sar_pols)})")
+        if trained.sar_pols and trained.sar_scaling != self.sar_scaling:
+            problems.append(f"SAR scaling {trained.sar_scaling!r} (model uses {self.sar_scaling!r})")
+        if problems:
+            raise WeightsError(f"{where}: the weights were trained on {'; '.join(problems)}; retrain with "
+                               "`cloudfree train` for this input convention or configure the model to match")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_target(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+
+
+def save_weights(state_dict: Mapping[str, Any], path: str | Path, convention: InputConvention,
+                 extra: Mapping[str, str] | None = None) -> str:
+    """Write ``state_dict`` to ``path`` atomically; returns its sha256.
+
+    ``.safetensors`` (the default format: no pickle, safe to load from untrusted sources) stores the convention in the
+    file's metadata; any other suffix falls back to ``torch.save`` of ``{"state_dict", "metadata"}``.
+    """
+    import torch
+
+    path = Path(path)
+    meta = {"cloudfree:input": convention.to_json(), **{k: str(v) for k, v in (extra or {}).items()}}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    fd, tmp = _atomic_target(path)
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            save_file(tensors, tmp, metadata=meta)
+        else:
+            torch.save({"state_dict": tensors, "metadata": meta}, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return file_sha256(path)
+
+
+def read_weights(path: str | Path, expected_sha256: str | None, convention: InputConvention | None = None,
+                 ) -> tuple[dict[str, Any], dict[str, str]]:
+    """``(state_dict, metadata)`` of a weights file after checking its hash and input convention.
+
+    Raises :class:`WeightsError` when the file is missing, its sha256 differs from ``expected_sha256`` (a corrupt
+    or swapped file), or the convention stored in it differs from ``convention``.
+    """
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} not found; train it with `cloudfree train` or point the model's "
+                           "`weights` parameter at an existing file")
+    if expected_sha256 is not None:
+        got = file_sha256(path)
+        if got != expected_sha256:
+            raise WeightsError(f"weights file {path} has sha256 {got}, expected {expected_sha256} (from its model "
+                               "card / the model's weights_sha256 parameter); the file is corrupt or was replaced")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    else:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        state, meta = blob["state_dict"], dict(blob.get("metadata", {}))
+    if convention is not None:
+        if "cloudfree:input" not in meta:
+            raise WeightsError(f"weights file {path} records no input convention (bands/level/scaling); it was not "
+                               "written by cloudfree's save_weights and cannot be checked")
+        convention.check(InputConvention.from_json(meta["cloudfree:input"]), f"weights {path.name}")
+    return state, meta
+
+
+# -- lazy, once-per-process network cache ---------------------------------------------------------------------
+_CACHE: dict[tuple, Any] = {}
+_LOCK = threading.Lock()
+
+
+def cached_network(key: tuple, build: Callable[[], Any]) -> Any:
+    """The network for ``key`` in this process, built (and its weights read and checked) on first use only."""
+    with _LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = build()
+        return _CACHE[key]
+
+
+def clear_cache() -> None:
+    with _LOCK:
+        _CACHE.clear()
+
+
+def cache_size() -> int:
+    return len(_CACHE)
+
+
+# -- model cards ----------------------------------------------------------------------------------------------
+@dataclass
+class ModelCard:
+    """What a weights file is: written next to it as ``<name>.card.json`` and ``<name>.card.md``."""
+
+    model: str
+    weights_file: str
+    sha256: str
+    size_bytes: int
+    convention: InputConvention
+    data: dict[str, Any]
+    config: dict[str, Any]
+    steps: int
+    epochs_equivalent: float
+    wall_seconds: float
+    metrics: dict[str, Any]
+    licence: str = ("weights: Apache-2.0 (this project); trained on Copernicus Sentinel data "
+                    "(\"Contains modified Copernicus Sentinel data\")")
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["convention"] = asdict(self.convention)
+        return d
+
+    def to_markdown(self) -> str:
+        c = self.convention
+        lines = [f"# Model card: {self.model}", "",
+                 f"- weights: `{self.weights_file}` ({self.size_bytes / 1e6:.2f} MB), sha256 `{self.sha256}`",
+                 f"- inputs: bands {', '.join(c.bands)}, level {c.level}, optical {c.optical_scaling}"
+                 + (f", SAR {'/'.join(c.sar_pols)} {c.sar_scaling}" if c.sar_pols else ""),
+                 f"- training: {self.steps} steps (~{self.epochs_equivalent:.2f} epochs of the training pairs), "
+                 f"wall time {self.wall_seconds:.0f} s", f"- licence: {self.licence}", "", "## Data", ""]
+        lines += [f"- **{k}**: {v}" for k, v in self.data.items()]
+        lines += ["", "## Config", "", "```json", json.dumps(self.config, indent=2, sort_keys=True), "```", "",
+                  "## Metrics (validation split, reflectance 0-1)", ""]
+        lines += [f"- {k}: {v}" for k, v in self.metrics.items()]
+        if self.notes:
+            lines += ["", "## Notes and limits", ""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+def card_paths(weights: str | Path) -> tuple[Path, Path]:
+    w = Path(weights)
+    stem = w.name.split(".")[0]
+    return w.with_name(f"{stem}.card.json"), w.with_name(f"{stem}.card.md")
+
+
+def write_model_card(card: ModelCard, weights: str | Path) -> tuple[Path, Path]:
+    from stages.write import write_json_atomic
+
+    jpath, mpath = card_paths(weights)
+    write_json_atomic(card.to_dict(), jpath)
+    fd, tmp = _atomic_target(mpath)
+    with os.fdopen(fd, "w") as f:
+        f.write(card.to_markdown())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, mpath)
+    return jpath, mpath
+
+
+def card_sha256(weights: str | Path) -> str | None:
+    """The sha256 recorded in the model card next to ``weights`` (None without a card)."""
+    jpath, _ = card_paths(weights)
+    if not jpath.is_file():
+        return None
+    return json.loads(jpath.read_text())["sha256"]

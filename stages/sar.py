@@ -1,0 +1,115 @@
+"""SAR for the models: one Sentinel-1 scene per optical date on the output grid, co-registered, in the model's units.
+
+For a model whose spec ``needs_sar`` or ``accepts_sar``, :func:`prepare_model_sar` takes the target's chosen S1
+scene (``TargetPlan.sar``, from the search stage) and, for multi-temporal models, searches the best S1 scene for each
+reference date the same way (:func:`stages.search._sar`, same policy). Each distinct S1 item is co-registered once
+to the target's optical band (:func:`stages.coregister.estimate_sar_shift`); an *applied* shift is honoured by
+loading the scene on the shifted grid (:func:`stages.coregister.shifted_geobox`, one resampling, as for optical
+references). The stack is converted to the model's convention (``spec.sar_units``: ``"db"`` = sigma0 dB clipped to
+[-25, 0]; ``"linear"`` = linear power) and stays lazy; :func:`sar_window` cuts a tile's halo-padded read window.
+
+A reference date without its own S1 repeats the target's scene (the model then sees "no change" there, not a
+fake one). No S1 for the target: ``None`` (a model that ``needs_sar`` fails the target; see the runner).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import dask.array as dsa
+import numpy as np
+import xarray as xr
+
+from pipeline.errors import CloudfreeError, ReadError
+
+log = logging.getLogger(__name__)
+
+DB_RANGE = (-25.0, 0.0)
+
+
+def linear_to_db_clipped(linear: np.ndarray) -> np.ndarray:
+    """Linear power -> sigma0 dB clipped to [-25, 0] (NaN stays NaN)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        db = 10.0 * np.log10(np.where(linear > 0, linear, np.nan))
+    return np.clip(db, *DB_RANGE).astype(np.float32)
+
+
+def sar_items_per_date(plan, refs, catalog, cfg) -> list[Any]:
+    """One S1 item (or None) per optical date: the target's chosen scene, then each reference's best scene."""
+    target_sar = plan.sar[0].item if plan.sar else None
+    out = [target_sar]
+    for ref in refs:
+        item = None
+        if target_sar is not None and catalog is not None and cfg.catalog.sar_collection:
+            from stages.search import _sar
+
+            try:
+                cands = _sar(catalog, ref, cfg.catalog.sar_collection, cfg.search.policy)
+            except CloudfreeError as exc:
+                log.warning("S1 search for reference %s failed: %s", ref.id, exc)
+                cands = ()
+            item = cands[0].item if cands else None
+        out.append(item)
+    return out
+
+
+def prepare_model_sar(sar_items: Sequence[Any], target_band: xr.DataArray, target_mask: xr.DataArray, geobox,
+                      cfg, units: str = "db") -> tuple[xr.DataArray | None, list]:
+    """Lazy ``(time, pol, y, x)`` SAR on the output grid, one scene per optical date (target first), co-registered
+    and in ``units``; plus the co-registration records. ``(None, [])`` when the target has no S1."""
+    from stages.coregister import Coregistration, estimate_sar_shift, shifted_geobox
+    from stages.load import load_sar
+
+    if not sar_items or sar_items[0] is None:
+        return None, []
+    chunk = cfg.grid.chunk
+    loaded: dict[str, xr.DataArray] = {}
+    records = []
+    for item in sar_items:
+        if item is None or item.id in loaded:
+            continue
+        try:
+            raw = load_sar([item], geobox, chunk=chunk)
+        except (ReadError, CloudfreeError) as exc:
+            if item is sar_items[0]:
+                raise
+            log.warning("S1 %s could not be loaded (%s); its date repeats the target's SAR", item.id, exc)
+            continue
+        pol = "vv" if "vv" in raw.band.values else str(raw.band.values[0])
+        rec = None
+        if cfg.coregister.enabled:
+            try:
+                rec = estimate_sar_shift(target_band, target_mask, raw.sel(band=pol)[0], item.id, cfg.coregister)
+            except (ReadError, CloudfreeError) as exc:
+                rec = Coregistration(item.id, "sar", "failed", reason=str(exc))
+            records.append(rec)
+        if rec is not None and rec.applied:
+            raw = load_sar([item], shifted_geobox(geobox, rec.shift_px), chunk=chunk)
+            raw = raw.assign_coords(y=target_band.y.values, x=target_band.x.values)
+        loaded[item.id] = raw.isel(time=0)
+    first = loaded[sar_items[0].id]
+    pols = [str(p) for p in first.band.values]
+    planes = []
+    for item in sar_items:
+        da = loaded.get(item.id if item is not None else "", first)
+        if [str(p) for p in da.band.values] != pols:
+            da = first
+        planes.append(da.data)
+    data = dsa.stack(planes)
+    if units == "db":
+        data = dsa.map_blocks(linear_to_db_clipped, data, dtype=np.float32)
+    ids = [it.id if it is not None else f"{sar_items[0].id} (repeated)" for it in sar_items]
+    out = xr.DataArray(data, dims=("time", "band", "y", "x"),
+                       coords={"band": pols, "y": target_band.y.values, "x": target_band.x.values,
+                               "id": ("time", ids)}, name="sar")
+    out.attrs["units"] = units
+    return out, records
+
+
+def sar_window(sar: xr.DataArray | None, read: tuple[slice, slice]):
+    """The (lazy) halo-padded read window ``(time, pol, y, x)`` of one tile, or None."""
+    if sar is None:
+        return None
+    ry, rx = read
+    return sar.data[:, :, ry, rx]

@@ -1,0 +1,58 @@
+"""The house rules of the package layout, checked on the source with ``ast`` (no import needed):
+
+* ``catalogs`` imports neither ``stages`` nor ``models`` nor ``pipeline.cli``;
+* ``stages`` and ``models`` never import ``pipeline.evaluation`` or ``pipeline.cli`` (nor ``pipeline.progress``,
+  the CLI's progress bars: the write stage takes a callback);
+* ``pipeline.evaluation`` is imported by none of ``stages``, ``models``, ``catalogs``.
+
+Imports inside functions count too (a lazy import is still a dependency).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RULES = {
+    "catalogs": ("stages", "models", "pipeline.cli", "pipeline.evaluation"),
+    "stages": ("pipeline.evaluation", "pipeline.cli", "pipeline.progress"),
+    "models": ("pipeline.evaluation", "pipeline.cli", "pipeline.progress"),
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return out
+
+
+def violations(package: str, forbidden: tuple[str, ...]) -> list[str]:
+    bad = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for mod in imported_modules(path):
+            if any(mod == f or mod.startswith(f + ".") for f in forbidden):
+                bad.append(f"{path.relative_to(ROOT)} imports {mod}")
+    return bad
+
+
+@pytest.mark.parametrize("package", sorted(RULES))
+def test_import_rules(package):
+    assert (ROOT / package).is_dir()
+    assert violations(package, RULES[package]) == []
+
+
+def test_the_checker_sees_lazy_and_from_imports(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("import os\nfrom pipeline import cli\n\ndef f():\n    from pipeline.evaluation.metrics import psnr\n")
+    mods = imported_modules(f)
+    assert {"os", "pipeline.cli", "pipeline.evaluation.metrics"} <= mods
