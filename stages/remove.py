@@ -209,6 +209,14 @@ def _strip(block: np.ndarray, index) -> np.ndarray:
     return np.array(block[index], copy=True)
 
 
+def _as_dask(a, size: int) -> dsa.Array:
+    """``a`` as a dask array (in-memory inputs, e.g. in tests, are chunked by the tile size)."""
+    if isinstance(a, dsa.Array):
+        return a
+    a = np.asarray(a)
+    return dsa.from_array(a, chunks=tuple(a.shape[:-2]) + (size, size))
+
+
 def _assemble(layout: tuple[int, ...], *pieces: np.ndarray) -> np.ndarray:
     """Pieces in row-major order, ``layout[r]`` of them in row ``r`` -> one array (last two axes)."""
     if len(pieces) == 1:
@@ -263,21 +271,21 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
     kind = blend if halo > 0 else "none"
     handle = ModelHandle.of(model)
     sar_bands = tuple(str(b) for b in inputs.sar.band.values) if inputs.sar is not None else ()
+    size = max(t.core[0].stop - t.core[0].start for t in tiles)
+    arrays = {role: _as_dask(da.data, size) for role, da in (
+        ("target", inputs.target), ("mask", inputs.cloud_mask), ("prob", inputs.cloud_prob),
+        ("refs", inputs.references), ("rmask", inputs.reference_masks), ("sar", inputs.sar)) if da is not None}
     token = dask.base.tokenize(handle or model, context, tiles, halo, kind, inputs.target_id,
-                               inputs.target.data.name, inputs.cloud_mask.data.name, inputs.cloud_prob.data.name,
-                               *(a.data.name for a in (inputs.references, inputs.reference_masks, inputs.sar)
-                                 if a is not None))
+                               *(a.name for a in arrays.values()))
     name = f"cloudfree-tiles-{token}"
     layer: dict = {}
     model_k, ctx_k = (f"{name}-model",), (f"{name}-context",)
     layer[model_k] = DataNode(model_k, handle if handle is not None else model)
     layer[ctx_k] = DataNode(ctx_k, dict(context or {}))
     deps, wins = [], {}
-    for role, da in (("target", inputs.target), ("mask", inputs.cloud_mask), ("prob", inputs.cloud_prob),
-                     ("refs", inputs.references), ("rmask", inputs.reference_masks), ("sar", inputs.sar)):
-        if da is not None:
-            wins[role] = HaloWindows(da.data, f"{name}-{role}", layer)
-            deps.append(wins[role].arr)
+    for role, arr in arrays.items():
+        wins[role] = HaloWindows(arr, f"{name}-{role}", layer)
+        deps.append(wins[role].arr)
     static = {"bands": bands, "halo": halo, "reference_ids": inputs.reference_ids,
               "reference_dt_days": inputs.reference_dt_days, "target_id": inputs.target_id, "sar_bands": sar_bands}
     preds = {}
