@@ -176,14 +176,10 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     stack = load_reflectance(items, bands, geobox, cfg.grid.chunk, name=f"{tile}-{period}")
     mask, prob = build_masks(items, geobox, cfg.mask, cfg.grid.chunk)
     nb = len(bands)
-    both = dsa.concatenate([stack.data, mask.data[:, None].astype(np.float32), prob.data[:, None].astype(np.float32)],
-                           axis=1).rechunk({0: -1, 1: -1})
-
-    def block(b):
-        return composite_kernel(b[:, :nb], b[:, nb] > 0.5, b[:, nb + 1], method)
-
-    out = dsa.map_blocks(block, both, drop_axis=0, new_axis=None, dtype=np.float32,
-                         chunks=((nb + 2,),) + both.chunks[2:])
+    # one task per output block over all dates: memory per task = dates x bands x block, whatever the area
+    # (the dates and bands are concatenated inside the task: no separate rechunk tasks holding merged stacks)
+    out = dsa.blockwise(composite_kernel, "cyx", stack.data, "tbyx", mask.data, "tyx", prob.data.astype(np.float32), "tyx",
+                        method, None, new_axes={"c": nb + 2}, concatenate=True, dtype=np.float32)
     y, x = stack.y, stack.x
     ds = xr.Dataset({
         "reflectance": xr.DataArray(out[:nb], dims=("band", "y", "x"), coords={"band": bands, "y": y, "x": x}),

@@ -242,9 +242,20 @@ class CompositeConfig(_Section):
 class RunConfig(_Section):
     scheduler: Literal["threads", "synchronous", "processes", "distributed"] = "threads"
     workers: int | None = None
-    #: per-worker memory limit for the distributed scheduler.
+    #: per-worker memory limit for the distributed scheduler's own LocalCluster (not used with ``address``).
     memory_limit: str = "4GiB"
+    #: with ``scheduler: distributed``: the address of a running dask scheduler (``tcp://host:8786``: a
+    #: LocalCluster, ``dask scheduler`` + ``dask worker`` as in docker/docker-compose.yml, dask-gateway,
+    #: Kubernetes); None = start a LocalCluster of ``workers`` processes for the run.
+    address: str | None = None
     progress: bool = True
+
+    @model_validator(mode="after")
+    def _address_needs_distributed(self) -> "RunConfig":
+        if self.address and self.scheduler != "distributed":
+            raise ValueError(f"run.address {self.address!r} needs run.scheduler: distributed "
+                             f"(got {self.scheduler!r})")
+        return self
 
 
 class Config(_Section):

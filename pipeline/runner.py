@@ -56,13 +56,24 @@ def output_stem(target_id: str, model_name: str) -> str:
 
 @contextlib.contextmanager
 def dask_context(cfg: Config):
-    """The configured scheduler, scoped (no global state)."""
+    """The configured scheduler, scoped (no global state).
+
+    ``distributed`` connects to ``run.address`` (any running scheduler) or starts a LocalCluster of
+    ``run.workers`` single-threaded processes for the run; the dashboard link is printed either way. Models reach
+    the workers as handles (:class:`stages.remove.ModelHandle`) and are built once per worker process.
+    """
     if cfg.run.scheduler == "distributed":
         from dask.distributed import Client, LocalCluster
 
+        if cfg.run.address:
+            with Client(cfg.run.address) as client:
+                _announce(client, public_address(cfg.run.address))
+                yield
+            return
         with LocalCluster(n_workers=cfg.run.workers or 2, threads_per_worker=1, memory_limit=cfg.run.memory_limit,
-                          processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
-            log.info("dask.distributed cluster: %s", client)
+                          processes=True, dashboard_address=":0") as cluster, \
+                Client(cluster) as client:
+            _announce(client, "LocalCluster")
             yield
     else:
         kw = {"scheduler": cfg.run.scheduler}
@@ -70,6 +81,25 @@ def dask_context(cfg: Config):
             kw["num_workers"] = cfg.run.workers
         with dask.config.set(**kw):
             yield
+
+
+def public_address(address: str) -> str:
+    """``address`` without any user:password part (logs never carry credentials)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}"
+
+
+def _announce(client, where: str) -> None:
+    import sys
+
+    n = len(client.scheduler_info().get("workers", {}))
+    link = client.dashboard_link or "(no dashboard: install bokeh>=3.1)"
+    msg = f"dask.distributed: {where}, {n} worker(s); dashboard: {link}"
+    log.info(msg)
+    print(msg, file=sys.stderr, flush=True)
 
 
 def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None) -> list[TargetResult]:

@@ -14,6 +14,7 @@ ones as ``SOURCE_FAILED``. :func:`load_sar` loads Sentinel-1 backscatter (linear
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
@@ -51,8 +52,64 @@ def item_harmonisation(item: pystac.Item, band: str) -> tuple[float, float]:
     return h.scale[band], h.offset[band]
 
 
+def native_geobox(item: pystac.Item) -> GeoBox | None:
+    """The item's own pixel grid from its projection extension (``proj:transform`` / ``proj:shape`` on the item,
+    else the finest asset that declares them), or None when it declares none. For Sentinel-2 this is the MGRS
+    tile's 10 m grid in its UTM zone."""
+    from affine import Affine
+
+    crs = _item_crs(item)
+    if crs is None:
+        return None
+    cands = []
+    p = item.properties
+    if p.get("proj:transform") and p.get("proj:shape"):
+        cands.append((p["proj:transform"], p["proj:shape"]))
+    for asset in item.assets.values():
+        f = asset.extra_fields
+        if f.get("proj:transform") and f.get("proj:shape"):
+            cands.append((f["proj:transform"], f["proj:shape"]))
+    if not cands:
+        return None
+    tr, shape = min(cands, key=lambda c: abs(float(c[0][0])))  # the finest declared grid
+    ny, nx = (int(v) for v in shape)
+    return GeoBox((ny, nx), Affine(*[float(v) for v in tr[:6]]), crs)
+
+
+def snapped_geobox(native: GeoBox, resolution: float, bounds: Sequence[float] | None = None) -> GeoBox:
+    """A north-up grid of pixel size ``resolution`` whose pixel edges line up with ``native``'s origin (so it
+    nests in the MGRS tiling), covering ``bounds`` (``(left, bottom, right, top)`` in the native CRS; default the
+    native extent), clipped to the native extent. At the native resolution it is the native grid (or a window
+    of it): no resampling at all."""
+    from affine import Affine
+
+    t = native.transform
+    if t.b != 0 or t.d != 0 or t.e >= 0:
+        raise InputDataError(f"native grid {t} is rotated or south-up; set grid.crs to resample onto a plain grid")
+    x0, y0 = t.c, t.f
+    ext = native.extent.boundingbox
+    left, bottom, right, top = bounds if bounds is not None else (ext.left, ext.bottom, ext.right, ext.top)
+    left, bottom, right, top = max(left, ext.left), max(bottom, ext.bottom), min(right, ext.right), min(top, ext.top)
+    if left >= right or bottom >= top:
+        raise InputDataError("the AOI does not overlap the target's native grid; check search.aoi")
+    r = float(resolution)
+    eps = 1e-6
+    xa = x0 + math.floor((left - x0) / r + eps) * r
+    xb = x0 + math.ceil((right - x0) / r - eps) * r
+    ya = y0 - math.floor((y0 - top) / r + eps) * r
+    yb = y0 - math.ceil((y0 - bottom) / r - eps) * r
+    shape = (int(round((ya - yb) / r)), int(round((xb - xa) / r)))
+    return GeoBox(shape, Affine(r, 0.0, xa, 0.0, -r, ya), native.crs)
+
+
 def output_geobox(target: pystac.Item, grid: GridConfig, bbox4326: Sequence[float] | None = None) -> GeoBox:
-    """The output grid: the AOI (or the target's footprint) in the configured CRS (default: the target's UTM)."""
+    """The output grid: the AOI (or the target's footprint) in the configured CRS (default: the target's UTM).
+
+    When the grid's CRS is the target's own and the item declares its pixel grid (``proj:transform`` /
+    ``proj:shape``), the grid snaps to it (:func:`snapped_geobox`): the whole MGRS tile (or the AOI window of it)
+    at ``grid.resolution`` with pixel edges on the tile's own; at the native resolution the bands are read
+    without any resampling. Otherwise a grid over the bounding box of the footprint (or AOI) is used.
+    """
     crs = grid.crs or _item_crs(target)
     if crs is None:
         raise InputDataError(f"item {target.id} has no proj:epsg/proj:code; set grid.crs in the config")
@@ -62,17 +119,15 @@ def output_geobox(target: pystac.Item, grid: GridConfig, bbox4326: Sequence[floa
         bbox = (max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
         if bbox[0] >= bbox[2] or bbox[1] >= bbox[3]:
             raise InputDataError(f"item {target.id} does not overlap the AOI {list(bbox4326)}; check search.aoi")
-    if bbox4326 is None and "proj:transform" in target.properties and _item_crs(target) == crs:
-        # exact native grid of the target: no resampling of its 10 m bands at all
-        tr = target.properties["proj:transform"]
-        ny, nx = target.properties["proj:shape"]
-        from affine import Affine
-
-        native = GeoBox((ny, nx), Affine(*tr[:6]), crs)
-        if abs(native.resolution.x) == grid.resolution:
-            return native
     from odc.geo.geom import BoundingBox
 
+    native = native_geobox(target)
+    if native is not None and native.crs == GeoBox((1, 1), native.transform, crs).crs:
+        bounds = None
+        if bbox4326 is not None:
+            bb = BoundingBox(*bbox, crs="EPSG:4326").to_crs(native.crs)
+            bounds = (bb.left, bb.bottom, bb.right, bb.top)
+        return snapped_geobox(native, grid.resolution, bounds)
     return GeoBox.from_bbox(BoundingBox(*bbox, crs="EPSG:4326").to_crs(crs), crs=crs, resolution=grid.resolution,
                             tight=False)
 

@@ -1,7 +1,8 @@
 """Write stage: one compute pass -> Cloud-Optimized GeoTIFFs, a quicklook PNG and a STAC Item per target.
 
-The lazy result is computed once, streamed tile by tile into a tiled intermediate GeoTIFF (rioxarray, with a lock),
-then turned into COGs with rio-cogeo (internal tiles, overviews, nodata, DEFLATE/ZSTD + predictor):
+The lazy result is computed once and streamed block by block straight into the COGs (:mod:`stages.cog`, odc-geo's
+dask COG writer: internal tiles, overviews, nodata, DEFLATE/ZSTD/LZW + predictor 2), all layers in one pass, with
+no intermediate file and no lock; each file is checked with ``rio_cogeo.cogeo.cog_validate``:
 
 * ``<id>_reflectance.tif``: uint16, ``DN = reflectance * 10000`` (scale 1e-4, offset 0, nodata 0), like the input;
 * ``<id>_confidence.tif``: uint8 0-100 (percent), nodata 255;
@@ -18,23 +19,15 @@ done, so a rerun skips finished targets and redoes unfinished ones.
 
 from __future__ import annotations
 
-from typing import Callable, ContextManager
-
-import contextlib
-
 import json
 import logging
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager
 
-import dask
 import numpy as np
 import rasterio
 import xarray as xr
-from rio_cogeo.cogeo import cog_translate, cog_validate
-from rio_cogeo.profiles import cog_profiles
 
 from pipeline.config import OutputConfig
 
@@ -82,31 +75,6 @@ def is_done(out_dir: Path, stem: str) -> bool:
     return status == "done"
 
 
-def _encode(ds: xr.Dataset) -> xr.DataArray:
-    """Stack reflectance/confidence/source into one uint16 array for the single streaming write."""
-    refl = ds.reflectance
-    dn = (refl / REFLECTANCE_SCALE).round().clip(1, 65535).fillna(0)
-    conf = (ds.confidence * 100).round().clip(0, 100).where(refl.notnull().all("band"), CONF_NODATA)
-    src = ds.source.fillna(0)
-    layers = [dn, conf.expand_dims(band=["confidence"]), src.expand_dims(band=["source"])]
-    if "mask_provenance" in ds:
-        layers.append(ds.mask_provenance.astype(np.float32).expand_dims(band=["mask_provenance"]))
-    stacked = xr.concat(layers, dim="band")
-    stacked = stacked.astype(np.uint16)
-    return stacked.rio.write_crs(ds.rio.crs).rio.write_nodata(None)
-
-
-def _write_lock(name: str):
-    """A lock the active scheduler can share: a distributed Lock under dask.distributed, else a thread lock."""
-    try:
-        from distributed import Lock, default_client
-
-        default_client()
-    except (ImportError, ValueError):
-        return threading.Lock()
-    return Lock(f"cloudfree-write-{name}")
-
-
 def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, extra_compute=(),
                   progress: Callable[[str], ContextManager] | None = None, stage: Path | None = None
                   ) -> tuple[WrittenOutput, list]:
@@ -119,7 +87,7 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
     files are written there and stay there: the caller adds the item and publishes the folder
     (:func:`pipeline.safety.publish_dir`); ``out.files`` then point into ``stage``. Without it, a private staging
     folder is used and its files are moved into ``<out_dir>/<stem>/`` at the end. Either way every temporary file
-    (the intermediate GeoTIFF, rio-cogeo's temporaries) lives in the staging folder, and a failure removes it.
+    (the COG part files) lives in the staging folder, and a failure removes it.
     """
     from pipeline.safety import safe_rmtree, staging_dir
 
@@ -150,43 +118,14 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
 def _write_into(ds: xr.Dataset, stage: Path, stem: str, cfg: OutputConfig, extra_compute,
                 progress: Callable[[str], ContextManager] | None) -> tuple[WrittenOutput, list]:
     """The COGs and VRTs of ``ds`` written into the folder ``stage`` (files named as in :func:`paths_for`)."""
+    from stages.cog import write_layers
+
     final = paths_for(stage.parent, stem)
-    inter = stage / "intermediate.tif"
-    enc = _encode(ds)
-    nb = ds.sizes["band"]
-    write = enc.rio.to_raster(inter, tiled=True, blockxsize=cfg.blocksize, blockysize=cfg.blocksize,
-                              compress="deflate", lock=_write_lock(stem), compute=False, BIGTIFF="IF_SAFER")
-    with progress(f"{stem}: compute+write") if progress is not None else contextlib.nullcontext():
-        _, *extras = dask.compute(write, *extra_compute)
-    profile = dict(cog_profiles.get(cfg.compress))
-    profile.update(blockxsize=cfg.blocksize, blockysize=cfg.blocksize, predictor=2)
-    products = {
-        "reflectance": (list(range(1, nb + 1)), "uint16", 0),
-        "confidence": ([nb + 1], "uint8", CONF_NODATA),
-        "source": ([nb + 2], "uint8", None),
-    }
-    extra_layers = ["mask_provenance"] if "mask_provenance" in ds else []
-    if extra_layers:
-        products["mask_provenance"] = ([nb + 3], "uint8", None)
     bands = [str(b) for b in ds.band.values]
-    with rasterio.open(inter, "r+") as d:  # descriptions/scales travel into the COGs with cog_translate
-        for i, b in enumerate([*bands, "confidence", "source", *extra_layers], 1):
-            d.set_band_description(i, b)
-        d.scales = [REFLECTANCE_SCALE] * nb + [1.0] * (2 + len(extra_layers))
-        d.offsets = [0.0] * (nb + 2 + len(extra_layers))
     out = WrittenOutput(stem, stage)
-    for name, (idx, dtype, nodata) in products.items():
-        dst = stage / final[name].name
-        # rio-cogeo puts its temporary file next to dst, i.e. inside the staging folder
-        with rasterio.open(inter) as src:
-            cog_translate(src, dst, dict(profile), indexes=idx, dtype=dtype, nodata=nodata,
-                          overview_resampling="average" if name == "reflectance" else "nearest",
-                          quiet=True, in_memory=False)
-        ok, errors, _ = cog_validate(dst, quiet=True)
-        if not ok:
-            raise RuntimeError(f"{dst} is not a valid COG: {errors}")  # pragma: no cover - rio-cogeo bug guard
-        out.files[name] = dst
-    inter.unlink()
+    files, extras, _ = write_layers(ds, stage, final, blocksize=cfg.blocksize, compress=cfg.compress,
+                                    extra_compute=extra_compute, progress=progress, desc=f"{stem}: compute+write")
+    out.files.update(files)
     for name, path in band_vrts(stage, stem, bands).items():
         out.files[name] = path
     return out, extras

@@ -1,27 +1,29 @@
-"""Benchmark: throughput and peak memory of load + mask + tile (+ model + write) as the area grows.
+"""Benchmark: cloudfree against odc-stac on the same job, next to the I/O floor, as the area grows.
 
-``python -m pipeline.evaluation.bench --out bench`` writes ``bench/bench.json`` (and prints nothing else than a log).
+``python -m pipeline.evaluation.bench --out bench`` (``make bench``) writes ``bench/bench.json`` and
+``bench/bench.md``. Every measurement runs in its own subprocess (wall time of the job, ``ru_maxrss`` of that
+process), all in the same run so the ratios compare like with like on a noisy machine.
 
-Data: the real Sentinel-2 L2A tile 29RKH (2020-02-19) decimated to 100 m in ``../shared/data``; a local STAC item
-is built whose assets point at the local COGs (:func:`local_29rkh_item`). The reference for the
-reference-replace model is the same acquisition under another id/date (a second real clear date of the tile is
-not in the shared data): the model's work per pixel is the same, only its output is trivial.
+Data: the real Sentinel-2 L2A tile 29RKH (2020-02-19) decimated to 100 m in ``../shared/data``, as local STAC
+items whose assets point at the local COGs (:func:`local_29rkh_item`). Time series: 8 dated copies of the item
+(other ids, dates 5 days apart: the shared data has one acquisition of the tile), 4 bands (B02, B03, B04, B08) +
+SCL. The copies read the same files, so GDAL's block cache (capped per run, ``--gdal-cachemax``) serves some
+repeated reads, for every job alike.
 
-Area scaling: 1x, 4x and 16x the pixels of the tile, obtained by loading the whole tile onto finer grids
-(100 m, 50 m, 25 m: 1.2, 4.8 and 19.3 Mpx). Reads upsample the real COGs (bilinear; nearest for SCL), so the
-pixel count, the chunk count, the tile count and the bytes moved through the pipeline grow 1:4:16 while
-every read stays real. Each size runs in a fresh subprocess and reports ``ru_maxrss`` of that process alone.
-GDAL's block cache is capped per run (``--gdal-cachemax``, 64 MB): with GDAL's default (5 % of RAM) the write
-stage's GeoTIFF/COG passes fill the cache in proportion to the image, and peak RSS grew 480 -> 780 MB from 1x to
-4x for that reason alone (measured on this machine); capped, it stays flat.
+Area: 1x, 4x and 16x the pixels = the whole MGRS tile on its native grid at 100, 50 and 25 m (1098^2, 2196^2,
+4392^2 px). Workers: dask threads with 1 and 2 workers (``--workers``); the scene models other than phyvlm-cr run
+at the largest worker count only unless ``--all-workers``.
 
-Three measurements per size:
+Jobs (``--jobs``):
 
-* ``load-mask``: load 6 bands + the SCL mask and reduce them chunk by chunk (no write);
-* ``remove``: the runner's chain up to the write (load, SCL mask, co-registration estimate and application,
-  tile plan, scene context, reference-replace per tile), reduced chunk by chunk (no write);
-* ``full``: the runner's ``process_target`` (load, SCL mask, co-registration estimate, tile plan,
-  reference-replace per tile, COG write + STAC item), quicklook off.
+* ``odc-median``: what users do today: ``odc.stac.load`` of the 8 items, nodata masked, ``median("time")``,
+  ``odc.geo.xr.write_cog`` of the uint16 result;
+* ``io-floor``: read every input of the scene job once (3 items x 4 bands + SCL, odc-stac, on the output grid)
+  and write a COG of the same size through the same writer: no masks, no model, no blending;
+* ``composite``: ``cloudfree composite --method median`` of the 8 items (the per-MGRS-tile work of
+  :func:`pipeline.composite.run_composite`: load, SCL masks, median kernel, COG write, STAC item);
+* ``scene:<model>``: ``cloudfree scene`` (:func:`pipeline.runner.process_target`): target + 2 references (dated
+  copies), SCL masks, co-registration, scene context, tiles with the model's halo, blending, COGs, STAC item.
 """
 
 from __future__ import annotations
@@ -44,10 +46,14 @@ import pystac
 log = logging.getLogger(__name__)
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "s2-l2a-tile-29RKH-100m"
-BANDS = ["B02", "B03", "B04", "B08", "B11", "B12"]
+BANDS = ["B02", "B03", "B04", "B08"]
 FILES = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12", "SCL")
 #: area factor -> grid resolution (m) of the whole tile.
 FACTORS = {1: 100.0, 4: 50.0, 16: 25.0}
+N_DATES = 8
+DEFAULT_JOBS = ("odc-median", "io-floor", "composite", "scene:phyvlm-cr", "scene:reference-replace", "scene:dcp")
+#: jobs measured at every worker count; the others only at the largest (keeps ``make bench`` near 10 minutes).
+ALL_WORKER_JOBS = ("odc-median", "io-floor", "composite", "scene:phyvlm-cr")
 
 
 def local_29rkh_item(folder: Path = DATA, item_id: str | None = None, shift_days: float = 0.0) -> pystac.Item:
@@ -73,16 +79,17 @@ def local_29rkh_item(folder: Path = DATA, item_id: str | None = None, shift_days
     return item
 
 
-def _config(res: float, out: Path):
+def _config(res: float, out: Path, model: str = "reference-replace", workers: int = 2):
     from pipeline.config import parse_config
 
     return parse_config({
         "grid": {"resolution": res, "bands": BANDS, "chunk": 512},
         "mask": {"methods": ["scl"]},
         "tile": {"size": 512},
-        "model": {"name": "reference-replace"},
-        "output": {"dir": str(out), "quicklook": False, "overwrite": True},
-        "run": {"scheduler": "threads", "workers": 2, "progress": False},
+        "model": {"name": model},
+        "composite": {"method": "median"},
+        "output": {"dir": str(out), "quicklook": False, "overwrite": True, "report": False},
+        "run": {"scheduler": "threads", "workers": workers, "progress": False},
     }, source="bench")
 
 
@@ -90,126 +97,196 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def run_one(factor: int, stage: str, folder: Path) -> dict:
+def dated_items(folder: Path, n: int) -> list[pystac.Item]:
+    """The tile and ``n - 1`` dated copies (5 days apart), least recent last."""
+    first = local_29rkh_item(folder)
+    return [first] + [local_29rkh_item(folder, item_id=f"{first.id}_D{k}", shift_days=-5.0 * k) for k in range(1, n)]
+
+
+def _odc_median(items, geobox, out: Path) -> None:
+    import odc.stac
+    from odc.geo.xr import write_cog
+
+    ds = odc.stac.load(items, bands=BANDS, geobox=geobox, chunks={"x": 512, "y": 512}, groupby="id",
+                       resampling="bilinear")
+    med = ds.where(ds != 0).chunk({"time": -1}).median("time")
+    arr = med.to_array("band").round().fillna(0).astype("uint16")
+    write_cog(arr, out / "odc-median.tif", overwrite=True, nodata=0, blocksize=512, compress="deflate",
+              predictor=2)
+
+
+def _io_floor(items, geobox, out: Path, cfg) -> None:
+    """Read every input of the scene job once and write one COG of the same size (no masks, no model)."""
+    import dask.array as dsa
+    import numpy as np
+
+    from stages.cog import compute_once, cog_write, layer_array
+    from stages.load import load_layer, load_reflectance
+
+    stack = load_reflectance(items, BANDS, geobox, cfg.grid.chunk)
+    scl = load_layer(items, "SCL", geobox, cfg.grid.chunk)
+
+    def first_valid(refl, s):  # touches every input pixel, keeps the target
+        keep = np.isfinite(refl).all(axis=(0, 1)) & np.isfinite(s).all(axis=(0, 1))
+        return np.where(keep, np.round(refl[0] * 1e4), 0).astype(np.uint16)
+
+    dn = dsa.map_blocks(first_valid, stack.data.rechunk({0: -1}), scl.data[:, None].rechunk({0: -1}), drop_axis=0,
+                        dtype=np.uint16)
+    compute_once(cog_write(layer_array(dn, geobox, BANDS, 0), out / "io-floor.tif"))
+
+
+def run_one(job: str, factor: int, workers: int, folder: Path) -> dict:
     """One measurement in this process (call it in a fresh subprocess)."""
     import dask
 
     from models.registry import build_model
     from pipeline.runner import dask_context, process_target
-    from stages.load import load_reflectance, output_geobox
-    from stages.masks import build_masks
+    from stages.load import output_geobox
     from stages.search import Candidate, TargetPlan
     from stages.tile import plan_tiles
 
     res = FACTORS[factor]
-    target = local_29rkh_item(folder)
-    ref = local_29rkh_item(folder, item_id=target.id + "_BENCHREF", shift_days=-10)
+    items = dated_items(folder, N_DATES)
+    model_name = job.split(":", 1)[1] if job.startswith("scene:") else "reference-replace"
+    n_tiles = 0
     with tempfile.TemporaryDirectory(prefix="cloudfree-bench-") as tmp:
-        cfg = _config(res, Path(tmp))
-        geobox = output_geobox(target, cfg.grid)
+        out = Path(tmp)
+        cfg = _config(res, out, model_name, workers)
+        geobox = output_geobox(items[0], cfg.grid)
         base = _peak_rss_mb()
         t0 = time.perf_counter()
         with dask_context(cfg):
-            if stage == "load-mask":
-                stack = load_reflectance([target], BANDS, geobox, cfg.grid.chunk)
-                mask, prob = build_masks([target], geobox, cfg.mask, cfg.grid.chunk)
-                tiles = plan_tiles(geobox.shape, cfg.tile.size, 0)
-                dask.compute(stack.sum(), mask.sum(), prob.sum())
-                n_tiles = len(tiles)
-            elif stage == "remove":
-                plan = TargetPlan(target, (Candidate(ref, -10.0, 1.0, 1.0, True, True, 1.0, "bench"),), ())
-                model = build_model(cfg.model.name, cfg.model.params)
-                ds = _removed(plan, model, cfg, geobox)
-                dask.compute(ds.reflectance.sum(), ds.source.sum(), ds.confidence.sum())
-                n_tiles = len(plan_tiles(geobox.shape, cfg.tile.size, model.spec.halo))
-            else:
-                plan = TargetPlan(target, (Candidate(ref, -10.0, 1.0, 1.0, True, True, 1.0, "bench"),), ())
-                model = build_model(cfg.model.name, cfg.model.params)
+            if job == "odc-median":
+                with dask.config.set(scheduler="threads", num_workers=workers):
+                    _odc_median(items, geobox, out)
+            elif job == "io-floor":
+                _io_floor(items[:3], geobox, out, cfg)
+            elif job == "composite":
+                from pipeline.composite import _pixel_composite
+
+                _pixel_composite(items, "29RKH", "2020-02", cfg, None, out, "bench")
+            elif job.startswith("scene:"):
+                model = build_model(model_name, {})
+                plan = TargetPlan(items[0], tuple(Candidate(it, -5.0 * k, 1.0, 1.0, True, True, 1.0, "bench")
+                                                  for k, it in enumerate(items[1:3], 1)), ())
                 r = process_target(plan, model, cfg, "bench")
                 if r.status != "done":
                     raise RuntimeError(f"bench run failed: {r.error}")
                 n_tiles = len(plan_tiles(geobox.shape, cfg.tile.size, model.spec.halo))
+            else:
+                raise SystemExit(f"unknown bench job {job!r}")
         secs = time.perf_counter() - t0
     npx = geobox.shape[0] * geobox.shape[1]
-    return {"factor": factor, "stage": stage, "resolution_m": res, "shape": list(geobox.shape),
+    from stages.cog import GRAPH_SIZES
+
+    blocks = -(-geobox.shape[0] // 512) * -(-geobox.shape[1] // 512)
+    return {"graph_tasks": max(GRAPH_SIZES) if GRAPH_SIZES else None, "blocks": blocks, "job": job, "factor": factor, "workers": workers, "resolution_m": res, "shape": list(geobox.shape),
             "megapixels": round(npx / 1e6, 3), "tiles": n_tiles, "seconds": round(secs, 2),
-            "mpx_per_s": round(npx / 1e6 / secs, 3), "rss_after_imports_mb": round(base, 1),
-            "peak_rss_mb": round(_peak_rss_mb(), 1)}
-
-
-def _removed(plan, model, cfg, geobox):
-    """The runner's chain up to (not including) the write: load, masks, co-registration, tiles, model."""
-    from pipeline.runner import scene_context
-    from stages.coregister import estimate_reference_shifts, load_aligned_references
-    from stages.load import load_reflectance_checked
-    from stages.masks import build_masks
-    from stages.remove import SceneInputs, remove_clouds
-    from stages.tile import plan_tiles
-
-    items = [plan.target, *(c.item for c in plan.references)]
-    stack, failed, _ = load_reflectance_checked(items, BANDS, geobox, cfg.grid.chunk)
-    mask, prob = build_masks(items, geobox, cfg.mask, cfg.grid.chunk)
-    ref_masks = mask[1:] | stack[1:].isnull().any("band") | failed[1:]
-    ids = [c.item.id for c in plan.references]
-    shifts = estimate_reference_shifts(stack[0], mask[0], stack[1:], ref_masks, ids, cfg.coregister)
-    refs = stack[1:]
-    if any(c.applied for c in shifts):
-        refs, ref_masks = load_aligned_references([c.item for c in plan.references], shifts, geobox, BANDS, cfg.mask,
-                                                  cfg.grid.chunk, stack[0])
-    halo = model.spec.halo
-    context = scene_context(model, items, BANDS, geobox, cfg, plan) if model.spec.scene_context else {}
-    inputs = SceneInputs(stack[0], mask[0], prob[0], refs, ref_masks, tuple(ids),
-                         tuple(c.dt_days for c in plan.references), plan.target.id)
-    return remove_clouds(inputs, model, plan_tiles(geobox.shape, cfg.tile.size, halo), halo, context)
+            "rss_after_imports_mb": round(base, 1), "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="cloudfree benchmark (see the module docstring)")
+    ap = argparse.ArgumentParser(description="cloudfree benchmark against odc-stac (see the module docstring)")
     ap.add_argument("--out", type=Path, default=Path("bench"))
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--factors", default="1,4,16")
-    ap.add_argument("--stages", default="load-mask,remove,full")
+    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--jobs", default=",".join(DEFAULT_JOBS))
+    ap.add_argument("--all-workers", action="store_true",
+                    help="every job at every worker count (default: the extra scene models only at the largest)")
     ap.add_argument("--gdal-cachemax", type=int, default=64,
                     help="GDAL block cache (MB) of each run; GDAL's default, 5%% of RAM, grows with the area")
-    ap.add_argument("--one", nargs=2, metavar=("FACTOR", "STAGE"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=3, metavar=("JOB", "FACTOR", "WORKERS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.one:
-        sys.stdout.write(json.dumps(run_one(int(args.one[0]), args.one[1], args.data)) + "\n")
+        sys.stdout.write(json.dumps(run_one(args.one[0], int(args.one[1]), int(args.one[2]), args.data)) + "\n")
         return 0
     if not (args.data / "B02.tif").exists():
         log.error("benchmark data %s not found; pass --data to the s2-l2a-tile-29RKH-100m folder", args.data)
         return 2
     runs = []
-    for stage in args.stages.split(","):
-        for f in (int(x) for x in args.factors.split(",")):
-            env = {**os.environ, "GDAL_CACHEMAX": str(args.gdal_cachemax)}
-            proc = subprocess.run([sys.executable, "-m", "pipeline.evaluation.bench", "--data", str(args.data), "--one", str(f),
-                                   stage], capture_output=True, text=True, check=False, env=env)
-            if proc.returncode:
-                log.error("bench %s x%d failed:\n%s", stage, f, proc.stderr[-3000:])
-                return 1
-            runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            logging.getLogger(__name__).warning("%s", runs[-1])
+    t_all = time.perf_counter()
+    workers = [int(x) for x in args.workers.split(",")]
+    for f in (int(x) for x in args.factors.split(",")):
+        for w in workers:
+            for job in args.jobs.split(","):
+                if w != max(workers) and job not in ALL_WORKER_JOBS and not args.all_workers:
+                    continue
+                env = {**os.environ, "GDAL_CACHEMAX": str(args.gdal_cachemax)}
+                proc = subprocess.run([sys.executable, "-m", "pipeline.evaluation.bench", "--data", str(args.data),
+                                       "--one", job, str(f), str(w)], capture_output=True, text=True, check=False,
+                                      env=env)
+                if proc.returncode:
+                    log.error("bench %s x%d w%d failed:\n%s", job, f, w, proc.stderr[-3000:])
+                    runs.append({"job": job, "factor": f, "workers": w, "error": proc.stderr[-500:]})
+                    continue
+                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                log.warning("%s", runs[-1])
     result = {"machine": {"python": platform.python_version(), "cpus": _cpus(), "platform": platform.platform()},
-              "data": str(args.data), "gdal_cachemax_mb": args.gdal_cachemax, "runs": runs}
+              "data": str(args.data), "gdal_cachemax_mb": args.gdal_cachemax, "dates": N_DATES, "bands": BANDS,
+              "total_seconds": round(time.perf_counter() - t_all, 1), "runs": runs, "ratios": ratios(runs)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(result, indent=1))
     (args.out / "bench.md").write_text(to_markdown(result))
     return 0
 
 
+def _get(runs, job, f, w):
+    return next((r for r in runs if r["job"] == job and r["factor"] == f and r["workers"] == w and "seconds" in r),
+                None)
+
+
+def ratios(runs: list[dict]) -> dict:
+    """The issue's targets, per area and worker count: composite / odc-median time, scene:phyvlm-cr / io-floor
+    and / odc-median time, and per job the peak RSS at 16x over 1x."""
+    out = {"per_size": [], "rss_16x_over_1x": {}}
+    sizes = sorted({(r["factor"], r["workers"]) for r in runs if "seconds" in r})
+    for f, w in sizes:
+        odc, floor = _get(runs, "odc-median", f, w), _get(runs, "io-floor", f, w)
+        comp, phy = _get(runs, "composite", f, w), _get(runs, "scene:phyvlm-cr", f, w)
+        row = {"factor": f, "workers": w}
+        if odc and comp:
+            row["composite_over_odc_median"] = round(comp["seconds"] / odc["seconds"], 2)
+        if floor and phy:
+            row["phyvlm_scene_over_io_floor"] = round(phy["seconds"] / floor["seconds"], 2)
+        if odc and phy:
+            row["phyvlm_scene_over_odc_median"] = round(phy["seconds"] / odc["seconds"], 2)
+        out["per_size"].append(row)
+    for job in sorted({r["job"] for r in runs}):
+        for w in sorted({r["workers"] for r in runs}):
+            a, b = _get(runs, job, 1, w), _get(runs, job, 16, w)
+            if a and b:
+                out["rss_16x_over_1x"][f"{job} w{w}"] = round(b["peak_rss_mb"] / a["peak_rss_mb"], 2)
+    return out
+
+
 def to_markdown(result: dict) -> str:
-    """The runs as a Markdown table."""
+    """The runs and the ratios as Markdown tables."""
     m = result["machine"]
-    lines = [f"Machine: {m['cpus']} CPUs, Python {m['python']}, {m['platform']}; GDAL cache "
-             f"{result.get('gdal_cachemax_mb')} MB per run; dask threads, 2 workers; tiles and chunks 512 px.", "",
-             "| stage | area | grid | shape | Mpx | tiles | seconds | Mpx/s | RSS after imports (MB) | peak RSS (MB) |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"Machine: {m['cpus']} CPUs (shared with other jobs), Python {m['python']}, {m['platform']}; GDAL cache "
+             f"{result.get('gdal_cachemax_mb')} MB per run; dask threads; tiles, chunks and COG blocks 512 px; "
+             f"{result.get('dates')} dates x {len(result.get('bands', []))} bands; whole bench "
+             f"{result.get('total_seconds')} s.", "",
+             "| job | area | workers | grid | shape | Mpx | seconds | RSS after imports (MB) | peak RSS (MB) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in result["runs"]:
-        lines.append(f"| {r['stage']} | {r['factor']}x | {r['resolution_m']:g} m | {r['shape'][0]}x{r['shape'][1]} | "
-                     f"{r['megapixels']} | {r['tiles']} | {r['seconds']} | {r['mpx_per_s']} | "
+        if "seconds" not in r:
+            lines.append(f"| {r['job']} | {r['factor']}x | {r['workers']} | | | | failed | | |")
+            continue
+        lines.append(f"| {r['job']} | {r['factor']}x | {r['workers']} | {r['resolution_m']:g} m | "
+                     f"{r['shape'][0]}x{r['shape'][1]} | {r['megapixels']} | {r['seconds']} | "
                      f"{r['rss_after_imports_mb']} | {r['peak_rss_mb']} |")
+    rt = result.get("ratios") or {}
+    if rt.get("per_size"):
+        lines += ["", "| area | workers | composite / odc-median (target <= 1) | phyvlm-cr scene / I/O floor "
+                  "(target <= 1.5) | phyvlm-cr scene / odc-median (target < 1) |", "|---:|---:|---:|---:|---:|"]
+        for row in rt["per_size"]:
+            lines.append(f"| {row['factor']}x | {row['workers']} | {row.get('composite_over_odc_median', '')} | "
+                         f"{row.get('phyvlm_scene_over_io_floor', '')} | {row.get('phyvlm_scene_over_odc_median', '')} |")
+    if rt.get("rss_16x_over_1x"):
+        lines += ["", "| job | peak RSS 16x / 1x (target <= 1.2) |", "|---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in rt["rss_16x_over_1x"].items()]
     return "\n".join(lines) + "\n"
 
 
