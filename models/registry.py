@@ -24,6 +24,8 @@ BUILTIN_MODULES = (
     "models.temporal",
     "models.ca_mtcr",
     "models.sar_optical_fusion",
+    "models.diffusion_enhancement",
+    "models.cm_cr",
 )
 _loaded = False
 

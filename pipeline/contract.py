@@ -112,6 +112,8 @@ class TileInputs:
         target_id: STAC id of the target.
         context: scene-level statistics the model computed once per scene with ``fit_scene`` on a coarse
             sample (e.g. per-reference radiometric alignment), so tiles agree and mosaics have no seams.
+        origin: ``(row, col)`` of the tile's first pixel (halo included) in the scene's output grid; generative
+            models derive their noise from it so overlapping tiles draw the same noise at the same ground pixel.
     """
 
     bands: tuple[str, ...]
@@ -127,6 +129,7 @@ class TileInputs:
     halo: int = 0
     target_id: str = ""
     context: Mapping[str, Any] = field(default_factory=dict)
+    origin: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         nb, ny, nx = _shape(self.target, 3, "target")

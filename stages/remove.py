@@ -101,13 +101,14 @@ def run_tile(model, target, cloud_mask, cloud_prob, references, reference_masks,
 
 def predict_tile(model, target, cloud_mask, cloud_prob, references, reference_masks, *, bands, halo,
                  reference_ids, reference_dt_days, target_id, context=None, sar=None,
-                 sar_bands=()) -> tuple[np.ndarray, float]:
+                 sar_bands=(), origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, float]:
     """One task: numpy in, the whole read window ``(band + 2, y, x)`` float32 out, plus its wall time (s).
 
     ``model`` is a model object or a :class:`ModelHandle` (resolved once per process); ``sar`` an optional
     ``(time, pol, y, x)`` Sentinel-1 window with polarisation names ``sar_bands``. The model is called through
     ``predict_batch`` (a batch of one tile per task; batching models get their several-tile path from callers that
-    hold several tiles, e.g. the benchmarks)."""
+    hold several tiles, e.g. the benchmarks). ``origin`` is the read window's first pixel in the output grid
+    (generative models derive their noise from global pixel coordinates)."""
     model = resolve_model(model)
     t0 = time.perf_counter()
     nb = target.shape[0]
@@ -120,6 +121,7 @@ def predict_tile(model, target, cloud_mask, cloud_prob, references, reference_ma
         reference_masks=np.asarray(reference_masks, bool), reference_ids=reference_ids,
         reference_dt_days=reference_dt_days, halo=halo, target_id=target_id, context=context or {},
         sar=None if sar is None else np.asarray(sar, np.float32), sar_bands=tuple(sar_bands),
+        origin=(int(origin[0]), int(origin[1])),
     )
     res: TileResult = model.predict_batch([tile])[0].validate(tile, getattr(model, "name", "model"))
     out = np.concatenate([res.reflectance, res.confidence[None], res.source[None].astype(np.float32)])
@@ -300,7 +302,8 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
             else:
                 layouts.append(None)
         k = (f"{name}-predict", *t.index)
-        layer[k] = Task(k, _predict_task, TaskRef(model_k), TaskRef(ctx_k), static, tuple(layouts), *pieces)
+        layer[k] = Task(k, _predict_task, TaskRef(model_k), TaskRef(ctx_k), {**static, "origin": (ry.start, rx.start)},
+                        tuple(layouts), *pieces)
         preds[t.index] = k
     out_name = f"cloudfree-removed-{token}"
     axis_k = (f"{name}-weights",)

@@ -72,7 +72,8 @@ def predict_tiled(model: Any, tile: TileInputs, tile_size: int | None = None) ->
                 cloud_mask=tile.cloud_mask[ry, rx], references=tile.references[:, :, ry, rx],
                 reference_masks=tile.reference_masks[:, ry, rx], reference_ids=tile.reference_ids,
                 reference_dt_days=tile.reference_dt_days, halo=halo, target_id=f"{tile.target_id}@{y0},{x0}",
-                context=tile.context,
+                context=tile.context, origin=(tile.origin[0] + ry.start, tile.origin[1] + rx.start),
+                sar=None if tile.sar is None else tile.sar[..., ry, rx], sar_bands=tile.sar_bands,
             )
             res = model.predict(sub)
             cy, cx = slice(y0 - ry.start, y1 - ry.start), slice(x0 - rx.start, x1 - rx.start)
