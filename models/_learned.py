@@ -31,7 +31,7 @@ import numpy as np
 
 from models.base import ModelParams, RemovalModelBase
 from pipeline.contract import SOURCE_NODATA, SOURCE_MODEL, SOURCE_TARGET, TileInputs, TileResult
-from pipeline.errors import ContractError, ModelError
+from pipeline.errors import ConfigError, ContractError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,15 @@ class LearnedParams(ModelParams):
     threads: int | None = None
 
 
-def pick_device(name: str):
+def pick_device(name: str, who: str = "model"):
+    """``torch.device`` for a configured device name: ``auto`` (CUDA when present, else CPU), ``cpu`` or
+    ``cuda[:N]``; CUDA asked for on a machine without it is a :class:`ConfigError` naming ``who`` and the fix."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{who}: device {name!r} requested but CUDA is not available here; use 'cpu' or 'auto'")
     return torch.device(name)
 
 
@@ -114,7 +118,7 @@ class LearnedModel(RemovalModelBase):
         if sha is None:
             raise ModelError(f"{self.name}: no sha256 for {path} (no model card next to it and no weights_sha256 "
                              "parameter); weights are only loaded when their hash can be checked")
-        device = pick_device(self.params.device)
+        device = pick_device(self.params.device, self.name)
 
         def build():
             tr = self.trainable()

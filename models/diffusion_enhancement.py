@@ -69,6 +69,7 @@ from models._generative import (
     scene_seed,
     tile_scene_key,
 )
+from models._learned import pick_device
 from models.base import ModelParams, ModelSpec, RemovalModelBase
 from models.registry import build_model, register
 from pipeline.contract import SOURCE_MODEL, SOURCE_NODATA, SOURCE_TARGET, TileInputs, TileResult
@@ -284,10 +285,7 @@ class DiffusionEnhancement(RemovalModelBase):
         return self._nets
 
     def _device(self) -> torch.device:
-        d = self.params.device
-        if d == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("diffusion-enhancement: device 'cuda' requested but CUDA is not available; use 'cpu'")
-        return torch.device("cuda" if d == "cuda" or (d == "auto" and torch.cuda.is_available()) else "cpu")
+        return pick_device(self.params.device, self.name)
 
     def fit_scene(self, sample: TileInputs) -> dict[str, Any]:
         """The reference model's scene context (DE itself has none)."""

@@ -30,6 +30,7 @@ from typing import Any, Mapping
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from models._learned import pick_device
 from pipeline.errors import ConfigError
 from pipeline.training.datasets import DataConfig, PairSource, build_source, collate
 
@@ -76,14 +77,6 @@ def load_train_config(path: str | None, **overrides: Any) -> TrainConfig:
         return TrainConfig(**raw)
     except Exception as exc:  # pydantic ValidationError -> our error with the file name
         raise ConfigError(f"training config {path}: {exc}") from None
-
-
-def pick_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -194,7 +187,7 @@ def train(cfg: TrainConfig, trainable=None, source: PairSource | None = None, *,
         trainable = get_trainable(cfg.model)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    device = pick_device(cfg.device, "cloudfree train")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     if source is None:

@@ -12,7 +12,6 @@ sha256 against the expected one (the model card's), and keeps it in a per-proces
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from pipeline.errors import WeightsError
+from stages.publish import file_sha256  # noqa: F401  (one implementation; re-exported for the training loop)
 
 #: Optical scaling every learned model here uses: L2A/L1C reflectance (DN / 10000) clipped to [0, 1], i.e. the
 #: SEN12MS-CR(-TS)/AllClear convention "clip to [0, 10000], scale to [0, 1]".
@@ -65,14 +65,6 @@ class InputConvention:
         if problems:
             raise WeightsError(f"{where}: the weights were trained on {'; '.join(problems)}; retrain with "
                                "`cloudfree train` for this input convention or configure the model to match")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_target(path: Path) -> tuple[int, str]:
