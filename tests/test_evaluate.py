@@ -51,6 +51,28 @@ def test_metrics_known_values():
     assert psnr(pred2, truth, m) == float("inf") and mae(pred2, truth, m) == 0.0
 
 
+def test_metrics_use_only_the_region_and_finite_pixels():
+    """Independent of skimage's own mean: the region and the finite-pixel rule decide which pixels count."""
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(0.05, 0.5, (3, 40, 40)).astype(np.float32)
+    pred = truth.copy()
+    pred[:, 20:] += 0.2  # error only in the bottom half
+    top = np.zeros((40, 40), bool)
+    top[:10] = True  # 10 rows above the error: the 7x7 SSIM window (radius 3) never reaches it
+    assert ssim(pred, truth, top) == pytest.approx(1.0, abs=1e-9)
+    assert ssim(pred, truth) < 0.99
+    assert sam(pred, truth, top) == pytest.approx(0.0, abs=1e-3) and sam(pred, truth) > 0.5
+    # non-finite predictions are excluded (counted by the caller's valid_fraction), never scored as 0 or 1
+    pred3 = truth + 0.1
+    pred3[:, :5] = np.nan
+    assert psnr(pred3, truth) == pytest.approx(20.0, abs=1e-4)
+    assert mae(pred3, truth) == pytest.approx(0.1, abs=1e-6)
+    both = np.zeros((40, 40), bool)
+    both[:10] = True
+    assert np.isnan(psnr(pred3, truth, np.zeros((40, 40), bool)))  # empty region: NaN, not inf
+    assert psnr(pred3, truth, both) == pytest.approx(20.0, abs=1e-4)  # rows 0-4 NaN, rows 5-9 scored
+
+
 @pytest.fixture(scope="module")
 def case():
     return simulated_case(_clear(96, seed=4), BANDS, seed=3, spec=CloudSpec(scale=40.0))
