@@ -77,7 +77,9 @@ GROUP_NOTES = {
                       "loaded by odc-stac. Details: pipeline/evaluation/romania.py.",
     "romania-real": "Each REAL cloudy date with its own SCL mask; PROXY truth = linear interpolation in time of its "
                     "nearest clear dates before and after (withheld from the references). thin = SCL 8/10, thick "
-                    "= SCL 9. Details: pipeline/evaluation/romania.py.",
+                    "= SCL 9. NOT a clean hold-out for learned models: the proxy-truth dates "
+                    "(romania.ROMANIA_REAL_TRUTH_DATES) are not in the training hold-out, and the committed weights "
+                    "trained on some of them (see their model cards). Details: pipeline/evaluation/romania.py.",
 }
 
 
