@@ -213,7 +213,7 @@ def render_report(payload: Mapping[str, Any], groups: Mapping[str, Sequence[Any]
                   per_case_markdown(rows, models), ""]
     checks = []
     for cand in ("phyvlm-cr", default):
-        if cand and cand in models and (cand == "phyvlm-cr" or cand != "phyvlm-cr"):
+        if cand and cand in models:
             lines = bar_check(summary, models, cand)
             if lines:
                 checks += [f"`{cand}` against the best other model of each set:", "", *lines, ""]
