@@ -187,3 +187,22 @@ def test_bench_models_reports_models_and_io(tmp_path):
     assert w.shape == (6, 128, 128) and w.dtype == np.float32 and 0 < np.nanmedian(w) < 1
     assert main(["--out", str(tmp_path), "--models", "none", "--size", "64", "--repeats", "1"]) == 0
     assert "io_target_mpx_per_s" in json.loads((tmp_path / "bench_models.json").read_text())
+
+
+def test_summary_and_report_say_when_a_model_left_pixels_unscored():
+    """Metrics skip NaN predictions; a model that leaves its hardest pixels NaN must not look better silently."""
+    from pipeline.evaluation.report import render_report
+
+    rows = [{"case": f"c{i}", "group": "simulated", "model": m, "region": "cloudy", "seconds": 0.0,
+             "valid_fraction": vf, "psnr": 30.0, "ssim": 0.9, "sam": 2.0, "mae": 0.01}
+            for i in range(2) for m, vf in (("a", 1.0), ("b", 0.5 + 0.2 * i))]
+    summary = summarise(rows)
+    vf = {r["model"]: r["valid_fraction"] for r in summary}
+    assert vf == {"a": 1.0, "b": pytest.approx(0.6)}
+
+    class _Case:
+        notes = "simulated"
+        meta: dict = {}
+
+    md = render_report({"summary": summary, "rows": rows, "models": ["a", "b"]}, {"simulated": [_Case()]})
+    assert "b cloudy 60.0 % finite" in md and "a cloudy" not in md.split("finite pixels only")[1]

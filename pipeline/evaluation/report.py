@@ -203,6 +203,11 @@ def render_report(payload: Mapping[str, Any], groups: Mapping[str, Sequence[Any]
         else:
             parts += [cases[0].notes + ".", ""]
         parts += [to_markdown(summary, group, models), ""]
+        partial = [(r["model"], r["region"], r["valid_fraction"]) for r in summary
+                   if r["group"] == group and r["model"] in models and r.get("valid_fraction", 1.0) < 0.999]
+        if partial:
+            parts += ["Scored on finite pixels only (the rest left NaN by the model, not counted in the metrics): "
+                      + "; ".join(f"{m} {reg} {100 * v:.1f} % finite" for m, reg, v in partial) + ".", ""]
         if group == "romania-hidden":
             table = gap_table(rows, models, group)
             if table:
