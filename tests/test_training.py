@@ -203,11 +203,13 @@ def test_allclear_reader(tmp_path):
 @pytest.mark.skipif(not ROMANIA.is_file(), reason="needs ../shared/data")
 def test_stac_pairs_on_romania_hold_out_and_transplant():
     src = StacPairs(DataConfig(path=str(ROMANIA), augment=False), BANDS, 2, 48)
+    from pipeline.evaluation.romania import ROMANIA_REAL_TRUTH_DATES
     from pipeline.training.datasets import ROMANIA_EVAL_DATES, ROMANIA_MASK_DATES
 
     days = {d.day.isoformat() for d in src.dates}
-    assert days.isdisjoint(ROMANIA_EVAL_DATES) and days.isdisjoint(ROMANIA_MASK_DATES)
-    assert len(days) == 140 - len(set(ROMANIA_EVAL_DATES) | set(ROMANIA_MASK_DATES))
+    held = set(ROMANIA_EVAL_DATES) | set(ROMANIA_MASK_DATES) | set(ROMANIA_REAL_TRUTH_DATES)
+    assert days.isdisjoint(held)
+    assert len(days) == 140 - len(held)
     assert {d.id for d in src.split["train"]}.isdisjoint({d.id for d in src.split["val"]})
     s = src.sample(np.random.default_rng(5))
     m = s["cloud_mask"] > 0
@@ -232,9 +234,6 @@ def test_romania_real_proxy_truth_dates_constant_matches_the_stack():
     assert used == set(ROMANIA_REAL_TRUTH_DATES)
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN LEAK: the training hold-out (ROMANIA_EVAL_DATES + ROMANIA_MASK_DATES) "
-                   "lacks 10 of the romania-real proxy-truth dates; the committed weights trained on them. Fix: add "
-                   "ROMANIA_REAL_TRUTH_DATES to ROMANIA_HELDOUT_DATES and retrain (then drop this xfail).")
 def test_training_hold_out_covers_the_romania_real_proxy_truth_dates():
     from pipeline.evaluation.romania import ROMANIA_REAL_TRUTH_DATES
     from pipeline.training.datasets import ROMANIA_HELDOUT_DATES

@@ -77,9 +77,10 @@ GROUP_NOTES = {
                       "loaded by odc-stac. Details: pipeline/evaluation/romania.py.",
     "romania-real": "Each REAL cloudy date with its own SCL mask; PROXY truth = linear interpolation in time of its "
                     "nearest clear dates before and after (withheld from the references). thin = SCL 8/10, thick "
-                    "= SCL 9. NOT a clean hold-out for learned models: the proxy-truth dates "
-                    "(romania.ROMANIA_REAL_TRUTH_DATES) are not in the training hold-out, and the committed weights "
-                    "trained on some of them (see their model cards). Details: pipeline/evaluation/romania.py.",
+                    "= SCL 9. NOT a clean hold-out for the shipped learned weights: they were trained before the proxy-truth "
+                    "dates (romania.ROMANIA_REAL_TRUTH_DATES) joined the training hold-out and saw 10 of them (their "
+                    "cards list what they held out); `cloudfree train` now excludes them. Details: "
+                    "pipeline/evaluation/romania.py.",
 }
 
 
