@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 import dask.array as dsa
 import numpy as np
+import rasterio.errors
 import xarray as xr
 
 from pipeline.errors import CloudfreeError, ReadError
@@ -83,6 +84,12 @@ def prepare_model_sar(sar_items: Sequence[Any], target_band: xr.DataArray, targe
                 rec = estimate_sar_shift(target_band, target_mask, raw.sel(band=pol)[0], item.id, cfg.coregister)
             except (ReadError, CloudfreeError) as exc:
                 rec = Coregistration(item.id, "sar", "failed", reason=str(exc))
+            except (rasterio.errors.RasterioError, OSError) as exc:  # e.g. a truncated file that passed the probe
+                if item is sar_items[0]:  # the target's scene (or the optical window read with it): fail the target
+                    raise
+                log.warning("S1 %s failed mid-read (%s); its date repeats the target's SAR", item.id, exc)
+                records.append(Coregistration(item.id, "sar", "failed", reason=f"read failed: {exc}"))
+                continue
             records.append(rec)
         if rec is not None and rec.applied:
             raw = load_sar([item], shifted_geobox(geobox, rec.shift_px), chunk=chunk)

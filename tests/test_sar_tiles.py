@@ -180,3 +180,17 @@ def test_run_feeds_one_s1_scene_per_date_to_a_multi_temporal_model(demo_catalog,
         assert np.hypot(*c["misregistration_px"]) < 0.5, c  # unshifted scenes: no (large) shift found
     item = json.loads(res.outputs["item"].read_text())
     assert {c["id"] for c in item["properties"]["cloudfree:coregistration"]} >= {c["id"] for c in sar}
+
+
+def test_truncated_reference_s1_is_dropped_not_failing_the_target(s1_scene, tmp_path):
+    """A reference date's S1 file cut in half passes the one-pixel probe and breaks in the co-registration read:
+    that date repeats the target's scene (recorded as failed) instead of failing the whole target."""
+    s = s1_scene
+    raw = open(s["orig"].assets["vv"].href, "rb").read()
+    bad = tmp_path / "truncated.tif"
+    bad.write_bytes(raw[: len(raw) // 2])
+    sar, records = prepare_model_sar([s["orig"], _item(bad, "S1_TRUNCATED")], s["target"][0], s["mask"],
+                                     s["geobox"], s["cfg"], "linear")
+    v = sar.values
+    np.testing.assert_array_equal(v[1], v[0])
+    assert [r.status for r in records] == ["applied", "failed"] and "read failed" in records[1].reason
