@@ -491,7 +491,11 @@ def model_sar(plan: TargetPlan, refs, catalog, target, target_mask, geobox, cfg:
 
 
 def _sar_coregistration(plan: TargetPlan, target, target_mask, geobox, cfg: Config):
-    """Estimate and record (not apply: no model consumes SAR through the runner yet) the S1 -> S2 shift."""
+    """Estimate and record (not apply) the S1 -> S2 shift for a model that neither needs nor accepts SAR (those get
+    theirs through :func:`model_sar`). The scene is only recorded here, so a read that fails (a truncated file
+    that passed the probe) is recorded as a failed co-registration, not a failed target."""
+    import rasterio.errors
+
     from pipeline.errors import ReadError
     from stages.coregister import Coregistration, estimate_sar_shift
     from stages.load import load_sar
@@ -503,6 +507,6 @@ def _sar_coregistration(plan: TargetPlan, target, target_mask, geobox, cfg: Conf
         pol = "vv" if "vv" in sar.band.values else str(sar.band.values[0])
         return estimate_sar_shift(target.sel(band=band), target_mask, sar.sel(band=pol)[0], sar_item.id,
                                   cfg.coregister)
-    except (ReadError, CloudfreeError) as exc:
+    except (ReadError, CloudfreeError, rasterio.errors.RasterioError, OSError) as exc:
         log.warning("%s: SAR co-registration with %s failed: %s", plan.target.id, sar_item.id, exc)
         return Coregistration(sar_item.id, "sar", "failed", reason=str(exc))

@@ -194,3 +194,19 @@ def test_truncated_reference_s1_is_dropped_not_failing_the_target(s1_scene, tmp_
     v = sar.values
     np.testing.assert_array_equal(v[1], v[0])
     assert [r.status for r in records] == ["applied", "failed"] and "read failed" in records[1].reason
+
+
+def test_truncated_s1_only_recorded_fails_only_the_coregistration_record(s1_scene, tmp_path):
+    """For a model that does not use SAR the S1 scene is only co-registered for the record: a file cut in half
+    gives a 'failed' record, not a failed target."""
+    from pipeline.runner import _sar_coregistration
+    from stages.search import Candidate, TargetPlan
+
+    s = s1_scene
+    raw = open(s["orig"].assets["vv"].href, "rb").read()
+    bad = tmp_path / "truncated.tif"
+    bad.write_bytes(raw[: len(raw) // 2])
+    target = pystac.Item("S2_T", None, None, datetime(2019, 6, 1, tzinfo=timezone.utc), {})
+    sar = Candidate(_item(bad, "S1_TRUNCATED"), 0.0, 1.0, 1.0, True, True, 1.0, "test")
+    rec = _sar_coregistration(TargetPlan(target, (), (sar,)), s["target"], s["mask"], s["geobox"], s["cfg"])
+    assert rec.status == "failed" and rec.id == "S1_TRUNCATED"
