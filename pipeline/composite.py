@@ -281,9 +281,17 @@ def run_composite(cfg: Config, region: str | Path, period: str, *, force: bool =
                     path = _model_composite(items, tile, period, cfg, out_dir, run_id)
                 else:
                     path = _pixel_composite(items, tile, period, cfg, bbox, out_dir, run_id)
-            except CloudfreeError as exc:
-                log.error("composite %s failed: %s", key, exc)
-                results.append(CompositeResult(tile, period, "failed", list(sig), error=str(exc),
+            except Exception as exc:  # noqa: BLE001 - one failing tile never stops the batch (KeyboardInterrupt does)
+                from pipeline.redact import redact
+                from pipeline.runner import exception_chain
+
+                msg = str(exc) if isinstance(exc, CloudfreeError) else (
+                    f"composite {key}: {exception_chain(exc)}; inputs {list(sig)}: check their files (truncated or "
+                    "corrupt download, network; the log names the file), fetch them again or drop the item, and rerun")
+                msg = redact(msg)
+                log.error("composite %s failed: %s", key, msg)
+                log.debug("composite %s: traceback", key, exc_info=True)
+                results.append(CompositeResult(tile, period, "failed", list(sig), error=msg,
                                                seconds=time.perf_counter() - t0))
                 continue
             state["tiles"][key] = {
