@@ -6,7 +6,8 @@ reference date the same way (:func:`stages.search._sar`, same policy). Each dist
 to the target's optical band (:func:`stages.coregister.estimate_sar_shift`); an *applied* shift is honoured by
 loading the scene on the shifted grid (:func:`stages.coregister.shifted_geobox`, one resampling, as for optical
 references). The stack is converted to the model's convention (``spec.sar_units``: ``"db"`` = sigma0 dB clipped to
-[-25, 0]; ``"linear"`` = linear power) and stays lazy; :func:`sar_window` cuts a tile's halo-padded read window.
+[-25, 0]; ``"linear"`` = linear power) and stays lazy; each tile's halo-padded window is cut from its chunks by
+:class:`stages.remove.HaloWindows`, like the optical inputs.
 
 A reference date without its own S1 repeats the target's scene (the model then sees "no change" there, not a
 fake one). No S1 for the target: ``None`` (a model that ``needs_sar`` fails the target; see the runner).
@@ -112,11 +113,3 @@ def prepare_model_sar(sar_items: Sequence[Any], target_band: xr.DataArray, targe
                                "id": ("time", ids)}, name="sar")
     out.attrs["units"] = units
     return out, records
-
-
-def sar_window(sar: xr.DataArray | None, read: tuple[slice, slice]):
-    """The (lazy) halo-padded read window ``(time, pol, y, x)`` of one tile, or None."""
-    if sar is None:
-        return None
-    ry, rx = read
-    return sar.data[:, :, ry, rx]
