@@ -98,16 +98,18 @@ def prepare_model_sar(sar_items: Sequence[Any], target_band: xr.DataArray, targe
         loaded[item.id] = raw.isel(time=0)
     first = loaded[sar_items[0].id]
     pols = [str(p) for p in first.band.values]
-    planes = []
+    planes, ids = [], []
     for item in sar_items:
         da = loaded.get(item.id if item is not None else "", first)
         if [str(p) for p in da.band.values] != pols:
             da = first
         planes.append(da.data)
+        # the id says whose pixels the plane holds: a date without its own (loadable, same-polarisation) scene
+        # carries the target's
+        ids.append(item.id if da is not first or item is sar_items[0] else f"{sar_items[0].id} (repeated)")
     data = dsa.stack(planes)
     if units == "db":
         data = dsa.map_blocks(linear_to_db_clipped, data, dtype=np.float32)
-    ids = [it.id if it is not None else f"{sar_items[0].id} (repeated)" for it in sar_items]
     out = xr.DataArray(data, dims=("time", "band", "y", "x"),
                        coords={"band": pols, "y": target_band.y.values, "x": target_band.x.values,
                                "id": ("time", ids)}, name="sar")

@@ -194,6 +194,7 @@ def test_truncated_reference_s1_is_dropped_not_failing_the_target(s1_scene, tmp_
     v = sar.values
     np.testing.assert_array_equal(v[1], v[0])
     assert [r.status for r in records] == ["applied", "failed"] and "read failed" in records[1].reason
+    assert list(sar.id.values) == ["S1_ORIG", "S1_ORIG (repeated)"]  # the plane is the target's, and says so
 
 
 def test_truncated_s1_only_recorded_fails_only_the_coregistration_record(s1_scene, tmp_path):
