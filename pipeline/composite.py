@@ -164,11 +164,10 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     import dask.array as dsa
     import xarray as xr
 
-    from catalogs.harmonise import harmonise
     from stages.load import load_reflectance, output_geobox
     from stages.masks import build_masks
-    from stages.publish import output_item, update_collection
-    from stages.write import paths_for, write_json_atomic, write_outputs
+    from stages.publish import update_collection
+    from stages.write import paths_for
 
     method = cfg.composite.method
     bands = list(cfg.grid.bands)
@@ -186,11 +185,34 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
         "confidence": xr.DataArray(out[nb], dims=("y", "x"), coords={"y": y, "x": x}),
         "source": xr.DataArray(out[nb + 1], dims=("y", "x"), coords={"y": y, "x": x}),
     }).rio.write_crs(stack.rio.crs)
-    from pipeline.runner import _progress_callback
-    from pipeline.safety import safe_stem
+    from pipeline.safety import clean_stale_staging, publish_dir, safe_rmtree, safe_stem, staging_dir, target_lock
 
     stem = safe_stem(f"{tile}_{period.replace('/', '_')}_{method}")  # the tile name comes from the catalog: untrusted
-    written, _ = write_outputs(ds, out_dir, stem, cfg.output, progress=_progress_callback(cfg))
+    path = paths_for(out_dir, stem)["item"]
+    # as for targets (pipeline.runner): under the tile's lock, staging left by killed runs removed, COGs and item
+    # written into this run's staging folder and published with one rename
+    with target_lock(out_dir, stem):
+        clean_stale_staging(out_dir, stem)
+        stage = staging_dir(out_dir, stem, run_id)
+        try:
+            _write_pixel_composite(ds, items, tile, period, cfg, geobox, bands, method, run_id, out_dir, stem, stage)
+            publish_dir(out_dir, stage, path.parent)
+        except BaseException:
+            safe_rmtree(out_dir, stage)
+            raise
+    update_collection(out_dir, path, f"{cfg.output.collection}-composites", "cloudfree regional composites")
+    return path
+
+
+def _write_pixel_composite(ds, items: list[pystac.Item], tile: str, period: str, cfg: Config, geobox, bands, method: str,
+                           run_id: str, out_dir: Path, stem: str, stage: Path) -> None:
+    """The COGs and the item of one pixel composite, written into ``stage`` (published by the caller)."""
+    from catalogs.harmonise import harmonise
+    from pipeline.runner import _progress_callback
+    from stages.publish import output_item
+    from stages.write import paths_for, write_json_atomic, write_outputs
+
+    written, _ = write_outputs(ds, out_dir, stem, cfg.output, progress=_progress_callback(cfg), stage=stage)
     item = output_item(items[0], items[1:], written, geobox, bands, method, {}, run_id,
                        [harmonise(i).as_properties() for i in items],
                        collection_id=f"{cfg.output.collection}-composites")
@@ -214,10 +236,8 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     item.properties["cloudfree:cover"] = {k: v for k, v in stats.items() if k != "masked_before"}
     item.properties.pop("cloudfree:target", None)
     item.properties.pop("cloudfree:references", None)
-    path = paths_for(out_dir, stem)["item"]
-    write_json_atomic(item.to_dict(include_self_link=False, transform_hrefs=False), path)
-    update_collection(out_dir, path, f"{cfg.output.collection}-composites", "cloudfree regional composites")
-    return path
+    write_json_atomic(item.to_dict(include_self_link=False, transform_hrefs=False),
+                      stage / paths_for(out_dir, stem)["item"].name)
 
 
 def _model_composite(items: list[pystac.Item], tile: str, period: str, cfg: Config, out_dir: Path,

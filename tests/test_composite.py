@@ -116,7 +116,8 @@ def test_composite_is_incremental(demo_catalog, tmp_path):
 
 def test_a_broken_file_fails_its_tile_only(demo_catalog, tmp_path):
     """One band of a 33UUU input with its tiles zeroed (opens, breaks mid-read): 33UUU is recorded as failed,
-    naming the fix, the SIMULATED second tile 33UUV is still built, and no staging folder is left."""
+    naming the fix, the SIMULATED second tile 33UUV is still built, and no staging folder is left (neither this
+    run's nor one a killed run left for 33UUV)."""
     from catalogs.local import LocalCatalog
     from pipeline.composite import run_composite
     from pipeline.config import load_config
@@ -143,6 +144,9 @@ def test_a_broken_file_fails_its_tile_only(demo_catalog, tmp_path):
         catalog={"url": str(cat)}, grid={"resolution": 40}, output={"dir": str(tmp_path / "out")},
         run={"progress": False}, composite={"method": "median"})
 
+    stale = tmp_path / "out" / "composites" / ".staging" / "33UUV_2017-02_median+killedrun"
+    stale.mkdir(parents=True)
+    (stale / "33UUV_2017-02_median_reflectance.tif").write_bytes(b"half-written by a killed run")
     res = {r.tile: r for r in run_composite(cfg, region, "2017-02")}
     assert res["33UUU"].status == "failed" and "rerun" in res["33UUU"].error
     assert res["33UUV"].status == "done" and res["33UUV"].item.exists()
