@@ -186,11 +186,27 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
     sample = to_tile_inputs(SceneInputs(
         stack[0], mask[0], prob[0], stack[1:] if n > 1 else None,
         (mask[1:] | stack[1:].isnull().any("band")) if n > 1 else None,
-        tuple(i.id for i in items[1:]), tuple(c.offset_days for c in plan.references[: n - 1]), items[0].id,
+        tuple(i.id for i in items[1:]), reference_offsets(plan, items[1:]), items[0].id,
     ))
     ctx = model.fit_scene(sample)
     log.info("%s: scene context from a %dx%d sample: %s", items[0].id, *coarse.shape, sorted(ctx))
     return ctx
+
+
+def model_references(plan: TargetPlan, max_references: int, cfg: Config) -> tuple:
+    """The plan's references a model that takes at most ``max_references`` gets, chosen as the search chose them
+    (:func:`stages.search.select_references`: with ``search.policy.bracket`` the best before and the best after
+    the target stay when the model takes two or more), in score order. A plain ``[:max_references]`` of the
+    score-ordered plan could keep two references on one side and make a temporal model extrapolate."""
+    from stages.search import select_references
+
+    return select_references(plan.references, max(max_references, 0), cfg.search.policy.bracket)
+
+
+def reference_offsets(plan: TargetPlan, refs) -> tuple[float, ...]:
+    """Signed days from the target to each item of ``refs`` (items of ``plan.references``), in that order."""
+    by_id = {c.item.id: c.offset_days for c in plan.references}
+    return tuple(by_id[r.id] for r in refs)
 
 
 def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=None) -> TargetResult:
@@ -205,7 +221,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
     from stages.write import paths_for
 
     target = plan.target
-    refs = [c.item for c in plan.references][: max(model.spec.max_references, 0)]
+    refs = [c.item for c in model_references(plan, model.spec.max_references, cfg)]
     items = [target, *refs]
     bands = list(dict.fromkeys([*cfg.grid.bands, *model.spec.bands]))
     geobox = output_geobox(target, cfg.grid, load_aoi(cfg.search.aoi)[0])
@@ -236,7 +252,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
         target=stack[0], cloud_mask=mask[0], cloud_prob=prob[0],
         references=ref_stack, reference_masks=ref_masks,
         reference_ids=tuple(r.id for r in refs),
-        reference_dt_days=tuple(c.offset_days for c in plan.references[: len(refs)]), target_id=target.id, sar=sar,
+        reference_dt_days=reference_offsets(plan, refs), target_id=target.id, sar=sar,
     )
     halo = cfg.tile.halo if cfg.tile.halo is not None else model.spec.halo
     tiles = plan_tiles(geobox.shape, cfg.tile.size, halo)
