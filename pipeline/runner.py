@@ -488,13 +488,26 @@ def mark_failed(ds, failed, bands=None):
 
 def model_sar(plan: TargetPlan, refs, catalog, target, target_mask, geobox, cfg: Config, model):
     """SAR for a model that needs or accepts it (:mod:`stages.sar`): one scene per optical date on the output
-    grid, co-registered, in the model's units. A model that *needs* SAR and gets none fails the target."""
-    from pipeline.errors import ModelError
+    grid, co-registered, in the model's units. A model that *needs* SAR and gets none (or whose target S1 cannot
+    be read) fails the target; a model that only accepts it runs without SAR when the target's S1 cannot be read."""
+    import rasterio.errors
+
+    from pipeline.errors import InputDataError, ModelError, ReadError
     from stages.sar import prepare_model_sar, sar_items_per_date
 
     items = sar_items_per_date(plan, refs, catalog, cfg)
     band = cfg.coregister.band if cfg.coregister.band in target.band.values else str(target.band.values[-1])
-    sar, records = prepare_model_sar(items, target.sel(band=band), target_mask, geobox, cfg, model.spec.sar_units)
+    try:
+        sar, records = prepare_model_sar(items, target.sel(band=band), target_mask, geobox, cfg, model.spec.sar_units)
+    except (ReadError, InputDataError, rasterio.errors.RasterioError, OSError) as exc:
+        if model.spec.needs_sar:
+            raise
+        # the model only accepts SAR: a broken S1 file costs the SAR, not the target
+        from stages.coregister import Coregistration
+
+        log.warning("%s: Sentinel-1 %s could not be read (%s); model %s runs without SAR", plan.target.id,
+                    items[0].id, exc, model.name)
+        return None, [Coregistration(items[0].id, "sar", "failed", reason=f"read failed: {exc}")]
     if sar is None and model.spec.needs_sar:
         why = ("no catalog.sar_collection is configured" if not cfg.catalog.sar_collection else
                f"no scene of {cfg.catalog.sar_collection} within {cfg.search.policy.sar_max_days} days covers it")

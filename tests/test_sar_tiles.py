@@ -211,3 +211,25 @@ def test_truncated_s1_only_recorded_fails_only_the_coregistration_record(s1_scen
     sar = Candidate(_item(bad, "S1_TRUNCATED"), 0.0, 1.0, 1.0, True, True, 1.0, "test")
     rec = _sar_coregistration(TargetPlan(target, (), (sar,)), s["target"], s["mask"], s["geobox"], s["cfg"])
     assert rec.status == "failed" and rec.id == "S1_TRUNCATED"
+
+
+def test_unreadable_target_s1_costs_an_sar_accepting_model_only_its_sar(s1_scene, tmp_path):
+    """A model that accepts (not needs) SAR: the target's S1 cut in half gives no SAR and a failed record; the
+    same file for a model that needs SAR still fails the target."""
+    from models.registry import build_model
+    from pipeline.runner import model_sar
+    from stages.search import Candidate, TargetPlan
+
+    s = s1_scene
+    raw = open(s["orig"].assets["vv"].href, "rb").read()
+    bad = tmp_path / "truncated.tif"
+    bad.write_bytes(raw[: len(raw) // 2])
+    target = pystac.Item("S2_T", None, None, datetime(2019, 6, 1, tzinfo=timezone.utc), {})
+    plan = TargetPlan(target, (), (Candidate(_item(bad, "S1_TRUNCATED"), 0.0, 1.0, 1.0, True, True, 1.0, "test"),))
+    accepts = build_model("sar-optical-fusion")
+    assert accepts.spec.accepts_sar and not accepts.spec.needs_sar
+    sar, records = model_sar(plan, [], None, s["target"], s["mask"], s["geobox"], s["cfg"], accepts)
+    assert sar is None and [(r.id, r.status) for r in records] == [("S1_TRUNCATED", "failed")]
+    needs = build_model("sar-optical-fusion", {"require_sar": True})
+    with pytest.raises(rasterio.errors.RasterioError):
+        model_sar(plan, [], None, s["target"], s["mask"], s["geobox"], s["cfg"], needs)
