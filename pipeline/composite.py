@@ -243,7 +243,7 @@ def _write_pixel_composite(ds, items: list[pystac.Item], tile: str, period: str,
 def _model_composite(items: list[pystac.Item], tile: str, period: str, cfg: Config, out_dir: Path,
                      run_id: str) -> Path:
     from models.registry import build_model
-    from pipeline.runner import process_target
+    from pipeline.runner import _run_target
     from stages.search import Candidate, TargetPlan, item_time, mgrs_tile
 
     target = max(items, key=lambda i: (item_time(i), i.id))
@@ -256,7 +256,8 @@ def _model_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     model = build_model(cfg.model.name, cfg.model.params)
     sub = cfg.replace(output={"dir": str(out_dir), "overwrite": True,
                               "collection": f"{cfg.output.collection}-composites"})
-    res = process_target(TargetPlan(target, cands, ()), model, sub, run_id)
+    # through the runner's per-target path: under the target's lock, staging left by killed runs removed first
+    res = _run_target(TargetPlan(target, cands, ()), model, sub, run_id, Path(out_dir))
     return res.outputs["item"]
 
 

@@ -152,3 +152,29 @@ def test_a_broken_file_fails_its_tile_only(demo_catalog, tmp_path):
     assert res["33UUV"].status == "done" and res["33UUV"].item.exists()
     staging = tmp_path / "out" / "composites" / ".staging"
     assert not staging.exists() or not any(staging.iterdir())
+
+
+def test_model_composite_goes_through_the_per_target_lock_and_cleans_stale_staging(demo_catalog, tmp_path):
+    """composite.method model writes through the runner's per-target path: staging a killed run left for the
+    target is removed and the output is published."""
+    from pipeline.composite import run_composite
+    from pipeline.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", env=False).replace(
+        catalog={"url": str(demo_catalog)}, grid={"resolution": 40}, output={"dir": str(tmp_path / "out")},
+        run={"progress": False}, composite={"method": "model"}, model={"name": "reference-replace"})
+    stale = tmp_path / "out" / "composites" / ".staging" / "S2B_T33UUU_20170226_SIMTHIN__reference-replace+killed"
+    stale.mkdir(parents=True)
+    [res] = run_composite(cfg, _region(demo_catalog, tmp_path), "2017-02")
+    assert res.status == "done" and res.item.exists(), res.error
+    assert not any((tmp_path / "out" / "composites" / ".staging").iterdir())
+
+
+def _region(demo_catalog, tmp_path) -> Path:
+    from catalogs.local import LocalCatalog
+
+    b = next(i for i in LocalCatalog(demo_catalog)._load() if i.id == "S2A_T33UUU_20170206_SIMREF").bbox
+    region = tmp_path / "region.geojson"
+    region.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [
+        [[b[0], b[1]], [b[2], b[1]], [b[2], b[3]], [b[0], b[3]], [b[0], b[1]]]]}}))
+    return region
