@@ -164,11 +164,10 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     import dask.array as dsa
     import xarray as xr
 
-    from catalogs.harmonise import harmonise
     from stages.load import load_reflectance, output_geobox
     from stages.masks import build_masks
-    from stages.publish import output_item, update_collection
-    from stages.write import paths_for, write_json_atomic, write_outputs
+    from stages.publish import update_collection
+    from stages.write import paths_for
 
     method = cfg.composite.method
     bands = list(cfg.grid.bands)
@@ -186,11 +185,34 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
         "confidence": xr.DataArray(out[nb], dims=("y", "x"), coords={"y": y, "x": x}),
         "source": xr.DataArray(out[nb + 1], dims=("y", "x"), coords={"y": y, "x": x}),
     }).rio.write_crs(stack.rio.crs)
-    from pipeline.runner import _progress_callback
-    from pipeline.safety import safe_stem
+    from pipeline.safety import clean_stale_staging, publish_dir, safe_rmtree, safe_stem, staging_dir, target_lock
 
     stem = safe_stem(f"{tile}_{period.replace('/', '_')}_{method}")  # the tile name comes from the catalog: untrusted
-    written, _ = write_outputs(ds, out_dir, stem, cfg.output, progress=_progress_callback(cfg))
+    path = paths_for(out_dir, stem)["item"]
+    # as for targets (pipeline.runner): under the tile's lock, staging left by killed runs removed, COGs and item
+    # written into this run's staging folder and published with one rename
+    with target_lock(out_dir, stem):
+        clean_stale_staging(out_dir, stem)
+        stage = staging_dir(out_dir, stem, run_id)
+        try:
+            _write_pixel_composite(ds, items, tile, period, cfg, geobox, bands, method, run_id, out_dir, stem, stage)
+            publish_dir(out_dir, stage, path.parent)
+        except BaseException:
+            safe_rmtree(out_dir, stage)
+            raise
+    update_collection(out_dir, path, f"{cfg.output.collection}-composites", "cloudfree regional composites")
+    return path
+
+
+def _write_pixel_composite(ds, items: list[pystac.Item], tile: str, period: str, cfg: Config, geobox, bands, method: str,
+                           run_id: str, out_dir: Path, stem: str, stage: Path) -> None:
+    """The COGs and the item of one pixel composite, written into ``stage`` (published by the caller)."""
+    from catalogs.harmonise import harmonise
+    from pipeline.runner import _progress_callback
+    from stages.publish import output_item
+    from stages.write import paths_for, write_json_atomic, write_outputs
+
+    written, _ = write_outputs(ds, out_dir, stem, cfg.output, progress=_progress_callback(cfg), stage=stage)
     item = output_item(items[0], items[1:], written, geobox, bands, method, {}, run_id,
                        [harmonise(i).as_properties() for i in items],
                        collection_id=f"{cfg.output.collection}-composites")
@@ -214,16 +236,14 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     item.properties["cloudfree:cover"] = {k: v for k, v in stats.items() if k != "masked_before"}
     item.properties.pop("cloudfree:target", None)
     item.properties.pop("cloudfree:references", None)
-    path = paths_for(out_dir, stem)["item"]
-    write_json_atomic(item.to_dict(include_self_link=False, transform_hrefs=False), path)
-    update_collection(out_dir, path, f"{cfg.output.collection}-composites", "cloudfree regional composites")
-    return path
+    write_json_atomic(item.to_dict(include_self_link=False, transform_hrefs=False),
+                      stage / paths_for(out_dir, stem)["item"].name)
 
 
 def _model_composite(items: list[pystac.Item], tile: str, period: str, cfg: Config, out_dir: Path,
                      run_id: str) -> Path:
     from models.registry import build_model
-    from pipeline.runner import process_target
+    from pipeline.runner import _run_target
     from stages.search import Candidate, TargetPlan, item_time, mgrs_tile
 
     target = max(items, key=lambda i: (item_time(i), i.id))
@@ -236,7 +256,8 @@ def _model_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     model = build_model(cfg.model.name, cfg.model.params)
     sub = cfg.replace(output={"dir": str(out_dir), "overwrite": True,
                               "collection": f"{cfg.output.collection}-composites"})
-    res = process_target(TargetPlan(target, cands, ()), model, sub, run_id)
+    # through the runner's per-target path: under the target's lock, staging left by killed runs removed first
+    res = _run_target(TargetPlan(target, cands, ()), model, sub, run_id, Path(out_dir))
     return res.outputs["item"]
 
 
@@ -281,9 +302,17 @@ def run_composite(cfg: Config, region: str | Path, period: str, *, force: bool =
                     path = _model_composite(items, tile, period, cfg, out_dir, run_id)
                 else:
                     path = _pixel_composite(items, tile, period, cfg, bbox, out_dir, run_id)
-            except CloudfreeError as exc:
-                log.error("composite %s failed: %s", key, exc)
-                results.append(CompositeResult(tile, period, "failed", list(sig), error=str(exc),
+            except Exception as exc:  # noqa: BLE001 - one failing tile never stops the batch (KeyboardInterrupt does)
+                from pipeline.redact import redact
+                from pipeline.runner import exception_chain
+
+                msg = str(exc) if isinstance(exc, CloudfreeError) else (
+                    f"composite {key}: {exception_chain(exc)}; inputs {list(sig)}: check their files (truncated or "
+                    "corrupt download, network; the log names the file), fetch them again or drop the item, and rerun")
+                msg = redact(msg)
+                log.error("composite %s failed: %s", key, msg)
+                log.debug("composite %s: traceback", key, exc_info=True)
+                results.append(CompositeResult(tile, period, "failed", list(sig), error=msg,
                                                seconds=time.perf_counter() - t0))
                 continue
             state["tiles"][key] = {

@@ -186,11 +186,27 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
     sample = to_tile_inputs(SceneInputs(
         stack[0], mask[0], prob[0], stack[1:] if n > 1 else None,
         (mask[1:] | stack[1:].isnull().any("band")) if n > 1 else None,
-        tuple(i.id for i in items[1:]), tuple(c.offset_days for c in plan.references[: n - 1]), items[0].id,
+        tuple(i.id for i in items[1:]), reference_offsets(plan, items[1:]), items[0].id,
     ))
     ctx = model.fit_scene(sample)
     log.info("%s: scene context from a %dx%d sample: %s", items[0].id, *coarse.shape, sorted(ctx))
     return ctx
+
+
+def model_references(plan: TargetPlan, max_references: int, cfg: Config) -> tuple:
+    """The plan's references a model that takes at most ``max_references`` gets, chosen as the search chose them
+    (:func:`stages.search.select_references`: with ``search.policy.bracket`` the best before and the best after
+    the target stay when the model takes two or more), in score order. A plain ``[:max_references]`` of the
+    score-ordered plan could keep two references on one side and make a temporal model extrapolate."""
+    from stages.search import select_references
+
+    return select_references(plan.references, max(max_references, 0), cfg.search.policy.bracket)
+
+
+def reference_offsets(plan: TargetPlan, refs) -> tuple[float, ...]:
+    """Signed days from the target to each item of ``refs`` (items of ``plan.references``), in that order."""
+    by_id = {c.item.id: c.offset_days for c in plan.references}
+    return tuple(by_id[r.id] for r in refs)
 
 
 def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=None) -> TargetResult:
@@ -205,7 +221,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
     from stages.write import paths_for
 
     target = plan.target
-    refs = [c.item for c in plan.references][: max(model.spec.max_references, 0)]
+    refs = [c.item for c in model_references(plan, model.spec.max_references, cfg)]
     items = [target, *refs]
     bands = list(dict.fromkeys([*cfg.grid.bands, *model.spec.bands]))
     geobox = output_geobox(target, cfg.grid, load_aoi(cfg.search.aoi)[0])
@@ -236,7 +252,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
         target=stack[0], cloud_mask=mask[0], cloud_prob=prob[0],
         references=ref_stack, reference_masks=ref_masks,
         reference_ids=tuple(r.id for r in refs),
-        reference_dt_days=tuple(c.offset_days for c in plan.references[: len(refs)]), target_id=target.id, sar=sar,
+        reference_dt_days=reference_offsets(plan, refs), target_id=target.id, sar=sar,
     )
     halo = cfg.tile.halo if cfg.tile.halo is not None else model.spec.halo
     tiles = plan_tiles(geobox.shape, cfg.tile.size, halo)
@@ -472,13 +488,26 @@ def mark_failed(ds, failed, bands=None):
 
 def model_sar(plan: TargetPlan, refs, catalog, target, target_mask, geobox, cfg: Config, model):
     """SAR for a model that needs or accepts it (:mod:`stages.sar`): one scene per optical date on the output
-    grid, co-registered, in the model's units. A model that *needs* SAR and gets none fails the target."""
-    from pipeline.errors import ModelError
+    grid, co-registered, in the model's units. A model that *needs* SAR and gets none (or whose target S1 cannot
+    be read) fails the target; a model that only accepts it runs without SAR when the target's S1 cannot be read."""
+    import rasterio.errors
+
+    from pipeline.errors import InputDataError, ModelError, ReadError
     from stages.sar import prepare_model_sar, sar_items_per_date
 
     items = sar_items_per_date(plan, refs, catalog, cfg)
     band = cfg.coregister.band if cfg.coregister.band in target.band.values else str(target.band.values[-1])
-    sar, records = prepare_model_sar(items, target.sel(band=band), target_mask, geobox, cfg, model.spec.sar_units)
+    try:
+        sar, records = prepare_model_sar(items, target.sel(band=band), target_mask, geobox, cfg, model.spec.sar_units)
+    except (ReadError, InputDataError, rasterio.errors.RasterioError, OSError) as exc:
+        if model.spec.needs_sar:
+            raise
+        # the model only accepts SAR: a broken S1 file costs the SAR, not the target
+        from stages.coregister import Coregistration
+
+        log.warning("%s: Sentinel-1 %s could not be read (%s); model %s runs without SAR", plan.target.id,
+                    items[0].id, exc, model.name)
+        return None, [Coregistration(items[0].id, "sar", "failed", reason=f"read failed: {exc}")]
     if sar is None and model.spec.needs_sar:
         why = ("no catalog.sar_collection is configured" if not cfg.catalog.sar_collection else
                f"no scene of {cfg.catalog.sar_collection} within {cfg.search.policy.sar_max_days} days covers it")
@@ -491,7 +520,11 @@ def model_sar(plan: TargetPlan, refs, catalog, target, target_mask, geobox, cfg:
 
 
 def _sar_coregistration(plan: TargetPlan, target, target_mask, geobox, cfg: Config):
-    """Estimate and record (not apply: no model consumes SAR through the runner yet) the S1 -> S2 shift."""
+    """Estimate and record (not apply) the S1 -> S2 shift for a model that neither needs nor accepts SAR (those get
+    theirs through :func:`model_sar`). The scene is only recorded here, so a read that fails (a truncated file
+    that passed the probe) is recorded as a failed co-registration, not a failed target."""
+    import rasterio.errors
+
     from pipeline.errors import ReadError
     from stages.coregister import Coregistration, estimate_sar_shift
     from stages.load import load_sar
@@ -503,6 +536,6 @@ def _sar_coregistration(plan: TargetPlan, target, target_mask, geobox, cfg: Conf
         pol = "vv" if "vv" in sar.band.values else str(sar.band.values[0])
         return estimate_sar_shift(target.sel(band=band), target_mask, sar.sel(band=pol)[0], sar_item.id,
                                   cfg.coregister)
-    except (ReadError, CloudfreeError) as exc:
+    except (ReadError, CloudfreeError, rasterio.errors.RasterioError, OSError) as exc:
         log.warning("%s: SAR co-registration with %s failed: %s", plan.target.id, sar_item.id, exc)
         return Coregistration(sar_item.id, "sar", "failed", reason=str(exc))

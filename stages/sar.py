@@ -6,7 +6,8 @@ reference date the same way (:func:`stages.search._sar`, same policy). Each dist
 to the target's optical band (:func:`stages.coregister.estimate_sar_shift`); an *applied* shift is honoured by
 loading the scene on the shifted grid (:func:`stages.coregister.shifted_geobox`, one resampling, as for optical
 references). The stack is converted to the model's convention (``spec.sar_units``: ``"db"`` = sigma0 dB clipped to
-[-25, 0]; ``"linear"`` = linear power) and stays lazy; :func:`sar_window` cuts a tile's halo-padded read window.
+[-25, 0]; ``"linear"`` = linear power) and stays lazy; each tile's halo-padded window is cut from its chunks by
+:class:`stages.remove.HaloWindows`, like the optical inputs.
 
 A reference date without its own S1 repeats the target's scene (the model then sees "no change" there, not a
 fake one). No S1 for the target: ``None`` (a model that ``needs_sar`` fails the target; see the runner).
@@ -19,6 +20,7 @@ from typing import Any, Sequence
 
 import dask.array as dsa
 import numpy as np
+import rasterio.errors
 import xarray as xr
 
 from pipeline.errors import CloudfreeError, ReadError
@@ -83,6 +85,12 @@ def prepare_model_sar(sar_items: Sequence[Any], target_band: xr.DataArray, targe
                 rec = estimate_sar_shift(target_band, target_mask, raw.sel(band=pol)[0], item.id, cfg.coregister)
             except (ReadError, CloudfreeError) as exc:
                 rec = Coregistration(item.id, "sar", "failed", reason=str(exc))
+            except (rasterio.errors.RasterioError, OSError) as exc:  # e.g. a truncated file that passed the probe
+                if item is sar_items[0]:  # the target's scene (or the optical window read with it): fail the target
+                    raise
+                log.warning("S1 %s failed mid-read (%s); its date repeats the target's SAR", item.id, exc)
+                records.append(Coregistration(item.id, "sar", "failed", reason=f"read failed: {exc}"))
+                continue
             records.append(rec)
         if rec is not None and rec.applied:
             raw = load_sar([item], shifted_geobox(geobox, rec.shift_px), chunk=chunk)
@@ -90,26 +98,20 @@ def prepare_model_sar(sar_items: Sequence[Any], target_band: xr.DataArray, targe
         loaded[item.id] = raw.isel(time=0)
     first = loaded[sar_items[0].id]
     pols = [str(p) for p in first.band.values]
-    planes = []
+    planes, ids = [], []
     for item in sar_items:
         da = loaded.get(item.id if item is not None else "", first)
         if [str(p) for p in da.band.values] != pols:
             da = first
         planes.append(da.data)
+        # the id says whose pixels the plane holds: a date without its own (loadable, same-polarisation) scene
+        # carries the target's
+        ids.append(item.id if da is not first or item is sar_items[0] else f"{sar_items[0].id} (repeated)")
     data = dsa.stack(planes)
     if units == "db":
         data = dsa.map_blocks(linear_to_db_clipped, data, dtype=np.float32)
-    ids = [it.id if it is not None else f"{sar_items[0].id} (repeated)" for it in sar_items]
     out = xr.DataArray(data, dims=("time", "band", "y", "x"),
                        coords={"band": pols, "y": target_band.y.values, "x": target_band.x.values,
                                "id": ("time", ids)}, name="sar")
     out.attrs["units"] = units
     return out, records
-
-
-def sar_window(sar: xr.DataArray | None, read: tuple[slice, slice]):
-    """The (lazy) halo-padded read window ``(time, pol, y, x)`` of one tile, or None."""
-    if sar is None:
-        return None
-    ry, rx = read
-    return sar.data[:, :, ry, rx]

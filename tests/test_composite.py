@@ -112,3 +112,69 @@ def test_composite_is_incremental(demo_catalog, tmp_path):
     assert "S2A_T33UUU_20170219_SIMNEW" in state["tiles"]["33UUU/2017-02"]["inputs"]
     coll = json.loads((tmp_path / "out" / "composites" / "collection.json").read_text())
     assert len([lk for lk in coll["links"] if lk["rel"] == "item"]) == 2
+
+
+def test_a_broken_file_fails_its_tile_only(demo_catalog, tmp_path):
+    """One band of a 33UUU input with its tiles zeroed (opens, breaks mid-read): 33UUU is recorded as failed,
+    naming the fix, the SIMULATED second tile 33UUV is still built, and no staging folder is left (neither this
+    run's nor one a killed run left for 33UUV)."""
+    from catalogs.local import LocalCatalog
+    from pipeline.composite import run_composite
+    from pipeline.config import load_config
+
+    base = LocalCatalog(demo_catalog)._load()
+    ref = next(i for i in base if i.id == "S2A_T33UUU_20170206_SIMREF")
+    uuv = _clone(ref, "S2A_T33UUV_20170207_SIMREF", "2017-02-07T10:21:01Z", **{"s2:mgrs_tile": "33UUV"})
+    broken = _clone(ref, ref.id, ref.datetime.isoformat())
+    src = Path(ref.assets["B04"].get_absolute_href())
+    import tifffile
+
+    with tifffile.TiffFile(src) as tif:  # keep the header, zero every tile (overviews included): reads fail
+        first = min(min(p.dataoffsets) for p in tif.pages)
+    raw = src.read_bytes()
+    cut = tmp_path / "B04_zeroed.tif"
+    cut.write_bytes(raw[:first] + bytes(len(raw) - first))
+    broken.assets["B04"].href = str(cut)
+    cat = _write_catalog([*(i for i in base if i.id != ref.id), broken, uuv], tmp_path / "items.json")
+    b = ref.bbox
+    region = tmp_path / "region.geojson"
+    region.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [
+        [[b[0], b[1]], [b[2], b[1]], [b[2], b[3]], [b[0], b[3]], [b[0], b[1]]]]}}))
+    cfg = load_config(ROOT / "configs" / "demo.yaml", env=False).replace(
+        catalog={"url": str(cat)}, grid={"resolution": 40}, output={"dir": str(tmp_path / "out")},
+        run={"progress": False}, composite={"method": "median"})
+
+    stale = tmp_path / "out" / "composites" / ".staging" / "33UUV_2017-02_median+killedrun"
+    stale.mkdir(parents=True)
+    (stale / "33UUV_2017-02_median_reflectance.tif").write_bytes(b"half-written by a killed run")
+    res = {r.tile: r for r in run_composite(cfg, region, "2017-02")}
+    assert res["33UUU"].status == "failed" and "rerun" in res["33UUU"].error
+    assert res["33UUV"].status == "done" and res["33UUV"].item.exists()
+    staging = tmp_path / "out" / "composites" / ".staging"
+    assert not staging.exists() or not any(staging.iterdir())
+
+
+def test_model_composite_goes_through_the_per_target_lock_and_cleans_stale_staging(demo_catalog, tmp_path):
+    """composite.method model writes through the runner's per-target path: staging a killed run left for the
+    target is removed and the output is published."""
+    from pipeline.composite import run_composite
+    from pipeline.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml", env=False).replace(
+        catalog={"url": str(demo_catalog)}, grid={"resolution": 40}, output={"dir": str(tmp_path / "out")},
+        run={"progress": False}, composite={"method": "model"}, model={"name": "reference-replace"})
+    stale = tmp_path / "out" / "composites" / ".staging" / "S2B_T33UUU_20170226_SIMTHIN__reference-replace+killed"
+    stale.mkdir(parents=True)
+    [res] = run_composite(cfg, _region(demo_catalog, tmp_path), "2017-02")
+    assert res.status == "done" and res.item.exists(), res.error
+    assert not any((tmp_path / "out" / "composites" / ".staging").iterdir())
+
+
+def _region(demo_catalog, tmp_path) -> Path:
+    from catalogs.local import LocalCatalog
+
+    b = next(i for i in LocalCatalog(demo_catalog)._load() if i.id == "S2A_T33UUU_20170206_SIMREF").bbox
+    region = tmp_path / "region.geojson"
+    region.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [
+        [[b[0], b[1]], [b[2], b[1]], [b[2], b[3]], [b[0], b[3]], [b[0], b[1]]]]}}))
+    return region

@@ -140,3 +140,19 @@ def test_headline_phyvlm_beats_reference_replace_on_thin_cloud_of_the_simulated_
         assert thin[(c.name, "phyvlm-cr")] > thin[(c.name, "reference-replace")] + 1.0, c.name
     mean = {r["model"]: r["psnr"] for r in summarise(rows) if r["region"] == "thin"}
     assert mean["phyvlm-cr"] > mean["reference-replace"] + 3.0, mean
+
+
+def test_a_model_taking_fewer_references_than_the_plan_keeps_the_bracket():
+    """The search keeps 4 references (bracketing); a model that takes 2 (CA-MTCR) gets the best before and the
+    best after, not the two best-scored (both before), and each keeps its own signed offset."""
+    from pipeline.config import Config
+    from pipeline.runner import model_references, reference_offsets
+    from stages.search import TargetPlan
+
+    ranked = [_cand(-5, 0.9), _cand(-10, 0.8), _cand(-15, 0.7), _cand(20, 0.3), _cand(30, 0.2)]
+    plan = TargetPlan(ranked[0].item, select_references(ranked, 4, bracket=True), ())
+    got = model_references(plan, 2, Config())
+    assert [c.offset_days for c in got] == [-5, 20]
+    assert reference_offsets(plan, [c.item for c in got]) == (-5, 20)
+    assert [c.offset_days for c in model_references(plan, 2, Config().replace(search={"policy": {"bracket": False}}))
+            ] == [-5, -10]

@@ -180,3 +180,56 @@ def test_run_feeds_one_s1_scene_per_date_to_a_multi_temporal_model(demo_catalog,
         assert np.hypot(*c["misregistration_px"]) < 0.5, c  # unshifted scenes: no (large) shift found
     item = json.loads(res.outputs["item"].read_text())
     assert {c["id"] for c in item["properties"]["cloudfree:coregistration"]} >= {c["id"] for c in sar}
+
+
+def test_truncated_reference_s1_is_dropped_not_failing_the_target(s1_scene, tmp_path):
+    """A reference date's S1 file cut in half passes the one-pixel probe and breaks in the co-registration read:
+    that date repeats the target's scene (recorded as failed) instead of failing the whole target."""
+    s = s1_scene
+    raw = open(s["orig"].assets["vv"].href, "rb").read()
+    bad = tmp_path / "truncated.tif"
+    bad.write_bytes(raw[: len(raw) // 2])
+    sar, records = prepare_model_sar([s["orig"], _item(bad, "S1_TRUNCATED")], s["target"][0], s["mask"],
+                                     s["geobox"], s["cfg"], "linear")
+    v = sar.values
+    np.testing.assert_array_equal(v[1], v[0])
+    assert [r.status for r in records] == ["applied", "failed"] and "read failed" in records[1].reason
+    assert list(sar.id.values) == ["S1_ORIG", "S1_ORIG (repeated)"]  # the plane is the target's, and says so
+
+
+def test_truncated_s1_only_recorded_fails_only_the_coregistration_record(s1_scene, tmp_path):
+    """For a model that does not use SAR the S1 scene is only co-registered for the record: a file cut in half
+    gives a 'failed' record, not a failed target."""
+    from pipeline.runner import _sar_coregistration
+    from stages.search import Candidate, TargetPlan
+
+    s = s1_scene
+    raw = open(s["orig"].assets["vv"].href, "rb").read()
+    bad = tmp_path / "truncated.tif"
+    bad.write_bytes(raw[: len(raw) // 2])
+    target = pystac.Item("S2_T", None, None, datetime(2019, 6, 1, tzinfo=timezone.utc), {})
+    sar = Candidate(_item(bad, "S1_TRUNCATED"), 0.0, 1.0, 1.0, True, True, 1.0, "test")
+    rec = _sar_coregistration(TargetPlan(target, (), (sar,)), s["target"], s["mask"], s["geobox"], s["cfg"])
+    assert rec.status == "failed" and rec.id == "S1_TRUNCATED"
+
+
+def test_unreadable_target_s1_costs_an_sar_accepting_model_only_its_sar(s1_scene, tmp_path):
+    """A model that accepts (not needs) SAR: the target's S1 cut in half gives no SAR and a failed record; the
+    same file for a model that needs SAR still fails the target."""
+    from models.registry import build_model
+    from pipeline.runner import model_sar
+    from stages.search import Candidate, TargetPlan
+
+    s = s1_scene
+    raw = open(s["orig"].assets["vv"].href, "rb").read()
+    bad = tmp_path / "truncated.tif"
+    bad.write_bytes(raw[: len(raw) // 2])
+    target = pystac.Item("S2_T", None, None, datetime(2019, 6, 1, tzinfo=timezone.utc), {})
+    plan = TargetPlan(target, (), (Candidate(_item(bad, "S1_TRUNCATED"), 0.0, 1.0, 1.0, True, True, 1.0, "test"),))
+    accepts = build_model("sar-optical-fusion")
+    assert accepts.spec.accepts_sar and not accepts.spec.needs_sar
+    sar, records = model_sar(plan, [], None, s["target"], s["mask"], s["geobox"], s["cfg"], accepts)
+    assert sar is None and [(r.id, r.status) for r in records] == [("S1_TRUNCATED", "failed")]
+    needs = build_model("sar-optical-fusion", {"require_sar": True})
+    with pytest.raises(rasterio.errors.RasterioError):
+        model_sar(plan, [], None, s["target"], s["mask"], s["geobox"], s["cfg"], needs)
