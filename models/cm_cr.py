@@ -426,7 +426,10 @@ class CMCR(RemovalModelBase):
         out[gi] = sample
         other = [i for i in range(len(tile.bands)) if i not in gi]
         if other:
-            out[other] = extend_bands(sample, tile.target[other], clear)
+            # fit the extension on the clear pixels' *observed* trained bands (the generated sample there is not
+            # the observation), then apply it to the restored bands under cloud
+            restored = np.where(clear[None], tile.target[gi], sample).astype(np.float32)
+            out[other] = extend_bands(restored, tile.target[other], clear)
         source = np.full(tile.shape, SOURCE_MODEL, np.uint8)
         conf = np.full(tile.shape, p.model_confidence, np.float32)
         if p.keep_clear_target:

@@ -312,3 +312,22 @@ def test_weights_hash_checked(tmp_path):
         build_model("cm-cr", {"weights": w, "device": "cpu"}).predict(_tile())
     with pytest.raises(WeightsError, match="not found"):
         build_model("cm-cr", {"weights": str(tmp_path / "none.safetensors"), "device": "cpu"}).predict(_tile())
+
+
+def test_cmcr_extra_bands_fitted_on_observed_clear_pixels(tmp_path):
+    """A band that is an exact linear function of the four trained bands stays that function of the restored
+    bands under cloud: the extension is fitted on the clear pixels' observations, not on the generated sample."""
+    w = _weights(tmp_path, "cm")
+    tile = _tile()
+    t4 = tile.target[:4]
+    target = tile.target.copy()
+    target[4] = 0.3 * t4[0] + 0.5 * t4[2] + 0.2 * t4[3] + 0.05
+    target[4, tile.cloud_mask] = 0.8
+    from dataclasses import replace
+
+    tile = replace(tile, target=target)
+    r = build_model("cm-cr", {"weights": w, "steps": 1, "device": "cpu"}).predict(tile)
+    cl = tile.cloud_mask
+    o = r.reflectance
+    want = np.maximum(0.3 * o[0, cl] + 0.5 * o[2, cl] + 0.2 * o[3, cl] + 0.05, 0.0)
+    np.testing.assert_allclose(o[4, cl], want, atol=1e-4)
