@@ -217,6 +217,20 @@ def test_stac_pairs_on_romania_hold_out_and_transplant():
     assert s["sar_present"] in (0.0, 1.0) and s["sar"].shape == (3, 2, 48, 48)
 
 
+def test_stac_pairs_refuse_a_config_that_drops_romania_evaluation_dates():
+    """A training config on the evaluation stack cannot shrink the hold-out (it may only add to it)."""
+    from pipeline.errors import ConfigError
+    from pipeline.training.datasets import ROMANIA_HELDOUT_DATES
+
+    for held in ([], list(ROMANIA_HELDOUT_DATES[1:])):
+        with pytest.raises(ConfigError, match=ROMANIA_HELDOUT_DATES[0]):
+            StacPairs(DataConfig(path=str(ROMANIA), holdout_dates=held), BANDS, 2, 48)
+    # windows that cover every evaluation date count as holding them out (the check alone, no catalog read)
+    src = StacPairs.__new__(StacPairs)
+    src.cfg = DataConfig(path=str(ROMANIA), holdout_dates=[], holdout_windows=[("2015-01-01", "2020-12-31")])
+    src._check_holdout()
+
+
 @pytest.mark.skipif(not ROMANIA.is_file(), reason="needs ../shared/data")
 def test_stac_pairs_simulated_clouds_and_real_unpaired_sar():
     s1 = next(Path("../shared/data/s1-uk-10m").glob("*.tif"))

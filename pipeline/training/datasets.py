@@ -223,6 +223,7 @@ class StacPairs(PairSource):
 
     def __init__(self, cfg: DataConfig, bands: Sequence[str], n_refs: int, patch: int) -> None:
         self.cfg, self.bands, self.n_refs, self.patch = cfg, tuple(bands), n_refs, patch
+        self._check_holdout()
         self.dates = self._load()
         clear = [d for d in self.dates if d.cloud_fraction <= cfg.clear_max_cloud and d.valid.mean() > 0.99]
         lo, hi = cfg.cloudy_range
@@ -241,6 +242,21 @@ class StacPairs(PairSource):
             self._real_sar = [self._read_sar_file(p) for p in cfg.sar_paths]
             if not self._real_sar:
                 raise ConfigError("data.sar = real-unpaired needs data.sar_paths (S1 rasters)")
+
+    def _check_holdout(self) -> None:
+        """The evaluation's own stack: ``holdout_dates`` may add dates, never drop an evaluation/donor date."""
+        from pipeline.evaluation.romania import ROMANIA_COLLECTION, ROMANIA_FOLDER
+
+        cfg = self.cfg
+        if cfg.collection != ROMANIA_COLLECTION and ROMANIA_FOLDER not in str(cfg.path):
+            return
+        dropped = [d for d in ROMANIA_HELDOUT_DATES
+                   if not is_held_out(date.fromisoformat(d), cfg.holdout_dates, cfg.holdout_windows)]
+        if dropped:
+            raise ConfigError(
+                f"catalog {cfg.path} is the Romania evaluation stack but data.holdout_dates/holdout_windows do not "
+                f"hold out its evaluation and mask-donor dates {dropped}: training on them leaks the evaluation; "
+                "remove data.holdout_dates from the config (the default holds them out) or add these dates")
 
     # -- loading ----------------------------------------------------------------------------------------------
     def _load(self) -> list[_Date]:
