@@ -223,10 +223,6 @@ def extend_bands(restored: np.ndarray, target: np.ndarray, clear: np.ndarray) ->
     return np.maximum(out, 0.0).astype(np.float32)
 
 
-def count_parameters(module: nn.Module) -> int:
-    return int(sum(p.numel() for p in module.parameters()))
-
-
 # ----------------------------------------------------------------------------------------------------- weights
 def load_network(model_name: str, path: str | Path, convention, build) -> nn.Module:
     """The network in weights file ``path``, built by ``build(network_config)``, loaded lazily once per process

@@ -43,7 +43,6 @@ and global pixel coordinates (tiles agree in their halos). Clear pixels keep the
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from pathlib import Path
@@ -234,13 +233,6 @@ def distillation_loss(nets: CMCRNetworks, target: EDMPrecond, x0: torch.Tensor, 
 def ema_update(target: nn.Module, online: nn.Module, mu: float = 0.95) -> None:
     for pt, po in zip(target.parameters(), online.parameters()):
         pt.mul_(mu).add_(po.detach(), alpha=1 - mu)
-
-
-def make_target(student: EDMPrecond) -> EDMPrecond:
-    t = copy.deepcopy(student)
-    for p in t.parameters():
-        p.requires_grad_(False)
-    return t
 
 
 # -------------------------------------------------------------------------------------------------- samplers

@@ -157,13 +157,6 @@ def loss_wa(nets: DENetworks, sched: DDPMSchedule, x0, y, mask, x0e, t, eps,
     return F.l1_loss(fuse(x0_eps, x0e, w), x0)
 
 
-def loss_joint(nets: DENetworks, sched: DDPMSchedule, x0, y, mask, x0e, t, eps, lam: float = 1.0) -> torch.Tensor:
-    """Eq. 15: ``λ L_DDPM + L_WA`` (one CNP forward shared by both terms)."""
-    x_t = sched.q_sample(x0, t, eps)
-    eps_pred = nets.eps(x_t, t, y, mask)
-    return lam * F.mse_loss(eps_pred, eps) + loss_wa(nets, sched, x0, y, mask, x0e, t, eps, eps_pred)
-
-
 # -------------------------------------------------------------------------------------------------- sampler
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -458,6 +451,7 @@ class DETrainable:
         if stage == "wa":
             loss = loss_wa(net, self.sched, x0, y, mask, x0e, t, eps)
             return loss, {"wa": float(loss.detach())}
+        # eq. 15 with λ = 1: one CNP forward shared by L_DDPM and L_WA (whose x_0,ε,t is stop-gradient)
         x_t = self.sched.q_sample(x0, t, eps)
         eps_pred = net.eps(x_t, t, y, mask)
         l_ddpm = F.mse_loss(eps_pred, eps)
