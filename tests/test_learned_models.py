@@ -104,6 +104,17 @@ def test_weights_load_once_and_refuse_bad_hash_or_bands(tiny_weights):
         bad.predict(_tile(np.random.default_rng(0)))
     with pytest.raises(ContractError, match="B08"):
         model.predict(_tile(np.random.default_rng(0), bands=("B02", "B03", "B04", "B11")))
+    # SAR without both VV and VH is refused (a single band used to be broadcast into both channels)
+    from dataclasses import replace
+
+    t = _tile(np.random.default_rng(0))
+    for single in (replace(t, sar=t.sar[:, :1].copy(), sar_bands=("vv",)), replace(t, sar=t.sar[:, :1].copy(),
+                                                                                      sar_bands=())):
+        with pytest.raises(ContractError, match="VV and VH"):
+            model.predict(single)
+    # named polarisations in another order or case are picked by name
+    swapped = replace(t, sar=t.sar[:, ::-1].copy(), sar_bands=("VH", "VV"))
+    np.testing.assert_array_equal(model.predict(swapped).reflectance, model.predict(t).reflectance)
     # a file whose recorded convention differs (other bands) is refused at load
     import torch
 
