@@ -12,7 +12,7 @@ import rasterio
 import torch
 from rasterio.transform import from_origin
 
-from pipeline.errors import WeightsError
+from pipeline.errors import InputDataError, WeightsError
 from pipeline.training.api import Stage
 from pipeline.training.datasets import (S2_13_BANDS, AllClear, DataConfig, PairSource, Sen12MSCR, Sen12MSCRTS,
                                         StacPairs, finish_sample, scale_sar_db)
@@ -158,6 +158,24 @@ def test_sen12ms_cr_reader(tmp_path):
     with rasterio.open(e["s1"]) as ds:
         np.testing.assert_allclose(s["sar"][0], scale_sar_db(ds.read()), rtol=1e-6)
     assert s["sar_present"] == 1.0 and 0 <= s["sar"].min() and s["sar"].max() <= 1
+
+
+def test_sen12ms_cr_reader_refuses_reflectance_and_linear_sar(tmp_path):
+    """Files in another scaling than the layout's (S2 DN, S1 dB) are refused, not silently rescaled to ~0 / 1."""
+    rng = np.random.default_rng(0)
+
+    def write(root, s2_scale, s1):
+        for k, arr, dt in (("s2", _s2(rng, False) * s2_scale, "float32"), ("s2_cloudy", _s2(rng, True) * s2_scale,
+                                                                           "float32"), ("s1", s1, "float32")):
+            _tif(root / f"ROIs1158_spring_{k}" / f"{k}_1" / f"ROIs1158_spring_{k}_1_p3.tif", arr, dt)
+        return Sen12MSCR(DataConfig(source="sen12ms-cr", path=str(root), augment=False, sar_dropout=0.0), BANDS, 0, 32)
+
+    db = np.stack([rng.uniform(-20, -5, (32, 32)), rng.uniform(-28, -10, (32, 32))])
+    write(tmp_path / "ok", 1.0, db).sample(np.random.default_rng(1))  # the layout's own scaling passes
+    with pytest.raises(InputDataError, match="reflectance 0-1"):
+        write(tmp_path / "refl", 1e-4, db).sample(np.random.default_rng(1))
+    with pytest.raises(InputDataError, match="dB"):
+        write(tmp_path / "lin", 1.0, 10 ** (db / 10)).sample(np.random.default_rng(1))
 
 
 def test_sen12ms_cr_ts_reader(tmp_path):

@@ -432,6 +432,10 @@ class _PublicBase(PairSource):
         a = _read(path)
         if a.shape[0] != 13:
             raise InputDataError(f"{path}: {a.shape[0]} bands, the layout has 13 (B01..B12 with B8A, B10)")
+        finite = a[np.isfinite(a)]
+        if finite.size and float(finite.max()) <= 2.0:
+            raise InputDataError(f"{path}: values <= {float(finite.max()):.3g}, i.e. reflectance 0-1; the layout "
+                                 "stores Sentinel-2 DN 0-10000 (scaled here by 1/10000): use the original files")
         return a
 
     def _mask(self, dn13: np.ndarray) -> np.ndarray:
@@ -449,6 +453,12 @@ class _PublicBase(PairSource):
         ref_masks = [self._mask(r) for r in refs13] if ref_masks is None else ref_masks
         sar = None
         if sar_db is not None and (split == "val" or rng.random() >= self.cfg.sar_dropout):
+            for s in sar_db:
+                if s.shape[0] < 2 or not (np.nanmedian(s[:2]) < 0):
+                    raise InputDataError(
+                        f"{type(self).__name__} {self.cfg.path}: an S1 file has {s.shape[0]} band(s) with median "
+                        f"{float(np.nanmedian(s[:2])):.3g}; the layout stores VV, VH sigma0 in dB (negative over "
+                        "land): linear power or single-pol files need converting (10 log10) first")
             sar = np.stack([scale_sar_db(s[:2]) for s in sar_db])[..., ys, xs]
         s = finish_sample(self._select(target13)[:, ys, xs], self._select(truth13)[:, ys, xs], mask[ys, xs],
                           [self._select(r)[:, ys, xs] for r in refs13], [m[ys, xs] for m in ref_masks], ref_dt,
