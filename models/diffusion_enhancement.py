@@ -172,7 +172,7 @@ def ddim_sample(eps_fn: EpsFn, weight_fn: WeightFn | None, x0e: torch.Tensor | N
 
     ``eps_fn(x_t, t)`` predicts the noise; ``weight_fn(x_t, t)`` gives ``W`` (None: plain DDIM, ``W = 0``);
     ``noise(k)`` returns the k-th standard-normal draw (k = 0 is ``x_T``, k >= 1 the per-step noise when
-    ``ddim_eta > 0``). ``record`` (a list) receives ``(t, mean W)`` per step.
+    ``ddim_eta > 0``). ``record`` (a list) receives ``(t, [mean W of each batch item])`` per step.
     """
     ab_all = sched.alphas_cumprod
     ts = ddim_timesteps(steps, sched.T)
@@ -190,7 +190,7 @@ def ddim_sample(eps_fn: EpsFn, weight_fn: WeightFn | None, x0e: torch.Tensor | N
             w = weight_fn(x, tt).clamp(min=w_floor, max=1.0)
             x0 = fuse(x0, x0e, w)
             if record is not None:
-                record.append((t, float(w.mean())))
+                record.append((t, w.mean(dim=tuple(range(1, w.ndim))).tolist()))
         if t_prev < 0:
             x = x0
             break
@@ -342,8 +342,9 @@ class DiffusionEnhancement(RemovalModelBase):
         x = ddim_sample(lambda xt, tt: nets.eps(xt, tt.to(dev), y, mask),
                         lambda xt, tt: nets.weight(xt, tt.to(dev), y, x0e), x0e, noise, DDPMSchedule(), p.steps,
                         w_floor=p.w_floor, ddim_eta=p.ddim_eta, record=record)
-        wmean = float(np.mean([r[1] for r in record])) if record else float("nan")
-        return decode(x[..., :h, :w]).cpu().numpy(), [wmean] * len(tiles)
+        # per tile: the mean of W over its bands, pixels (incl. the padding) and the steps
+        wmeans = np.mean([r[1] for r in record], axis=0).tolist() if record else [float("nan")] * len(tiles)
+        return decode(x[..., :h, :w]).cpu().numpy(), [float(v) for v in wmeans]
 
     def _result(self, tile: TileInputs, ref: TileResult, sample: np.ndarray, wmean: float) -> TileResult:
         p = self.params

@@ -107,7 +107,7 @@ def test_ddim_fusion_and_w_floor():
     out = ddim_sample(_oracle(x0, sched), lambda x, t: torch.zeros_like(x), x0e, noise, sched, 10, w_floor=0.3,
                       clip=None, record=rec)
     torch.testing.assert_close(out, 0.7 * x0 + 0.3 * x0e, atol=1e-9, rtol=0)
-    assert all(abs(w - 0.3) < 1e-7 for _, w in rec)
+    assert len(rec) == 10 and all(len(ws) == 2 and all(abs(w - 0.3) < 1e-7 for w in ws) for _, ws in rec)
     out1 = ddim_sample(_oracle(x0, sched), lambda x, t: torch.ones_like(x), x0e, noise, sched, 10, w_floor=0.3,
                        clip=None)
     torch.testing.assert_close(out1, x0e, atol=1e-9, rtol=0)
@@ -284,6 +284,10 @@ def test_de_model_deterministic_keeps_clear_and_uses_reference_for_other_bands(t
     # batched prediction agrees with one-by-one
     batch = m.predict_batch([tile, _tile(seed=1)])
     np.testing.assert_allclose(batch[0].reflectance, a.reflectance, atol=1e-5)
+    # the W_mean diagnostic is each tile's own, not the batch's
+    alone = m.predict(_tile(seed=1))
+    for got, want in ((batch[0], a), (batch[1], alone)):
+        np.testing.assert_allclose(got.diagnostics["W_mean"], want.diagnostics["W_mean"], atol=1e-6)
 
 
 def test_cmcr_model_with_and_without_sar(tmp_path):
