@@ -40,6 +40,8 @@ Deviations (each for a reason):
 * Clear pixels (mask stage says clear, finite) keep the observation (``keep_clear_target``), as PhyVLM-CR does.
 * **Noise** is :func:`models._generative.coordinate_noise` of the scene seed and global pixel coordinates
   (``TileInputs.origin``), so the halos of neighbouring tiles see the same ``x_T`` and the same per-step noise.
+* **Halo**: the UNets' 48 px plus the reference model's own halo (``x_0,E`` feeds the networks; PhyVLM-CR's is
+  123 px with default parameters, so a DE instance declares 171 px).
 
 Outputs: ``confidence`` = the reference model's confidence (DE refines its texture, it does not add evidence);
 ``source`` = ``SOURCE_TARGET`` where kept, else ``SOURCE_MODEL``; diagnostics ``W_mean`` (mean of ``W`` over bands
@@ -264,6 +266,12 @@ class DiffusionEnhancement(RemovalModelBase):
         if self.params.reference_model == self.name:
             raise ConfigError("diffusion-enhancement cannot be its own reference model; pick another registered model")
         self.reference = build_model(self.params.reference_model, dict(self.params.reference_params))
+        # x_0,E feeds the networks, so the receptive fields add up: the instance's halo is the networks' (class
+        # spec) plus the reference model's own (PhyVLM-CR's is larger than the UNets'); the instance's spec
+        # shadows the class default, which the runner reads
+        from dataclasses import replace
+
+        self.spec = replace(type(self).spec, halo=type(self).spec.halo + int(self.reference.spec.halo))
         self._nets: DENetworks | None = None  # loaded lazily, once per worker (not pickled)
 
     def __getstate__(self) -> dict:

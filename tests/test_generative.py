@@ -335,3 +335,11 @@ def test_cmcr_extra_bands_fitted_on_observed_clear_pixels(tmp_path):
     o = r.reflectance
     want = np.maximum(0.3 * o[0, cl] + 0.5 * o[2, cl] + 0.2 * o[3, cl] + 0.05, 0.0)
     np.testing.assert_allclose(o[4, cl], want, atol=1e-4)
+
+
+def test_de_halo_covers_its_reference_model():
+    """x_0,E feeds the networks: tiles need the UNets' halo plus the reference model's (PhyVLM-CR: > 100 px)."""
+    ref = build_model("phyvlm-cr", {})
+    de = build_model("diffusion-enhancement", {"reference_model": "phyvlm-cr"})
+    assert de.spec.halo == type(de).spec.halo + ref.spec.halo > 100
+    assert build_model("diffusion-enhancement", {"reference_model": "none"}).spec.halo == type(de).spec.halo
