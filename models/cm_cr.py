@@ -345,6 +345,11 @@ class CMCR(RemovalModelBase):
 
     def __init__(self, params: ModelParams | dict | None = None) -> None:
         super().__init__(params)
+        from dataclasses import replace
+
+        # instance spec: the weights actually used (the runner records their sha256 in the output item)
+        self.spec = replace(type(self).spec, weights=str(Path(self.params.weights) if self.params.weights
+                                                         else WEIGHTS_DIR / WEIGHTS_FILE))
         self._nets: CMCRNetworks | None = None
 
     def __getstate__(self) -> dict:

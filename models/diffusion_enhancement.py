@@ -271,7 +271,10 @@ class DiffusionEnhancement(RemovalModelBase):
         # shadows the class default, which the runner reads
         from dataclasses import replace
 
-        self.spec = replace(type(self).spec, halo=type(self).spec.halo + int(self.reference.spec.halo))
+        # and the weights actually used (the runner records their sha256 in the output item)
+        weights = Path(self.params.weights) if self.params.weights else WEIGHTS_DIR / WEIGHTS_FILE
+        self.spec = replace(type(self).spec, halo=type(self).spec.halo + int(self.reference.spec.halo),
+                            weights=str(weights))
         self._nets: DENetworks | None = None  # loaded lazily, once per worker (not pickled)
 
     def __getstate__(self) -> dict:

@@ -343,3 +343,16 @@ def test_de_halo_covers_its_reference_model():
     de = build_model("diffusion-enhancement", {"reference_model": "phyvlm-cr"})
     assert de.spec.halo == type(de).spec.halo + ref.spec.halo > 100
     assert build_model("diffusion-enhancement", {"reference_model": "none"}).spec.halo == type(de).spec.halo
+
+
+@pytest.mark.parametrize("name", ["diffusion-enhancement", "cm-cr"])
+def test_spec_names_the_weights_file_actually_used(tmp_path, name):
+    """The runner hashes ``model.spec.weights`` into the output item: it must be a path to the file in use."""
+    from pathlib import Path
+
+    from pipeline.training.weights import card_sha256, file_sha256
+
+    shipped = Path(build_model(name, {}).spec.weights)
+    assert shipped.is_file() and file_sha256(shipped) == card_sha256(shipped)
+    w = _weights(tmp_path, "de" if name == "diffusion-enhancement" else "cm")
+    assert build_model(name, {"weights": w}).spec.weights == w
