@@ -228,6 +228,16 @@ def test_extend_bands_recovers_a_linear_relation():
     np.testing.assert_allclose(got[:, ~clear], extra[:, ~clear], atol=1e-5)
 
 
+
+def test_extend_bands_fallback_uses_clear_pixels_not_cloud():
+    """With too few clear pixels for the regression, the constant comes from the clear observations."""
+    restored = np.full((4, 32, 32), 0.1, np.float32)
+    target = np.full((1, 32, 32), 0.8, np.float32)  # cloud
+    clear = np.zeros((32, 32), bool)
+    clear[0, :10] = True
+    target[0, clear] = 0.15
+    np.testing.assert_allclose(extend_bands(restored, target, clear)[0, ~clear], 0.15)
+
 # ---------------------------------------------------------------------------------------------------- models
 def _weights(tmp_path, which: str):
     """Random small networks saved as the loop saves them (safetensors + convention + card with the sha256)."""
