@@ -244,6 +244,9 @@ class LearnedModel(RemovalModelBase):
                 est = np.tensordot(coef[:, :-1], pred, axes=1) + coef[:, -1:, None]
                 for j, b in enumerate(extra):
                     out[b][cloudy] = np.maximum(est[j][cloudy], 0)
+            elif (~tile.cloud_mask & valid).any():  # too few clear pixels to regress: their median, not the cloud
+                for b in extra:
+                    out[b][cloudy] = np.median(tile.target[b][~tile.cloud_mask & valid])
         support = self.supported(tile)
         filled = np.where(support, np.float32(self.params.cloudy_confidence),
                           np.float32(self.params.unsupported_confidence))
