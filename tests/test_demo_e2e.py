@@ -39,6 +39,7 @@ def test_cloudy_pixels_move_closer_to_truth(demo_run, target):
     # (temporal) measured 5.00 -> 25.64 dB (SIMCLOUDY) and 7.56 -> 23.08 dB (SIMTHIN) on cloudy pixels
     assert m["psnr_after_cloudy"] > m["psnr_before_cloudy"] + 10, m
     assert m["psnr_after_all"] > m["psnr_before_all"] + 10, m
+    assert m["after_scored_fraction_cloudy"] > 0.999, m  # the PSNR is over (nearly) every cloudy pixel, not a subset
 
 
 def test_outputs_are_valid_cogs(demo_run):

@@ -51,6 +51,28 @@ def test_metrics_known_values():
     assert psnr(pred2, truth, m) == float("inf") and mae(pred2, truth, m) == 0.0
 
 
+def test_metrics_use_only_the_region_and_finite_pixels():
+    """Independent of skimage's own mean: the region and the finite-pixel rule decide which pixels count."""
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(0.05, 0.5, (3, 40, 40)).astype(np.float32)
+    pred = truth.copy()
+    pred[:, 20:] += 0.2  # error only in the bottom half
+    top = np.zeros((40, 40), bool)
+    top[:10] = True  # 10 rows above the error: the 7x7 SSIM window (radius 3) never reaches it
+    assert ssim(pred, truth, top) == pytest.approx(1.0, abs=1e-9)
+    assert ssim(pred, truth) < 0.99
+    assert sam(pred, truth, top) == pytest.approx(0.0, abs=1e-3) and sam(pred, truth) > 0.5
+    # non-finite predictions are excluded (counted by the caller's valid_fraction), never scored as 0 or 1
+    pred3 = truth + 0.1
+    pred3[:, :5] = np.nan
+    assert psnr(pred3, truth) == pytest.approx(20.0, abs=1e-4)
+    assert mae(pred3, truth) == pytest.approx(0.1, abs=1e-6)
+    both = np.zeros((40, 40), bool)
+    both[:10] = True
+    assert np.isnan(psnr(pred3, truth, np.zeros((40, 40), bool)))  # empty region: NaN, not inf
+    assert psnr(pred3, truth, both) == pytest.approx(20.0, abs=1e-4)  # rows 0-4 NaN, rows 5-9 scored
+
+
 @pytest.fixture(scope="module")
 def case():
     return simulated_case(_clear(96, seed=4), BANDS, seed=3, spec=CloudSpec(scale=40.0))
@@ -165,3 +187,22 @@ def test_bench_models_reports_models_and_io(tmp_path):
     assert w.shape == (6, 128, 128) and w.dtype == np.float32 and 0 < np.nanmedian(w) < 1
     assert main(["--out", str(tmp_path), "--models", "none", "--size", "64", "--repeats", "1"]) == 0
     assert "io_target_mpx_per_s" in json.loads((tmp_path / "bench_models.json").read_text())
+
+
+def test_summary_and_report_say_when_a_model_left_pixels_unscored():
+    """Metrics skip NaN predictions; a model that leaves its hardest pixels NaN must not look better silently."""
+    from pipeline.evaluation.report import render_report
+
+    rows = [{"case": f"c{i}", "group": "simulated", "model": m, "region": "cloudy", "seconds": 0.0,
+             "valid_fraction": vf, "psnr": 30.0, "ssim": 0.9, "sam": 2.0, "mae": 0.01}
+            for i in range(2) for m, vf in (("a", 1.0), ("b", 0.5 + 0.2 * i))]
+    summary = summarise(rows)
+    vf = {r["model"]: r["valid_fraction"] for r in summary}
+    assert vf == {"a": 1.0, "b": pytest.approx(0.6)}
+
+    class _Case:
+        notes = "simulated"
+        meta: dict = {}
+
+    md = render_report({"summary": summary, "rows": rows, "models": ["a", "b"]}, {"simulated": [_Case()]})
+    assert "b cloudy 60.0 % finite" in md and "a cloudy" not in md.split("finite pixels only")[1]

@@ -65,6 +65,14 @@ def test_evaluate_cli_romania_real_multi_date_case(tmp_path: Path):
     assert len(hidden) == len(ROMANIA_HIDDEN) == 16 and len(real) == len(ROMANIA_REAL_CLOUDY) == 12
     assert len({c["donor"] for c in payload["cases"]["romania-hidden"]}) == 16  # many masks, not one
     assert set(ROMANIA_EVAL_DATES) >= {c["target_date"] for cs in payload["cases"].values() for c in cs}
+    # no leakage: a case's truth never serves as its reference (the hidden target date; the real set's proxy-truth dates)
+    from pipeline.evaluation.romania import item_id
+
+    for c in payload["cases"]["romania-hidden"]:
+        assert item_id(c["target_date"]) not in c["references"], c
+    for c in payload["cases"]["romania-real"]:
+        assert not {item_id(d) for d in c["truth_dates"]} & set(c["references"]), c
+        assert item_id(c["target_date"]) not in c["references"], c
     # references chosen by the search stage bracket the target where the catalog allows
     for c in payload["cases"]["romania-hidden"]:
         dts = c["reference_dt_days"]

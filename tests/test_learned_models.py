@@ -154,3 +154,24 @@ def test_cloudfree_run_on_demo_catalog(tiny_weights, demo_config, name):
     with rasterio.open(results[0].outputs["reflectance"]) as ds:
         a = ds.read(masked=True)
     assert a.count() > 0.9 * a.size
+
+
+@pytest.mark.parametrize("name,margin", [("ca-mtcr", 20.0), ("sar-optical-fusion", 10.0)])
+def test_shipped_weights_fill_simulated_cloud_on_real_pixels(name, margin):
+    """The SHIPPED weights (the registry default), not the tiny ones above: on real 29RKH pixels outside every
+    evaluation crop (rows 760..) with SIMULATED clouds and simulated references, the cloudy pixels move far towards
+    the truth. A guard against broken or untrained weights, not a quality claim: measured 33.4 dB (ca-mtcr) and
+    24.6 dB (sar-optical-fusion) against 8.5 dB for the cloudy input; a per-band clear-pixel mean fill scores
+    33.0 dB on this flat crop, so neither number says the network is good."""
+    from pipeline.evaluation.cases import SIM_BANDS, load_29rkh, simulated_case
+    from pipeline.evaluation.metrics import psnr
+    from pipeline.evaluation.running import with_scene_context
+
+    clear = load_29rkh(shared("s2-l2a-tile-29RKH-100m").parent, SIM_BANDS)[:, 760:888, 100:228]
+    case = simulated_case(clear, SIM_BANDS, 11, name="sim-29RKH-760-100-seed11")
+    tile, cloudy = case.tile_inputs(), case.regions["cloudy"]
+    model = build_model(name, {"device": "cpu"})
+    out = model.predict(with_scene_context(model, tile)).reflectance
+    before, after = psnr(tile.target, case.truth, cloudy), psnr(out, case.truth, cloudy)
+    assert after > before + margin, (before, after)
+    np.testing.assert_array_equal(out[:, ~case.cloud_mask], tile.target[:, ~case.cloud_mask])  # clear pixels kept

@@ -7,8 +7,8 @@ SIMULATED clouds, :func:`pipeline.evaluation.evaluate.simulated_set`) and scores
 cases' SIMULATED Sentinel-1 (:func:`pipeline.training.datasets.simulate_sar` of the clear image, the same simulator
 its training used), because no evaluation case has co-located real S1; ``--no-sar`` runs it optical-only.
 
-Seconds per tile are wall time of ``predict`` on this machine's CPU (threads as set by ``--threads``), best of the
-cases' runs excluded nothing: the mean over cases. DE's time includes its reference model (PhyVLM-CR), whose own
+Seconds per tile are wall time of ``predict`` on this machine's CPU (threads as set by ``--threads``), the mean
+over the cases (one untimed warm-up ``predict`` per generative model and set loads the weights first). DE's time includes its reference model (PhyVLM-CR), whose own
 time is reported as a separate row. Writes ``generative.json``, ``generative_steps.md`` (the table) and
 ``figures/steps.png``.
 

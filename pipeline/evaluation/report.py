@@ -77,7 +77,9 @@ GROUP_NOTES = {
                       "loaded by odc-stac. Details: pipeline/evaluation/romania.py.",
     "romania-real": "Each REAL cloudy date with its own SCL mask; PROXY truth = linear interpolation in time of its "
                     "nearest clear dates before and after (withheld from the references). thin = SCL 8/10, thick "
-                    "= SCL 9. Details: pipeline/evaluation/romania.py.",
+                    "= SCL 9. NOT a clean hold-out for learned models: the proxy-truth dates "
+                    "(romania.ROMANIA_REAL_TRUTH_DATES) are not in the training hold-out, and the committed weights "
+                    "trained on some of them (see their model cards). Details: pipeline/evaluation/romania.py.",
 }
 
 
@@ -201,6 +203,11 @@ def render_report(payload: Mapping[str, Any], groups: Mapping[str, Sequence[Any]
         else:
             parts += [cases[0].notes + ".", ""]
         parts += [to_markdown(summary, group, models), ""]
+        partial = [(r["model"], r["region"], r["valid_fraction"]) for r in summary
+                   if r["group"] == group and r["model"] in models and r.get("valid_fraction", 1.0) < 0.999]
+        if partial:
+            parts += ["Scored on finite pixels only (the rest left NaN by the model, not counted in the metrics): "
+                      + "; ".join(f"{m} {reg} {100 * v:.1f} % finite" for m, reg, v in partial) + ".", ""]
         if group == "romania-hidden":
             table = gap_table(rows, models, group)
             if table:
@@ -211,7 +218,7 @@ def render_report(payload: Mapping[str, Any], groups: Mapping[str, Sequence[Any]
                   per_case_markdown(rows, models), ""]
     checks = []
     for cand in ("phyvlm-cr", default):
-        if cand and cand in models and (cand == "phyvlm-cr" or cand != "phyvlm-cr"):
+        if cand and cand in models:
             lines = bar_check(summary, models, cand)
             if lines:
                 checks += [f"`{cand}` against the best other model of each set:", "", *lines, ""]

@@ -67,6 +67,15 @@ ROMANIA_REAL_CLOUDY: tuple[str, ...] = (
 ROMANIA_EVAL_DATES: tuple[str, ...] = tuple(sorted({t for t, _ in ROMANIA_HIDDEN} | set(ROMANIA_REAL_CLOUDY)))
 #: the donors whose real clouds hide the ROMANIA_HIDDEN targets.
 ROMANIA_MASK_DATES: tuple[str, ...] = tuple(d for _, d in ROMANIA_HIDDEN)
+#: the clear dates whose linear-in-time interpolation is the PROXY truth of the ROMANIA_REAL_CLOUDY set (the
+#: nearest clear date before and after each real cloudy date, by :data:`CLEAR_MAX_FRACTION`; checked against the
+#: stack by tests/test_training.py). They are truths of the evaluation and are NOT in ROMANIA_EVAL_DATES: the
+#: committed learned weights (trained with ROMANIA_EVAL_DATES + ROMANIA_MASK_DATES held out) saw 10 of them in
+#: training, so their ``romania-real`` scores are not a clean hold-out.
+ROMANIA_REAL_TRUTH_DATES: tuple[str, ...] = (
+    "2017-08-15", "2017-09-14", "2018-05-02", "2018-05-22", "2018-07-01", "2018-07-21", "2018-08-15", "2018-08-25",
+    "2018-09-19", "2019-06-16", "2019-07-01", "2019-08-20", "2019-09-19", "2020-09-13", "2020-10-03",
+)
 #: SCL classes: cloud (medium, high, cirrus), shadow, snow; "clear" = none of 3/8/9/10/11.
 SCL_CLOUD, SCL_SHADOW, SCL_NOT_CLEAR = (8, 9, 10), 3, (3, 8, 9, 10, 11)
 #: a date is clear when at most this share of its pixels is SCL 3/8/9/10/11.

@@ -197,5 +197,7 @@ def summarise(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         for m in METRICS:
             vals = [float(r[m]) for r in rs if np.isfinite(r[m])]
             row[m] = float(np.mean(vals)) if vals else float("nan")
+        # metrics skip non-finite predictions: the share of the region a model actually filled travels with them
+        row["valid_fraction"] = float(np.mean([float(r.get("valid_fraction", 1.0)) for r in rs]))
         out.append(row)
     return out

@@ -49,5 +49,7 @@ def evaluate_against_truth(target, output_path, geobox: GeoBox, bands, chunk: in
         "psnr_before_cloudy": psnr(before, truth, cloudy),
         "psnr_after_cloudy": psnr(out, truth, cloudy),
         "cloudy_fraction": float(cloudy.mean()),
+        # psnr skips non-finite pixels: the share of cloudy pixels the output actually scored on (nodata excluded)
+        "after_scored_fraction_cloudy": float(np.isfinite(out).all(axis=0)[cloudy].mean()) if cloudy.any() else 0.0,
     }
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.items()}
