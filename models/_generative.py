@@ -209,7 +209,7 @@ def extend_bands(restored: np.ndarray, target: np.ndarray, clear: np.ndarray) ->
     """Predict extra bands ``(k, y, x)`` from the restored trained bands ``(4, y, x)`` with the learned models'
     per-tile spectral extension (:func:`models._learned.fit_band_extension`: least squares ``target_b ~ [restored,
     1]`` on the tile's clear pixels, where the restored bands equal the observed ones). With too few clear pixels
-    each band is the median of its finite observed values (a constant, flagged by the models' low confidence)."""
+    each band is the median of its clear observed values (of all finite ones when none is clear): a constant."""
     from models._learned import fit_band_extension
 
     ok = clear & np.isfinite(target).all(axis=0) & np.isfinite(restored).all(axis=0)
@@ -217,14 +217,10 @@ def extend_bands(restored: np.ndarray, target: np.ndarray, clear: np.ndarray) ->
     if coef is not None:
         design = np.concatenate([restored.reshape(restored.shape[0], -1), np.ones((1, restored[0].size), np.float32)])
         out = (coef @ design).reshape((target.shape[0],) + restored.shape[1:])
-    else:
-        out = np.stack([np.full(restored.shape[1:], np.nanmedian(b) if np.isfinite(b).any() else 0.0, np.float32)
-                        for b in target])
+    else:  # the median of the clear observations (a cloudy pixel's value is cloud, not surface), else of all
+        src = [b[ok] if ok.any() else b[np.isfinite(b)] for b in target]
+        out = np.stack([np.full(restored.shape[1:], np.median(v) if v.size else 0.0, np.float32) for v in src])
     return np.maximum(out, 0.0).astype(np.float32)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return int(sum(p.numel() for p in module.parameters()))
 
 
 # ----------------------------------------------------------------------------------------------------- weights

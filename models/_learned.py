@@ -136,6 +136,12 @@ class LearnedModel(RemovalModelBase):
         if missing:
             raise ContractError(f"{self.name}: tile {tile.target_id} lacks bands {missing} the network was trained "
                                 f"on (has {list(tile.bands)}); add them to grid.bands")
+        if tile.sar is not None:
+            names = [str(b).lower() for b in tile.sar_bands]
+            if (names and not {"vv", "vh"} <= set(names)) or (not names and tile.sar.shape[1] < 2):
+                raise ContractError(f"{self.name}: tile {tile.target_id} SAR has polarisations "
+                                    f"{names or tile.sar.shape[1]}; the network was trained on VV and VH (give "
+                                    "both, e.g. a dual-pol IW GRD/RTC collection)")
         if self.spec.needs_sar and tile.sar is None:
             raise ModelError(f"{self.name} needs Sentinel-1 but target {tile.target_id} got none: set "
                              "catalog.sar_collection (e.g. sentinel-1-rtc) and check search.policy.sar_max_days, "
@@ -162,8 +168,9 @@ class LearnedModel(RemovalModelBase):
         present = np.float32(tile.sar is not None)
         if tile.sar is not None:
             s = np.asarray(tile.sar, np.float32)
-            if tile.sar_bands and tuple(tile.sar_bands[:2]) != ("vv", "vh"):
-                s = s[:, [list(tile.sar_bands).index(p) for p in ("vv", "vh")]]
+            names = [str(b).lower() for b in tile.sar_bands]
+            if names and names[:2] != ["vv", "vh"]:
+                s = s[:, [names.index(p) for p in ("vv", "vh")]]
             s = (np.clip(np.nan_to_num(s, nan=-25.0), -25, 0) + 25) / 25
             n = min(len(s), t_refs + 1)
             sar[:n] = s[:n, :2]
@@ -237,6 +244,9 @@ class LearnedModel(RemovalModelBase):
                 est = np.tensordot(coef[:, :-1], pred, axes=1) + coef[:, -1:, None]
                 for j, b in enumerate(extra):
                     out[b][cloudy] = np.maximum(est[j][cloudy], 0)
+            elif (~tile.cloud_mask & valid).any():  # too few clear pixels to regress: their median, not the cloud
+                for b in extra:
+                    out[b][cloudy] = np.median(tile.target[b][~tile.cloud_mask & valid])
         support = self.supported(tile)
         filled = np.where(support, np.float32(self.params.cloudy_confidence),
                           np.float32(self.params.unsupported_confidence))

@@ -43,7 +43,6 @@ and global pixel coordinates (tiles agree in their halos). Clear pixels keep the
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from pathlib import Path
@@ -236,13 +235,6 @@ def ema_update(target: nn.Module, online: nn.Module, mu: float = 0.95) -> None:
         pt.mul_(mu).add_(po.detach(), alpha=1 - mu)
 
 
-def make_target(student: EDMPrecond) -> EDMPrecond:
-    t = copy.deepcopy(student)
-    for p in t.parameters():
-        p.requires_grad_(False)
-    return t
-
-
 # -------------------------------------------------------------------------------------------------- samplers
 NoiseFn = Callable[[int], torch.Tensor]
 
@@ -353,6 +345,11 @@ class CMCR(RemovalModelBase):
 
     def __init__(self, params: ModelParams | dict | None = None) -> None:
         super().__init__(params)
+        from dataclasses import replace
+
+        # instance spec: the weights actually used (the runner records their sha256 in the output item)
+        self.spec = replace(type(self).spec, weights=str(Path(self.params.weights) if self.params.weights
+                                                         else WEIGHTS_DIR / WEIGHTS_FILE))
         self._nets: CMCRNetworks | None = None
 
     def __getstate__(self) -> dict:
@@ -426,7 +423,10 @@ class CMCR(RemovalModelBase):
         out[gi] = sample
         other = [i for i in range(len(tile.bands)) if i not in gi]
         if other:
-            out[other] = extend_bands(sample, tile.target[other], clear)
+            # fit the extension on the clear pixels' *observed* trained bands (the generated sample there is not
+            # the observation), then apply it to the restored bands under cloud
+            restored = np.where(clear[None], tile.target[gi], sample).astype(np.float32)
+            out[other] = extend_bands(restored, tile.target[other], clear)
         source = np.full(tile.shape, SOURCE_MODEL, np.uint8)
         conf = np.full(tile.shape, p.model_confidence, np.float32)
         if p.keep_clear_target:

@@ -40,6 +40,8 @@ Deviations (each for a reason):
 * Clear pixels (mask stage says clear, finite) keep the observation (``keep_clear_target``), as PhyVLM-CR does.
 * **Noise** is :func:`models._generative.coordinate_noise` of the scene seed and global pixel coordinates
   (``TileInputs.origin``), so the halos of neighbouring tiles see the same ``x_T`` and the same per-step noise.
+* **Halo**: the UNets' 48 px plus the reference model's own halo (``x_0,E`` feeds the networks; PhyVLM-CR's is
+  123 px with default parameters, so a DE instance declares 171 px).
 
 Outputs: ``confidence`` = the reference model's confidence (DE refines its texture, it does not add evidence);
 ``source`` = ``SOURCE_TARGET`` where kept, else ``SOURCE_MODEL``; diagnostics ``W_mean`` (mean of ``W`` over bands
@@ -157,13 +159,6 @@ def loss_wa(nets: DENetworks, sched: DDPMSchedule, x0, y, mask, x0e, t, eps,
     return F.l1_loss(fuse(x0_eps, x0e, w), x0)
 
 
-def loss_joint(nets: DENetworks, sched: DDPMSchedule, x0, y, mask, x0e, t, eps, lam: float = 1.0) -> torch.Tensor:
-    """Eq. 15: ``λ L_DDPM + L_WA`` (one CNP forward shared by both terms)."""
-    x_t = sched.q_sample(x0, t, eps)
-    eps_pred = nets.eps(x_t, t, y, mask)
-    return lam * F.mse_loss(eps_pred, eps) + loss_wa(nets, sched, x0, y, mask, x0e, t, eps, eps_pred)
-
-
 # -------------------------------------------------------------------------------------------------- sampler
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -179,7 +174,7 @@ def ddim_sample(eps_fn: EpsFn, weight_fn: WeightFn | None, x0e: torch.Tensor | N
 
     ``eps_fn(x_t, t)`` predicts the noise; ``weight_fn(x_t, t)`` gives ``W`` (None: plain DDIM, ``W = 0``);
     ``noise(k)`` returns the k-th standard-normal draw (k = 0 is ``x_T``, k >= 1 the per-step noise when
-    ``ddim_eta > 0``). ``record`` (a list) receives ``(t, mean W)`` per step.
+    ``ddim_eta > 0``). ``record`` (a list) receives ``(t, [mean W of each batch item])`` per step.
     """
     ab_all = sched.alphas_cumprod
     ts = ddim_timesteps(steps, sched.T)
@@ -197,7 +192,7 @@ def ddim_sample(eps_fn: EpsFn, weight_fn: WeightFn | None, x0e: torch.Tensor | N
             w = weight_fn(x, tt).clamp(min=w_floor, max=1.0)
             x0 = fuse(x0, x0e, w)
             if record is not None:
-                record.append((t, float(w.mean())))
+                record.append((t, w.mean(dim=tuple(range(1, w.ndim))).tolist()))
         if t_prev < 0:
             x = x0
             break
@@ -271,6 +266,15 @@ class DiffusionEnhancement(RemovalModelBase):
         if self.params.reference_model == self.name:
             raise ConfigError("diffusion-enhancement cannot be its own reference model; pick another registered model")
         self.reference = build_model(self.params.reference_model, dict(self.params.reference_params))
+        # x_0,E feeds the networks, so the receptive fields add up: the instance's halo is the networks' (class
+        # spec) plus the reference model's own (PhyVLM-CR's is larger than the UNets'); the instance's spec
+        # shadows the class default, which the runner reads
+        from dataclasses import replace
+
+        # and the weights actually used (the runner records their sha256 in the output item)
+        weights = Path(self.params.weights) if self.params.weights else WEIGHTS_DIR / WEIGHTS_FILE
+        self.spec = replace(type(self).spec, halo=type(self).spec.halo + int(self.reference.spec.halo),
+                            weights=str(weights))
         self._nets: DENetworks | None = None  # loaded lazily, once per worker (not pickled)
 
     def __getstate__(self) -> dict:
@@ -349,8 +353,9 @@ class DiffusionEnhancement(RemovalModelBase):
         x = ddim_sample(lambda xt, tt: nets.eps(xt, tt.to(dev), y, mask),
                         lambda xt, tt: nets.weight(xt, tt.to(dev), y, x0e), x0e, noise, DDPMSchedule(), p.steps,
                         w_floor=p.w_floor, ddim_eta=p.ddim_eta, record=record)
-        wmean = float(np.mean([r[1] for r in record])) if record else float("nan")
-        return decode(x[..., :h, :w]).cpu().numpy(), [wmean] * len(tiles)
+        # per tile: the mean of W over its bands, pixels (incl. the padding) and the steps
+        wmeans = np.mean([r[1] for r in record], axis=0).tolist() if record else [float("nan")] * len(tiles)
+        return decode(x[..., :h, :w]).cpu().numpy(), [float(v) for v in wmeans]
 
     def _result(self, tile: TileInputs, ref: TileResult, sample: np.ndarray, wmean: float) -> TileResult:
         p = self.params
@@ -458,6 +463,7 @@ class DETrainable:
         if stage == "wa":
             loss = loss_wa(net, self.sched, x0, y, mask, x0e, t, eps)
             return loss, {"wa": float(loss.detach())}
+        # eq. 15 with λ = 1: one CNP forward shared by L_DDPM and L_WA (whose x_0,ε,t is stop-gradient)
         x_t = self.sched.q_sample(x0, t, eps)
         eps_pred = net.eps(x_t, t, y, mask)
         l_ddpm = F.mse_loss(eps_pred, eps)

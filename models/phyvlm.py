@@ -4,7 +4,7 @@ All-Cloud Removal"), equations 1-11, multispectral, pure numpy/scipy.
 Imaging model (eq. 1) ``I = J t + A (1 - t)``, prior ``J = J_VLM + E`` (eq. 2). The prior ``J_VLM`` is pluggable
 (:mod:`models.priors`): by default the *temporal* prior (per-pixel interpolation in time of the clear references
 at the target date, aligned to the target; :mod:`models.temporal`), else the aligned reference composite, any
-other registered model (``prior: model``; no learned model is registered yet), or a local diffusers
+other registered model (``prior: model``, e.g. a learned one such as ``ca-mtcr``), or a local diffusers
 image-editing pipeline (the paper's Qwen-Image-Edit). The kernel :func:`phyvlm_kernel` is pure numpy (no I/O):
 
 * **Atmospheric light** (eqs. 3-4). Multispectral definitions: brightness ``V`` = mean of the visible bands

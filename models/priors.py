@@ -13,8 +13,8 @@ Here the prior is anything implementing :class:`Prior` (``name``, ``halo``, ``__
   references at the target date, aligned to the target (globally, then by a local gain/offset field); see
   :mod:`models.temporal`. It doubles as ``I_ref`` of eq. 10 (``PriorResult.reference``).
 * :class:`ModelPrior` (``"model"``): any model registered in this project, by name; its ``predict`` output is
-  the prior. No learned model is registered yet, so today this wraps a baseline (e.g. ``dcp``); it is named for
-  what it is, not "learned".
+  the prior (a baseline such as ``dcp``, or a learned model such as ``ca-mtcr``); it is named for what it is,
+  not "learned".
 * :class:`DiffusersPrior` (``"diffusers"``): a local image-editing pipeline through the optional ``diffusers``
   package and locally stored weights (e.g. Qwen-Image-Edit). Reflectance is mapped to an 8-bit RGB image
   (B04/B03/B02, fixed reflectance range, gamma 2.2), edited, mapped back with the exact inverse, and the non-RGB
@@ -158,7 +158,7 @@ class TemporalPrior:
 
 class ModelPrior:
     """Any registered model of this project, by name, as the prior (its ``predict`` reflectance). Named for what
-    it is: it wraps another model (a baseline today; a learned model once one is registered)."""
+    it is: it wraps another model (a baseline or a learned one)."""
 
     name = "model"
 
@@ -299,7 +299,7 @@ class DiffusersPrior:
             raise PriorBackendMissingError(
                 "diffusers prior: the optional package `diffusers` is not installed "
                 f"({exc}); install it with `pip install diffusers transformers accelerate` (keep torch==2.13.0 "
-                "pinned), or use prior: reference / learned"
+                "pinned), or use prior: temporal / reference / model"
             ) from exc
         log.info("loading diffusers pipeline from %s on %s", self.weights, self.device)
         pipe = diffusers.DiffusionPipeline.from_pretrained(str(self.weights), local_files_only=True)
@@ -353,6 +353,6 @@ def build_prior(kind: str, **kw: Any) -> Prior:
     if kind == "diffusers":
         return DiffusersPrior(kw.get("weights"), **kw.get("options", {}))
     if kind == "learned":
-        raise ModelError("prior 'learned' was renamed 'model' (it wraps any registered model; no learned model is "
-                         "registered yet): set prior: model and prior_model: <name>")
+        raise ModelError("prior 'learned' was renamed 'model' (it wraps any registered model, learned or not): "
+                         "set prior: model and prior_model: <name>")
     raise ModelError(f"unknown prior {kind!r}; choose temporal, reference, model or diffusers")

@@ -107,7 +107,7 @@ def test_ddim_fusion_and_w_floor():
     out = ddim_sample(_oracle(x0, sched), lambda x, t: torch.zeros_like(x), x0e, noise, sched, 10, w_floor=0.3,
                       clip=None, record=rec)
     torch.testing.assert_close(out, 0.7 * x0 + 0.3 * x0e, atol=1e-9, rtol=0)
-    assert all(abs(w - 0.3) < 1e-7 for _, w in rec)
+    assert len(rec) == 10 and all(len(ws) == 2 and all(abs(w - 0.3) < 1e-7 for w in ws) for _, ws in rec)
     out1 = ddim_sample(_oracle(x0, sched), lambda x, t: torch.ones_like(x), x0e, noise, sched, 10, w_floor=0.3,
                        clip=None)
     torch.testing.assert_close(out1, x0e, atol=1e-9, rtol=0)
@@ -228,6 +228,16 @@ def test_extend_bands_recovers_a_linear_relation():
     np.testing.assert_allclose(got[:, ~clear], extra[:, ~clear], atol=1e-5)
 
 
+
+def test_extend_bands_fallback_uses_clear_pixels_not_cloud():
+    """With too few clear pixels for the regression, the constant comes from the clear observations."""
+    restored = np.full((4, 32, 32), 0.1, np.float32)
+    target = np.full((1, 32, 32), 0.8, np.float32)  # cloud
+    clear = np.zeros((32, 32), bool)
+    clear[0, :10] = True
+    target[0, clear] = 0.15
+    np.testing.assert_allclose(extend_bands(restored, target, clear)[0, ~clear], 0.15)
+
 # ---------------------------------------------------------------------------------------------------- models
 def _weights(tmp_path, which: str):
     """Random small networks saved as the loop saves them (safetensors + convention + card with the sha256)."""
@@ -284,6 +294,10 @@ def test_de_model_deterministic_keeps_clear_and_uses_reference_for_other_bands(t
     # batched prediction agrees with one-by-one
     batch = m.predict_batch([tile, _tile(seed=1)])
     np.testing.assert_allclose(batch[0].reflectance, a.reflectance, atol=1e-5)
+    # the W_mean diagnostic is each tile's own, not the batch's
+    alone = m.predict(_tile(seed=1))
+    for got, want in ((batch[0], a), (batch[1], alone)):
+        np.testing.assert_allclose(got.diagnostics["W_mean"], want.diagnostics["W_mean"], atol=1e-6)
 
 
 def test_cmcr_model_with_and_without_sar(tmp_path):
@@ -312,3 +326,43 @@ def test_weights_hash_checked(tmp_path):
         build_model("cm-cr", {"weights": w, "device": "cpu"}).predict(_tile())
     with pytest.raises(WeightsError, match="not found"):
         build_model("cm-cr", {"weights": str(tmp_path / "none.safetensors"), "device": "cpu"}).predict(_tile())
+
+
+def test_cmcr_extra_bands_fitted_on_observed_clear_pixels(tmp_path):
+    """A band that is an exact linear function of the four trained bands stays that function of the restored
+    bands under cloud: the extension is fitted on the clear pixels' observations, not on the generated sample."""
+    w = _weights(tmp_path, "cm")
+    tile = _tile()
+    t4 = tile.target[:4]
+    target = tile.target.copy()
+    target[4] = 0.3 * t4[0] + 0.5 * t4[2] + 0.2 * t4[3] + 0.05
+    target[4, tile.cloud_mask] = 0.8
+    from dataclasses import replace
+
+    tile = replace(tile, target=target)
+    r = build_model("cm-cr", {"weights": w, "steps": 1, "device": "cpu"}).predict(tile)
+    cl = tile.cloud_mask
+    o = r.reflectance
+    want = np.maximum(0.3 * o[0, cl] + 0.5 * o[2, cl] + 0.2 * o[3, cl] + 0.05, 0.0)
+    np.testing.assert_allclose(o[4, cl], want, atol=1e-4)
+
+
+def test_de_halo_covers_its_reference_model():
+    """x_0,E feeds the networks: tiles need the UNets' halo plus the reference model's (PhyVLM-CR: > 100 px)."""
+    ref = build_model("phyvlm-cr", {})
+    de = build_model("diffusion-enhancement", {"reference_model": "phyvlm-cr"})
+    assert de.spec.halo == type(de).spec.halo + ref.spec.halo > 100
+    assert build_model("diffusion-enhancement", {"reference_model": "none"}).spec.halo == type(de).spec.halo
+
+
+@pytest.mark.parametrize("name", ["diffusion-enhancement", "cm-cr"])
+def test_spec_names_the_weights_file_actually_used(tmp_path, name):
+    """The runner hashes ``model.spec.weights`` into the output item: it must be a path to the file in use."""
+    from pathlib import Path
+
+    from pipeline.training.weights import card_sha256, file_sha256
+
+    shipped = Path(build_model(name, {}).spec.weights)
+    assert shipped.is_file() and file_sha256(shipped) == card_sha256(shipped)
+    w = _weights(tmp_path, "de" if name == "diffusion-enhancement" else "cm")
+    assert build_model(name, {"weights": w}).spec.weights == w

@@ -104,6 +104,24 @@ def test_weights_load_once_and_refuse_bad_hash_or_bands(tiny_weights):
         bad.predict(_tile(np.random.default_rng(0)))
     with pytest.raises(ContractError, match="B08"):
         model.predict(_tile(np.random.default_rng(0), bands=("B02", "B03", "B04", "B11")))
+    # too few clear pixels to fit the extra-band regression: B11 under cloud is the clear pixels' median, not cloud
+    from dataclasses import replace
+
+    few = _tile(np.random.default_rng(0))
+    mask = np.ones(few.shape, bool)
+    mask[0, :10] = False
+    few = replace(few, cloud_mask=mask, cloud_prob=mask.astype(np.float32))
+    got = model.predict(few).reflectance[4][mask]
+    np.testing.assert_allclose(got, np.median(few.target[4][~mask]))
+    # SAR without both VV and VH is refused (a single band used to be broadcast into both channels)
+    t = _tile(np.random.default_rng(0))
+    for single in (replace(t, sar=t.sar[:, :1].copy(), sar_bands=("vv",)), replace(t, sar=t.sar[:, :1].copy(),
+                                                                                      sar_bands=())):
+        with pytest.raises(ContractError, match="VV and VH"):
+            model.predict(single)
+    # named polarisations in another order or case are picked by name
+    swapped = replace(t, sar=t.sar[:, ::-1].copy(), sar_bands=("VH", "VV"))
+    np.testing.assert_array_equal(model.predict(swapped).reflectance, model.predict(t).reflectance)
     # a file whose recorded convention differs (other bands) is refused at load
     import torch
 

@@ -12,7 +12,7 @@ import rasterio
 import torch
 from rasterio.transform import from_origin
 
-from pipeline.errors import WeightsError
+from pipeline.errors import InputDataError, WeightsError
 from pipeline.training.api import Stage
 from pipeline.training.datasets import (S2_13_BANDS, AllClear, DataConfig, PairSource, Sen12MSCR, Sen12MSCRTS,
                                         StacPairs, finish_sample, scale_sar_db)
@@ -160,6 +160,24 @@ def test_sen12ms_cr_reader(tmp_path):
     assert s["sar_present"] == 1.0 and 0 <= s["sar"].min() and s["sar"].max() <= 1
 
 
+def test_sen12ms_cr_reader_refuses_reflectance_and_linear_sar(tmp_path):
+    """Files in another scaling than the layout's (S2 DN, S1 dB) are refused, not silently rescaled to ~0 / 1."""
+    rng = np.random.default_rng(0)
+
+    def write(root, s2_scale, s1):
+        for k, arr, dt in (("s2", _s2(rng, False) * s2_scale, "float32"), ("s2_cloudy", _s2(rng, True) * s2_scale,
+                                                                           "float32"), ("s1", s1, "float32")):
+            _tif(root / f"ROIs1158_spring_{k}" / f"{k}_1" / f"ROIs1158_spring_{k}_1_p3.tif", arr, dt)
+        return Sen12MSCR(DataConfig(source="sen12ms-cr", path=str(root), augment=False, sar_dropout=0.0), BANDS, 0, 32)
+
+    db = np.stack([rng.uniform(-20, -5, (32, 32)), rng.uniform(-28, -10, (32, 32))])
+    write(tmp_path / "ok", 1.0, db).sample(np.random.default_rng(1))  # the layout's own scaling passes
+    with pytest.raises(InputDataError, match="reflectance 0-1"):
+        write(tmp_path / "refl", 1e-4, db).sample(np.random.default_rng(1))
+    with pytest.raises(InputDataError, match="dB"):
+        write(tmp_path / "lin", 1.0, 10 ** (db / 10)).sample(np.random.default_rng(1))
+
+
 def test_sen12ms_cr_ts_reader(tmp_path):
     rng = np.random.default_rng(2)
     dates = ["2018-01-03", "2018-01-15", "2018-02-08", "2018-03-01"]
@@ -217,6 +235,20 @@ def test_stac_pairs_on_romania_hold_out_and_transplant():
     np.testing.assert_array_equal(s["target"][:, ~m], s["truth"][:, ~m])  # clear pixels are the truth date's
     assert np.abs(s["target"][:, m] - s["truth"][:, m]).mean() > 0.01  # cloudy ones come from another date
     assert s["sar_present"] in (0.0, 1.0) and s["sar"].shape == (3, 2, 48, 48)
+
+
+def test_stac_pairs_refuse_a_config_that_drops_romania_evaluation_dates():
+    """A training config on the evaluation stack cannot shrink the hold-out (it may only add to it)."""
+    from pipeline.errors import ConfigError
+    from pipeline.training.datasets import ROMANIA_HELDOUT_DATES
+
+    for held in ([], list(ROMANIA_HELDOUT_DATES[1:])):
+        with pytest.raises(ConfigError, match=ROMANIA_HELDOUT_DATES[0]):
+            StacPairs(DataConfig(path=str(ROMANIA), holdout_dates=held), BANDS, 2, 48)
+    # windows that cover every evaluation date count as holding them out (the check alone, no catalog read)
+    src = StacPairs.__new__(StacPairs)
+    src.cfg = DataConfig(path=str(ROMANIA), holdout_dates=[], holdout_windows=[("2015-01-01", "2020-12-31")])
+    src._check_holdout()
 
 
 @pytest.mark.skipif(not ROMANIA.is_file(), reason="needs ../shared/data")

@@ -228,6 +228,7 @@ class StacPairs(PairSource):
 
     def __init__(self, cfg: DataConfig, bands: Sequence[str], n_refs: int, patch: int) -> None:
         self.cfg, self.bands, self.n_refs, self.patch = cfg, tuple(bands), n_refs, patch
+        self._check_holdout()
         self.dates = self._load()
         clear = [d for d in self.dates if d.cloud_fraction <= cfg.clear_max_cloud and d.valid.mean() > 0.99]
         lo, hi = cfg.cloudy_range
@@ -246,6 +247,21 @@ class StacPairs(PairSource):
             self._real_sar = [self._read_sar_file(p) for p in cfg.sar_paths]
             if not self._real_sar:
                 raise ConfigError("data.sar = real-unpaired needs data.sar_paths (S1 rasters)")
+
+    def _check_holdout(self) -> None:
+        """The evaluation's own stack: ``holdout_dates`` may add dates, never drop an evaluation/donor date."""
+        from pipeline.evaluation.romania import ROMANIA_COLLECTION, ROMANIA_FOLDER
+
+        cfg = self.cfg
+        if cfg.collection != ROMANIA_COLLECTION and ROMANIA_FOLDER not in str(cfg.path):
+            return
+        dropped = [d for d in ROMANIA_HELDOUT_DATES
+                   if not is_held_out(date.fromisoformat(d), cfg.holdout_dates, cfg.holdout_windows)]
+        if dropped:
+            raise ConfigError(
+                f"catalog {cfg.path} is the Romania evaluation stack but data.holdout_dates/holdout_windows do not "
+                f"hold out its evaluation and mask-donor dates {dropped}: training on them leaks the evaluation; "
+                "remove data.holdout_dates from the config (the default holds them out) or add these dates")
 
     # -- loading ----------------------------------------------------------------------------------------------
     def _load(self) -> list[_Date]:
@@ -421,6 +437,10 @@ class _PublicBase(PairSource):
         a = _read(path)
         if a.shape[0] != 13:
             raise InputDataError(f"{path}: {a.shape[0]} bands, the layout has 13 (B01..B12 with B8A, B10)")
+        finite = a[np.isfinite(a)]
+        if finite.size and float(finite.max()) <= 2.0:
+            raise InputDataError(f"{path}: values <= {float(finite.max()):.3g}, i.e. reflectance 0-1; the layout "
+                                 "stores Sentinel-2 DN 0-10000 (scaled here by 1/10000): use the original files")
         return a
 
     def _mask(self, dn13: np.ndarray) -> np.ndarray:
@@ -438,6 +458,12 @@ class _PublicBase(PairSource):
         ref_masks = [self._mask(r) for r in refs13] if ref_masks is None else ref_masks
         sar = None
         if sar_db is not None and (split == "val" or rng.random() >= self.cfg.sar_dropout):
+            for s in sar_db:
+                if s.shape[0] < 2 or not (np.nanmedian(s[:2]) < 0):
+                    raise InputDataError(
+                        f"{type(self).__name__} {self.cfg.path}: an S1 file has {s.shape[0]} band(s) with median "
+                        f"{float(np.nanmedian(s[:2])):.3g}; the layout stores VV, VH sigma0 in dB (negative over "
+                        "land): linear power or single-pol files need converting (10 log10) first")
             sar = np.stack([scale_sar_db(s[:2]) for s in sar_db])[..., ys, xs]
         s = finish_sample(self._select(target13)[:, ys, xs], self._select(truth13)[:, ys, xs], mask[ys, xs],
                           [self._select(r)[:, ys, xs] for r in refs13], [m[ys, xs] for m in ref_masks], ref_dt,
