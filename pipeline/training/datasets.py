@@ -32,6 +32,8 @@ Masks for the public sets are the project's own spectral cloud score (eq. 13-16 
 
 from __future__ import annotations
 
+import abc
+
 import json
 import logging
 import re
@@ -192,21 +194,24 @@ class DataConfig(BaseModel):
     augment: bool = True
 
 
-class PairSource:
+class PairSource(abc.ABC):
     """Base: ``sample(rng, split)`` -> one sample dict; ``describe()`` -> what the data is (for the model card)."""
 
     bands: tuple[str, ...]
     n_refs: int
     patch: int
 
+    @abc.abstractmethod
     def sample(self, rng: np.random.Generator, split: str = "train") -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """One training sample of ``split``: target, truth, cloud_mask, references, ref_dt, sar, sar_present."""
 
+    @abc.abstractmethod
     def describe(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """What the data is (real vs simulated, dates, bands), for the model card."""
 
+    @abc.abstractmethod
     def n_pairs(self, split: str = "train") -> int:
-        raise NotImplementedError
+        """How many distinct pairs ``split`` holds (for the card's epochs-equivalent)."""
 
 
 @dataclass
