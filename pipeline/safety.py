@@ -62,10 +62,13 @@ def safe_stem(raw: str, max_len: int = MAX_STEM) -> str:
 
 def ensure_inside(root: str | Path, path: str | Path) -> Path:
     """``path`` resolved, after checking it lies strictly inside ``root`` (resolved); raises
-    :class:`UnsafePathError` otherwise. Call before every write, rename and delete under ``output.dir``."""
+    :class:`UnsafePathError` otherwise. Call before every write, rename and delete under ``output.dir``.
+
+    Relative paths are relative to the working directory, like ``root`` itself: callers build paths as
+    ``Path(root) / ...``, so a relative ``output.dir`` (``outputs/demo``, the demo config's) must not be
+    prefixed a second time."""
     r = Path(root).resolve()
-    p = Path(path)
-    p = (p if p.is_absolute() else r / p).resolve()
+    p = Path(path).resolve()
     if p == r or r not in p.parents:
         raise UnsafePathError(f"refusing to touch {p}: it is outside the output folder {r} (built from an untrusted "
                               "id?); report the catalog item")

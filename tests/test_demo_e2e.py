@@ -98,3 +98,17 @@ def test_rerun_resumes_and_overwrite_redoes(demo_config, demo_run):
     assert [r.status for r in redo] == ["done"] and item.stat().st_mtime_ns > before
     out = item.parent.parent
     assert not list(out.glob(".staging-*")) and not list((out / ".staging").glob("*")), "staging left behind"
+
+
+def test_relative_output_dir_as_make_demo_uses(demo_config, tmp_path, monkeypatch):
+    """`make demo` runs with the config's relative `output.dir` (outputs/demo): outputs land there, not in a
+    doubled outputs/demo/outputs/demo, and the item is where the runner reports it."""
+    from pipeline.runner import run
+
+    monkeypatch.chdir(tmp_path)
+    res = run(demo_config.replace(output={"dir": "outputs/demo"}, search={"targets": [THIN]},
+                                  model={"name": "reference-replace"}))
+    assert [r.status for r in res] == ["done"], [r.error for r in res]
+    item = res[0].outputs["item"]
+    assert item.is_file() and item.resolve().parent.parent == (tmp_path / "outputs" / "demo").resolve()
+    assert not (tmp_path / "outputs" / "demo" / "outputs").exists()
