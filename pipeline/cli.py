@@ -159,6 +159,8 @@ def run(config, model, out_dir, overwrite, dry_run, no_progress, compare_model) 
         if compare_model and not dry_run:
             other = run_job(cfg.replace(model={"name": compare_model, "params": {}}), dry_run=False)
             click.echo(comparison_table(results, other, cfg.model.name, compare_model))
+            if any(r.status == "failed" for r in other):  # a failed comparison run is a failure, not a silence
+                code = EXIT_FAILED  # as in _print_results: a failure outranks an unrestored target
     except CloudfreeError as exc:
         _fail(exc)
     sys.exit(code)
@@ -166,10 +168,15 @@ def run(config, model, out_dir, overwrite, dry_run, no_progress, compare_model) 
 
 def comparison_table(results, other, name: str, other_name: str) -> str:
     """PSNR vs truth (cloudy pixels, all pixels) of two runs of the same targets, one line per target."""
+    from pipeline.redact import redact
+
     lines = [f"comparison (PSNR dB vs simulated truth, cloudy / all pixels): {name} vs {other_name}"]
     by_id = {r.target_id: r for r in other}
     for r in results:
         o = by_id.get(r.target_id)
+        if o is not None and o.status == "failed":
+            lines.append(f"  {r.target_id}: {other_name} failed ({redact(o.error)})")
+            continue
         if not (r.metrics and o is not None and o.metrics):
             lines.append(f"  {r.target_id}: no truth to compare against")
             continue

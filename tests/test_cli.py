@@ -87,8 +87,11 @@ def test_run_compare_prints_both_models_per_target():
 
     m = {"psnr_after_cloudy": 25.5, "psnr_after_all": 28.0}
     o = {"psnr_after_cloudy": 24.0, "psnr_after_all": 27.5}
-    ours = [TargetResult("A", "done", metrics=m), TargetResult("B", "done")]
-    theirs = [TargetResult("A", "done", metrics=o), TargetResult("B", "done")]
+    ours = [TargetResult("A", "done", metrics=m), TargetResult("B", "done"), TargetResult("C", "done", metrics=m)]
+    theirs = [TargetResult("A", "done", metrics=o), TargetResult("B", "done"),
+              TargetResult("C", "failed", error="an input failed mid-read")]
     text = comparison_table(ours, theirs, "temporal", "reference-replace")
     assert "A: temporal 25.50 / 28.00  reference-replace 24.00 / 27.50  (+1.50 dB on cloudy pixels)" in text
     assert "B: no truth to compare against" in text
+    # a failed comparison run says so (it is not "no truth")
+    assert "C: reference-replace failed (an input failed mid-read)" in text
