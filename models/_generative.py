@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
@@ -248,3 +249,28 @@ def load_network(model_name: str, path: str | Path, convention, build) -> nn.Mod
         return net.eval()
 
     return cached_network((model_name, str(p.resolve()), sha), build_checked)
+
+
+class LazyNetworks:
+    """Mixin for a model whose torch networks load on first use, once per worker process, and are never pickled
+    with the model handle (dask ships the handle; each worker loads the hash-checked weights itself).
+    The model sets ``_loader`` (``path -> nn.Module``) and has ``params.weights`` / ``params.device``."""
+
+    _loader: ClassVar[Callable[[Any], Any]]
+    _nets: Any = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_nets"] = None
+        return state
+
+    @property
+    def nets(self):
+        if self._nets is None:
+            self._nets = type(self)._loader(self.params.weights).to(self._device()).eval()
+        return self._nets
+
+    def _device(self) -> torch.device:
+        from models._learned import pick_device
+
+        return pick_device(self.params.device, self.name)

@@ -54,6 +54,7 @@ from pydantic import Field
 from torch import nn
 
 from models._generative import (
+    LazyNetworks,
     GEN_BANDS,
     UNet,
     coordinate_noise,
@@ -64,7 +65,6 @@ from models._generative import (
     scene_seed,
     tile_scene_key,
 )
-from models._learned import pick_device
 from models.base import ModelParams, ModelSpec, RemovalModelBase
 from models.registry import register
 from pipeline.contract import SOURCE_MODEL, SOURCE_NODATA, SOURCE_TARGET, TileInputs, TileResult
@@ -327,7 +327,7 @@ class CMCRParams(ModelParams):
 
 
 @register
-class CMCR(RemovalModelBase):
+class CMCR(LazyNetworks, RemovalModelBase):
     name = "cm-cr"
     spec = ModelSpec(
         bands=GEN_BANDS,
@@ -342,6 +342,7 @@ class CMCR(RemovalModelBase):
         weights=WEIGHTS_FILE,
     )
     Params = CMCRParams
+    _loader = staticmethod(load_networks)  # the weights, loaded lazily once per worker (LazyNetworks)
 
     def __init__(self, params: ModelParams | dict | None = None) -> None:
         super().__init__(params)
@@ -350,21 +351,7 @@ class CMCR(RemovalModelBase):
         # instance spec: the weights actually used (the runner records their sha256 in the output item)
         self.spec = replace(type(self).spec, weights=str(Path(self.params.weights) if self.params.weights
                                                          else WEIGHTS_DIR / WEIGHTS_FILE))
-        self._nets: CMCRNetworks | None = None
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_nets"] = None
-        return state
-
-    @property
-    def nets(self) -> CMCRNetworks:
-        if self._nets is None:
-            self._nets = load_networks(self.params.weights).to(self._device()).eval()
-        return self._nets
-
-    def _device(self) -> torch.device:
-        return pick_device(self.params.device, self.name)
 
     def predict(self, tile: TileInputs) -> TileResult:
         return self.predict_batch([tile])[0]

@@ -62,6 +62,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from models._generative import (
+    LazyNetworks,
     GEN_BANDS,
     UNet,
     coordinate_noise,
@@ -71,7 +72,6 @@ from models._generative import (
     scene_seed,
     tile_scene_key,
 )
-from models._learned import pick_device
 from models.base import ModelParams, ModelSpec, RemovalModelBase
 from models.registry import build_model, register
 from pipeline.contract import SOURCE_MODEL, SOURCE_NODATA, SOURCE_TARGET, TileInputs, TileResult
@@ -247,7 +247,7 @@ class DEParams(ModelParams):
 
 
 @register
-class DiffusionEnhancement(RemovalModelBase):
+class DiffusionEnhancement(LazyNetworks, RemovalModelBase):
     name = "diffusion-enhancement"
     spec = ModelSpec(
         bands=GEN_BANDS,
@@ -260,6 +260,7 @@ class DiffusionEnhancement(RemovalModelBase):
         scene_context=True,
     )
     Params = DEParams
+    _loader = staticmethod(load_networks)  # the weights, loaded lazily once per worker (LazyNetworks)
 
     def __init__(self, params: ModelParams | dict | None = None) -> None:
         super().__init__(params)
@@ -275,21 +276,7 @@ class DiffusionEnhancement(RemovalModelBase):
         weights = Path(self.params.weights) if self.params.weights else WEIGHTS_DIR / WEIGHTS_FILE
         self.spec = replace(type(self).spec, halo=type(self).spec.halo + int(self.reference.spec.halo),
                             weights=str(weights))
-        self._nets: DENetworks | None = None  # loaded lazily, once per worker (not pickled)
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_nets"] = None
-        return state
-
-    @property
-    def nets(self) -> DENetworks:
-        if self._nets is None:
-            self._nets = load_networks(self.params.weights).to(self._device()).eval()
-        return self._nets
-
-    def _device(self) -> torch.device:
-        return pick_device(self.params.device, self.name)
 
     def fit_scene(self, sample: TileInputs) -> dict[str, Any]:
         """The reference model's scene context (DE itself has none)."""
