@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from models._filters import nanmedian_axis0
+from models._filters import median_of_valid
 from models.base import ModelParams, ModelSpec, RemovalModelBase
 from models.registry import register
 from pipeline.contract import SOURCE_NODATA, SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs, TileResult
@@ -29,8 +29,9 @@ from pipeline.errors import ModelError
 
 
 def composite(
-    stack: np.ndarray, clear: np.ndarray, key: np.ndarray, method: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    stack: np.ndarray, clear: np.ndarray, key: np.ndarray | None, method: str, *, chosen: bool = True,
+    n_clear: np.ndarray | None = None, clear_is_finite: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Composite ``stack`` ``(obs, band, y, x)`` over observations where ``clear`` ``(obs, y, x)``; the one
     implementation of median / best-pixel compositing (this model and ``cloudfree composite`` use it).
 
@@ -38,11 +39,21 @@ def composite(
     smallest ``key`` (``(obs,)`` e.g. ``|dt|``, or ``(obs, y, x)`` e.g. cloud probability; ties go to the first,
     i.e. best-ranked, observation). Returns ``value`` ``(band, y, x)`` (NaN where nothing is clear), ``chosen``
     ``(y, x)`` int (the observation used, for the median the one closest to the value; -1 = none) and ``n_clear``.
+    With ``chosen=False`` the median's ``chosen`` is not computed (None; it costs as much as the median). ``n_clear``
+    (``clear.sum(0)``) may be passed when the caller has it; ``clear_is_finite`` says every band of a clear
+    observation is finite (else non-finite values are skipped band by band).
     """
-    n_clear = clear.sum(axis=0)
+    if n_clear is None:
+        n_clear = clear.sum(axis=0)
     if method == "median":
+        if clear_is_finite:  # every band of a clear observation is finite: one count for all bands
+            value = median_of_valid(stack, clear[:, None], n_clear[None])
+        else:
+            valid = clear[:, None] & np.isfinite(stack)
+            value = median_of_valid(stack, valid, valid.sum(axis=0))
+        if not chosen:
+            return value, None, n_clear
         masked = np.where(clear[:, None], stack, np.nan)
-        value = nanmedian_axis0(masked)
         dist = np.where(clear, np.nansum((masked - value[None]) ** 2, axis=1), np.inf)
         chosen = np.where(n_clear > 0, np.argmin(dist, axis=0), -1)
     elif method == "best":

@@ -55,39 +55,47 @@ class CompositeResult:
 # -- pure kernel ---------------------------------------------------------------------------------------------------
 def composite_kernel(stack: np.ndarray, cloudy: np.ndarray, prob: np.ndarray, method: str) -> np.ndarray:
     """``stack (t, band, y, x)``, ``cloudy (t, y, x)`` bool, ``prob (t, y, x)`` -> ``(band + 2, y, x)``:
-    reflectance, confidence, source (``10 + t`` for observation t; ``SOURCE_FUSED`` for a median of several)."""
+    reflectance, confidence, source (``10 + t`` for observation t; ``SOURCE_FUSED`` for a median of several).
+
+    Per output block this is most of the composite's compute: work that only a few pixels need (the fallback to
+    the least cloudy observation where none is clear) is done on those pixels only."""
     nt, nb = stack.shape[:2]
     # odc-stac fills pixels outside an item's footprint with 0 (not NaN) when loading float32 from uint16 with
     # nodata 0 (stages/load.py); a real observation is never exactly 0 in every band, so treat that as nodata
-    finite = np.isfinite(stack).all(axis=1) & ~(stack == 0).all(axis=1)
+    finite = np.isfinite(stack).all(axis=1)
+    finite &= (stack != 0).any(axis=1)
     clear = finite & ~cloudy.astype(bool)
-    p = np.where(finite, np.nan_to_num(prob, nan=1.0), np.inf)
-    least = np.argmin(p, axis=0)  # least cloudy finite observation (first on ties: items are ranked)
-    yy, xx = np.indices(least.shape)
-    any_finite = finite.any(axis=0)
     n_clear = clear.sum(axis=0)
     from models.median_composite import composite  # the one median / best-pixel implementation
 
+    p = None
     if method == "median":
-        refl, _, _ = composite(stack, clear, p, "median")
-        conf = 0.5 + 0.5 * np.minimum(n_clear, 3) / 3.0  # one clear observation 0.67 ... three or more 1
+        refl, _, _ = composite(stack, clear, None, "median", chosen=False, n_clear=n_clear,
+                                 clear_is_finite=True)
+        conf = (0.5 + 0.5 * np.minimum(n_clear, 3) / 3.0).astype(np.float32)  # one clear: 0.67 ... three or more: 1
         only = np.argmax(clear, axis=0)
         src = np.where(n_clear >= 2, SOURCE_FUSED, SOURCE_REFERENCE_BASE + only).astype(np.float32)
     elif method == "best-pixel":
+        p = np.where(finite, np.nan_to_num(prob, nan=1.0), np.inf)
         refl, best, _ = composite(stack, clear, p, "best")
         best = np.maximum(best, 0)
-        conf = np.where(n_clear > 0, 1.0 - np.clip(p[best, yy, xx], 0, 1), 0.0)
+        pb = np.take_along_axis(p, best[None], axis=0)[0]
+        conf = np.where(n_clear > 0, 1.0 - np.clip(pb, 0, 1), 0.0).astype(np.float32)
         src = (SOURCE_REFERENCE_BASE + best).astype(np.float32)
     else:
         raise ConfigError(f"composite.method {method!r} has no pixel kernel; use median or best-pixel")
     none_clear = n_clear == 0
-    fallback = stack[least, :, yy, xx].transpose(2, 0, 1)
-    refl = np.where(none_clear[None], fallback, refl)
-    src = np.where(none_clear, SOURCE_REFERENCE_BASE + least, src)
-    conf = np.where(none_clear, 0.0, conf)
-    refl = np.where(any_finite[None], refl, np.nan)
-    src = np.where(any_finite, src, SOURCE_NODATA)
-    return np.concatenate([refl.astype(np.float32), conf[None].astype(np.float32), src[None].astype(np.float32)])
+    if none_clear.any():  # no clear observation: the least cloudy finite one (first on ties: items are ranked)
+        ys, xs = np.nonzero(none_clear)
+        pn = np.where(finite[:, ys, xs], np.nan_to_num(prob[:, ys, xs], nan=1.0), np.inf)
+        least = np.argmin(pn, axis=0)
+        refl[:, ys, xs] = stack[least, :, ys, xs].T
+        src[ys, xs] = SOURCE_REFERENCE_BASE + least
+        conf[ys, xs] = 0.0
+        nodata = ~finite[:, ys, xs].any(axis=0)  # no finite observation at all
+        refl[:, ys[nodata], xs[nodata]] = np.nan
+        src[ys[nodata], xs[nodata]] = SOURCE_NODATA
+    return np.concatenate([refl.astype(np.float32, copy=False), conf[None], src[None]])
 
 
 # -- state ---------------------------------------------------------------------------------------------------------

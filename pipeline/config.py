@@ -194,6 +194,9 @@ class CoregisterConfig(_Section):
     min_clear_fraction: float = Field(0.05, ge=0, le=1)
     #: spline order used to apply the shift (1 bilinear, 3 cubic).
     order: int = Field(1, ge=0, le=5)
+    #: estimated shifts shorter than this (pixels, vector length) are recorded but not applied: below the
+    #: estimate's precision a resampling only blurs the reference, and it costs a second read of every reference.
+    min_shift_px: float = Field(0.05, ge=0, le=1)
 
 
 class TileConfig(_Section):

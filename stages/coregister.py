@@ -213,7 +213,9 @@ class Coregistration:
 
     id: str
     kind: str  #: "optical" | "sar"
-    status: str  #: "applied" | "rejected" (exceeds max_shift_px) | "failed" (too few clear pixels) | "estimated"
+    #: "applied" | "rejected" (exceeds max_shift_px) | "negligible" (below min_shift_px, not applied) |
+    #: "failed" (too few clear pixels) | "estimated"
+    status: str
     shift_px: tuple[float, float] = (0.0, 0.0)
     phase_shift_px: tuple[float, float] = (0.0, 0.0)
     n_pixels: int = 0
@@ -303,6 +305,10 @@ def _decide(rid: str, kind: str, est: ShiftEstimate, cfg: CoregisterConfig, win)
         reason = (f"estimated shift {mag:.2f} px exceeds coregister.max_shift_px {cfg.max_shift_px}; not applied "
                   "(check the grids or raise the bound)")
         log.warning("coregister %s: %s", rid, reason)
+    elif mag < cfg.min_shift_px:
+        status = "negligible"
+        reason = f"estimated shift {mag:.3f} px is below coregister.min_shift_px {cfg.min_shift_px}; not applied"
+        log.info("coregister %s (%s): %s", rid, kind, reason)
     else:
         log.info("coregister %s (%s): shift (%.3f, %.3f) px on %d clear pixels", rid, kind, *est.shift,
                  est.n_pixels)

@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+import dask
 import dask.array as dsa
 import numpy as np
 import odc.stac
@@ -193,41 +194,109 @@ def load_reflectance(items: Sequence[pystac.Item], bands: Sequence[str], geobox:
         resampling=reflectance_resampling(bands, abs(geobox.resolution.x), items),
         dtype="float32", groupby="id", preserve_original_order=True, fail_on_error=True,
     )
-    per_band = []
+    # DN -> reflectance in ONE task per (date, block) for all bands (scale, offset, nodata -> NaN), instead of
+    # xarray's where / multiply / add / concat / transpose / astype tasks per band: 6x fewer tasks per input block
+    # (graph size and scheduler time grow with the area; the values are the same, float32 in the same order)
+    so = np.array([[item_harmonisation(it, b) for b in bands] for it in items], np.float32)  # (time, band, 2)
+    nodata = tuple(_nodata_value(ds[b].attrs.get("nodata", 0)) for b in bands)
+    args = [dsa.from_array(so, chunks=(1, len(bands), 2)), "tbk"]
     for b in bands:
-        so = np.array([item_harmonisation(it, b) for it in items], np.float32)  # (time, 2)
-        scale = xr.DataArray(so[:, 0], dims="time")
-        offset = xr.DataArray(so[:, 1], dims="time")
-        # odc-stac fills pixels outside an item's footprint (and the file's own nodata) with the band's nodata
-        # value (S2: DN 0), also when converting to float32: mask them before scaling, so nodata is NaN
-        nodata = ds[b].attrs.get("nodata", 0)
-        raw = ds[b] if nodata is None or (isinstance(nodata, float) and np.isnan(nodata)) else ds[b].where(ds[b] != nodata)
-        per_band.append(raw * scale + offset)
-    da = xr.concat(per_band, dim=xr.DataArray(list(bands), dims="band", name="band"))
-    da = da.transpose("time", "band", "y", "x").astype(np.float32)
-    da = da.assign_coords(time=[np.datetime64(it.datetime.replace(tzinfo=None), "ns") for it in items])
-    da = da.assign_coords(id=("time", [it.id for it in items]))
+        args += [ds[b].data, "tyx"]
+    data = dsa.blockwise(_to_reflectance, "tbyx", *args, nodata=nodata, dtype=np.float32, concatenate=True,
+                         name=f"reflectance-{dask.base.tokenize(name, *(ds[b].data.name for b in bands), so)}")
+    da = xr.DataArray(data, dims=("time", "band", "y", "x"),
+                      coords={"time": [np.datetime64(it.datetime.replace(tzinfo=None), "ns") for it in items],
+                              "band": list(bands), "y": ds.y, "x": ds.x, "id": ("time", [it.id for it in items])})
     da.name = name
     da.attrs = {}
     da = da.rio.write_crs(geobox.crs.to_wkt())
     return validate_scene(da, name=name, bands=tuple(bands))
 
 
+def _nodata_value(nodata) -> float | None:
+    """The nodata value odc-stac reports for a band, or None (NaN or no nodata: nothing to mask)."""
+    if nodata is None or (isinstance(nodata, float) and np.isnan(nodata)):
+        return None
+    return float(nodata)
+
+
+def _to_reflectance(so: np.ndarray, *dn: np.ndarray, nodata: tuple) -> np.ndarray:
+    """One (date, block): ``so`` ``(1, band, 2)`` scale/offset, ``dn`` one ``(1, y, x)`` float32 block per band
+    as odc-stac read it -> ``(1, band, y, x)`` float32 reflectance, NaN where the band's nodata value is."""
+    out = np.empty((dn[0].shape[0], len(dn)) + dn[0].shape[1:], np.float32)
+    for i, (b, nd) in enumerate(zip(dn, nodata)):
+        v = b * so[:, i, 0, None, None] + so[:, i, 1, None, None]
+        out[:, i] = v if nd is None else np.where(b != nd, v, np.float32(np.nan))
+    return out
+
+
 def load_layer(items: Sequence[pystac.Item], asset: str, geobox: GeoBox, chunk: int = 512) -> xr.DataArray | None:
     """Lazily load a class/probability layer ``(time, y, x)`` as float32 (NaN nodata), nearest resampling.
 
-    Returns None when no item carries the asset (the mask stage then needs another method).
+    Returns None when no item carries the asset (the mask stage then needs another method). When every item's
+    layer lies on a grid ``k`` times coarser than ``geobox`` and aligned with it (:func:`native_zoom`: SCL at
+    20 m under a 10 m output, a 100 m layer under 25 m), it is read on that coarse grid (1/k^2 of the pixels)
+    and each pixel repeated k x k in the same task: the values are those of a nearest read on ``geobox``.
     """
     if not all(asset in it.assets for it in items):
         have = [it.id for it in items if asset in it.assets]
         if have:
             raise ContractError(f"asset {asset!r} present on {have} but not on all items; mask each item alike")
         return None
-    ds = odc.stac.load(items, bands=[asset], geobox=geobox, chunks={"x": chunk, "y": chunk},
+    k = native_zoom(items, asset, geobox, chunk)
+    gb = geobox.zoom_out(k) if k > 1 else geobox
+    ds = odc.stac.load(items, bands=[asset], geobox=gb, chunks={"x": chunk // k, "y": chunk // k},
                        resampling=CATEGORICAL.get(asset, "nearest"), dtype="float32", groupby="id",
                        preserve_original_order=True)
     da = ds[asset]
+    if k > 1:
+        from odc.geo.xr import xr_coords
+
+        data = da.data.map_blocks(_repeat_pixels, k, dtype=da.dtype,
+                                  chunks=da.data.chunks[:1] + tuple(tuple(c * k for c in cs) for cs in da.data.chunks[1:]))
+        ny, nx = geobox.shape
+        coords = xr_coords(geobox)
+        da = xr.DataArray(data[:, :ny, :nx], dims=da.dims, name=da.name, attrs=da.attrs,
+                          coords={"y": coords["y"], "x": coords["x"], "spatial_ref": coords["spatial_ref"]})
     return da.assign_coords(time=[np.datetime64(it.datetime.replace(tzinfo=None), "ns") for it in items])
+
+
+def _repeat_pixels(block: np.ndarray, k: int) -> np.ndarray:
+    """Each pixel of the last two axes repeated ``k x k`` (nearest upsampling by an integer factor)."""
+    return np.repeat(np.repeat(block, k, axis=-2), k, axis=-1)
+
+
+def native_zoom(items: Sequence[pystac.Item], asset: str, geobox: GeoBox, chunk: int) -> int:
+    """The integer factor ``k >= 2`` by which ``asset`` can be read on ``geobox.zoom_out(k)`` and repeated instead
+    of being read with nearest on ``geobox`` (same values), or 1.
+
+    Needs, for every item, the asset's own grid (``proj:transform`` on the asset) in ``geobox``'s CRS, north-up,
+    with pixels exactly ``k`` output pixels wide and edges on the output grid's (so output pixel ``(i, j)`` lies
+    in native pixel ``(i // k, j // k)`` of the coarse grid), and ``chunk`` divisible by ``k`` (the repeated blocks
+    keep the output chunking)."""
+    t = geobox.transform
+    if t.b != 0 or t.d != 0 or t.e >= 0 or geobox.crs is None:
+        return 1
+    r = t.a
+    ks = set()
+    for it in items:
+        f = it.assets[asset].extra_fields
+        tr = f.get("proj:transform")
+        crs = _item_crs(it)
+        if not tr or crs is None or GeoBox((1, 1), t, crs).crs != geobox.crs:
+            return 1
+        a, b, c, d, e, f_ = (float(v) for v in tr[:6])
+        if b != 0 or d != 0 or e != -a:
+            return 1
+        k = round(a / r)
+        if k < 2 or abs(k * r - a) > 1e-6 * a or chunk % k:
+            return 1
+        # output pixel edges on native edges: the origin offset is a whole number of native pixels
+        ox, oy = (t.c - c) / a, (f_ - t.f) / a
+        if abs(ox - round(ox)) > 1e-6 or abs(oy - round(oy)) > 1e-6:
+            return 1
+        ks.add(k)
+    return ks.pop() if len(ks) == 1 else 1
 
 
 # -- failed reads: retried, then reported as a third pixel state (observed / masked / failed) ----------------------

@@ -60,8 +60,15 @@ def scl_kernel(scl: np.ndarray, classes: list[int], dilation: int) -> np.ndarray
 def scl_mask(scl: xr.DataArray, cfg: MaskConfig) -> tuple[xr.DataArray, xr.DataArray]:
     """Binary mask and a coarse probability from SCL ``(time, y, x)``: 1 for 8/9, 0.5 for 10 (thin), 0 otherwise."""
     mask = _lazy_2d(scl_kernel, scl, cfg.dilation + 1, bool, classes=list(cfg.scl_classes), dilation=cfg.dilation)
-    prob = xr.where(scl.isin([8, 9]), 1.0, xr.where(scl == 10, 0.5, 0.0)).astype(np.float32)
+    data = scl.data if isinstance(scl.data, dsa.Array) else dsa.from_array(scl.data)
+    prob = scl.copy(data=data.map_blocks(scl_prob_kernel, dtype=np.float32))  # one task per block
     return mask.rename("cloud_mask"), prob.rename("cloud_prob")
+
+
+def scl_prob_kernel(scl: np.ndarray) -> np.ndarray:
+    """SCL classes -> cloud probability: 1 for 8/9 (medium/high cloud), 0.5 for 10 (thin cirrus), else 0 (NaN
+    nodata too)."""
+    return np.where(np.isin(scl, (8, 9)), np.float32(1.0), np.where(scl == 10, np.float32(0.5), np.float32(0.0)))
 
 
 def _per_plane(b: np.ndarray, *, func, dtype, kw: dict) -> np.ndarray:

@@ -38,6 +38,74 @@ def test_kernel_median_best_pixel_and_fallbacks():
     assert best[0, 0, 0] == pytest.approx(0.1) and best[2, 0, 0] == pytest.approx(0.9)
 
 
+def _reference_kernel(stack, cloudy, prob, method):
+    """The composite kernel as it was before the speed-up (full-array fallback, ``np.nanmedian``): the oracle."""
+    finite = np.isfinite(stack).all(axis=1) & ~(stack == 0).all(axis=1)
+    clear = finite & ~cloudy.astype(bool)
+    p = np.where(finite, np.nan_to_num(prob, nan=1.0), np.inf)
+    least = np.argmin(p, axis=0)
+    yy, xx = np.indices(least.shape)
+    n_clear = clear.sum(axis=0)
+    if method == "median":
+        with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("ignore")
+            refl = np.nanmedian(np.where(clear[:, None], stack, np.nan), axis=0)
+        conf = 0.5 + 0.5 * np.minimum(n_clear, 3) / 3.0
+        src = np.where(n_clear >= 2, SOURCE_FUSED, SOURCE_REFERENCE_BASE + np.argmax(clear, axis=0))
+    else:
+        best = np.argmin(np.where(clear, p, np.inf), axis=0)
+        refl = stack[best, :, yy, xx].transpose(2, 0, 1)
+        conf = np.where(n_clear > 0, 1.0 - np.clip(p[best, yy, xx], 0, 1), 0.0)
+        src = SOURCE_REFERENCE_BASE + best
+    none = n_clear == 0
+    refl = np.where(none[None], stack[least, :, yy, xx].transpose(2, 0, 1), refl)
+    src = np.where(none, SOURCE_REFERENCE_BASE + least, src)
+    conf = np.where(none, 0.0, conf)
+    any_finite = finite.any(axis=0)
+    refl = np.where(any_finite[None], refl, np.nan)
+    src = np.where(any_finite, src, SOURCE_NODATA)
+    return np.concatenate([refl, conf[None], src[None]]).astype(np.float32)
+
+
+@pytest.mark.parametrize("nt", [1, 2, 3, 5, 8, 12, 17])
+@pytest.mark.parametrize("method", ["median", "best-pixel"])
+def test_fast_kernel_equals_the_reference_kernel(nt, method):
+    """The fast kernel (sorting-network median, fallback on the few pixels that need it) gives the same values as
+    the straightforward one, on clouds, NaN, all-zero (outside the footprint) and all-cloudy pixels."""
+    rng = np.random.default_rng(nt)
+    stack = rng.random((nt, 3, 40, 50), dtype=np.float32)
+    stack[rng.random(stack.shape) < 0.05] = np.nan  # one band missing
+    stack[:, :, rng.random((40, 50)) < 0.1] = 0.0  # footprint edge: all bands 0 (nodata) for one date
+    stack[:, :, :3] = np.nan  # no data at all
+    cloudy = rng.random((nt, 40, 50)) < 0.6
+    cloudy[:, 5:9] = True  # nothing clear: fallback to the least cloudy
+    prob = rng.random((nt, 40, 50)).astype(np.float32)
+    prob[rng.random(prob.shape) < 0.05] = np.nan
+    fast, ref = composite_kernel(stack, cloudy, prob, method), _reference_kernel(stack, cloudy, prob, method)
+    assert fast.dtype == np.float32 and fast.shape == ref.shape
+    np.testing.assert_array_equal(fast, ref)
+
+
+def test_sorting_network_median_equals_numpy():
+    from models._filters import NETWORK_MAX, _oddeven_pairs, nanmedian_axis0
+
+    rng = np.random.default_rng(0)
+    for nt in range(1, NETWORK_MAX + 4):
+        x = rng.normal(size=(nt, 30, 30)).astype(np.float32)
+        x[rng.random(x.shape) < 0.3] = np.nan
+        with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("ignore")
+            want = np.nanmedian(x, axis=0).astype(np.float32)
+        np.testing.assert_allclose(nanmedian_axis0(x), want, rtol=1e-6, equal_nan=True)
+    for nt in range(2, 11):  # 0-1 principle: a network that sorts every 0/1 input sorts everything
+        for bits in range(1 << nt):
+            v = [(bits >> i) & 1 for i in range(nt)]
+            for a, b in _oddeven_pairs(nt):
+                if v[a] > v[b]:
+                    v[a], v[b] = v[b], v[a]
+            assert v == sorted(v), (nt, bits)
+
+
 def _clone(item: pystac.Item, new_id: str, when: str, **props) -> pystac.Item:
     d = copy.deepcopy(item.to_dict(transform_hrefs=False))  # to_dict shares the properties dict
     d["id"] = new_id

@@ -108,13 +108,15 @@ def test_scene_level_estimate_applies_rejects_and_fails(b08_29rkh):
                             coords={"band": ["B08"]})
 
     refs = xr.concat([scene(ndimage.shift(b08_29rkh, s, order=3, mode="nearest"))
-                      for s in [(0.3, -0.25), (2.5, 0.0), (0.0, 0.0)]], dim="time")
-    masks = xr.DataArray(np.zeros((3, 256, 256), bool), dims=("time", "y", "x"))
+                      for s in [(0.3, -0.25), (2.5, 0.0), (0.0, 0.0), (0.0, 0.0)]], dim="time")
+    masks = xr.DataArray(np.zeros((4, 256, 256), bool), dims=("time", "y", "x"))
     masks[2] = True  # the third reference is all cloud
     tmask = xr.DataArray(np.zeros((256, 256), bool), dims=("y", "x"))
     cfg = CoregisterConfig(max_shift_px=2.0, window=200)
-    out = estimate_reference_shifts(scene(b08_29rkh), tmask, refs, masks, ["a", "b", "c"], cfg)
-    assert [c.status for c in out] == ["applied", "rejected", "failed"]
+    out = estimate_reference_shifts(scene(b08_29rkh), tmask, refs, masks, ["a", "b", "c", "d"], cfg)
+    # the fourth is the target itself: a shift below min_shift_px is recorded, not applied (no blur, no re-read)
+    assert [c.status for c in out] == ["applied", "rejected", "failed", "negligible"]
+    assert np.hypot(*out[3].shift_px) < cfg.min_shift_px and not out[3].applied
     assert np.allclose(out[0].as_properties()["misregistration_px"], (0.3, -0.25), atol=0.1)
     assert np.allclose(out[1].as_properties()["misregistration_px"], (2.5, 0.0), atol=0.1)
     assert out[0].window == (28, 228, 28, 228) and "max_shift_px" in out[1].reason

@@ -31,6 +31,24 @@ def test_every_model_file_is_registered():
     registered = available_models()
     missing = set(in_files) - set(registered)
     assert not missing, f"models defined but not registered (add to BUILTIN_MODULES): {missing}"
+    # the name -> module map builds one model by importing its module only: it must name the right module
+    from models.registry import BUILTIN
+
+    assert set(BUILTIN) == set(in_files)
+    assert {name: f"models.{in_files[name][:-3]}" for name in BUILTIN} == BUILTIN
+
+
+def test_building_a_physics_model_does_not_import_torch():
+    """Building phyvlm-cr (or any model without a network) imports its own module, not every model's: the learned
+    models' modules import torch, ~1.3 s of every process and every dask worker."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from models.registry import build_model; build_model('phyvlm-cr'); "
+            "build_model('temporal'); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
 
 
 def test_unknown_model_lists_available():
