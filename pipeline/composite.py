@@ -98,6 +98,64 @@ def composite_kernel(stack: np.ndarray, cloudy: np.ndarray, prob: np.ndarray, me
     return np.concatenate([refl.astype(np.float32, copy=False), conf[None], src[None]])
 
 
+def fused_composite(stack, items, geobox, chunk: int, method: str, specs) -> "dask.array.Array":
+    """The composite ``(band + 2, y, x)`` as ONE task per output block: the block's reads of every date and band,
+    the mask layers' windows with their morphology halo (:class:`stages.masks.LayerMask`, cut from the
+    neighbouring chunks by :class:`stages.remove.HaloWindows`), the masks, probabilities and the kernel computed
+    inside the task. Nothing derived from the inputs waits in memory between tasks, so with the bounded
+    look-ahead of the write (:func:`stages.cog.bound_lookahead`) memory depends on the block size and the dates,
+    not on the area. Values are those of the mask stage + :func:`composite_kernel` (tested)."""
+    import dask
+    import dask.array as dsa
+    from dask._task_spec import Task, TaskRef
+    from dask.highlevelgraph import HighLevelGraph
+
+    from stages.load import load_layer
+    from stages.remove import HaloWindows
+    from stages.tile import plan_tiles
+
+    refl = stack.data
+    nt, nb = refl.shape[:2]
+    if len(refl.chunks[1]) != 1:
+        refl = refl.rechunk({1: -1})
+    layers = [load_layer(items, s.asset, geobox, chunk, dtype=s.dtype).data for s in specs]
+    halo = max(s.halo for s in specs)
+    tiles = plan_tiles(geobox.shape, chunk, halo)
+    token = dask.base.tokenize(refl.name, [a.name for a in layers], method, specs, halo, chunk)
+    name = f"cloudfree-composite-{token}"
+    layer: dict = {}
+    wins = [HaloWindows(a, f"{name}-{s.method}", layer) for a, s in zip(layers, specs)]
+    for t in tiles:
+        by, bx = t.index
+        pieces = [TaskRef((refl.name, k, 0, by, bx)) for k in range(nt)]
+        layouts = []
+        for w in wins:
+            lay, pcs = w.window(t.index, *t.read)
+            layouts.append(lay)
+            pieces.extend(pcs)
+        key = (name, 0, by, bx)
+        layer[key] = Task(key, _composite_block, method, tuple(specs), tuple(layouts), t.core_in_read, nt, *pieces)
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=[refl, *(w.arr for w in wins)])
+    return dsa.Array(graph, name, ((nb + 2,), refl.chunks[2], refl.chunks[3]), dtype=np.float32)
+
+
+def _composite_block(method, specs, layouts, core, nt, *pieces) -> np.ndarray:
+    """One output block: the dates' reflectance blocks, then each mask layer's window pieces."""
+    from stages.masks import combine_windows
+    from stages.remove import _assemble
+
+    stack = np.concatenate(pieces[:nt], axis=0)
+    ys, xs = core
+    results, k = [], nt
+    for spec, lay in zip(specs, layouts):
+        n = sum(lay)
+        m, p = spec(_assemble(lay, *pieces[k:k + n]))
+        results.append((m[..., ys, xs], p[..., ys, xs]))
+        k += n
+    mask, prob = combine_windows(results)
+    return composite_kernel(stack, mask, prob, method)
+
+
 # -- state ---------------------------------------------------------------------------------------------------------
 def item_updated(item: pystac.Item) -> str:
     """The timestamp that changes when an acquisition is (re)published."""
@@ -173,7 +231,7 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     import xarray as xr
 
     from stages.load import load_reflectance, output_geobox
-    from stages.masks import build_masks
+    from stages.masks import build_masks, layer_masks
     from stages.publish import update_collection
     from stages.write import paths_for
 
@@ -181,12 +239,16 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     bands = list(cfg.grid.bands)
     geobox = output_geobox(items[0], cfg.grid, region_bbox)
     stack = load_reflectance(items, bands, geobox, cfg.grid.chunk, name=f"{tile}-{period}")
-    mask, prob = build_masks(items, geobox, cfg.mask, cfg.grid.chunk)
     nb = len(bands)
-    # one task per output block over all dates: memory per task = dates x bands x block, whatever the area
-    # (the dates and bands are concatenated inside the task: no separate rechunk tasks holding merged stacks)
-    out = dsa.blockwise(composite_kernel, "cyx", stack.data, "tbyx", mask.data, "tyx", prob.data.astype(np.float32), "tyx",
-                        method, None, new_axes={"c": nb + 2}, concatenate=True, dtype=np.float32)
+    specs = layer_masks(items, cfg.mask)
+    if specs is not None:
+        out = fused_composite(stack, items, geobox, cfg.grid.chunk, method, specs)
+    else:  # a mask method that needs several bands (spectral, s2cloudless): masks from the mask stage
+        mask, prob = build_masks(items, geobox, cfg.mask, cfg.grid.chunk)
+        # one task per output block over all dates: memory per task = dates x bands x block, whatever the area
+        out = dsa.blockwise(composite_kernel, "cyx", stack.data, "tbyx", mask.data, "tyx",
+                            prob.data.astype(np.float32), "tyx", method, None, new_axes={"c": nb + 2},
+                            concatenate=True, dtype=np.float32)
     y, x = stack.y, stack.x
     ds = xr.Dataset({
         "reflectance": xr.DataArray(out[:nb], dims=("band", "y", "x"), coords={"band": bands, "y": y, "x": x}),

@@ -76,11 +76,28 @@ def dask_context(cfg: Config):
             _announce(client, "LocalCluster")
             yield
     else:
+        limit_malloc_arenas(cfg.run.malloc_arenas)
         kw = {"scheduler": cfg.run.scheduler}
         if cfg.run.workers and cfg.run.scheduler in ("threads", "processes"):
             kw["num_workers"] = cfg.run.workers
         with dask.config.set(**kw):
             yield
+
+
+def limit_malloc_arenas(n: int) -> bool:
+    """Cap glibc's malloc arenas of this process at ``n`` (see ``run.malloc_arenas``); True when set. No-op on other
+    C libraries, with ``n == 0`` or when ``MALLOC_ARENA_MAX`` is set (the environment wins)."""
+    import ctypes
+    import os
+    import platform
+
+    if n <= 0 or os.environ.get("MALLOC_ARENA_MAX") or platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-8, int(n)))  # M_ARENA_MAX
+    except (OSError, AttributeError):  # musl and others: no mallopt / no M_ARENA_MAX
+        return False
 
 
 def public_address(address: str) -> str:

@@ -222,9 +222,100 @@ def inline_reader_opens(dsk: dict) -> dict:
 
 #: task count of every graph :func:`compute_once` ran in this process (the benchmark reports them).
 GRAPH_SIZES: list[int] = []
+#: source tasks gated by :func:`bound_lookahead` in every graph :func:`compute_once` ran in this process.
+GATED: list[int] = []
 
 
-def compute_once(*objs):
+def _n_workers() -> int:
+    """Worker threads of the active scheduler (threads: ``num_workers``; distributed: total threads)."""
+    import os
+
+    import dask
+
+    try:
+        from distributed import default_client
+
+        return max(1, sum(default_client().nthreads().values()))
+    except (ImportError, ValueError):
+        pass
+    return int(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+
+
+#: output blocks (raster order) that may be in flight ahead of the last finished one, per worker thread; see
+#: :func:`bound_lookahead`.
+LOOKAHEAD_PER_WORKER = 1
+
+
+def _done(_block) -> None:
+    """A block's completion marker (holds nothing: the block itself is released as usual)."""
+    return None
+
+
+def _after(_gate, value):
+    """The value of a gated source task (``_gate`` is the completion marker it waited for)."""
+    return value
+
+
+def bound_lookahead(dsk: dict, markers: list, slack: int) -> int:
+    """Gate the graph's source tasks (reads) so that none starts more than ``slack`` output blocks ahead.
+
+    ``markers``: one key per output block in raster order (e.g. the encoded blocks of the first COG layer), all in
+    ``dsk``. For every task, ``lo`` = the first marker (raster position) that depends on it. A source task (one
+    whose dependencies are only data nodes: odc-stac's reads, after :func:`inline_reader_opens`) with
+    ``lo >= slack`` is made to wait for marker ``lo - slack`` to finish. Without this, dask's ordering and the
+    threaded scheduler read blocks rows ahead of their consumers whenever a worker is idle (1 GB of held inputs and
+    tile predictions in the 16x phyvlm-cr scene); with it, the inputs in memory are those of the blocks in flight
+    plus what halos need from the next row (a line buffer: a model that needs its neighbours' pixels cannot
+    finish a row before reading the next one, so memory grows with the width of the output, not its area).
+
+    Never deadlocks: a gated source feeds only markers ``>= lo`` and waits for ``lo - slack < lo``, so by
+    induction over raster positions every marker's inputs can run. Returns the number of gated tasks.
+    """
+    from dask._task_spec import DataNode, Task, TaskRef
+
+    pos = {k: i for i, k in enumerate(markers)}
+    # reverse topological order: dependents before dependencies
+    deps = {k: t.dependencies for k, t in dsk.items()}
+    indeg = {k: 0 for k in dsk}
+    for k, ds in deps.items():
+        for d in ds:
+            if d in indeg:
+                indeg[d] += 1
+    stack = [k for k, n in indeg.items() if n == 0]
+    lo: dict = {}
+    while stack:
+        k = stack.pop()
+        here = pos.get(k)
+        mine = lo.get(k)
+        if here is not None:
+            mine = here if mine is None else min(mine, here)
+            lo[k] = mine
+        for d in deps[k]:
+            if d not in indeg:
+                continue
+            if mine is not None and (lo.get(d) is None or mine < lo[d]):
+                lo[d] = mine
+            indeg[d] -= 1
+            if indeg[d] == 0:
+                stack.append(d)
+    done_keys = {}
+    gated = 0
+    for k, t in list(dsk.items()):
+        if not isinstance(t, Task) or k in pos or lo.get(k) is None or lo[k] < slack:
+            continue
+        if any(not isinstance(dsk.get(d), DataNode) for d in t.dependencies):
+            continue
+        m = markers[lo[k] - slack]
+        if m not in done_keys:
+            dk = ("cloudfree-done", *(m if isinstance(m, tuple) else (m,)))
+            dsk[dk] = Task(dk, _done, TaskRef(m))
+            done_keys[m] = dk
+        dsk[k] = Task(k, _after, TaskRef(done_keys[m]), t)
+        gated += 1
+    return gated
+
+
+def compute_once(*objs, markers: list | None = None, lookahead: int | None = None):
     """Compute ``objs`` (dask collections, or lists/tuples of them, or plain values) as ONE graph.
 
     Since dask 2025 ``dask.compute(a, b, c)`` optimises every collection on its own; array optimisation fuses and
@@ -233,6 +324,10 @@ def compute_once(*objs):
     (``dask.array.optimization.optimize`` over all output keys: blockwise fusion, culling, low-level fusion),
     so every shared task stays one task; one gather task finalises each collection. Runs on the active scheduler
     (threads, processes, or a dask.distributed client).
+
+    ``markers`` (keys of one output block each, in raster order, e.g. ``layer.data.__dask_keys__()`` flattened)
+    bounds how far the reads run ahead (:func:`bound_lookahead`, ``lookahead`` blocks; default
+    :data:`LOOKAHEAD_PER_WORKER` per worker thread, at least 4).
     """
     import dask
     from dask.array.optimization import optimize as array_optimize
@@ -256,7 +351,12 @@ def compute_once(*objs):
         return list(objs)
     merged = HighLevelGraph.merge(*[c.__dask_graph__() for c in colls])
     keys = [c.__dask_keys__() for c in colls]
-    dsk = inline_reader_opens(dict(array_optimize(merged, list(flatten(keys)))))
+    markers = list(markers or ())
+    dsk = inline_reader_opens(dict(array_optimize(merged, list(flatten(keys)) + markers)))
+    if markers:
+        if lookahead is None:
+            lookahead = max(2, LOOKAHEAD_PER_WORKER * _n_workers())
+        GATED.append(bound_lookahead(dsk, markers, lookahead))
     name = "cloudfree-compute-once-" + tokenize(*colls)
     for i, (c, k) in enumerate(zip(colls, keys)):
         post, args = c.__dask_postcompute__()
@@ -290,15 +390,19 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
 
     if geobox is None:
         geobox = ds.reflectance.odc.geobox
-    writes, files = [], {}
+    writes, files, markers = [], {}, []
     for name, (layer, resampling, scales) in encoded_layers(ds, geobox).items():
+        if not markers:  # the first layer's blocks in raster order: how far the reads may run ahead
+            from dask.core import flatten
+
+            markers = list(flatten(layer.data.__dask_keys__()))
         dst = Path(folder) / names[name].name
         writes.append(cog_write(layer, dst, blocksize=blocksize, compress=compress, overview_resampling=resampling,
                                 scales=scales, offsets=[0.0] * len(scales) if scales else None))
         files[name] = dst
     # progress(desc): e.g. the CLI's progress bar, a context manager the compute runs in; None = none
     with progress(desc or "compute+write") if progress is not None else contextlib.nullcontext():
-        _, *extras = compute_once(writes, *extra_compute)
+        _, *extras = compute_once(writes, *extra_compute, markers=markers)
     from rio_cogeo.cogeo import cog_validate
 
     for dst in files.values():

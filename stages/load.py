@@ -230,8 +230,10 @@ def _to_reflectance(so: np.ndarray, *dn: np.ndarray, nodata: tuple) -> np.ndarra
     return out
 
 
-def load_layer(items: Sequence[pystac.Item], asset: str, geobox: GeoBox, chunk: int = 512) -> xr.DataArray | None:
-    """Lazily load a class/probability layer ``(time, y, x)`` as float32 (NaN nodata), nearest resampling.
+def load_layer(items: Sequence[pystac.Item], asset: str, geobox: GeoBox, chunk: int = 512,
+               dtype: str = "float32") -> xr.DataArray | None:
+    """Lazily load a class/probability layer ``(time, y, x)`` as float32 (NaN nodata), nearest resampling
+    (``dtype="uint8"``: the file's values with its nodata, e.g. SCL class 0, at a quarter of the memory).
 
     Returns None when no item carries the asset (the mask stage then needs another method). When every item's
     layer lies on a grid ``k`` times coarser than ``geobox`` and aligned with it (:func:`native_zoom`: SCL at
@@ -246,7 +248,7 @@ def load_layer(items: Sequence[pystac.Item], asset: str, geobox: GeoBox, chunk: 
     k = native_zoom(items, asset, geobox, chunk)
     gb = geobox.zoom_out(k) if k > 1 else geobox
     ds = odc.stac.load(items, bands=[asset], geobox=gb, chunks={"x": chunk // k, "y": chunk // k},
-                       resampling=CATEGORICAL.get(asset, "nearest"), dtype="float32", groupby="id",
+                       resampling=CATEGORICAL.get(asset, "nearest"), dtype=dtype, groupby="id",
                        preserve_original_order=True)
     da = ds[asset]
     if k > 1:

@@ -10,6 +10,7 @@ binary decision). Methods are combined with OR (mask) and max (probability).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from functools import partial
 
 import dask.array as dsa
@@ -156,6 +157,64 @@ def build_masks_by_method(items, geobox, cfg: MaskConfig, chunk: int = 512):
             parts.append(extra(items, geobox, cfg, chunk))
     mask, prob = combine(parts)
     return mask, prob, {m: part[0] for m, part in zip(cfg.methods, parts)}
+
+
+# -- masks computed inside the consumer task -------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerMask:
+    """A mask method that is a kernel of one class/probability layer plus morphology (``scl``, ``cldprb``): the
+    task that needs the mask of a block can compute it itself from a window of the layer ``halo`` pixels wider
+    than the block (what ``map_overlap`` would give the kernel), so no per-block mask, probability or overlap
+    piece waits in memory for its consumer (``pipeline.composite``: the composite's memory stays flat)."""
+
+    method: str
+    asset: str
+    halo: int
+    #: odc-stac read dtype: uint8 for SCL (class 0 is its nodata, as NaN was), float32 (NaN nodata) for CLDPRB.
+    dtype: str
+    params: tuple
+
+    def __call__(self, window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``window`` ``(..., y, x)`` of the layer -> ``(mask bool, prob float32)`` over the same window (exact
+        ``halo`` pixels inside its edges, unless the edge is the grid's)."""
+        kw = dict(self.params)
+        if self.method == "scl":
+            mask = _per_plane(window, func=scl_kernel, dtype=bool, kw=kw)
+            return mask, scl_prob_kernel(window)
+        mask = _per_plane(window, func=cldprb_kernel, dtype=bool, kw=kw)
+        return mask, np.clip(window / np.float32(100.0), 0, 1).astype(np.float32)
+
+
+def layer_masks(items, cfg: MaskConfig) -> list[LayerMask] | None:
+    """``cfg.methods`` as :class:`LayerMask` (same kernels, halos and combination as :func:`build_masks`), or None
+    when a method is not a per-layer kernel (``spectral``, ``s2cloudless``) or an item lacks the layer: the caller
+    then uses :func:`build_masks`."""
+    out = []
+    for method in cfg.methods:
+        if method == "scl":
+            if not all("SCL" in it.assets for it in items):
+                return None
+            out.append(LayerMask("scl", "SCL", cfg.dilation + 1, "uint8",
+                                 (("classes", list(cfg.scl_classes)), ("dilation", cfg.dilation))))
+        elif method == "cldprb":
+            key = next((k for k in CLDPRB_ASSETS if all(k in it.assets for it in items)), None)
+            if key is None:
+                return None
+            out.append(LayerMask("cldprb", key, cfg.closing_radius + cfg.opening_radius + cfg.dilation + 1, "float32",
+                                 (("threshold", cfg.cldprb_threshold), ("closing", cfg.closing_radius),
+                                  ("opening", cfg.opening_radius), ("dilation", cfg.dilation))))
+        else:
+            return None
+    return out or None
+
+
+def combine_windows(results: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """OR of the masks, fmax of the probabilities, in method order (as :func:`combine`)."""
+    m, p = results[0]
+    for m2, p2 in results[1:]:
+        m = m | m2
+        p = np.fmax(p, p2)
+    return m, p
 
 
 #: Other mask methods (scl, spectral, s2cloudless) register here: name -> f(items, geobox, cfg, chunk).

@@ -106,6 +106,38 @@ def test_sorting_network_median_equals_numpy():
             assert v == sorted(v), (nt, bits)
 
 
+@pytest.mark.parametrize("methods,method", [(["scl"], "median"), (["cldprb"], "best-pixel"),
+                                            (["cldprb", "scl"], "median")])
+def test_fused_composite_equals_mask_stage_plus_kernel(demo_catalog, methods, method):
+    """The composite computes its masks inside each block's task from halo windows of the mask layers
+    (pipeline.composite.fused_composite); the values are those of the mask stage (map_overlap) + the kernel, on
+    the demo catalog's 4 acquisitions (real pixels, SIMULATED clouds, SCL and CLDPRB) on a 64 px chunk grid, so
+    many blocks have neighbours and the morphology crosses block edges."""
+    import dask
+    import dask.array as dsa
+
+    from catalogs.local import LocalCatalog
+    from pipeline.composite import fused_composite
+    from pipeline.config import GridConfig, MaskConfig
+    from stages.load import load_reflectance, output_geobox
+    from stages.masks import build_masks, layer_masks
+
+    items = LocalCatalog(demo_catalog)._load()[:4]
+    mcfg = MaskConfig(methods=methods, dilation=3)
+    gb = output_geobox(items[0], GridConfig(resolution=20, bands=["B02", "B03", "B04", "B08"]))
+    stack = load_reflectance(items, ["B02", "B03", "B04", "B08"], gb, 64)
+    specs = layer_masks(items, mcfg)
+    assert [s.method for s in specs] == methods
+    fused = fused_composite(stack, items, gb, 64, method, specs)
+    mask, prob = build_masks(items, gb, mcfg, 64)
+    plain = dsa.blockwise(composite_kernel, "cyx", stack.data, "tbyx", mask.data, "tyx", prob.data.astype(np.float32),
+                          "tyx", method, None, new_axes={"c": 6}, concatenate=True, dtype=np.float32)
+    a, b = dask.compute(fused, plain)
+    assert 0.01 < float(mask.mean()) < 0.9  # clouds to mask, clear pixels to composite
+    np.testing.assert_array_equal(a, b)
+    assert len(np.unique(a[5])) >= 3  # several sources: the dates differ
+
+
 def _clone(item: pystac.Item, new_id: str, when: str, **props) -> pystac.Item:
     d = copy.deepcopy(item.to_dict(transform_hrefs=False))  # to_dict shares the properties dict
     d["id"] = new_id

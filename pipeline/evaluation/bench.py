@@ -135,7 +135,11 @@ def _io_floor(items, geobox, out: Path, cfg) -> None:
 
     dn = dsa.map_blocks(first_valid, stack.data.rechunk({0: -1}), scl.data[:, None].rechunk({0: -1}), drop_axis=0,
                         dtype=np.uint16)
-    compute_once(cog_write(layer_array(dn, geobox, BANDS, 0), out / "io-floor.tif"))
+    from dask.core import flatten
+
+    # the same bounded look-ahead as every cloudfree write (stages.cog.bound_lookahead)
+    compute_once(cog_write(layer_array(dn, geobox, BANDS, 0), out / "io-floor.tif"),
+                 markers=list(flatten(dn.__dask_keys__())))
 
 
 #: modules the jobs import on first use, imported before the clock starts (for every job alike: odc-stac's own
