@@ -327,7 +327,7 @@ def compute_once(*objs, markers: list | None = None, lookahead: int | None = Non
 
     ``markers`` (keys of one output block each, in raster order, e.g. ``layer.data.__dask_keys__()`` flattened)
     bounds how far the reads run ahead (:func:`bound_lookahead`, ``lookahead`` blocks; default
-    :data:`LOOKAHEAD_PER_WORKER` per worker thread, at least 4).
+    :data:`LOOKAHEAD_PER_WORKER` per worker thread, at least 2).
     """
     import dask
     from dask.array.optimization import optimize as array_optimize

@@ -222,7 +222,9 @@ def _nodata_value(nodata) -> float | None:
 
 def _to_reflectance(so: np.ndarray, *dn: np.ndarray, nodata: tuple) -> np.ndarray:
     """One (date, block): ``so`` ``(1, band, 2)`` scale/offset, ``dn`` one ``(1, y, x)`` float32 block per band
-    as odc-stac read it -> ``(1, band, y, x)`` float32 reflectance, NaN where the band's nodata value is."""
+    as odc-stac read it -> ``(1, band, y, x)`` float32 reflectance, NaN where the band's nodata value is (odc-stac
+    fills pixels outside an item's footprint, and the file's own nodata, with that value (S2: DN 0) also when it
+    converts to float32: they are masked before scaling)."""
     out = np.empty((dn[0].shape[0], len(dn)) + dn[0].shape[1:], np.float32)
     for i, (b, nd) in enumerate(zip(dn, nodata)):
         v = b * so[:, i, 0, None, None] + so[:, i, 1, None, None]

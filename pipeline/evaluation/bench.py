@@ -256,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning("%s", runs[-1])
     result = {"machine": {"python": platform.python_version(), "cpus": _cpus(), "platform": platform.platform()},
               "data": str(args.data), "gdal_cachemax_mb": args.gdal_cachemax, "dates": N_DATES, "bands": BANDS,
+              "malloc_arenas": _config(100.0, Path(".")).run.malloc_arenas,
               "total_seconds": round(time.perf_counter() - t_all, 1), "runs": runs, "ratios": ratios(runs)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(result, indent=1))
@@ -295,8 +296,9 @@ def ratios(runs: list[dict]) -> dict:
 def to_markdown(result: dict) -> str:
     """The runs and the ratios as Markdown tables."""
     m = result["machine"]
-    lines = [f"Machine: {m['cpus']} CPUs (shared with other jobs), Python {m['python']}, {m['platform']}; GDAL cache "
-             f"{result.get('gdal_cachemax_mb')} MB per run; dask threads; tiles, chunks and COG blocks 512 px; "
+    lines = [f"Machine: {m['cpus']} CPUs, Python {m['python']}, {m['platform']}; GDAL cache "
+             f"{result.get('gdal_cachemax_mb')} MB per run; dask threads; glibc malloc arenas "
+             f"{result.get('malloc_arenas', 'default')}; tiles, chunks and COG blocks 512 px; "
              f"{result.get('dates')} dates x {len(result.get('bands', []))} bands; whole bench "
              f"{result.get('total_seconds')} s.", "",
              "| job | area | workers | grid | shape | Mpx | seconds | RSS after imports (MB) | peak RSS (MB) |",
