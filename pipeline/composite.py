@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -337,7 +338,7 @@ def run_composite(cfg: Config, region: str | Path, period: str, *, force: bool =
     import uuid
 
     from catalogs.base import open_catalog
-    from pipeline.runner import dask_context
+    from pipeline.runner import concurrent_units, dask_context, map_units
     from stages.search import load_aoi
 
     catalog = open_catalog(cfg.catalog)
@@ -351,44 +352,53 @@ def run_composite(cfg: Config, region: str | Path, period: str, *, force: bool =
 
         bbox = shape(geom).bounds
     run_id = uuid.uuid4().hex[:12]
-    results = []
-    with dask_context(cfg):
-        for tile, items in plans.items():
-            key = f"{tile}/{period}"
-            sig = signature(items)
-            prev = state["tiles"].get(key)
-            if (not force and prev and prev["inputs"] == sig and prev["method"] == cfg.composite.method
-                    and (out_dir / prev["item"]).exists()):
-                log.info("composite %s: inputs unchanged (%d acquisitions), skipped", key, len(items))
-                results.append(CompositeResult(tile, period, "skipped", list(sig), out_dir / prev["item"]))
-                continue
-            if prev:
-                new = sorted(set(sig) - set(prev["inputs"]))
-                changed = sorted(k for k in sig if k in prev["inputs"] and prev["inputs"][k] != sig[k])
-                log.info("composite %s: new %s, updated %s: re-processing", key, new, changed)
-            t0 = time.perf_counter()
-            try:
-                if cfg.composite.method == "model":
-                    path = _model_composite(items, tile, period, cfg, out_dir, run_id)
-                else:
-                    path = _pixel_composite(items, tile, period, cfg, bbox, out_dir, run_id)
-            except Exception as exc:  # noqa: BLE001 - one failing tile never stops the batch (KeyboardInterrupt does)
-                from pipeline.redact import redact
-                from pipeline.runner import exception_chain
+    todo, results = [], {}
+    for tile, items in plans.items():
+        key = f"{tile}/{period}"
+        sig = signature(items)
+        prev = state["tiles"].get(key)
+        if (not force and prev and prev["inputs"] == sig and prev["method"] == cfg.composite.method
+                and (out_dir / prev["item"]).exists()):
+            log.info("composite %s: inputs unchanged (%d acquisitions), skipped", key, len(items))
+            results[tile] = CompositeResult(tile, period, "skipped", list(sig), out_dir / prev["item"])
+            continue
+        if prev:
+            new = sorted(set(sig) - set(prev["inputs"]))
+            changed = sorted(k for k in sig if k in prev["inputs"] and prev["inputs"][k] != sig[k])
+            log.info("composite %s: new %s, updated %s: re-processing", key, new, changed)
+        todo.append((tile, items))
+    state_lock = threading.Lock()
 
-                msg = str(exc) if isinstance(exc, CloudfreeError) else (
-                    f"composite {key}: {exception_chain(exc)}; inputs {list(sig)}: check their files (truncated or "
-                    "corrupt download, network; the log names the file), fetch them again or drop the item, and rerun")
-                msg = redact(msg)
-                log.error("composite %s failed: %s", key, msg)
-                log.debug("composite %s: traceback", key, exc_info=True)
-                results.append(CompositeResult(tile, period, "failed", list(sig), error=msg,
-                                               seconds=time.perf_counter() - t0))
-                continue
+    def one(unit) -> CompositeResult:
+        tile, items = unit
+        key, sig = f"{tile}/{period}", signature(items)
+        t0 = time.perf_counter()
+        try:
+            if cfg.composite.method == "model":
+                path = _model_composite(items, tile, period, cfg, out_dir, run_id)
+            else:
+                path = _pixel_composite(items, tile, period, cfg, bbox, out_dir, run_id)
+        except Exception as exc:  # noqa: BLE001 - one failing tile never stops the batch (KeyboardInterrupt does)
+            from pipeline.redact import redact
+            from pipeline.runner import exception_chain
+
+            msg = str(exc) if isinstance(exc, CloudfreeError) else (
+                f"composite {key}: {exception_chain(exc)}; inputs {list(sig)}: check their files (truncated or "
+                "corrupt download, network; the log names the file), fetch them again or drop the item, and rerun")
+            msg = redact(msg)
+            log.error("composite %s failed: %s", key, msg)
+            log.debug("composite %s: traceback", key, exc_info=True)
+            return CompositeResult(tile, period, "failed", list(sig), error=msg, seconds=time.perf_counter() - t0)
+        with state_lock:  # tiles may finish concurrently (run.concurrent_targets)
             state["tiles"][key] = {
                 "inputs": sig, "method": cfg.composite.method, "item": path.relative_to(out_dir).as_posix(),
                 "run_id": run_id, "finished": datetime.now(timezone.utc).isoformat(),
             }
             save_state(state, state_path)  # after every tile: an interrupted run keeps what it finished
-            results.append(CompositeResult(tile, period, "done", list(sig), path, seconds=time.perf_counter() - t0))
+        return CompositeResult(tile, period, "done", list(sig), path, seconds=time.perf_counter() - t0)
+
+    with dask_context(cfg):
+        for res in map_units(one, todo, concurrent_units(cfg)):
+            results[res.tile] = res
+    results = [results[tile] for tile in plans]
     return results

@@ -252,6 +252,11 @@ class RunConfig(_Section):
     #: Kubernetes); None = start a LocalCluster of ``workers`` processes for the run.
     address: str | None = None
     progress: bool = True
+    #: targets (``cloudfree run``) or MGRS tiles (``cloudfree composite``) computed at the same time by one runner,
+    #: each as its own graph. Needs ``scheduler: distributed`` (the cluster runs the graphs side by side: a big
+    #: cluster is kept busy by several units at once); with a local scheduler the units would only compete for
+    #: the same threads, so 1 is used there (with a warning).
+    concurrent_targets: int = Field(1, ge=1)
     #: glibc malloc arenas of this process (threads/synchronous schedulers; ``mallopt(M_ARENA_MAX)``). Worker
     #: threads free numpy blocks that other threads allocated; with glibc's default (8 arenas per core) the freed
     #: memory stays in per-thread arenas and peak RSS grew with the area (16x/1x 1.4-1.5 on the bench composite,

@@ -84,6 +84,29 @@ def dask_context(cfg: Config):
             yield
 
 
+def concurrent_units(cfg: Config) -> int:
+    """How many targets / tiles one runner computes at the same time (``run.concurrent_targets``; 1 unless the
+    scheduler is distributed)."""
+    n = cfg.run.concurrent_targets
+    if n > 1 and cfg.run.scheduler != "distributed":
+        log.warning("run.concurrent_targets %d needs run.scheduler: distributed (with %r the targets would compete "
+                    "for the same threads); computing one at a time", n, cfg.run.scheduler)
+        return 1
+    return n
+
+
+def map_units(func, units: list, n: int) -> list:
+    """``[func(u) for u in units]``, with up to ``n`` calls in flight (threads: each call submits its own graph to
+    the cluster and waits for it); results in the order of ``units``. ``func`` must not raise for one unit's
+    failure (the runner records it), so one failing unit never cancels the others."""
+    if n <= 1 or len(units) <= 1:
+        return [func(u) for u in units]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(n, len(units)), thread_name_prefix="cloudfree-unit") as ex:
+        return list(ex.map(func, units))
+
+
 def limit_malloc_arenas(n: int) -> bool:
     """Cap glibc's malloc arenas of this process at ``n`` (see ``run.malloc_arenas``); True when set. No-op on other
     C libraries, with ``n == 0`` or when ``MALLOC_ARENA_MAX`` is set (the environment wins)."""
@@ -133,26 +156,27 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
                 log.warning("target %s has no reference; model %s needs one: its cloudy pixels stay unfilled",
                             p.target.id, model.name)
     run_id = uuid.uuid4().hex[:12]
-    results = []
     out_dir = Path(cfg.output.dir)
-    with dask_context(cfg):
-        for plan in plans:
-            refs = [c.item.id for c in plan.references]
-            if dry_run:
-                results.append(TargetResult(plan.target.id, "dry-run", refs))
-                continue
-            t0 = time.perf_counter()
-            try:  # one failing target never stops the batch: it is recorded and the next one runs
-                res = _run_target(plan, model, cfg, run_id, out_dir, catalog=catalog)
-            except Exception as exc:  # noqa: BLE001 - fault isolation per target; KeyboardInterrupt still stops
-                from pipeline.redact import redact
 
-                msg = redact(failure_message(plan, exc))
-                log.error("%s failed: %s", plan.target.id, msg)
-                log.debug("%s: traceback", plan.target.id, exc_info=True)
-                res = TargetResult(plan.target.id, "failed", refs, error=msg)
-            res.seconds = time.perf_counter() - t0
-            results.append(res)
+    def one(plan: TargetPlan) -> TargetResult:
+        refs = [c.item.id for c in plan.references]
+        if dry_run:
+            return TargetResult(plan.target.id, "dry-run", refs)
+        t0 = time.perf_counter()
+        try:  # one failing target never stops the batch: it is recorded and the next one runs
+            res = _run_target(plan, model, cfg, run_id, out_dir, catalog=catalog)
+        except Exception as exc:  # noqa: BLE001 - fault isolation per target; KeyboardInterrupt still stops
+            from pipeline.redact import redact
+
+            msg = redact(failure_message(plan, exc))
+            log.error("%s failed: %s", plan.target.id, msg)
+            log.debug("%s: traceback", plan.target.id, exc_info=True)
+            res = TargetResult(plan.target.id, "failed", refs, error=msg)
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    with dask_context(cfg):
+        results = map_units(one, plans, concurrent_units(cfg))
     if cfg.output.report and not dry_run:
         from pipeline.report import write_report
 

@@ -246,8 +246,8 @@ def _n_workers() -> int:
 LOOKAHEAD_PER_WORKER = 1
 
 
-def _done(_block) -> None:
-    """A block's completion marker (holds nothing: the block itself is released as usual)."""
+def _done(*_written) -> None:
+    """A block's completion marker (holds nothing: what it waited for is released as usual)."""
     return None
 
 
@@ -256,39 +256,49 @@ def _after(_gate, value):
     return value
 
 
-def bound_lookahead(dsk: dict, markers: list, slack: int) -> int:
-    """Gate the graph's source tasks (reads) so that none starts more than ``slack`` output blocks ahead.
+def bound_lookahead(dsk: dict, markers: list[list], slack: int) -> int:
+    """Gate the graph's source tasks (reads) so that none starts more than ``slack`` output blocks ahead of the
+    written ones.
 
-    ``markers``: one key per output block in raster order (e.g. the encoded blocks of the first COG layer), all in
-    ``dsk``. For every task, ``lo`` = the first marker (raster position) that depends on it. A source task (one
-    whose dependencies are only data nodes: odc-stac's reads, after :func:`inline_reader_opens`) with
-    ``lo >= slack`` is made to wait for marker ``lo - slack`` to finish. Without this, dask's ordering and the
-    threaded scheduler read blocks rows ahead of their consumers whenever a worker is idle (1 GB of held inputs and
-    tile predictions in the 16x phyvlm-cr scene); with it, the inputs in memory are those of the blocks in flight
-    plus what halos need from the next row (a line buffer: a model that needs its neighbours' pixels cannot
-    finish a row before reading the next one, so memory grows with the width of the output, not its area).
+    ``markers``: per output block in raster order, the keys of its encoded blocks (one per COG layer), all in
+    ``dsk``. For every task, ``lo`` = the first block (raster position) whose markers depend on it. A block is
+    *written* when the level-0 tile compressions of all its layers (the markers' ``_compress_cog_tile``
+    dependents; the markers themselves if there are none) are done: one ``done`` task per block depends on
+    them. A source task (one whose dependencies are only data nodes: odc-stac's reads, after
+    :func:`inline_reader_opens`) with ``lo >= slack`` waits for ``done(lo - slack)``.
 
-    Never deadlocks: a gated source feeds only markers ``>= lo`` and waits for ``lo - slack < lo``, so by
-    induction over raster positions every marker's inputs can run. Returns the number of gated tasks.
+    Without this, dask's ordering and the threaded scheduler read blocks rows ahead of their consumers whenever a
+    worker is idle (1 GB of held inputs and tile predictions in the 16x phyvlm-cr scene), or, with one worker,
+    keep computing blocks while their compressions wait (200 MB of finished composite blocks). With it, the
+    inputs in memory are those of the blocks in flight plus what halos need from the next row: a model that needs
+    its neighbours' pixels cannot finish a row before reading the next one, so that part (a line buffer) grows
+    with the width of the output, not its area.
+
+    Never deadlocks: a gated source feeds only blocks ``>= lo`` and waits for ``done(lo - slack)``, which depends
+    only on sources with ``lo' <= lo - slack < lo``; by induction over raster positions every block can finish.
+    Returns the number of gated tasks.
     """
     from dask._task_spec import DataNode, Task, TaskRef
+    from odc.geo.cog._tifffile import _compress_cog_tile
 
-    pos = {k: i for i, k in enumerate(markers)}
-    # reverse topological order: dependents before dependencies
+    pos = {k: i for i, keys in enumerate(markers) for k in keys}
     deps = {k: t.dependencies for k, t in dsk.items()}
+    users: dict = {}
     indeg = {k: 0 for k in dsk}
     for k, ds in deps.items():
         for d in ds:
             if d in indeg:
                 indeg[d] += 1
+                if d in pos:
+                    users.setdefault(d, []).append(k)
+    # reverse topological order (dependents before dependencies): lo = min raster position of the markers above
     stack = [k for k, n in indeg.items() if n == 0]
     lo: dict = {}
     while stack:
         k = stack.pop()
-        here = pos.get(k)
         mine = lo.get(k)
-        if here is not None:
-            mine = here if mine is None else min(mine, here)
+        if k in pos:
+            mine = pos[k] if mine is None else min(mine, pos[k])
             lo[k] = mine
         for d in deps[k]:
             if d not in indeg:
@@ -298,24 +308,31 @@ def bound_lookahead(dsk: dict, markers: list, slack: int) -> int:
             indeg[d] -= 1
             if indeg[d] == 0:
                 stack.append(d)
-    done_keys = {}
+    done_keys: dict = {}
+
+    def done(p: int):
+        if p not in done_keys:
+            written = []
+            for m in markers[p]:
+                comp = [u for u in users.get(m, ()) if getattr(dsk[u], "func", None) is _compress_cog_tile]
+                written.extend(comp or [m])
+            dk = ("cloudfree-written", p)
+            dsk[dk] = Task(dk, _done, *(TaskRef(w) for w in written))
+            done_keys[p] = dk
+        return done_keys[p]
+
     gated = 0
     for k, t in list(dsk.items()):
         if not isinstance(t, Task) or k in pos or lo.get(k) is None or lo[k] < slack:
             continue
         if any(not isinstance(dsk.get(d), DataNode) for d in t.dependencies):
             continue
-        m = markers[lo[k] - slack]
-        if m not in done_keys:
-            dk = ("cloudfree-done", *(m if isinstance(m, tuple) else (m,)))
-            dsk[dk] = Task(dk, _done, TaskRef(m))
-            done_keys[m] = dk
-        dsk[k] = Task(k, _after, TaskRef(done_keys[m]), t)
+        dsk[k] = Task(k, _after, TaskRef(done(lo[k] - slack)), t)
         gated += 1
     return gated
 
 
-def compute_once(*objs, markers: list | None = None, lookahead: int | None = None):
+def compute_once(*objs, markers: list[list] | None = None, lookahead: int | None = None):
     """Compute ``objs`` (dask collections, or lists/tuples of them, or plain values) as ONE graph.
 
     Since dask 2025 ``dask.compute(a, b, c)`` optimises every collection on its own; array optimisation fuses and
@@ -325,8 +342,8 @@ def compute_once(*objs, markers: list | None = None, lookahead: int | None = Non
     so every shared task stays one task; one gather task finalises each collection. Runs on the active scheduler
     (threads, processes, or a dask.distributed client).
 
-    ``markers`` (keys of one output block each, in raster order, e.g. ``layer.data.__dask_keys__()`` flattened)
-    bounds how far the reads run ahead (:func:`bound_lookahead`, ``lookahead`` blocks; default
+    ``markers`` (per output block in raster order, the keys of its encoded blocks, one per COG layer) bounds how
+    far the reads run ahead of the written blocks (:func:`bound_lookahead`, ``lookahead`` blocks; default
     :data:`LOOKAHEAD_PER_WORKER` per worker thread, at least 2).
     """
     import dask
@@ -351,8 +368,8 @@ def compute_once(*objs, markers: list | None = None, lookahead: int | None = Non
         return list(objs)
     merged = HighLevelGraph.merge(*[c.__dask_graph__() for c in colls])
     keys = [c.__dask_keys__() for c in colls]
-    markers = list(markers or ())
-    dsk = inline_reader_opens(dict(array_optimize(merged, list(flatten(keys)) + markers)))
+    markers = [list(m) for m in markers or ()]
+    dsk = inline_reader_opens(dict(array_optimize(merged, list(flatten(keys)) + [k for m in markers for k in m])))
     if markers:
         if lookahead is None:
             lookahead = max(2, LOOKAHEAD_PER_WORKER * _n_workers())
@@ -390,19 +407,18 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
 
     if geobox is None:
         geobox = ds.reflectance.odc.geobox
-    writes, files, markers = [], {}, []
-    for name, (layer, resampling, scales) in encoded_layers(ds, geobox).items():
-        if not markers:  # the first layer's blocks in raster order: how far the reads may run ahead
-            from dask.core import flatten
+    from dask.core import flatten
 
-            markers = list(flatten(layer.data.__dask_keys__()))
+    writes, files, blocks = [], {}, []
+    for name, (layer, resampling, scales) in encoded_layers(ds, geobox).items():
+        blocks.append(list(flatten(layer.data.__dask_keys__())))  # raster order: how far the reads may run ahead
         dst = Path(folder) / names[name].name
         writes.append(cog_write(layer, dst, blocksize=blocksize, compress=compress, overview_resampling=resampling,
                                 scales=scales, offsets=[0.0] * len(scales) if scales else None))
         files[name] = dst
     # progress(desc): e.g. the CLI's progress bar, a context manager the compute runs in; None = none
     with progress(desc or "compute+write") if progress is not None else contextlib.nullcontext():
-        _, *extras = compute_once(writes, *extra_compute, markers=markers)
+        _, *extras = compute_once(writes, *extra_compute, markers=[list(m) for m in zip(*blocks)])
     from rio_cogeo.cogeo import cog_validate
 
     for dst in files.values():

@@ -229,8 +229,8 @@ def test_bounded_lookahead_gates_reads_and_never_deadlocks(slack):
             i = y * nx + x
             near = [(yy * nx + xx) for yy in range(max(0, y - 1), min(ny, y + 2)) for xx in range(max(0, x - 1), min(nx, x + 2))]
             dsk[("m", i)] = Task(("m", i), block, i, *(TaskRef(("r", j)) for j in near))
-            markers.append(("m", i))
-    dsk["out"] = Task("out", lambda *v: list(v), *(TaskRef(m) for m in markers))
+            markers.append([("m", i)])
+    dsk["out"] = Task("out", lambda *v: list(v), *(TaskRef(m) for (m,) in markers))
     def first_block(i):  # the first block (raster order) whose halo needs read i
         return max(0, i // nx - 1) * nx + max(0, i % nx - 1)
 

@@ -139,7 +139,7 @@ def _io_floor(items, geobox, out: Path, cfg) -> None:
 
     # the same bounded look-ahead as every cloudfree write (stages.cog.bound_lookahead)
     compute_once(cog_write(layer_array(dn, geobox, BANDS, 0), out / "io-floor.tif"),
-                 markers=list(flatten(dn.__dask_keys__())))
+                 markers=[[k] for k in flatten(dn.__dask_keys__())])
 
 
 #: modules the jobs import on first use, imported before the clock starts (for every job alike: odc-stac's own
