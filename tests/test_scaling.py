@@ -248,3 +248,19 @@ def test_bounded_lookahead_gates_reads_and_never_deadlocks(slack):
         lo = first_block(i)
         if lo >= slack:
             assert lo - slack in done, (i, lo, sorted(done))
+
+
+def test_bench_reports_the_median_of_repeated_runs_and_the_issue_ratios():
+    from pipeline.evaluation.bench import median_run, ratios, to_markdown
+
+    reps = [{"job": "composite", "factor": 1, "workers": 2, "seconds": s, "peak_rss_mb": m, "resolution_m": 100.0,
+             "shape": [10, 10], "megapixels": 0.0, "rss_after_imports_mb": 1.0} for s, m in [(3.0, 50), (1.0, 70), (2.0, 60)]]
+    row = median_run(reps)
+    assert (row["seconds"], row["peak_rss_mb"]) == (2.0, 60) and len(row["repeats"]) == 3
+    runs = [row, {**reps[0], "job": "odc-median", "seconds": 4.0, "peak_rss_mb": 100.0},
+            {**reps[0], "factor": 16, "seconds": 8.0, "peak_rss_mb": 66.0}]
+    r = ratios(runs)
+    assert r["per_size"][0]["composite_over_odc_median"] == 0.5
+    assert r["rss_16x_over_1x"]["composite w2"] == 1.1
+    md = to_markdown({"machine": {"cpus": 2, "python": "3", "platform": "x"}, "runs": runs, "ratios": r})
+    assert "| composite | 1x | 2 |" in md and "0.5" in md

@@ -25,7 +25,8 @@ Jobs (``--jobs``):
 * ``scene:<model>``: ``cloudfree scene`` (:func:`pipeline.runner.process_target`): target + 2 references (dated
   copies), SCL masks, co-registration, scene context, tiles with the model's halo, blending, COGs, STAC item.
 
-Seconds are the job's wall time after the Python imports (:func:`warm_imports`, done before the clock starts for
+Each measurement at 1x and 4x is run 3 times (``--repeat``) and the median is reported (a run of a few seconds
+varies 10-20 % between identical runs); 16x once. Seconds are the job's wall time after the Python imports (:func:`warm_imports`, done before the clock starts for
 every job); building the model and everything else the job does are inside.
 """
 
@@ -227,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="every job at every worker count (default: the extra scene models only at the largest)")
     ap.add_argument("--gdal-cachemax", type=int, default=64,
                     help="GDAL block cache (MB) of each run; GDAL's default, 5%% of RAM, grows with the area")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs per measurement at areas up to --repeat-max-factor (the median is reported: runs of a "
+                         "few seconds vary by 10-20%% between identical runs)")
+    ap.add_argument("--repeat-max-factor", type=int, default=4)
     ap.add_argument("--one", nargs=3, metavar=("JOB", "FACTOR", "WORKERS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -245,14 +250,21 @@ def main(argv: list[str] | None = None) -> int:
                 if w != max(workers) and job not in ALL_WORKER_JOBS and not args.all_workers:
                     continue
                 env = {**os.environ, "GDAL_CACHEMAX": str(args.gdal_cachemax)}
-                proc = subprocess.run([sys.executable, "-m", "pipeline.evaluation.bench", "--data", str(args.data),
-                                       "--one", job, str(f), str(w)], capture_output=True, text=True, check=False,
-                                      env=env)
-                if proc.returncode:
-                    log.error("bench %s x%d w%d failed:\n%s", job, f, w, proc.stderr[-3000:])
-                    runs.append({"job": job, "factor": f, "workers": w, "error": proc.stderr[-500:]})
+                n = args.repeat if f <= args.repeat_max_factor else 1
+                reps, failed = [], None
+                for _ in range(n):
+                    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluation.bench", "--data",
+                                           str(args.data), "--one", job, str(f), str(w)], capture_output=True,
+                                          text=True, check=False, env=env)
+                    if proc.returncode:
+                        failed = proc.stderr
+                        break
+                    reps.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                if failed is not None:
+                    log.error("bench %s x%d w%d failed:\n%s", job, f, w, failed[-3000:])
+                    runs.append({"job": job, "factor": f, "workers": w, "error": failed[-500:]})
                     continue
-                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                runs.append(median_run(reps))
                 log.warning("%s", runs[-1])
     result = {"machine": {"python": platform.python_version(), "cpus": _cpus(), "platform": platform.platform()},
               "data": str(args.data), "gdal_cachemax_mb": args.gdal_cachemax, "dates": N_DATES, "bands": BANDS,
@@ -262,6 +274,19 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "bench.json").write_text(json.dumps(result, indent=1))
     (args.out / "bench.md").write_text(to_markdown(result))
     return 0
+
+
+def median_run(reps: list[dict]) -> dict:
+    """One row from repeated runs of a measurement: the median seconds and the median peak RSS (each run's own
+    values kept under ``repeats``)."""
+    import statistics
+
+    out = dict(reps[0])
+    if len(reps) > 1:
+        out["seconds"] = round(statistics.median(r["seconds"] for r in reps), 2)
+        out["peak_rss_mb"] = round(statistics.median(r["peak_rss_mb"] for r in reps), 1)
+        out["repeats"] = [{"seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]} for r in reps]
+    return out
 
 
 def _get(runs, job, f, w):
@@ -301,7 +326,8 @@ def to_markdown(result: dict) -> str:
              f"{result.get('malloc_arenas', 'default')}; tiles, chunks and COG blocks 512 px; "
              f"{result.get('dates')} dates x {len(result.get('bands', []))} bands; whole bench "
              f"{result.get('total_seconds')} s.", "",
-             "| job | area | workers | grid | shape | Mpx | seconds | RSS after imports (MB) | peak RSS (MB) |",
+             "| job | area | workers | grid | shape | Mpx | seconds (median of runs) | RSS after imports (MB) | "
+             "peak RSS (MB, median) |",
              "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for r in result["runs"]:
         if "seconds" not in r:
