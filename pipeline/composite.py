@@ -117,8 +117,8 @@ def fused_composite(stack, items, geobox, chunk: int, method: str, specs) -> "da
 
     refl = stack.data
     nt, nb = refl.shape[:2]
-    if len(refl.chunks[1]) != 1:
-        refl = refl.rechunk({1: -1})
+    if len(refl.chunks[1]) != 1 or any(c != 1 for c in refl.chunks[0]):  # one block per (date, y, x): its key below
+        refl = refl.rechunk({0: 1, 1: -1})
     layers = [load_layer(items, s.asset, geobox, chunk, dtype=s.dtype).data for s in specs]
     halo = max(s.halo for s in specs)
     tiles = plan_tiles(geobox.shape, chunk, halo)
