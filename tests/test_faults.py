@@ -247,14 +247,17 @@ def test_expired_sas_token_is_refreshed_with_retry():
     from catalogs.planetary_computer import SasTokenCache
 
     href = "https://sentinel2l2a01.blob.core.windows.net/sentinel2-l2/x/B04.tif"
-    with FaultServer(token_ttl=2.0) as srv:
+    # the server writes msft:expiry to the second (truncated): a token lives 3-4 s, so with a 2 s margin it is
+    # certainly still cached right after, and certainly due for refresh 2.2 s later (a 2 s token with a 1 s margin
+    # could be due at once when issued late in a second: flaky on a loaded machine)
+    with FaultServer(token_ttl=4.0) as srv:
         srv.faults["/sas/token/"] = [500]  # the first token request fails once and is retried
         cache = SasTokenCache(f"{srv.url}/sas/token", timeout=2.0, max_retries=2, backoff_factor=0.01,
-                              refresh_margin=1.0, subscription_key="")
+                              refresh_margin=2.0, subscription_key="")
         first = cache.sign_href(href)
         assert "sig=TOKEN1" in first and cache.fetches == 1 and srv.count("/sas/token/sentinel2l2a01/sentinel2-l2") == 2
         assert cache.sign_href(href) == first and cache.fetches == 1  # still valid: cached
-        time.sleep(1.2)  # now within refresh_margin of its expiry
+        time.sleep(2.2)  # now within refresh_margin of its expiry
         again = cache.sign_href(first)  # an href already carrying the expiring token is re-signed
         assert "sig=TOKEN2" in again and "TOKEN1" not in again and cache.fetches == 2
 
