@@ -124,6 +124,7 @@ def test_compose_file_starts_a_scheduler_two_workers_and_the_job(monkeypatch):
         monkeypatch.setenv(k, v)
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     assert cfg.run.scheduler == "distributed" and cfg.run.address == "tcp://scheduler:8786"
+    assert cfg.run.concurrent_targets == 2
 
 
 def test_map_units_runs_units_side_by_side_and_keeps_their_order():
