@@ -251,21 +251,47 @@ def reference_offsets(plan: TargetPlan, refs) -> tuple[float, ...]:
 
 
 def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=None) -> TargetResult:
-    from stages.load import load_reflectance_checked, output_geobox
-    from stages.masks import NODATA_BIT, build_masks_by_method, mask_provenance
-    from stages.mosaic import confidence_fallback
-    from stages.plausibility import check_reflectance
-    from stages.publish import update_collection
-    from stages.remove import SceneInputs, remove_clouds
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stages.load import output_geobox
     from stages.search import load_aoi
-    from stages.tile import plan_tiles
-    from stages.write import paths_for
 
     target = plan.target
     refs = [c.item for c in model_references(plan, model.spec.max_references, cfg)]
     items = [target, *refs]
     bands = list(dict.fromkeys([*cfg.grid.bands, *model.spec.bands]))
     geobox = output_geobox(target, cfg.grid, load_aoi(cfg.search.aoi)[0])
+    # the model's scene context (a coarse load of the scene + fit_scene) does not depend on anything below: it is
+    # computed in a second thread while this one probes the assets and estimates the co-registration (both are
+    # small, partly single-threaded computes: on two cores the pair took 2 s of the 16x bench scene one after
+    # the other)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudfree-context")
+    context_future = (pool.submit(scene_context, model, items, bands, geobox, cfg, plan)
+                      if model.spec.scene_context else None)
+    pool.shutdown(wait=False)
+    try:
+        return _process_target(plan, model, cfg, run_id, catalog, target, refs, items, bands, geobox,
+                               context_future)
+    finally:
+        if context_future is not None and not context_future.done():
+            context_future.cancel()
+            try:
+                context_future.result()  # never leave it running after this target (e.g. it failed early)
+            except Exception:  # noqa: BLE001 - the target's own error is the one reported
+                pass
+
+
+def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs, items, bands, geobox,
+                    context_future) -> TargetResult:
+    from stages.load import load_reflectance_checked
+    from stages.masks import NODATA_BIT, build_masks_by_method, mask_provenance
+    from stages.mosaic import confidence_fallback
+    from stages.plausibility import check_reflectance
+    from stages.publish import update_collection
+    from stages.remove import SceneInputs, remove_clouds
+    from stages.tile import plan_tiles
+    from stages.write import paths_for
+
     stack, failed, read_failures = load_reflectance_checked(items, bands, geobox, cfg.grid.chunk, name=target.id)
     # wrong scale/offset or band order: fails the target (InputDataError naming item, band, fix) or warns
     plausibility = check_reflectance(target, refs, bands, skip={(f.item_id, f.band) for f in read_failures})
@@ -297,7 +323,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
     )
     halo = cfg.tile.halo if cfg.tile.halo is not None else model.spec.halo
     tiles = plan_tiles(geobox.shape, cfg.tile.size, halo)
-    context = scene_context(model, items, bands, geobox, cfg, plan) if model.spec.scene_context else {}
+    context = context_future.result() if context_future is not None else {}
     tile_timings: list = []
     ds = remove_clouds(inputs, model, tiles, halo, context, blend=cfg.tile.blend, timings=tile_timings)
     ds = confidence_fallback(ds, inputs, cfg.output.confidence_floor, cfg.output.low_confidence)
