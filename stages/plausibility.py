@@ -85,7 +85,14 @@ def check_reflectance(target: pystac.Item, references: Sequence[pystac.Item], ba
     raise :class:`InputDataError` on a clear error. ``skip``: ``(item id, band)`` pairs whose read failed."""
     skip = set(skip)
     warnings: list[str] = []
-    grids = {(it.id, b): _read_sample(it, b) for it in [target, *references] for b in bands if (it.id, b) not in skip}
+    keys = [(it, b) for it in [target, *references] for b in bands if (it.id, b) not in skip]
+    # one small overview read per asset; GDAL releases the GIL while it reads, so the reads overlap (remote assets
+    # wait on the network, local ones on decompression): 12 reads took 0.2 s one after the other
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(keys)))) as ex:
+        got = list(ex.map(lambda k: _read_sample(*k), keys))
+    grids = {(it.id, b): g for (it, b), g in zip(keys, got)}
     samples = {k: (None if g is None else g[0][np.isfinite(g[0])].astype(np.float64)) for k, g in grids.items()}
     for (iid, b), v in samples.items():
         med = _median(v)
