@@ -142,7 +142,7 @@ def fused_composite(stack, items, geobox, chunk: int, method: str, specs) -> "da
 
 def _composite_block(method, specs, layouts, core, nt, *pieces) -> np.ndarray:
     """One output block: the dates' reflectance blocks, then each mask layer's window pieces."""
-    from stages.masks import combine_windows
+    from stages.masks import combine
     from stages.remove import _assemble
 
     stack = np.concatenate(pieces[:nt], axis=0)
@@ -153,7 +153,7 @@ def _composite_block(method, specs, layouts, core, nt, *pieces) -> np.ndarray:
         m, p = spec(_assemble(lay, *pieces[k:k + n]))
         results.append((m[..., ys, xs], p[..., ys, xs]))
         k += n
-    mask, prob = combine_windows(results)
+    mask, prob = combine(results)
     return composite_kernel(stack, mask, prob, method)
 
 

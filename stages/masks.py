@@ -102,7 +102,7 @@ def cldprb_mask(prob_percent: xr.DataArray, cfg: MaskConfig) -> tuple[xr.DataArr
 
 
 def combine(masks: list[tuple[xr.DataArray, xr.DataArray]]) -> tuple[xr.DataArray, xr.DataArray]:
-    """OR of binary masks, max of probabilities."""
+    """OR of binary masks, max of probabilities (lazy DataArrays, or numpy arrays inside a task)."""
     if not masks:
         raise ValueError("combine() needs at least one (mask, probability) pair")
     m, p = masks[0]
@@ -195,7 +195,7 @@ def layer_masks(items, cfg: MaskConfig) -> list[LayerMask] | None:
             if not all("SCL" in it.assets for it in items):
                 return None
             out.append(LayerMask("scl", "SCL", cfg.dilation + 1, "uint8",
-                                 (("classes", list(cfg.scl_classes)), ("dilation", cfg.dilation))))
+                                 (("classes", tuple(cfg.scl_classes)), ("dilation", cfg.dilation))))
         elif method == "cldprb":
             key = next((k for k in CLDPRB_ASSETS if all(k in it.assets for it in items)), None)
             if key is None:
@@ -206,15 +206,6 @@ def layer_masks(items, cfg: MaskConfig) -> list[LayerMask] | None:
         else:
             return None
     return out or None
-
-
-def combine_windows(results: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """OR of the masks, fmax of the probabilities, in method order (as :func:`combine`)."""
-    m, p = results[0]
-    for m2, p2 in results[1:]:
-        m = m | m2
-        p = np.fmax(p, p2)
-    return m, p
 
 
 #: Other mask methods (scl, spectral, s2cloudless) register here: name -> f(items, geobox, cfg, chunk).
