@@ -93,3 +93,20 @@ class RemovalModelBase(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"
+
+
+def keep_target_and_mark_nodata(out, source, conf, target, keep, valid) -> None:
+    """In place: pixels in ``keep`` take the target's own values (``SOURCE_TARGET``, confidence 1; pass
+    ``keep=None`` to keep none), pixels outside ``valid`` become nodata (NaN, ``SOURCE_NODATA``, confidence 0).
+    The last step of every model that restores only the cloudy pixels of a tile."""
+    import numpy as np
+
+    from pipeline.contract import SOURCE_NODATA, SOURCE_TARGET
+
+    if keep is not None:
+        np.copyto(out, target, where=keep[None])
+        source[keep] = SOURCE_TARGET
+        conf[keep] = 1.0
+    np.copyto(out, np.float32(np.nan), where=~valid[None])
+    source[~valid] = SOURCE_NODATA
+    conf[~valid] = 0.0

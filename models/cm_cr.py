@@ -65,9 +65,9 @@ from models._generative import (
     scene_seed,
     tile_scene_key,
 )
-from models.base import ModelParams, ModelSpec, RemovalModelBase
+from models.base import ModelParams, ModelSpec, RemovalModelBase, keep_target_and_mark_nodata
 from models.registry import register
-from pipeline.contract import SOURCE_MODEL, SOURCE_NODATA, SOURCE_TARGET, TileInputs, TileResult
+from pipeline.contract import SOURCE_MODEL, TileInputs, TileResult
 from pipeline.errors import ConfigError, ContractError
 
 log = logging.getLogger(__name__)
@@ -416,13 +416,7 @@ class CMCR(LazyNetworks, RemovalModelBase):
             out[other] = extend_bands(restored, tile.target[other], clear)
         source = np.full(tile.shape, SOURCE_MODEL, np.uint8)
         conf = np.full(tile.shape, p.model_confidence, np.float32)
-        if p.keep_clear_target:
-            np.copyto(out, tile.target, where=clear[None])
-            source[clear] = SOURCE_TARGET
-            conf[clear] = 1.0
-        np.copyto(out, np.float32(np.nan), where=~valid[None])
-        source[~valid] = SOURCE_NODATA
-        conf[~valid] = 0.0
+        keep_target_and_mark_nodata(out, source, conf, tile.target, clear if p.keep_clear_target else None, valid)
         diag = {"sar_used": np.full(tile.shape, float(sar_used), np.float32)}
         return TileResult(out, conf, source, diag).validate(tile, self.name)
 

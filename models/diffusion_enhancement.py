@@ -72,9 +72,9 @@ from models._generative import (
     scene_seed,
     tile_scene_key,
 )
-from models.base import ModelParams, ModelSpec, RemovalModelBase
+from models.base import ModelParams, ModelSpec, RemovalModelBase, keep_target_and_mark_nodata
 from models.registry import build_model, register
-from pipeline.contract import SOURCE_MODEL, SOURCE_NODATA, SOURCE_TARGET, TileInputs, TileResult
+from pipeline.contract import SOURCE_MODEL, TileInputs, TileResult
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -352,14 +352,8 @@ class DiffusionEnhancement(LazyNetworks, RemovalModelBase):
         out[gi] = np.maximum(sample, 0.0)
         source = np.full(tile.shape, SOURCE_MODEL, np.uint8)
         conf = np.array(ref.confidence, np.float32, copy=True)
-        if p.keep_clear_target:
-            keep = ~tile.cloud_mask & valid
-            np.copyto(out, tile.target, where=keep[None])
-            source[keep] = SOURCE_TARGET
-            conf[keep] = 1.0
-        np.copyto(out, np.float32(np.nan), where=~valid[None])
-        source[~valid] = SOURCE_NODATA
-        conf[~valid] = 0.0
+        keep = ~tile.cloud_mask & valid if p.keep_clear_target else None
+        keep_target_and_mark_nodata(out, source, conf, tile.target, keep, valid)
         diag = {"x0_E": np.asarray(ref.reflectance[gi], np.float32),
                 "W_mean": np.full(tile.shape, wmean, np.float32)}
         return TileResult(out, conf, source, diag).validate(tile, self.name)

@@ -131,15 +131,13 @@ from models._filters import (
     robust_percentile,
     upsample_bilinear,
 )
-from models.base import ModelParams, ModelSpec, RemovalModelBase
+from models.base import ModelParams, ModelSpec, RemovalModelBase, keep_target_and_mark_nodata
 from models.priors import Prior, build_prior
 from models.registry import register
 from pipeline.contract import (
     SOURCE_FUSED,
     SOURCE_MODEL,
-    SOURCE_NODATA,
     SOURCE_REFERENCE_BASE,
-    SOURCE_TARGET,
     TileInputs,
     TileResult,
 )
@@ -561,14 +559,8 @@ class PhyVLMCR(RemovalModelBase):
         source[(k.omega >= p.omega_model) | ~has_ref] = SOURCE_MODEL
         to_ref = has_ref & (k.omega <= p.omega_reference)
         source[to_ref] = (SOURCE_REFERENCE_BASE + k.reference_index[to_ref]).astype(np.uint8)
-        if p.keep_clear_target:
-            keep = ~tile.cloud_mask & valid & (k.omega >= p.omega_model)
-            np.copyto(out, tile.target, where=keep[None])
-            source[keep] = SOURCE_TARGET
-            conf[keep] = 1.0
-        np.copyto(out, np.float32(np.nan), where=~valid[None])
-        source[~valid] = SOURCE_NODATA
-        conf[~valid] = 0.0
+        keep = ~tile.cloud_mask & valid & (k.omega >= p.omega_model) if p.keep_clear_target else None
+        keep_target_and_mark_nodata(out, source, conf, tile.target, keep, valid)
         diag = {
             "A": np.broadcast_to(k.a[:, None, None], tile.target.shape).astype(np.float32),
             "t": k.t,
