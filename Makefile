@@ -56,8 +56,8 @@ test: install ## run the offline test suite (installs the local STAC API server 
 	$(BIN)/python -m pytest -q
 
 bench: install demo-catalog ## benchmarks, JSON under bench/
-	$(BIN)/python -m pipeline.evaluation.bench --out bench
-	$(BIN)/python -m pipeline.evaluation.bench_models --out bench
+	$(BIN)/python -m cloudfree.pipeline.evaluation.bench --out bench
+	$(BIN)/python -m cloudfree.pipeline.evaluation.bench_models --out bench
 
 clean: ## remove outputs and caches (keeps .venv and data/)
 	rm -rf outputs .pytest_cache .hypothesis bench/*.json

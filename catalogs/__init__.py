@@ -1,5 +1,5 @@
-"""STAC catalog backends behind one interface (:class:`catalogs.base.Catalog`)."""
+"""STAC catalog backends behind one interface (:class:`cloudfree.catalogs.base.Catalog`)."""
 
-from catalogs.base import Catalog, SearchQuery, open_catalog
+from cloudfree.catalogs.base import Catalog, SearchQuery, open_catalog
 
 __all__ = ["Catalog", "SearchQuery", "open_catalog"]

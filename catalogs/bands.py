@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pystac
 
-from pipeline.errors import CatalogError
+from cloudfree.pipeline.errors import CatalogError
 
 #: Sentinel-2 band -> STAC ``eo:bands`` common name (Earth Search v1 / stactools asset keys).
 S2_COMMON_NAMES: dict[str, str] = {

@@ -13,7 +13,7 @@ from typing import Any, Iterable, Protocol, runtime_checkable
 
 import pystac
 
-from pipeline.errors import CatalogError, ConfigError
+from cloudfree.pipeline.errors import CatalogError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class SearchQuery:
     max_items: int | None = None
     #: sort keys, ``"-eo:cloud_cover"`` for descending (STAC sort extension); ignored by backends without it.
     sortby: tuple[str, ...] = ()
-    #: False: a search that matches nothing raises :class:`~pipeline.errors.NoItemsFoundError`; True: returns [].
+    #: False: a search that matches nothing raises :class:`~cloudfree.pipeline.errors.NoItemsFoundError`; True: returns [].
     allow_empty: bool = False
 
     def describe(self) -> str:
@@ -126,7 +126,7 @@ def matches(item: pystac.Item, q: SearchQuery) -> bool:
     if q.intersects is not None and item.geometry is not None:
         from shapely.geometry import shape
 
-        from catalogs.stac_api import split_antimeridian_geometry
+        from cloudfree.catalogs.stac_api import split_antimeridian_geometry
 
         # a polygon whose longitudes span > 180 degrees crosses the antimeridian (as in the STAC API backend)
         if not any(shape(g).intersects(shape(item.geometry)) for g in split_antimeridian_geometry(q.intersects)):
@@ -161,7 +161,7 @@ def dedupe(items: Iterable[pystac.Item]) -> list[pystac.Item]:
 
 def open_catalog(cfg) -> Catalog:
     """Build the backend the ``catalog`` config section asks for."""
-    from catalogs.local import LocalCatalog
+    from cloudfree.catalogs.local import LocalCatalog
 
     if cfg.kind == "local":
         return LocalCatalog(cfg.url)
@@ -179,10 +179,10 @@ def _api_backends() -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for kind, target in {
-        "stac-api": "catalogs.stac_api:StacApiCatalog",
-        "planetary-computer": "catalogs.planetary_computer:PlanetaryComputerCatalog",
-        "earth-search": "catalogs.earth_search:EarthSearchCatalog",
-        "sentinel-hub": "catalogs.sentinel_hub:SentinelHubCatalog",
+        "stac-api": "cloudfree.catalogs.stac_api:StacApiCatalog",
+        "planetary-computer": "cloudfree.catalogs.planetary_computer:PlanetaryComputerCatalog",
+        "earth-search": "cloudfree.catalogs.earth_search:EarthSearchCatalog",
+        "sentinel-hub": "cloudfree.catalogs.sentinel_hub:SentinelHubCatalog",
     }.items():
         mod, _, attr = target.partition(":")
         try:

@@ -5,7 +5,7 @@ Asset keys differ from Planetary Computer and from the pipeline's band names:
 ===============  =============================  ====================================================
 pipeline band    Earth Search v1 asset          notes
 ===============  =============================  ====================================================
-B01 .. B12       coastal, blue, green, red,     common names (:data:`catalogs.bands.S2_COMMON_NAMES`);
+B01 .. B12       coastal, blue, green, red,     common names (:data:`cloudfree.catalogs.bands.S2_COMMON_NAMES`);
                  rededge1-3, nir, nir08, nir09,  ``red-jp2`` etc. are the same data as JPEG2000 in
                  swir16, swir22                 ``sentinel-2-l2a`` (ignored here)
 SCL              scl
@@ -18,7 +18,7 @@ the loader selects bands by name whatever the catalog.
 
 Harmonisation: ``sentinel-2-l2a`` items carry ``earthsearch:boa_offset_applied`` and ``raster:bands`` offsets
 that are known to be wrong for some 2022-2025 items (Element84/earth-search#66, #71); ``sentinel-2-c1-l2a``
-(Collection 1) is the consistent one. :mod:`catalogs.harmonise` decides per item and says why.
+(Collection 1) is the consistent one. :mod:`cloudfree.catalogs.harmonise` decides per item and says why.
 
 ``sentinel-1-grd`` assets are in a requester-pays S3 bucket: reading them needs AWS credentials and
 ``AWS_REQUEST_PAYER=requester`` in the loader's ``rasterio.Env``; nothing is signed here.
@@ -31,8 +31,8 @@ from typing import Any
 
 import pystac
 
-from catalogs.bands import AUX_KEYS, S2_REFLECTANCE_BANDS, asset_key
-from catalogs.stac_api import StacApiCatalog
+from cloudfree.catalogs.bands import AUX_KEYS, S2_REFLECTANCE_BANDS, asset_key
+from cloudfree.catalogs.stac_api import StacApiCatalog
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ whether they removed it from the COGs already, so the decision is made per item 
    Search has published items whose ``raster:bands`` / flag disagree with the pixels (Element84/earth-search#71).
 3. the baseline is < 04.00 -> offset 0.
 4. no baseline and no flag: the assets' ``raster:bands`` offset/scale are used if present; otherwise
-   :class:`~pipeline.errors.HarmonisationError` (never a silent guess from the date, since Collection-1
+   :class:`~cloudfree.pipeline.errors.HarmonisationError` (never a silent guess from the date, since Collection-1
    reprocessing moved old acquisitions to PB 05.xx).
 
 The scale is the asset's ``raster:bands`` scale where given, else 1e-4. The result, :class:`Harmonisation`, is
@@ -31,8 +31,8 @@ from typing import Any, Mapping
 import numpy as np
 import pystac
 
-from catalogs.bands import S2_REFLECTANCE_BANDS, band_assets
-from pipeline.errors import HarmonisationError
+from cloudfree.catalogs.bands import S2_REFLECTANCE_BANDS, band_assets
+from cloudfree.pipeline.errors import HarmonisationError
 
 log = logging.getLogger(__name__)
 

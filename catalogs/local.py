@@ -1,7 +1,7 @@
 """Local catalogs: a static STAC catalog on disk (walked with pystac) or a stac-geoparquet file.
 
 pystac-client refuses to ``search`` a static catalog (it does not conform to ITEM_SEARCH), so the query is
-evaluated client-side by :func:`catalogs.base.matches`.
+evaluated client-side by :func:`cloudfree.catalogs.base.matches`.
 
 stac-geoparquet (0.8 API): a ``.parquet`` / ``.geoparquet`` file is read with ``pyarrow.parquet.read_table`` and
 turned back into item dicts by ``stac_geoparquet.arrow.stac_table_to_items``; :func:`write_geoparquet` writes
@@ -16,8 +16,8 @@ from typing import Iterable
 
 import pystac
 
-from catalogs.base import SearchQuery, dedupe, matches
-from pipeline.errors import CatalogError, NoItemsFoundError
+from cloudfree.catalogs.base import SearchQuery, dedupe, matches
+from cloudfree.pipeline.errors import CatalogError, NoItemsFoundError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Microsoft Planetary Computer: ``sentinel-2-l2a``, ``sentinel-1-rtc``, ``sentinel-1-grd``, with lazy signing.
 
-Search is the generic :class:`~catalogs.stac_api.StacApiCatalog`; items come back UNSIGNED. Asset hrefs on Azure
+Search is the generic :class:`~cloudfree.catalogs.stac_api.StacApiCatalog`; items come back UNSIGNED. Asset hrefs on Azure
 blob storage need a SAS token, fetched per (storage account, container) only when an item or asset is actually
 signed (:meth:`PlanetaryComputerCatalog.sign`, :meth:`PlanetaryComputerCatalog.sign_href`), i.e. by the loader,
 not by the search.
@@ -8,7 +8,7 @@ not by the search.
 Why not ``planetary_computer.sign`` directly: its token request has no timeout and 10 retries, which without
 network blocks ~443 s. :class:`SasTokenCache` does the same request with a per-attempt timeout, a few retries
 with backoff + jitter, and an overall deadline (the request runs in a worker thread), so offline it fails fast
-with :class:`~pipeline.errors.CatalogError`. Tokens are refreshed ``refresh_margin`` seconds before they
+with :class:`~cloudfree.pipeline.errors.CatalogError`. Tokens are refreshed ``refresh_margin`` seconds before they
 expire (PC tokens live ~45-60 min); the expiry is the earlier of ``msft:expiry`` and the token's own ``se=``.
 Fetched tokens are also put into ``planetary_computer.sas.TOKEN_CACHE``, so code that later calls
 ``planetary_computer.sign`` (odc-stac ``patch_url``) reuses them without a second request. The subscription key
@@ -28,8 +28,8 @@ from urllib.parse import parse_qs, urlparse
 import pystac
 import requests
 
-from catalogs.stac_api import StacApiCatalog, make_retry
-from pipeline.errors import CatalogError
+from cloudfree.catalogs.stac_api import StacApiCatalog, make_retry
+from cloudfree.pipeline.errors import CatalogError
 
 log = logging.getLogger(__name__)
 

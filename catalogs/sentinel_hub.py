@@ -1,6 +1,6 @@
 """Sentinel Hub: Catalog API search (pystac Items out) and Process API requests for cloud layers.
 
-* Search: ``sentinelhub.SentinelHubCatalog.search`` with the :class:`~catalogs.base.SearchQuery` turned into a
+* Search: ``sentinelhub.SentinelHubCatalog.search`` with the :class:`~cloudfree.catalogs.base.SearchQuery` turned into a
   bbox / time interval and a CQL2-text filter (the Catalog API 1.0 dropped ``query``); results become
   ``pystac.Item`` with our collection id.
 * Cloud layers: :func:`cloud_layers_request` builds a ``SentinelHubRequest`` whose evalscript returns, as UINT8
@@ -9,7 +9,7 @@
   ``MSK_CLDPRB`` asset, which is why this backend exists for the ``cldprb`` mask method.
 * Credentials: ``SHConfig`` reads ``SH_CLIENT_ID`` / ``SH_CLIENT_SECRET`` from the environment (precedence) or
   the sentinelhub ``config.toml`` profile; they are never logged or put in messages. Without them a search fails
-  at once with :class:`~pipeline.errors.CatalogError` instead of retrying.
+  at once with :class:`~cloudfree.pipeline.errors.CatalogError` instead of retrying.
 
 Building a request needs no network; downloading it does (``request.get_data()``).
 """
@@ -21,8 +21,8 @@ from typing import Any, Sequence
 
 import pystac
 
-from catalogs.base import SearchQuery, dedupe, parse_interval
-from pipeline.errors import CatalogError, NoItemsFoundError
+from cloudfree.catalogs.base import SearchQuery, dedupe, parse_interval
+from cloudfree.pipeline.errors import CatalogError, NoItemsFoundError
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def cloud_layers_request(
 
 
 class SentinelHubCatalog:
-    """Sentinel Hub Catalog API behind the :class:`~catalogs.base.Catalog` interface."""
+    """Sentinel Hub Catalog API behind the :class:`~cloudfree.catalogs.base.Catalog` interface."""
 
     name = "sentinel-hub"
 
@@ -208,7 +208,7 @@ class SentinelHubCatalog:
                 except (BaseSentinelHubException, OAuth2Error, OSError, ValueError, RuntimeError) as exc:
                     # (requests' errors are OSErrors) the message is redacted: an exception text can echo a request
                     # body
-                    from pipeline.redact import redact
+                    from cloudfree.pipeline.redact import redact
 
                     raise CatalogError(redact(
                         f"Sentinel Hub catalog search for {cid} failed with {query.describe()}: "

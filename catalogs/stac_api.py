@@ -8,7 +8,7 @@
 * Antimeridian: a bbox with ``minx > maxx`` (e.g. ``[170, -20, -170, -10]``) or a polygon whose longitudes span
   more than 180 degrees is split into an east and a west part, searched separately and merged.
 * Mixed CRS: items keep their own ``proj:epsg``; nothing here reprojects.
-* No results: :class:`~pipeline.errors.NoItemsFoundError` naming the API URL, the collections and the query
+* No results: :class:`~cloudfree.pipeline.errors.NoItemsFoundError` naming the API URL, the collections and the query
   (unless ``SearchQuery.allow_empty``).
 """
 
@@ -21,8 +21,8 @@ import pystac
 import requests
 from urllib3.util.retry import Retry
 
-from catalogs.base import SearchQuery, dedupe
-from pipeline.errors import CatalogError, NoItemsFoundError
+from cloudfree.catalogs.base import SearchQuery, dedupe
+from cloudfree.pipeline.errors import CatalogError, NoItemsFoundError
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from models._filters import block_mean, box_mean, nanmedian_axis0, upsample_bilinear
-from pipeline.contract import TileInputs
-from pipeline.errors import ModelError
+from cloudfree.models._filters import block_mean, box_mean, nanmedian_axis0, upsample_bilinear
+from cloudfree.pipeline.contract import TileInputs
+from cloudfree.pipeline.errors import ModelError
 
 #: fewer common valid pixels than this and the fit falls back to identity (gain 1, offset 0).
 MIN_PIXELS = 64
@@ -158,7 +158,7 @@ def composite_reference(
     """Aligned reference composite.
 
     Each reference ``i`` is mapped onto the target by a per-band gain/offset fitted on ``fit_region`` & its own
-    valid pixels (:func:`models._align.fit_linear`). ``combine="first"``: each pixel takes the best-ranked
+    valid pixels (:func:`cloudfree.models._align.fit_linear`). ``combine="first"``: each pixel takes the best-ranked
     reference valid there; ``"median"``: the per-band median of all aligned references valid there (``index``
     is then the best-ranked valid one).
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the two generative removal models (:mod:`models.diffusion_enhancement`, :mod:`models.cm_cr`).
+"""Shared pieces of the two generative removal models (:mod:`cloudfree.models.diffusion_enhancement`, :mod:`cloudfree.models.cm_cr`).
 
 * :class:`UNet`: a small time-conditioned convolutional UNet (the "guided diffusion" family both papers build on),
   made *local* on purpose: normalisation is per pixel over channels (:class:`ChannelNorm`) instead of GroupNorm,
@@ -208,10 +208,10 @@ def pad_to_multiple(x: torch.Tensor, k: int) -> tuple[torch.Tensor, tuple[int, i
 # ----------------------------------------------------------------------------------------------------- bands
 def extend_bands(restored: np.ndarray, target: np.ndarray, clear: np.ndarray) -> np.ndarray:
     """Predict extra bands ``(k, y, x)`` from the restored trained bands ``(4, y, x)`` with the learned models'
-    per-tile spectral extension (:func:`models._learned.fit_band_extension`: least squares ``target_b ~ [restored,
+    per-tile spectral extension (:func:`cloudfree.models._learned.fit_band_extension`: least squares ``target_b ~ [restored,
     1]`` on the tile's clear pixels, where the restored bands equal the observed ones). With too few clear pixels
     each band is the median of its clear observed values (of all finite ones when none is clear): a constant."""
-    from models._learned import fit_band_extension
+    from cloudfree.models._learned import fit_band_extension
 
     ok = clear & np.isfinite(target).all(axis=0) & np.isfinite(restored).all(axis=0)
     coef = fit_band_extension(restored, target, ok)
@@ -227,12 +227,12 @@ def extend_bands(restored: np.ndarray, target: np.ndarray, clear: np.ndarray) ->
 # ----------------------------------------------------------------------------------------------------- weights
 def load_network(model_name: str, path: str | Path, convention, build) -> nn.Module:
     """The network in weights file ``path``, built by ``build(network_config)``, loaded lazily once per process
-    (:func:`pipeline.training.weights.cached_network`), after checking the file's sha256 against its model card and
+    (:func:`cloudfree.pipeline.training.weights.cached_network`), after checking the file's sha256 against its model card and
     its recorded input convention against ``convention``."""
     import json
 
-    from pipeline.errors import WeightsError
-    from pipeline.training.weights import cached_network, card_paths, card_sha256, read_weights
+    from cloudfree.pipeline.errors import WeightsError
+    from cloudfree.pipeline.training.weights import cached_network, card_paths, card_sha256, read_weights
 
     p = Path(path)
     sha = card_sha256(p) if p.is_file() else None
@@ -271,6 +271,6 @@ class LazyNetworks:
         return self._nets
 
     def _device(self) -> torch.device:
-        from models._learned import pick_device
+        from cloudfree.models._learned import pick_device
 
         return pick_device(self.params.device, self.name)

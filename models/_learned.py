@@ -1,8 +1,8 @@
 """Shared parts of the learned removal models: the tile <-> tensor adapter, lazy hash-checked weights, batching,
 and network blocks several papers use (window attention, MBConv, residual dense block).
 
-:class:`LearnedModel` turns :class:`~pipeline.contract.TileInputs` into the training batch layout
-(:mod:`pipeline.training.api`), runs the network on CPU or CUDA (``device: auto``), several tiles at once in
+:class:`LearnedModel` turns :class:`~cloudfree.pipeline.contract.TileInputs` into the training batch layout
+(:mod:`cloudfree.pipeline.training.api`), runs the network on CPU or CUDA (``device: auto``), several tiles at once in
 ``predict_batch`` (grouped by shape), and maps the prediction back:
 
 * clear target pixels are returned unchanged (``SOURCE_TARGET``, confidence 1); cloudy ones take the network's
@@ -12,10 +12,10 @@ and network blocks several papers use (window attention, MBConv, residual dense 
 * bands the network was not trained on (e.g. B05..B12 of a 12-band scene) are predicted under cloud by a per-tile
   linear regression on the network's bands, fitted on the tile's clear pixels (``SPECTRAL EXTENSION``, not learned);
 * weights are read lazily, once per process, checked against the sha256 of their model card (or ``weights_sha256``)
-  and against the input convention (bands, level, scaling): a mismatch raises :class:`~pipeline.errors.WeightsError`;
+  and against the input convention (bands, level, scaling): a mismatch raises :class:`~cloudfree.pipeline.errors.WeightsError`;
 * SAR: ``tile.sar`` arrives in the convention the spec declares (``sar_units="db"``: sigma0 dB clipped to [-25, 0],
   one scene per optical date, target first) and is mapped to [0, 1]; a model configured with ``require_sar: true``
-  (or whose spec says ``needs_sar``) fails a tile without SAR with :class:`~pipeline.errors.ModelError`.
+  (or whose spec says ``needs_sar``) fails a tile without SAR with :class:`~cloudfree.pipeline.errors.ModelError`.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from models.base import ModelParams, RemovalModelBase
-from pipeline.contract import SOURCE_NODATA, SOURCE_MODEL, SOURCE_TARGET, TileInputs, TileResult
-from pipeline.errors import ConfigError, ContractError, ModelError
+from cloudfree.models.base import ModelParams, RemovalModelBase
+from cloudfree.pipeline.contract import SOURCE_NODATA, SOURCE_MODEL, SOURCE_TARGET, TileInputs, TileResult
+from cloudfree.pipeline.errors import ConfigError, ContractError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +106,13 @@ class LearnedModel(RemovalModelBase):
         return Path(self.params.weights) if self.params.weights else WEIGHTS_DIR / self.weights_file
 
     def expected_sha256(self) -> str | None:
-        from pipeline.training.weights import card_sha256
+        from cloudfree.pipeline.training.weights import card_sha256
 
         return self.params.weights_sha256 or card_sha256(self.weights_path)
 
     def network(self):
         """The network on this process's device, built once per process (weights hash- and convention-checked)."""
-        from pipeline.training.weights import cached_network, read_weights
+        from cloudfree.pipeline.training.weights import cached_network, read_weights
 
         path, sha = self.weights_path, self.expected_sha256()
         if sha is None:

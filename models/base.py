@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, Protocol, Sequence, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.contract import TileInputs, TileResult
+from cloudfree.pipeline.contract import TileInputs, TileResult
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def keep_target_and_mark_nodata(out, source, conf, target, keep, valid) -> None:
     The last step of every model that restores only the cloudy pixels of a tile."""
     import numpy as np
 
-    from pipeline.contract import SOURCE_NODATA, SOURCE_TARGET
+    from cloudfree.pipeline.contract import SOURCE_NODATA, SOURCE_TARGET
 
     if keep is not None:
         np.copyto(out, target, where=keep[None])

@@ -50,11 +50,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from models._learned import LearnedModel, build_blocks, clear_stats, log_days, per_date_stats
-from models.base import ModelSpec
-from models.registry import register
-from pipeline.training.api import Stage
-from pipeline.training.weights import InputConvention
+from cloudfree.models._learned import LearnedModel, build_blocks, clear_stats, log_days, per_date_stats
+from cloudfree.models.base import ModelSpec
+from cloudfree.models.registry import register
+from cloudfree.pipeline.training.api import Stage
+from cloudfree.pipeline.training.weights import InputConvention
 
 BANDS = ("B02", "B03", "B04", "B08")
 DEFAULTS = {"dim": 32, "blocks": 3, "heads": 2, "window": 8, "codebook": 64, "ltae_heads": 4,

@@ -32,11 +32,11 @@ filled from the consistency-model literature, choice by choice:
   ``σ_d``) down to ``resample_sigma_min`` (0.05): coarse structure is fixed by the first step, later steps
   re-noise only at levels that touch texture.
 
-Deviations: the networks are the small local UNets of :mod:`models._generative` (no attention, per-pixel channel
+Deviations: the networks are the small local UNets of :mod:`cloudfree.models._generative` (no attention, per-pixel channel
 normalisation; multipliers (1, 2, 2), base 16 in the shipped weights) where the paper's is ~80x a DDPM's parameters:
 they must train in minutes on a shared 2-core CPU and tile without seams. Other bands than the four trained ones are
 predicted from the restored bands by a per-band linear regression fitted on the tile's clear pixels
-(:func:`models._generative.extend_bands`). Noise is :func:`models._generative.coordinate_noise` of the scene seed
+(:func:`cloudfree.models._generative.extend_bands`). Noise is :func:`cloudfree.models._generative.coordinate_noise` of the scene seed
 and global pixel coordinates (tiles agree in their halos). Clear pixels keep the observation
 (``keep_clear_target``). Restored pixels get ``model_confidence`` (0.5: a generated surface, not an observation).
 """
@@ -53,7 +53,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from models._generative import (
+from cloudfree.models._generative import (
     LazyNetworks,
     GEN_BANDS,
     UNet,
@@ -65,10 +65,10 @@ from models._generative import (
     scene_seed,
     tile_scene_key,
 )
-from models.base import ModelParams, ModelSpec, RemovalModelBase, keep_target_and_mark_nodata
-from models.registry import register
-from pipeline.contract import SOURCE_MODEL, TileInputs, TileResult
-from pipeline.errors import ConfigError, ContractError
+from cloudfree.models.base import ModelParams, ModelSpec, RemovalModelBase, keep_target_and_mark_nodata
+from cloudfree.models.registry import register
+from cloudfree.pipeline.contract import SOURCE_MODEL, TileInputs, TileResult
+from cloudfree.pipeline.errors import ConfigError, ContractError
 
 log = logging.getLogger(__name__)
 
@@ -279,14 +279,14 @@ WEIGHTS_FILE = "cm_cr.safetensors"
 
 
 def convention():
-    from pipeline.training.weights import InputConvention
+    from cloudfree.pipeline.training.weights import InputConvention
 
     return InputConvention(bands=GEN_BANDS, level="L2A", sar_pols=SAR_POLS)
 
 
 def load_networks(path: str | Path | None = None) -> CMCRNetworks:
     """The shipped (or given) weights, hash- and convention-checked, loaded once per process."""
-    from models._generative import load_network
+    from cloudfree.models._generative import load_network
 
     p = Path(path) if path else WEIGHTS_DIR / WEIGHTS_FILE
     return load_network("cm-cr", p, convention(), lambda cfg: CMCRNetworks(**network_kwargs(cfg)))
@@ -454,7 +454,7 @@ class CMCRTrainable:
         return CMCRNetworks(**network_kwargs(cfg))
 
     def stages(self, total_steps: int, lr: float) -> list:
-        from pipeline.training.api import Stage
+        from cloudfree.pipeline.training.api import Stage
 
         n1 = int(round(self.fractions[0] * total_steps))
         return [Stage("teacher", n1, lr, params=lambda n: n.teacher.parameters()),

@@ -24,11 +24,11 @@ import numpy as np
 from pydantic import Field
 from scipy import ndimage
 
-from models._align import fill_target
-from models._filters import guided_filter
-from models.base import ModelParams, ModelSpec, RemovalModelBase
-from models.registry import register
-from pipeline.contract import SOURCE_MODEL, SOURCE_NODATA, SOURCE_TARGET, TileInputs, TileResult
+from cloudfree.models._align import fill_target
+from cloudfree.models._filters import guided_filter
+from cloudfree.models.base import ModelParams, ModelSpec, RemovalModelBase
+from cloudfree.models.registry import register
+from cloudfree.pipeline.contract import SOURCE_MODEL, SOURCE_NODATA, SOURCE_TARGET, TileInputs, TileResult
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ Deviations (each for a reason):
   the project can train on). Other bands of a tile are taken from ``x_0,E`` unchanged (the reference model's
   restoration), so DE enhances the 10 m bands and leaves the rest to the reference model.
 * **Network size**: the paper's CNP is an ADM UNet with 96 channels, multipliers (1,1,2,2,3), attention at 4 and 8;
-  WA 64 channels, (1,1,2). Here both are small local UNets (:class:`models._generative.UNet`, CNP base 24, WA base
+  WA 64 channels, (1,1,2). Here both are small local UNets (:class:`cloudfree.models._generative.UNet`, CNP base 24, WA base
   16, multipliers (1,2,2)), without attention and with per-pixel channel normalisation instead of GroupNorm: they
   must train in minutes on a shared 2-core CPU and tile seamlessly (global ops make a pixel depend on the tile).
 * **Conditioning**: the CNP also receives the mask stage's cloud mask as one extra channel (cheap, and it tells the
@@ -38,7 +38,7 @@ Deviations (each for a reason):
 * ``x_0,ε,t`` is clipped to the reflectance range [0, 1] (``[-1, 3]`` encoded) before fusion, as guided diffusion's
   ``clip_denoised`` does.
 * Clear pixels (mask stage says clear, finite) keep the observation (``keep_clear_target``), as PhyVLM-CR does.
-* **Noise** is :func:`models._generative.coordinate_noise` of the scene seed and global pixel coordinates
+* **Noise** is :func:`cloudfree.models._generative.coordinate_noise` of the scene seed and global pixel coordinates
   (``TileInputs.origin``), so the halos of neighbouring tiles see the same ``x_T`` and the same per-step noise.
 * **Halo**: the UNets' 48 px plus the reference model's own halo (``x_0,E`` feeds the networks; PhyVLM-CR's is
   123 px with default parameters, so a DE instance declares 171 px).
@@ -61,7 +61,7 @@ from pydantic import Field
 from torch import nn
 from torch.nn import functional as F
 
-from models._generative import (
+from cloudfree.models._generative import (
     LazyNetworks,
     GEN_BANDS,
     UNet,
@@ -72,10 +72,10 @@ from models._generative import (
     scene_seed,
     tile_scene_key,
 )
-from models.base import ModelParams, ModelSpec, RemovalModelBase, keep_target_and_mark_nodata
-from models.registry import build_model, register
-from pipeline.contract import SOURCE_MODEL, TileInputs, TileResult
-from pipeline.errors import ConfigError
+from cloudfree.models.base import ModelParams, ModelSpec, RemovalModelBase, keep_target_and_mark_nodata
+from cloudfree.models.registry import build_model, register
+from cloudfree.pipeline.contract import SOURCE_MODEL, TileInputs, TileResult
+from cloudfree.pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -210,14 +210,14 @@ WEIGHTS_FILE = "diffusion_enhancement.safetensors"
 
 
 def convention():
-    from pipeline.training.weights import InputConvention
+    from cloudfree.pipeline.training.weights import InputConvention
 
     return InputConvention(bands=GEN_BANDS, level="L2A")
 
 
 def load_networks(path: str | Path | None = None) -> DENetworks:
     """The shipped (or given) weights, hash- and convention-checked, loaded once per process."""
-    from models._generative import load_network
+    from cloudfree.models._generative import load_network
 
     p = Path(path) if path else WEIGHTS_DIR / WEIGHTS_FILE
     return load_network("diffusion-enhancement", p, convention(), lambda cfg: DENetworks(**network_kwargs(cfg)))
@@ -399,7 +399,7 @@ class DETrainable:
         return DENetworks(**network_kwargs(cfg))
 
     def stages(self, total_steps: int, lr: float) -> list:
-        from pipeline.training.api import Stage
+        from cloudfree.pipeline.training.api import Stage
 
         a, b, _ = self.fractions
         n1, n2 = int(round(a * total_steps)), int(round(b * total_steps))

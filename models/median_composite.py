@@ -21,11 +21,11 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
-from models._filters import median_of_valid
-from models.base import ModelParams, ModelSpec, RemovalModelBase
-from models.registry import register
-from pipeline.contract import SOURCE_NODATA, SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs, TileResult
-from pipeline.errors import ModelError
+from cloudfree.models._filters import median_of_valid
+from cloudfree.models.base import ModelParams, ModelSpec, RemovalModelBase
+from cloudfree.models.registry import register
+from cloudfree.pipeline.contract import SOURCE_NODATA, SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs, TileResult
+from cloudfree.pipeline.errors import ModelError
 
 
 def composite(

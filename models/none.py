@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.base import ModelSpec, RemovalModelBase
-from models.registry import register
-from pipeline.contract import SOURCE_NODATA, SOURCE_TARGET, TileInputs, TileResult
+from cloudfree.models.base import ModelSpec, RemovalModelBase
+from cloudfree.models.registry import register
+from cloudfree.pipeline.contract import SOURCE_NODATA, SOURCE_TARGET, TileInputs, TileResult
 
 
 @register

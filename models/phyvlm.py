@@ -2,8 +2,8 @@
 All-Cloud Removal"), equations 1-11, multispectral, pure numpy/scipy.
 
 Imaging model (eq. 1) ``I = J t + A (1 - t)``, prior ``J = J_VLM + E`` (eq. 2). The prior ``J_VLM`` is pluggable
-(:mod:`models.priors`): by default the *temporal* prior (per-pixel interpolation in time of the clear references
-at the target date, aligned to the target; :mod:`models.temporal`), else the aligned reference composite, any
+(:mod:`cloudfree.models.priors`): by default the *temporal* prior (per-pixel interpolation in time of the clear references
+at the target date, aligned to the target; :mod:`cloudfree.models.temporal`), else the aligned reference composite, any
 other registered model (``prior: model``, e.g. a learned one such as ``ca-mtcr``), or a local diffusers
 image-editing pipeline (the paper's Qwen-Image-Edit). The kernel :func:`phyvlm_kernel` is pure numpy (no I/O):
 
@@ -16,7 +16,7 @@ image-editing pipeline (the paper's Qwen-Image-Edit). The kernel :func:`phyvlm_k
   the mask stage's cloud with ``cloud_prob >= a_cloud_prob`` (0.6) when it holds at least 64 pixels, and
   ``Ω = region ∩ {p > κ}``, ``κ`` = 85th percentile of ``p`` *within the region*; otherwise (no or too little
   cloud) ``κ`` and ``Ω`` are taken over the whole image, exactly eq. 4. ``A`` = per-band median of ``I`` over ``Ω``.
-* **Base layers** ``I^B``, ``J_VLM^B``: guided filter (He et al.; :func:`models._filters.guided_filter`), each
+* **Base layers** ``I^B``, ``J_VLM^B``: guided filter (He et al.; :func:`cloudfree.models._filters.guided_filter`), each
   image guided by its own ``V``, radius ``base_radius``, ``base_eps``; chosen over a bilateral filter because it
   is O(1) per pixel in the radius and has no staircase artefacts.
 * **Transmission** (eq. 5) ``t = (I^B - A)^T (J^B - A) / (||J^B - A||^2 + ε)``, ε = 1e-6, the sum running over
@@ -35,11 +35,11 @@ image-editing pipeline (the paper's Qwen-Image-Edit). The kernel :func:`phyvlm_k
   default, which switches eq. 9's detail term off** (the paper does not give β). Reason: ``J_phy = (I - A)/t + A``
   already carries the target's high frequencies (amplified by ``1/t``); ``β t (I - lp(I))`` adds the hazy
   target's detail a second time. Measured (cloudy PSNR, temporal prior, all other defaults; /tmp script over
-  ``pipeline.evaluation``): β = 0.5 vs 0: simulated report seeds 35.37 vs 38.10 dB, Romania hidden 33.70 vs
+  ``cloudfree.pipeline.evaluation``): β = 0.5 vs 0: simulated report seeds 35.37 vs 38.10 dB, Romania hidden 33.70 vs
   34.81 dB, Romania real 22.80 vs 22.88 dB. Set ``beta`` > 0 to get the paper's full eq. 9.
 * **Reference** ``I_ref``: with the temporal prior, ``I_ref`` is the prior's own temporal estimate
   (``PriorResult.reference``, passed as ``aligned_reference``); with the other priors every reference is mapped
-  onto the target by :func:`models._align.fit_linear` on *high-visibility* pixels (refined ``t >= t_visible``,
+  onto the target by :func:`cloudfree.models._align.fit_linear` on *high-visibility* pixels (refined ``t >= t_visible``,
   no shadow term; reference clear), as the paper says, and combined by ``reference_combine``.
 * **Fusion** (eqs. 10-11) ``J = ω J_cog + (1 - ω) I_ref``, ``ω = exp(-γ (1 - t s))``, ``γ = 4``, with ``s`` the
   refined shadow factor of the extension below (``s = 1`` without it, which is eq. 11 exactly: a pixel the
@@ -111,7 +111,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from models._align import (
+from cloudfree.models._align import (
     MIN_PIXELS,
     composite_reference,
     fallback_region,
@@ -121,7 +121,7 @@ from models._align import (
     scene_alignment,
     thin_mask,
 )
-from models._filters import (
+from cloudfree.models._filters import (
     block_mean,
     box_mean,
     gradient_magnitude,
@@ -131,10 +131,10 @@ from models._filters import (
     robust_percentile,
     upsample_bilinear,
 )
-from models.base import ModelParams, ModelSpec, RemovalModelBase, keep_target_and_mark_nodata
-from models.priors import Prior, build_prior
-from models.registry import register
-from pipeline.contract import (
+from cloudfree.models.base import ModelParams, ModelSpec, RemovalModelBase, keep_target_and_mark_nodata
+from cloudfree.models.priors import Prior, build_prior
+from cloudfree.models.registry import register
+from cloudfree.pipeline.contract import (
     SOURCE_FUSED,
     SOURCE_MODEL,
     SOURCE_REFERENCE_BASE,
@@ -271,7 +271,7 @@ def phyvlm_kernel(
         omega_t_floor: ``ω = 0`` where the refined ``t`` is below this (0 = eq. 11 unchanged).
         physics_subsample: grid (in pixels) of eqs. 5-7; 1 = full resolution.
         fallback_region: ``(y, x)`` bool, pixels that may take a cloudy reference as ``I_ref`` where no clear one
-            exists (see :func:`models.priors.composite_reference`); only those with refined ``t`` below
+            exists (see :func:`cloudfree.models.priors.composite_reference`); only those with refined ``t`` below
             ``max(omega_t_floor, t0)`` do (thin cloud is better inverted than replaced by a cloudy date).
     """
     img = np.asarray(image, np.float32)

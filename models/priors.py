@@ -4,14 +4,14 @@ The paper obtains its cognitive prior ``J_VLM`` from Qwen-Image-Edit prompted wi
 Here the prior is anything implementing :class:`Prior` (``name``, ``halo``, ``__call__(tile) -> PriorResult``):
 
 * :class:`ReferencePrior` (``"reference"``): the temporal reference(s), radiometrically aligned to
-  the target by :func:`models._align.fit_linear` on pixels clear in both; pixels no clear reference covers fall
-  back to a dark-channel dehaze of the target (:func:`models.dcp.dcp_dehaze`), and a tile without any reference
+  the target by :func:`cloudfree.models._align.fit_linear` on pixels clear in both; pixels no clear reference covers fall
+  back to a dark-channel dehaze of the target (:func:`cloudfree.models.dcp.dcp_dehaze`), and a tile without any reference
   is entirely the dark-channel fallback (logged). With a scene context (``tile.context["alignment"]``, from
   PhyVLM-CR's ``fit_scene``) the scene-level gains are used instead of a per-tile fit, so tiles do not jump at
   seams.
 * :class:`TemporalPrior` (``"temporal"``, PhyVLM-CR's default): per-pixel interpolation in time of the clear
   references at the target date, aligned to the target (globally, then by a local gain/offset field); see
-  :mod:`models.temporal`. It doubles as ``I_ref`` of eq. 10 (``PriorResult.reference``).
+  :mod:`cloudfree.models.temporal`. It doubles as ``I_ref`` of eq. 10 (``PriorResult.reference``).
 * :class:`ModelPrior` (``"model"``): any model registered in this project, by name; its ``predict`` output is
   the prior (a baseline such as ``dcp``, or a learned model such as ``ca-mtcr``); it is named for what it is,
   not "learned".
@@ -33,7 +33,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
 
-from models._align import (  # noqa: F401  (re-exported: the one implementation lives in models._align)
+from cloudfree.models._align import (  # noqa: F401  (re-exported: the one implementation lives in models._align)
     MAX_FIT_PIXELS,
     composite_reference,
     fallback_region,
@@ -41,8 +41,8 @@ from models._align import (  # noqa: F401  (re-exported: the one implementation 
     reference_validity,
     thin_mask,
 )
-from pipeline.contract import SOURCE_FAILED, SOURCE_NODATA, TileInputs
-from pipeline.errors import ModelError, WeightsError
+from cloudfree.pipeline.contract import SOURCE_FAILED, SOURCE_NODATA, TileInputs
+from cloudfree.pipeline.errors import ModelError, WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class ReferencePrior:
 def dcp_fill(tile: TileInputs, image: np.ndarray, missing: np.ndarray, dcp_params: dict, what: str) -> str:
     """Fill ``image`` (in place) with a dark-channel dehaze of the target on ``missing`` pixels (no reference
     covers them); returns the prior's one-line description."""
-    from models.dcp import dcp_dehaze
+    from cloudfree.models.dcp import dcp_dehaze
 
     if not missing.any():
         return what
@@ -120,14 +120,14 @@ def dcp_fill(tile: TileInputs, image: np.ndarray, missing: np.ndarray, dcp_param
 
 class TemporalPrior:
     """Per-pixel interpolation in time of the clear references at the target date, aligned to the target
-    (:func:`models.temporal.temporal_estimate`, the ``temporal`` model's estimate). It is also returned as
+    (:func:`cloudfree.models.temporal.temporal_estimate`, the ``temporal`` model's estimate). It is also returned as
     ``PriorResult.reference`` and becomes PhyVLM-CR's ``I_ref`` (eq. 10), so prior and fusion agree. Pixels no
     reference covers get the dark-channel dehaze of the target, as :class:`ReferencePrior`."""
 
     name = "temporal"
 
     def __init__(self, options: dict | None = None, dcp_params: dict | None = None) -> None:
-        from models.temporal import TemporalParams
+        from cloudfree.models.temporal import TemporalParams
 
         opts = dict(options or {})
         for k in ("reference_confidence", "one_sided_confidence", "fallback_confidence"):
@@ -137,12 +137,12 @@ class TemporalPrior:
 
     @property
     def halo(self) -> int:
-        from models.temporal import temporal_halo
+        from cloudfree.models.temporal import temporal_halo
 
         return temporal_halo(self.params.local_radius)
 
     def __call__(self, tile: TileInputs) -> PriorResult:
-        from models.temporal import temporal_estimate
+        from cloudfree.models.temporal import temporal_estimate
 
         p = self.params
         est = temporal_estimate(tile, method=p.method, tau_days=p.tau_days, min_robust=p.min_robust,
@@ -171,14 +171,14 @@ class ModelPrior:
 
     def _get(self) -> Any:
         if self._model is None:
-            from models.registry import build_model
+            from cloudfree.models.registry import build_model
 
             self._model = build_model(self.model_name, self.model_params)
         return self._model
 
     @property
     def halo(self) -> int:
-        from models.registry import get_model_class
+        from cloudfree.models.registry import get_model_class
 
         return int(get_model_class(self.model_name).spec.halo)
 

@@ -2,7 +2,7 @@
 
 The simplest honest model, and what most operational gap-filling does. For each cloudy target pixel, the first
 reference (best ranked) that is clear there supplies the value, aligned to the target by a per-band gain/offset
-fitted on pixels clear in both (:mod:`models._align`). The fit is done once per scene on a coarse sample
+fitted on pixels clear in both (:mod:`cloudfree.models._align`). The fit is done once per scene on a coarse sample
 (``fit_scene``), so every tile uses the same gains and the mosaic has no seams; a tile without scene context
 fits on its own pixels.
 
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from models._align import composite_reference, reference_validity, scene_alignment
-from models.base import ModelParams, ModelSpec, RemovalModelBase
-from models.registry import register
-from pipeline.contract import SOURCE_NODATA, SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs, TileResult
+from cloudfree.models._align import composite_reference, reference_validity, scene_alignment
+from cloudfree.models.base import ModelParams, ModelSpec, RemovalModelBase
+from cloudfree.models.registry import register
+from cloudfree.pipeline.contract import SOURCE_NODATA, SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs, TileResult
 
 
 class ReferenceReplaceParams(ModelParams):

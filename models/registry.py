@@ -9,7 +9,7 @@ from importlib.metadata import entry_points
 
 from pydantic import ValidationError
 
-from pipeline.errors import ConfigError, UnknownModelError
+from cloudfree.pipeline.errors import ConfigError, UnknownModelError
 
 log = logging.getLogger(__name__)
 
@@ -17,16 +17,16 @@ _REGISTRY: dict[str, type] = {}
 #: Built-in models by name -> module, imported on first use so `cloudfree --help` stays fast; building one model
 #: imports its module only (the learned models' modules import torch: ~1.3 s a process, paid by every dask worker).
 BUILTIN = {
-    "reference-replace": "models.reference_replace",
-    "none": "models.none",
-    "dcp": "models.dcp",
-    "median-composite": "models.median_composite",
-    "phyvlm-cr": "models.phyvlm",
-    "temporal": "models.temporal",
-    "ca-mtcr": "models.ca_mtcr",
-    "sar-optical-fusion": "models.sar_optical_fusion",
-    "diffusion-enhancement": "models.diffusion_enhancement",
-    "cm-cr": "models.cm_cr",
+    "reference-replace": "cloudfree.models.reference_replace",
+    "none": "cloudfree.models.none",
+    "dcp": "cloudfree.models.dcp",
+    "median-composite": "cloudfree.models.median_composite",
+    "phyvlm-cr": "cloudfree.models.phyvlm",
+    "temporal": "cloudfree.models.temporal",
+    "ca-mtcr": "cloudfree.models.ca_mtcr",
+    "sar-optical-fusion": "cloudfree.models.sar_optical_fusion",
+    "diffusion-enhancement": "cloudfree.models.diffusion_enhancement",
+    "cm-cr": "cloudfree.models.cm_cr",
 }
 BUILTIN_MODULES = tuple(dict.fromkeys(BUILTIN.values()))
 _loaded = False

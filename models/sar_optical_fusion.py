@@ -19,7 +19,7 @@ Architecture (section III):
 Deviations:
 
 * **Mask M**: the paper derives ``M`` from its Sen2Cor-style spectral score (eqs. 13-16), which is
-  :func:`stages.masks.spectral_score_kernel` in this project (mask method ``spectral``). The shipped network uses
+  :func:`cloudfree.stages.masks.spectral_score_kernel` in this project (mask method ``spectral``). The shipped network uses
   B02/B03/B04/B08 only (no B11/B10 for that score), so in training ``M`` is the sample's own cloud mask: the
   Sen2Cor SCL mask transplanted with the cloudy pixels (Romania stack); the SEN12MS-CR reader computes ``M`` with
   the spectral score itself. At inference the network does not use ``M`` (only the loss does) -- the pipeline's
@@ -38,11 +38,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from models._learned import LearnedModel, build_blocks, clear_stats, ssim_map
-from models.base import ModelSpec
-from models.registry import register
-from pipeline.training.api import single_stage
-from pipeline.training.weights import InputConvention
+from cloudfree.models._learned import LearnedModel, build_blocks, clear_stats, ssim_map
+from cloudfree.models.base import ModelSpec
+from cloudfree.models.registry import register
+from cloudfree.pipeline.training.api import single_stage
+from cloudfree.pipeline.training.weights import InputConvention
 
 BANDS = ("B02", "B03", "B04", "B08")
 DEFAULTS = {"dim": 32, "stages": 2, "swin_per_stage": 2, "heads": 2, "window": 8, "scale": 2, "normalise": False}

@@ -4,7 +4,7 @@ What FORCE's TSI and the gap-filling literature do, on the references the search
 target in time when the catalog allows, ``search.policy.bracket``):
 
 1. **Global alignment.** Every reference is mapped onto the target by a per-band gain/offset
-   (:func:`models._align.scene_alignment`: reduced-major-axis fit on pixels clear in both, once per scene from the
+   (:func:`cloudfree.models._align.scene_alignment`: reduced-major-axis fit on pixels clear in both, once per scene from the
    runner's coarse sample, so tiles agree).
 2. **Interpolation in time, per pixel** (:func:`interpolate_in_time`), over the references *clear at that pixel*
    (``reference_masks`` and non-finite values are per-pixel validity), at the target's date (``dt = 0``;
@@ -18,7 +18,7 @@ target in time when the catalog allows, ``search.policy.bracket``):
      the value is ``a``. Elsewhere as ``bracket``.
      One cloudy-but-unmasked date (SCL misses thin cloud) then pulls the line less than it pulls an
      interpolation between two dates.
-3. **Local alignment** (:func:`models._align.local_alignment`, ``local_radius > 0``): the interpolated image is
+3. **Local alignment** (:func:`cloudfree.models._align.local_alignment`, ``local_radius > 0``): the interpolated image is
    mapped onto the target by a smooth per-window gain/offset field fitted where the target is clear (a weighted
    guided filter with the prediction as guide and the target as source, the gain shrunk towards 1 by
    ``local_eps``); in windows with too few clear target pixels the field falls back to a four-times wider window
@@ -30,7 +30,7 @@ target in time when the catalog allows, ``search.policy.bracket``):
 Clear target pixels are passed through unchanged. Provenance: ``SOURCE_REFERENCE_BASE + i`` with ``i`` the
 reference nearest in time among those used at the pixel; confidence ``reference_confidence`` where the pixel is
 bracketed, ``one_sided_confidence`` where it is not, ``fallback_confidence`` for a cloudy fallback, 0 where nothing
-covers it. :class:`models.priors.TemporalPrior` reuses :func:`temporal_estimate` as PhyVLM-CR's prior.
+covers it. :class:`cloudfree.models.priors.TemporalPrior` reuses :func:`temporal_estimate` as PhyVLM-CR's prior.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 from pydantic import Field
 
-from models._align import (
+from cloudfree.models._align import (
     apply_linear,
     composite_reference,
     fallback_region,
@@ -49,10 +49,10 @@ from models._align import (
     reference_validity,
     scene_alignment,
 )
-from models.base import ModelParams, ModelSpec, RemovalModelBase
-from models.registry import register
-from pipeline.contract import SOURCE_NODATA, SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs, TileResult
-from pipeline.errors import ModelError
+from cloudfree.models.base import ModelParams, ModelSpec, RemovalModelBase
+from cloudfree.models.registry import register
+from cloudfree.pipeline.contract import SOURCE_NODATA, SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs, TileResult
+from cloudfree.pipeline.errors import ModelError
 
 
 def interpolate_in_time(

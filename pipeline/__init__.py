@@ -4,4 +4,4 @@
 exception hierarchy, the runner and the CLI.
 """
 
-__version__ = "0.1.0"
+from cloudfree import __version__  # noqa: F401  (one version, in cloudfree/__init__.py)

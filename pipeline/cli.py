@@ -24,7 +24,7 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
 def _setup_logging(verbose: int, quiet: int) -> None:
     level = max(logging.DEBUG, logging.INFO - 10 * verbose + 10 * quiet)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
-    from pipeline.redact import install
+    from cloudfree.pipeline.redact import install
 
     install()  # credentials never reach the log, at any verbosity (requests_oauthlib/urllib3 DEBUG included)
     logging.getLogger("rasterio").setLevel(max(level, logging.WARNING))
@@ -39,7 +39,7 @@ def _setup_logging(verbose: int, quiet: int) -> None:
 
 
 def _load(config: str | None, **sections):
-    from pipeline.config import load_config
+    from cloudfree.pipeline.config import load_config
 
     cfg = load_config(config)
     sections = {k: v for k, v in sections.items() if v}
@@ -47,8 +47,8 @@ def _load(config: str | None, **sections):
 
 
 def _fail(exc: Exception) -> None:
-    from pipeline.errors import ConfigError
-    from pipeline.redact import redact
+    from cloudfree.pipeline.errors import ConfigError
+    from cloudfree.pipeline.redact import redact
 
     click.echo(f"error: {redact(exc)}", err=True)
     sys.exit(EXIT_USAGE if isinstance(exc, (ConfigError, ValueError)) else EXIT_FAILED)
@@ -75,7 +75,7 @@ def main(verbose: int, quiet: int) -> None:
 
 
 def _print_results(results, out_dir: Path) -> int:
-    from pipeline.redact import redact
+    from cloudfree.pipeline.redact import redact
 
     failed = 0
     for r in results:
@@ -149,8 +149,8 @@ def run(config, model, out_dir, overwrite, dry_run, no_progress, compare_model) 
     Each target gets <out>/<target>__<model>/ with a reflectance COG, confidence and source COGs, a quicklook PNG
     and a STAC Item. Finished targets are skipped on a rerun (resume) unless --overwrite.
     """
-    from pipeline.errors import CloudfreeError
-    from pipeline.runner import run as run_job
+    from cloudfree.pipeline.errors import CloudfreeError
+    from cloudfree.pipeline.runner import run as run_job
 
     try:
         cfg = _load(config, **_overrides(model, out_dir, overwrite, no_progress))
@@ -168,7 +168,7 @@ def run(config, model, out_dir, overwrite, dry_run, no_progress, compare_model) 
 
 def comparison_table(results, other, name: str, other_name: str) -> str:
     """PSNR vs truth (cloudy pixels, all pixels) of two runs of the same targets, one line per target."""
-    from pipeline.redact import redact
+    from cloudfree.pipeline.redact import redact
 
     lines = [f"comparison (PSNR dB vs simulated truth, cloudy / all pixels): {name} vs {other_name}"]
     by_id = {r.target_id: r for r in other}
@@ -192,8 +192,8 @@ def comparison_table(results, other, name: str, other_name: str) -> str:
 @common
 def scene(item_id, config, model, out_dir, overwrite, dry_run, no_progress) -> None:
     """One target scene ITEM_ID (a STAC item id in the configured catalog)."""
-    from pipeline.errors import CloudfreeError
-    from pipeline.runner import run as run_job
+    from cloudfree.pipeline.errors import CloudfreeError
+    from cloudfree.pipeline.runner import run as run_job
 
     try:
         cfg = _load(config, **_overrides(model, out_dir, overwrite, no_progress))
@@ -224,7 +224,7 @@ def search(config, kind, url, collection, sar_collection, aoi, period, out_path,
       cloudfree search --catalog planetary-computer --collection sentinel-2-l2a \\
           --sar-collection sentinel-1-rtc --aoi aoi.geojson --period 2024-06-01/2024-08-31 --out plans.json
     """
-    from pipeline.errors import CloudfreeError
+    from cloudfree.pipeline.errors import CloudfreeError
 
     cat = {k: v for k, v in (("kind", kind), ("url", url), ("collection", collection),
                              ("sar_collection", sar_collection)) if v}
@@ -251,9 +251,9 @@ def search_command(
 
     ``catalog`` may pass an already open catalog (tests, the runner); otherwise ``open_catalog(catalog_cfg)``.
     """
-    from catalogs.base import open_catalog
-    from pipeline.errors import ConfigError, OutputExistsError
-    from stages.search import format_plans, plan_targets, write_plans
+    from cloudfree.catalogs.base import open_catalog
+    from cloudfree.pipeline.errors import ConfigError, OutputExistsError
+    from cloudfree.stages.search import format_plans, plan_targets, write_plans
 
     updates: dict[str, Any] = {}
     if aoi_path is not None:
@@ -289,9 +289,9 @@ def search_command(
 @main.command()
 def models() -> None:
     """List the registered removal models and what each needs."""
-    from models.registry import available_models
+    from cloudfree.models.registry import available_models
 
-    from models.registry import build_model
+    from cloudfree.models.registry import build_model
 
     for name, cls in available_models().items():
         try:  # an instance with the default params declares its real halo (radii, prior)
@@ -319,8 +319,8 @@ def models() -> None:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train(model_name, config, out, steps, seed, catalog, device, export, resume, no_progress) -> None:
     """Train a learned removal model (checkpoints, resume, JSON-lines metrics, validation, model card)."""
-    from pipeline.errors import CloudfreeError
-    from pipeline.training.loop import load_train_config, train as run_training
+    from cloudfree.pipeline.errors import CloudfreeError
+    from cloudfree.pipeline.training.loop import load_train_config, train as run_training
 
     try:
         cfg = load_train_config(config, model=model_name, out=out, steps=steps, seed=seed, device=device,
@@ -340,8 +340,8 @@ def train(model_name, config, out, steps, seed, catalog, device, export, resume,
 @click.option("--cache", default=".cache", show_default=True, type=click.Path(file_okay=False))
 def demo_catalog(out, source, cache) -> None:
     """Build the embedded demo catalog: real S2 L1C pixels, SIMULATED dates/clouds/shadows."""
-    from pipeline.evaluation.demo_catalog import build_demo_catalog
-    from pipeline.errors import CloudfreeError
+    from cloudfree.pipeline.evaluation.demo_catalog import build_demo_catalog
+    from cloudfree.pipeline.errors import CloudfreeError
 
     try:
         path = build_demo_catalog(Path(out), Path(source) if source else None, Path(cache))
@@ -375,8 +375,8 @@ def evaluate(model_list, cases, out, seeds, data_dir, tile_size, speed, figures)
     Example:
       cloudfree evaluate --models temporal,reference-replace,phyvlm-cr --cases romania --out eval/
     """
-    from pipeline.errors import CloudfreeError
-    from pipeline.evaluation.evaluate import DEFAULT_DATA_DIR, parse_seeds, run_evaluation, split_models
+    from cloudfree.pipeline.errors import CloudfreeError
+    from cloudfree.pipeline.evaluation.evaluate import DEFAULT_DATA_DIR, parse_seeds, run_evaluation, split_models
 
     try:
         payload = run_evaluation(
@@ -410,8 +410,8 @@ def composite(region, period, config, method, out_dir, force, no_progress) -> No
     Only tiles with new or updated acquisitions since the last run are processed (state in
     <out>/composites/state.json); a rerun with nothing new processes zero tiles. Schedule it: docs/schedule.md.
     """
-    from pipeline.composite import run_composite
-    from pipeline.errors import CloudfreeError
+    from cloudfree.pipeline.composite import run_composite
+    from cloudfree.pipeline.errors import CloudfreeError
 
     sections: dict = {}
     if method:

@@ -33,9 +33,9 @@ from typing import Sequence
 import numpy as np
 import pystac
 
-from pipeline.config import Config
-from pipeline.contract import SOURCE_FUSED, SOURCE_NODATA, SOURCE_REFERENCE_BASE
-from pipeline.errors import CloudfreeError, ConfigError, NoItemsFoundError
+from cloudfree.pipeline.config import Config
+from cloudfree.pipeline.contract import SOURCE_FUSED, SOURCE_NODATA, SOURCE_REFERENCE_BASE
+from cloudfree.pipeline.errors import CloudfreeError, ConfigError, NoItemsFoundError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def composite_kernel(stack: np.ndarray, cloudy: np.ndarray, prob: np.ndarray, me
     finite &= (stack != 0).any(axis=1)
     clear = finite & ~cloudy.astype(bool)
     n_clear = clear.sum(axis=0)
-    from models.median_composite import composite  # the one median / best-pixel implementation
+    from cloudfree.models.median_composite import composite  # the one median / best-pixel implementation
 
     p = None
     if method == "median":
@@ -101,19 +101,19 @@ def composite_kernel(stack: np.ndarray, cloudy: np.ndarray, prob: np.ndarray, me
 
 def fused_composite(stack, items, geobox, chunk: int, method: str, specs) -> "dask.array.Array":
     """The composite ``(band + 2, y, x)`` as ONE task per output block: the block's reads of every date and band,
-    the mask layers' windows with their morphology halo (:class:`stages.masks.LayerMask`, cut from the
-    neighbouring chunks by :class:`stages.remove.HaloWindows`), the masks, probabilities and the kernel computed
+    the mask layers' windows with their morphology halo (:class:`cloudfree.stages.masks.LayerMask`, cut from the
+    neighbouring chunks by :class:`cloudfree.stages.remove.HaloWindows`), the masks, probabilities and the kernel computed
     inside the task. Nothing derived from the inputs waits in memory between tasks, so with the bounded
-    look-ahead of the write (:func:`stages.cog.bound_lookahead`) memory depends on the block size and the dates,
+    look-ahead of the write (:func:`cloudfree.stages.cog.bound_lookahead`) memory depends on the block size and the dates,
     not on the area. Values are those of the mask stage + :func:`composite_kernel` (tested)."""
     import dask
     import dask.array as dsa
     from dask._task_spec import Task, TaskRef
     from dask.highlevelgraph import HighLevelGraph
 
-    from stages.load import load_layer
-    from stages.remove import HaloWindows
-    from stages.tile import plan_tiles
+    from cloudfree.stages.load import load_layer
+    from cloudfree.stages.remove import HaloWindows
+    from cloudfree.stages.tile import plan_tiles
 
     refl = stack.data
     nt, nb = refl.shape[:2]
@@ -142,8 +142,8 @@ def fused_composite(stack, items, geobox, chunk: int, method: str, specs) -> "da
 
 def _composite_block(method, specs, layouts, core, nt, *pieces) -> np.ndarray:
     """One output block: the dates' reflectance blocks, then each mask layer's window pieces."""
-    from stages.masks import combine
-    from stages.remove import _assemble
+    from cloudfree.stages.masks import combine
+    from cloudfree.stages.remove import _assemble
 
     stack = np.concatenate(pieces[:nt], axis=0)
     ys, xs = core
@@ -191,7 +191,7 @@ def save_state(state: dict, path: Path) -> None:
 # -- planning ------------------------------------------------------------------------------------------------------
 def period_interval(period: str) -> str:
     """``2024-06`` / ``2024`` / ``2024-06-01/2024-06-15`` -> an explicit ISO interval every backend accepts."""
-    from catalogs.base import parse_interval
+    from cloudfree.catalogs.base import parse_interval
 
     start, end = parse_interval(period)
     if start is None or end is None:
@@ -202,8 +202,8 @@ def period_interval(period: str) -> str:
 
 def plan_composite(catalog, cfg: Config, region: str | Path, period: str) -> dict[str, list[pystac.Item]]:
     """Acquisitions per MGRS tile, least cloudy first, at most ``composite.max_items`` each."""
-    from catalogs.base import SearchQuery
-    from stages.search import load_aoi, mgrs_tile
+    from cloudfree.catalogs.base import SearchQuery
+    from cloudfree.stages.search import load_aoi, mgrs_tile
 
     bbox, geom = load_aoi(str(region))
     items = catalog.search(SearchQuery(
@@ -231,10 +231,10 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     import dask.array as dsa
     import xarray as xr
 
-    from stages.load import load_reflectance, output_geobox
-    from stages.masks import build_masks, layer_masks
-    from stages.publish import update_collection
-    from stages.write import paths_for
+    from cloudfree.stages.load import load_reflectance, output_geobox
+    from cloudfree.stages.masks import build_masks, layer_masks
+    from cloudfree.stages.publish import update_collection
+    from cloudfree.stages.write import paths_for
 
     method = cfg.composite.method
     bands = list(cfg.grid.bands)
@@ -256,7 +256,7 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
         "confidence": xr.DataArray(out[nb], dims=("y", "x"), coords={"y": y, "x": x}),
         "source": xr.DataArray(out[nb + 1], dims=("y", "x"), coords={"y": y, "x": x}),
     }).rio.write_crs(stack.rio.crs)
-    from pipeline.safety import clean_stale_staging, publish_dir, safe_rmtree, safe_stem, staging_dir, target_lock
+    from cloudfree.pipeline.safety import clean_stale_staging, publish_dir, safe_rmtree, safe_stem, staging_dir, target_lock
 
     stem = safe_stem(f"{tile}_{period.replace('/', '_')}_{method}")  # the tile name comes from the catalog: untrusted
     path = paths_for(out_dir, stem)["item"]
@@ -278,10 +278,10 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
 def _write_pixel_composite(ds, items: list[pystac.Item], tile: str, period: str, cfg: Config, geobox, bands, method: str,
                            run_id: str, out_dir: Path, stem: str, stage: Path) -> None:
     """The COGs and the item of one pixel composite, written into ``stage`` (published by the caller)."""
-    from catalogs.harmonise import harmonise
-    from pipeline.runner import _progress_callback
-    from stages.publish import output_item
-    from stages.write import paths_for, write_json_atomic, write_outputs
+    from cloudfree.catalogs.harmonise import harmonise
+    from cloudfree.pipeline.runner import _progress_callback
+    from cloudfree.stages.publish import output_item
+    from cloudfree.stages.write import paths_for, write_json_atomic, write_outputs
 
     written, _ = write_outputs(ds, out_dir, stem, cfg.output, progress=_progress_callback(cfg), stage=stage)
     item = output_item(items[0], items[1:], written, geobox, bands, method, {}, run_id,
@@ -299,7 +299,7 @@ def _write_pixel_composite(ds, items: list[pystac.Item], tile: str, period: str,
         "processing:lineage": f"{method} composite of {len(items)} acquisition(s) of MGRS {tile} in {period}",
         "s2:mgrs_tile": tile,
     })
-    from pipeline.runner import cover_stats
+    from cloudfree.pipeline.runner import cover_stats
 
     stats = cover_stats(written.files["confidence"], None)
     # the share that is not a usable clear estimate: still uncertain or nodata
@@ -313,9 +313,9 @@ def _write_pixel_composite(ds, items: list[pystac.Item], tile: str, period: str,
 
 def _model_composite(items: list[pystac.Item], tile: str, period: str, cfg: Config, out_dir: Path,
                      run_id: str) -> Path:
-    from models.registry import build_model
-    from pipeline.runner import _run_target
-    from stages.search import Candidate, TargetPlan, item_time, mgrs_tile
+    from cloudfree.models.registry import build_model
+    from cloudfree.pipeline.runner import _run_target
+    from cloudfree.stages.search import Candidate, TargetPlan, item_time, mgrs_tile
 
     target = max(items, key=lambda i: (item_time(i), i.id))
     t0 = item_time(target)
@@ -337,9 +337,9 @@ def run_composite(cfg: Config, region: str | Path, period: str, *, force: bool =
     """Build (or bring up to date) the composite of every MGRS tile intersecting ``region`` in ``period``."""
     import uuid
 
-    from catalogs.base import open_catalog
-    from pipeline.runner import concurrent_units, dask_context, map_units
-    from stages.search import load_aoi
+    from cloudfree.catalogs.base import open_catalog
+    from cloudfree.pipeline.runner import concurrent_units, dask_context, map_units
+    from cloudfree.stages.search import load_aoi
 
     catalog = open_catalog(cfg.catalog)
     plans = plan_composite(catalog, cfg, region, period)
@@ -379,8 +379,8 @@ def run_composite(cfg: Config, region: str | Path, period: str, *, force: bool =
             else:
                 path = _pixel_composite(items, tile, period, cfg, bbox, out_dir, run_id)
         except Exception as exc:  # noqa: BLE001 - one failing tile never stops the batch (KeyboardInterrupt does)
-            from pipeline.redact import redact
-            from pipeline.runner import exception_chain
+            from cloudfree.pipeline.redact import redact
+            from cloudfree.pipeline.runner import exception_chain
 
             msg = str(exc) if isinstance(exc, CloudfreeError) else (
                 f"composite {key}: {exception_chain(exc)}; inputs {list(sig)}: check their files (truncated or "

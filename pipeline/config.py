@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import ConfigError
+from cloudfree.pipeline.errors import ConfigError
 
 
 class _Section(BaseModel):
@@ -118,8 +118,8 @@ class SearchConfig(_Section):
     @classmethod
     def _period(cls, v: str | None) -> str | None:
         if v is not None:
-            from catalogs.base import parse_interval
-            from pipeline.errors import CloudfreeError
+            from cloudfree.catalogs.base import parse_interval
+            from cloudfree.pipeline.errors import CloudfreeError
 
             try:
                 parse_interval(v)
@@ -148,7 +148,7 @@ class GridConfig(_Section):
     @field_validator("bands")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        from pipeline.contract import S2_BANDS
+        from cloudfree.pipeline.contract import S2_BANDS
 
         bad = [b for b in v if b not in S2_BANDS]
         if bad:

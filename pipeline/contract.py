@@ -18,7 +18,7 @@ import numpy as np
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 
-from pipeline.errors import ContractError
+from cloudfree.pipeline.errors import ContractError
 
 #: Sentinel-2 MSI bands and their native ground sampling distance in metres.
 S2_BANDS: dict[str, int] = {

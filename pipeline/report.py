@@ -3,7 +3,7 @@
 
 Per output: the before/after quicklook written by the runner, a confidence map and a source map PNG (read
 decimated from the COGs), cloud cover before (share of target pixels a mask method flagged) and after (share
-still low-confidence), per-tile model timings; per failed target: the error. Written by :func:`pipeline.runner.run`
+still low-confidence), per-tile model timings; per failed target: the error. Written by :func:`cloudfree.pipeline.runner.run`
 at the end of a run.
 """
 
@@ -91,7 +91,7 @@ def render_markdown(results: Sequence, run_id: str, model_name: str, report_dir:
     """The report's Markdown; writes the confidence/source PNGs into ``report_dir`` as it goes."""
     import json
 
-    from pipeline.redact import redact
+    from cloudfree.pipeline.redact import redact
 
     def pct(st: dict, key: str) -> str:
         return f"{100 * st[key]:.1f} %" if st.get(key) is not None else "-"

@@ -20,10 +20,10 @@ import dask
 import numpy as np
 import xarray as xr
 
-from catalogs.base import open_catalog
-from pipeline.config import Config
-from pipeline.errors import CloudfreeError
-from stages.search import TargetPlan, plan_targets
+from cloudfree.catalogs.base import open_catalog
+from cloudfree.pipeline.config import Config
+from cloudfree.pipeline.errors import CloudfreeError
+from cloudfree.stages.search import TargetPlan, plan_targets
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,8 @@ class TargetResult:
 
 def output_stem(target_id: str, model_name: str) -> str:
     """The output folder/file stem of a target: ``<id>__<model>``, mapped to a safe stem (item ids are untrusted:
-    ``..``, separators, NUL or very long ids get a sanitised, hashed stem, see :func:`pipeline.safety.safe_stem`)."""
-    from pipeline.safety import safe_stem
+    ``..``, separators, NUL or very long ids get a sanitised, hashed stem, see :func:`cloudfree.pipeline.safety.safe_stem`)."""
+    from cloudfree.pipeline.safety import safe_stem
 
     return safe_stem(f"{target_id}__{model_name}")
 
@@ -60,7 +60,7 @@ def dask_context(cfg: Config):
 
     ``distributed`` connects to ``run.address`` (any running scheduler) or starts a LocalCluster of
     ``run.workers`` single-threaded processes for the run; the dashboard link is printed either way. Models reach
-    the workers as handles (:class:`stages.remove.ModelHandle`) and are built once per worker process.
+    the workers as handles (:class:`cloudfree.stages.remove.ModelHandle`) and are built once per worker process.
     """
     if cfg.run.scheduler == "distributed":
         from dask.distributed import Client, LocalCluster
@@ -144,7 +144,7 @@ def _announce(client, where: str) -> None:
 
 def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None) -> list[TargetResult]:
     """Run the batch job the config describes; returns one result per target."""
-    from models.registry import build_model
+    from cloudfree.models.registry import build_model
 
     model = build_model(cfg.model.name, cfg.model.params)
     catalog = open_catalog(cfg.catalog)
@@ -166,7 +166,7 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
         try:  # one failing target never stops the batch: it is recorded and the next one runs
             res = _run_target(plan, model, cfg, run_id, out_dir, catalog=catalog)
         except Exception as exc:  # noqa: BLE001 - fault isolation per target; KeyboardInterrupt still stops
-            from pipeline.redact import redact
+            from cloudfree.pipeline.redact import redact
 
             msg = redact(failure_message(plan, exc))
             log.error("%s failed: %s", plan.target.id, msg)
@@ -178,7 +178,7 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
     with dask_context(cfg):
         results = map_units(one, plans, concurrent_units(cfg))
     if cfg.output.report and not dry_run:
-        from pipeline.report import write_report
+        from cloudfree.pipeline.report import write_report
 
         try:
             path = write_report(results, cfg, run_id, model.name)
@@ -190,8 +190,8 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
 
 def _run_target(plan: TargetPlan, model, cfg: Config, run_id: str, out_dir: Path, catalog=None) -> TargetResult:
     """One target under its lock: stale staging from killed runs removed, then skipped (done) or processed."""
-    from pipeline.safety import clean_stale_staging, target_lock
-    from stages.write import is_done, paths_for
+    from cloudfree.pipeline.safety import clean_stale_staging, target_lock
+    from cloudfree.stages.write import is_done, paths_for
 
     stem = output_stem(plan.target.id, model.name)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -199,7 +199,7 @@ def _run_target(plan: TargetPlan, model, cfg: Config, run_id: str, out_dir: Path
         clean_stale_staging(out_dir, stem)
         if is_done(out_dir, stem) and not cfg.output.overwrite:
             log.info("%s: output exists, skipping (use --overwrite to redo)", stem)
-            from stages.publish import update_collection
+            from cloudfree.stages.publish import update_collection
 
             # outputs from before the collection existed (or another run) are listed too
             update_collection(out_dir, paths_for(out_dir, stem)["item"], cfg.output.collection)
@@ -214,9 +214,9 @@ SCENE_SAMPLE_MAX = 1024
 
 def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) -> dict:
     """Run ``model.fit_scene`` on a coarse load of the whole scene (COG overviews: cheap, bounded memory)."""
-    from stages.load import load_reflectance_checked
-    from stages.masks import build_masks
-    from stages.remove import SceneInputs, to_tile_inputs
+    from cloudfree.stages.load import load_reflectance_checked
+    from cloudfree.stages.masks import build_masks
+    from cloudfree.stages.remove import SceneInputs, to_tile_inputs
 
     k = max(1, int(np.ceil(max(geobox.shape) / SCENE_SAMPLE_MAX)))
     coarse = geobox.zoom_out(k) if k > 1 else geobox
@@ -236,10 +236,10 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
 
 def model_references(plan: TargetPlan, max_references: int, cfg: Config) -> tuple:
     """The plan's references a model that takes at most ``max_references`` gets, chosen as the search chose them
-    (:func:`stages.search.select_references`: with ``search.policy.bracket`` the best before and the best after
+    (:func:`cloudfree.stages.search.select_references`: with ``search.policy.bracket`` the best before and the best after
     the target stay when the model takes two or more), in score order. A plain ``[:max_references]`` of the
     score-ordered plan could keep two references on one side and make a temporal model extrapolate."""
-    from stages.search import select_references
+    from cloudfree.stages.search import select_references
 
     return select_references(plan.references, max(max_references, 0), cfg.search.policy.bracket)
 
@@ -253,8 +253,8 @@ def reference_offsets(plan: TargetPlan, refs) -> tuple[float, ...]:
 def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=None) -> TargetResult:
     from concurrent.futures import ThreadPoolExecutor
 
-    from stages.load import output_geobox
-    from stages.search import load_aoi
+    from cloudfree.stages.load import output_geobox
+    from cloudfree.stages.search import load_aoi
 
     target = plan.target
     refs = [c.item for c in model_references(plan, model.spec.max_references, cfg)]
@@ -283,14 +283,14 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
 
 def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs, items, bands, geobox,
                     context_future) -> TargetResult:
-    from stages.load import load_reflectance_checked
-    from stages.masks import NODATA_BIT, build_masks_by_method, mask_provenance
-    from stages.mosaic import confidence_fallback
-    from stages.plausibility import check_reflectance
-    from stages.publish import update_collection
-    from stages.remove import SceneInputs, remove_clouds
-    from stages.tile import plan_tiles
-    from stages.write import paths_for
+    from cloudfree.stages.load import load_reflectance_checked
+    from cloudfree.stages.masks import NODATA_BIT, build_masks_by_method, mask_provenance
+    from cloudfree.stages.mosaic import confidence_fallback
+    from cloudfree.stages.plausibility import check_reflectance
+    from cloudfree.stages.publish import update_collection
+    from cloudfree.stages.remove import SceneInputs, remove_clouds
+    from cloudfree.stages.tile import plan_tiles
+    from cloudfree.stages.write import paths_for
 
     stack, failed, read_failures = load_reflectance_checked(items, bands, geobox, cfg.grid.chunk, name=target.id)
     # wrong scale/offset or band order: fails the target (InputDataError naming item, band, fix) or warns
@@ -302,7 +302,7 @@ def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs
         ref_masks = mask[1:] | stack[1:].isnull().any("band") | failed[1:]
     coreg = []
     if refs and cfg.coregister.enabled:
-        from stages.coregister import estimate_reference_shifts, load_aligned_references
+        from cloudfree.stages.coregister import estimate_reference_shifts, load_aligned_references
 
         coreg = estimate_reference_shifts(stack[0], mask[0], ref_stack, ref_masks, [r.id for r in refs],
                                           cfg.coregister)
@@ -334,7 +334,7 @@ def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs
     if read_failures:
         ds = mark_failed(ds, failed[0], [f.band for f in read_failures if f.item_id == target.id])
     stem = output_stem(target.id, model.name)
-    from pipeline.safety import publish_dir, safe_rmtree, staging_dir
+    from cloudfree.pipeline.safety import publish_dir, safe_rmtree, staging_dir
 
     stage = staging_dir(cfg.output.dir, stem, run_id)
     try:
@@ -355,11 +355,11 @@ def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs
 def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, items, bands, geobox, stack, mask, ds,
                        coreg, tiles, halo, tile_timings, read_failures, plausibility) -> TargetResult:
     """Write the COGs, quicklook and item of one target into its staging folder ``stage``."""
-    from catalogs.harmonise import harmonise
-    from pipeline.contract import SOURCE_UNFILLED
-    from stages.masks import method_bits
-    from stages.publish import file_sha256, output_item
-    from stages.write import RGB, paths_for, quicklook, write_json_atomic, write_outputs
+    from cloudfree.catalogs.harmonise import harmonise
+    from cloudfree.pipeline.contract import SOURCE_UNFILLED
+    from cloudfree.stages.masks import method_bits
+    from cloudfree.stages.publish import file_sha256, output_item
+    from cloudfree.stages.write import RGB, paths_for, quicklook, write_json_atomic, write_outputs
 
     k = max(1, int(np.ceil(max(geobox.shape) / QUICKLOOK_MAX)))
     rgb = [b for b in RGB if b in bands]
@@ -381,7 +381,7 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
         out.files["quicklook"] = quicklook(before, after, m, staged["quicklook"], title=f"{target.id} / {model.name}")
     metrics = {}
     if "truth" in target.assets:
-        from pipeline.evaluation.truth import evaluate_against_truth
+        from cloudfree.pipeline.evaluation.truth import evaluate_against_truth
 
         metrics = evaluate_against_truth(target, out.reflectance, geobox, bands, cfg.grid.chunk)
     extra = {"cloudfree:evaluation": metrics} if metrics else {}
@@ -400,7 +400,7 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
     wpath = Path(model.spec.weights) if model.spec.weights else None
     weights_sha = file_sha256(wpath) if wpath is not None and wpath.is_file() else None
     if read_failures:
-        from pipeline.redact import redact
+        from cloudfree.pipeline.redact import redact
 
         # hrefs may be signed (SAS tokens): never put a credential into an output file
         extra["cloudfree:read_failures"] = [{k: redact(v) if isinstance(v, str) else v for k, v in
@@ -467,7 +467,7 @@ def _progress_callback(cfg: Config):
     """The CLI's progress bar as the write stage's callback (None when ``run.progress`` is off)."""
     if not cfg.run.progress:
         return None
-    from pipeline.progress import progress_bar
+    from cloudfree.pipeline.progress import progress_bar
 
     return lambda desc: progress_bar(True, desc)
 
@@ -487,8 +487,8 @@ def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: floa
     """
     import rasterio
 
-    from pipeline.contract import SOURCE_FAILED, SOURCE_FUSED, SOURCE_MODEL, SOURCE_REFERENCE_BASE, SOURCE_UNFILLED
-    from stages.masks import NODATA_BIT
+    from cloudfree.pipeline.contract import SOURCE_FAILED, SOURCE_FUSED, SOURCE_MODEL, SOURCE_REFERENCE_BASE, SOURCE_UNFILLED
+    from cloudfree.stages.masks import NODATA_BIT
 
     def read(path, shape=None):
         with rasterio.open(path) as ds:
@@ -527,7 +527,7 @@ def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: floa
 def mark_unfilled(ds, cloud_mask):
     """Cloudy target pixels that the model kept as they are (``SOURCE_TARGET``) become ``SOURCE_UNFILLED`` with
     confidence 0: the pixel is the cloudy observation, never labelled "target observation (clear)"."""
-    from pipeline.contract import SOURCE_TARGET, SOURCE_UNFILLED
+    from cloudfree.pipeline.contract import SOURCE_TARGET, SOURCE_UNFILLED
 
     unfilled = cloud_mask & (ds.source == float(SOURCE_TARGET))
     return ds.assign(source=ds.source.where(~unfilled, float(SOURCE_UNFILLED)),
@@ -541,7 +541,7 @@ def mark_failed(ds, failed, bands=None):
     values; pixels a reference supplied (source >= ``SOURCE_REFERENCE_BASE``, every band from that reference)
     keep their value and code.
     """
-    from pipeline.contract import SOURCE_FAILED, SOURCE_REFERENCE_BASE
+    from cloudfree.pipeline.contract import SOURCE_FAILED, SOURCE_REFERENCE_BASE
 
     if bands is None:
         hit = failed
@@ -554,13 +554,13 @@ def mark_failed(ds, failed, bands=None):
 
 
 def model_sar(plan: TargetPlan, refs, catalog, target, target_mask, geobox, cfg: Config, model):
-    """SAR for a model that needs or accepts it (:mod:`stages.sar`): one scene per optical date on the output
+    """SAR for a model that needs or accepts it (:mod:`cloudfree.stages.sar`): one scene per optical date on the output
     grid, co-registered, in the model's units. A model that *needs* SAR and gets none (or whose target S1 cannot
     be read) fails the target; a model that only accepts it runs without SAR when the target's S1 cannot be read."""
     import rasterio.errors
 
-    from pipeline.errors import InputDataError, ModelError, ReadError
-    from stages.sar import prepare_model_sar, sar_items_per_date
+    from cloudfree.pipeline.errors import InputDataError, ModelError, ReadError
+    from cloudfree.stages.sar import prepare_model_sar, sar_items_per_date
 
     items = sar_items_per_date(plan, refs, catalog, cfg)
     band = cfg.coregister.band if cfg.coregister.band in target.band.values else str(target.band.values[-1])
@@ -570,7 +570,7 @@ def model_sar(plan: TargetPlan, refs, catalog, target, target_mask, geobox, cfg:
         if model.spec.needs_sar:
             raise
         # the model only accepts SAR: a broken S1 file costs the SAR, not the target
-        from stages.coregister import Coregistration
+        from cloudfree.stages.coregister import Coregistration
 
         log.warning("%s: Sentinel-1 %s could not be read (%s); model %s runs without SAR", plan.target.id,
                     items[0].id, exc, model.name)
@@ -592,9 +592,9 @@ def _sar_coregistration(plan: TargetPlan, target, target_mask, geobox, cfg: Conf
     that passed the probe) is recorded as a failed co-registration, not a failed target."""
     import rasterio.errors
 
-    from pipeline.errors import ReadError
-    from stages.coregister import Coregistration, estimate_sar_shift
-    from stages.load import load_sar
+    from cloudfree.pipeline.errors import ReadError
+    from cloudfree.stages.coregister import Coregistration, estimate_sar_shift
+    from cloudfree.stages.load import load_sar
 
     sar_item = plan.sar[0].item
     band = cfg.coregister.band if cfg.coregister.band in target.band.values else str(target.band.values[-1])

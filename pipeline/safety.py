@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.errors import CloudfreeError
+from cloudfree.pipeline.errors import CloudfreeError
 
 log = logging.getLogger(__name__)
 

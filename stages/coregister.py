@@ -44,8 +44,8 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from scipy import ndimage
 
-from pipeline.config import CoregisterConfig
-from pipeline.errors import InputDataError
+from cloudfree.pipeline.config import CoregisterConfig
+from cloudfree.pipeline.errors import InputDataError
 
 log = logging.getLogger(__name__)
 
@@ -372,8 +372,8 @@ def load_aligned_references(refs, shifts: Sequence[Coregistration], geobox, band
     """References ``(time, band, y, x)`` and their masks ``(time, y, x)`` (cloud | nodata | failed read) loaded
     on grids shifted by each applied shift, relabelled with the target's coordinates. Lazy; per-chunk cost and
     memory are those of a plain load (the reason this, not :func:`apply_shifts`, is what the runner uses)."""
-    from stages.load import load_reflectance_checked
-    from stages.masks import build_masks
+    from cloudfree.stages.load import load_reflectance_checked
+    from cloudfree.stages.masks import build_masks
 
     stacks, masks = [], []
     for item, c in zip(refs, shifts):

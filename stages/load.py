@@ -31,9 +31,9 @@ import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
 from odc.geo.geobox import GeoBox
 
-from pipeline.config import GridConfig
-from pipeline.contract import validate_scene
-from pipeline.errors import ContractError, InputDataError, ReadError
+from cloudfree.pipeline.config import GridConfig
+from cloudfree.pipeline.contract import validate_scene
+from cloudfree.pipeline.errors import ContractError, InputDataError, ReadError
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,9 @@ CATEGORICAL = {"SCL": "nearest", "CLDPRB": "nearest", "MSK_CLDPRB": "nearest", "
 def item_harmonisation(item: pystac.Item, band: str) -> tuple[float, float]:
     """``(scale, offset)`` turning ``band``'s DN into reflectance: ``refl = DN * scale + offset``.
 
-    Delegates to :mod:`catalogs.harmonise` when available (processing baseline, catalog flags, raster:bands).
+    Delegates to :mod:`cloudfree.catalogs.harmonise` when available (processing baseline, catalog flags, raster:bands).
     """
-    from catalogs.harmonise import harmonise
+    from cloudfree.catalogs.harmonise import harmonise
 
     h = harmonise(item)
     return h.scale[band], h.offset[band]
@@ -167,7 +167,7 @@ def reflectance_resampling(bands: Sequence[str], resolution: float,
     pixels are coarser than the band's nominal GSD) gives wrong values at chunk edges. Without ``items`` the
     nominal Sentinel-2 GSD is assumed.
     """
-    from pipeline.contract import S2_BANDS
+    from cloudfree.pipeline.contract import S2_BANDS
 
     out = {}
     for b in bands:

@@ -18,7 +18,7 @@ import numpy as np
 import xarray as xr
 from scipy import ndimage
 
-from pipeline.config import MaskConfig
+from cloudfree.pipeline.config import MaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ CLDPRB_ASSETS = ("CLDPRB", "MSK_CLDPRB", "CLD")
 def build_masks(items, geobox, cfg: MaskConfig, chunk: int = 512) -> tuple[xr.DataArray, xr.DataArray]:
     """Cloud mask ``(time, y, x)`` bool and probability ``(time, y, x)`` 0-1 for ``items`` on ``geobox``.
 
-    Raises :class:`pipeline.errors.InputDataError` naming the item and the fix when a method's layer is missing.
+    Raises :class:`cloudfree.pipeline.errors.InputDataError` naming the item and the fix when a method's layer is missing.
     """
     mask, prob, _ = build_masks_by_method(items, geobox, cfg, chunk)
     return mask, prob
@@ -128,8 +128,8 @@ def build_masks(items, geobox, cfg: MaskConfig, chunk: int = 512) -> tuple[xr.Da
 def build_masks_by_method(items, geobox, cfg: MaskConfig, chunk: int = 512):
     """:func:`build_masks` plus each method's own binary mask ``{method: (time, y, x)}`` (for mask provenance),
     all from one read of each layer."""
-    from pipeline.errors import InputDataError
-    from stages.load import load_layer
+    from cloudfree.pipeline.errors import InputDataError
+    from cloudfree.stages.load import load_layer
 
     parts = []
     for method in cfg.methods:
@@ -165,7 +165,7 @@ class LayerMask:
     """A mask method that is a kernel of one class/probability layer plus morphology (``scl``, ``cldprb``): the
     task that needs the mask of a block can compute it itself from a window of the layer ``halo`` pixels wider
     than the block (what ``map_overlap`` would give the kernel), so no per-block mask, probability or overlap
-    piece waits in memory for its consumer (``pipeline.composite``: the composite's memory stays flat)."""
+    piece waits in memory for its consumer (``cloudfree.pipeline.composite``: the composite's memory stays flat)."""
 
     method: str
     asset: str
@@ -295,8 +295,8 @@ def _score_block(block: np.ndarray, bands: tuple[str, ...], snow_ndsi: float) ->
 
 def spectral_mask(items, geobox, cfg: MaskConfig, chunk: int = 512) -> tuple[xr.DataArray, xr.DataArray]:
     """Mask method ``spectral``: for items without any cloud layer; needs B02/B03/B04/B11, uses B01/B10 if present."""
-    from pipeline.errors import InputDataError
-    from stages.load import load_reflectance
+    from cloudfree.pipeline.errors import InputDataError
+    from cloudfree.stages.load import load_reflectance
 
     lacking = {it.id: [b for b in SPECTRAL_REQUIRED if b not in it.assets] for it in items}
     lacking = {k: v for k, v in lacking.items() if v}
@@ -353,9 +353,9 @@ def s2cloudless_mask(items, geobox, cfg: MaskConfig, chunk: int = 512) -> tuple[
     L2A items are refused with :class:`InputDataError` naming them: L2A has no B10 and BOA reflectance is not what
     the model was trained on; use 'cldprb'/'scl' (Sen2Cor's own layers) or 'spectral' for L2A.
     """
-    from catalogs.harmonise import processing_level
-    from pipeline.errors import InputDataError
-    from stages.load import load_reflectance
+    from cloudfree.catalogs.harmonise import processing_level
+    from cloudfree.pipeline.errors import InputDataError
+    from cloudfree.stages.load import load_reflectance
 
     bad = [it.id for it in items
            if processing_level(it) not in (None, "L1C") or any(b not in it.assets for b in S2CLOUDLESS_BANDS)]

@@ -25,8 +25,8 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from pipeline.contract import TileWindow
-from pipeline.errors import ConfigError
+from cloudfree.pipeline.contract import TileWindow
+from cloudfree.pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def confidence_fallback(ds, inputs, floor: float, mode: str):
     """
     import dask.array as dsa
 
-    from pipeline.contract import SOURCE_NODATA, SOURCE_REFERENCE_BASE
+    from cloudfree.pipeline.contract import SOURCE_NODATA, SOURCE_REFERENCE_BASE
 
     if mode not in ("best-available", "nodata", "keep"):
         raise ConfigError(f"output.low_confidence {mode!r} is unknown; use best-available, nodata or keep")

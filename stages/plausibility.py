@@ -1,7 +1,7 @@
 """Plausibility of input reflectance: catch a wrong scale, offset or band order before it becomes an output.
 
 Each asset of the target and its references is read once at a coarse overview (``SAMPLE`` x ``SAMPLE`` px, cheap
-with COG overviews), converted with the item's own harmonisation (:mod:`catalogs.harmonise`) and summarised by
+with COG overviews), converted with the item's own harmonisation (:mod:`cloudfree.catalogs.harmonise`) and summarised by
 its median and 10th percentile over valid pixels. Checks, per band:
 
 * **unscaled** (error): median reflectance above ``MAX_MEDIAN`` (1.5): the DN were not scaled (e.g. a
@@ -13,7 +13,7 @@ its median and 10th percentile over valid pixels. Checks, per band:
   levels differ that much are caught: in a winter scene B02 and B08 are alike);
 * **implausibly dark** without references (warning): the 99th percentile of every band below ``MIN_P99``.
 
-Errors raise :class:`~pipeline.errors.InputDataError` naming the item, the band and the fix; warnings are logged
+Errors raise :class:`~cloudfree.pipeline.errors.InputDataError` naming the item, the band and the fix; warnings are logged
 and returned (the runner records them in the output item's ``cloudfree:plausibility``).
 """
 
@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pystac
 
-from pipeline.errors import InputDataError
+from cloudfree.pipeline.errors import InputDataError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def _read_sample(item: pystac.Item, band: str, size: int = SAMPLE) -> tuple[np.n
     import rasterio
     from rasterio.enums import Resampling
 
-    from stages.load import GDAL_RETRY_ENV, item_harmonisation
+    from cloudfree.stages.load import GDAL_RETRY_ENV, item_harmonisation
 
     asset = item.assets.get(band)
     if asset is None:

@@ -25,11 +25,11 @@ from typing import Sequence
 import pystac
 from odc.geo.geobox import GeoBox
 
-import pipeline
-from pipeline.contract import SOURCE_LABELS, SOURCE_REFERENCE_BASE
-from pipeline.errors import InputDataError
-from stages.masks import NODATA_BIT
-from stages.write import REFLECTANCE_SCALE, WrittenOutput
+import cloudfree
+from cloudfree.pipeline.contract import SOURCE_LABELS, SOURCE_REFERENCE_BASE
+from cloudfree.pipeline.errors import InputDataError
+from cloudfree.stages.masks import NODATA_BIT
+from cloudfree.stages.write import REFLECTANCE_SCALE, WrittenOutput
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def output_item(
         "proj:shape": list(geobox.shape),
         "proj:transform": list(geobox.transform)[:6],
         "processing:level": "L2-cloudfree" if target.properties.get("s2:product_type", "").endswith("2A") else "L1-cloudfree",
-        "processing:software": {"cloudfree": pipeline.__version__},
+        "processing:software": {"cloudfree": cloudfree.__version__},
         "processing:lineage": (
             f"cloud removal of {target.id} with model {model_name!r} using references "
             f"{[r.id for r in references]}"

@@ -1,9 +1,9 @@
 """Remove stage: run the selected model per tile, lazily, one dask task per output tile.
 
 Each task reads the halo-padded window of the target, masks and a bounded reference stack and calls the model on
-plain numpy (the tile contract, :class:`pipeline.contract.TileInputs`). With ``blend="none"`` it keeps the core
+plain numpy (the tile contract, :class:`cloudfree.pipeline.contract.TileInputs`). With ``blend="none"`` it keeps the core
 (halo discard); otherwise one more task per output block blends the overlapping neighbour predictions with a
-feathered or Hann window (:mod:`stages.mosaic`). The graph has a fixed number of tasks per tile, so its size and
+feathered or Hann window (:mod:`cloudfree.stages.mosaic`). The graph has a fixed number of tasks per tile, so its size and
 the per-worker memory stay flat as the AOI grows. Each tile task also reports its wall time.
 """
 
@@ -21,8 +21,8 @@ import dask.array as dsa
 import numpy as np
 import xarray as xr
 
-from pipeline.contract import TileInputs, TileResult, TileWindow
-from stages.tile import grid_of_tiles
+from cloudfree.pipeline.contract import TileInputs, TileResult, TileWindow
+from cloudfree.stages.tile import grid_of_tiles
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class ModelHandle:
     @classmethod
     def of(cls, model) -> "ModelHandle | None":
         """A handle for ``model`` when it is a registered model built from its params, else None."""
-        from models.registry import get_model_class
+        from cloudfree.models.registry import get_model_class
 
         name = getattr(model, "name", "")
         params = getattr(model, "params", None)
@@ -82,7 +82,7 @@ def resolve_model(model):
     key = (model.name, model.params_json)
     with _MODELS_LOCK:
         if key not in _MODELS:
-            from models.registry import build_model
+            from cloudfree.models.registry import build_model
 
             _MODELS[key] = build_model(model.name, json.loads(model.params_json))
             log.info("model %s built in process %d", model.name, os.getpid())
@@ -139,7 +139,7 @@ def _core(pred: tuple[np.ndarray, float], ys: slice, xs: slice) -> np.ndarray:
 
 def _blend_task(core, parts, axis_w, n_bands, kind):
     """One output block from its neighbours' ``(prediction, seconds)`` pairs; weights built here (small graph)."""
-    from stages.mosaic import blend_block
+    from cloudfree.stages.mosaic import blend_block
 
     wy, wx = axis_w
     return blend_block(core, [(t, pred[0], np.outer(wy[t.index[0]], wx[t.index[1]])) for t, pred in parts],
@@ -255,14 +255,14 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
     """Lazy Dataset with ``reflectance (band, y, x)``, ``confidence (y, x)`` and ``source (y, x)``.
 
     ``context`` (from ``model.fit_scene``) is passed to every tile. ``blend`` (``feather`` | ``hann`` | ``none``)
-    picks how overlapping tile predictions are merged (:mod:`stages.mosaic`); with ``halo == 0`` it makes no
+    picks how overlapping tile predictions are merged (:mod:`cloudfree.stages.mosaic`); with ``halo == 0`` it makes no
     difference and the cheaper core crop is used. When ``timings`` is a list, one lazy ``(tile index, seconds)``
     pair per tile is appended to it (compute them in the same pass as the output).
 
     Every input chunk is read once: tiles get their halo from the neighbouring chunks (:class:`HaloWindows`).
     A registered model travels as a :class:`ModelHandle` and is built once per worker process.
     """
-    from stages.mosaic import grid_axis_weights, neighbours
+    from cloudfree.stages.mosaic import grid_axis_weights, neighbours
 
     from dask._task_spec import DataNode, Task, TaskRef
     from dask.delayed import Delayed

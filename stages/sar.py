@@ -2,12 +2,12 @@
 
 For a model whose spec ``needs_sar`` or ``accepts_sar``, :func:`prepare_model_sar` takes the target's chosen S1
 scene (``TargetPlan.sar``, from the search stage) and, for multi-temporal models, searches the best S1 scene for each
-reference date the same way (:func:`stages.search._sar`, same policy). Each distinct S1 item is co-registered once
-to the target's optical band (:func:`stages.coregister.estimate_sar_shift`); an *applied* shift is honoured by
-loading the scene on the shifted grid (:func:`stages.coregister.shifted_geobox`, one resampling, as for optical
+reference date the same way (:func:`cloudfree.stages.search._sar`, same policy). Each distinct S1 item is co-registered once
+to the target's optical band (:func:`cloudfree.stages.coregister.estimate_sar_shift`); an *applied* shift is honoured by
+loading the scene on the shifted grid (:func:`cloudfree.stages.coregister.shifted_geobox`, one resampling, as for optical
 references). The stack is converted to the model's convention (``spec.sar_units``: ``"db"`` = sigma0 dB clipped to
 [-25, 0]; ``"linear"`` = linear power) and stays lazy; each tile's halo-padded window is cut from its chunks by
-:class:`stages.remove.HaloWindows`, like the optical inputs.
+:class:`cloudfree.stages.remove.HaloWindows`, like the optical inputs.
 
 A reference date without its own S1 repeats the target's scene (the model then sees "no change" there, not a
 fake one). No S1 for the target: ``None`` (a model that ``needs_sar`` fails the target; see the runner).
@@ -23,7 +23,7 @@ import numpy as np
 import rasterio.errors
 import xarray as xr
 
-from pipeline.errors import CloudfreeError, ReadError
+from cloudfree.pipeline.errors import CloudfreeError, ReadError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def sar_items_per_date(plan, refs, catalog, cfg) -> list[Any]:
     for ref in refs:
         item = None
         if target_sar is not None and catalog is not None and cfg.catalog.sar_collection:
-            from stages.search import _sar
+            from cloudfree.stages.search import _sar
 
             try:
                 cands = _sar(catalog, ref, cfg.catalog.sar_collection, cfg.search.policy)
@@ -60,8 +60,8 @@ def prepare_model_sar(sar_items: Sequence[Any], target_band: xr.DataArray, targe
                       cfg, units: str = "db") -> tuple[xr.DataArray | None, list]:
     """Lazy ``(time, pol, y, x)`` SAR on the output grid, one scene per optical date (target first), co-registered
     and in ``units``; plus the co-registration records. ``(None, [])`` when the target has no S1."""
-    from stages.coregister import Coregistration, estimate_sar_shift, shifted_geobox
-    from stages.load import load_sar
+    from cloudfree.stages.coregister import Coregistration, estimate_sar_shift, shifted_geobox
+    from cloudfree.stages.load import load_sar
 
     if not sar_items or sar_items[0] is None:
         return None, []

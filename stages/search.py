@@ -6,7 +6,7 @@
   and period, or exactly the ids in ``search.targets``;
 * references: items of the same collection within ``search.max_days`` of the target with ``eo:cloud_cover`` at
   most ``search.reference_max_cloud_cover``, covering at least ``policy.min_overlap`` of the target footprint,
-  ranked by the weighted score of :class:`~pipeline.config.SelectionPolicy` (temporal distance, clear fraction
+  ranked by the weighted score of :class:`~cloudfree.pipeline.config.SelectionPolicy` (temporal distance, clear fraction
   over the target's cloudy pixels, footprint overlap, same relative orbit, same MGRS tile); best first. With
   ``policy.bracket`` (default) the best-scored reference before the target and the best-scored one after it are
   always among the ``search.max_references`` kept when both sides have one (:func:`select_references`), so a
@@ -38,8 +38,8 @@ from typing import Any, Callable, Sequence
 
 import pystac
 
-from catalogs.base import SearchQuery
-from pipeline.errors import CatalogError, ConfigError, InputDataError, NoItemsFoundError
+from cloudfree.catalogs.base import SearchQuery
+from cloudfree.pipeline.errors import CatalogError, ConfigError, InputDataError, NoItemsFoundError
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def scl_clear_fraction(
     from rasterio.transform import from_bounds
     from rasterio.warp import reproject
 
-    from catalogs.bands import asset_key
+    from cloudfree.catalogs.bands import asset_key
 
     inter = _shape(target).intersection(_shape(reference))
     try:
@@ -313,7 +313,7 @@ def plan_targets(
 ) -> list[TargetPlan]:
     """Plans (target, ranked references, SAR) for the AOI / period / targets of ``search_cfg``.
 
-    Raises :class:`~pipeline.errors.NoItemsFoundError` when no target matches; a target without references or
+    Raises :class:`~cloudfree.pipeline.errors.NoItemsFoundError` when no target matches; a target without references or
     SAR gets empty tuples (and a log line), since the model may still work from the target alone.
     """
     policy = search_cfg.policy

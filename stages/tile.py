@@ -6,8 +6,8 @@ Each output tile has a disjoint *core* (the pixels it writes) and a *read* windo
 
 from __future__ import annotations
 
-from pipeline.contract import TileWindow
-from pipeline.errors import ConfigError
+from cloudfree.pipeline.contract import TileWindow
+from cloudfree.pipeline.errors import ConfigError
 
 
 def plan_tiles(shape: tuple[int, int], size: int, halo: int) -> list[TileWindow]:

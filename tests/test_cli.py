@@ -6,7 +6,7 @@ import json
 
 from click.testing import CliRunner
 
-from pipeline.cli import main
+from cloudfree.pipeline.cli import main
 
 
 def _yaml(tmp_path, demo_catalog, **extra):
@@ -82,8 +82,8 @@ def test_unknown_model_and_missing_item(tmp_path, demo_catalog):
 
 def test_run_compare_prints_both_models_per_target():
     """`cloudfree run --compare reference-replace` (the demo): one line per target with both PSNRs and the gain."""
-    from pipeline.cli import comparison_table
-    from pipeline.runner import TargetResult
+    from cloudfree.pipeline.cli import comparison_table
+    from cloudfree.pipeline.runner import TargetResult
 
     m = {"psnr_after_cloudy": 25.5, "psnr_after_all": 28.0}
     o = {"psnr_after_cloudy": 24.0, "psnr_after_all": 27.5}

@@ -14,8 +14,8 @@ import rasterio
 from click.testing import CliRunner
 from rio_cogeo.cogeo import cog_validate
 
-from pipeline.composite import composite_kernel
-from pipeline.contract import SOURCE_FUSED, SOURCE_NODATA, SOURCE_REFERENCE_BASE
+from cloudfree.pipeline.composite import composite_kernel
+from cloudfree.pipeline.contract import SOURCE_FUSED, SOURCE_NODATA, SOURCE_REFERENCE_BASE
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,7 @@ def test_fast_kernel_equals_the_reference_kernel(nt, method):
 
 
 def test_sorting_network_median_equals_numpy():
-    from models._filters import NETWORK_MAX, _oddeven_pairs, nanmedian_axis0
+    from cloudfree.models._filters import NETWORK_MAX, _oddeven_pairs, nanmedian_axis0
 
     rng = np.random.default_rng(0)
     for nt in range(1, NETWORK_MAX + 4):
@@ -116,11 +116,11 @@ def test_fused_composite_equals_mask_stage_plus_kernel(demo_catalog, methods, me
     import dask
     import dask.array as dsa
 
-    from catalogs.local import LocalCatalog
-    from pipeline.composite import fused_composite
-    from pipeline.config import GridConfig, MaskConfig
-    from stages.load import load_reflectance, output_geobox
-    from stages.masks import build_masks, layer_masks
+    from cloudfree.catalogs.local import LocalCatalog
+    from cloudfree.pipeline.composite import fused_composite
+    from cloudfree.pipeline.config import GridConfig, MaskConfig
+    from cloudfree.stages.load import load_reflectance, output_geobox
+    from cloudfree.stages.masks import build_masks, layer_masks
 
     items = LocalCatalog(demo_catalog)._load()[:4]
     mcfg = MaskConfig(methods=methods, dilation=3)
@@ -154,11 +154,11 @@ def _write_catalog(items: list[pystac.Item], path: Path) -> Path:
 def test_composite_is_incremental(demo_catalog, tmp_path):
     """Run 1 builds both tiles; a rerun with nothing new processes zero; a new acquisition of 33UUU re-processes
     33UUU only. 33UUV is a SIMULATED second tile (a copy of a 33UUU reference relabelled)."""
-    from catalogs.local import LocalCatalog
-    from pipeline.cli import main
-    from pipeline.composite import run_composite
-    from pipeline.config import load_config
-    from stages.publish import check_item
+    from cloudfree.catalogs.local import LocalCatalog
+    from cloudfree.pipeline.cli import main
+    from cloudfree.pipeline.composite import run_composite
+    from cloudfree.pipeline.config import load_config
+    from cloudfree.stages.publish import check_item
 
     base = LocalCatalog(demo_catalog)._load()
     ref = next(i for i in base if i.id == "S2A_T33UUU_20170206_SIMREF")
@@ -218,9 +218,9 @@ def test_a_broken_file_fails_its_tile_only(demo_catalog, tmp_path):
     """One band of a 33UUU input with its tiles zeroed (opens, breaks mid-read): 33UUU is recorded as failed,
     naming the fix, the SIMULATED second tile 33UUV is still built, and no staging folder is left (neither this
     run's nor one a killed run left for 33UUV)."""
-    from catalogs.local import LocalCatalog
-    from pipeline.composite import run_composite
-    from pipeline.config import load_config
+    from cloudfree.catalogs.local import LocalCatalog
+    from cloudfree.pipeline.composite import run_composite
+    from cloudfree.pipeline.config import load_config
 
     base = LocalCatalog(demo_catalog)._load()
     ref = next(i for i in base if i.id == "S2A_T33UUU_20170206_SIMREF")
@@ -257,8 +257,8 @@ def test_a_broken_file_fails_its_tile_only(demo_catalog, tmp_path):
 def test_model_composite_goes_through_the_per_target_lock_and_cleans_stale_staging(demo_catalog, tmp_path):
     """composite.method model writes through the runner's per-target path: staging a killed run left for the
     target is removed and the output is published."""
-    from pipeline.composite import run_composite
-    from pipeline.config import load_config
+    from cloudfree.pipeline.composite import run_composite
+    from cloudfree.pipeline.config import load_config
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", env=False).replace(
         catalog={"url": str(demo_catalog)}, grid={"resolution": 40}, output={"dir": str(tmp_path / "out")},
@@ -271,7 +271,7 @@ def test_model_composite_goes_through_the_per_target_lock_and_cleans_stale_stagi
 
 
 def _region(demo_catalog, tmp_path) -> Path:
-    from catalogs.local import LocalCatalog
+    from cloudfree.catalogs.local import LocalCatalog
 
     b = next(i for i in LocalCatalog(demo_catalog)._load() if i.id == "S2A_T33UUU_20170206_SIMREF").bbox
     region = tmp_path / "region.geojson"

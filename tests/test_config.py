@@ -1,7 +1,7 @@
 import pytest
 
-from pipeline.config import load_config, parse_config
-from pipeline.errors import ConfigError
+from cloudfree.pipeline.config import load_config, parse_config
+from cloudfree.pipeline.errors import ConfigError
 
 
 def test_defaults_are_valid():

@@ -3,8 +3,8 @@ import pytest
 import xarray as xr
 import rioxarray  # noqa: F401
 
-from pipeline.contract import TileInputs, TileResult, validate_scene
-from pipeline.errors import ContractError
+from cloudfree.pipeline.contract import TileInputs, TileResult, validate_scene
+from cloudfree.pipeline.errors import ContractError
 
 
 def _scene(dims=("time", "band", "y", "x"), dtype=np.float32, crs="EPSG:32633"):

@@ -11,8 +11,8 @@ import rasterio
 import xarray as xr
 from scipy import ndimage
 
-from pipeline.config import CoregisterConfig
-from stages.coregister import (Coregistration, apply_shifts, estimate_shift, estimate_shift_cross_modal,
+from cloudfree.pipeline.config import CoregisterConfig
+from cloudfree.stages.coregister import (Coregistration, apply_shifts, estimate_shift, estimate_shift_cross_modal,
                                shift_block)
 from tests.conftest import shared
 
@@ -87,7 +87,7 @@ def test_apply_shifts_is_lazy_and_chunk_independent(b08_29rkh):
 
 def test_demo_misregistrations_are_recovered_and_recorded(demo_run):
     """The demo references carry simulated misregistrations; the runner estimates, applies and records them."""
-    from pipeline.evaluation.demo_catalog import ITEMS
+    from cloudfree.pipeline.evaluation.demo_catalog import ITEMS
 
     truth = {s.id: s.shift for s in ITEMS}
     for r in demo_run:
@@ -101,7 +101,7 @@ def test_demo_misregistrations_are_recovered_and_recorded(demo_run):
 
 
 def test_scene_level_estimate_applies_rejects_and_fails(b08_29rkh):
-    from stages.coregister import estimate_reference_shifts
+    from cloudfree.stages.coregister import estimate_reference_shifts
 
     def scene(a):
         return xr.DataArray(dsa.from_array(a[None], chunks=(1, 128, 128)), dims=("band", "y", "x"),
@@ -126,9 +126,9 @@ def test_loading_on_a_shifted_grid_equals_shifting_the_pixels(demo_catalog):
     """The runner applies shifts by reading references on a shifted grid; check it against ndimage.shift."""
     import pystac
 
-    from pipeline.config import GridConfig
-    from stages.coregister import shifted_geobox
-    from stages.load import load_reflectance, output_geobox
+    from cloudfree.pipeline.config import GridConfig
+    from cloudfree.stages.coregister import shifted_geobox
+    from cloudfree.stages.load import load_reflectance, output_geobox
 
     item = next(i for i in pystac.Catalog.from_file(str(demo_catalog)).get_items(recursive=True)
                 if i.id.endswith("SIMCLOUDY"))

@@ -10,7 +10,7 @@ import pytest
 import rasterio
 from rio_cogeo.cogeo import cog_info, cog_validate
 
-from pipeline.contract import SOURCE_REFERENCE_BASE, SOURCE_TARGET, SOURCE_UNFILLED
+from cloudfree.pipeline.contract import SOURCE_REFERENCE_BASE, SOURCE_TARGET, SOURCE_UNFILLED
 
 TARGET = "S2A_T33UUU_20170216_SIMCLOUDY"
 THIN = "S2B_T33UUU_20170226_SIMTHIN"
@@ -88,7 +88,7 @@ def test_stac_item_links_every_input_and_records_processing(demo_run):
 
 
 def test_rerun_resumes_and_overwrite_redoes(demo_config, demo_run):
-    from pipeline.runner import run
+    from cloudfree.pipeline.runner import run
 
     again = run(demo_config)
     assert {r.status for r in again} == {"skipped"}
@@ -103,7 +103,7 @@ def test_rerun_resumes_and_overwrite_redoes(demo_config, demo_run):
 def test_relative_output_dir_as_make_demo_uses(demo_config, tmp_path, monkeypatch):
     """`make demo` runs with the config's relative `output.dir` (outputs/demo): outputs land there, not in a
     doubled outputs/demo/outputs/demo, and the item is where the runner reports it."""
-    from pipeline.runner import run
+    from cloudfree.pipeline.runner import run
 
     monkeypatch.chdir(tmp_path)
     res = run(demo_config.replace(output={"dir": "outputs/demo"}, search={"targets": [THIN]},

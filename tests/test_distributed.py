@@ -32,7 +32,7 @@ def _same_bytes(a: dict, b: dict) -> None:
 
 @pytest.mark.slow
 def test_distributed_localcluster_matches_threads(demo_config, demo_run, tmp_path):
-    from pipeline.runner import run
+    from cloudfree.pipeline.runner import run
 
     cfg = demo_config.replace(output={"dir": str(tmp_path)}, search={"targets": [TARGET]},
                               run={"scheduler": "distributed", "workers": 2, "memory_limit": "3GiB"})
@@ -84,7 +84,7 @@ def test_existing_cluster_via_run_address_matches_threads(demo_config, demo_run,
     dashboard link is printed; each worker builds the model once (the per-worker model cache)."""
     from distributed import Client
 
-    from pipeline.runner import run
+    from cloudfree.pipeline.runner import run
 
     cfg = demo_config.replace(output={"dir": str(tmp_path)}, search={"targets": [TARGET]},
                               run={"scheduler": "distributed", "address": dask_cluster})
@@ -94,7 +94,7 @@ def test_existing_cluster_via_run_address_matches_threads(demo_config, demo_run,
     assert "dashboard: http://127.0.0.1:" in err, err[-2000:]
     _same_bytes(res[0].outputs, next(r for r in demo_run if r.target_id == TARGET).outputs)
     with Client(dask_cluster) as c:
-        built = c.run(lambda: sorted(k[0] for k in __import__("stages.remove", fromlist=["_MODELS"])._MODELS))
+        built = c.run(lambda: sorted(k[0] for k in __import__("cloudfree.stages.remove", fromlist=["_MODELS"])._MODELS))
     assert len(built) == 2
     for models in built.values():  # built at most once per worker process (tiles ran on one or both)
         assert models in ([], [cfg.model.name])
@@ -118,7 +118,7 @@ def test_compose_file_starts_a_scheduler_two_workers_and_the_job(monkeypatch):
         assert "../outputs:/app/outputs" in s["volumes"], name  # workers write the COG parts: shared outputs
     assert (ROOT / svc["cloudfree"]["build"]["dockerfile"]).exists()
     # the job's env overrides parse into a valid config
-    from pipeline.config import load_config
+    from cloudfree.pipeline.config import load_config
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -132,8 +132,8 @@ def test_map_units_runs_units_side_by_side_and_keeps_their_order():
     after the other), results in input order, and a local scheduler falls back to one at a time."""
     import threading
 
-    from pipeline.config import parse_config
-    from pipeline.runner import concurrent_units, map_units
+    from cloudfree.pipeline.config import parse_config
+    from cloudfree.pipeline.runner import concurrent_units, map_units
 
     barrier = threading.Barrier(2, timeout=20)
 
@@ -153,7 +153,7 @@ def test_map_units_runs_units_side_by_side_and_keeps_their_order():
 @pytest.mark.slow
 def test_concurrent_targets_on_a_localcluster_match_threads(demo_config, demo_run, tmp_path):
     """Both demo targets submitted to one LocalCluster at the same time give the bytes of the threaded run."""
-    from pipeline.runner import run
+    from cloudfree.pipeline.runner import run
 
     cfg = demo_config.replace(output={"dir": str(tmp_path)},
                               run={"scheduler": "distributed", "workers": 2, "memory_limit": "3GiB",

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.registry import build_model
-from pipeline.evaluation.cases import simulated_case, slovakia_arrays_to_case
-from pipeline.evaluation.figures import figure
-from pipeline.evaluation.metrics import mae, psnr, sam, ssim
-from pipeline.evaluation.report import bar_check, choose_default, to_markdown, write_json
-from pipeline.evaluation.running import evaluate_models, parse_model_spec, predict_tiled, summarise
-from pipeline.evaluation.simulate import CloudSpec
+from cloudfree.models.registry import build_model
+from cloudfree.pipeline.evaluation.cases import simulated_case, slovakia_arrays_to_case
+from cloudfree.pipeline.evaluation.figures import figure
+from cloudfree.pipeline.evaluation.metrics import mae, psnr, sam, ssim
+from cloudfree.pipeline.evaluation.report import bar_check, choose_default, to_markdown, write_json
+from cloudfree.pipeline.evaluation.running import evaluate_models, parse_model_spec, predict_tiled, summarise
+from cloudfree.pipeline.evaluation.simulate import CloudSpec
 
 from tests.test_models_phyvlm import BANDS, _clear
 
@@ -97,7 +97,7 @@ def test_evaluate_models_table_phyvlm_beats_none_on_cloudy(case, tmp_path):
 @pytest.mark.parametrize("name", ["reference-replace", "median-composite"])
 def test_predict_tiled_equals_whole_image_for_pointwise_models(case, name):
     """Pixel-wise models (halo 0, scene-level alignment) give bit-identical values tiled and whole."""
-    from pipeline.evaluation.running import with_scene_context
+    from cloudfree.pipeline.evaluation.running import with_scene_context
 
     model = build_model(name)
     tile = with_scene_context(model, case.tile_inputs())
@@ -112,7 +112,7 @@ def test_predict_tiled_equals_whole_image_for_pointwise_models(case, name):
 def test_predict_tiled_with_halo_matches_whole_image(case, name):
     """Models with a receptive field: tiles padded by the model's declared halo reproduce the whole-image
     prediction (same scene context; lambdas of PhyVLM-CR stay per tile, hence a tolerance, not equality)."""
-    from pipeline.evaluation.running import with_scene_context
+    from cloudfree.pipeline.evaluation.running import with_scene_context
 
     model = build_model(name)
     tile = with_scene_context(model, case.tile_inputs())
@@ -141,7 +141,7 @@ def test_slovakia_case_builder():
 @pytest.mark.skipif(not (DATA / "s2-pair-slovakia" / "cloudy.tif").exists(),
                     reason=f"real Slovakia pair not found under {DATA}")
 def test_slovakia_case_real_data():
-    from pipeline.evaluation.cases import slovakia_case
+    from cloudfree.pipeline.evaluation.cases import slovakia_case
 
     real = slovakia_case(DATA)
     assert real.target.shape == (12, 256, 256) and 0.4 < real.cloud_mask.mean() < 0.6
@@ -152,7 +152,7 @@ def test_model_spec_parsing_and_generic_registry():
     assert parse_model_spec("temporal") == ("temporal", {})
     assert parse_model_spec("phyvlm-cr[prior=reference,temporal_options.local_radius=0]") == (
         "phyvlm-cr", {"prior": "reference", "temporal_options": {"local_radius": 0}})
-    from pipeline.errors import ConfigError
+    from cloudfree.pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError):
         parse_model_spec("phyvlm-cr[prior]")
@@ -175,7 +175,7 @@ def test_bar_compares_against_best_other_model_and_default_is_best():
 
 @pytest.mark.skipif(not (DATA / "s2-l2a-tile-29RKH-100m").is_dir(), reason="shared sample data not found")
 def test_bench_models_reports_models_and_io(tmp_path):
-    from pipeline.evaluation.bench_models import bench_models, main, read_window
+    from cloudfree.pipeline.evaluation.bench_models import bench_models, main, read_window
 
     res = bench_models(["none", "phyvlm-cr"], DATA, size=128, repeats=1)
     assert set(res["models"]) == {"none", "phyvlm-cr"}
@@ -191,7 +191,7 @@ def test_bench_models_reports_models_and_io(tmp_path):
 
 def test_summary_and_report_say_when_a_model_left_pixels_unscored():
     """Metrics skip NaN predictions; a model that leaves its hardest pixels NaN must not look better silently."""
-    from pipeline.evaluation.report import render_report
+    from cloudfree.pipeline.evaluation.report import render_report
 
     rows = [{"case": f"c{i}", "group": "simulated", "model": m, "region": "cloudy", "seconds": 0.0,
              "valid_fraction": vf, "psnr": 30.0, "ssim": 0.9, "sam": 2.0, "mae": 0.01}

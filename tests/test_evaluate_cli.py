@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import main
-from pipeline.evaluation.evaluate import DEFAULT_DATA_DIR, parse_seeds
-from pipeline.errors import ConfigError
+from cloudfree.pipeline.cli import main
+from cloudfree.pipeline.evaluation.evaluate import DEFAULT_DATA_DIR, parse_seeds
+from cloudfree.pipeline.errors import ConfigError
 
 TARGET = "S2A_T33UUU_20170216_SIMCLOUDY"
 needs_data = pytest.mark.skipif(not (DEFAULT_DATA_DIR / "s2-l2a-tile-29RKH-100m").is_dir(),
@@ -52,8 +52,8 @@ def test_evaluate_cli_romania_real_multi_date_case(tmp_path: Path):
     """The real 140-date stack through the catalog path: every hidden date and real cloudy date is scored,
     the default-model choice and the prior of every PhyVLM-CR row are in the report, and the temporal model
     beats reference replacement on the real-truth set (measured +1.7 dB; guarded at 0.5 dB)."""
-    from pipeline.evaluation.cases import ROMANIA_EVAL_DATES
-    from pipeline.evaluation.romania import ROMANIA_HIDDEN, ROMANIA_REAL_CLOUDY
+    from cloudfree.pipeline.evaluation.cases import ROMANIA_EVAL_DATES
+    from cloudfree.pipeline.evaluation.romania import ROMANIA_HIDDEN, ROMANIA_REAL_CLOUDY
 
     out = tmp_path / "eval"
     res = CliRunner().invoke(main, ["evaluate", "--models", "temporal,reference-replace,phyvlm-cr[prior=reference]",
@@ -66,7 +66,7 @@ def test_evaluate_cli_romania_real_multi_date_case(tmp_path: Path):
     assert len({c["donor"] for c in payload["cases"]["romania-hidden"]}) == 16  # many masks, not one
     assert set(ROMANIA_EVAL_DATES) >= {c["target_date"] for cs in payload["cases"].values() for c in cs}
     # no leakage: a case's truth never serves as its reference (the hidden target date; the real set's proxy-truth dates)
-    from pipeline.evaluation.romania import item_id
+    from cloudfree.pipeline.evaluation.romania import item_id
 
     for c in payload["cases"]["romania-hidden"]:
         assert item_id(c["target_date"]) not in c["references"], c
@@ -96,7 +96,7 @@ def test_evaluate_cli_rejects_unknown_model_and_case(tmp_path: Path):
 @pytest.mark.parametrize("model", ["phyvlm-cr", "median-composite"])
 def test_run_model_end_to_end_on_demo_catalog(demo_config, tmp_path: Path, model: str):
     """The main job with PhyVLM-CR (scene context from the coarse sample) and the median composite."""
-    from pipeline.runner import run
+    from cloudfree.pipeline.runner import run
 
     cfg = demo_config.replace(model={"name": model, "params": {}}, output={"dir": str(tmp_path / model)})
     (result,) = run(cfg, targets=[TARGET])

@@ -22,9 +22,9 @@ import pytest
 import rasterio
 import yaml
 
-from pipeline.contract import SOURCE_TARGET, SOURCE_UNFILLED
-from pipeline.errors import CatalogError, ConfigError, InputDataError, NoItemsFoundError
-from pipeline.safety import UnsafePathError, ensure_inside, safe_stem, target_lock
+from cloudfree.pipeline.contract import SOURCE_TARGET, SOURCE_UNFILLED
+from cloudfree.pipeline.errors import CatalogError, ConfigError, InputDataError, NoItemsFoundError
+from cloudfree.pipeline.safety import UnsafePathError, ensure_inside, safe_stem, target_lock
 from tests.conftest import ROOT
 from tests.fault_server import FaultServer
 
@@ -79,7 +79,7 @@ def _files(root: Path) -> set[str]:
 
 def _cli(args: list[str], env: dict | None = None, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     e = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "cloudfree.pipeline.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=e, cwd=kw.get("cwd", ROOT))
 
 
@@ -121,7 +121,7 @@ def test_hostile_item_ids_in_a_run_write_only_inside_output_dir(demo_config, dem
     items += [d for k, d in demo_dicts.items() if "SIMREF" in k]
     cat = _catalog(tmp_path / "cat", items)
     out = tmp_path / "deep" / "a" / "out"
-    from pipeline.runner import output_stem, run
+    from cloudfree.pipeline.runner import output_stem, run
 
     before = _files(tmp_path)
     res = run(_cfg(demo_config, cat, out, evil_ids, _small_aoi(items[0])))
@@ -138,7 +138,7 @@ def test_hostile_item_ids_in_a_run_write_only_inside_output_dir(demo_config, dem
 
 # -- 2. secrets in logs, offline search -----------------------------------------------------------------------------
 def test_redact_masks_every_credential_form(monkeypatch):
-    from pipeline.redact import redact
+    from cloudfree.pipeline.redact import redact
 
     monkeypatch.setenv("SH_CLIENT_SECRET", SECRET)
     cases = [
@@ -188,14 +188,14 @@ def test_sentinel_hub_search_offline_fails_fast_and_clearly(tmp_path):
 
 # -- 3. HTTP faults against the real pystac-client ------------------------------------------------------------------
 def _api(srv, **kw):
-    from catalogs.stac_api import StacApiCatalog
+    from cloudfree.catalogs.stac_api import StacApiCatalog
 
     return StacApiCatalog(url=srv.url, timeout=kw.pop("timeout", 5.0), max_retries=kw.pop("max_retries", 3),
                           backoff_factor=0.01, **kw)
 
 
 def test_stac_api_429_and_500_are_retried_then_succeed():
-    from catalogs.base import SearchQuery
+    from cloudfree.catalogs.base import SearchQuery
 
     with FaultServer() as srv:
         srv.faults["/search"] = [429, 500, 503]
@@ -205,7 +205,7 @@ def test_stac_api_429_and_500_are_retried_then_succeed():
 
 
 def test_stac_api_timeouts_and_persistent_errors_give_a_clear_catalog_error():
-    from catalogs.base import SearchQuery
+    from cloudfree.catalogs.base import SearchQuery
 
     q = SearchQuery(collections=("sentinel-2-l2a",), bbox=(10, 45, 11, 46))
     with FaultServer(timeout_sleep=1.5) as srv:
@@ -222,8 +222,8 @@ def test_stac_api_timeouts_and_persistent_errors_give_a_clear_catalog_error():
 
 
 def test_stac_api_offline_fails_fast_naming_the_api():
-    from catalogs.base import SearchQuery
-    from catalogs.stac_api import StacApiCatalog
+    from cloudfree.catalogs.base import SearchQuery
+    from cloudfree.catalogs.stac_api import StacApiCatalog
 
     t0 = time.monotonic()
     with pytest.raises(CatalogError, match=r"cannot resolve the host of STAC API https://stac\.invalid/v1.*network"):
@@ -232,8 +232,8 @@ def test_stac_api_offline_fails_fast_naming_the_api():
 
 
 def test_wrong_collection_lists_the_catalogs_collections(demo_catalog):
-    from catalogs.base import SearchQuery
-    from catalogs.local import LocalCatalog
+    from cloudfree.catalogs.base import SearchQuery
+    from cloudfree.catalogs.local import LocalCatalog
 
     with pytest.raises(NoItemsFoundError, match=r"\['sentinel-2-l2a'\] are not in local catalog.*demo-s2-l1c"):
         LocalCatalog(demo_catalog).search(SearchQuery(collections=("sentinel-2-l2a",)))
@@ -244,7 +244,7 @@ def test_wrong_collection_lists_the_catalogs_collections(demo_catalog):
 
 
 def test_expired_sas_token_is_refreshed_with_retry():
-    from catalogs.planetary_computer import SasTokenCache
+    from cloudfree.catalogs.planetary_computer import SasTokenCache
 
     href = "https://sentinel2l2a01.blob.core.windows.net/sentinel2-l2/x/B04.tif"
     # the server writes msft:expiry to the second (truncated): a token lives 3-4 s, so with a 2 s margin it is
@@ -264,9 +264,9 @@ def test_expired_sas_token_is_refreshed_with_retry():
 
 # -- 4. antimeridian ------------------------------------------------------------------------------------------------
 def test_antimeridian_aoi_bbox_and_polygon_match_both_sides_only(tmp_path, demo_config):
-    from catalogs.base import SearchQuery
-    from catalogs.local import LocalCatalog
-    from stages.search import load_aoi
+    from cloudfree.catalogs.base import SearchQuery
+    from cloudfree.catalogs.local import LocalCatalog
+    from cloudfree.stages.search import load_aoi
 
     def item(i, lon):
         return {"type": "Feature", "stac_version": "1.0.0", "id": f"am-{i}", "collection": "c",
@@ -290,7 +290,7 @@ def test_antimeridian_aoi_bbox_and_polygon_match_both_sides_only(tmp_path, demo_
 
 # -- 5. broken files: one target fails, the batch goes on -----------------------------------------------------------
 def test_truncated_band_and_10x_too_small_target_fail_alone_and_the_batch_goes_on(demo_config, demo_dicts, tmp_path):
-    from pipeline.runner import run
+    from cloudfree.pipeline.runner import run
 
     cloudy = demo_dicts[CLOUDY]
     b04 = Path(cloudy["assets"]["B04"]["href"])
@@ -325,7 +325,7 @@ def test_truncated_band_and_10x_too_small_target_fail_alone_and_the_batch_goes_o
 
 # -- 6. honest outputs ----------------------------------------------------------------------------------------------
 def test_unrestorable_target_is_labelled_unrestored_and_retried(demo_config, demo_dicts, tmp_path):
-    from pipeline.runner import run
+    from cloudfree.pipeline.runner import run
 
     cat = _catalog(tmp_path / "cat", list(demo_dicts.values()))
     out = tmp_path / "out"
@@ -344,9 +344,9 @@ def test_unrestorable_target_is_labelled_unrestored_and_retried(demo_config, dem
     r2 = _cli(["-q", "run", "-c", str(_yaml(cfg, tmp_path / "c.yaml")), "--no-progress"])
     assert r2.returncode == 3 and "unrestored" in r2.stdout
     # a later search never takes it as a clear reference
-    from catalogs.base import SearchQuery
-    from catalogs.local import LocalCatalog
-    from stages.search import plan_targets
+    from cloudfree.catalogs.base import SearchQuery
+    from cloudfree.catalogs.local import LocalCatalog
+    from cloudfree.stages.search import plan_targets
 
     items = LocalCatalog(out / "catalog.json").search(SearchQuery(collections=(cfg.output.collection,)))
     assert items and items[0].properties["cloudfree:status"] == "unrestored"
@@ -358,8 +358,8 @@ def test_unrestorable_target_is_labelled_unrestored_and_retried(demo_config, dem
 
 
 def test_all_nodata_output_is_not_clear(tmp_path):
-    from pipeline.runner import cover_stats, restoration_status
-    from stages.masks import NODATA_BIT
+    from cloudfree.pipeline.runner import cover_stats, restoration_status
+    from cloudfree.stages.masks import NODATA_BIT
 
     prof = {"driver": "GTiff", "width": 32, "height": 32, "count": 1, "dtype": "uint8"}
     paths = {}
@@ -373,7 +373,7 @@ def test_all_nodata_output_is_not_clear(tmp_path):
 
 
 def test_plausibility_names_item_band_and_fix(demo_dicts):
-    from stages.plausibility import check_reflectance
+    from cloudfree.stages.plausibility import check_reflectance
 
     target = pystac.Item.from_dict(_copy(demo_dicts[THIN]))
     refs = [pystac.Item.from_dict(d) for k, d in demo_dicts.items() if "SIMREF" in k]
@@ -408,7 +408,7 @@ def test_target_lock_serialises_processes(tmp_path):
 @pytest.fixture(scope="module")
 def kill_setup(demo_config, demo_dicts, tmp_path_factory):
     """A catalog copy, a config on a mid-size AOI and a clean reference run of it (in-process)."""
-    from pipeline.runner import run
+    from cloudfree.pipeline.runner import run
 
     tmp = tmp_path_factory.mktemp("kill")
     cat = _catalog(tmp / "cat", list(demo_dicts.values()))
@@ -428,7 +428,7 @@ def test_sigkill_mid_write_then_rerun_is_byte_identical_and_leaves_no_staging(ki
     cfg = cfg.replace(output={"dir": str(out)})
     path = _yaml(cfg, tmp / "kill.yaml")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "-q", "run", "-c", str(path), "--no-progress"],
+    p = subprocess.Popen([sys.executable, "-m", "cloudfree.pipeline.cli", "-q", "run", "-c", str(path), "--no-progress"],
                          env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and p.poll() is None:
@@ -447,7 +447,7 @@ def test_sigkill_mid_write_then_rerun_is_byte_identical_and_leaves_no_staging(ki
 
 
 def test_stale_staging_is_removed_by_a_rerun_that_skips_the_target(kill_setup):
-    from pipeline.runner import run
+    from cloudfree.pipeline.runner import run
 
     tmp, cfg, clean = kill_setup
     out = Path(cfg.output.dir)
@@ -465,7 +465,7 @@ def test_concurrent_runs_on_one_output_dir_do_not_collide(kill_setup):
     out = tmp / "concurrent"
     path = _yaml(cfg.replace(output={"dir": str(out)}), tmp / "conc.yaml")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "-c", str(path), "--no-progress"],
+    procs = [subprocess.Popen([sys.executable, "-m", "cloudfree.pipeline.cli", "run", "-c", str(path), "--no-progress"],
                               env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -480,7 +480,7 @@ def test_concurrent_runs_on_one_output_dir_do_not_collide(kill_setup):
 
 # -- 8. config errors -----------------------------------------------------------------------------------------------
 def test_aoi_feature_without_geometry_and_unclosed_ring_are_config_errors(tmp_path):
-    from stages.search import load_aoi
+    from cloudfree.stages.search import load_aoi
 
     nogeom = tmp_path / "nogeom.geojson"
     nogeom.write_text(json.dumps({"type": "Feature", "properties": {}}))
@@ -503,7 +503,7 @@ def test_bad_period_exits_2_like_other_config_errors(tmp_path, demo_catalog):
 
 
 def test_evaluate_never_writes_into_the_repositorys_docs_by_default():
-    from pipeline.cli import main
+    from cloudfree.pipeline.cli import main
 
     opt = next(p for p in main.commands["evaluate"].params if p.name == "out")
     assert opt.default == "evaluation" and not Path(opt.default).is_absolute()

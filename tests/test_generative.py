@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from models._generative import GEN_BANDS, coordinate_noise, extend_bands, scene_seed
-from models.cm_cr import (
+from cloudfree.models._generative import GEN_BANDS, coordinate_noise, extend_bands, scene_seed
+from cloudfree.models.cm_cr import (
     SIGMA_MIN,
     CMCRNetworks,
     EDMPrecond,
@@ -17,16 +17,16 @@ from models.cm_cr import (
     sample_consistency,
     sample_teacher,
 )
-from models.diffusion_enhancement import (
+from cloudfree.models.diffusion_enhancement import (
     DDPMSchedule,
     DENetworks,
     ddim_sample,
     ddim_timesteps,
     loss_wa,
 )
-from models.registry import build_model
-from pipeline.contract import SOURCE_MODEL, SOURCE_TARGET, TileInputs
-from pipeline.errors import ConfigError, ContractError, WeightsError
+from cloudfree.models.registry import build_model
+from cloudfree.pipeline.contract import SOURCE_MODEL, SOURCE_TARGET, TileInputs
+from cloudfree.pipeline.errors import ConfigError, ContractError, WeightsError
 
 
 # ---------------------------------------------------------------------------------------------------- noise
@@ -243,8 +243,8 @@ def _weights(tmp_path, which: str):
     """Random small networks saved as the loop saves them (safetensors + convention + card with the sha256)."""
     import json
 
-    from models import cm_cr, diffusion_enhancement
-    from pipeline.training.weights import card_paths, save_weights
+    from cloudfree.models import cm_cr, diffusion_enhancement
+    from cloudfree.pipeline.training.weights import card_paths, save_weights
 
     torch.manual_seed(4)
     if which == "de":
@@ -360,7 +360,7 @@ def test_spec_names_the_weights_file_actually_used(tmp_path, name):
     """The runner hashes ``model.spec.weights`` into the output item: it must be a path to the file in use."""
     from pathlib import Path
 
-    from pipeline.training.weights import card_sha256, file_sha256
+    from cloudfree.pipeline.training.weights import card_sha256, file_sha256
 
     shipped = Path(build_model(name, {}).spec.weights)
     assert shipped.is_file() and file_sha256(shipped) == card_sha256(shipped)

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.evaluation.cases import load_29rkh
-from pipeline.evaluation.simulate import CloudSpec, simulate_clouds
-from stages.mosaic import seam_ratio
-from stages.tile import plan_tiles
+from cloudfree.pipeline.evaluation.cases import load_29rkh
+from cloudfree.pipeline.evaluation.simulate import CloudSpec, simulate_clouds
+from cloudfree.stages.mosaic import seam_ratio
+from cloudfree.stages.tile import plan_tiles
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "weights"
@@ -25,7 +25,7 @@ def cloudy_scene():
     """128 x 128 real 29RKH pixels (rows 760.., outside every evaluation crop), 95 % SIMULATED cloud."""
     import xarray as xr
 
-    from stages.remove import SceneInputs
+    from cloudfree.stages.remove import SceneInputs
 
     clear = load_29rkh(DATA, BANDS)[:, 760:888, 100:228]
     sim = simulate_clouds(clear, BANDS, CloudSpec(cover=0.95, thick_fraction=0.8, scale=48.0), seed=11)
@@ -42,7 +42,7 @@ def cloudy_scene():
 def _mosaic(model, inputs, size=64, halo=16):
     import dask
 
-    from stages.remove import remove_clouds
+    from cloudfree.stages.remove import remove_clouds
 
     with dask.config.set(scheduler="synchronous"):
         ds = remove_clouds(inputs, model, plan_tiles(inputs.target.shape[1:], size, halo), halo, blend="feather")
@@ -50,7 +50,7 @@ def _mosaic(model, inputs, size=64, halo=16):
 
 
 def _whole(model, inputs):
-    from pipeline.contract import TileInputs
+    from cloudfree.pipeline.contract import TileInputs
 
     ny, nx = inputs.cloud_mask.shape
     return model.predict(TileInputs(BANDS, inputs.target.values, inputs.cloud_prob.values, inputs.cloud_mask.values,
@@ -67,7 +67,7 @@ def test_shared_scene_noise_keeps_tiles_seamless(cloudy_scene, name, params):
     128 px scene). With the scene's coordinate noise the tiled mosaic measures as the untiled one; with
     independent noise per tile (the ablation) the overlap bands average two different samples and the metric
     moves away (a blurred band reads below the baseline, a halo-discard mosaic far above it)."""
-    from models.registry import build_model
+    from cloudfree.models.registry import build_model
 
     inputs, mask, _ = cloudy_scene
 
@@ -85,7 +85,7 @@ def test_shared_scene_noise_keeps_tiles_seamless(cloudy_scene, name, params):
 
 def test_tiled_equals_whole_scene_closely(cloudy_scene):
     """Shared noise: the tiled mosaic and the one-tile prediction of the scene differ only by halo truncation."""
-    from models.registry import build_model
+    from cloudfree.models.registry import build_model
 
     inputs, mask, _ = cloudy_scene
     model = build_model("cm-cr", {"steps": 1, "device": "cpu"})
@@ -99,7 +99,7 @@ def test_shipped_weights_cards_and_sizes():
     for stem, model in (("diffusion_enhancement", "diffusion-enhancement"), ("cm_cr", "cm-cr")):
         w = WEIGHTS / f"{stem}.safetensors"
         card = json.loads((WEIGHTS / f"{stem}.card.json").read_text())
-        from pipeline.training.weights import file_sha256
+        from cloudfree.pipeline.training.weights import file_sha256
 
         assert w.stat().st_size < 20e6
         assert card["sha256"] == file_sha256(w)
@@ -110,8 +110,8 @@ def test_shipped_weights_cards_and_sizes():
 
 def test_trained_cmcr_beats_doing_nothing_under_cloud(cloudy_scene):
     """Not a quality claim: the trained student must at least move cloudy pixels towards the surface."""
-    from models.registry import build_model
-    from pipeline.evaluation.metrics import psnr
+    from cloudfree.models.registry import build_model
+    from cloudfree.pipeline.evaluation.metrics import psnr
 
     inputs, mask, clear = cloudy_scene
     out = _whole(build_model("cm-cr", {"steps": 1, "device": "cpu"}), inputs)
@@ -123,8 +123,8 @@ def test_train_resume_matches_uninterrupted(tmp_path):
     stage and resumed ends with the same weights as an uninterrupted run (stage switch and DE/CM-CR state included)."""
     import torch
 
-    from pipeline.training.loop import load_train_config, train
-    from pipeline.training.weights import read_weights
+    from cloudfree.pipeline.training.loop import load_train_config, train
+    from cloudfree.pipeline.training.weights import read_weights
 
     for model, net, extra in (("diffusion-enhancement", {"cnp_base": 8, "wa_base": 8, "stage_fractions": [0.34, 0.33, 0.33]},
                                {"sar": "none", "sar_dropout": 0.0}),
@@ -150,7 +150,7 @@ def test_train_resume_matches_uninterrupted(tmp_path):
 
 def test_steps_benchmark_writes_table_json_and_figure(tmp_path):
     """The steps-vs-quality benchmark end to end on one simulated case and one in-domain case, 1 step each."""
-    from pipeline.evaluation import generative_steps as gs
+    from cloudfree.pipeline.evaluation import generative_steps as gs
 
     payload = gs.run(tmp_path, DATA, seeds=[1], steps=[1], threads=1)
     labels = [r["label"] for r in payload["rows"]]

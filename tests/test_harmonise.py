@@ -9,8 +9,8 @@ import pystac
 import pytest
 import yaml
 
-from catalogs.harmonise import harmonise, processing_baseline
-from pipeline.errors import HarmonisationError
+from cloudfree.catalogs.harmonise import harmonise, processing_baseline
+from cloudfree.pipeline.errors import HarmonisationError
 from tests.stac_server import DATA, real_items
 
 OFF, ON, NOT_S2 = "no offset", "offset -1000", "not Sentinel-2"

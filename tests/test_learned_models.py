@@ -11,10 +11,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from models.registry import build_model
-from pipeline.contract import SOURCE_MODEL, SOURCE_TARGET, TileInputs
-from pipeline.errors import ContractError, WeightsError
-from pipeline.training.weights import clear_cache
+from cloudfree.models.registry import build_model
+from cloudfree.pipeline.contract import SOURCE_MODEL, SOURCE_TARGET, TileInputs
+from cloudfree.pipeline.errors import ContractError, WeightsError
+from cloudfree.pipeline.training.weights import clear_cache
 from tests.conftest import shared
 
 TINY = {"ca-mtcr": {"dim": 16, "blocks": 1, "heads": 2, "window": 4, "codebook": 8, "ltae_heads": 2, "normalise": "per-date"},
@@ -24,7 +24,7 @@ TINY = {"ca-mtcr": {"dim": 16, "blocks": 1, "heads": 2, "window": 4, "codebook":
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
     """Both models trained for 6 steps with the CLI (resumed once after 3), on real Romania pairs."""
-    from pipeline.cli import main
+    from cloudfree.pipeline.cli import main
 
     catalog = shared("s2-l2a-stack-romania-nrt", "stac", "catalog.json")
     out = {}
@@ -89,7 +89,7 @@ def test_inference_keeps_clear_pixels_and_fills_cloud(tiny_weights, name):
 
 
 def test_weights_load_once_and_refuse_bad_hash_or_bands(tiny_weights):
-    from pipeline.training import weights as w
+    from cloudfree.pipeline.training import weights as w
 
     clear_cache()
     model = build_model("ca-mtcr", {"weights": str(tiny_weights["ca-mtcr"])})
@@ -125,7 +125,7 @@ def test_weights_load_once_and_refuse_bad_hash_or_bands(tiny_weights):
     # a file whose recorded convention differs (other bands) is refused at load
     import torch
 
-    from pipeline.training.weights import InputConvention, save_weights
+    from cloudfree.pipeline.training.weights import InputConvention, save_weights
 
     other = tiny_weights["ca-mtcr"].with_name("other.safetensors")
     sha = save_weights({"x": torch.zeros(1)}, other, InputConvention(("B02", "B03", "B04", "B8A"), "L2A"))
@@ -136,7 +136,7 @@ def test_weights_load_once_and_refuse_bad_hash_or_bands(tiny_weights):
 
 @pytest.mark.parametrize("name", list(TINY))
 def test_cloudfree_run_on_demo_catalog(tiny_weights, demo_config, name):
-    from pipeline.runner import run
+    from cloudfree.pipeline.runner import run
 
     clear_cache()
     cfg = demo_config.replace(model={"name": name, "params": {"weights": str(tiny_weights[name])}},
@@ -145,7 +145,7 @@ def test_cloudfree_run_on_demo_catalog(tiny_weights, demo_config, name):
     results = run(cfg)
     assert [r.status for r in results] == ["done"], [r.error for r in results]
     item = json.loads(results[0].outputs["item"].read_text())
-    from pipeline.training.weights import file_sha256
+    from cloudfree.pipeline.training.weights import file_sha256
 
     recorded = item["properties"]["cloudfree:model"]
     assert recorded["name"] == name and recorded["weights_sha256"] == file_sha256(tiny_weights[name])
@@ -163,9 +163,9 @@ def test_shipped_weights_fill_simulated_cloud_on_real_pixels(name, margin):
     the truth. A guard against broken or untrained weights, not a quality claim: measured 33.4 dB (ca-mtcr) and
     24.6 dB (sar-optical-fusion) against 8.5 dB for the cloudy input; a per-band clear-pixel mean fill scores
     33.0 dB on this flat crop, so neither number says the network is good."""
-    from pipeline.evaluation.cases import SIM_BANDS, load_29rkh, simulated_case
-    from pipeline.evaluation.metrics import psnr
-    from pipeline.evaluation.running import with_scene_context
+    from cloudfree.pipeline.evaluation.cases import SIM_BANDS, load_29rkh, simulated_case
+    from cloudfree.pipeline.evaluation.metrics import psnr
+    from cloudfree.pipeline.evaluation.running import with_scene_context
 
     clear = load_29rkh(shared("s2-l2a-tile-29RKH-100m").parent, SIM_BANDS)[:, 760:888, 100:228]
     case = simulated_case(clear, SIM_BANDS, 11, name="sim-29RKH-760-100-seed11")

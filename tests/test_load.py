@@ -15,10 +15,10 @@ import rasterio
 import xarray as xr
 from odc.geo.geobox import GeoBox
 
-from pipeline.contract import SOURCE_REFERENCE_BASE, SOURCE_FAILED, SOURCE_TARGET
-from pipeline.errors import ReadError
-from stages import load as load_mod
-from stages.load import (check_assets, db_to_linear, load_reflectance, load_reflectance_checked, load_sar,
+from cloudfree.pipeline.contract import SOURCE_REFERENCE_BASE, SOURCE_FAILED, SOURCE_TARGET
+from cloudfree.pipeline.errors import ReadError
+from cloudfree.stages import load as load_mod
+from cloudfree.stages.load import (check_assets, db_to_linear, load_reflectance, load_reflectance_checked, load_sar,
                          open_with_retry, output_geobox, reflectance_resampling)
 from tests.conftest import shared
 
@@ -48,7 +48,7 @@ def test_failed_assets_are_retried_reported_and_flagged(demo_items, tmp_path, mo
     monkeypatch.setattr(load_mod.time, "sleep", sleeps.append)
     good, ref = demo_items[TARGET], demo_items["S2A_T33UUU_20170206_SIMREF"]
     bad = _broken_copy(good, tmp_path)
-    gb = output_geobox(good, __import__("pipeline.config", fromlist=["GridConfig"]).GridConfig())[:256, :256]
+    gb = output_geobox(good, __import__("cloudfree.pipeline.config", fromlist=["GridConfig"]).GridConfig())[:256, :256]
     bands = ["B02", "B04", "B08", "B11"]
     stack, failed, failures = load_reflectance_checked([bad, ref], bands, gb, 128, retries=3, delay=0.01)
     assert {(f.item_id, f.band) for f in failures} == {(bad.id, "B04"), (bad.id, "B11")}
@@ -93,9 +93,9 @@ def test_failed_target_pixels_reach_the_output_as_source_failed(demo_config, dem
     """End to end on a small AOI: a target whose B04 cannot be read is never written as its own (clear)
     observation: a pixel a clear reference supplies keeps the reference's code (all bands from it), any other
     pixel is SOURCE_FAILED with B04 nodata and the healthy bands kept."""
-    from models.registry import build_model
-    from pipeline.runner import process_target
-    from stages.search import Candidate, TargetPlan
+    from cloudfree.models.registry import build_model
+    from cloudfree.pipeline.runner import process_target
+    from cloudfree.stages.search import Candidate, TargetPlan
 
     good = demo_items[TARGET]
     bad = _broken_copy(good, tmp_path)
@@ -126,7 +126,7 @@ def test_failed_target_pixels_reach_the_output_as_source_failed(demo_config, dem
 
 
 def test_mark_failed_sets_source_and_nan():
-    from pipeline.runner import mark_failed
+    from cloudfree.pipeline.runner import mark_failed
 
     ds = xr.Dataset({"reflectance": (("band", "y", "x"), np.ones((2, 3, 3), np.float32)),
                      "confidence": (("y", "x"), np.ones((3, 3), np.float32)),
@@ -189,7 +189,7 @@ def test_load_sar_converts_db_to_linear_and_reprojects():
 
 def test_resampling_follows_declared_source_resolution(demo_catalog):
     """average only when the assets declare pixels finer than the grid; undeclared (decimated files) -> bilinear."""
-    from catalogs.local import LocalCatalog
+    from cloudfree.catalogs.local import LocalCatalog
 
     demo = LocalCatalog(demo_catalog).get("S2A_T33UUU_20170206_SIMREF")  # assets declare proj:transform
     assert reflectance_resampling(["B02", "B11"], 40, [demo]) == {"B02": "average", "B11": "average"}
@@ -205,7 +205,7 @@ def test_outside_the_footprint_is_nan_not_zero(demo_catalog):
     from affine import Affine
     from odc.geo.geobox import GeoBox
 
-    from catalogs.local import LocalCatalog
+    from cloudfree.catalogs.local import LocalCatalog
 
     item = LocalCatalog(demo_catalog).get("S2A_T33UUU_20170206_SIMREF")
     # 100 m grid starting 1 km west and north of the item's top-left corner (330000, 5822040)

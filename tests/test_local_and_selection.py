@@ -8,11 +8,11 @@ from pathlib import Path
 import pystac
 import pytest
 
-from catalogs.base import SearchQuery
-from catalogs.local import LocalCatalog, write_geoparquet
-from catalogs.stac_api import split_antimeridian_bbox, split_antimeridian_geometry
-from pipeline.errors import NoItemsFoundError
-from stages.search import clear_fraction_from_metadata, mgrs_tile, relative_orbit, scl_clear_fraction
+from cloudfree.catalogs.base import SearchQuery
+from cloudfree.catalogs.local import LocalCatalog, write_geoparquet
+from cloudfree.catalogs.stac_api import split_antimeridian_bbox, split_antimeridian_geometry
+from cloudfree.pipeline.errors import NoItemsFoundError
+from cloudfree.stages.search import clear_fraction_from_metadata, mgrs_tile, relative_orbit, scl_clear_fraction
 from tests.stac_server import real_items
 
 TILE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "s2-l2a-tile-29RKH-100m"
@@ -77,9 +77,9 @@ def test_scl_clear_fraction_on_real_scl(items, tmp_path) -> None:
 
 def test_pixel_level_clear_fraction_from_config(demo_catalog):
     """search.policy.clear_fraction = scl ranks references by how much of the target's cloud they see clear."""
-    from catalogs.local import LocalCatalog
-    from pipeline.config import parse_config
-    from stages.search import plan_targets
+    from cloudfree.catalogs.local import LocalCatalog
+    from cloudfree.pipeline.config import parse_config
+    from cloudfree.stages.search import plan_targets
 
     cat = LocalCatalog(demo_catalog)
     meta = parse_config({"search": {"targets": ["S2A_T33UUU_20170216_SIMCLOUDY"]}}).search

@@ -10,10 +10,10 @@ import numpy as np
 import pystac
 import pytest
 
-from pipeline.config import MaskConfig
-from pipeline.errors import InputDataError
-from pipeline.evaluation.mask_scores import L1C13, score, score_29rkh, score_labels
-from stages.masks import (S2CLOUDLESS_BANDS, build_masks, cldprb_kernel, s2cloudless_kernel, s2cloudless_mask,
+from cloudfree.pipeline.config import MaskConfig
+from cloudfree.pipeline.errors import InputDataError
+from cloudfree.pipeline.evaluation.mask_scores import L1C13, score, score_29rkh, score_labels
+from cloudfree.stages.masks import (S2CLOUDLESS_BANDS, build_masks, cldprb_kernel, s2cloudless_kernel, s2cloudless_mask,
                           spectral_score_kernel)
 from tests.conftest import SHARED, shared
 
@@ -60,8 +60,8 @@ def test_cldprb_threshold_closing_then_opening():
 
 def _small_geobox(items):
 
-    from pipeline.config import GridConfig
-    from stages.load import output_geobox
+    from cloudfree.pipeline.config import GridConfig
+    from cloudfree.stages.load import output_geobox
 
     gb = output_geobox(items[0], GridConfig())
     return gb[200:456, 400:656]
@@ -105,7 +105,7 @@ def test_scl_and_cldprb_resampled_to_10m_keep_their_values(demo_items):
     """20 m class/probability layers on the 10 m grid: nearest, so no value outside the source set appears."""
     import rasterio
 
-    from stages.load import load_layer
+    from cloudfree.stages.load import load_layer
 
     item = next(i for i in demo_items if i.id.endswith("SIMCLOUDY"))
     gb = _small_geobox([item])
@@ -121,8 +121,8 @@ def test_scl_classes_survive_resampling_on_real_29rkh(tmp_path):
     """Real SCL (200 m in the decimated tile) onto a 100 m and a 130 m grid: classes stay in the class set."""
     from odc.geo.geobox import GeoBox
 
-    from pipeline.evaluation.bench import local_29rkh_item
-    from stages.load import load_layer
+    from cloudfree.pipeline.evaluation.bench import local_29rkh_item
+    from cloudfree.stages.load import load_layer
 
     item = local_29rkh_item(shared("s2-l2a-tile-29RKH-100m"))
     for res in (100, 130):

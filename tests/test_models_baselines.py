@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models.dcp import dcp_dehaze, dark_channel
-from models.registry import BUILTIN_MODULES, available_models, build_model
-from pipeline.contract import SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs
-from pipeline.evaluation.metrics import psnr
+from cloudfree.models.dcp import dcp_dehaze, dark_channel
+from cloudfree.models.registry import BUILTIN_MODULES, available_models, build_model
+from cloudfree.pipeline.contract import SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs
+from cloudfree.pipeline.evaluation.metrics import psnr
 
 BANDS = ("B02", "B03", "B04", "B08")
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
@@ -35,7 +35,7 @@ def test_every_model_file_is_registered():
                                      for t in s.targets}
         ]
         if names:
-            mod = f"models.{path.stem}"
+            mod = f"cloudfree.models.{path.stem}"
             assert mod in BUILTIN_MODULES and mod in registered, f"{path.name} defines {names} but is not registered"
     assert {"none", "dcp", "median-composite", "reference-replace", "phyvlm-cr"} <= set(available_models())
 
@@ -71,8 +71,8 @@ def test_dcp_kernel_inverts_uniform_haze():
 
 
 def test_dcp_model_improves_thin_haze_case():
-    from pipeline.evaluation.cases import simulated_case
-    from pipeline.evaluation.simulate import CloudSpec
+    from cloudfree.pipeline.evaluation.cases import simulated_case
+    from cloudfree.pipeline.evaluation.simulate import CloudSpec
 
     from tests.test_models_phyvlm import _clear
 

@@ -8,9 +8,9 @@ import warnings
 import numpy as np
 import pytest
 
-from models._filters import block_mean, guided_filter, nanmedian_axis0, upsample_bilinear
-from models.phyvlm import PhyVLMCR, atmospheric_light, brightness_saturation, phyvlm_kernel
-from models.priors import (
+from cloudfree.models._filters import block_mean, guided_filter, nanmedian_axis0, upsample_bilinear
+from cloudfree.models.phyvlm import PhyVLMCR, atmospheric_light, brightness_saturation, phyvlm_kernel
+from cloudfree.models.priors import (
     DiffusersPrior,
     ModelPrior,
     PriorBackendMissingError,
@@ -19,12 +19,12 @@ from models.priors import (
     reflectance_to_rgb,
     rgb_to_reflectance,
 )
-from models.registry import build_model
-from pipeline.contract import SOURCE_MODEL, SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs
-from pipeline.errors import ModelError, WeightsError
-from pipeline.evaluation.cases import simulated_case
-from pipeline.evaluation.metrics import psnr
-from pipeline.evaluation.simulate import CloudSpec
+from cloudfree.models.registry import build_model
+from cloudfree.pipeline.contract import SOURCE_MODEL, SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs
+from cloudfree.pipeline.errors import ModelError, WeightsError
+from cloudfree.pipeline.evaluation.cases import simulated_case
+from cloudfree.pipeline.evaluation.metrics import psnr
+from cloudfree.pipeline.evaluation.simulate import CloudSpec
 
 BANDS = ("B02", "B03", "B04", "B08")
 
@@ -118,7 +118,7 @@ def test_scene_context_gives_same_statistics_to_every_tile(case):
     context equals predict without it when the tile is the scene."""
     from dataclasses import replace
 
-    from pipeline.evaluation.running import predict_tiled
+    from cloudfree.pipeline.evaluation.running import predict_tiled
 
     model = build_model("phyvlm-cr")
     assert model.spec.scene_context
@@ -206,7 +206,7 @@ def test_model_prior_hook_calls_any_registered_model(case):
     with pytest.raises(ModelError):
         ModelPrior("phyvlm-cr")
     # no learned model is registered: the wrapper is not called "learned"
-    from models.priors import build_prior
+    from cloudfree.models.priors import build_prior
 
     with pytest.raises(ModelError, match="renamed 'model'"):
         build_prior("learned", model_name="dcp")

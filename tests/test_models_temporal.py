@@ -9,13 +9,13 @@ import numpy as np
 import pystac
 import pytest
 
-from models._align import local_alignment
-from models.registry import build_model
-from models.temporal import interpolate_in_time
-from pipeline.contract import SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs
-from pipeline.errors import ModelError
-from pipeline.evaluation.metrics import psnr
-from stages.search import Candidate, select_references
+from cloudfree.models._align import local_alignment
+from cloudfree.models.registry import build_model
+from cloudfree.models.temporal import interpolate_in_time
+from cloudfree.pipeline.contract import SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs
+from cloudfree.pipeline.errors import ModelError
+from cloudfree.pipeline.evaluation.metrics import psnr
+from cloudfree.stages.search import Candidate, select_references
 from tests.conftest import SHARED
 
 BANDS = ("B02", "B03", "B04", "B08")
@@ -130,8 +130,8 @@ def test_reference_policy_brackets_the_target():
 def test_headline_phyvlm_beats_reference_replace_on_thin_cloud_of_the_simulated_set():
     """The physics is why PhyVLM-CR is kept: on thin-cloud pixels (0.1 <= t < 0.95) of the simulated set it beats
     reference replacement by at least 3 dB on average and on every case (measured +6.8 dB on seeds 1-9)."""
-    from pipeline.evaluation.cases import simulated_set
-    from pipeline.evaluation.running import evaluate_models, summarise
+    from cloudfree.pipeline.evaluation.cases import simulated_set
+    from cloudfree.pipeline.evaluation.running import evaluate_models, summarise
 
     cases = simulated_set(SHARED, [1, 2, 3])
     rows = evaluate_models(cases, ["phyvlm-cr", "reference-replace"])
@@ -145,9 +145,9 @@ def test_headline_phyvlm_beats_reference_replace_on_thin_cloud_of_the_simulated_
 def test_a_model_taking_fewer_references_than_the_plan_keeps_the_bracket():
     """The search keeps 4 references (bracketing); a model that takes 2 (CA-MTCR) gets the best before and the
     best after, not the two best-scored (both before), and each keeps its own signed offset."""
-    from pipeline.config import Config
-    from pipeline.runner import model_references, reference_offsets
-    from stages.search import TargetPlan
+    from cloudfree.pipeline.config import Config
+    from cloudfree.pipeline.runner import model_references, reference_offsets
+    from cloudfree.stages.search import TargetPlan
 
     ranked = [_cand(-5, 0.9), _cand(-10, 0.8), _cand(-15, 0.7), _cand(20, 0.3), _cand(30, 0.2)]
     plan = TargetPlan(ranked[0].item, select_references(ranked, 4, bracket=True), ())

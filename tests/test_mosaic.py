@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stages.mosaic import axis_weights, blend_block, neighbours, seam_ratio, tile_weights
-from stages.tile import plan_tiles
+from cloudfree.stages.mosaic import axis_weights, blend_block, neighbours, seam_ratio, tile_weights
+from cloudfree.stages.tile import plan_tiles
 
 THIN = "S2B_T33UUU_20170226_SIMTHIN"
 
@@ -78,10 +78,10 @@ def test_seam_ratio_is_one_on_a_smooth_field_and_rejects_tiny_images():
 @pytest.fixture(scope="module")
 def thin_scene(demo_config):
     """The real-pixel thin-cloud demo target (256 x 512 px at 10 m) as lazy scene inputs."""
-    from catalogs.base import SearchQuery, open_catalog
-    from stages.load import load_reflectance, output_geobox
-    from stages.masks import build_masks
-    from stages.remove import SceneInputs
+    from cloudfree.catalogs.base import SearchQuery, open_catalog
+    from cloudfree.stages.load import load_reflectance, output_geobox
+    from cloudfree.stages.masks import build_masks
+    from cloudfree.stages.remove import SceneInputs
 
     cat = open_catalog(demo_config.catalog)
     it = cat.search(SearchQuery(collections=(demo_config.catalog.collection,), ids=(THIN,)))[0]
@@ -95,8 +95,8 @@ def test_per_tile_statistics_model_has_seams_without_blending_and_none_with_it(t
     """DCP estimates its atmospheric light per tile: a per-tile statistic. Measured on real pixels."""
     import dask
 
-    from models.registry import build_model
-    from stages.remove import remove_clouds
+    from cloudfree.models.registry import build_model
+    from cloudfree.stages.remove import remove_clouds
 
     inputs, target = thin_scene
     model = build_model("dcp", {"keep_clear_target": False})
@@ -121,7 +121,7 @@ def test_per_tile_statistics_model_has_seams_without_blending_and_none_with_it(t
 def _fallback_inputs():
     import xarray as xr
 
-    from stages.remove import SceneInputs
+    from cloudfree.stages.remove import SceneInputs
 
     ny, nx = 4, 5
     coords = {"y": np.arange(ny), "x": np.arange(nx)}
@@ -144,7 +144,7 @@ def _fallback_inputs():
 def test_confidence_fallback_modes():
     import dask
 
-    from stages.mosaic import confidence_fallback
+    from cloudfree.stages.mosaic import confidence_fallback
 
     ds, inputs = _fallback_inputs()
     with dask.config.set(scheduler="sync"):
@@ -167,9 +167,9 @@ def test_blending_and_fallback_stay_lazy(thin_scene):
     """Building the blended graph (and the fallback) reads no pixel: compute happens once, at the write."""
     import dask
 
-    from models.registry import build_model
-    from stages.mosaic import confidence_fallback
-    from stages.remove import remove_clouds
+    from cloudfree.models.registry import build_model
+    from cloudfree.stages.mosaic import confidence_fallback
+    from cloudfree.stages.remove import remove_clouds
 
     def refuse(*args, **kwargs):
         raise AssertionError("a stage computed eagerly")

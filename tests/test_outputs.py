@@ -25,7 +25,7 @@ def _result(demo_run, target=TARGET):
 def test_pystac_cannot_validate_offline_so_items_are_checked_structurally(demo_run):
     """``Item.validate()`` needs the optional ``jsonschema`` package (not in this environment) and then fetches the
     schemas over HTTP (pystac ships none; blocked offline). Hence ``check_item``."""
-    from stages.publish import check_item
+    from cloudfree.stages.publish import check_item
 
     path = _result(demo_run).outputs["item"]
     item = pystac.Item.from_file(str(path))
@@ -49,7 +49,7 @@ def test_pystac_cannot_validate_offline_so_items_are_checked_structurally(demo_r
 
 
 def test_mask_provenance_bits_match_the_mask_and_are_referenced(demo_run):
-    from stages.masks import METHOD_BITS
+    from cloudfree.stages.masks import METHOD_BITS
 
     r = _result(demo_run)
     ok, errors, _ = cog_validate(r.outputs["mask_provenance"], quiet=True)
@@ -71,9 +71,9 @@ def test_mask_provenance_bits_match_the_mask_and_are_referenced(demo_run):
 
 
 def test_output_collection_is_a_catalog_and_an_output_serves_as_a_reference(demo_config, demo_run, tmp_path):
-    from catalogs.local import LocalCatalog
-    from catalogs.base import SearchQuery
-    from pipeline.runner import run
+    from cloudfree.catalogs.local import LocalCatalog
+    from cloudfree.catalogs.base import SearchQuery
+    from cloudfree.pipeline.runner import run
 
     out_dir = Path(demo_config.output.dir)
     coll = json.loads((out_dir / "collection.json").read_text())
@@ -102,7 +102,7 @@ def test_output_collection_is_a_catalog_and_an_output_serves_as_a_reference(demo
 
 
 def test_report_renders_with_images(demo_run, demo_config):
-    from pipeline.report import markdown_to_html
+    from cloudfree.pipeline.report import markdown_to_html
 
     # other tests rerun the demo into the same folder (resume, overwrite): take the run that did both targets
     reports = [p for p in (Path(demo_config.output.dir) / "reports").glob("*/report.md")
@@ -138,11 +138,11 @@ def _rkh_item() -> pystac.Item:
 
 
 def test_real_l2a_tile_29rkh_end_to_end(tmp_path):
-    from catalogs.local import write_geoparquet
-    from pipeline.config import load_config
-    from pipeline.runner import run
-    from stages.mosaic import seam_ratio
-    from stages.publish import check_item
+    from cloudfree.catalogs.local import write_geoparquet
+    from cloudfree.pipeline.config import load_config
+    from cloudfree.pipeline.runner import run
+    from cloudfree.stages.mosaic import seam_ratio
+    from cloudfree.stages.publish import check_item
 
     item = _rkh_item()
     cat = write_geoparquet([item], tmp_path / "rkh.parquet")

@@ -11,10 +11,10 @@ from typing import Iterator
 
 import pytest
 
-from catalogs.base import SearchQuery
-from catalogs.planetary_computer import PlanetaryComputerCatalog, SasTokenCache, token_expiry
-from catalogs.stac_api import StacApiCatalog
-from pipeline.errors import CatalogError
+from cloudfree.catalogs.base import SearchQuery
+from cloudfree.catalogs.planetary_computer import PlanetaryComputerCatalog, SasTokenCache, token_expiry
+from cloudfree.catalogs.stac_api import StacApiCatalog
+from cloudfree.pipeline.errors import CatalogError
 from tests.replay import ReplayServer
 
 NL = {"type": "Polygon", "coordinates": [[[6.42425537109375, 53.174765470134616], [7.344360351562499, 53.174765470134616],

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from models.registry import available_models, build_model
-from pipeline.errors import ConfigError, UnknownModelError
+from cloudfree.models.registry import available_models, build_model
+from cloudfree.pipeline.errors import ConfigError, UnknownModelError
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 
@@ -32,10 +32,10 @@ def test_every_model_file_is_registered():
     missing = set(in_files) - set(registered)
     assert not missing, f"models defined but not registered (add to BUILTIN_MODULES): {missing}"
     # the name -> module map builds one model by importing its module only: it must name the right module
-    from models.registry import BUILTIN
+    from cloudfree.models.registry import BUILTIN
 
     assert set(BUILTIN) == set(in_files)
-    assert {name: f"models.{in_files[name][:-3]}" for name in BUILTIN} == BUILTIN
+    assert {name: f"cloudfree.models.{in_files[name][:-3]}" for name in BUILTIN} == BUILTIN
 
 
 def test_building_a_physics_model_does_not_import_torch():

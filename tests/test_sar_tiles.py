@@ -14,12 +14,12 @@ import xarray as xr
 from odc.geo.geobox import GeoBox
 from scipy import ndimage
 
-from models.base import ModelSpec, RemovalModelBase
-from pipeline.config import Config
-from pipeline.contract import SOURCE_TARGET, TileResult
-from stages.remove import SceneInputs, remove_clouds
-from stages.sar import linear_to_db_clipped, prepare_model_sar
-from stages.tile import plan_tiles
+from cloudfree.models.base import ModelSpec, RemovalModelBase
+from cloudfree.pipeline.config import Config
+from cloudfree.pipeline.contract import SOURCE_TARGET, TileResult
+from cloudfree.stages.remove import SceneInputs, remove_clouds
+from cloudfree.stages.sar import linear_to_db_clipped, prepare_model_sar
+from cloudfree.stages.tile import plan_tiles
 from tests.conftest import shared
 
 OFFSET = (1.3, -0.6)
@@ -117,7 +117,7 @@ def test_tiles_get_their_halo_window_of_sar(s1_scene):
 def test_model_that_needs_sar_fails_the_target_clearly(demo_config):
     """The demo catalog has no Sentinel-1: a model configured to require it fails each target with the fix named,
     and the batch goes on (every target reported)."""
-    from pipeline.runner import run
+    from cloudfree.pipeline.runner import run
 
     cfg = demo_config.replace(model={"name": "sar-optical-fusion", "params": {"require_sar": True}},
                               output={"dir": str(demo_config.output.dir) + "-needs-sar"})
@@ -141,9 +141,9 @@ def test_run_feeds_one_s1_scene_per_date_to_a_multi_temporal_model(demo_catalog,
     import json
     from datetime import timedelta
 
-    from catalogs.local import LocalCatalog
-    from pipeline.runner import run
-    from pipeline.training.datasets import simulate_sar
+    from cloudfree.catalogs.local import LocalCatalog
+    from cloudfree.pipeline.runner import run
+    from cloudfree.pipeline.training.datasets import simulate_sar
 
     target_id = "S2B_T33UUU_20170226_SIMTHIN"
     items = LocalCatalog(demo_catalog)._load()
@@ -200,8 +200,8 @@ def test_truncated_reference_s1_is_dropped_not_failing_the_target(s1_scene, tmp_
 def test_truncated_s1_only_recorded_fails_only_the_coregistration_record(s1_scene, tmp_path):
     """For a model that does not use SAR the S1 scene is only co-registered for the record: a file cut in half
     gives a 'failed' record, not a failed target."""
-    from pipeline.runner import _sar_coregistration
-    from stages.search import Candidate, TargetPlan
+    from cloudfree.pipeline.runner import _sar_coregistration
+    from cloudfree.stages.search import Candidate, TargetPlan
 
     s = s1_scene
     raw = open(s["orig"].assets["vv"].href, "rb").read()
@@ -216,9 +216,9 @@ def test_truncated_s1_only_recorded_fails_only_the_coregistration_record(s1_scen
 def test_unreadable_target_s1_costs_an_sar_accepting_model_only_its_sar(s1_scene, tmp_path):
     """A model that accepts (not needs) SAR: the target's S1 cut in half gives no SAR and a failed record; the
     same file for a model that needs SAR still fails the target."""
-    from models.registry import build_model
-    from pipeline.runner import model_sar
-    from stages.search import Candidate, TargetPlan
+    from cloudfree.models.registry import build_model
+    from cloudfree.pipeline.runner import model_sar
+    from cloudfree.stages.search import Candidate, TargetPlan
 
     s = s1_scene
     raw = open(s["orig"].assets["vv"].href, "rb").read()

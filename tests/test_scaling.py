@@ -18,17 +18,17 @@ BANDS = ["B02", "B03", "B04", "B08"]
 
 @pytest.fixture(scope="module")
 def items():
-    from pipeline.evaluation.bench import local_29rkh_item
+    from cloudfree.pipeline.evaluation.bench import local_29rkh_item
 
     t = local_29rkh_item(DATA)
     return t, local_29rkh_item(DATA, item_id=t.id + "_REF", shift_days=-10)
 
 
 def _scene(items, geobox, chunk):
-    from pipeline.config import MaskConfig
-    from stages.load import load_reflectance
-    from stages.masks import build_masks
-    from stages.remove import SceneInputs
+    from cloudfree.pipeline.config import MaskConfig
+    from cloudfree.stages.load import load_reflectance
+    from cloudfree.stages.masks import build_masks
+    from cloudfree.stages.remove import SceneInputs
 
     t, r = items
     stack = load_reflectance([t, r], BANDS, geobox, chunk)
@@ -40,8 +40,8 @@ def _scene(items, geobox, chunk):
 
 
 def test_native_grid_snapping(items):
-    from pipeline.config import GridConfig
-    from stages.load import load_reflectance, native_geobox, output_geobox
+    from cloudfree.pipeline.config import GridConfig
+    from cloudfree.stages.load import load_reflectance, native_geobox, output_geobox
 
     t, _ = items
     native = native_geobox(t)
@@ -63,7 +63,7 @@ def test_native_grid_snapping(items):
     with rasterio.open(DATA / "B02.tif") as src:
         col, row = ~src.transform * (win.transform.c, win.transform.f)
         dn = src.read(1, window=rasterio.windows.Window(round(col), round(row), win.shape[1], win.shape[0]))
-    from stages.load import item_harmonisation
+    from cloudfree.stages.load import item_harmonisation
 
     scale, offset = item_harmonisation(t, "B02")
     want = np.where(dn == 0, np.nan, dn.astype(np.float32) * np.float32(scale) + np.float32(offset))
@@ -84,8 +84,8 @@ def test_class_layer_read_on_its_native_grid_equals_a_nearest_read(items, res, k
     """SCL (200 m in this decimated tile) is read on its own grid and repeated k x k when the output grid nests in
     it: the same values as odc-stac's nearest read on the output grid, with 1/k^2 of the reads. A grid that does
     not nest (33.3 m) reads as before."""
-    import stages.load as load
-    from pipeline.config import GridConfig
+    import cloudfree.stages.load as load
+    from cloudfree.pipeline.config import GridConfig
 
     gb = load.output_geobox(items[0], GridConfig(resolution=res, bands=BANDS))
     assert load.native_zoom(items, "SCL", gb, 512) == k
@@ -103,7 +103,7 @@ def test_no_native_zoom_when_grids_do_not_nest(items):
     from affine import Affine
     from odc.geo.geobox import GeoBox
 
-    from stages.load import native_zoom
+    from cloudfree.stages.load import native_zoom
 
     t = items[0].assets["SCL"].extra_fields["proj:transform"]
     gb = GeoBox((100, 100), Affine(50.0, 0, t[2] + 50.0, 0, -50.0, t[5]), items[0].properties.get("proj:code") or
@@ -117,12 +117,12 @@ def test_each_input_chunk_is_read_once_and_halo_semantics_are_unchanged(items):
     """The halo comes from neighbouring chunks: the odc-stac read tasks run once per chunk and item (the old
     per-window slicing ran them ~3.5x), and the blended output equals tile-by-tile prediction on numpy windows of
     the same inputs (the pre-issue-10 semantics) exactly."""
-    from models.registry import build_model
-    from stages.load import output_geobox
-    from stages.mosaic import blend_block, grid_axis_weights, neighbours
-    from stages.remove import predict_tile, remove_clouds
-    from stages.tile import plan_tiles
-    from pipeline.config import GridConfig
+    from cloudfree.models.registry import build_model
+    from cloudfree.stages.load import output_geobox
+    from cloudfree.stages.mosaic import blend_block, grid_axis_weights, neighbours
+    from cloudfree.stages.remove import predict_tile, remove_clouds
+    from cloudfree.stages.tile import plan_tiles
+    from cloudfree.pipeline.config import GridConfig
 
     gb = output_geobox(items[0], GridConfig(resolution=100))[200:520, 300:700]
     chunk, halo = 128, 20
@@ -130,7 +130,7 @@ def test_each_input_chunk_is_read_once_and_halo_semantics_are_unchanged(items):
     model = build_model("phyvlm-cr", {})
     tiles = plan_tiles(gb.shape, chunk, halo)
     ds = remove_clouds(inputs, model, tiles, halo, {}, blend="feather")
-    from stages.cog import compute_once
+    from cloudfree.stages.cog import compute_once
 
     cb = _Executed()
     with dask.config.set(scheduler="threads"), cb:
@@ -166,10 +166,10 @@ def test_streaming_cog_writer_layout_metadata_and_determinism(tmp_path):
     import dask.array as dsa
     from rio_cogeo.cogeo import cog_info, cog_validate
 
-    from stages.cog import compute_once, cog_write, layer_array
-    from pipeline.config import GridConfig
-    from stages.load import output_geobox
-    from pipeline.evaluation.bench import local_29rkh_item
+    from cloudfree.stages.cog import compute_once, cog_write, layer_array
+    from cloudfree.pipeline.config import GridConfig
+    from cloudfree.stages.load import output_geobox
+    from cloudfree.pipeline.evaluation.bench import local_29rkh_item
 
     gb = output_geobox(local_29rkh_item(DATA), GridConfig(resolution=100))
     with rasterio.open(DATA / "B02.tif") as a, rasterio.open(DATA / "B04.tif") as b:
@@ -197,7 +197,7 @@ def test_streaming_cog_writer_layout_metadata_and_determinism(tmp_path):
 
 @pytest.mark.parametrize("slack", [1, 2, 5])
 def test_bounded_lookahead_gates_reads_and_never_deadlocks(slack):
-    """stages.cog.bound_lookahead on a 2-D halo graph (every output block needs the reads of its 8 neighbours, as
+    """cloudfree.stages.cog.bound_lookahead on a 2-D halo graph (every output block needs the reads of its 8 neighbours, as
     a halo model does): every read starts only after the marker ``slack`` blocks before the first block that
     needs it has finished, and the graph still completes (threads, 4 workers) with the right values."""
     import threading
@@ -205,7 +205,7 @@ def test_bounded_lookahead_gates_reads_and_never_deadlocks(slack):
     from dask._task_spec import DataNode, Task, TaskRef
     from dask.threaded import get
 
-    from stages.cog import bound_lookahead
+    from cloudfree.stages.cog import bound_lookahead
 
     ny, nx = 5, 6
     log, lock = [], threading.Lock()
@@ -251,7 +251,7 @@ def test_bounded_lookahead_gates_reads_and_never_deadlocks(slack):
 
 
 def test_bench_reports_the_median_of_repeated_runs_and_the_issue_ratios():
-    from pipeline.evaluation.bench import median_run, ratios, to_markdown
+    from cloudfree.pipeline.evaluation.bench import median_run, ratios, to_markdown
 
     reps = [{"job": "composite", "factor": 1, "workers": 2, "seconds": s, "peak_rss_mb": m, "resolution_m": 100.0,
              "shape": [10, 10], "megapixels": 0.0, "rss_after_imports_mb": 1.0} for s, m in [(3.0, 50), (1.0, 70), (2.0, 60)]]

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from catalogs.base import SearchQuery
-from catalogs.sentinel_hub import SentinelHubCatalog, cloud_layers_request, make_config, query_to_cql2
-from pipeline.config import CatalogConfig
-from pipeline.errors import CatalogError
+from cloudfree.catalogs.base import SearchQuery
+from cloudfree.catalogs.sentinel_hub import SentinelHubCatalog, cloud_layers_request, make_config, query_to_cql2
+from cloudfree.pipeline.config import CatalogConfig
+from cloudfree.pipeline.errors import CatalogError
 
 
 @pytest.fixture(autouse=True)

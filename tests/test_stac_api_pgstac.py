@@ -8,13 +8,13 @@ import json
 import geopandas as gpd
 import pytest
 
-from catalogs.base import SearchQuery
-from pipeline.cli import search_command
-from catalogs.local import LocalCatalog, write_geoparquet
-from catalogs.stac_api import StacApiCatalog
-from pipeline.config import CatalogConfig, SearchConfig, SelectionPolicy
-from pipeline.errors import NoItemsFoundError, OutputExistsError
-from stages.search import plan_targets, read_plans
+from cloudfree.catalogs.base import SearchQuery
+from cloudfree.pipeline.cli import search_command
+from cloudfree.catalogs.local import LocalCatalog, write_geoparquet
+from cloudfree.catalogs.stac_api import StacApiCatalog
+from cloudfree.pipeline.config import CatalogConfig, SearchConfig, SelectionPolicy
+from cloudfree.pipeline.errors import NoItemsFoundError, OutputExistsError
+from cloudfree.stages.search import plan_targets, read_plans
 
 pytestmark = pytest.mark.pgstac
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import ConfigError
-from stages.tile import grid_of_tiles, plan_tiles
+from cloudfree.pipeline.errors import ConfigError
+from cloudfree.stages.tile import grid_of_tiles, plan_tiles
 
 # (shape, size) pairs with at most ~1,500 tiles: large grids with large tiles, tiny grids with tiny tiles
 shapes = st.tuples(st.integers(1, 600), st.integers(1, 600))
@@ -93,12 +93,12 @@ def test_load_mask_coregister_tile_remove_build_graphs_without_computing(demo_ca
     """Everything up to the write is lazy: a scheduler that raises on any compute stays untouched."""
     import pystac
 
-    from models.registry import build_model
-    from pipeline.config import CoregisterConfig, GridConfig, MaskConfig
-    from stages.coregister import Coregistration, apply_shifts, load_aligned_references
-    from stages.load import load_reflectance_checked, output_geobox
-    from stages.masks import build_masks
-    from stages.remove import SceneInputs, remove_clouds
+    from cloudfree.models.registry import build_model
+    from cloudfree.pipeline.config import CoregisterConfig, GridConfig, MaskConfig
+    from cloudfree.stages.coregister import Coregistration, apply_shifts, load_aligned_references
+    from cloudfree.stages.load import load_reflectance_checked, output_geobox
+    from cloudfree.stages.masks import build_masks
+    from cloudfree.stages.remove import SceneInputs, remove_clouds
 
     items = sorted(pystac.Catalog.from_file(str(demo_catalog)).get_items(recursive=True), key=lambda i: i.id)
     target = next(i for i in items if i.id.endswith("SIMCLOUDY"))

@@ -12,12 +12,12 @@ import rasterio
 import torch
 from rasterio.transform import from_origin
 
-from pipeline.errors import InputDataError, WeightsError
-from pipeline.training.api import Stage
-from pipeline.training.datasets import (S2_13_BANDS, AllClear, DataConfig, PairSource, Sen12MSCR, Sen12MSCRTS,
+from cloudfree.pipeline.errors import InputDataError, WeightsError
+from cloudfree.pipeline.training.api import Stage
+from cloudfree.pipeline.training.datasets import (S2_13_BANDS, AllClear, DataConfig, PairSource, Sen12MSCR, Sen12MSCRTS,
                                         StacPairs, finish_sample, scale_sar_db)
-from pipeline.training.loop import TrainConfig, train
-from pipeline.training.weights import (InputConvention, cache_size, cached_network, card_sha256, clear_cache,
+from cloudfree.pipeline.training.loop import TrainConfig, train
+from cloudfree.pipeline.training.weights import (InputConvention, cache_size, cached_network, card_sha256, clear_cache,
                                        read_weights, save_weights)
 
 ROMANIA = Path("../shared/data/s2-l2a-stack-romania-nrt/stac/catalog.json")
@@ -221,8 +221,8 @@ def test_allclear_reader(tmp_path):
 @pytest.mark.skipif(not ROMANIA.is_file(), reason="needs ../shared/data")
 def test_stac_pairs_on_romania_hold_out_and_transplant():
     src = StacPairs(DataConfig(path=str(ROMANIA), augment=False), BANDS, 2, 48)
-    from pipeline.evaluation.romania import ROMANIA_REAL_TRUTH_DATES
-    from pipeline.training.datasets import ROMANIA_EVAL_DATES, ROMANIA_MASK_DATES
+    from cloudfree.pipeline.evaluation.romania import ROMANIA_REAL_TRUTH_DATES
+    from cloudfree.pipeline.training.datasets import ROMANIA_EVAL_DATES, ROMANIA_MASK_DATES
 
     days = {d.day.isoformat() for d in src.dates}
     held = set(ROMANIA_EVAL_DATES) | set(ROMANIA_MASK_DATES) | set(ROMANIA_REAL_TRUTH_DATES)
@@ -239,8 +239,8 @@ def test_stac_pairs_on_romania_hold_out_and_transplant():
 
 def test_stac_pairs_refuse_a_config_that_drops_romania_evaluation_dates():
     """A training config on the evaluation stack cannot shrink the hold-out (it may only add to it)."""
-    from pipeline.errors import ConfigError
-    from pipeline.training.datasets import ROMANIA_HELDOUT_DATES
+    from cloudfree.pipeline.errors import ConfigError
+    from cloudfree.pipeline.training.datasets import ROMANIA_HELDOUT_DATES
 
     for held in ([], list(ROMANIA_HELDOUT_DATES[1:])):
         with pytest.raises(ConfigError, match=ROMANIA_HELDOUT_DATES[0]):
@@ -254,7 +254,7 @@ def test_stac_pairs_refuse_a_config_that_drops_romania_evaluation_dates():
 @pytest.mark.skipif(not ROMANIA.is_file(), reason="needs ../shared/data")
 def test_romania_real_proxy_truth_dates_constant_matches_the_stack():
     """ROMANIA_REAL_TRUTH_DATES is what romania_real_cases interpolates as the proxy truth (no drift)."""
-    from pipeline.evaluation.romania import (ROMANIA_REAL_CLOUDY, ROMANIA_REAL_TRUTH_DATES, _neighbours, item_id,
+    from cloudfree.pipeline.evaluation.romania import (ROMANIA_REAL_CLOUDY, ROMANIA_REAL_TRUTH_DATES, _neighbours, item_id,
                                              load_stack)
 
     stack = load_stack(ROMANIA.parents[2])
@@ -267,8 +267,8 @@ def test_romania_real_proxy_truth_dates_constant_matches_the_stack():
 
 
 def test_training_hold_out_covers_the_romania_real_proxy_truth_dates():
-    from pipeline.evaluation.romania import ROMANIA_REAL_TRUTH_DATES
-    from pipeline.training.datasets import ROMANIA_HELDOUT_DATES
+    from cloudfree.pipeline.evaluation.romania import ROMANIA_REAL_TRUTH_DATES
+    from cloudfree.pipeline.training.datasets import ROMANIA_HELDOUT_DATES
 
     assert set(ROMANIA_REAL_TRUTH_DATES) <= set(ROMANIA_HELDOUT_DATES), sorted(
         set(ROMANIA_REAL_TRUTH_DATES) - set(ROMANIA_HELDOUT_DATES))
@@ -289,7 +289,7 @@ def test_stac_pairs_simulated_clouds_and_real_unpaired_sar():
     sar = s["sar"][0, 0]
     assert 0 < sar.mean() < 1 and s["sar_present"] == 1.0
     # the SAR is a window of the real file, converted to the scaled dB convention
-    from pipeline.training.datasets import linear_to_scaled
+    from cloudfree.pipeline.training.datasets import linear_to_scaled
 
     full = linear_to_scaled(vv)
     hits = [(y, x) for y in range(full.shape[0] - 47) for x in range(full.shape[1] - 47)

@@ -6,6 +6,6 @@ output against a truth asset (``truth``), mask scores (``mask_scores``), benchma
 ``bench_models``) and the embedded demo-catalog builder (``demo_catalog``). The data-flow packages
 (``catalogs``, ``stages``, ``models``) never import from here (tests/test_import_rules.py).
 
-Held-out dates: :data:`pipeline.evaluation.cases.ROMANIA_EVAL_DATES`; training data for learned models must
+Held-out dates: :data:`cloudfree.pipeline.evaluation.cases.ROMANIA_EVAL_DATES`; training data for learned models must
 exclude them.
 """

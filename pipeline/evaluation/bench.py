@@ -21,8 +21,8 @@ Jobs (``--jobs``):
 * ``io-floor``: read every input of the scene job once (3 items x 4 bands + SCL, odc-stac, on the output grid)
   and write a COG of the same size through the same writer: no masks, no model, no blending;
 * ``composite``: ``cloudfree composite --method median`` of the 8 items (the per-MGRS-tile work of
-  :func:`pipeline.composite.run_composite`: load, SCL masks, median kernel, COG write, STAC item);
-* ``scene:<model>``: ``cloudfree scene`` (:func:`pipeline.runner.process_target`): target + 2 references (dated
+  :func:`cloudfree.pipeline.composite.run_composite`: load, SCL masks, median kernel, COG write, STAC item);
+* ``scene:<model>``: ``cloudfree scene`` (:func:`cloudfree.pipeline.runner.process_target`): target + 2 references (dated
   copies), SCL masks, co-registration, scene context, tiles with the model's halo, blending, COGs, STAC item.
 
 Each measurement at 1x and 4x is run 3 times (``--repeat``) and the median is reported (a run of a few seconds
@@ -84,7 +84,7 @@ def local_29rkh_item(folder: Path = DATA, item_id: str | None = None, shift_days
 
 
 def _config(res: float, out: Path, model: str = "reference-replace", workers: int = 2):
-    from pipeline.config import parse_config
+    from cloudfree.pipeline.config import parse_config
 
     return parse_config({
         "grid": {"resolution": res, "bands": BANDS, "chunk": 512},
@@ -124,8 +124,8 @@ def _io_floor(items, geobox, out: Path, cfg) -> None:
     import dask.array as dsa
     import numpy as np
 
-    from stages.cog import compute_once, cog_write, layer_array
-    from stages.load import load_layer, load_reflectance
+    from cloudfree.stages.cog import compute_once, cog_write, layer_array
+    from cloudfree.stages.load import load_layer, load_reflectance
 
     stack = load_reflectance(items, BANDS, geobox, cfg.grid.chunk)
     scl = load_layer(items, "SCL", geobox, cfg.grid.chunk)
@@ -144,12 +144,12 @@ def _io_floor(items, geobox, out: Path, cfg) -> None:
 
 
 #: modules the jobs import on first use, imported before the clock starts (for every job alike: odc-stac's own
-#: modules are imported at the top of ``stages.load`` for all of them). A batch pays these once per process, not
+#: modules are imported at the top of ``cloudfree.stages.load`` for all of them). A batch pays these once per process, not
 #: per target; measured inside the job they were ~2 s of a 1x scene (scikit-image's ``filters`` pulls in
 #: ``scipy.signal``, rio-cogeo, odc-geo's COG writer, tifffile/imagecodecs).
-WARM_IMPORTS = ("pipeline.composite", "pipeline.runner", "stages.cog", "stages.write", "stages.masks",
-                "stages.coregister", "stages.remove", "stages.mosaic", "stages.publish", "stages.plausibility",
-                "stages.sar", "rio_cogeo.cogeo", "skimage.registration", "skimage.filters", "odc.geo.cog",
+WARM_IMPORTS = ("cloudfree.pipeline.composite", "cloudfree.pipeline.runner", "cloudfree.stages.cog", "cloudfree.stages.write", "cloudfree.stages.masks",
+                "cloudfree.stages.coregister", "cloudfree.stages.remove", "cloudfree.stages.mosaic", "cloudfree.stages.publish", "cloudfree.stages.plausibility",
+                "cloudfree.stages.sar", "rio_cogeo.cogeo", "skimage.registration", "skimage.filters", "odc.geo.cog",
                 "odc.geo.xr", "tifffile", "imagecodecs")
 
 
@@ -161,7 +161,7 @@ def warm_imports(model_name: str | None = None) -> None:
     for mod in WARM_IMPORTS:
         importlib.import_module(mod)
     if model_name:
-        from models.registry import get_model_class
+        from cloudfree.models.registry import get_model_class
 
         get_model_class(model_name)
 
@@ -170,11 +170,11 @@ def run_one(job: str, factor: int, workers: int, folder: Path) -> dict:
     """One measurement in this process (call it in a fresh subprocess)."""
     import dask
 
-    from models.registry import build_model
-    from pipeline.runner import dask_context, process_target
-    from stages.load import output_geobox
-    from stages.search import Candidate, TargetPlan
-    from stages.tile import plan_tiles
+    from cloudfree.models.registry import build_model
+    from cloudfree.pipeline.runner import dask_context, process_target
+    from cloudfree.stages.load import output_geobox
+    from cloudfree.stages.search import Candidate, TargetPlan
+    from cloudfree.stages.tile import plan_tiles
 
     res = FACTORS[factor]
     items = dated_items(folder, N_DATES)
@@ -194,7 +194,7 @@ def run_one(job: str, factor: int, workers: int, folder: Path) -> dict:
             elif job == "io-floor":
                 _io_floor(items[:3], geobox, out, cfg)
             elif job == "composite":
-                from pipeline.composite import _pixel_composite
+                from cloudfree.pipeline.composite import _pixel_composite
 
                 _pixel_composite(items, "29RKH", "2020-02", cfg, None, out, "bench")
             elif job.startswith("scene:"):
@@ -209,7 +209,7 @@ def run_one(job: str, factor: int, workers: int, folder: Path) -> dict:
                 raise SystemExit(f"unknown bench job {job!r}")
         secs = time.perf_counter() - t0
     npx = geobox.shape[0] * geobox.shape[1]
-    from stages.cog import GRAPH_SIZES
+    from cloudfree.stages.cog import GRAPH_SIZES
 
     blocks = -(-geobox.shape[0] // 512) * -(-geobox.shape[1] // 512)
     return {"graph_tasks": max(GRAPH_SIZES) if GRAPH_SIZES else None, "blocks": blocks, "job": job, "factor": factor, "workers": workers, "resolution_m": res, "shape": list(geobox.shape),
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 n = args.repeat if f <= args.repeat_max_factor else 1
                 reps, failed = [], None
                 for _ in range(n):
-                    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluation.bench", "--data",
+                    proc = subprocess.run([sys.executable, "-m", "cloudfree.pipeline.evaluation.bench", "--data",
                                            str(args.data), "--one", job, str(f), str(w)], capture_output=True,
                                           text=True, check=False, env=env)
                     if proc.returncode:

@@ -34,10 +34,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.contract import TileInputs
-from pipeline.errors import InputDataError
-from pipeline.evaluation.cases import DEFAULT_DATA_DIR, SIM_BANDS, load_29rkh, simulated_case
-from pipeline.evaluation.running import with_scene_context
+from cloudfree.pipeline.contract import TileInputs
+from cloudfree.pipeline.errors import InputDataError
+from cloudfree.pipeline.evaluation.cases import DEFAULT_DATA_DIR, SIM_BANDS, load_29rkh, simulated_case
+from cloudfree.pipeline.evaluation.running import with_scene_context
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def benchmark(model_names: Sequence[str], data_dir: str | Path, size: int = 512,
               bands: Sequence[str] = BENCH_BANDS) -> dict[str, float]:
     """Mpx/s of ``predict`` per model on :func:`benchmark_tile` (scene context, if any, fitted beforehand and
     not timed: it is computed once per scene); the best of ``repeats`` runs."""
-    from pipeline.evaluation.running import build_spec
+    from cloudfree.pipeline.evaluation.running import build_spec
 
     tile = benchmark_tile(data_dir, size, bands)
     speeds = {}
@@ -129,8 +129,8 @@ def _rss_mb(peak: bool) -> float:
 def bench_one(name: str, data_dir: str | Path, size: int, repeats: int, batch: int = 4,
               params: dict | None = None) -> dict[str, Any]:
     """Timing and memory of one model (see the module docstring)."""
-    from models.registry import build_model
-    from pipeline.evaluation.running import parse_model_spec
+    from cloudfree.models.registry import build_model
+    from cloudfree.pipeline.evaluation.running import parse_model_spec
 
     tile = benchmark_tile(data_dir, size)
     npx = size * size
@@ -165,14 +165,14 @@ def bench_models(model_names: Sequence[str] | None = None, data_dir: str | Path 
     """Mpx/s, tiles/s and peak memory per model (predict, and fit_scene apart) and of reading the same data."""
     import multiprocessing as mp
 
-    from models.registry import available_models
+    from cloudfree.models.registry import available_models
 
     names = list(model_names) if model_names else list(available_models())
     tile = benchmark_tile(data_dir, size)
     npx = size * size
     models: dict[str, Any] = {}
     for name in names:
-        from pipeline.evaluation.running import parse_model_spec
+        from cloudfree.pipeline.evaluation.running import parse_model_spec
 
         cls = available_models()[parse_model_spec(name)[0]]
         params = {"device": device} if hasattr(cls, "trainable") else {}

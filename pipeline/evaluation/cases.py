@@ -8,11 +8,11 @@
   reference-free models (``none``, ``dcp``) are unaffected by this choice; reference-based scores on this pair
   measure the methods under a *plausible* reference, not a real third acquisition.
 * :func:`simulated_case`: real clear pixels (S2 L2A 29RKH at 100 m, S2 L1C 33UUU at 10 m, bands B02/B03/B04/B08)
-  with SIMULATED clouds and shadows (:func:`pipeline.evaluation.simulate.simulate_clouds`) for the target and two
+  with SIMULATED clouds and shadows (:func:`cloudfree.pipeline.evaluation.simulate.simulate_clouds`) for the target and two
   simulated-change references (one partly cloudy, masked). Known transmission gives the thin (0.1 <= t < 0.95)
   and thick (t < 0.1) masks; ``cloudy`` also includes simulated shadow (shadow factor < 0.95). The model input
   mask mimics the project's mask stage: cloud probability >= 40 % or shadow factor < 0.85, dilated by 2 px.
-* :mod:`pipeline.evaluation.romania`: the REAL multi-date stack (140 L2A dates) through the real catalog path;
+* :mod:`cloudfree.pipeline.evaluation.romania`: the REAL multi-date stack (140 L2A dates) through the real catalog path;
   :data:`ROMANIA_EVAL_DATES` (re-exported here) lists the dates it holds out: **learned-model training must
   exclude them**.
 """
@@ -26,9 +26,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from pipeline.contract import TileInputs
-from pipeline.errors import InputDataError
-from pipeline.evaluation.simulate import CloudSpec, fractal_field, simulate_clouds
+from cloudfree.pipeline.contract import TileInputs
+from cloudfree.pipeline.errors import InputDataError
+from cloudfree.pipeline.evaluation.simulate import CloudSpec, fractal_field, simulate_clouds
 
 #: Band order assumed for the 12-band Slovakia pair (L2A band set without B10; order not stored upstream).
 SLOVAKIA_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
@@ -251,7 +251,7 @@ def simulated_set(data_dir: str | Path, seeds: Iterable[int], size: int = 256,
     return cases
 
 
-from pipeline.evaluation.romania import (  # noqa: E402,F401  (re-exported: the held-out dates are a case fact)
+from cloudfree.pipeline.evaluation.romania import (  # noqa: E402,F401  (re-exported: the held-out dates are a case fact)
     ROMANIA_EVAL_DATES,
     ROMANIA_MASK_DATES,
 )

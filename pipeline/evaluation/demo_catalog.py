@@ -5,7 +5,7 @@ Source: the 13-band L1C crop of T33UUU, 2017-02-16 (1536x768 at 10 m, EPSG:32633
 machine has). The crop is mostly clear with real thin cloud streaks; no other date of it ships, so:
 
 * the **target** (``..._SIMCLOUDY``) is the real acquisition with SIMULATED thin+thick cloud and shadows
-  (``pipeline.evaluation.simulate``: I = J t + A (1 - t), spatially varying t) and a SIMULATED MSK_CLDPRB-like layer;
+  (``cloudfree.pipeline.evaluation.simulate``: I = J t + A (1 - t), spatially varying t) and a SIMULATED MSK_CLDPRB-like layer;
   the untouched real pixels are attached as its ``truth`` asset, and t as ``truth_transmission``;
 * two **references** (``..._SIMREF``) are the real pixels with a SIMULATED temporal change (per-band seasonal
   gain/offset, smooth phenology field, land-change patches, sub-pixel misregistration) and a little simulated cloud;
@@ -32,9 +32,9 @@ import pystac
 import rasterio
 from rasterio.transform import Affine
 
-from pipeline.contract import S2_BANDS
-from pipeline.errors import InputDataError
-from pipeline.evaluation.simulate import CloudSpec, fractal_field, simulate_clouds
+from cloudfree.pipeline.contract import S2_BANDS
+from cloudfree.pipeline.errors import InputDataError
+from cloudfree.pipeline.evaluation.simulate import CloudSpec, fractal_field, simulate_clouds
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def build_demo_catalog(out: Path, source: Path | None = None, cache: Path = Path
             else:
                 t = _block_mean(sim.transmission, f)
                 sh = _block_mean(sim.shadow, f)
-                from pipeline.evaluation.simulate import SPECTRAL_K
+                from cloudfree.pipeline.evaluation.simulate import SPECTRAL_K
 
                 tb = t ** SPECTRAL_K.get(b, 1.0)
                 a = spec.clouds.albedo.get(b, 0.8)

@@ -1,10 +1,10 @@
 """``cloudfree evaluate``: run every model on every evaluation case, write ``evaluation.md``/``.json`` and figures.
 
-The pieces live in focused modules: :mod:`~pipeline.evaluation.metrics` (PSNR, SSIM, SAM, MAE),
-:mod:`~pipeline.evaluation.cases` (the real Slovakia pair, the simulated set), :mod:`~pipeline.evaluation.romania`
-(the REAL multi-date stack through the catalog path), :mod:`~pipeline.evaluation.running` (predict, score,
-summarise), :mod:`~pipeline.evaluation.report` (tables, the computed bar, the default-model choice),
-:mod:`~pipeline.evaluation.figures` and :mod:`~pipeline.evaluation.bench_models` (speed). This module only
+The pieces live in focused modules: :mod:`~cloudfree.pipeline.evaluation.metrics` (PSNR, SSIM, SAM, MAE),
+:mod:`~cloudfree.pipeline.evaluation.cases` (the real Slovakia pair, the simulated set), :mod:`~cloudfree.pipeline.evaluation.romania`
+(the REAL multi-date stack through the catalog path), :mod:`~cloudfree.pipeline.evaluation.running` (predict, score,
+summarise), :mod:`~cloudfree.pipeline.evaluation.report` (tables, the computed bar, the default-model choice),
+:mod:`~cloudfree.pipeline.evaluation.figures` and :mod:`~cloudfree.pipeline.evaluation.bench_models` (speed). This module only
 orchestrates them. Generic over the registry: ``--models`` takes any registered model name, optionally with
 parameters (``phyvlm-cr[prior=reference]``).
 
@@ -20,11 +20,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.contract import TileResult
-from pipeline.errors import ConfigError
-from pipeline.evaluation.cases import DEFAULT_DATA_DIR, EvalCase, simulated_set, slovakia_case
-from pipeline.evaluation.report import render_report, write_json
-from pipeline.evaluation.running import evaluate_models, parse_model_spec, summarise
+from cloudfree.pipeline.contract import TileResult
+from cloudfree.pipeline.errors import ConfigError
+from cloudfree.pipeline.evaluation.cases import DEFAULT_DATA_DIR, EvalCase, simulated_set, slovakia_case
+from cloudfree.pipeline.evaluation.report import render_report, write_json
+from cloudfree.pipeline.evaluation.running import evaluate_models, parse_model_spec, summarise
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ REPORT_SEEDS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 
 def default_models() -> list[str]:
     """Every registered model, plus :data:`EXTRA_VARIANTS` of registered models."""
-    from models.registry import available_models
+    from cloudfree.models.registry import available_models
 
     names = list(available_models())
     return names + [v for v in EXTRA_VARIANTS if parse_model_spec(v)[0] in names]
@@ -58,7 +58,7 @@ def run_evaluation(
     """Evaluate ``models`` (default: :func:`default_models`) on ``cases``; write ``evaluation.md``,
     ``evaluation.json`` and ``figures/`` to ``out``. Seeds in :data:`TUNING_SEEDS` form the ``simulated-tuning``
     group, the others ``simulated``. Returns the JSON payload."""
-    from models.registry import available_models
+    from cloudfree.models.registry import available_models
 
     t_start = time.perf_counter()
     models = list(models) if models else default_models()
@@ -73,7 +73,7 @@ def run_evaluation(
     (out / "figures").mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[EvalCase]] = {}
     if "romania" in cases:
-        from pipeline.evaluation.romania import romania_cases
+        from cloudfree.pipeline.evaluation.romania import romania_cases
 
         for c in romania_cases(data_dir):
             groups.setdefault(c.group, []).append(c)
@@ -100,7 +100,7 @@ def run_evaluation(
     summary = summarise(rows)
     figure_paths = []
     if figures:
-        from pipeline.evaluation.figures import figure
+        from cloudfree.pipeline.evaluation.figures import figure
 
         for cs in groups.values():
             case = cs[min(1, len(cs) - 1)]
@@ -109,7 +109,7 @@ def run_evaluation(
             figure_paths.append(str(path))
     speeds: dict[str, float] = {}
     if speed:
-        from pipeline.evaluation.bench_models import benchmark, best_of, read_window
+        from cloudfree.pipeline.evaluation.bench_models import benchmark, best_of, read_window
 
         speeds = benchmark(models, data_dir)
         read_window(data_dir)  # warm the page cache

@@ -7,8 +7,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from pipeline.contract import TileResult
-from pipeline.evaluation.cases import EvalCase
+from cloudfree.pipeline.contract import TileResult
+from cloudfree.pipeline.evaluation.cases import EvalCase
 
 
 def _rgb(image: np.ndarray, bands: Sequence[str], lo: np.ndarray, hi: np.ndarray) -> np.ndarray:

@@ -3,8 +3,8 @@
 For each configuration (Diffusion Enhancement with 1, 2, 4, 8, 50 DDIM steps; CM-CR's consistency student with
 1, 2, 4, 8, 50 steps (1 + multistep resampling); CM-CR's diffusion teacher with 1, 2, 4, 8, 50 Heun steps) it runs
 ``predict`` on whole 256 x 256 tiles of the simulated evaluation cases (REAL clear pixels of 29RKH / 33UUU with
-SIMULATED clouds, :func:`pipeline.evaluation.evaluate.simulated_set`) and scores the cloudy pixels. CM-CR gets the
-cases' SIMULATED Sentinel-1 (:func:`pipeline.training.datasets.simulate_sar` of the clear image, the same simulator
+SIMULATED clouds, :func:`cloudfree.pipeline.evaluation.evaluate.simulated_set`) and scores the cloudy pixels. CM-CR gets the
+cases' SIMULATED Sentinel-1 (:func:`cloudfree.pipeline.training.datasets.simulate_sar` of the clear image, the same simulator
 its training used), because no evaluation case has co-located real S1; ``--no-sar`` runs it optical-only.
 
 Seconds per tile are wall time of ``predict`` on this machine's CPU (threads as set by ``--threads``), the mean
@@ -28,8 +28,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.evaluation.cases import DEFAULT_DATA_DIR, SIM_BANDS, EvalCase, simulated_set
-from pipeline.evaluation.metrics import all_metrics
+from cloudfree.pipeline.evaluation.cases import DEFAULT_DATA_DIR, SIM_BANDS, EvalCase, simulated_set
+from cloudfree.pipeline.evaluation.metrics import all_metrics
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ SEEDS = (1, 2, 3, 4)
 
 def case_sar_db(case: EvalCase, seed: int) -> np.ndarray:
     """SIMULATED S1 VV/VH ``(1, 2, y, x)`` in dB of the case's clear image (what SAR would see through cloud)."""
-    from pipeline.training.datasets import simulate_sar
+    from cloudfree.pipeline.training.datasets import simulate_sar
 
     scaled = simulate_sar(case.truth, case.bands, np.random.default_rng(seed))
     return (scaled * 25.0 - 25.0)[None].astype(np.float32)
@@ -49,9 +49,9 @@ def romania_val_cases(n: int = 6, patch: int = 96, seed: int = 0) -> list[tuple[
     """In-domain cases: ``n`` samples of the training source's VALIDATION split (Romania L2A stack, clear dates
     never trained on, every 5th clear date; SIMULATED clouds; real other dates as references; SIMULATED SAR), as
     ``(name, TileInputs, truth, cloudy mask)``."""
-    from models._generative import GEN_BANDS
-    from pipeline.contract import TileInputs
-    from pipeline.training.datasets import DataConfig, build_source
+    from cloudfree.models._generative import GEN_BANDS
+    from cloudfree.pipeline.contract import TileInputs
+    from cloudfree.pipeline.training.datasets import DataConfig, build_source
 
     src = build_source(DataConfig(clouds="simulate", sar="simulated", sar_dropout=0.0), GEN_BANDS, 2, patch)
     out = []
@@ -110,8 +110,8 @@ def run(out: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, seeds: Sequenc
         romania: bool = True) -> dict[str, Any]:
     import torch
 
-    from models.registry import build_model
-    from pipeline.evaluation.running import with_scene_context
+    from cloudfree.models.registry import build_model
+    from cloudfree.pipeline.evaluation.running import with_scene_context
 
     if threads:
         torch.set_num_threads(threads)

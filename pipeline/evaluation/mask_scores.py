@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.masks import S2CLOUDLESS_BANDS, s2cloudless_kernel, spectral_score_kernel
+from cloudfree.stages.masks import S2CLOUDLESS_BANDS, s2cloudless_kernel, spectral_score_kernel
 
 log = logging.getLogger(__name__)
 

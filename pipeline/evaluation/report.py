@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.evaluation.metrics import REGIONS
+from cloudfree.pipeline.evaluation.metrics import REGIONS
 
 
 def to_markdown(summary: Sequence[Mapping[str, Any]], group: str, models: Sequence[str]) -> str:
@@ -139,7 +139,7 @@ def bar_check(summary: Sequence[Mapping[str, Any]], models: Sequence[str], candi
 
 def gap_table(rows: Sequence[Mapping[str, Any]], models: Sequence[str], group: str = "romania-hidden") -> str:
     """Cloudy PSNR (mean over cases) by the gap in days to the nearest reference, one column per gap bin."""
-    from pipeline.evaluation.romania import gap_bin
+    from cloudfree.pipeline.evaluation.romania import gap_bin
 
     sel = [r for r in rows if r["group"] == group and r["region"] == "cloudy" and "gap_days" in r]
     if not sel:

@@ -2,11 +2,11 @@
 footprint, EPSG:3035, SCL per date), run through the real catalog path.
 
 Everything is read as ``cloudfree run`` reads it: the static STAC catalog is opened by
-:func:`catalogs.base.open_catalog` (``kind: local``), reflectance and SCL are loaded by
-:func:`stages.load.load_reflectance` / :func:`stages.load.load_layer` (odc-stac) onto the target's native grid
-(:func:`stages.load.output_geobox`), references are chosen by :func:`stages.search.plan_targets` with the
+:func:`cloudfree.catalogs.base.open_catalog` (``kind: local``), reflectance and SCL are loaded by
+:func:`cloudfree.stages.load.load_reflectance` / :func:`cloudfree.stages.load.load_layer` (odc-stac) onto the target's native grid
+(:func:`cloudfree.stages.load.output_geobox`), references are chosen by :func:`cloudfree.stages.search.plan_targets` with the
 configured policy (bracketing dates, ``search.max_references``, ``search.max_days``), and the model's cloud mask
-and probability come from SCL exactly as the mask stage builds them (:func:`stages.masks.scl_kernel`, classes
+and probability come from SCL exactly as the mask stage builds them (:func:`cloudfree.stages.masks.scl_kernel`, classes
 3/8/9/10, dilation 2; probability 1 for SCL 8/9, 0.5 for 10). Two sets:
 
 * ``romania-hidden`` (:data:`ROMANIA_HIDDEN`): a REAL clear date (the truth) hidden behind the REAL cloud of
@@ -41,7 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.errors import InputDataError
+from cloudfree.pipeline.errors import InputDataError
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,9 @@ def stac_dir(data_dir: str | Path) -> Path:
 
 def load_stack(data_dir: str | Path, bands: Sequence[str] = ROMANIA_BANDS) -> RomaniaStack:
     """Open the static catalog and load every date (reflectance + SCL) on the native 10 m grid."""
-    from catalogs.base import SearchQuery, open_catalog
-    from pipeline.config import CatalogConfig, GridConfig
-    from stages.load import load_layer, load_reflectance, output_geobox
+    from cloudfree.catalogs.base import SearchQuery, open_catalog
+    from cloudfree.pipeline.config import CatalogConfig, GridConfig
+    from cloudfree.stages.load import load_layer, load_reflectance, output_geobox
 
     cat = open_catalog(CatalogConfig(kind="local", url=str(stac_dir(data_dir) / "catalog.json"),
                                      collection=ROMANIA_COLLECTION))
@@ -133,7 +133,7 @@ def load_stack(data_dir: str | Path, bands: Sequence[str] = ROMANIA_BANDS) -> Ro
 
 def scl_mask_and_prob(scl: np.ndarray, dilation: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """The mask stage's SCL mask (classes 3/8/9/10, dilated) and probability (1 for 8/9, 0.5 for 10)."""
-    from stages.masks import scl_kernel
+    from cloudfree.stages.masks import scl_kernel
 
     mask = scl_kernel(scl, [3, 8, 9, 10], dilation)
     s = np.nan_to_num(scl, nan=0).astype(np.int16)
@@ -166,7 +166,7 @@ def _interp(stack: RomaniaStack, k: int, b: int, a: int) -> np.ndarray:
 def transplant(truth: np.ndarray, donor: np.ndarray, donor_clear: np.ndarray, donor_scl: np.ndarray,
                bands: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The donor's real cloud on ``truth`` by eq. 1 (module docstring). Returns hidden target, ``t``, ``s``, ``A``."""
-    from pipeline.evaluation.simulate import CLOUD_ALBEDO
+    from cloudfree.pipeline.evaluation.simulate import CLOUD_ALBEDO
 
     s_cls = np.nan_to_num(donor_scl, nan=0).astype(np.int16)
     cloud = np.isin(s_cls, SCL_CLOUD)
@@ -187,8 +187,8 @@ def transplant(truth: np.ndarray, donor: np.ndarray, donor_clear: np.ndarray, do
 
 
 def _plan_references(stack: RomaniaStack, target_id: str, search_cfg: Any, exclude: set[str] = frozenset()):
-    """The references :func:`stages.search.plan_targets` picks for ``target_id`` (minus ``exclude``)."""
-    from stages.search import plan_targets, select_references
+    """The references :func:`cloudfree.stages.search.plan_targets` picks for ``target_id`` (minus ``exclude``)."""
+    from cloudfree.stages.search import plan_targets, select_references
 
     n = search_cfg.max_references
     cfg = search_cfg.model_copy(update={"targets": [target_id], "max_references": n + len(exclude)})
@@ -199,7 +199,7 @@ def _plan_references(stack: RomaniaStack, target_id: str, search_cfg: Any, exclu
 
 def _case(stack: RomaniaStack, name: str, group: str, k_target: int, target: np.ndarray, truth: np.ndarray,
           cloud_mask: np.ndarray, cloud_prob: np.ndarray, regions: dict, refs, notes: str, meta: dict):
-    from pipeline.evaluation.cases import EvalCase
+    from cloudfree.pipeline.evaluation.cases import EvalCase
 
     idx = [stack.index[c.item.id] for c in refs]
     rmask = np.stack([scl_mask_and_prob(stack.scl[j])[0] | ~np.isfinite(stack.refl[j]).all(0) for j in idx]) \
@@ -274,7 +274,7 @@ def romania_real_cases(stack: RomaniaStack, search_cfg: Any, days: Sequence[str]
 
 def default_search_config() -> Any:
     """The search section ``cloudfree run`` would use (defaults), with every date a candidate reference."""
-    from pipeline.config import SearchConfig
+    from cloudfree.pipeline.config import SearchConfig
 
     return SearchConfig(reference_max_cloud_cover=30.0, max_days=60.0)
 

@@ -15,10 +15,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pipeline.contract import TileInputs, TileResult
-from pipeline.errors import CloudfreeError, ConfigError
-from pipeline.evaluation.cases import EvalCase
-from pipeline.evaluation.metrics import METRICS, REGIONS, all_metrics
+from cloudfree.pipeline.contract import TileInputs, TileResult
+from cloudfree.pipeline.errors import CloudfreeError, ConfigError
+from cloudfree.pipeline.evaluation.cases import EvalCase
+from cloudfree.pipeline.evaluation.metrics import METRICS, REGIONS, all_metrics
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
 
 
 def build_spec(spec: str) -> Any:
-    from models.registry import build_model
+    from cloudfree.models.registry import build_model
 
     name, params = parse_model_spec(spec)
     return build_model(name, params)
@@ -88,7 +88,7 @@ def predict_tiled(model: Any, tile: TileInputs, tile_size: int | None = None) ->
 
 def with_scene_context(model: Any, tile: TileInputs) -> TileInputs:
     """``tile`` carrying ``model.fit_scene(tile)`` as context when the model asks for one (``spec.scene_context``),
-    as :func:`pipeline.runner.scene_context` does with a coarse whole-scene sample."""
+    as :func:`cloudfree.pipeline.runner.scene_context` does with a coarse whole-scene sample."""
     if not getattr(model.spec, "scene_context", False):
         return tile
     return dataclasses.replace(tile, context=model.fit_scene(tile))
@@ -118,9 +118,9 @@ def run_models(case: EvalCase, model_names: Sequence[str], model_params: Mapping
                priors: dict[str, str] | None = None) -> dict[str, tuple[TileResult, float]]:
     """Run each model on ``case``; returns ``{name: (result, seconds)}``; ``priors`` collects
     :func:`describe_prior` per model name. A model that needs what the case lacks (Sentinel-1, a reference) or
-    raises a :class:`~pipeline.errors.CloudfreeError` is left out of that case (logged), so the evaluation stays
+    raises a :class:`~cloudfree.pipeline.errors.CloudfreeError` is left out of that case (logged), so the evaluation stays
     generic over the registry (models added later, e.g. SAR fusion, are scored where they can run)."""
-    from models.registry import build_model
+    from cloudfree.models.registry import build_model
 
     tile = case.tile_inputs()
     out = {}

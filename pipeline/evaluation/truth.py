@@ -31,8 +31,8 @@ def evaluate_against_truth(target, output_path, geobox: GeoBox, bands, chunk: in
         return {}
     truth = _read_on(truth_asset.get_absolute_href(), geobox, [tbands.index(b) + 1 for b in common]) * 1e-4
     out = _read_on(str(output_path), geobox, [list(bands).index(b) + 1 for b in common]) * 1e-4
-    from pipeline.evaluation.metrics import psnr
-    from stages.load import load_reflectance
+    from cloudfree.pipeline.evaluation.metrics import psnr
+    from cloudfree.stages.load import load_reflectance
 
     before = load_reflectance([target], common, geobox, chunk).isel(time=0).values
     truth[truth <= 0] = np.nan

@@ -1,10 +1,10 @@
-"""The small API a learned model implements to be trained by :mod:`pipeline.training.loop`.
+"""The small API a learned model implements to be trained by :mod:`cloudfree.pipeline.training.loop`.
 
 A learned removal model (``models/<name>.py``) exposes ``trainable()`` (a classmethod) returning an object that
 satisfies :class:`TrainableModel`. The loop owns everything else: data, seeding, batching, optimiser, checkpoints,
 resume, metrics, validation, export and the model card. A model only builds its network and says what its loss is.
 
-Batches are dicts of ``torch.Tensor`` (float32, values in the :class:`~pipeline.training.weights.InputConvention`
+Batches are dicts of ``torch.Tensor`` (float32, values in the :class:`~cloudfree.pipeline.training.weights.InputConvention`
 scaling), with a leading batch axis ``B``:
 
 =================  ===================  ===============================================================
@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
-from pipeline.training.weights import InputConvention
+from cloudfree.pipeline.training.weights import InputConvention
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Training pairs for the learned models: readers of the public layouts and a pair builder over any STAC catalog.
 
-Every source yields the same sample (a dict of float32 numpy arrays, see :mod:`pipeline.training.api` for keys and
+Every source yields the same sample (a dict of float32 numpy arrays, see :mod:`cloudfree.pipeline.training.api` for keys and
 shapes, without the batch axis) from ``sample(rng, split)``; the loop draws one ``rng`` per step from the seed, so a
 batch depends only on ``(seed, step)`` and resume is exact. Scaling (the :class:`InputConvention`): optical clipped
 to [0, 10000] DN = [0, 1] reflectance; SAR sigma0 in dB clipped to [-25, 0], mapped to [0, 1] by ``(dB + 25) / 25``.
@@ -10,7 +10,7 @@ Sources:
 * :class:`StacPairs` (``source: stac``): a user's own AOI time series from any catalog the pipeline can open (static
   catalog, stac-geoparquet, STAC API). Clear dates are hidden behind **real cloud masks transplanted from cloudy
   dates of the same place** (the cloudy date's own pixels under its mask, so cloud radiometry is real), or behind
-  SIMULATED clouds (``clouds: simulate``, :func:`pipeline.evaluation.simulate.simulate_clouds`). References are the
+  SIMULATED clouds (``clouds: simulate``, :func:`cloudfree.pipeline.evaluation.simulate.simulate_clouds`). References are the
   nearest other dates with their own masks. SAR: the catalog's co-located Sentinel-1 (``sar: catalog``), SIMULATED
   SAR (``sar: simulated``, :func:`simulate_sar`), real S1 rasters *unrelated to the optical* (``sar: real-unpaired``)
   or none. Dates in ``holdout_dates`` (default: the Romania evaluation dates and their cloud donors) never enter
@@ -27,7 +27,7 @@ Sources:
   input is the target, the others references.
 
 Masks for the public sets are the project's own spectral cloud score (eq. 13-16 of the cloud-attentive paper,
-:func:`stages.masks.spectral_score_kernel`), as the SEN12MS-CR papers compute theirs from the imagery.
+:func:`cloudfree.stages.masks.spectral_score_kernel`), as the SEN12MS-CR papers compute theirs from the imagery.
 """
 
 from __future__ import annotations
@@ -47,16 +47,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
-from pipeline.errors import ConfigError, InputDataError
-from pipeline.evaluation.cases import ROMANIA_EVAL_DATES, ROMANIA_MASK_DATES
-from pipeline.evaluation.romania import ROMANIA_REAL_TRUTH_DATES
+from cloudfree.pipeline.errors import ConfigError, InputDataError
+from cloudfree.pipeline.evaluation.cases import ROMANIA_EVAL_DATES, ROMANIA_MASK_DATES
+from cloudfree.pipeline.evaluation.romania import ROMANIA_REAL_TRUTH_DATES
 
 log = logging.getLogger(__name__)
 
 S2_13_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 S1_POLS = ("vv", "vh")
 
-#: Romania stack dates the evaluation uses (:mod:`pipeline.evaluation.romania`): every target date of its
+#: Romania stack dates the evaluation uses (:mod:`cloudfree.pipeline.evaluation.romania`): every target date of its
 #: hidden-clear and real-cloudy sets (ROMANIA_EVAL_DATES) and the donor dates whose real clouds hide its targets
 #: (ROMANIA_MASK_DATES). They are excluded from training AND validation in every role (truth, target, cloud-mask
 #: source, reference), together with the clear dates the real-cloudy set interpolates as its proxy truth
@@ -117,7 +117,7 @@ def simulate_sar(optical: np.ndarray, bands: Sequence[str], rng: np.random.Gener
 
 def spectral_cloud_mask(image: np.ndarray, bands: Sequence[str], threshold: float = 0.2) -> np.ndarray:
     """Binary cloud mask of a reflectance image with the project's spectral score (eq. 13-16), 2 px dilation."""
-    from stages.masks import spectral_mask_kernel, spectral_score_kernel
+    from cloudfree.stages.masks import spectral_mask_kernel, spectral_score_kernel
 
     refl = {b: image[i] for i, b in enumerate(bands)}
     return spectral_mask_kernel(spectral_score_kernel(refl), threshold, 2, 1, 2)
@@ -255,7 +255,7 @@ class StacPairs(PairSource):
 
     def _check_holdout(self) -> None:
         """The evaluation's own stack: ``holdout_dates`` may add dates, never drop an evaluation/donor date."""
-        from pipeline.evaluation.romania import ROMANIA_COLLECTION, ROMANIA_FOLDER
+        from cloudfree.pipeline.evaluation.romania import ROMANIA_COLLECTION, ROMANIA_FOLDER
 
         cfg = self.cfg
         if cfg.collection != ROMANIA_COLLECTION and ROMANIA_FOLDER not in str(cfg.path):
@@ -272,9 +272,9 @@ class StacPairs(PairSource):
     def _load(self) -> list[_Date]:
         import dask
 
-        from catalogs.base import SearchQuery, open_catalog
-        from pipeline.config import CatalogConfig, GridConfig
-        from stages.load import load_layer, load_reflectance, output_geobox
+        from cloudfree.catalogs.base import SearchQuery, open_catalog
+        from cloudfree.pipeline.config import CatalogConfig, GridConfig
+        from cloudfree.stages.load import load_layer, load_reflectance, output_geobox
 
         cfg = self.cfg
         catalog = open_catalog(CatalogConfig(kind=cfg.kind, url=cfg.path, collection=cfg.collection))
@@ -294,7 +294,7 @@ class StacPairs(PairSource):
             img = refl_np[i]
             valid = np.isfinite(img).all(0)
             if scl_np is not None:
-                from stages.masks import scl_kernel
+                from cloudfree.stages.masks import scl_kernel
 
                 mask = scl_kernel(scl_np[i], list(cfg.scl_classes), 1) | (scl_np[i] == 0)
             elif {"B02", "B03", "B04", "B11"} <= set(self.bands):
@@ -306,9 +306,9 @@ class StacPairs(PairSource):
         return out
 
     def _catalog_sar(self, catalog, item, geobox) -> np.ndarray | None:
-        from pipeline.config import SelectionPolicy
-        from stages.load import load_sar
-        from stages.search import _sar
+        from cloudfree.pipeline.config import SelectionPolicy
+        from cloudfree.stages.load import load_sar
+        from cloudfree.stages.search import _sar
 
         if not self.cfg.sar_collection:
             raise ConfigError("data.sar = catalog needs data.sar_collection (e.g. sentinel-1-rtc)")
@@ -358,7 +358,7 @@ class StacPairs(PairSource):
             win = (slice(y, y + p), slice(x, x + p))
             truth = np.nan_to_num(truth_d.image[:, win[0], win[1]])
             if cfg.clouds == "simulate":
-                from pipeline.evaluation.simulate import CloudSpec, simulate_clouds
+                from cloudfree.pipeline.evaluation.simulate import CloudSpec, simulate_clouds
 
                 sim = simulate_clouds(truth, self.bands, CloudSpec(cover=float(rng.uniform(0.2, 0.7)),
                                                                     scale=p / 2), seed=int(rng.integers(2**31)))

@@ -5,7 +5,7 @@
   (``<out>/checkpoint.pt``, written atomically every ``checkpoint_every`` steps and at the end) holds the network,
   optimiser state, step, stage and elapsed time; ``resume`` continues from it and reaches the same state as an
   uninterrupted run (tested within float tolerance).
-* **Stages**: the model's :meth:`~pipeline.training.api.TrainableModel.stages` (e.g. CA-MTCR's SAR-encoder
+* **Stages**: the model's :meth:`~cloudfree.pipeline.training.api.TrainableModel.stages` (e.g. CA-MTCR's SAR-encoder
   Noise2Noise pretraining, then the full network); a fresh optimiser per stage over that stage's parameters.
 * **Metrics**: one JSON line per logged step in ``<out>/metrics.jsonl`` (``loss`` and the model's terms, ``lr``,
   ``stage``, ``seconds``) and a ``split: val`` line every ``val_every`` steps (L1, PSNR, PSNR on cloudy pixels over a
@@ -30,9 +30,9 @@ from typing import Any, Mapping
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from models._learned import pick_device
-from pipeline.errors import ConfigError
-from pipeline.training.datasets import DataConfig, PairSource, build_source, collate
+from cloudfree.models._learned import pick_device
+from cloudfree.pipeline.errors import ConfigError
+from cloudfree.pipeline.training.datasets import DataConfig, PairSource, build_source, collate
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +179,10 @@ def train(cfg: TrainConfig, trainable=None, source: PairSource | None = None, *,
     import torch
     from tqdm.auto import tqdm
 
-    from pipeline.training.weights import ModelCard, file_sha256, save_weights, write_model_card
+    from cloudfree.pipeline.training.weights import ModelCard, file_sha256, save_weights, write_model_card
 
     if trainable is None:
-        from pipeline.training import get_trainable
+        from cloudfree.pipeline.training import get_trainable
 
         trainable = get_trainable(cfg.model)
     if cfg.threads:

@@ -2,7 +2,7 @@
 
 A weights file carries, in its safetensors metadata, the **input convention** the network was trained on
 (:class:`InputConvention`: bands, processing level, optical and SAR scaling). Loading compares it with what the
-model is configured for and refuses a mismatch with :class:`~pipeline.errors.WeightsError` naming both sides, so a
+model is configured for and refuses a mismatch with :class:`~cloudfree.pipeline.errors.WeightsError` naming both sides, so a
 network trained on L2A B02/B03/B04/B08 in [0, 1] is never silently fed L1C or other bands.
 
 Networks are loaded **lazily, once per process** (:func:`cached_network`): the model object that dask pickles to its
@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from pipeline.errors import WeightsError
-from stages.publish import file_sha256  # noqa: F401  (one implementation; re-exported for the training loop)
+from cloudfree.pipeline.errors import WeightsError
+from cloudfree.stages.publish import file_sha256  # noqa: F401  (one implementation; re-exported for the training loop)
 
 #: Optical scaling every learned model here uses: L2A/L1C reflectance (DN / 10000) clipped to [0, 1], i.e. the
 #: SEN12MS-CR(-TS)/AllClear convention "clip to [0, 10000], scale to [0, 1]".
@@ -207,7 +207,7 @@ def card_paths(weights: str | Path) -> tuple[Path, Path]:
 
 
 def write_model_card(card: ModelCard, weights: str | Path) -> tuple[Path, Path]:
-    from stages.write import write_json_atomic
+    from cloudfree.stages.write import write_json_atomic
 
     jpath, mpath = card_paths(weights)
     write_json_atomic(card.to_dict(), jpath)
