@@ -393,7 +393,7 @@ def test_plausibility_names_item_band_and_fix(demo_dicts):
 
 # -- 7. concurrency, kills, staging ---------------------------------------------------------------------------------
 def test_target_lock_serialises_processes(tmp_path):
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.safety import target_lock\n"
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from cloudfree.pipeline.safety import target_lock\n"
             "with target_lock(sys.argv[2], 'T'):\n    print('locked', flush=True); time.sleep(1.5)\n")
     p = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "locked"

@@ -44,7 +44,7 @@ def test_building_a_physics_model_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from models.registry import build_model; build_model('phyvlm-cr'); "
+    code = ("import sys; from cloudfree.models.registry import build_model; build_model('phyvlm-cr'); "
             "build_model('temporal'); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
