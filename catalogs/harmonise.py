@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 QUANTIFICATION = 10000.0
 ADD_OFFSET_DN = -1000.0
 BASELINE_04 = (4, 0)
-OFFSET_FLAGS = ("earthsearch:boa_offset_applied", "sentinel:boa_offset_applied")
+#: ``cloudfree:add_offset_applied``: a cloudfree output (DN = reflectance * 1e4, no baseline offset left).
+OFFSET_FLAGS = ("earthsearch:boa_offset_applied", "sentinel:boa_offset_applied", "cloudfree:add_offset_applied")
 BASELINE_PROPS = ("s2:processing_baseline", "sentinel:processing_baseline", "processing:version")
 ID_PROPS = ("s2:product_uri", "sentinel:product_id", "s2:granule_id", "s2:datatake_id")
 L1C_BANDS = S2_REFLECTANCE_BANDS
@@ -122,6 +123,8 @@ def processing_baseline(item: pystac.Item) -> str | None:
 def processing_level(item: pystac.Item) -> str | None:
     """"L1C", "L2A" or None (not a Sentinel-2 MSI product)."""
     props = item.properties
+    if props.get("cloudfree:level") in ("L1C", "L2A"):  # a cloudfree output: the level of its reflectance
+        return props["cloudfree:level"]
     platform = str(props.get("platform", "")).lower()
     constellation = str(props.get("constellation", "")).lower()
     product_type = str(props.get("s2:product_type", "") or props.get("sentinel:product_type", "")).upper()

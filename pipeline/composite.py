@@ -286,18 +286,22 @@ def _write_pixel_composite(ds, items: list[pystac.Item], tile: str, period: str,
     written, _ = write_outputs(ds, out_dir, stem, cfg.output, progress=_progress_callback(cfg), stage=stage)
     item = output_item(items[0], items[1:], written, geobox, bands, method, {}, run_id,
                        [harmonise(i).as_properties() for i in items],
-                       collection_id=f"{cfg.output.collection}-composites")
+                       collection_id=f"{cfg.output.collection}-composites",
+                       item_dir=paths_for(out_dir, stem)["item"].parent)
     item.id = stem
+    from cloudfree.catalogs.base import parse_interval
+
+    # the requested period is the composite's time range (the acquisitions it used are in cloudfree:composite)
+    start, end = parse_interval(period)
     times = sorted(i.datetime for i in items)
     item.datetime = None
-    item.common_metadata.start_datetime, item.common_metadata.end_datetime = times[0], times[-1]
+    item.common_metadata.start_datetime, item.common_metadata.end_datetime = start or times[0], end or times[-1]
     codes = {str(SOURCE_NODATA): "nodata", str(SOURCE_FUSED): "median of several clear acquisitions"}
     codes |= {str(SOURCE_REFERENCE_BASE + k): f"acquisition {it.id}" for k, it in enumerate(items)}
     item.properties.update({
         "cloudfree:source_codes": codes, "cloudfree:composite": {
             "tile": tile, "period": period, "method": method, "inputs": signature(items)},
         "processing:lineage": f"{method} composite of {len(items)} acquisition(s) of MGRS {tile} in {period}",
-        "s2:mgrs_tile": tile,
     })
     from cloudfree.pipeline.runner import cover_stats
 

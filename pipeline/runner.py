@@ -411,7 +411,8 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
         extra["cloudfree:coregistration"] = [c.as_properties() for c in coreg]
     item = output_item(target, refs, out, geobox, bands, model.name, dict(cfg.model.params), run_id,
                        [harmonise(i).as_properties() for i in items], extra=extra, weights_sha256=weights_sha,
-                       collection_id=cfg.output.collection, mask_bits=method_bits(cfg.mask.methods))
+                       collection_id=cfg.output.collection, mask_bits=method_bits(cfg.mask.methods),
+                       item_dir=final["item"].parent)
     item.set_self_href(str(final["item"].resolve()))
     write_json_atomic(item.to_dict(include_self_link=False, transform_hrefs=False), staged["item"])
     out.files["item"] = staged["item"]

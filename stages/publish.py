@@ -6,8 +6,10 @@ reader (e.g. ``LocalCatalog`` pointed at ``<out>/catalog.json``) always sees a c
 can search its own outputs like any catalog (per-band VRT assets and a ``CLDPRB`` layer make an output loadable
 as a reference).
 
-:func:`check_item` is the offline structural validation: ``pystac.Item.validate()`` fetches the JSON schemas
-from the internet (pystac ships no schemas), which these machines cannot reach.
+Items are built with pystac's extension helpers (eo, raster, projection v2, file, mgrs) plus the processing
+extension v1.2.0; the tests validate items and the collection against the official JSON schemas of STAC core and
+every declared extension, vendored for offline use (``tests/stac_schemas.py``). :func:`check_item` is the run-time
+check of what a schema cannot see (provenance fields, ``derived_from`` links, asset files that exist).
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from typing import Sequence
 
 import pystac
 from odc.geo.geobox import GeoBox
+from pystac.extensions.eo import Band, EOExtension
+from pystac.extensions.file import FileExtension
+from pystac.extensions.mgrs import MgrsExtension
+from pystac.extensions.projection import ProjectionExtension
+from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 
 import cloudfree
 from cloudfree.pipeline.contract import SOURCE_LABELS, SOURCE_REFERENCE_BASE
@@ -33,25 +40,69 @@ from cloudfree.stages.write import REFLECTANCE_SCALE, WrittenOutput
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = [
-    "https://stac-extensions.github.io/eo/v1.1.0/schema.json",
-    "https://stac-extensions.github.io/raster/v1.1.0/schema.json",
-    "https://stac-extensions.github.io/projection/v1.1.0/schema.json",
-    "https://stac-extensions.github.io/processing/v1.1.0/schema.json",
-]
+#: STAC extension schemas of the output items, at consistent versions: the pystac helpers (eo, raster, projection,
+#: file, mgrs) declare their own; processing has no pystac helper, its fields are written here at v1.2.0 (the first
+#: version with ``processing:datetime``). Tests validate every output against all of them (tests/stac_schemas.py).
+PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.json"
+#: The outputs are derived from Copernicus Sentinel-2 data: no SPDX identifier covers its terms, so STAC's
+#: ``license: other`` with a ``license`` link to the legal notice.
+LICENSE = "other"
+LICENSE_LINK = pystac.Link(
+    "license", "https://sentinels.copernicus.eu/documents/247904/690755/Sentinel_Data_Legal_Notice",
+    media_type="application/pdf", title="Legal notice on the use of Copernicus Sentinel Data and Service Information")
+PROVIDERS = (
+    pystac.Provider("European Union / ESA / Copernicus", roles=[pystac.ProviderRole.PRODUCER,
+                                                             pystac.ProviderRole.LICENSOR],
+                    url="https://sentinels.copernicus.eu", description="Sentinel-2 MSI acquisitions (the inputs)"),
+    pystac.Provider("cloudfree", roles=[pystac.ProviderRole.PROCESSOR],
+                    description="cloud removal: reflectance, confidence and per-pixel provenance (this pipeline)"),
+)
 
 
-def _href(item: pystac.Item) -> str:
+def _href(item: pystac.Item, item_dir: Path | None = None) -> str:
+    """Where ``item`` is: a URL as is, a local file relative to ``item_dir`` (an output's folder) when given
+    (relative links: the output tree and its inputs can move together), else ``stac:<collection>/<id>``."""
     self_href = item.get_self_href()
-    return self_href or f"stac:{item.collection_id}/{item.id}"
+    if not self_href:
+        return f"stac:{item.collection_id}/{item.id}"
+    if item_dir is not None and (self_href.startswith("file://") or "://" not in self_href):
+        local = self_href[len("file://"):] if self_href.startswith("file://") else self_href
+        return os.path.relpath(os.path.abspath(local), os.path.abspath(item_dir))
+    return self_href
+
+
+def _raster_band(data_type: str, nodata=None, scale=None, offset=None, unit=None) -> RasterBand:
+    return RasterBand.create(data_type=DataType(data_type), nodata=nodata, scale=scale, offset=offset, unit=unit)
+
+
+def _eo_band(name: str) -> Band:
+    from cloudfree.catalogs.bands import S2_COMMON_NAMES
+
+    return Band.create(name=name, common_name=S2_COMMON_NAMES.get(name))
+
+
+def _apply_mgrs(item: pystac.Item, tile: str | None) -> None:
+    """The MGRS extension (``mgrs:utm_zone``, ``mgrs:latitude_band``, ``mgrs:grid_square``) from a tile id like
+    ``33UUU``; nothing when the tile is unknown (never a null)."""
+    import re
+
+    m = re.fullmatch(r"T?(\d{1,2})([C-X])([A-Z]{2})", str(tile or ""))
+    if m:
+        MgrsExtension.ext(item, add_if_missing=True).apply(m.group(2), m.group(3), int(m.group(1)))
 
 
 def output_item(
     target: pystac.Item, references: Sequence[pystac.Item], out: WrittenOutput, geobox: GeoBox, bands: Sequence[str],
     model_name: str, model_params: dict, run_id: str, harmonisation: Sequence[dict], extra: dict | None = None,
     weights_sha256: str | None = None, collection_id: str | None = None, mask_bits: dict[str, int] | None = None,
+    item_dir: str | Path | None = None,
 ) -> pystac.Item:
-    """Build (not save) the output Item; asset hrefs are relative to the item's folder."""
+    """Build (not save) the output Item with pystac's extension helpers; asset hrefs are relative to the item's
+    folder, and so are ``derived_from`` links to local inputs when ``item_dir`` (the item's final folder) is given.
+    """
+    from cloudfree.catalogs.harmonise import processing_level
+    from cloudfree.stages.search import mgrs_tile
+
     bbox = list(geobox.geographic_extent.boundingbox)
     geom = geobox.geographic_extent.geom.__geo_interface__
     now = datetime.now(timezone.utc)
@@ -59,18 +110,13 @@ def output_item(
     for i, r in enumerate(references):
         when = r.datetime.date().isoformat() if r.datetime else "undated"
         source_codes[SOURCE_REFERENCE_BASE + i] = f"reference {r.id} ({when})"
+    level = processing_level(target)
     props = {
-        "s2:product_type": target.properties.get("s2:product_type"),
-        "s2:mgrs_tile": target.properties.get("s2:mgrs_tile"),
-        # the output DN are reflectance * 1e4 with no baseline offset: tells catalogs.harmonise not to subtract it
-        "earthsearch:boa_offset_applied": True,
-        "platform": target.properties.get("platform"),
-        "constellation": target.properties.get("constellation"),
-        "instruments": target.properties.get("instruments"),
-        "proj:code": str(geobox.crs),
-        "proj:shape": list(geobox.shape),
-        "proj:transform": list(geobox.transform)[:6],
-        "processing:level": "L2-cloudfree" if target.properties.get("s2:product_type", "").endswith("2A") else "L1-cloudfree",
+        # the reflectance is of the target's level; its DN are reflectance * 1e4 with no baseline offset: tells
+        # catalogs.harmonise (a later run reading this output as a reference) not to subtract one
+        "cloudfree:level": level,
+        "cloudfree:add_offset_applied": True,
+        "processing:level": f"{(level or 'L2A')[:2]}-cloudfree",
         "processing:software": {"cloudfree": cloudfree.__version__},
         "processing:lineage": (
             f"cloud removal of {target.id} with model {model_name!r} using references "
@@ -85,58 +131,56 @@ def output_item(
         "cloudfree:source_codes": {str(k): v for k, v in sorted(source_codes.items())},
         "cloudfree:simulated_inputs": any(i.properties.get("cloudfree:simulated") for i in [target, *references]),
     }
+    for key in ("platform", "constellation", "instruments"):  # common metadata: copied when known, never null
+        if target.properties.get(key) not in (None, "", []):
+            props[key] = target.properties[key]
     props.update(extra or {})
     if mask_bits:
         props["cloudfree:mask_bits"] = {**{str(b): m for m, b in mask_bits.items()}, str(NODATA_BIT): "no valid data"}
-    item = pystac.Item(f"{out.stem}", geom, bbox, target.datetime, props, stac_extensions=list(EXTENSIONS),
+    item = pystac.Item(f"{out.stem}", geom, bbox, target.datetime, props, stac_extensions=[PROCESSING_SCHEMA],
                        collection=collection_id)
-    item.add_asset("reflectance", pystac.Asset(
-        f"./{out.files['reflectance'].name}", "cloud-free reflectance", media_type=pystac.MediaType.COG,
-        roles=["data", "reflectance"],
-        extra_fields={
-            "eo:bands": [{"name": b} for b in bands],
-            "raster:bands": [{"name": b, "data_type": "uint16", "nodata": 0, "scale": REFLECTANCE_SCALE, "offset": 0}
-                             for b in bands],
-            "file:checksum": _sha256(out.files["reflectance"]),
-        },
-    ))
-    item.add_asset("confidence", pystac.Asset(
-        f"./{out.files['confidence'].name}", "per-pixel confidence, percent (100 = observed)",
-        media_type=pystac.MediaType.COG, roles=["data", "quality"],
-        extra_fields={"raster:bands": [{"data_type": "uint8", "nodata": 255, "unit": "percent"}]},
-    ))
-    item.add_asset("source", pystac.Asset(
-        f"./{out.files['source'].name}", "per-pixel source code (see cloudfree:source_codes)",
-        media_type=pystac.MediaType.COG, roles=["data", "provenance"],
-        extra_fields={"raster:bands": [{"data_type": "uint8"}]},
-    ))
+    ProjectionExtension.ext(item, add_if_missing=True).apply(
+        code=str(geobox.crs), shape=list(geobox.shape), transform=list(geobox.transform)[:6])
+    _apply_mgrs(item, mgrs_tile(target))
+
+    def add(key: str, path: Path, title: str, media_type, roles: list[str], raster: list[RasterBand],
+            eo: list[Band] | None = None, checksum: bool = False, grid: bool = False) -> pystac.Asset:
+        asset = pystac.Asset(f"./{path.name}", title, media_type=media_type, roles=roles)
+        item.add_asset(key, asset)
+        if eo:
+            EOExtension.ext(asset, add_if_missing=True).bands = eo
+        RasterExtension.ext(asset, add_if_missing=True).bands = raster
+        if grid:
+            ProjectionExtension.ext(asset).apply(shape=list(geobox.shape), transform=list(geobox.transform)[:6])
+        if checksum:
+            FileExtension.ext(asset, add_if_missing=True).apply(checksum=_sha256(path), size=path.stat().st_size)
+        return asset
+
+    refl = [_raster_band("uint16", 0, REFLECTANCE_SCALE, 0.0) for _ in bands]
+    add("reflectance", out.files["reflectance"], "cloud-free reflectance", pystac.MediaType.COG,
+        ["data", "reflectance"], refl, [_eo_band(b) for b in bands], checksum=True)
+    add("confidence", out.files["confidence"], "per-pixel confidence, percent (100 = observed)",
+        pystac.MediaType.COG, ["data", "quality"], [_raster_band("uint8", 255, unit="percent")], checksum=True)
+    add("source", out.files["source"], "per-pixel source code (see cloudfree:source_codes)",
+        pystac.MediaType.COG, ["data", "provenance"], [_raster_band("uint8")], checksum=True)
     if "mask_provenance" in out.files:
-        item.add_asset("mask_provenance", pystac.Asset(
-            f"./{out.files['mask_provenance'].name}", "which mask method flagged the target pixel (bit flags, see "
-            "cloudfree:mask_bits)", media_type=pystac.MediaType.COG, roles=["data", "provenance", "cloud"],
-            extra_fields={"raster:bands": [{"data_type": "uint8"}]},
-        ))
-    grid = {"proj:shape": list(geobox.shape), "proj:transform": list(geobox.transform)[:6]}
+        add("mask_provenance", out.files["mask_provenance"], "which mask method flagged the target pixel (bit "
+            "flags, see cloudfree:mask_bits)", pystac.MediaType.COG, ["data", "provenance", "cloud"],
+            [_raster_band("uint8")], checksum=True)
     for i, b in enumerate(bands, 1):
         if f"band:{b}" in out.files:
-            item.add_asset(b, pystac.Asset(
-                f"./{out.files[f'band:{b}'].name}", f"{b} (band {i} of the reflectance COG, GDAL VRT)",
-                # no media type: GDAL VRT has no registered one, and odc-stac reads an untyped "data" asset
-                media_type=None, roles=["data", "virtual"],
-                extra_fields={"eo:bands": [{"name": b}], **grid, "raster:bands": [
-                    {"data_type": "uint16", "nodata": 0, "scale": REFLECTANCE_SCALE, "offset": 0}]},
-            ))
+            # no media type: GDAL VRT has no registered one, and odc-stac reads an untyped "data" asset
+            add(b, out.files[f"band:{b}"], f"{b} (band {i} of the reflectance COG, GDAL VRT)", None,
+                ["data", "virtual"], [_raster_band("uint16", 0, REFLECTANCE_SCALE, 0.0)], [_eo_band(b)], grid=True)
     if "cldprb" in out.files:
-        item.add_asset("CLDPRB", pystac.Asset(
-            f"./{out.files['cldprb'].name}", "residual cloud probability, percent (100 - confidence), GDAL VRT",
-            media_type=None, roles=["data", "cloud-probability", "virtual"],
-            extra_fields={**grid, "raster:bands": [{"data_type": "uint8", "nodata": 255, "unit": "percent"}]},
-        ))
+        add("CLDPRB", out.files["cldprb"], "residual cloud probability, percent (100 - confidence), GDAL VRT", None,
+            ["data", "cloud-probability", "virtual"], [_raster_band("uint8", 255, unit="percent")], grid=True)
     if "quicklook" in out.files:
         item.add_asset("quicklook", pystac.Asset(f"./{out.files['quicklook'].name}", "before | after | mask",
                                                  media_type=pystac.MediaType.PNG, roles=["overview"]))
+    item_dir = Path(item_dir) if item_dir is not None else None
     for src in [target, *references]:
-        item.add_link(pystac.Link("derived_from", _href(src), media_type=pystac.MediaType.JSON,
+        item.add_link(pystac.Link("derived_from", _href(src, item_dir), media_type=pystac.MediaType.JSON,
                                   extra_fields={"id": src.id}))
     return item
 
@@ -167,11 +211,59 @@ def _write_atomic(obj: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+#: asset fields an output collection's ``item_assets`` repeats from its items (the per-item ones are left out).
+ITEM_ASSET_FIELDS = ("eo:bands", "raster:bands")
+
+
+def _item_assets(items: Sequence[dict]) -> dict[str, pystac.ItemAssetDefinition]:
+    """``item_assets`` of a collection: every asset key its items have, described by the first item that has it."""
+    out: dict[str, pystac.ItemAssetDefinition] = {}
+    for d in items:
+        for key, a in d.get("assets", {}).items():
+            if key not in out:
+                out[key] = pystac.ItemAssetDefinition.create(
+                    a.get("title"), a.get("description"), a.get("type"), a.get("roles"),
+                    extra_fields={k: a[k] for k in ITEM_ASSET_FIELDS if k in a})
+    return out
+
+
+def _interval(props: dict) -> tuple[datetime | None, datetime | None]:
+    from pystac.utils import str_to_datetime
+
+    start = props.get("start_datetime") or props.get("datetime")
+    end = props.get("end_datetime") or props.get("datetime")
+    return (str_to_datetime(start) if start else None, str_to_datetime(end) if end else None)
+
+
+def output_collection(collection_id: str, description: str, items: Sequence[dict], hrefs: Sequence[str]) -> dict:
+    """The output Collection (a dict with relative links) over ``items`` (item dicts) at ``hrefs`` (relative to
+    the collection), built with pystac: extent from the items, ``providers``, ``item_assets``, a licence."""
+    bboxes = [d["bbox"] for d in items]
+    spans = [_interval(d["properties"]) for d in items]
+    starts = sorted(s for s, _ in spans if s)
+    ends = sorted(e for _, e in spans if e)
+    extent = pystac.Extent(
+        pystac.SpatialExtent([[min(b[0] for b in bboxes), min(b[1] for b in bboxes),
+                               max(b[2] for b in bboxes), max(b[3] for b in bboxes)]] if bboxes else [[-180, -90, 180, 90]]),
+        pystac.TemporalExtent([[starts[0] if starts else None, ends[-1] if ends else None]]))
+    coll = pystac.Collection(collection_id, description, extent, license=LICENSE, providers=list(PROVIDERS),
+                             title=collection_id)
+    coll.item_assets = _item_assets(items)
+    used = {ext for d in items for ext in d.get("stac_extensions", [])}
+    coll.stac_extensions = sorted(e for e in used if any(f"/{n}/" in e for n in ("eo", "raster")))
+    d = coll.to_dict(include_self_link=False, transform_hrefs=False)
+    d["links"] = ([{"rel": "root", "href": "./catalog.json", "type": "application/json"},
+                   {"rel": "parent", "href": "./catalog.json", "type": "application/json"},
+                   LICENSE_LINK.to_dict()]
+                  + [{"rel": "item", "href": h, "type": "application/geo+json"} for h in hrefs])
+    return d
+
+
 def update_collection(out_dir: str | Path, item_path: str | Path, collection_id: str,
                       description: str = "cloudfree outputs") -> Path:
     """Add (or refresh) the item at ``item_path`` in ``<out_dir>/collection.json`` (extent recomputed from all
     listed items) and make sure ``<out_dir>/catalog.json`` links it; rewrites the item's root/parent/collection
-    links. Atomic and locked; returns the collection path."""
+    links (relative). Atomic and locked; returns the collection path."""
     out_dir = Path(out_dir).resolve()
     item_path = Path(item_path).resolve()
     coll_path, cat_path = out_dir / "collection.json", out_dir / "catalog.json"
@@ -185,29 +277,13 @@ def update_collection(out_dir: str | Path, item_path: str | Path, collection_id:
                            {"rel": "parent", "href": f"{up}collection.json", "type": "application/json"},
                            {"rel": "collection", "href": f"{up}collection.json", "type": "application/json"}]
         _write_atomic(idict, item_path)
-        coll = json.loads(coll_path.read_text()) if coll_path.exists() else {
-            "type": "Collection", "stac_version": pystac.get_stac_version(), "id": collection_id,
-            "description": description, "license": "proprietary", "stac_extensions": [], "links": [],
-            "extent": {}, "summaries": {}}
-        hrefs = [lk["href"] for lk in coll["links"] if lk["rel"] == "item"]
+        old = json.loads(coll_path.read_text()) if coll_path.exists() else {"links": []}
+        hrefs = [lk["href"] for lk in old.get("links", []) if lk["rel"] == "item"]
         if rel not in hrefs:
             hrefs.append(rel)
         hrefs = [h for h in hrefs if (out_dir / h).exists()]
-        bboxes, times = [], []
-        for h in hrefs:
-            d = json.loads((out_dir / h).read_text())
-            bboxes.append(d["bbox"])
-            times.append(d["properties"].get("datetime"))
-        times = sorted(t for t in times if t)
-        coll["extent"] = {
-            "spatial": {"bbox": [[min(b[0] for b in bboxes), min(b[1] for b in bboxes),
-                                  max(b[2] for b in bboxes), max(b[3] for b in bboxes)]]},
-            "temporal": {"interval": [[times[0] if times else None, times[-1] if times else None]]},
-        }
-        coll["links"] = ([{"rel": "root", "href": "./catalog.json", "type": "application/json"},
-                          {"rel": "parent", "href": "./catalog.json", "type": "application/json"}]
-                         + [{"rel": "item", "href": h, "type": "application/geo+json"} for h in hrefs])
-        _write_atomic(coll, coll_path)
+        items = [json.loads((out_dir / h).read_text()) for h in hrefs]
+        _write_atomic(output_collection(collection_id, description, items, hrefs), coll_path)
         if not cat_path.exists():
             _write_atomic({"type": "Catalog", "stac_version": pystac.get_stac_version(), "id": f"{collection_id}-root",
                            "description": f"cloudfree outputs in {out_dir.name}", "stac_extensions": [],
@@ -249,7 +325,7 @@ def check_item(item: pystac.Item | dict | str | Path) -> list[str]:
     for key in REQUIRED_PROPERTIES:
         if d["properties"].get(key) in (None, "", []):
             problems.append(f"property {key} missing")
-    for ext in ("eo", "raster", "projection", "processing"):
+    for ext in ("eo", "raster", "projection", "processing", "file"):
         if not any(f"/{ext}/" in e for e in d.get("stac_extensions", [])):
             problems.append(f"extension {ext} not declared")
     if not any(lk.rel == "derived_from" for lk in item.links):

@@ -186,7 +186,13 @@ def test_composite_is_incremental(demo_catalog, tmp_path):
         src = ds.read(1)
     assert (src == SOURCE_FUSED).mean() > 0.3  # most pixels are clear in two or more acquisitions
     item = json.loads(uuu.item.read_text())
-    assert item["properties"]["start_datetime"].startswith("2017-02-06")
+    # the requested period is the time range (the acquisitions used are listed in cloudfree:composite)
+    assert item["properties"]["start_datetime"].startswith("2017-02-01T00:00:00")
+    assert item["properties"]["end_datetime"].startswith("2017-02-28T23:59:59")
+    assert item["properties"]["mgrs:grid_square"] == "UU" and "s2:mgrs_tile" not in item["properties"]
+    from tests.stac_schemas import validate
+
+    validate(uuu.item)  # STAC core + every declared extension (vendored schemas)
     cover = item["properties"]["cloudfree:cover"]
     assert 0 <= cover["low_confidence_after"] < 0.2
     # eo:cloud_cover counts what is not a usable clear estimate: low confidence and nodata (outside the footprints)
