@@ -227,12 +227,12 @@ def extend_bands(restored: np.ndarray, target: np.ndarray, clear: np.ndarray) ->
 # ----------------------------------------------------------------------------------------------------- weights
 def load_network(model_name: str, path: str | Path, convention, build) -> nn.Module:
     """The network in weights file ``path``, built by ``build(network_config)``, loaded lazily once per process
-    (:func:`cloudfree.pipeline.training.weights.cached_network`), after checking the file's sha256 against its model card and
+    (:func:`cloudfree.models._weights.cached_network`), after checking the file's sha256 against its model card and
     its recorded input convention against ``convention``."""
     import json
 
     from cloudfree.pipeline.errors import WeightsError
-    from cloudfree.pipeline.training.weights import cached_network, card_paths, card_sha256, read_weights
+    from cloudfree.models._weights import cached_network, card_paths, card_sha256, read_weights
 
     p = Path(path)
     sha = card_sha256(p) if p.is_file() else None

@@ -106,13 +106,13 @@ class LearnedModel(RemovalModelBase):
         return Path(self.params.weights) if self.params.weights else WEIGHTS_DIR / self.weights_file
 
     def expected_sha256(self) -> str | None:
-        from cloudfree.pipeline.training.weights import card_sha256
+        from cloudfree.models._weights import card_sha256
 
         return self.params.weights_sha256 or card_sha256(self.weights_path)
 
     def network(self):
         """The network on this process's device, built once per process (weights hash- and convention-checked)."""
-        from cloudfree.pipeline.training.weights import cached_network, read_weights
+        from cloudfree.models._weights import cached_network, read_weights
 
         path, sha = self.weights_path, self.expected_sha256()
         if sha is None:

@@ -53,8 +53,8 @@ from typing import Any, Mapping
 from cloudfree.models._learned import LearnedModel, build_blocks, clear_stats, log_days, per_date_stats
 from cloudfree.models.base import ModelSpec
 from cloudfree.models.registry import register
-from cloudfree.pipeline.training.api import Stage
-from cloudfree.pipeline.training.weights import InputConvention
+from cloudfree.models._weights import Stage
+from cloudfree.models._weights import InputConvention
 
 BANDS = ("B02", "B03", "B04", "B08")
 DEFAULTS = {"dim": 32, "blocks": 3, "heads": 2, "window": 8, "codebook": 64, "ltae_heads": 4,

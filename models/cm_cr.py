@@ -279,7 +279,7 @@ WEIGHTS_FILE = "cm_cr.safetensors"
 
 
 def convention():
-    from cloudfree.pipeline.training.weights import InputConvention
+    from cloudfree.models._weights import InputConvention
 
     return InputConvention(bands=GEN_BANDS, level="L2A", sar_pols=SAR_POLS)
 
@@ -454,7 +454,7 @@ class CMCRTrainable:
         return CMCRNetworks(**network_kwargs(cfg))
 
     def stages(self, total_steps: int, lr: float) -> list:
-        from cloudfree.pipeline.training.api import Stage
+        from cloudfree.models._weights import Stage
 
         n1 = int(round(self.fractions[0] * total_steps))
         return [Stage("teacher", n1, lr, params=lambda n: n.teacher.parameters()),

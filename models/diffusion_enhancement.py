@@ -210,7 +210,7 @@ WEIGHTS_FILE = "diffusion_enhancement.safetensors"
 
 
 def convention():
-    from cloudfree.pipeline.training.weights import InputConvention
+    from cloudfree.models._weights import InputConvention
 
     return InputConvention(bands=GEN_BANDS, level="L2A")
 
@@ -399,7 +399,7 @@ class DETrainable:
         return DENetworks(**network_kwargs(cfg))
 
     def stages(self, total_steps: int, lr: float) -> list:
-        from cloudfree.pipeline.training.api import Stage
+        from cloudfree.models._weights import Stage
 
         a, b, _ = self.fractions
         n1, n2 = int(round(a * total_steps)), int(round(b * total_steps))

@@ -41,8 +41,8 @@ from typing import Any, Mapping
 from cloudfree.models._learned import LearnedModel, build_blocks, clear_stats, ssim_map
 from cloudfree.models.base import ModelSpec
 from cloudfree.models.registry import register
-from cloudfree.pipeline.training.api import single_stage
-from cloudfree.pipeline.training.weights import InputConvention
+from cloudfree.models._weights import single_stage
+from cloudfree.models._weights import InputConvention
 
 BANDS = ("B02", "B03", "B04", "B08")
 DEFAULTS = {"dim": 32, "stages": 2, "swin_per_stage": 2, "heads": 2, "window": 8, "scale": 2, "normalise": False}

@@ -35,6 +35,7 @@ from pystac.extensions.raster import DataType, RasterBand, RasterExtension
 import cloudfree
 from cloudfree.pipeline.contract import SOURCE_LABELS, SOURCE_REFERENCE_BASE
 from cloudfree.pipeline.errors import InputDataError
+from cloudfree.pipeline.fileio import file_sha256  # noqa: F401  (re-exported: the runner records weights hashes)
 from cloudfree.stages.masks import NODATA_BIT
 from cloudfree.stages.write import REFLECTANCE_SCALE, WrittenOutput
 
@@ -184,14 +185,6 @@ def output_item(
                                   extra_fields={"id": src.id}))
     return item
 
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file (e.g. a model's weights)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -350,8 +343,4 @@ def assert_valid_item(path: str | Path) -> pystac.Item:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "1220" + h.hexdigest()  # multihash prefix for sha2-256, as the file extension expects
+    return "1220" + file_sha256(path)  # multihash prefix for sha2-256, as the file extension expects

@@ -30,6 +30,7 @@ import rasterio
 import xarray as xr
 
 from cloudfree.pipeline.config import OutputConfig
+from cloudfree.pipeline.fileio import write_json_atomic  # noqa: F401  (re-exported for the runner and composite)
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +199,3 @@ def quicklook(before_rgb: np.ndarray, after_rgb: np.ndarray, mask: np.ndarray, p
     return path
 
 
-def write_json_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp.json")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)

@@ -244,7 +244,7 @@ def _weights(tmp_path, which: str):
     import json
 
     from cloudfree.models import cm_cr, diffusion_enhancement
-    from cloudfree.pipeline.training.weights import card_paths, save_weights
+    from cloudfree.models._weights import card_paths, save_weights
 
     torch.manual_seed(4)
     if which == "de":
@@ -360,7 +360,7 @@ def test_spec_names_the_weights_file_actually_used(tmp_path, name):
     """The runner hashes ``model.spec.weights`` into the output item: it must be a path to the file in use."""
     from pathlib import Path
 
-    from cloudfree.pipeline.training.weights import card_sha256, file_sha256
+    from cloudfree.models._weights import card_sha256, file_sha256
 
     shipped = Path(build_model(name, {}).spec.weights)
     assert shipped.is_file() and file_sha256(shipped) == card_sha256(shipped)

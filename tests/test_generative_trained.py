@@ -99,7 +99,7 @@ def test_shipped_weights_cards_and_sizes():
     for stem, model in (("diffusion_enhancement", "diffusion-enhancement"), ("cm_cr", "cm-cr")):
         w = WEIGHTS / f"{stem}.safetensors"
         card = json.loads((WEIGHTS / f"{stem}.card.json").read_text())
-        from cloudfree.pipeline.training.weights import file_sha256
+        from cloudfree.models._weights import file_sha256
 
         assert w.stat().st_size < 20e6
         assert card["sha256"] == file_sha256(w)
@@ -124,7 +124,7 @@ def test_train_resume_matches_uninterrupted(tmp_path):
     import torch
 
     from cloudfree.pipeline.training.loop import load_train_config, train
-    from cloudfree.pipeline.training.weights import read_weights
+    from cloudfree.models._weights import read_weights
 
     for model, net, extra in (("diffusion-enhancement", {"cnp_base": 8, "wa_base": 8, "stage_fractions": [0.34, 0.33, 0.33]},
                                {"sar": "none", "sar_dropout": 0.0}),

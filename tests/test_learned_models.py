@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from cloudfree.models.registry import build_model
 from cloudfree.pipeline.contract import SOURCE_MODEL, SOURCE_TARGET, TileInputs
 from cloudfree.pipeline.errors import ContractError, WeightsError
-from cloudfree.pipeline.training.weights import clear_cache
+from cloudfree.models._weights import clear_cache
 from tests.conftest import shared
 
 TINY = {"ca-mtcr": {"dim": 16, "blocks": 1, "heads": 2, "window": 4, "codebook": 8, "ltae_heads": 2, "normalise": "per-date"},
@@ -89,7 +89,7 @@ def test_inference_keeps_clear_pixels_and_fills_cloud(tiny_weights, name):
 
 
 def test_weights_load_once_and_refuse_bad_hash_or_bands(tiny_weights):
-    from cloudfree.pipeline.training import weights as w
+    from cloudfree.models import _weights as w
 
     clear_cache()
     model = build_model("ca-mtcr", {"weights": str(tiny_weights["ca-mtcr"])})
@@ -125,7 +125,7 @@ def test_weights_load_once_and_refuse_bad_hash_or_bands(tiny_weights):
     # a file whose recorded convention differs (other bands) is refused at load
     import torch
 
-    from cloudfree.pipeline.training.weights import InputConvention, save_weights
+    from cloudfree.models._weights import InputConvention, save_weights
 
     other = tiny_weights["ca-mtcr"].with_name("other.safetensors")
     sha = save_weights({"x": torch.zeros(1)}, other, InputConvention(("B02", "B03", "B04", "B8A"), "L2A"))
@@ -145,7 +145,7 @@ def test_cloudfree_run_on_demo_catalog(tiny_weights, demo_config, name):
     results = run(cfg)
     assert [r.status for r in results] == ["done"], [r.error for r in results]
     item = json.loads(results[0].outputs["item"].read_text())
-    from cloudfree.pipeline.training.weights import file_sha256
+    from cloudfree.models._weights import file_sha256
 
     recorded = item["properties"]["cloudfree:model"]
     assert recorded["name"] == name and recorded["weights_sha256"] == file_sha256(tiny_weights[name])

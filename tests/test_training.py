@@ -17,7 +17,7 @@ from cloudfree.pipeline.training.api import Stage
 from cloudfree.pipeline.training.datasets import (S2_13_BANDS, AllClear, DataConfig, PairSource, Sen12MSCR, Sen12MSCRTS,
                                         StacPairs, finish_sample, scale_sar_db)
 from cloudfree.pipeline.training.loop import TrainConfig, train
-from cloudfree.pipeline.training.weights import (InputConvention, cache_size, cached_network, card_sha256, clear_cache,
+from cloudfree.models._weights import (InputConvention, cache_size, cached_network, card_sha256, clear_cache,
                                        read_weights, save_weights)
 
 ROMANIA = Path("../shared/data/s2-l2a-stack-romania-nrt/stac/catalog.json")

@@ -6,7 +6,7 @@
   builder (real transplanted cloud masks or simulated clouds; real, simulated or no SAR);
 * :mod:`cloudfree.pipeline.training.loop` -- seed, progress bar, checkpoints, resume, JSON-lines metrics, validation split,
   export with a model card (``cloudfree train``);
-* :mod:`cloudfree.pipeline.training.weights` -- safetensors save/load with the input convention, sha256, model cards, lazy
+* :mod:`cloudfree.models._weights` -- safetensors save/load with the input convention, sha256, model cards, lazy
   once-per-process network cache.
 
 A model makes itself trainable with a ``trainable()`` classmethod on its registered class.

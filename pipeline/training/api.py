@@ -4,7 +4,7 @@ A learned removal model (``models/<name>.py``) exposes ``trainable()`` (a classm
 satisfies :class:`TrainableModel`. The loop owns everything else: data, seeding, batching, optimiser, checkpoints,
 resume, metrics, validation, export and the model card. A model only builds its network and says what its loss is.
 
-Batches are dicts of ``torch.Tensor`` (float32, values in the :class:`~cloudfree.pipeline.training.weights.InputConvention`
+Batches are dicts of ``torch.Tensor`` (float32, values in the :class:`~cloudfree.models._weights.InputConvention`
 scaling), with a leading batch axis ``B``:
 
 =================  ===================  ===============================================================
@@ -23,30 +23,9 @@ key                shape                meaning
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Protocol, runtime_checkable
 
-from cloudfree.pipeline.training.weights import InputConvention
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One phase of training: ``steps`` optimiser steps at learning rate ``lr`` on ``params(net)`` (None = all;
-    or a list of ``{"params": [...], "lr_scale": 0.1}`` groups for per-module learning rates),
-    with the model's loss called as ``loss(net, batch, stage=name)``. ``lr_decay_every`` halves the rate every that
-    many steps after ``lr_decay_after`` (CA-MTCR's schedule); 0 disables decay."""
-
-    name: str
-    steps: int
-    lr: float
-    params: Callable[[Any], Iterable[Any]] | None = None
-    lr_decay_after: int = 0
-    lr_decay_every: int = 0
-
-    def lr_at(self, step_in_stage: int) -> float:
-        if self.lr_decay_every <= 0 or step_in_stage < self.lr_decay_after:
-            return self.lr
-        return self.lr * 0.5 ** (1 + (step_in_stage - self.lr_decay_after) // self.lr_decay_every)
+from cloudfree.models._weights import InputConvention, Stage, single_stage  # noqa: F401  (re-exported for training)
 
 
 @runtime_checkable
@@ -71,7 +50,3 @@ class TrainableModel(Protocol):
 
     def stages(self, total_steps: int, lr: float) -> list[Stage]:
         """The stage schedule; ``[Stage("main", total_steps, lr)]`` for single-stage models."""
-
-
-def single_stage(total_steps: int, lr: float) -> list[Stage]:
-    return [Stage("main", total_steps, lr)]

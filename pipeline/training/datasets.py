@@ -48,8 +48,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy import ndimage
 
 from cloudfree.pipeline.errors import ConfigError, InputDataError
-from cloudfree.pipeline.evaluation.cases import ROMANIA_EVAL_DATES, ROMANIA_MASK_DATES
-from cloudfree.pipeline.evaluation.romania import ROMANIA_REAL_TRUTH_DATES
+from cloudfree.pipeline.holdout import (  # noqa: F401  (ROMANIA_EVAL_DATES/MASK_DATES re-exported for tests)
+    ROMANIA_EVAL_DATES,
+    ROMANIA_HELDOUT_DATES,
+    ROMANIA_MASK_DATES,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +63,10 @@ S1_POLS = ("vv", "vh")
 #: hidden-clear and real-cloudy sets (ROMANIA_EVAL_DATES) and the donor dates whose real clouds hide its targets
 #: (ROMANIA_MASK_DATES). They are excluded from training AND validation in every role (truth, target, cloud-mask
 #: source, reference), together with the clear dates the real-cloudy set interpolates as its proxy truth
-#: (ROMANIA_REAL_TRUTH_DATES). Imported from the evaluation: one list, never two that drift.
+#: (ROMANIA_REAL_TRUTH_DATES). All from :mod:`cloudfree.pipeline.holdout`: one list, never two that drift.
 #: The weights shipped in models/weights/ were trained before the proxy-truth dates joined this list (their cards
 #: list the 35 dates they held out); their romania-real rows are therefore not a clean hold-out.
 
-ROMANIA_HELDOUT_DATES: tuple[str, ...] = tuple(sorted(set(ROMANIA_EVAL_DATES) | set(ROMANIA_MASK_DATES)
-                                                    | set(ROMANIA_REAL_TRUTH_DATES)))
 
 
 def in_windows(day: date, windows: Sequence[tuple[str, str]]) -> bool:
@@ -255,7 +256,7 @@ class StacPairs(PairSource):
 
     def _check_holdout(self) -> None:
         """The evaluation's own stack: ``holdout_dates`` may add dates, never drop an evaluation/donor date."""
-        from cloudfree.pipeline.evaluation.romania import ROMANIA_COLLECTION, ROMANIA_FOLDER
+        from cloudfree.pipeline.holdout import ROMANIA_COLLECTION, ROMANIA_FOLDER
 
         cfg = self.cfg
         if cfg.collection != ROMANIA_COLLECTION and ROMANIA_FOLDER not in str(cfg.path):

@@ -179,7 +179,7 @@ def train(cfg: TrainConfig, trainable=None, source: PairSource | None = None, *,
     import torch
     from tqdm.auto import tqdm
 
-    from cloudfree.pipeline.training.weights import ModelCard, file_sha256, save_weights, write_model_card
+    from cloudfree.models._weights import ModelCard, file_sha256, save_weights, write_model_card
 
     if trainable is None:
         from cloudfree.pipeline.training import get_trainable

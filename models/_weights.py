@@ -1,4 +1,8 @@
-"""Weights of learned models: save (safetensors, atomic), hash (sha256), model cards, lazy hash-checked loading.
+"""Weights of learned models: save (safetensors, atomic), hash (sha256), model cards, lazy hash-checked loading,
+and the training schedule a learned model declares (:class:`Stage`).
+
+Owned by ``models`` so that a model imports only the contract, the errors, its own helpers and numeric libraries:
+training (:mod:`cloudfree.pipeline.training`) imports this module, never the reverse.
 
 A weights file carries, in its safetensors metadata, the **input convention** the network was trained on
 (:class:`InputConvention`: bands, processing level, optical and SAR scaling). Loading compares it with what the
@@ -14,14 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from cloudfree.pipeline.errors import WeightsError
-from cloudfree.stages.publish import file_sha256  # noqa: F401  (one implementation; re-exported for the training loop)
+from cloudfree.pipeline.fileio import atomic_target as _atomic_target
+from cloudfree.pipeline.fileio import file_sha256, write_json_atomic, write_text_atomic
 
 #: Optical scaling every learned model here uses: L2A/L1C reflectance (DN / 10000) clipped to [0, 1], i.e. the
 #: SEN12MS-CR(-TS)/AllClear convention "clip to [0, 10000], scale to [0, 1]".
@@ -65,11 +69,6 @@ class InputConvention:
         if problems:
             raise WeightsError(f"{where}: the weights were trained on {'; '.join(problems)}; retrain with "
                                "`cloudfree train` for this input convention or configure the model to match")
-
-
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
 
 
 def save_weights(state_dict: Mapping[str, Any], path: str | Path, convention: InputConvention,
@@ -207,15 +206,9 @@ def card_paths(weights: str | Path) -> tuple[Path, Path]:
 
 
 def write_model_card(card: ModelCard, weights: str | Path) -> tuple[Path, Path]:
-    from cloudfree.stages.write import write_json_atomic
-
     jpath, mpath = card_paths(weights)
     write_json_atomic(card.to_dict(), jpath)
-    fd, tmp = _atomic_target(mpath)
-    with os.fdopen(fd, "w") as f:
-        f.write(card.to_markdown())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, mpath)
+    write_text_atomic(card.to_markdown(), mpath)
     return jpath, mpath
 
 
@@ -225,3 +218,27 @@ def card_sha256(weights: str | Path) -> str | None:
     if not jpath.is_file():
         return None
     return json.loads(jpath.read_text())["sha256"]
+
+
+# -- the training schedule a learned model declares (run by cloudfree.pipeline.training.loop) ----------------
+@dataclass(frozen=True)
+class Stage:
+    """One phase of training: ``steps`` optimiser steps at learning rate ``lr`` on ``params(net)`` (None = all;
+    or a list of ``{"params": [...], "lr_scale": 0.1}`` groups for per-module learning rates),
+    with the model's loss called as ``loss(net, batch, stage=name)``. ``lr_decay_every`` halves the rate every that
+    many steps after ``lr_decay_after`` (CA-MTCR's schedule); 0 disables decay."""
+
+    name: str
+    steps: int
+    lr: float
+    params: Callable[[Any], Iterable[Any]] | None = None
+    lr_decay_after: int = 0
+    lr_decay_every: int = 0
+
+    def lr_at(self, step_in_stage: int) -> float:
+        if self.lr_decay_every <= 0 or step_in_stage < self.lr_decay_after:
+            return self.lr
+        return self.lr * 0.5 ** (1 + (step_in_stage - self.lr_decay_after) // self.lr_decay_every)
+
+def single_stage(total_steps: int, lr: float) -> list[Stage]:
+    return [Stage("main", total_steps, lr)]
