@@ -10,10 +10,22 @@ When reference and target are weakly correlated on the fit pixels (Pearson r < `
 scene whose texture is below the noise, haze or change between the dates), the OLS gain is biased towards 0
 (errors in the regressor, "regression dilution") and is not identifiable: the fit then keeps gain 1 and matches
 only the offset (median difference), instead of clamping a meaningless gain.
+
+**Bounded and robust** (issue 18: a fit on cloud the mask missed mapped clear references onto cloud-level
+reflectance). Every fit is bounded against scene-level statistics: the gain to :data:`GAIN_BOUNDS` (the mapping is
+kept at the reference's median level when the gain is clamped) and the offset to ``OFFSET_ABS + OFFSET_REL x``
+the reference's median level of the band (two L2A dates of one place differ by BRDF, phenology and residual
+haze, not by a cloud's brightness). The scene fit (:func:`scene_alignment`) uses only *trustworthy* target pixels
+(:func:`trusted_clear`: clear by the mask, finite, and not brighter in blue than every clear reference by
+:data:`HAZE_MARGIN`, i.e. not haze the mask let through); when fewer than :data:`MIN_TRUSTED_FRACTION` of the
+target's valid pixels are trustworthy it falls back to no alignment (identity). The local field
+(:func:`local_alignment`) takes the same trusted pixels as its only input, and its correction can be bounded
+(``max_change``). Measured on the Romania evaluation (docs/evaluation.md; the numbers in /work/notes/issue-18.md).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import numpy as np
@@ -28,6 +40,15 @@ MIN_PIXELS = 64
 MIN_CORRELATION = 0.7
 #: alignment fits use at most this many pixels (a regular sub-sample of the fit region), for speed.
 MAX_FIT_PIXELS = 16384
+#: a fitted gain is clamped to this range (the mapping is kept at the reference's median level).
+GAIN_BOUNDS = (0.8, 1.25)
+#: a fitted offset is clipped to +-(OFFSET_ABS + OFFSET_REL * the reference's median level of the band).
+OFFSET_ABS = 0.01
+OFFSET_REL = 0.1
+#: a scene fit needs this share of the target's valid pixels trustworthy (:func:`trusted_clear`), else identity.
+MIN_TRUSTED_FRACTION = 0.3
+#: a mask-clear target pixel brighter in blue than every clear reference by this much is haze, not a fit pixel.
+HAZE_MARGIN = 0.01
 
 
 def fit_linear(target: np.ndarray, reference: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -59,9 +80,37 @@ def fit_linear(target: np.ndarray, reference: np.ndarray, valid: np.ndarray) -> 
             keep = np.abs(res) <= 3 * mad
             if keep.sum() >= MIN_PIXELS and np.var(r[keep]) > 1e-12:
                 g, o = _ols(r[keep], t[keep])
-        # a gain far from 1 means the fit latched onto change, not radiometry: clamp to a physical range
-        gain[b], offset[b] = float(np.clip(g, 0.5, 2.0)), float(o)
+        gain[b], offset[b] = g, o
+    for b in range(nb):  # bounded against the scene-level statistics of the reference (module docstring)
+        r = reference[b][valid]
+        r = r[np.isfinite(r)]
+        if r.size >= MIN_PIXELS:
+            gain[b], offset[b] = bound_fit(float(gain[b]), float(offset[b]), float(np.median(r)))
     return gain, offset
+
+
+def bound_fit(gain: float, offset: float, level: float) -> tuple[float, float]:
+    """``(gain, offset)`` within :data:`GAIN_BOUNDS` and the offset bound at the reference's median ``level``: a
+    clamped gain keeps the fitted mapping at ``level``, then the offset is clipped."""
+    g = float(np.clip(gain, *GAIN_BOUNDS))
+    o = gain * level + offset - g * level
+    lim = OFFSET_ABS + OFFSET_REL * abs(level)
+    return g, float(np.clip(o, -lim, lim))
+
+
+def trusted_clear(tile: TileInputs) -> np.ndarray:
+    """Target pixels an alignment may be fitted on: clear by the mask, finite, and not brighter in blue (B02) than
+    every clear reference at the pixel by :data:`HAZE_MARGIN` (haze or cloud the mask let through). Without B02 or
+    references: the mask-clear finite pixels."""
+    ok = ~np.asarray(tile.cloud_mask, bool) & np.isfinite(tile.target).all(axis=0)
+    if "B02" not in tile.bands or tile.references.shape[0] == 0:
+        return ok
+    ib = tile.bands.index("B02")
+    rv = reference_validity(tile)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN where no reference is clear
+        top = np.nanmax(np.where(rv, tile.references[:, ib], np.nan), axis=0)
+    return ok & ~(tile.target[ib] > top + HAZE_MARGIN)
 
 
 def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -77,16 +126,32 @@ def apply_linear(reference: np.ndarray, gain: np.ndarray, offset: np.ndarray) ->
 
 
 def scene_alignment(sample: TileInputs) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per-reference ``(gain, offset)`` fitted on pixels clear in both target and reference of a scene sample
-    (the one scene-level alignment every reference-based model uses; PhyVLM-CR refits on high-visibility pixels)."""
-    target_ok = ~sample.cloud_mask & np.isfinite(sample.target).all(axis=0)
+    """Per-reference ``(gain, offset)`` fitted on the trustworthy target pixels (:func:`trusted_clear`) clear in the
+    reference too, bounded (:func:`fit_linear`), of a scene sample (the one scene-level alignment every
+    reference-based model uses; PhyVLM-CR refits on high-visibility pixels). Identity for every reference when too
+    few target pixels are trustworthy (:func:`alignment_trusted`)."""
+    nb = sample.target.shape[0]
+    identity = (np.ones(nb, np.float32), np.zeros(nb, np.float32))
+    target_ok = trusted_clear(sample)
+    if not alignment_trusted(sample, target_ok):
+        return [identity for _ in range(sample.references.shape[0])]
     ref_ok = reference_validity(sample)
     return [fit_linear(sample.target, sample.references[i], thin_mask(target_ok & ref_ok[i]))
             for i in range(sample.references.shape[0])]
 
 
+def alignment_trusted(sample: TileInputs, trusted: np.ndarray | None = None) -> bool:
+    """Whether enough of the target is trustworthy for a fit: at least :data:`MIN_PIXELS` and
+    :data:`MIN_TRUSTED_FRACTION` of its valid pixels."""
+    trusted = trusted_clear(sample) if trusted is None else trusted
+    valid = int(np.isfinite(sample.target).all(axis=0).sum())
+    n = int(trusted.sum())
+    return n >= MIN_PIXELS and n >= MIN_TRUSTED_FRACTION * max(valid, 1)
+
+
 def local_alignment(target: np.ndarray, pred: np.ndarray, fit: np.ndarray, radius: int, eps: float = 1e-3,
-                    min_fraction: float = 0.2, subsample: int = 4) -> np.ndarray:
+                    min_fraction: float = 0.2, subsample: int = 4,
+                    max_change: tuple[float, float] | None = None) -> np.ndarray:
     """Map ``pred`` ``(band, y, x)`` onto ``target`` by a smooth per-window gain/offset field (per band).
 
     A weighted guided filter (He et al.) with ``pred`` as guide and ``target`` as source, weights = ``fit`` (the
@@ -97,6 +162,9 @@ def local_alignment(target: np.ndarray, pred: np.ndarray, fit: np.ndarray, radiu
     coefficients are box-averaged (radius ``radius``) before ``gain * pred + offset``. NaN in ``pred`` stay NaN.
     ``subsample`` (4): the moments and coefficients are computed on the 4x4 block-mean grid and the field is
     upsampled bilinearly (the Fast Guided Filter's trick; the field is smooth at these radii).
+    ``max_change`` ``(abs, rel)``: the correction is clipped to ``abs + rel |pred|`` per pixel and band (a field
+    fitted on haze next to a cloud must not carry it into the gap). ``fit`` must hold only trustworthy clear target
+    pixels (the caller's :func:`trusted_clear`): no cloudy target pixel is an input of the fit.
     """
     fit = np.asarray(fit, bool) & np.isfinite(pred).all(axis=0) & np.isfinite(target).all(axis=0)
     if radius <= 0 or not fit.any():
@@ -132,7 +200,11 @@ def local_alignment(target: np.ndarray, pred: np.ndarray, fit: np.ndarray, radiu
     if k > 1:
         gain = upsample_bilinear(gain, (ny, nx))
         offset = upsample_bilinear(offset, (ny, nx))
-    return (gain * pred + offset).astype(np.float32)
+    out = gain * pred + offset
+    if max_change is not None:
+        lim = max_change[0] + max_change[1] * np.abs(pred)
+        out = np.clip(out, pred - lim, pred + lim)
+    return out.astype(np.float32)
 
 
 def thin_mask(mask: np.ndarray, max_pixels: int = MAX_FIT_PIXELS) -> np.ndarray:

@@ -113,6 +113,7 @@ from pydantic import Field
 
 from cloudfree.models._align import (
     MIN_PIXELS,
+    alignment_trusted,
     composite_reference,
     fallback_region,
     fill_target,
@@ -120,6 +121,7 @@ from cloudfree.models._align import (
     reference_validity,
     scene_alignment,
     thin_mask,
+    trusted_clear,
 )
 from cloudfree.models._filters import (
     block_mean,
@@ -538,12 +540,15 @@ class PhyVLMCR(RemovalModelBase):
         if align:
             ctx["alignment"] = align
             k, _ = self._kernel(replace(sample, context=ctx), ctx)
-            visible = target_ok & k.visible
+            # only trustworthy target pixels (no haze/cloud the mask missed), and no refit where the scene fit
+            # itself fell back to identity (too few of them): models._align
+            trusted = trusted_clear(sample)
+            visible = target_ok & k.visible & trusted
             refit = []
             for i in range(len(align)):
                 region = thin_mask(visible & ref_ok[i])
                 refit.append(fit_linear(sample.target, sample.references[i], region)
-                             if region.sum() >= MIN_PIXELS else align[i])
+                             if region.sum() >= MIN_PIXELS and alignment_trusted(sample, trusted) else align[i])
             ctx["alignment_visible"] = refit
         log.info("%s: scene A=%s, %d alignment(s)", sample.target_id, np.round(a, 4), len(align))
         return ctx

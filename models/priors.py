@@ -148,7 +148,8 @@ class TemporalPrior:
         est = temporal_estimate(tile, method=p.method, tau_days=p.tau_days, min_robust=p.min_robust,
                                 local_radius=p.local_radius, local_eps=p.local_eps,
                                 local_min_fraction=p.local_min_fraction, local_max_prob=p.local_max_prob,
-                                local_margin=p.local_margin, fallback_prob=p.fallback_prob, align=p.align)
+                                local_margin=p.local_margin, fallback_prob=p.fallback_prob, align=p.align,
+                                local_max_change=(p.local_max_change_abs, p.local_max_change_rel))
         reference = (est.image.copy(), est.index)
         image = est.image
         desc = dcp_fill(tile, image, est.index < 0, self.dcp_params,

@@ -23,7 +23,9 @@ target in time when the catalog allows, ``search.policy.bracket``):
    guided filter with the prediction as guide and the target as source, the gain shrunk towards 1 by
    ``local_eps``); in windows with too few clear target pixels the field falls back to a four-times wider window
    and then to no correction. One global gain/offset cannot follow illumination, haze residue or phenology that
-   differ across the scene; the field can.
+   differ across the scene; the field can. Its inputs are only the *trustworthy* clear target pixels
+   (:func:`models._align.trusted_clear`: no haze or cloud the mask missed) and its correction is bounded
+   (``local_max_change_abs + local_max_change_rel |estimate|``), as the global fit is (:mod:`models._align`).
 4. Pixels no clear reference covers take the best-ranked reference with data when the target is thick cloud
    (``cloud_prob >= fallback_prob``: "best available pixel", as reference replacement), else keep the target.
 
@@ -48,6 +50,7 @@ from cloudfree.models._align import (
     local_alignment,
     reference_validity,
     scene_alignment,
+    trusted_clear,
 )
 from cloudfree.models.base import ModelParams, ModelSpec, RemovalModelBase
 from cloudfree.models.registry import register
@@ -162,6 +165,7 @@ def temporal_estimate(
     local_margin: int = 3,
     fallback_prob: float | None = 0.5,
     align: bool = True,
+    local_max_change: tuple[float, float] | None = (0.01, 0.1),
 ) -> TemporalEstimate:
     """Aligned per-pixel temporal interpolation of ``tile``'s references at the target date (steps 1-4)."""
     target_ok = np.isfinite(tile.target).all(axis=0)
@@ -184,7 +188,8 @@ def temporal_estimate(
                                                   min_robust=min_robust)
     if align and local_radius > 0:
         fit = confidently_clear(tile, local_max_prob, local_margin)
-        image = local_alignment(tile.target, image, fit, local_radius, local_eps, local_min_fraction)
+        image = local_alignment(tile.target, image, fit, local_radius, local_eps, local_min_fraction,
+                                max_change=local_max_change)
     fb = np.zeros(tile.shape, bool)
     region = fallback_region(tile, fallback_prob)
     if region is not None and nref:
@@ -206,7 +211,7 @@ def confidently_clear(tile: TileInputs, max_prob: float, margin: int) -> np.ndar
     as "clear"; a local fit on hazy pixels would carry the haze into the gaps."""
     from scipy import ndimage
 
-    ok = ~tile.cloud_mask & np.isfinite(tile.target).all(axis=0)
+    ok = trusted_clear(tile)
     ok &= np.nan_to_num(np.asarray(tile.cloud_prob, np.float32), nan=1.0) <= max_prob
     if margin > 0:
         ok &= ~ndimage.binary_dilation(tile.cloud_mask, iterations=margin)
@@ -232,6 +237,9 @@ class TemporalParams(ModelParams):
     #: local alignment fits only on target pixels with cloud_prob <= this, ``local_margin`` px from the mask.
     local_max_prob: float = Field(0.1, ge=0, le=1)
     local_margin: int = Field(3, ge=0)
+    #: the local correction is clipped to ``abs + rel |estimate|`` (reflectance) per pixel and band.
+    local_max_change_abs: float = Field(0.01, ge=0)
+    local_max_change_rel: float = Field(0.1, ge=0)
     #: thick-cloud target pixels (cloud_prob >= this) no clear reference covers take a cloudy reference.
     fallback_prob: float | None = Field(0.5, ge=0, le=1)
     reference_confidence: float = Field(0.8, ge=0, le=1)
@@ -270,7 +278,8 @@ class Temporal(RemovalModelBase):
         return temporal_estimate(tile, method=p.method, tau_days=p.tau_days, min_robust=p.min_robust,
                                  local_radius=p.local_radius, local_eps=p.local_eps,
                                  local_min_fraction=p.local_min_fraction, local_max_prob=p.local_max_prob,
-                                 local_margin=p.local_margin, fallback_prob=p.fallback_prob, align=p.align)
+                                 local_margin=p.local_margin, fallback_prob=p.fallback_prob, align=p.align,
+                                 local_max_change=(p.local_max_change_abs, p.local_max_change_rel))
 
     def predict(self, tile: TileInputs) -> TileResult:
         p = self.params

@@ -176,6 +176,10 @@ class MaskConfig(_Section):
     s2cloudless_threshold: float = Field(0.4, ge=0, le=1)
     s2cloudless_average_over: int = Field(4, ge=0)
     s2cloudless_dilation: int = Field(2, ge=0)
+    #: the multi-temporal test for cloud and shadow the mask missed (stages/missed_cloud.py): pixels the mask calls
+    #: clear but far brighter in blue than every clear reference (or far darker in NIR/SWIR) are added to the
+    #: target's mask, and each reference's are found against the other references. Needs references.
+    missed_cloud: bool = True
 
 
 class CoregisterConfig(_Section):

@@ -229,6 +229,10 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
         (mask[1:] | stack[1:].isnull().any("band")) if n > 1 else None,
         tuple(i.id for i in items[1:]), reference_offsets(plan, items[1:]), items[0].id,
     ))
+    if cfg.mask.missed_cloud and n > 1:  # the scene fits never see cloud the mask missed
+        from cloudfree.stages.missed_cloud import apply_to_tile
+
+        sample = apply_to_tile(sample)[0]
     ctx = model.fit_scene(sample)
     log.info("%s: scene context from a %dx%d sample: %s", items[0].id, *coarse.shape, sorted(ctx))
     return ctx
@@ -290,8 +294,11 @@ def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs
     from cloudfree.stages.publish import update_collection
     from cloudfree.stages.remove import SceneInputs, remove_clouds
     from cloudfree.stages.tile import plan_tiles
-    from cloudfree.stages.write import paths_for
+    from cloudfree.stages.write import is_done, paths_for
 
+    from cloudfree.stages.output_check import check_band_crs
+
+    check_band_crs(target, bands)  # a band on another CRS than its item: the target fails, never a `done` output
     stack, failed, read_failures = load_reflectance_checked(items, bands, geobox, cfg.grid.chunk, name=target.id)
     # wrong scale/offset or band order: fails the target (InputDataError naming item, band, fix) or warns
     plausibility = check_reflectance(target, refs, bands, skip={(f.item_id, f.band) for f in read_failures})
@@ -309,6 +316,12 @@ def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs
         if any(c.applied for c in coreg):  # re-read the references on shifted grids: one resampling, lazy
             ref_stack, ref_masks = load_aligned_references(refs, coreg, geobox, bands, cfg.mask, cfg.grid.chunk,
                                                            stack[0])
+    target_mask, target_prob, missed = mask[0], prob[0], None
+    if refs and cfg.mask.missed_cloud:  # cloud and shadow the mask missed (multi-temporal test, lazy)
+        from cloudfree.stages.missed_cloud import add_missed_cloud
+
+        target_mask, target_prob, ref_masks, missed = add_missed_cloud(stack[0], target_mask, target_prob, ref_stack,
+                                                                       ref_masks)
     sar = None
     if model.spec.needs_sar or model.spec.accepts_sar:
         sar, sar_records = model_sar(plan, refs, catalog, stack[0], mask[0], geobox, cfg, model)
@@ -316,7 +329,7 @@ def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs
     elif plan.sar and cfg.coregister.enabled:
         coreg.append(_sar_coregistration(plan, stack[0], mask[0], geobox, cfg))
     inputs = SceneInputs(
-        target=stack[0], cloud_mask=mask[0], cloud_prob=prob[0],
+        target=stack[0], cloud_mask=target_mask, cloud_prob=target_prob,
         references=ref_stack, reference_masks=ref_masks,
         reference_ids=tuple(r.id for r in refs),
         reference_dt_days=reference_offsets(plan, refs), target_id=target.id, sar=sar,
@@ -329,8 +342,12 @@ def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs
     ds = confidence_fallback(ds, inputs, cfg.output.confidence_floor, cfg.output.low_confidence)
     prov = mask_provenance({m: v[0] for m, v in by_method.items()}, cfg.mask.methods)  # same reads as `mask`
     prov = prov | stack[0].isnull().any("band").astype(np.uint8) * np.uint8(NODATA_BIT)
+    if missed is not None:
+        from cloudfree.stages.missed_cloud import MISSED_BIT
+
+        prov = prov | missed.astype(np.uint8) * np.uint8(MISSED_BIT)
     ds["mask_provenance"] = (("y", "x"), prov.data)
-    ds = mark_unfilled(ds, mask[0])
+    ds = mark_unfilled(ds, target_mask)
     if read_failures:
         ds = mark_failed(ds, failed[0], [f.band for f in read_failures if f.item_id == target.id])
     stem = output_stem(target.id, model.name)
@@ -339,8 +356,17 @@ def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs
     stage = staging_dir(cfg.output.dir, stem, run_id)
     try:
         res = _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, items, bands, geobox, stack,
-                                 mask, ds, coreg, tiles, halo, tile_timings, read_failures, plausibility)
+                                 prov, ds, coreg, tiles, halo, tile_timings, read_failures, plausibility,
+                                 ref_stack=ref_stack, ref_masks=ref_masks)
         final = paths_for(cfg.output.dir, stem)
+        if res.status != "done" and cfg.output.overwrite and is_done(cfg.output.dir, stem):
+            # --overwrite never replaces a `done` output with a worse-labelled one
+            safe_rmtree(cfg.output.dir, stage)
+            msg = (f"the new output is {res.status} ({res.error}); the existing `done` output was kept "
+                   "(--overwrite never replaces a done output with a worse one)")
+            log.warning("%s: %s", target.id, msg)
+            return TargetResult(target.id, "skipped", res.references, outputs=final, error=msg, stats=res.stats,
+                                coregistration=res.coregistration)
         publish_dir(cfg.output.dir, stage, final["item"].parent)
     except BaseException:
         safe_rmtree(cfg.output.dir, stage)
@@ -352,12 +378,16 @@ def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs
     return res
 
 
-def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, items, bands, geobox, stack, mask, ds,
-                       coreg, tiles, halo, tile_timings, read_failures, plausibility) -> TargetResult:
-    """Write the COGs, quicklook and item of one target into its staging folder ``stage``."""
+def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, items, bands, geobox, stack, prov, ds,
+                       coreg, tiles, halo, tile_timings, read_failures, plausibility, ref_stack=None,
+                       ref_masks=None) -> TargetResult:
+    """Write the COGs, quicklook and item of one target into its staging folder ``stage``.
+
+    ``prov`` is the mask-provenance layer ``(y, x)`` (the quicklook's mask panel); with references, a decimated
+    copy of the output and of the references is computed in the same pass for the output check
+    (:func:`cloudfree.stages.output_check.check_output`)."""
     from cloudfree.catalogs.harmonise import harmonise
     from cloudfree.pipeline.contract import SOURCE_UNFILLED
-    from cloudfree.stages.masks import method_bits
     from cloudfree.stages.publish import file_sha256, output_item
     from cloudfree.stages.write import RGB, paths_for, quicklook, write_json_atomic, write_outputs
 
@@ -366,15 +396,31 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
     extras = ()
     if cfg.output.quicklook and len(rgb) == 3:
         extras = (stack[0].sel(band=rgb)[:, ::k, ::k].data, ds.reflectance.sel(band=rgb)[:, ::k, ::k].data,
-                  mask[0][::k, ::k].data)
+                  prov[::k, ::k].data)
+    check_inputs = ()
+    if ref_stack is not None and ref_masks is not None:
+        from cloudfree.stages.output_check import CHECK_MAX_SIDE
+
+        kc = max(1, int(np.ceil(max(geobox.shape) / CHECK_MAX_SIDE)))
+        check_inputs = (ds.reflectance[:, ::kc, ::kc].data, ds.source[::kc, ::kc].data,
+                        ref_stack[:, :, ::kc, ::kc].data, ref_masks[:, ::kc, ::kc].data)
     log.info("%s: %d tiles of %d px (halo %d), %d reference(s), model %s", target.id, len(tiles), cfg.tile.size,
              halo, len(refs), model.name)
-    out, computed = write_outputs(ds, cfg.output.dir, stem, cfg.output, extra_compute=(*extras, tile_timings),
+    out, computed = write_outputs(ds, cfg.output.dir, stem, cfg.output,
+                                  extra_compute=(*extras, *check_inputs, tile_timings),
                                   progress=_progress_callback(cfg), stage=stage)
     staged = paths_for(stage.parent, stem)
     staged = {k: stage / v.name for k, v in staged.items()}
     final = paths_for(cfg.output.dir, stem)
     *computed, timings = computed
+    checked = None
+    if check_inputs:
+        *computed, c_refl, c_src, c_refs, c_rmask = computed
+        from cloudfree.pipeline.contract import SOURCE_FUSED, SOURCE_MODEL, SOURCE_REFERENCE_BASE
+        from cloudfree.stages.output_check import check_output
+
+        restored = np.isin(c_src, (SOURCE_MODEL, SOURCE_FUSED)) | (c_src >= SOURCE_REFERENCE_BASE)
+        checked = check_output(np.asarray(c_refl), restored, np.asarray(c_refs), ~np.asarray(c_rmask, bool), bands)
     tile_seconds = {f"{i}-{j}": round(float(sec), 3) for (i, j), sec in timings}
     if computed:
         before, after, m = computed
@@ -391,6 +437,22 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
     # not restored, failed reads, nodata), so an unusable output never ranks as a clear reference later
     extra["eo:cloud_cover"] = round(100 * stats["unusable_after"], 2)
     status, why = restoration_status(stats)
+    from cloudfree.stages.output_check import no_target_data
+
+    if no_target_data(stats):
+        status, why = "unrestored", ("no target pixel could be read (every band nodata or a failed read): the output "
+                                     "would be the references under the target's date")
+        extra["eo:cloud_cover"] = 100.0
+    if checked is not None:
+        extra["cloudfree:output_check"] = checked.as_properties()
+        if not checked.ok and status == "done":
+            status, why = "unrestored", f"output check: {checked.reason}"
+            extra["eo:cloud_cover"] = max(extra["eo:cloud_cover"], round(100 * checked.implausible_share, 2))
+    if stats.get("missed_cloud_before") is not None:
+        extra["cloudfree:missed_cloud"] = {
+            "share": stats["missed_cloud_before"],
+            "test": "multi-temporal: blue far above every clear reference (cloud) or NIR/SWIR far below (shadow), "
+                    "on pixels the mask called clear (stages/missed_cloud.py)"}
     extra["cloudfree:status"] = status
     extra["cloudfree:target_cloud_cover"] = target.properties.get("eo:cloud_cover")
     extra["cloudfree:cover"] = stats
@@ -411,20 +473,31 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
         extra["cloudfree:coregistration"] = [c.as_properties() for c in coreg]
     item = output_item(target, refs, out, geobox, bands, model.name, dict(cfg.model.params), run_id,
                        [harmonise(i).as_properties() for i in items], extra=extra, weights_sha256=weights_sha,
-                       collection_id=cfg.output.collection, mask_bits=method_bits(cfg.mask.methods),
+                       collection_id=cfg.output.collection, mask_bits=_mask_bits(cfg),
                        item_dir=final["item"].parent)
     item.set_self_href(str(final["item"].resolve()))
     write_json_atomic(item.to_dict(include_self_link=False, transform_hrefs=False), staged["item"])
     out.files["item"] = staged["item"]
     error = None
     if status == "unrestored":
-        error = (f"{why}; written with source code {SOURCE_UNFILLED} (cloudy, not restored), "
+        error = (f"{why}; written (cloudy pixels not restored carry source code {SOURCE_UNFILLED}), "
                  f"eo:cloud_cover {extra['eo:cloud_cover']} and cloudfree:status 'unrestored', so later searches do not "
                  "take it as a clear reference and a rerun retries it; widen search.max_days / "
                  "search.reference_max_cloud_cover or rerun when newer acquisitions exist")
     return TargetResult(target.id, status, [r.id for r in refs], outputs=dict(out.files), metrics=metrics,
                         error=error, tile_seconds=tile_seconds, stats=stats,
                         coregistration=[c.as_properties() for c in coreg])
+
+
+def _mask_bits(cfg: Config) -> dict[str, int]:
+    """The provenance bits of the configured mask methods, plus the multi-temporal missed-cloud test's."""
+    from cloudfree.stages.masks import method_bits
+    from cloudfree.stages.missed_cloud import MISSED_BIT
+
+    bits = method_bits(cfg.mask.methods)
+    if cfg.mask.missed_cloud:
+        bits["missed_cloud"] = MISSED_BIT
+    return bits
 
 
 def failure_message(plan: TargetPlan, exc: BaseException) -> str:
@@ -508,8 +581,13 @@ def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: floa
     thr = 100 * (floor if floor > 0 else LOW_CONFIDENCE)
     low = conf < thr
     unusable = ~valid_out | low
+    from cloudfree.stages.missed_cloud import MISSED_BIT
+
     stats = {
         "masked_before": float(((bits & ~np.uint8(NODATA_BIT)) > 0)[valid_in].mean()) if valid_in.any() else None,
+        #: share of the valid target pixels only the multi-temporal test flagged (cloud/shadow the mask missed)
+        "missed_cloud_before": (float(((bits & np.uint8(MISSED_BIT)) > 0)[valid_in].mean())
+                                if valid_in.any() and provenance_path is not None else None),
         "nodata_before": float((~valid_in).mean()) if provenance_path is not None else None,
         "low_confidence_after": float(low[valid_out].mean()) if valid_out.any() else None,
         "low_confidence_threshold": thr / 100,

@@ -172,28 +172,71 @@ def band_vrts(directory: Path, stem: str, bands: list[str]) -> dict[str, Path]:
     return out
 
 
+#: the quicklook's fixed true-colour stretch (reflectance mapped to 0-1), the same for every panel, target and model
+#: (as Sentinel Hub's and titiler's true-colour defaults): cloud looks white and bright, never "crisp forest".
+QUICKLOOK_STRETCH = (0.0, 0.3)
+#: mask-panel classes: (label, colour) by priority; the provenance bits of stages.masks / stages.missed_cloud.
+MASK_CLASSES = (("clear", (0.13, 0.55, 0.13)), ("cloud/shadow (mask)", (1.0, 1.0, 1.0)),
+                ("missed by the mask (multi-temporal test)", (1.0, 0.1, 0.6)), ("no data / failed read", (0.3, 0.3, 0.3)))
+
+
+def mask_classes(provenance: np.ndarray) -> np.ndarray:
+    """Provenance bits -> class index of :data:`MASK_CLASSES` (0 clear, 1 mask, 2 missed, 3 nodata). A boolean mask
+    is read as "mask" where True."""
+    from cloudfree.stages.masks import NODATA_BIT
+    from cloudfree.stages.missed_cloud import MISSED_BIT
+
+    p = np.asarray(provenance)
+    if p.dtype == bool:
+        return p.astype(np.uint8)
+    p = p.astype(np.uint8)
+    out = np.zeros(p.shape, np.uint8)
+    out[(p & ~np.uint8(NODATA_BIT | MISSED_BIT)) > 0] = 1
+    out[(p & MISSED_BIT) > 0] = 2
+    out[(p & NODATA_BIT) > 0] = 3
+    return out
+
+
+def stretch_rgb(a: np.ndarray, lo: float = QUICKLOOK_STRETCH[0], hi: float = QUICKLOOK_STRETCH[1]) -> np.ndarray:
+    """``(3, y, x)`` reflectance -> ``(y, x, 3)`` in 0-1 by the fixed stretch (NaN black)."""
+    return np.clip((np.nan_to_num(np.moveaxis(np.asarray(a, np.float32), 0, -1), nan=lo) - lo) / (hi - lo), 0, 1)
+
+
 def quicklook(before_rgb: np.ndarray, after_rgb: np.ndarray, mask: np.ndarray, path: Path, title: str = "") -> Path:
-    """before | after | mask PNG (2-98 % stretch of the cloud-free ``after``, shared by both panels)."""
+    """before | after | mask PNG: both images at the fixed reflectance stretch :data:`QUICKLOOK_STRETCH` (the same
+    for every output and model, so outputs compare by eye), the mask panel by class (``mask``: the provenance
+    bits, or a boolean mask) with a legend, the figure sized to the image (no large empty margins)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
-    finite = after_rgb[np.isfinite(after_rgb)]
-    lo, hi = (np.percentile(finite, [2, 98]) if finite.size else (0, 1))
-
-    def stretch(a):
-        return np.clip((np.nan_to_num(np.moveaxis(a, 0, -1), nan=0) - lo) / max(hi - lo, 1e-6), 0, 1)
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 5.4), constrained_layout=True)
-    for ax, img, t in zip(axes, [stretch(before_rgb), stretch(after_rgb), mask],
-                          ["before (cloudy target)", "after (cloud-free)", "cloud mask"]):
-        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
-        ax.set_title(t)
+    ny, nx = np.asarray(mask).shape[-2:]
+    panel_w = 4.2
+    panel_h = panel_w * ny / max(nx, 1)
+    fig, axes = plt.subplots(1, 3, figsize=(3 * panel_w, panel_h + 1.0), squeeze=True)
+    cls = mask_classes(mask)
+    cmap = ListedColormap([c for _, c in MASK_CLASSES])
+    lo, hi = QUICKLOOK_STRETCH
+    for ax, img, t in zip(axes, [stretch_rgb(before_rgb), stretch_rgb(after_rgb), cls],
+                          [f"before (cloudy target), {lo:g}-{hi:g}", f"after (cloud-free), {lo:g}-{hi:g}",
+                           "mask"]):
+        if img.ndim == 2:
+            ax.imshow(img, cmap=cmap, vmin=0, vmax=len(MASK_CLASSES) - 1, interpolation="nearest")
+        else:
+            ax.imshow(img, interpolation="nearest")
+        ax.set_title(t, fontsize=9)
         ax.set_axis_off()
-    fig.suptitle(title)
+    present = [i for i in range(len(MASK_CLASSES)) if (cls == i).any()] or [0]
+    axes[2].legend(handles=[Patch(facecolor=MASK_CLASSES[i][1], edgecolor="0.4", label=MASK_CLASSES[i][0])
+                            for i in present], loc="upper center", bbox_to_anchor=(0.5, -0.01), fontsize=7,
+                   ncol=2, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.08, wspace=0.03)
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    fig.savefig(tmp, dpi=80, bbox_inches="tight", pad_inches=0.05)
     plt.close(fig)
     tmp.replace(path)
     return path

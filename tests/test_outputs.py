@@ -50,14 +50,19 @@ def test_mask_provenance_bits_match_the_mask_and_are_referenced(demo_run):
         bits = ds.read(1)
     with rasterio.open(r.outputs["source"]) as ds:
         src = ds.read(1)
+    from cloudfree.stages.missed_cloud import MISSED_BIT
+
+    # the methods' bits, and the multi-temporal test's on pixels no method flagged (cloud the mask missed)
     assert set(np.unique(bits)) <= {0, METHOD_BITS["cldprb"], METHOD_BITS["scl"],
-                                    METHOD_BITS["cldprb"] | METHOD_BITS["scl"]}
+                                    METHOD_BITS["cldprb"] | METHOD_BITS["scl"], MISSED_BIT}
     assert (bits & METHOD_BITS["cldprb"]).any() and (bits & METHOD_BITS["scl"]).any()
     # every pixel a reference filled was flagged by at least one method
     assert (bits[src >= 10] > 0).all()
     item = json.loads(r.outputs["item"].read_text())
     assert item["assets"]["mask_provenance"]["roles"] == ["data", "provenance", "cloud"]
-    assert item["properties"]["cloudfree:mask_bits"] == {"1": "cldprb", "2": "scl", "16": "no valid data"}
+    assert item["properties"]["cloudfree:mask_bits"] == {"1": "cldprb", "2": "scl", "16": "no valid data",
+                                                          "32": "missed_cloud"}
+    assert 0 <= item["properties"]["cloudfree:missed_cloud"]["share"] <= 1
     assert set(item["properties"]["cloudfree:cover"]) >= {"masked_before", "low_confidence_after"}
     assert item["properties"]["cloudfree:tile_seconds"] and r.tile_seconds
 

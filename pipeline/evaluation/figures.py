@@ -25,9 +25,10 @@ def figure(case: EvalCase, results: Mapping[str, TileResult], path: str | Path,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    idx = [case.bands.index(b) for b in ("B04", "B03", "B02")]
-    lo = np.percentile(case.truth[idx], 1, axis=(1, 2))
-    hi = np.percentile(case.truth[idx], 99, axis=(1, 2)) * 1.3
+    from cloudfree.stages.write import QUICKLOOK_STRETCH
+
+    # the fixed true-colour stretch of the run's quicklooks, the same for every case, panel and model
+    lo, hi = np.full(3, QUICKLOOK_STRETCH[0], np.float32), np.full(3, QUICKLOOK_STRETCH[1], np.float32)
     panels: list[tuple[str, np.ndarray, dict]] = [("cloudy", _rgb(case.target, case.bands, lo, hi), {})]
     if case.references.shape[0]:
         panels.append(("reference 0", _rgb(case.references[0], case.bands, lo, hi), {}))

@@ -115,7 +115,8 @@ def describe_prior(model: Any) -> str | None:
 
 def run_models(case: EvalCase, model_names: Sequence[str], model_params: Mapping[str, dict] | None = None,
                tile_size: int | None = None,
-               priors: dict[str, str] | None = None) -> dict[str, tuple[TileResult, float]]:
+               priors: dict[str, str] | None = None, missed_cloud: bool = True,
+               ) -> dict[str, tuple[TileResult, float]]:
     """Run each model on ``case``; returns ``{name: (result, seconds)}``; ``priors`` collects
     :func:`describe_prior` per model name. A model that needs what the case lacks (Sentinel-1, a reference) or
     raises a :class:`~cloudfree.pipeline.errors.CloudfreeError` is left out of that case (logged), so the evaluation stays
@@ -123,6 +124,12 @@ def run_models(case: EvalCase, model_names: Sequence[str], model_params: Mapping
     from cloudfree.models.registry import build_model
 
     tile = case.tile_inputs()
+    if missed_cloud and tile.references.shape[0]:
+        # as `cloudfree run` does (mask.missed_cloud, on by default): cloud and shadow the case's mask missed are
+        # added by the multi-temporal test before any model sees the tile
+        from cloudfree.stages.missed_cloud import apply_to_tile
+
+        tile = apply_to_tile(tile)[0]
     out = {}
     for name in model_names:
         base, params = parse_model_spec(name)

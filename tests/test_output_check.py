@@ -1,0 +1,111 @@
+"""Never a confident wrong answer (issue 18): targets whose output cannot be a cloud-free estimate of their date are
+never published as ``done``, and ``--overwrite`` never replaces a ``done`` output with a worse one.
+
+Fault cases from a probe: a target none of whose bands can be read, and a target with one band on another CRS than
+its item, were published ``done`` with ~97 % reference pixels under the target's date. Hostile catalogs are
+copies of the demo catalog (real T33UUU pixels) with absolute hrefs, as in tests/test_faults.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pystac
+import pytest
+import rasterio
+
+CLOUDY = "S2A_T33UUU_20170216_SIMCLOUDY"
+BANDS = ("B02", "B03", "B04", "B08", "B11", "B12")
+
+
+@pytest.fixture(scope="module")
+def demo_items(demo_catalog) -> dict[str, dict]:
+    out = {}
+    for it in pystac.Catalog.from_file(str(demo_catalog)).get_items(recursive=True):
+        it.make_asset_hrefs_absolute()
+        d = it.to_dict(include_self_link=False, transform_hrefs=False)
+        d["links"] = []
+        for k in [k for k in d["assets"] if k.startswith("truth")]:
+            d["assets"].pop(k)
+        out[d["id"]] = d
+    return out
+
+
+def _config(demo_config, items: list[dict], tmp: Path, out: Path, **output):
+    tmp.mkdir(parents=True, exist_ok=True)
+    cat = tmp / "catalog.json"
+    cat.write_text(json.dumps(items))
+    x0, y0, x1, y1 = items[0]["bbox"]
+    aoi = [x0 + 0.3 * (x1 - x0), y0 + 0.3 * (y1 - y0), x0 + 0.45 * (x1 - x0), y0 + 0.5 * (y1 - y0)]
+    return demo_config.replace(catalog={"url": str(cat)}, search={"aoi": aoi, "targets": [items[0]["id"]]},
+                               output={"dir": str(out), "quicklook": False, "overwrite": False, **output})
+
+
+def _copy(d: dict) -> dict:
+    return json.loads(json.dumps(d))
+
+
+def _others(demo_items: dict) -> list[dict]:
+    return [d for k, d in demo_items.items() if k != CLOUDY]
+
+
+def test_target_with_no_readable_band_is_never_done(demo_config, demo_items, tmp_path):
+    from cloudfree.pipeline.runner import run
+
+    broken = _copy(demo_items[CLOUDY])
+    for b in BANDS:
+        broken["assets"][b]["href"] = str(tmp_path / "gone" / f"{b}.tif")  # every band unreadable
+    cfg = _config(demo_config, [broken, *_others(demo_items)], tmp_path / "cat", tmp_path / "out")
+    (r,) = run(cfg)
+    assert r.status in ("unrestored", "failed"), (r.status, r.error)
+    if r.status == "unrestored":
+        assert "no target pixel could be read" in r.error
+        props = json.loads(r.outputs["item"].read_text())["properties"]
+        assert props["cloudfree:status"] == "unrestored" and props["eo:cloud_cover"] == 100.0
+
+
+def test_target_with_a_band_on_another_crs_is_never_done(demo_config, demo_items, tmp_path):
+    from cloudfree.pipeline.runner import run
+
+    broken = _copy(demo_items[CLOUDY])
+    src = Path(broken["assets"]["B04"]["href"])
+    moved = tmp_path / "B04_other_crs.tif"
+    with rasterio.open(src) as ds:
+        prof = ds.profile
+        data = ds.read()
+        assert ds.crs is not None and ds.crs.to_epsg() != 3857
+    # the same pixels, labelled with another CRS (EPSG:3857): the item still declares the target's UTM zone
+    prof.update(crs="EPSG:3857", driver="GTiff")
+    with rasterio.open(moved, "w", **prof) as dst:
+        dst.write(data)
+    broken["assets"]["B04"]["href"] = str(moved)
+    cfg = _config(demo_config, [broken, *_others(demo_items)], tmp_path / "cat", tmp_path / "out")
+    (r,) = run(cfg)
+    assert r.status in ("unrestored", "failed"), (r.status, r.error)
+    assert "B04" in r.error and "EPSG:3857" in r.error and "proj:" in r.error
+
+
+def test_overwrite_never_replaces_a_done_output_with_a_worse_one(demo_config, demo_items, tmp_path):
+    from cloudfree.pipeline.runner import run
+
+    good = _copy(demo_items[CLOUDY])
+    out = tmp_path / "out"
+    cfg = _config(demo_config, [good, *_others(demo_items)], tmp_path / "cat", out)
+    (first,) = run(cfg)
+    assert first.status == "done", first.error
+    item_path = first.outputs["item"]
+    before = item_path.read_bytes()
+    with rasterio.open(first.outputs["reflectance"]) as ds:
+        refl_before = ds.read()
+    broken = _copy(good)
+    for b in BANDS:
+        broken["assets"][b]["href"] = str(tmp_path / "gone" / f"{b}.tif")
+    cfg2 = _config(demo_config, [broken, *_others(demo_items)], tmp_path / "cat2", out, overwrite=True)
+    (second,) = run(cfg2)
+    assert second.status != "done"
+    assert "existing `done` output was kept" in (second.error or "")
+    assert item_path.read_bytes() == before  # the done output is untouched
+    with rasterio.open(first.outputs["reflectance"]) as ds:
+        np.testing.assert_array_equal(ds.read(), refl_before)
