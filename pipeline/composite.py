@@ -4,6 +4,9 @@
 acquisition intersecting the region in the period (``eo:cloud_cover <= composite.max_cloud_cover``), groups them by
 MGRS tile and builds, per tile, a composite by ``composite.method``:
 
+Pixels a cloud layer flagged but the mask refinement's opening removed (``mask.refinement``, stages/masks.py) are
+not clear observations here either: both mask paths (in-task and lazy) count them as cloudy.
+
 * ``median``: per-pixel median of the clear observations (masked by ``mask.methods``); confidence grows with the
   number of clear observations (0.67 for one, 1 for three or more: more observations guard against mask misses);
   where no observation is clear, the least cloudy one is kept with confidence 0;
@@ -150,11 +153,11 @@ def _composite_block(method, specs, layouts, core, nt, *pieces) -> np.ndarray:
     results, k = [], nt
     for spec, lay in zip(specs, layouts):
         n = sum(lay)
-        m, p = spec(_assemble(lay, *pieces[k:k + n]))
-        results.append((m[..., ys, xs], p[..., ys, xs]))
+        m, p, o = spec(_assemble(lay, *pieces[k:k + n]))
+        results.append((m[..., ys, xs], p[..., ys, xs], None if o is None else o[..., ys, xs]))
         k += n
-    mask, prob = combine(results)
-    return composite_kernel(stack, mask, prob, method)
+    mask, prob, opened = combine(results)
+    return composite_kernel(stack, mask if opened is None else mask | opened, prob, method)
 
 
 # -- state ---------------------------------------------------------------------------------------------------------
@@ -232,7 +235,7 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     import xarray as xr
 
     from cloudfree.stages.load import load_reflectance, output_geobox
-    from cloudfree.stages.masks import build_masks, layer_masks
+    from cloudfree.stages.masks import build_mask_layers, layer_masks
     from cloudfree.stages.publish import update_collection
     from cloudfree.stages.write import paths_for
 
@@ -245,7 +248,8 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     if specs is not None:
         out = fused_composite(stack, items, geobox, cfg.grid.chunk, method, specs)
     else:  # a mask method that needs several bands (spectral, s2cloudless): masks from the mask stage
-        mask, prob = build_masks(items, geobox, cfg.mask, cfg.grid.chunk)
+        layers = build_mask_layers(items, geobox, cfg.mask, cfg.grid.chunk)
+        mask, prob = layers.mask | layers.opened, layers.prob  # an opened speck is never a clear observation
         # one task per output block over all dates: memory per task = dates x bands x block, whatever the area
         out = dsa.blockwise(composite_kernel, "cyx", stack.data, "tbyx", mask.data, "tyx",
                             prob.data.astype(np.float32), "tyx", method, None, new_axes={"c": nb + 2},

@@ -165,6 +165,15 @@ class MaskConfig(_Section):
     #: morphological closing then opening radius (10 m pixels) applied to the binary mask.
     closing_radius: int = 2
     opening_radius: int = 1
+    #: refinement of a thresholded mask (cldprb, spectral; stages/masks.py): "weak-opening" (the opening removes
+    #: only flagged pixels with probability below opening_keep_prob), "paper" (PhyVLM-CR: the opening removes every
+    #: flagged speck smaller than its disk, however certain; costs real isolated cloud, see docs/masks.md) or
+    #: "closing-only". Pixels an opening removes are never written as clear (own source code, item property).
+    #: Default chosen by the measured precision/recall in docs/masks.md ("Default refinement (computed)").
+    refinement: Literal["weak-opening", "paper", "closing-only"] = "weak-opening"
+    #: "weak-opening": flagged pixels with cloud probability >= this (0-1) are never opened away (0.65: Sen2Cor's
+    #: boundary between medium and high cloud probability).
+    opening_keep_prob: float = Field(0.65, ge=0, le=1)
     #: SCL classes treated as unusable (3 shadow, 8/9 cloud, 10 cirrus; add 11 for snow).
     scl_classes: list[int] = Field(default_factory=lambda: [3, 8, 9, 10])
     #: dilation (pixels) of the final mask.

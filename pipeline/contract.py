@@ -34,6 +34,9 @@ SOURCE_MODEL = 2  #: restored from the target by the model (e.g. thin-cloud inve
 SOURCE_FUSED = 3  #: blend of model restoration and a reference (soft gate, PhyVLM-CR eq. 10)
 SOURCE_FAILED = 4  #: an input read failed; the pixel is not a cloud-free estimate
 SOURCE_UNFILLED = 5  #: the target's cloudy observation, kept because nothing could restore it (not clear)
+#: the target's observation of a pixel its cloud layer flagged but the mask refinement's opening removed from the
+#: mask (an isolated speck): kept as observed, confidence ``1 - probability``, never labelled clear
+SOURCE_OPENED = 6
 SOURCE_REFERENCE_BASE = 10  #: reference ``i`` (0 = best ranked) supplied the pixel -> code ``10 + i``
 
 SOURCE_LABELS = {
@@ -43,6 +46,7 @@ SOURCE_LABELS = {
     SOURCE_FUSED: "fusion of model and reference",
     SOURCE_FAILED: "read failed",
     SOURCE_UNFILLED: "cloudy, not restored",
+    SOURCE_OPENED: "flagged cloud removed from the mask by the refinement's opening (target observation, not clear)",
 }
 
 

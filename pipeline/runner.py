@@ -288,7 +288,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
 def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs, items, bands, geobox,
                     context_future) -> TargetResult:
     from cloudfree.stages.load import load_reflectance_checked
-    from cloudfree.stages.masks import NODATA_BIT, build_masks_by_method, mask_provenance
+    from cloudfree.stages.masks import NODATA_BIT, build_mask_layers, mask_provenance
     from cloudfree.stages.mosaic import confidence_fallback
     from cloudfree.stages.plausibility import check_reflectance
     from cloudfree.stages.publish import update_collection
@@ -302,7 +302,8 @@ def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs
     stack, failed, read_failures = load_reflectance_checked(items, bands, geobox, cfg.grid.chunk, name=target.id)
     # wrong scale/offset or band order: fails the target (InputDataError naming item, band, fix) or warns
     plausibility = check_reflectance(target, refs, bands, skip={(f.item_id, f.band) for f in read_failures})
-    mask, prob, by_method = build_masks_by_method(items, geobox, cfg.mask, cfg.grid.chunk)
+    layers = build_mask_layers(items, geobox, cfg.mask, cfg.grid.chunk)
+    mask, prob, by_method = layers.mask, layers.prob, layers.by_method
     ref_masks = None
     ref_stack = stack[1:] if refs else None
     if refs:
@@ -339,6 +340,8 @@ def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs
     context = context_future.result() if context_future is not None else {}
     tile_timings: list = []
     ds = remove_clouds(inputs, model, tiles, halo, context, blend=cfg.tile.blend, timings=tile_timings)
+    # opened specks first: their lowered confidence is then subject to the low-confidence fallback like any other
+    ds = mark_opened(ds, layers.opened[0], prob[0])
     ds = confidence_fallback(ds, inputs, cfg.output.confidence_floor, cfg.output.low_confidence)
     prov = mask_provenance({m: v[0] for m, v in by_method.items()}, cfg.mask.methods)  # same reads as `mask`
     prov = prov | stack[0].isnull().any("band").astype(np.uint8) * np.uint8(NODATA_BIT)
@@ -459,6 +462,7 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
     extra["cloudfree:tile_seconds"] = tile_seconds
     extra["cloudfree:blend"] = cfg.tile.blend if halo > 0 else "none"
     extra["cloudfree:low_confidence"] = {"floor": cfg.output.confidence_floor, "mode": cfg.output.low_confidence}
+    extra["cloudfree:mask_refinement"] = mask_refinement_property(cfg.mask, stats)
     wpath = Path(model.spec.weights) if model.spec.weights else None
     weights_sha = file_sha256(wpath) if wpath is not None and wpath.is_file() else None
     if read_failures:
@@ -555,13 +559,15 @@ def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: floa
     * ``low_confidence_after``: share of the valid output pixels with confidence below ``floor`` (0.5 without
       a floor; None: no valid pixel); ``nodata_after``: share of output nodata;
     * with ``source_path``: ``unfilled_after`` (cloudy, not restored), ``failed_after`` (read failed),
-      ``restored_after`` (model, fusion or a reference supplied the pixel);
+      ``restored_after`` (model, fusion or a reference supplied the pixel), ``opened_after`` (flagged cloud the
+      mask refinement's opening removed, kept as observed: ``SOURCE_OPENED``);
     * ``unusable_after``: share that is not a usable cloud-free estimate (nodata, low confidence, unfilled or
       failed), the value published as the output's ``eo:cloud_cover``.
     """
     import rasterio
 
-    from cloudfree.pipeline.contract import SOURCE_FAILED, SOURCE_FUSED, SOURCE_MODEL, SOURCE_REFERENCE_BASE, SOURCE_UNFILLED
+    from cloudfree.pipeline.contract import (SOURCE_FAILED, SOURCE_FUSED, SOURCE_MODEL, SOURCE_OPENED,
+                                             SOURCE_REFERENCE_BASE, SOURCE_UNFILLED)
     from cloudfree.stages.masks import NODATA_BIT
 
     def read(path, shape=None):
@@ -597,7 +603,7 @@ def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: floa
         unfilled, failed = src == SOURCE_UNFILLED, src == SOURCE_FAILED
         restored = np.isin(src, (SOURCE_MODEL, SOURCE_FUSED)) | (src >= SOURCE_REFERENCE_BASE)
         stats.update(unfilled_after=float(unfilled.mean()), failed_after=float(failed.mean()),
-                     restored_after=float(restored.mean()))
+                     restored_after=float(restored.mean()), opened_after=float((src == SOURCE_OPENED).mean()))
         unusable |= unfilled | failed
     stats["unusable_after"] = float(unusable.mean())
     return stats
@@ -611,6 +617,29 @@ def mark_unfilled(ds, cloud_mask):
     unfilled = cloud_mask & (ds.source == float(SOURCE_TARGET))
     return ds.assign(source=ds.source.where(~unfilled, float(SOURCE_UNFILLED)),
                      confidence=ds.confidence.where(~unfilled, 0.0))
+
+
+def mark_opened(ds, opened, cloud_prob):
+    """Target pixels that the cloud layer flagged but the mask refinement's opening removed from the mask
+    (:class:`cloudfree.stages.masks.MaskLayers` ``opened``) and that the model kept as observed (``SOURCE_TARGET``)
+    become ``SOURCE_OPENED`` with confidence at most ``1 - probability``: never "target observation (clear)"."""
+    from cloudfree.pipeline.contract import SOURCE_OPENED, SOURCE_TARGET
+
+    hit = opened & (ds.source == float(SOURCE_TARGET))
+    cap = (1.0 - cloud_prob.fillna(1.0)).clip(0, 1).astype(np.float32)
+    return ds.assign(source=ds.source.where(~hit, float(SOURCE_OPENED)),
+                     confidence=ds.confidence.where(~hit, np.minimum(ds.confidence, cap)))
+
+
+def mask_refinement_property(mask_cfg, stats: dict) -> dict:
+    """``cloudfree:mask_refinement`` of an output item: the refinement applied to thresholded cloud layers and the
+    share of output pixels that it removed from the mask (written as ``SOURCE_OPENED``, never as clear)."""
+    from cloudfree.stages.masks import refinement_params
+
+    p = refinement_params(mask_cfg)
+    return {"mode": mask_cfg.refinement, "closing_radius": p["closing"], "opening_radius": p["opening"],
+            "opening_keep_prob": p["keep_prob"], "dilation": p["dilation"],
+            "opened_fraction": stats.get("opened_after", 0.0)}
 
 
 def mark_failed(ds, failed, bands=None):

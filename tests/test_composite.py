@@ -120,7 +120,7 @@ def test_fused_composite_equals_mask_stage_plus_kernel(demo_catalog, methods, me
     from cloudfree.pipeline.composite import fused_composite
     from cloudfree.pipeline.config import GridConfig, MaskConfig
     from cloudfree.stages.load import load_reflectance, output_geobox
-    from cloudfree.stages.masks import build_masks, layer_masks
+    from cloudfree.stages.masks import build_mask_layers, layer_masks
 
     items = LocalCatalog(demo_catalog)._load()[:4]
     mcfg = MaskConfig(methods=methods, dilation=3)
@@ -129,7 +129,8 @@ def test_fused_composite_equals_mask_stage_plus_kernel(demo_catalog, methods, me
     specs = layer_masks(items, mcfg)
     assert [s.method for s in specs] == methods
     fused = fused_composite(stack, items, gb, 64, method, specs)
-    mask, prob = build_masks(items, gb, mcfg, 64)
+    layers = build_mask_layers(items, gb, mcfg, 64)
+    mask, prob = layers.mask | layers.opened, layers.prob  # opened specks are never clear observations
     plain = dsa.blockwise(composite_kernel, "cyx", stack.data, "tbyx", mask.data, "tyx", prob.data.astype(np.float32),
                           "tyx", method, None, new_axes={"c": 6}, concatenate=True, dtype=np.float32)
     a, b = dask.compute(fused, plain)

@@ -10,7 +10,7 @@ import pytest
 import rasterio
 from rio_cogeo.cogeo import cog_info, cog_validate
 
-from cloudfree.pipeline.contract import SOURCE_REFERENCE_BASE, SOURCE_TARGET, SOURCE_UNFILLED
+from cloudfree.pipeline.contract import SOURCE_OPENED, SOURCE_REFERENCE_BASE, SOURCE_TARGET, SOURCE_UNFILLED
 
 TARGET = "S2A_T33UUU_20170216_SIMCLOUDY"
 THIN = "S2B_T33UUU_20170226_SIMTHIN"
@@ -63,7 +63,10 @@ def test_outputs_are_valid_cogs(demo_run):
         conf = ds.read(1)
     with rasterio.open(out["source"]) as ds:
         src = ds.read(1)
-    assert set(np.unique(src)) <= {SOURCE_TARGET, SOURCE_UNFILLED, SOURCE_REFERENCE_BASE, SOURCE_REFERENCE_BASE + 1}
+    assert set(np.unique(src)) <= {SOURCE_TARGET, SOURCE_UNFILLED, SOURCE_OPENED, SOURCE_REFERENCE_BASE,
+                                   SOURCE_REFERENCE_BASE + 1}
+    # flagged specks the mask refinement's opening removed are kept as observed, never as clear (confidence < 1)
+    assert (conf[src == SOURCE_OPENED] < 100).all()
     # kept target pixels are clear (100); masked (thin) cloud no reference could fill is labelled unfilled (0)
     assert set(np.unique(conf[src == SOURCE_TARGET])) == {100}
     assert set(np.unique(conf[src == SOURCE_UNFILLED])) <= {0} and (src == SOURCE_UNFILLED).mean() < 0.05

@@ -13,8 +13,8 @@ import pytest
 from cloudfree.pipeline.config import MaskConfig
 from cloudfree.pipeline.errors import InputDataError
 from cloudfree.pipeline.evaluation.mask_scores import L1C13, score, score_29rkh, score_labels
-from cloudfree.stages.masks import (S2CLOUDLESS_BANDS, build_masks, cldprb_kernel, s2cloudless_kernel, s2cloudless_mask,
-                          spectral_score_kernel)
+from cloudfree.stages.masks import (CODE_CLEAR, CODE_CLOUD, CODE_OPENED, S2CLOUDLESS_BANDS, build_masks, cldprb_codes,
+                                   cldprb_kernel, s2cloudless_kernel, s2cloudless_mask, spectral_score_kernel)
 from tests.conftest import SHARED, shared
 
 
@@ -52,10 +52,46 @@ def test_cldprb_threshold_closing_then_opening():
     prob = np.zeros((40, 40), np.float32)
     prob[10:30, 10:30] = 80  # cloud with a one-pixel hole
     prob[20, 20] = 10
-    prob[3, 35] = 90  # isolated speck
-    m = cldprb_kernel(prob, threshold=40, closing=2, opening=1, dilation=0)
-    assert m[20, 20] and not m[3, 35] and m[11:29, 11:29].all() and not m[:9].any()
+    prob[3, 35] = 90  # isolated confident speck
+    prob[36, 5] = 50  # isolated weak speck
+    paper = cldprb_codes(prob, threshold=40, closing=2, opening=1, dilation=0)  # PhyVLM-CR: opens every speck
+    assert paper[20, 20] == CODE_CLOUD and (paper[11:29, 11:29] == CODE_CLOUD).all()
+    assert paper[3, 35] == CODE_OPENED and paper[36, 5] == CODE_OPENED  # flagged, removed, reported
+    assert (paper[:9, :30] == CODE_CLEAR).all()
+    weak = cldprb_codes(prob, 40, 2, 1, 0, keep_prob=0.65)  # the opening spares the confident speck
+    assert weak[3, 35] == CODE_CLOUD and weak[36, 5] == CODE_OPENED
+    assert (weak[11:29, 11:29] == CODE_CLOUD).all()
+    np.testing.assert_array_equal(cldprb_kernel(prob, 40, 2, 1, 0, 0.65), weak == CODE_CLOUD)
     assert not cldprb_kernel(np.full((8, 8), 39.0), 40, 2, 1, 0).any()
+
+
+@pytest.mark.parametrize("refinement", ["weak-opening", "paper", "closing-only"])
+def test_refinement_modes_lazy_and_in_task_paths_agree(refinement):
+    """The lazy mask stage (map_overlap, several chunks) and the in-task LayerMask give the same mask and opened
+    layer for every refinement; no flagged pixel is ever neither in the mask nor in ``opened``."""
+    import xarray as xr
+
+    from cloudfree.stages.masks import cldprb_layer_mask, cldprb_mask, combine
+
+    rng = np.random.default_rng(3)
+    prob = np.where(rng.random((2, 96, 96)) < 0.03, rng.choice([50.0, 100.0], (2, 96, 96)), 0.0).astype(np.float32)
+    prob[:, 40:60, 30:70] = 90.0
+    cfg = MaskConfig(refinement=refinement)
+    da = xr.DataArray(dsa.from_array(prob, chunks=(1, 32, 32)), dims=("time", "y", "x"))
+    m_lazy, p_lazy, o_lazy = (np.asarray(a.values) for a in cldprb_mask(da, cfg, with_opened=True))
+    m_task, p_task, o_task = cldprb_layer_mask("CLDPRB", cfg)(prob)
+    np.testing.assert_array_equal(m_lazy, m_task)
+    np.testing.assert_array_equal(o_lazy, o_task)
+    flagged = prob >= cfg.cldprb_threshold
+    assert (m_task | o_task)[flagged].all() and not (m_task & o_task).any()
+    if refinement == "paper":
+        assert o_task[prob == 100.0].any()  # the paper's opening removes confident specks (reported)
+    else:
+        assert not o_task[prob == 100.0].any()  # never a confident one
+    if refinement == "closing-only":
+        assert not o_task.any()
+    m, p, o = combine([(m_task, p_task, o_task), (np.zeros_like(m_task), p_task, None)])
+    np.testing.assert_array_equal(o, o_task & ~m)
 
 
 def _small_geobox(items):
