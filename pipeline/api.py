@@ -221,8 +221,16 @@ def remove(target, references=None, mask: Any = "scl", model: Any = None, sar=No
         sar=_as_stack(sar, "sar") if sar is not None else None,
     )
     context = {}
-    if model.spec.scene_context:
-        context = _scene_context(model, inputs)
+    if model.spec.scene_context:  # from the masks as given (the sample gets its own missed-cloud test)
+        context = _scene_context(model, inputs, mcfg.missed_cloud)
+    if ref_refl is not None and mcfg.missed_cloud:  # cloud and shadow the mask missed, as the runner (lazy)
+        from dataclasses import replace
+
+        from cloudfree.stages.missed_cloud import add_missed_cloud
+
+        cloud_mask, cloud_prob, ref_masks, _ = add_missed_cloud(target_refl, cloud_mask, cloud_prob, ref_refl,
+                                                                ref_masks)
+        inputs = replace(inputs, cloud_mask=cloud_mask, cloud_prob=cloud_prob, reference_masks=ref_masks)
     h = model.spec.halo if halo is None else halo
     tiles = plan_tiles((tgt.sizes["y"], tgt.sizes["x"]), tile_size, h)
     from cloudfree.pipeline.runner import mark_unfilled
@@ -240,7 +248,7 @@ def remove(target, references=None, mask: Any = "scl", model: Any = None, sar=No
 
 
 #: longest side (pixels) of the coarse sample ``fit_scene`` gets (the runner's ``SCENE_SAMPLE_MAX``).
-def _scene_context(model, inputs) -> dict:
+def _scene_context(model, inputs, missed_cloud: bool = True) -> dict:
     """``model.fit_scene`` on the scene decimated to at most 1024 px a side (the runner reads COG overviews for
     that; here every k-th pixel, which for scenes up to 1024 px is the whole scene, as in the runner)."""
     from dataclasses import replace
@@ -256,7 +264,12 @@ def _scene_context(model, inputs) -> dict:
                          cloud_prob=inputs.cloud_prob.isel(sub),
                          references=None if inputs.references is None else inputs.references.isel(sub),
                          reference_masks=None if inputs.reference_masks is None else inputs.reference_masks.isel(sub))
-    return model.fit_scene(to_tile_inputs(inputs))
+    sample = to_tile_inputs(inputs)
+    if missed_cloud and inputs.references is not None:  # as the runner: fits never see cloud the mask missed
+        from cloudfree.stages.missed_cloud import apply_to_tile
+
+        sample = apply_to_tile(sample)[0]
+    return model.fit_scene(sample)
 
 
 def _config(config: Any = None, **sections):
