@@ -38,15 +38,6 @@ LOW_PERCENTILE = 10
 MIN_P99 = 0.01
 
 
-def band_sample(item: pystac.Item, band: str, size: int = SAMPLE) -> np.ndarray | None:
-    """Reflectance of ``band`` of ``item`` at a coarse overview (valid pixels only, flattened); None if unreadable."""
-    got = _read_sample(item, band, size)
-    if got is None:
-        return None
-    vals = got[0]
-    return vals[np.isfinite(vals)].astype(np.float64)
-
-
 def _read_sample(item: pystac.Item, band: str, size: int = SAMPLE) -> tuple[np.ndarray, tuple] | None:
     """``(reflectance (size, size) float32 with NaN nodata, footprint key (crs, bounds))`` of one asset, read from
     the overviews (every asset resampled to the same shape, so assets with one footprint line up)."""

@@ -333,14 +333,5 @@ def check_item(item: pystac.Item | dict | str | Path) -> list[str]:
     return problems
 
 
-def assert_valid_item(path: str | Path) -> pystac.Item:
-    """:func:`check_item` or raise :class:`InputDataError` listing the problems."""
-    item = pystac.Item.from_file(str(path))
-    problems = check_item(item)
-    if problems:
-        raise InputDataError(f"output item {path} is not valid: {problems}; rerun the target with --overwrite")
-    return item
-
-
 def _sha256(path: Path) -> str:
     return "1220" + file_sha256(path)  # multihash prefix for sha2-256, as the file extension expects

@@ -89,16 +89,6 @@ def resolve_model(model):
         return _MODELS[key]
 
 
-def run_tile(model, target, cloud_mask, cloud_prob, references, reference_masks, *, bands, core_in_read,
-             halo, reference_ids, reference_dt_days, target_id, context=None, sar=None, sar_bands=()) -> np.ndarray:
-    """One task: numpy in, ``(band + 2, y, x)`` float32 core out (reflectance, confidence, source)."""
-    out, _ = predict_tile(model, target, cloud_mask, cloud_prob, references, reference_masks, bands=bands, halo=halo,
-                          reference_ids=reference_ids, reference_dt_days=reference_dt_days, target_id=target_id,
-                          context=context, sar=sar, sar_bands=sar_bands)
-    ys, xs = core_in_read
-    return out[:, ys, xs]
-
-
 def predict_tile(model, target, cloud_mask, cloud_prob, references, reference_masks, *, bands, halo,
                  reference_ids, reference_dt_days, target_id, context=None, sar=None,
                  sar_bands=(), origin: tuple[int, int] = (0, 0)) -> tuple[np.ndarray, float]:
