@@ -21,12 +21,15 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import nn
+from pydantic import Field
 from torch.nn import functional as F
+
+from cloudfree.models.base import ModelParams
 
 #: The four 10 m bands the generative models are trained on (present in every optical data set here).
 GEN_BANDS = ("B02", "B03", "B04", "B08")
@@ -40,6 +43,21 @@ def encode(reflectance: np.ndarray | torch.Tensor):
 
 def decode(x: np.ndarray | torch.Tensor):
     return (x - SHIFT) / SCALE
+
+
+class GenerativeParams(ModelParams):
+    """The parameters both generative models share: noise, weights, clear-target pass-through, device, batching."""
+
+    seed: int = 0
+    #: "scene": noise from the scene seed and global pixel coordinates (overlapping tiles agree; the default);
+    #: "tile": an independent draw per tile (seeded by the tile's origin), only to measure what shared noise buys.
+    noise: Literal["scene", "tile"] = "scene"
+    #: weights file (None = the model's shipped file under models/weights/).
+    weights: str | None = None
+    keep_clear_target: bool = True
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    #: tiles per network batch in predict_batch (equal-shaped tiles only).
+    batch_size: int = Field(8, ge=1)
 
 
 # ----------------------------------------------------------------------------------------------------- noise

@@ -54,8 +54,9 @@ from pydantic import Field
 from torch import nn
 
 from cloudfree.models._generative import (
-    LazyNetworks,
     GEN_BANDS,
+    GenerativeParams,
+    LazyNetworks,
     UNet,
     coordinate_noise,
     decode,
@@ -306,7 +307,7 @@ def condition(y_reflectance: np.ndarray, mask: np.ndarray, sar: np.ndarray | Non
 
 
 # -------------------------------------------------------------------------------------------------- model
-class CMCRParams(ModelParams):
+class CMCRParams(GenerativeParams):
     #: sampler: the distilled consistency student (default) or the diffusion teacher (for the speed comparison).
     sampler: Literal["student", "teacher"] = "student"
     #: sampling steps: student = 1 + resampling steps (PDMSR); teacher = Heun steps (2 steps - 1 evaluations).
@@ -315,15 +316,7 @@ class CMCRParams(ModelParams):
     resample_sigma_min: float = Field(0.05, gt=0)
     #: refuse tiles without Sentinel-1 (default: run optical-only, as trained with SAR dropout, and say so).
     require_sar: bool = False
-    seed: int = 0
-    #: "scene": noise from the scene seed and global pixel coordinates (overlapping tiles agree; the default);
-    #: "tile": an independent draw per tile (seeded by the tile's origin), only to measure what shared noise buys.
-    noise: Literal["scene", "tile"] = "scene"
-    weights: str | None = None
-    keep_clear_target: bool = True
     model_confidence: float = Field(0.5, ge=0, le=1)
-    device: Literal["cpu", "cuda", "auto"] = "auto"
-    batch_size: int = Field(8, ge=1)
 
 
 @register

@@ -53,7 +53,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -62,8 +62,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from cloudfree.models._generative import (
-    LazyNetworks,
     GEN_BANDS,
+    GenerativeParams,
+    LazyNetworks,
     UNet,
     coordinate_noise,
     decode,
@@ -224,7 +225,7 @@ def load_networks(path: str | Path | None = None) -> DENetworks:
 
 
 # -------------------------------------------------------------------------------------------------- model
-class DEParams(ModelParams):
+class DEParams(GenerativeParams):
     #: the reference model E (any registered model name) and its parameters.
     reference_model: str = "phyvlm-cr"
     reference_params: dict[str, Any] = Field(default_factory=dict)
@@ -234,16 +235,6 @@ class DEParams(ModelParams):
     w_floor: float = Field(0.3, ge=0, le=1)
     #: DDIM stochasticity (0 = deterministic DDIM; 1 = DDPM-like); noise from the scene seed either way.
     ddim_eta: float = Field(0.0, ge=0, le=1)
-    seed: int = 0
-    #: "scene": noise from the scene seed and global pixel coordinates (overlapping tiles agree; the default);
-    #: "tile": an independent draw per tile (seeded by the tile's origin), only to measure what shared noise buys.
-    noise: Literal["scene", "tile"] = "scene"
-    #: weights file (None = the shipped models/weights/diffusion-enhancement.safetensors).
-    weights: str | None = None
-    keep_clear_target: bool = True
-    device: Literal["cpu", "cuda", "auto"] = "auto"
-    #: tiles per network batch in predict_batch (equal-shaped tiles only).
-    batch_size: int = Field(8, ge=1)
 
 
 @register

@@ -158,20 +158,13 @@ def test_composite_is_incremental(demo_catalog, tmp_path):
     from cloudfree.catalogs.local import LocalCatalog
     from cloudfree.pipeline.cli import main
     from cloudfree.pipeline.composite import run_composite
-    from cloudfree.pipeline.config import load_config
     from cloudfree.stages.publish import check_item
 
     base = LocalCatalog(demo_catalog)._load()
     ref = next(i for i in base if i.id == "S2A_T33UUU_20170206_SIMREF")
     uuv = _clone(ref, "S2A_T33UUV_20170207_SIMREF", "2017-02-07T10:21:01Z", **{"s2:mgrs_tile": "33UUV"})
     cat = _write_catalog([*base, uuv], tmp_path / "items.json")
-    b = ref.bbox
-    region = tmp_path / "region.geojson"
-    region.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [
-        [[b[0], b[1]], [b[2], b[1]], [b[2], b[3]], [b[0], b[3]], [b[0], b[1]]]]}}))
-    cfg = load_config(ROOT / "configs" / "demo.yaml", env=False).replace(
-        catalog={"url": str(cat)}, grid={"resolution": 40}, output={"dir": str(tmp_path / "out")},
-        run={"progress": False}, composite={"method": "median"})
+    region, cfg = _bbox_region(ref.bbox, tmp_path), _median_config(cat, tmp_path)
 
     first = run_composite(cfg, region, "2017-02")
     assert {(r.tile, r.status) for r in first} == {("33UUU", "done"), ("33UUV", "done")}
@@ -227,7 +220,6 @@ def test_a_broken_file_fails_its_tile_only(demo_catalog, tmp_path):
     run's nor one a killed run left for 33UUV)."""
     from cloudfree.catalogs.local import LocalCatalog
     from cloudfree.pipeline.composite import run_composite
-    from cloudfree.pipeline.config import load_config
 
     base = LocalCatalog(demo_catalog)._load()
     ref = next(i for i in base if i.id == "S2A_T33UUU_20170206_SIMREF")
@@ -243,13 +235,7 @@ def test_a_broken_file_fails_its_tile_only(demo_catalog, tmp_path):
     cut.write_bytes(raw[:first] + bytes(len(raw) - first))
     broken.assets["B04"].href = str(cut)
     cat = _write_catalog([*(i for i in base if i.id != ref.id), broken, uuv], tmp_path / "items.json")
-    b = ref.bbox
-    region = tmp_path / "region.geojson"
-    region.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [
-        [[b[0], b[1]], [b[2], b[1]], [b[2], b[3]], [b[0], b[3]], [b[0], b[1]]]]}}))
-    cfg = load_config(ROOT / "configs" / "demo.yaml", env=False).replace(
-        catalog={"url": str(cat)}, grid={"resolution": 40}, output={"dir": str(tmp_path / "out")},
-        run={"progress": False}, composite={"method": "median"})
+    region, cfg = _bbox_region(ref.bbox, tmp_path), _median_config(cat, tmp_path)
 
     stale = tmp_path / "out" / "composites" / ".staging" / "33UUV_2017-02_median+killedrun"
     stale.mkdir(parents=True)
@@ -280,8 +266,22 @@ def test_model_composite_goes_through_the_per_target_lock_and_cleans_stale_stagi
 def _region(demo_catalog, tmp_path) -> Path:
     from cloudfree.catalogs.local import LocalCatalog
 
-    b = next(i for i in LocalCatalog(demo_catalog)._load() if i.id == "S2A_T33UUU_20170206_SIMREF").bbox
+    return _bbox_region(next(i for i in LocalCatalog(demo_catalog)._load() if i.id == "S2A_T33UUU_20170206_SIMREF").bbox,
+                        tmp_path)
+
+
+def _bbox_region(b, tmp_path) -> Path:
+    """A region GeoJSON file: the polygon of bbox ``b``."""
     region = tmp_path / "region.geojson"
     region.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [
         [[b[0], b[1]], [b[2], b[1]], [b[2], b[3]], [b[0], b[3]], [b[0], b[1]]]]}}))
     return region
+
+
+def _median_config(cat, tmp_path):
+    """The demo config on catalog ``cat`` at 40 m, median composites, outputs under ``tmp_path/out``."""
+    from cloudfree.pipeline.config import load_config
+
+    return load_config(ROOT / "configs" / "demo.yaml", env=False).replace(
+        catalog={"url": str(cat)}, grid={"resolution": 40}, output={"dir": str(tmp_path / "out")},
+        run={"progress": False}, composite={"method": "median"})
