@@ -12,9 +12,9 @@ SCL              scl
 AOT / WVP        aot / wvp
 ===============  =============================  ====================================================
 
-Earth Search v0 (``sentinel-s2-l2a-cogs``) used ``B04`` / ``SCL`` like PC. :func:`to_band_names` returns a copy of
-an item whose assets are keyed by pipeline band names (the original key is kept in ``cloudfree:asset_key``), so
-the loader selects bands by name whatever the catalog.
+Earth Search v0 (``sentinel-s2-l2a-cogs``) used ``B04`` / ``SCL`` like PC. The search (any STAC API backend) returns
+items whose band assets are keyed by pipeline band names (:func:`cloudfree.catalogs.access.map_band_assets`; the
+original key is kept in ``cloudfree:asset_key``), so ``grid.bands: [B02, ...]`` works whatever the keys.
 
 Harmonisation: ``sentinel-2-l2a`` items carry ``earthsearch:boa_offset_applied`` and ``raster:bands`` offsets
 that are known to be wrong for some 2022-2025 items (Element84/earth-search#66, #71); ``sentinel-2-c1-l2a``
@@ -31,7 +31,7 @@ from typing import Any
 
 import pystac
 
-from cloudfree.catalogs.bands import AUX_KEYS, S2_REFLECTANCE_BANDS, asset_key
+from cloudfree.catalogs.access import map_band_assets
 from cloudfree.catalogs.stac_api import StacApiCatalog
 
 log = logging.getLogger(__name__)
@@ -40,27 +40,11 @@ EARTH_SEARCH_URL = "https://earth-search.aws.element84.com/v1"
 EARTH_SEARCH_COLLECTIONS = ("sentinel-2-l2a", "sentinel-2-c1-l2a", "sentinel-1-grd")
 
 
-def to_band_names(item: pystac.Item, bands: tuple[str, ...] = S2_REFLECTANCE_BANDS + tuple(AUX_KEYS)) -> pystac.Item:
-    """A copy of ``item`` with its band assets keyed by pipeline band names (``red`` -> ``B04``, ``scl`` -> ``SCL``).
-
-    Assets that are not bands (thumbnail, metadata, ``*-jp2`` duplicates) keep their keys.
-    """
-    out = item.clone()
-    renamed: dict[str, pystac.Asset] = {}
-    used: set[str] = set()
-    for band in bands:
-        key = asset_key(item, band)
-        if key is None:
-            continue
-        asset = out.assets[key].clone()
-        asset.extra_fields["cloudfree:asset_key"] = key
-        renamed[band] = asset
-        used.add(key)
-    rest = {k: a for k, a in out.assets.items() if k not in used and k not in renamed}
-    out.assets = {**renamed, **rest}
-    for asset in out.assets.values():
-        asset.set_owner(out)
-    return out
+def to_band_names(item: pystac.Item) -> pystac.Item:
+    """A copy of ``item`` with its band assets keyed by pipeline band names (``red`` -> ``B04``, ``scl`` -> ``SCL``);
+    the original key is kept in ``cloudfree:asset_key``. Every STAC API backend's search returns items mapped so
+    (:func:`cloudfree.catalogs.access.map_band_assets`)."""
+    return map_band_assets(item.clone())
 
 
 class EarthSearchCatalog(StacApiCatalog):

@@ -93,7 +93,10 @@ class LocalCatalog:
                 items = list(root.get_items(recursive=True))
                 for it in items:
                     it.make_asset_hrefs_absolute()
-        self._items = dedupe(items)
+        from cloudfree.catalogs.access import AssetAccess, prepare_items
+
+        # the user's own files: local hrefs are allowed; an export of remote items keeps its signer
+        self._items = prepare_items(dedupe(items), AssetAccess(), overwrite=False)
         log.debug("local catalog %s: %d items", p, len(self._items))
         return self._items
 

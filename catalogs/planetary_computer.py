@@ -61,8 +61,17 @@ def token_expiry(token: str, msft_expiry: str | None = None) -> datetime:
     return min(candidates)
 
 
-def blob_account_container(href: str) -> tuple[str, str] | None:
-    """(account, container) of an Azure blob href, or None for any other href."""
+def blob_account_container(href: str, blob_endpoint: str | None = None) -> tuple[str, str] | None:
+    """(account, container) of an Azure blob href, or None for any other href. With ``blob_endpoint``
+    (``http://host:port``, path-style as Azurite serves blobs), ``<blob_endpoint>/<account>/<container>/...``
+    hrefs count as blob hrefs too."""
+    if blob_endpoint:
+        base = blob_endpoint.rstrip("/") + "/"
+        if href.startswith(base):
+            parts = href[len(base):].split("?", 1)[0].split("/")
+            if len(parts) >= 3 and parts[0] and parts[1] and parts[0] not in UNSIGNED_ACCOUNTS:
+                return parts[0], parts[1]
+            return None
     u = urlparse(href)
     if not u.netloc.endswith(BLOB_DOMAIN):
         return None
@@ -78,7 +87,7 @@ class SasTokenCache:
 
     def __init__(self, sas_url: str | None = None, *, timeout: float = 10.0, max_retries: int = 2,
                  backoff_factor: float = 0.5, deadline: float | None = None, refresh_margin: float = 300.0,
-                 subscription_key: str | None = None) -> None:
+                 subscription_key: str | None = None, blob_endpoint: str | None = None) -> None:
         if sas_url is None or subscription_key is None:
             from planetary_computer.settings import Settings
 
@@ -92,6 +101,7 @@ class SasTokenCache:
         #: wall-clock limit for one token fetch including retries.
         self.deadline = deadline if deadline is not None else timeout * (max_retries + 1) + 5.0
         self.refresh_margin = refresh_margin
+        self.blob_endpoint = blob_endpoint
         self._key = subscription_key
         self._tokens: dict[tuple[str, str], SasToken] = {}
         self._lock = threading.Lock()
@@ -154,7 +164,7 @@ class SasTokenCache:
             log.debug("could not share the token with planetary_computer's cache: %s", exc)
 
     def sign_href(self, href: str) -> str:
-        ac = blob_account_container(href)
+        ac = blob_account_container(href, self.blob_endpoint)
         if ac is None:
             return href
         u = urlparse(href)
@@ -175,11 +185,23 @@ class PlanetaryComputerCatalog(StacApiCatalog):
     name = "planetary-computer"
     default_url = PC_STAC_URL
 
-    def __init__(self, cfg: Any = None, *, sas_url: str | None = None, refresh_margin: float = 300.0,
-                 **kwargs: Any) -> None:
+    def __init__(self, cfg: Any = None, *, sas_url: str | None = None, refresh_margin: float | None = None,
+                 blob_endpoint: str | None = None, **kwargs: Any) -> None:
         super().__init__(cfg, **kwargs)
+        sas_url = sas_url or getattr(cfg, "sas_url", None)
+        blob_endpoint = blob_endpoint or getattr(cfg, "blob_endpoint", None)
+        if refresh_margin is None:
+            refresh_margin = float(getattr(cfg, "sas_refresh_margin", 300.0))
         self.tokens = SasTokenCache(sas_url, timeout=min(self.timeout, 10.0), max_retries=min(self.max_retries, 2),
-                                    backoff_factor=self.backoff_factor, refresh_margin=refresh_margin)
+                                    backoff_factor=self.backoff_factor, refresh_margin=refresh_margin,
+                                    blob_endpoint=blob_endpoint)
+        from cloudfree.catalogs.access import access_from_config
+
+        # the load path signs with its own cache of the same endpoint (catalogs/access.py): a token is fetched when
+        # an asset is opened, not here
+        self.access = access_from_config(cfg, self.name, signer="planetary-computer", sas_url=self.tokens.sas_url,
+                                         blob_endpoint=blob_endpoint, refresh_margin=refresh_margin,
+                                         timeout=self.tokens.timeout)
 
     def search(self, query: Any) -> list[pystac.Item]:
         odd = [c for c in query.collections if c not in PC_COLLECTIONS]
@@ -199,7 +221,7 @@ class PlanetaryComputerCatalog(StacApiCatalog):
         for key, asset in out.assets.items():
             if assets is not None and key not in assets:
                 continue
-            ac = blob_account_container(asset.href)
+            ac = blob_account_container(asset.href, self.tokens.blob_endpoint)
             if ac is None:
                 continue
             asset.href = self.tokens.sign_href(asset.href)

@@ -136,6 +136,10 @@ class StacApiCatalog:
         self.headers = dict(headers or {})
         self._modifier = modifier
         self._client: Any = None
+        from cloudfree.catalogs.access import access_from_config
+
+        #: how the load path reads this catalog's assets (href policy; subclasses add signing), stamped on items.
+        self.access = access_from_config(cfg, self.name)
 
     # -- pystac-client plumbing ---------------------------------------------------------------------------------
     def stac_io(self) -> Any:
@@ -209,6 +213,7 @@ class StacApiCatalog:
             log.info("%s: dropped %d duplicate items across %d pages", self.url, len(found) - len(items), pages)
         if query.max_items is not None:
             items = items[: query.max_items]
+        items = self.prepare(items)
         log.debug("%s: %d items for %s (%d pages)", self.url, len(items), query.describe(), pages)
         if not items and query.collections:
             have = self.collection_ids()
@@ -250,7 +255,7 @@ class StacApiCatalog:
                 ) from exc
             if item is None:
                 raise NoItemsFoundError(f"item {item_id!r} is not in collection {collection!r} of {self.url}")
-            return item
+            return self.prepare([item])[0]
         q = SearchQuery(collections=(collection,) if collection else (), ids=(item_id,), allow_empty=True)
         items = self.search(q)
         if not items:
@@ -260,6 +265,14 @@ class StacApiCatalog:
                 + "; check the id (cloudfree search lists them)"
             )
         return items[0]
+
+    def prepare(self, items: list[pystac.Item]) -> list[pystac.Item]:
+        """Items as the load path reads them: band assets keyed by pipeline band names (``red`` -> ``B04``, from
+        the keys or ``eo:bands``) and stamped with this catalog's access (href policy, signing): see
+        :mod:`cloudfree.catalogs.access`. A stamp the API sent is overwritten."""
+        from cloudfree.catalogs.access import prepare_items
+
+        return prepare_items(items, self.access)
 
     def sign(self, item: pystac.Item) -> pystac.Item:
         """Generic STAC APIs serve public hrefs: nothing to sign."""

@@ -234,14 +234,17 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     import dask.array as dsa
     import xarray as xr
 
-    from cloudfree.stages.load import load_reflectance, output_geobox
-    from cloudfree.stages.masks import build_mask_layers, layer_masks
+    from cloudfree.stages.load import fetch_remote_assets, load_reflectance, output_geobox
+    from cloudfree.stages.masks import build_mask_layers, layer_masks, mask_inputs, resolved
     from cloudfree.stages.publish import update_collection
     from cloudfree.stages.write import paths_for
 
     method = cfg.composite.method
     bands = list(cfg.grid.bands)
     geobox = output_geobox(items[0], cfg.grid, region_bbox)
+    # mask.methods "auto" resolved for these items (recorded in the item); Sentinel Hub assets fetched once
+    cfg = cfg.replace(mask={"methods": list(resolved(items, cfg.mask).methods)})
+    items = fetch_remote_assets(items, [*bands, *mask_inputs(items, cfg.mask)], geobox)
     stack = load_reflectance(items, bands, geobox, cfg.grid.chunk, name=f"{tile}-{period}")
     nb = len(bands)
     specs = layer_masks(items, cfg.mask)
@@ -306,6 +309,7 @@ def _write_pixel_composite(ds, items: list[pystac.Item], tile: str, period: str,
         "cloudfree:source_codes": codes, "cloudfree:composite": {
             "tile": tile, "period": period, "method": method, "inputs": signature(items)},
         "processing:lineage": f"{method} composite of {len(items)} acquisition(s) of MGRS {tile} in {period}",
+        "cloudfree:mask_methods": list(cfg.mask.methods),
     })
     from cloudfree.pipeline.runner import cover_stats
 

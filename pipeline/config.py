@@ -35,6 +35,22 @@ class CatalogConfig(_Section):
     backoff_factor: float = Field(0.5, ge=0)
     #: items per page asked from a STAC API.
     page_size: int = Field(100, ge=1, le=10000)
+    #: href policy (catalogs/access.py): a remote catalog's assets are read only from public http(s)/s3/az/gs
+    #: addresses, never from local paths (file://, /etc/passwd) or loopback/private/link-local hosts. True lets a
+    #: trusted catalog point there (a test server on 127.0.0.1, an in-house API). Local catalogs are always allowed.
+    allow_local_hrefs: bool = False
+    #: planetary-computer: the SAS token endpoint (None: planetary_computer's default,
+    #: https://planetarycomputer.microsoft.com/api/sas/v1/token) and how long (s) before its expiry a token is renewed.
+    sas_url: str | None = None
+    sas_refresh_margin: float = Field(300.0, ge=0)
+    #: planetary-computer: a path-style blob endpoint (``http://host:port`` serving ``/<account>/<container>/...``,
+    #: as Azurite does) whose hrefs are signed like ``<account>.blob.core.windows.net`` ones.
+    blob_endpoint: str | None = None
+    #: sentinel-hub: where Process API downloads are kept (None: $XDG_CACHE_HOME/cloudfree/sentinel-hub); a later
+    #: load of the same item, band and grid reads them from there.
+    cache_dir: str | None = None
+    #: sentinel-hub: the largest side (pixels) of one Process API request; larger grids go in tiles (API limit 2500).
+    sh_max_pixels: int = Field(2500, ge=16, le=2500)
 
 
 class SelectionPolicy(_Section):
@@ -159,7 +175,11 @@ class GridConfig(_Section):
 class MaskConfig(_Section):
     """Cloud masks; methods are combined with OR, the continuous probability with max."""
 
-    methods: list[Literal["cldprb", "scl", "spectral", "s2cloudless"]] = Field(default_factory=lambda: ["cldprb"])
+    #: "auto" follows what the items carry: SCL where every item has SCL, else a Sen2Cor cloud probability
+    #: (CLD / MSK_CLDPRB) where every item has one, else the spectral score; the output item records the choice
+    #: (``cloudfree:mask_methods``).
+    methods: list[Literal["auto", "cldprb", "scl", "spectral", "s2cloudless"]] = Field(
+        default_factory=lambda: ["auto"])
     #: MSK_CLDPRB threshold (percent), 40 as in the PhyVLM-CR paper.
     cldprb_threshold: float = 40.0
     #: morphological closing then opening radius (10 m pixels) applied to the binary mask.

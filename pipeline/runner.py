@@ -257,7 +257,9 @@ def reference_offsets(plan: TargetPlan, refs) -> tuple[float, ...]:
 def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=None) -> TargetResult:
     from concurrent.futures import ThreadPoolExecutor
 
-    from cloudfree.stages.load import output_geobox
+    from cloudfree.stages.load import fetch_remote_assets, output_geobox
+    from cloudfree.stages.masks import mask_inputs
+    from cloudfree.stages.masks import resolved as resolved_masks
     from cloudfree.stages.search import load_aoi
 
     target = plan.target
@@ -265,6 +267,14 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
     items = [target, *refs]
     bands = list(dict.fromkeys([*cfg.grid.bands, *model.spec.bands]))
     geobox = output_geobox(target, cfg.grid, load_aoi(cfg.search.aoi)[0])
+    # mask.methods "auto" follows what these items carry (SCL, else CLD/MSK_CLDPRB, else spectral); the choice is
+    # used throughout the target and recorded in its output item
+    mask_cfg = resolved_masks(items, cfg.mask)
+    if mask_cfg.methods != cfg.mask.methods:
+        cfg = cfg.replace(mask={"methods": list(mask_cfg.methods)})
+    # assets that exist only behind an API (Sentinel Hub's Process API) are fetched on the output grid, once
+    items = fetch_remote_assets(items, [*bands, *mask_inputs(items, cfg.mask)], geobox)
+    target, refs = items[0], items[1:]
     # the model's scene context (a coarse load of the scene + fit_scene) does not depend on anything below: it is
     # computed in a second thread while this one probes the assets and estimates the co-registration (both are
     # small, partly single-threaded computes: on two cores the pair took 2 s of the 16x bench scene one after
@@ -457,6 +467,7 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
             "test": "multi-temporal: blue far above every clear reference (cloud) or NIR/SWIR far below (shadow), "
                     "on pixels the mask called clear (stages/missed_cloud.py)"}
     extra["cloudfree:status"] = status
+    extra["cloudfree:mask_methods"] = list(cfg.mask.methods)
     extra["cloudfree:target_cloud_cover"] = target.properties.get("eo:cloud_cover")
     extra["cloudfree:cover"] = stats
     extra["cloudfree:tile_seconds"] = tile_seconds

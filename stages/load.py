@@ -22,6 +22,7 @@ from typing import Sequence
 import dask
 import dask.array as dsa
 import numpy as np
+import odc.loader._rio
 import odc.stac
 import pystac
 import rasterio
@@ -180,11 +181,61 @@ def reflectance_resampling(bands: Sequence[str], resolution: float,
     return out
 
 
+# -- reaching the assets: href policy, lazy signing, assets fetched on demand (catalogs/access.py) -----------------
+def reader_driver(items: Sequence[pystac.Item]):
+    """odc-stac's reader for ``items``: None (its default rasterio reader) unless their catalog signs hrefs, then a
+    :class:`SigningRioDriver` that signs each href when a chunk opens it (a token that expires during a long run
+    is renewed, not baked into the graph)."""
+    from cloudfree.catalogs.access import items_signer
+
+    signer = items_signer(items)
+    return None if signer is None else SigningRioDriver(signer)
+
+
+class SigningRioDriver(odc.loader._rio.RioDriver):
+    """odc-loader's rasterio driver with every source href signed when it is opened (picklable: the signer is
+    its settings; each process keeps its own token cache)."""
+
+    def __init__(self, signer) -> None:
+        from odc.stac._mdtools import StacAuxReader
+
+        super().__init__(aux_reader=StacAuxReader())
+        self.signer = signer
+
+    def open(self, src, ctx):  # noqa: ANN001 - odc-loader's ReaderDriver interface
+        return odc.loader._rio.RioReader(src.patch(uri=self.signer(src.uri)), ctx)
+
+    def __reduce__(self):
+        return (SigningRioDriver, (self.signer,))
+
+
+def fetch_remote_assets(items: Sequence[pystac.Item], keys: Sequence[str], geobox: GeoBox) -> list[pystac.Item]:
+    """``items`` with assets that exist only behind an API (Sentinel Hub's ``sentinelhub://`` bands and cloud
+    layers) fetched on ``geobox`` into local files (:func:`cloudfree.catalogs.sentinel_hub.fetch_assets`,
+    cached); other items unchanged."""
+    from cloudfree.catalogs.sentinel_hub import fetch_for_items, is_virtual
+
+    if not any(is_virtual(it.assets[k].href) for it in items for k in keys if k in it.assets):
+        return list(items)
+    return fetch_for_items(items, keys, geobox)
+
+
+def _prepared(items: Sequence[pystac.Item], keys: Sequence[str], geobox: GeoBox) -> list[pystac.Item]:
+    """Items ready for odc-stac: remote-only assets fetched, every href of ``keys`` checked against the href
+    policy (:class:`~cloudfree.catalogs.access.HrefRefusedError` names item, asset and config key)."""
+    from cloudfree.catalogs.access import check_items
+
+    items = fetch_remote_assets(items, keys, geobox)
+    check_items(items, keys)
+    return items
+
+
 def load_reflectance(items: Sequence[pystac.Item], bands: Sequence[str], geobox: GeoBox, chunk: int = 512,
                      name: str = "scene") -> xr.DataArray:
     """Lazily load ``bands`` of ``items`` as float32 reflectance ``(time, band, y, x)``, NaN nodata."""
     if not items:
         raise InputDataError(f"{name}: no items to load")
+    items = _prepared(items, bands, geobox)
     for it in items:
         missing = [b for b in bands if b not in it.assets]
         if missing:
@@ -193,6 +244,7 @@ def load_reflectance(items: Sequence[pystac.Item], bands: Sequence[str], geobox:
         items, bands=list(bands), geobox=geobox, chunks={"x": chunk, "y": chunk},
         resampling=reflectance_resampling(bands, abs(geobox.resolution.x), items),
         dtype="float32", groupby="id", preserve_original_order=True, fail_on_error=True,
+        driver=reader_driver(items),
     )
     # DN -> reflectance in ONE task per (date, block) for all bands (scale, offset, nodata -> NaN), instead of
     # xarray's where / multiply / add / concat / transpose / astype tasks per band: 6x fewer tasks per input block
@@ -247,11 +299,12 @@ def load_layer(items: Sequence[pystac.Item], asset: str, geobox: GeoBox, chunk: 
         if have:
             raise ContractError(f"asset {asset!r} present on {have} but not on all items; mask each item alike")
         return None
+    items = _prepared(items, [asset], geobox)
     k = native_zoom(items, asset, geobox, chunk)
     gb = geobox.zoom_out(k) if k > 1 else geobox
     ds = odc.stac.load(items, bands=[asset], geobox=gb, chunks={"x": chunk // k, "y": chunk // k},
                        resampling=CATEGORICAL.get(asset, "nearest"), dtype=dtype, groupby="id",
-                       preserve_original_order=True)
+                       preserve_original_order=True, driver=reader_driver(items))
     da = ds[asset]
     if k > 1:
         from odc.geo.xr import xr_coords
@@ -344,18 +397,25 @@ def open_with_retry(href: str, retries: int = 3, delay: float = 0.5) -> tuple[in
 
 def check_assets(items: Sequence[pystac.Item], keys: Sequence[str], retries: int = 3,
                  delay: float = 0.5) -> list[ReadFailure]:
-    """Probe every ``(item, asset)`` once (header + first block, with retries); return those that failed."""
+    """Probe every ``(item, asset)`` once (header + first block, with retries); return those that failed.
+
+    Hrefs go through :func:`~cloudfree.catalogs.access.readable_href`: a refused href or a token that cannot be
+    had raises (the target fails with that message) instead of being reported as a failed read."""
+    from cloudfree.catalogs.access import readable_href
+
     failures = []
     for it in items:
         for k in keys:
             if k not in it.assets:
                 continue
-            href = it.assets[k].get_absolute_href() or it.assets[k].href
+            href = readable_href(it, k)
             try:
                 open_with_retry(href, retries, delay)
             except ReadError as exc:
-                log.error("item %s asset %s: %s", it.id, k, exc)
-                failures.append(ReadFailure(it.id, k, href, str(exc), retries))
+                from cloudfree.pipeline.redact import redact
+
+                log.error("item %s asset %s: %s", it.id, k, redact(str(exc)))
+                failures.append(ReadFailure(it.id, k, redact(href), redact(str(exc)), retries))
     return failures
 
 
@@ -371,6 +431,7 @@ def load_reflectance_checked(items: Sequence[pystac.Item], bands: Sequence[str],
     """
     from odc.geo.xr import xr_coords
 
+    items = _prepared(items, bands, geobox)
     failures = check_assets(items, bands, retries, delay)
     bad = {(f.item_id, f.band) for f in failures}
     if not failures:
@@ -403,7 +464,7 @@ SAR_POLS = ("vv", "vh")
 
 
 def _sar_source(item: pystac.Item, pol: str) -> tuple[str, int, bool] | None:
-    """``(href, band index 1-based, values in dB)`` of polarisation ``pol`` in ``item``, or None."""
+    """``(asset key, band index 1-based, values in dB)`` of polarisation ``pol`` in ``item``, or None."""
     for key, asset in item.assets.items():
         names = [str(b.get("name", "")).lower() for b in asset.extra_fields.get("eo:bands", []) or []]
         if key.lower() == pol or pol in names:
@@ -411,7 +472,7 @@ def _sar_source(item: pystac.Item, pol: str) -> tuple[str, int, bool] | None:
             rb = asset.extra_fields.get("raster:bands") or [{}]
             unit = str(rb[min(idx - 1, len(rb) - 1)].get("unit", "")).lower()
             is_db = unit in ("db", "decibel") or bool(asset.extra_fields.get("cloudfree:db"))
-            return asset.get_absolute_href() or asset.href, idx, is_db
+            return key, idx, is_db
     return None
 
 
@@ -431,6 +492,8 @@ def load_sar(items: Sequence[pystac.Item], geobox: GeoBox, pols: Sequence[str] =
     """
     from odc.geo.xr import xr_reproject
 
+    from cloudfree.catalogs.access import readable_href
+
     if not items:
         raise InputDataError("load_sar: no Sentinel-1 items to load")
     found = [p for p in pols if all(_sar_source(it, p) is not None for it in items)]
@@ -442,7 +505,10 @@ def load_sar(items: Sequence[pystac.Item], geobox: GeoBox, pols: Sequence[str] =
     for it in items:
         planes = []
         for p in found:
-            href, idx, is_db = _sar_source(it, p)
+            key, idx, is_db = _sar_source(it, p)
+            # checked against the href policy and signed (Planetary Computer RTC) now: the lazy read below keeps
+            # this href, whose token has at least catalog.sas_refresh_margin left
+            href = readable_href(it, key)
             try:
                 open_with_retry(href, retries, delay)
             except ReadError as exc:

@@ -202,6 +202,47 @@ def build_masks(items, geobox, cfg: MaskConfig, chunk: int = 512) -> tuple[xr.Da
     return mask, prob
 
 
+def auto_method(items) -> str:
+    """The mask method ``auto`` stands for with these items: ``scl`` when every item carries an SCL asset, else
+    ``cldprb`` when every item carries a Sen2Cor-like cloud probability (:data:`CLDPRB_ASSETS`: CLD, MSK_CLDPRB),
+    else ``spectral`` (needs only the reflectance bands). Planetary Computer and Earth Search items carry SCL;
+    Sentinel Hub serves SCL and CLD; other catalogs may carry neither."""
+    if items and all("SCL" in it.assets for it in items):
+        return "scl"
+    if items and any(all(k in it.assets for it in items) for k in CLDPRB_ASSETS):
+        return "cldprb"
+    return "spectral"
+
+
+def resolve_methods(items, methods) -> list[str]:
+    """``methods`` with ``auto`` replaced by :func:`auto_method` of ``items`` (duplicates dropped, order kept)."""
+    out = [auto_method(items) if m == "auto" else m for m in methods]
+    return list(dict.fromkeys(out))
+
+
+def resolved(items, cfg: MaskConfig) -> MaskConfig:
+    """``cfg`` with its methods resolved for ``items`` (itself when nothing is ``auto``)."""
+    if "auto" not in cfg.methods:
+        return cfg
+    return cfg.model_copy(update={"methods": resolve_methods(items, cfg.methods)})
+
+
+def mask_inputs(items, cfg: MaskConfig) -> list[str]:
+    """The asset keys the (resolved) mask methods read from ``items`` (what a backend that fetches assets on
+    demand, Sentinel Hub, must fetch besides the output bands)."""
+    keys: list[str] = []
+    for method in resolved(items, cfg).methods:
+        if method == "scl":
+            keys.append("SCL")
+        elif method == "cldprb":
+            keys += [next((k for k in CLDPRB_ASSETS if all(k in it.assets for it in items)), "CLD")]
+        elif method == "spectral":
+            keys += [*SPECTRAL_REQUIRED, *SPECTRAL_OPTIONAL]
+        elif method == "s2cloudless":
+            keys += list(S2CLOUDLESS_BANDS)
+    return list(dict.fromkeys(keys))
+
+
 def build_masks_by_method(items, geobox, cfg: MaskConfig, chunk: int = 512):
     """:func:`build_masks` plus each method's own binary mask ``{method: (time, y, x)}`` (for mask provenance),
     all from one read of each layer."""
@@ -222,10 +263,12 @@ class MaskLayers:
 
 
 def build_mask_layers(items, geobox, cfg: MaskConfig, chunk: int = 512) -> MaskLayers:
-    """:func:`build_masks_by_method` with the ``opened`` layer (:class:`MaskLayers`)."""
+    """:func:`build_masks_by_method` with the ``opened`` layer (:class:`MaskLayers`). ``auto`` is resolved for
+    ``items`` (:func:`auto_method`)."""
     from cloudfree.pipeline.errors import InputDataError
     from cloudfree.stages.load import load_layer
 
+    cfg = resolved(items, cfg)
     parts = []
     for method in cfg.methods:
         if method == "cldprb":
@@ -286,6 +329,7 @@ def layer_masks(items, cfg: MaskConfig) -> list[LayerMask] | None:
     """``cfg.methods`` as :class:`LayerMask` (same kernels, halos and combination as :func:`build_masks`), or None
     when a method is not a per-layer kernel (``spectral``, ``s2cloudless``) or an item lacks the layer: the caller
     then uses :func:`build_masks`."""
+    cfg = resolved(items, cfg)
     out = []
     for method in cfg.methods:
         if method == "scl":

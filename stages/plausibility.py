@@ -46,10 +46,13 @@ def _read_sample(item: pystac.Item, band: str, size: int = SAMPLE) -> tuple[np.n
 
     from cloudfree.stages.load import GDAL_RETRY_ENV, item_harmonisation
 
+    from cloudfree.catalogs.access import readable_href
+    from cloudfree.catalogs.sentinel_hub import is_virtual
+
     asset = item.assets.get(band)
-    if asset is None:
+    if asset is None or is_virtual(asset.href):  # not fetched yet (Sentinel Hub): nothing to sample
         return None
-    href = asset.get_absolute_href() or asset.href
+    href = readable_href(item, band)  # href policy + signing, as the loader
     try:
         with rasterio.Env(**GDAL_RETRY_ENV), rasterio.open(href) as ds:
             dn = ds.read(1, out_shape=(size, size), resampling=Resampling.nearest, masked=True)

@@ -163,6 +163,7 @@ def scl_clear_fraction(
     from rasterio.transform import from_bounds
     from rasterio.warp import reproject
 
+    from cloudfree.catalogs.access import readable_href
     from cloudfree.catalogs.bands import asset_key
 
     inter = _shape(target).intersection(_shape(reference))
@@ -176,10 +177,9 @@ def scl_clear_fraction(
             key = asset_key(it, "SCL")
             if key is None:
                 raise InputDataError(f"item {it.id} has no SCL asset")
-            raw = it.assets[key].href
-            # pystac joins even a local absolute path onto an s3:// self link; keep absolute hrefs as they are
-            absolute = raw.startswith("/") or "://" in raw
-            url = href(it, key) if href else (raw if absolute else it.assets[key].get_absolute_href())
+            # default: the loader's href (policy-checked, signed where the catalog signs; absolute local paths kept
+            # as they are: pystac joins even those onto an s3:// self link)
+            url = href(it, key) if href else readable_href(it, key)
             dst = np.zeros((size, size), dtype=np.uint8)
             with rasterio.open(url) as src:
                 reproject(rasterio.band(src, 1), dst, dst_transform=dst_transform, dst_crs=CRS.from_epsg(4326),
