@@ -1,9 +1,12 @@
 """Microsoft Planetary Computer: ``sentinel-2-l2a``, ``sentinel-1-rtc``, ``sentinel-1-grd``, with lazy signing.
 
-Search is the generic :class:`~cloudfree.catalogs.stac_api.StacApiCatalog`; items come back UNSIGNED. Asset hrefs on Azure
-blob storage need a SAS token, fetched per (storage account, container) only when an item or asset is actually
-signed (:meth:`PlanetaryComputerCatalog.sign`, :meth:`PlanetaryComputerCatalog.sign_href`), i.e. by the loader,
-not by the search.
+Search is the generic :class:`~cloudfree.catalogs.stac_api.StacApiCatalog`; items come back UNSIGNED, stamped with
+an access (:mod:`cloudfree.catalogs.access`) that tells the load path to sign them. Asset hrefs on Azure blob
+storage need a SAS token, fetched per (storage account, container) only when an asset is opened: odc-stac reads
+through :class:`cloudfree.stages.load.SigningRioDriver`, which signs each href as a chunk opens it (a token that
+expires during a long run is renewed there, not baked into the graph); the probes, plausibility samples, SCL
+clear fractions and Sentinel-1 RTC reads sign through :func:`cloudfree.catalogs.access.readable_href`.
+:meth:`PlanetaryComputerCatalog.sign` / :meth:`PlanetaryComputerCatalog.sign_href` sign on demand for other users.
 
 Why not ``planetary_computer.sign`` directly: its token request has no timeout and 10 retries, which without
 network blocks ~443 s. :class:`SasTokenCache` does the same request with a per-attempt timeout, a few retries

@@ -11,6 +11,17 @@
   the sentinelhub ``config.toml`` profile; they are never logged or put in messages. Without them a search fails
   at once with :class:`~cloudfree.pipeline.errors.CatalogError` instead of retrying.
 
+* Loading: Catalog API items have no files. :func:`add_virtual_assets` gives each one asset per band and cloud
+  layer the Process API serves (``sentinelhub://<collection>/<item>/<band>`` hrefs, never opened as such), so band
+  selection and ``mask.methods: auto`` (SCL) work as for any catalog. The load path
+  (:func:`cloudfree.stages.load.fetch_remote_assets`) calls :func:`fetch_for_items`: the bands the load needs are
+  requested on the output grid (the acquisition = the item's datetime +- 10 min, least cloudy first), in tiles of at
+  most ``catalog.sh_max_pixels`` (the API's limit is 2500 px a side), all missing bands of a tile in one request,
+  as UINT16 DN (``units: "DN"``; Sentinel Hub harmonises the baseline-04.00 offset, so scale 1e-4, offset 0), 0
+  where ``dataMask`` is 0; each band is written to ``<cache_dir>/<item>/<grid hash>/<band>.tif`` (atomic rename
+  when all its tiles came) and read from there by odc-stac like any local COG. A later load of the same item, band
+  and grid downloads nothing. Sentinel-1 items are searched but not loaded.
+
 Building a request needs no network; downloading it does (``request.get_data()``).
 """
 
@@ -275,7 +286,7 @@ def is_virtual(href: str) -> bool:
     return href.startswith(f"{VIRTUAL_SCHEME}://")
 
 
-def _evalscript(bands: Sequence[str]) -> str:
+def _band_evalscript(bands: Sequence[str]) -> str:
     names = ", ".join(f'"{b}"' for b in (*bands, "dataMask"))
     values = ", ".join(f"s.{b}" for b in bands)
     zeros = ", ".join("0" for _ in bands)
@@ -314,7 +325,7 @@ def band_request(collection: str, bands: Sequence[str], bounds: tuple[float, flo
         name = f"{data_collection.name}_{hashlib.sha256(base.encode()).hexdigest()[:10]}"
         data_collection = DataCollection.define_from(data_collection, name, service_url=base)
     return SentinelHubRequest(
-        evalscript=_evalscript(bands),
+        evalscript=_band_evalscript(bands),
         input_data=[SentinelHubRequest.input_data(
             data_collection=data_collection, time_interval=time_interval,
             mosaicking_order=MosaickingOrder.LEAST_CC)],

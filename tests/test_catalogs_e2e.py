@@ -134,6 +134,42 @@ def test_earth_search_run_common_name_keys(kind, rkh, tmp_path) -> None:
     assert item["properties"]["cloudfree:mask_methods"] == ["scl"]  # auto: the item carries SCL (key `scl`)
 
 
+def test_earth_search_composite_and_scene(rkh, tmp_path) -> None:
+    """``cloudfree composite`` and ``cloudfree scene`` (CLI) read the same remote items through the same path."""
+    from click.testing import CliRunner
+
+    from cloudfree.pipeline.cli import main
+    from cloudfree.pipeline.composite import run_composite
+
+    region = tmp_path / "region.geojson"
+    x0, y0, x1, y1 = AOI
+    region.write_text(json.dumps({"type": "Feature", "properties": {}, "geometry": {
+        "type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]]}}))
+    with BackendServer(lambda p: _rkh_file(rkh, p)) as srv:
+        srv.items = _earth_search_items(rkh, srv.url)
+        catalog = {"kind": "earth-search", "url": srv.url + "/stac", "collection": "sentinel-2-l2a",
+                   "allow_local_hrefs": True}
+        [res] = run_composite(_cfg(tmp_path, catalog), region, "2020-02")
+        assert res.status == "done", res.error
+        item = json.loads(Path(res.item).read_text())
+        assert item["properties"]["cloudfree:mask_methods"] == ["scl"]
+        with rasterio.open(Path(res.item).parent / item["assets"]["reflectance"]["href"]) as ds:
+            out = ds.read(1)
+            expected = np.zeros(ds.shape, np.uint16)
+            with rasterio.open(rkh / "B02.tif") as s:
+                reproject(rasterio.band(s, 1), expected, dst_transform=ds.transform, dst_crs=ds.crs,
+                          resampling=Resampling.nearest)
+        valid = out > 0
+        assert valid.mean() > 0.5 and (out[valid] == expected[valid]).mean() > 0.95  # one date: its clear pixels
+        cfg_path = tmp_path / "scene.yaml"
+        cfg_path.write_text(json.dumps({"catalog": catalog, **{k: v for k, v in _cfg(tmp_path, catalog).model_dump(
+            mode="json").items() if k in ("search", "grid", "tile", "coregister")}}))
+        r = CliRunner().invoke(main, ["scene", "S2A_29RKH_20200219_0_L2A", "--config", str(cfg_path), "--model",
+                                      "dcp", "--out", str(tmp_path / "scene-out"), "--no-progress"])
+        assert r.exit_code == 0, r.output
+        assert list((tmp_path / "scene-out").rglob("*_reflectance.tif"))
+
+
 def test_href_policy_refuses_loopback_without_the_config_key(rkh, tmp_path) -> None:
     from cloudfree.pipeline.runner import run
 
@@ -232,3 +268,13 @@ def test_sentinel_hub_run_through_process_api(rkh, tmp_path, monkeypatch) -> Non
         [again] = run(_cfg(tmp_path, cat, output={"overwrite": True}))
         assert again.status == "done" and len(srv.process_requests) == len(reqs)  # the cache answered
     assert item["properties"]["cloudfree:mask_methods"] == ["scl"]
+
+
+@pytest.mark.parametrize("kind", ["earth-search", "planetary-computer", "sentinel-hub"])
+def test_readme_backend_configs_are_valid(kind) -> None:
+    from cloudfree.pipeline.config import load_config
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / f"{kind}.yaml", env=False)
+    assert cfg.catalog.kind == kind and cfg.catalog.url.startswith("https://") and cfg.mask.methods == ["auto"]
+    assert not cfg.catalog.allow_local_hrefs
