@@ -17,6 +17,11 @@ from pydantic import BaseModel, ConfigDict
 from cloudfree.pipeline.contract import TileInputs, TileResult
 
 
+#: ``ModelSpec.experimental`` of a model whose shipped weights do not beat the ``mean-fill`` floor.
+BELOW_MEAN_FILL = ("its shipped weights do not beat the mean-fill floor (a constant fill with the clear pixels' mean) "
+                   "on the real Romania evaluation (tests/test_floors.py, docs/evaluation.md)")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What a model declares about itself; the runner reads it instead of duplicating arguments.
@@ -36,6 +41,9 @@ class ModelSpec:
         weights: file name of its weights (None for models without learned weights).
         scene_context: the runner calls ``fit_scene`` once per target on a coarse whole-scene sample and passes
             the result to every tile as ``TileInputs.context``.
+        experimental: empty for a usable model; otherwise why it is not shipped as usable (e.g. its weights do not
+            beat the ``mean-fill`` floor, tests/test_floors.py). ``cloudfree run`` refuses such a model unless
+            ``model.allow_experimental`` is set (:func:`cloudfree.models.registry.check_usable`).
     """
 
     bands: tuple[str, ...]
@@ -49,6 +57,7 @@ class ModelSpec:
     description: str = ""
     weights: str | None = None
     scene_context: bool = False
+    experimental: str = ""
 
 
 class ModelParams(BaseModel):

@@ -51,7 +51,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from cloudfree.models._learned import LearnedModel, build_blocks, clear_stats, log_days, per_date_stats
-from cloudfree.models.base import ModelSpec
+from cloudfree.models.base import BELOW_MEAN_FILL, ModelSpec
 from cloudfree.models.registry import register
 from cloudfree.models._weights import Stage
 from cloudfree.models._weights import InputConvention
@@ -324,6 +324,7 @@ class CAMTCRModel(LearnedModel):
         halo=32,
         description="CA-MTCR: change-aware multi-temporal fusion (SAR change map + L-TAE), learned, small",
         weights="models/weights/ca_mtcr.safetensors",
+        experimental=BELOW_MEAN_FILL,
     )
     weights_file = "ca_mtcr.safetensors"
     trainable_cls = CAMTCRTrainable

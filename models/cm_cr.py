@@ -66,7 +66,13 @@ from cloudfree.models._generative import (
     scene_seed,
     tile_scene_key,
 )
-from cloudfree.models.base import ModelParams, ModelSpec, RemovalModelBase, keep_target_and_mark_nodata
+from cloudfree.models.base import (
+    BELOW_MEAN_FILL,
+    ModelParams,
+    ModelSpec,
+    RemovalModelBase,
+    keep_target_and_mark_nodata,
+)
 from cloudfree.models.registry import register
 from cloudfree.pipeline.contract import SOURCE_MODEL, TileInputs, TileResult
 from cloudfree.pipeline.errors import ConfigError, ContractError
@@ -333,6 +339,7 @@ class CMCR(LazyNetworks, RemovalModelBase):
         halo=48,
         description="CM-CR: SAR-conditioned consistency model distilled from an EDM teacher; 1-step + resampling",
         weights=WEIGHTS_FILE,
+        experimental=BELOW_MEAN_FILL,
     )
     Params = CMCRParams
     _loader = staticmethod(load_networks)  # the weights, loaded lazily once per worker (LazyNetworks)

@@ -136,6 +136,7 @@ from cloudfree.models._filters import (
 from cloudfree.models.base import ModelParams, ModelSpec, RemovalModelBase, keep_target_and_mark_nodata
 from cloudfree.models.priors import Prior, build_prior
 from cloudfree.models.registry import register
+from cloudfree.models.self_supervised import SelfSupervisedParams, predict_with_ssl
 from cloudfree.pipeline.contract import (
     SOURCE_FUSED,
     SOURCE_MODEL,
@@ -452,6 +453,9 @@ class PhyVLMParams(ModelParams):
     fallback_prob: float | None = Field(0.5, ge=0, le=1)
     #: speed: eqs. 5-7 on this block-mean grid, t brought back by the Fast Guided Filter (1 = full resolution).
     physics_subsample: int = Field(2, ge=1)
+    #: per-scene self-supervised residual learning on top (models.self_supervised; None = off, {} = defaults); the
+    #: pseudo-clouds get a synthetic cloud by eq. 1, as the kernel reads the target under the cloud.
+    ssl: SelfSupervisedParams | None = None
 
 
 def kernel_halo(p: PhyVLMParams) -> int:
@@ -555,6 +559,8 @@ class PhyVLMCR(RemovalModelBase):
 
     def predict(self, tile: TileInputs) -> TileResult:
         p = self.params
+        if p.ssl is not None:
+            return predict_with_ssl(self, tile, synthesise=True)
         valid = np.isfinite(tile.target).all(axis=0)
         k, jv = self._kernel(tile, dict(tile.context))
         out = np.maximum(k.restored, 0.0)

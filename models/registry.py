@@ -19,10 +19,12 @@ _REGISTRY: dict[str, type] = {}
 BUILTIN = {
     "reference-replace": "cloudfree.models.reference_replace",
     "none": "cloudfree.models.none",
+    "mean-fill": "cloudfree.models.mean_fill",
     "dcp": "cloudfree.models.dcp",
     "median-composite": "cloudfree.models.median_composite",
     "phyvlm-cr": "cloudfree.models.phyvlm",
     "temporal": "cloudfree.models.temporal",
+    "temporal-ssl": "cloudfree.models.temporal",
     "ca-mtcr": "cloudfree.models.ca_mtcr",
     "sar-optical-fusion": "cloudfree.models.sar_optical_fusion",
     "diffusion-enhancement": "cloudfree.models.diffusion_enhancement",
@@ -75,6 +77,21 @@ def get_model_class(name: str) -> type:
             f"no removal model named {name!r}; available: {', '.join(models)} (see `cloudfree models`)"
         )
     return models[name]
+
+
+def check_usable(model, allow_experimental: bool = False, where: str = "model.name") -> None:
+    """Refuse a model whose spec marks it experimental (``spec.experimental``: why it is not usable, e.g. its
+    shipped weights do not beat the ``mean-fill`` floor) unless ``allow_experimental``; with it, log a warning."""
+    why = getattr(getattr(model, "spec", None), "experimental", "")
+    if not why:
+        return
+    name = getattr(model, "name", type(model).__name__)
+    if not allow_experimental:
+        raise ConfigError(
+            f"{where}: model {name!r} is experimental, not shipped as usable: {why}. Use a usable model (see "
+            "`cloudfree models`; the default is the measured best), or set model.allow_experimental: true to run "
+            "it anyway")
+    log.warning("running EXPERIMENTAL model %s (model.allow_experimental is set): %s", name, why)
 
 
 def build_model(name: str, params: dict | None = None):

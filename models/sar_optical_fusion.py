@@ -39,7 +39,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from cloudfree.models._learned import LearnedModel, build_blocks, clear_stats, ssim_map
-from cloudfree.models.base import ModelSpec
+from cloudfree.models.base import BELOW_MEAN_FILL, ModelSpec
 from cloudfree.models.registry import register
 from cloudfree.models._weights import single_stage
 from cloudfree.models._weights import InputConvention
@@ -152,6 +152,7 @@ class CloudAttentiveSAROptical(LearnedModel):
         halo=16,
         description="Cloud-attentive SAR-optical fusion (RDB + Swin, GFF, IRN, cloud-weighted loss), learned",
         weights="models/weights/sar_optical_fusion.safetensors",
+        experimental=BELOW_MEAN_FILL,
     )
     weights_file = "sar_optical_fusion.safetensors"
     trainable_cls = CloudAttentiveTrainable

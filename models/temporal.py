@@ -54,6 +54,7 @@ from cloudfree.models._align import (
 )
 from cloudfree.models.base import ModelParams, ModelSpec, RemovalModelBase
 from cloudfree.models.registry import register
+from cloudfree.models.self_supervised import SelfSupervisedParams, predict_with_ssl
 from cloudfree.pipeline.contract import SOURCE_NODATA, SOURCE_REFERENCE_BASE, SOURCE_TARGET, TileInputs, TileResult
 from cloudfree.pipeline.errors import ModelError
 
@@ -245,6 +246,8 @@ class TemporalParams(ModelParams):
     reference_confidence: float = Field(0.8, ge=0, le=1)
     one_sided_confidence: float = Field(0.6, ge=0, le=1)
     fallback_confidence: float = Field(0.2, ge=0, le=1)
+    #: per-scene self-supervised residual learning on top (models.self_supervised; None = off, {} = defaults).
+    ssl: SelfSupervisedParams | None = None
 
 
 def temporal_halo(local_radius: int) -> int:
@@ -283,6 +286,8 @@ class Temporal(RemovalModelBase):
 
     def predict(self, tile: TileInputs) -> TileResult:
         p = self.params
+        if p.ssl is not None:
+            return predict_with_ssl(self, tile)
         est = self.estimate(tile)
         target_ok = np.isfinite(tile.target).all(axis=0)
         todo = tile.cloud_mask | ~target_ok
@@ -296,3 +301,17 @@ class Temporal(RemovalModelBase):
                      np.where(est.bracketed, p.reference_confidence, p.one_sided_confidence))
         conf[fill] = c[fill]
         return TileResult(out, conf, source).validate(tile, self.name)
+
+
+class TemporalSSLParams(TemporalParams):
+    ssl: SelfSupervisedParams | None = Field(default_factory=SelfSupervisedParams)
+
+
+@register
+class TemporalSSL(Temporal):
+    """``temporal`` with the per-scene self-supervised residual learner on top (models.self_supervised)."""
+
+    name = "temporal-ssl"
+    spec = replace(Temporal.spec, description="temporal + a residual learned per scene on its own clear pixels "
+                   "(pseudo-clouds from real masks, boosted trees, shrunk by held-out pixels)")
+    Params = TemporalSSLParams

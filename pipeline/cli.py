@@ -302,6 +302,8 @@ def models() -> None:
                                    ("SAR if available", s.accepts_sar and not s.needs_sar)) if flag]
         click.echo(f"{name:20s} {s.description}")
         click.echo(f"{'':20s} level {s.level}, halo {s.halo} px, needs: {', '.join(needs) or 'nothing extra'}")
+        if getattr(s, "experimental", ""):
+            click.echo(f"{'':20s} EXPERIMENTAL (run refuses it without model.allow_experimental): {s.experimental}")
 
 
 @main.command()

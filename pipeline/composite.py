@@ -325,7 +325,7 @@ def _write_pixel_composite(ds, items: list[pystac.Item], tile: str, period: str,
 
 def _model_composite(items: list[pystac.Item], tile: str, period: str, cfg: Config, out_dir: Path,
                      run_id: str) -> Path:
-    from cloudfree.models.registry import build_model
+    from cloudfree.models.registry import build_model, check_usable
     from cloudfree.pipeline.runner import _run_target
     from cloudfree.stages.search import Candidate, TargetPlan, item_time, mgrs_tile
 
@@ -337,6 +337,7 @@ def _model_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
                             (item_time(it) - t0).total_seconds() / 86400.0)
                   for it in items if it.id != target.id)
     model = build_model(cfg.model.name, cfg.model.params)
+    check_usable(model, cfg.model.allow_experimental)
     sub = cfg.replace(output={"dir": str(out_dir), "overwrite": True,
                               "collection": f"{cfg.output.collection}-composites"})
     # through the runner's per-target path: under the target's lock, staging left by killed runs removed first

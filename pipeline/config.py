@@ -245,6 +245,8 @@ class ModelConfig(_Section):
     #: the measured best on the real multi-date evaluation (docs/evaluation.md, "Default model (computed)").
     name: str = "temporal"
     params: dict[str, Any] = Field(default_factory=dict)
+    #: run a model `cloudfree models` lists as EXPERIMENTAL (e.g. weights that do not beat the mean-fill floor).
+    allow_experimental: bool = False
 
 
 class OutputConfig(_Section):

@@ -144,9 +144,10 @@ def _announce(client, where: str) -> None:
 
 def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None) -> list[TargetResult]:
     """Run the batch job the config describes; returns one result per target."""
-    from cloudfree.models.registry import build_model
+    from cloudfree.models.registry import build_model, check_usable
 
     model = build_model(cfg.model.name, cfg.model.params)
+    check_usable(model, cfg.model.allow_experimental)
     catalog = open_catalog(cfg.catalog)
     search_cfg = cfg.search if not targets else cfg.search.model_copy(update={"targets": list(targets)})
     plans = plan_targets(catalog, search_cfg, cfg.catalog.collection, cfg.catalog.sar_collection)

@@ -139,7 +139,8 @@ def test_cloudfree_run_on_demo_catalog(tiny_weights, demo_config, name):
     from cloudfree.pipeline.runner import run
 
     clear_cache()
-    cfg = demo_config.replace(model={"name": name, "params": {"weights": str(tiny_weights[name])}},
+    cfg = demo_config.replace(model={"name": name, "params": {"weights": str(tiny_weights[name])},
+                                     "allow_experimental": True},
                               output={"dir": str(demo_config.output.dir) + f"-{name}"},
                               search={"targets": ["S2B_T33UUU_20170226_SIMTHIN"]})
     results = run(cfg)

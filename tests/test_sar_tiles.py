@@ -119,7 +119,8 @@ def test_model_that_needs_sar_fails_the_target_clearly(demo_config):
     and the batch goes on (every target reported)."""
     from cloudfree.pipeline.runner import run
 
-    cfg = demo_config.replace(model={"name": "sar-optical-fusion", "params": {"require_sar": True}},
+    cfg = demo_config.replace(model={"name": "sar-optical-fusion", "params": {"require_sar": True},
+                                     "allow_experimental": True},
                               output={"dir": str(demo_config.output.dir) + "-needs-sar"})
     results = run(cfg)
     assert results and all(r.status == "failed" for r in results)
@@ -168,7 +169,8 @@ def test_run_feeds_one_s1_scene_per_date_to_a_multi_temporal_model(demo_catalog,
     cat = tmp_path / "items.json"
     cat.write_text(json.dumps(docs))
     cfg = demo_config.replace(catalog={"url": str(cat), "sar_collection": "demo-s1-simulated"},
-                              model={"name": "ca-mtcr", "params": {"require_sar": True}},
+                              model={"name": "ca-mtcr", "params": {"require_sar": True},
+                                     "allow_experimental": True},
                               search={"targets": [target_id]}, output={"dir": str(tmp_path / "out")})
     [res] = run(cfg)
     assert res.status == "done", res.error
