@@ -331,10 +331,10 @@ def _model_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
 
     target = max(items, key=lambda i: (item_time(i), i.id))
     t0 = item_time(target)
-    cands = tuple(Candidate(it, abs((item_time(it) - t0).total_seconds()) / 86400.0,
-                            1 - it.properties.get("eo:cloud_cover", 100.0) / 100.0, 1.0, True,
-                            mgrs_tile(it) == tile, 0.0, "composite input",
-                            (item_time(it) - t0).total_seconds() / 86400.0)
+    cands = tuple(Candidate(item=it, dt_days=abs((item_time(it) - t0).total_seconds()) / 86400.0,
+                            clear_fraction=1 - it.properties.get("eo:cloud_cover", 100.0) / 100.0, overlap=1.0,
+                            same_orbit=True, same_tile=mgrs_tile(it) == tile, score=0.0, reason="composite input",
+                            offset_days=(item_time(it) - t0).total_seconds() / 86400.0)
                   for it in items if it.id != target.id)
     model = build_model(cfg.model.name, cfg.model.params)
     check_usable(model, cfg.model.allow_experimental)

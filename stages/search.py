@@ -49,9 +49,10 @@ ClearFractionFn = Callable[[pystac.Item, pystac.Item], float]
 SCL_NOT_CLEAR = (0, 1, 3, 8, 9, 10)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Candidate:
-    """One reference (or SAR scene) for a target, with the numbers it was ranked by."""
+    """One reference (or SAR scene) for a target, with the numbers it was ranked by (keyword-only: five of its
+    fields are numbers or flags, unreadable by position)."""
 
     item: pystac.Item
     dt_days: float
@@ -351,7 +352,8 @@ def plan_targets(
             score = _score(policy, dt, cf, ov, so, st)
             reason = (f"dt={dt:.1f} d, clear={cf:.2f}, overlap={ov:.2f}, "
                       f"{'same' if so else 'other'} orbit, {'same' if st else 'other'} tile")
-            cands.append(Candidate(ref, dt, cf, ov, so, st, score, reason, signed))
+            cands.append(Candidate(item=ref, dt_days=dt, clear_fraction=cf, overlap=ov, same_orbit=so,
+                                   same_tile=st, score=score, reason=reason, offset_days=signed))
         cands.sort(key=lambda c: (-c.score, c.dt_days, c.item.id))
         references = select_references(cands, search_cfg.max_references, getattr(policy, "bracket", False))
         sar = _sar(catalog, target, sar_collection, policy) if sar_collection else ()
@@ -407,7 +409,8 @@ def _sar(catalog: Any, target: pystac.Item, sar_collection: str, policy: Any) ->
         reason = (f"{'RTC' if rtc else 'GRD'}, dt={dt * 24:.1f} h, overlap={ov:.2f}, "
                   f"orbit={s.properties.get('sat:orbit_state', '?')}, platform={s.properties.get('platform', '?')}, "
                   f"relative orbit {relative_orbit(s)}")
-        cands.append(Candidate(s, dt, float("nan"), ov, False, False, score, reason, signed))
+        cands.append(Candidate(item=s, dt_days=dt, clear_fraction=float("nan"), overlap=ov, same_orbit=False,
+                               same_tile=False, score=score, reason=reason, offset_days=signed))
     cands.sort(key=lambda c: (not is_rtc(c.item), c.dt_days, -c.overlap, c.item.id))
     return tuple(cands[: policy.max_sar])
 
@@ -436,8 +439,9 @@ def plans_from_json(doc: dict[str, Any]) -> list[TargetPlan]:
         offset = r.get("offset_days")
         if offset is None:  # plans written before offsets were recorded: recompute from the dates
             offset = (item_time(item) - item_time(target)).total_seconds() / 86400.0
-        return Candidate(item, r["dt_days"], float("nan") if cf is None else cf,
-                         r["overlap"], r["same_orbit"], r["same_tile"], r["score"], r["reason"], float(offset))
+        return Candidate(item=item, dt_days=r["dt_days"], clear_fraction=float("nan") if cf is None else cf,
+                         overlap=r["overlap"], same_orbit=r["same_orbit"], same_tile=r["same_tile"], score=r["score"],
+                         reason=r["reason"], offset_days=float(offset))
 
     out = []
     for p in doc["plans"]:

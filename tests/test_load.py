@@ -106,7 +106,8 @@ def test_failed_target_pixels_reach_the_output_as_source_failed(demo_config, dem
     x0, y0, x1, y1 = good.bbox
     aoi = [x0 + 0.3 * (x1 - x0), y0 + 0.3 * (y1 - y0), x0 + 0.45 * (x1 - x0), y0 + 0.6 * (y1 - y0)]
     cfg = demo_config.replace(search={"aoi": aoi}, output={"dir": str(tmp_path / "out"), "quicklook": False})
-    plan = TargetPlan(bad, (Candidate(ref, -10.0, 0.9, 1.0, True, True, 1.0, "test"),), ())
+    plan = TargetPlan(bad, (Candidate(item=ref, dt_days=-10.0, clear_fraction=0.9, overlap=1.0, same_orbit=True,
+                                         same_tile=True, score=1.0, reason="test"),), ())
     model = build_model(cfg.model.name, cfg.model.params)
     res = process_target(plan, model, cfg, "test")
     assert res.status == "done"

@@ -112,7 +112,8 @@ def _item(day: int) -> pystac.Item:
 
 
 def _cand(day: int, score: float) -> Candidate:
-    return Candidate(_item(day), abs(day), 1.0, 1.0, True, True, score, "", float(day))
+    return Candidate(item=_item(day), dt_days=abs(day), clear_fraction=1.0, overlap=1.0, same_orbit=True, same_tile=True,
+                     score=score, reason="", offset_days=float(day))
 
 
 def test_reference_policy_brackets_the_target():

@@ -32,6 +32,13 @@ def _item(path, item_id) -> pystac.Item:
     return item
 
 
+def _sar_candidate(item: pystac.Item):
+    from cloudfree.stages.search import Candidate
+
+    return Candidate(item=item, dt_days=0.0, clear_fraction=1.0, overlap=1.0, same_orbit=True, same_tile=True,
+                     score=1.0, reason="test")
+
+
 @pytest.fixture(scope="module")
 def s1_scene(tmp_path_factory):
     folder = shared("s1-uk-10m")
@@ -203,14 +210,14 @@ def test_truncated_s1_only_recorded_fails_only_the_coregistration_record(s1_scen
     """For a model that does not use SAR the S1 scene is only co-registered for the record: a file cut in half
     gives a 'failed' record, not a failed target."""
     from cloudfree.pipeline.runner import _sar_coregistration
-    from cloudfree.stages.search import Candidate, TargetPlan
+    from cloudfree.stages.search import TargetPlan
 
     s = s1_scene
     raw = open(s["orig"].assets["vv"].href, "rb").read()
     bad = tmp_path / "truncated.tif"
     bad.write_bytes(raw[: len(raw) // 2])
     target = pystac.Item("S2_T", None, None, datetime(2019, 6, 1, tzinfo=timezone.utc), {})
-    sar = Candidate(_item(bad, "S1_TRUNCATED"), 0.0, 1.0, 1.0, True, True, 1.0, "test")
+    sar = _sar_candidate(_item(bad, "S1_TRUNCATED"))
     rec = _sar_coregistration(TargetPlan(target, (), (sar,)), s["target"], s["mask"], s["geobox"], s["cfg"])
     assert rec.status == "failed" and rec.id == "S1_TRUNCATED"
 
@@ -220,14 +227,14 @@ def test_unreadable_target_s1_costs_an_sar_accepting_model_only_its_sar(s1_scene
     same file for a model that needs SAR still fails the target."""
     from cloudfree.models.registry import build_model
     from cloudfree.pipeline.runner import model_sar
-    from cloudfree.stages.search import Candidate, TargetPlan
+    from cloudfree.stages.search import TargetPlan
 
     s = s1_scene
     raw = open(s["orig"].assets["vv"].href, "rb").read()
     bad = tmp_path / "truncated.tif"
     bad.write_bytes(raw[: len(raw) // 2])
     target = pystac.Item("S2_T", None, None, datetime(2019, 6, 1, tzinfo=timezone.utc), {})
-    plan = TargetPlan(target, (), (Candidate(_item(bad, "S1_TRUNCATED"), 0.0, 1.0, 1.0, True, True, 1.0, "test"),))
+    plan = TargetPlan(target, (), (_sar_candidate(_item(bad, "S1_TRUNCATED")),))
     accepts = build_model("sar-optical-fusion")
     assert accepts.spec.accepts_sar and not accepts.spec.needs_sar
     sar, records = model_sar(plan, [], None, s["target"], s["mask"], s["geobox"], s["cfg"], accepts)

@@ -199,7 +199,8 @@ def run_one(job: str, factor: int, workers: int, folder: Path) -> dict:
                 _pixel_composite(items, "29RKH", "2020-02", cfg, None, out, "bench")
             elif job.startswith("scene:"):
                 model = build_model(model_name, {})
-                plan = TargetPlan(items[0], tuple(Candidate(it, -5.0 * k, 1.0, 1.0, True, True, 1.0, "bench")
+                plan = TargetPlan(items[0], tuple(Candidate(item=it, dt_days=-5.0 * k, clear_fraction=1.0, overlap=1.0,
+                                                            same_orbit=True, same_tile=True, score=1.0, reason="bench")
                                                   for k, it in enumerate(items[1:3], 1)), ())
                 r = process_target(plan, model, cfg, "bench")
                 if r.status != "done":
