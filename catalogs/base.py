@@ -104,6 +104,13 @@ _EPS = __import__("datetime").timedelta(seconds=1)
 def _cmp(op: str, a: Any, b: Any) -> bool:
     if a is None:
         return False
+    try:
+        return _ops(op, a, b)
+    except TypeError:  # e.g. a string property compared with a number: that item does not match
+        return False
+
+
+def _ops(op: str, a: Any, b: Any) -> bool:
     return {
         "lt": a < b, "lte": a <= b, "gt": a > b, "gte": a >= b, "eq": a == b, "neq": a != b,
         "in": a in b if isinstance(b, (list, tuple)) else False,
@@ -147,15 +154,114 @@ def matches(item: pystac.Item, q: SearchQuery) -> bool:
     return True
 
 
-def dedupe(items: Iterable[pystac.Item]) -> list[pystac.Item]:
-    """Drop repeated (collection, id) pairs, keeping the first (API paging can repeat items)."""
-    seen: set[tuple[str | None, str]] = set()
+def dedupe(items: Iterable[pystac.Item], source: str = "", skipped: "SkippedItems | None" = None,
+           warn_identical: bool = True) -> list[pystac.Item]:
+    """Drop repeated (collection, id) pairs, keeping the first. A dropped duplicate is logged as a warning and
+    recorded in ``skipped``; with ``warn_identical=False`` (API paging, which can repeat an item) only a duplicate
+    whose content differs from the first is."""
+    first: dict[tuple[str | None, str], pystac.Item] = {}
     out = []
     for it in items:
         key = (it.collection_id, it.id)
-        if key not in seen:
-            seen.add(key)
+        if key not in first:
+            first[key] = it
             out.append(it)
+            continue
+        if not warn_identical and it.to_dict(transform_hrefs=False) == first[key].to_dict(transform_hrefs=False):
+            continue
+        reason = "duplicate id: another item of the same collection has this id; the first one is kept"
+        if skipped is not None:
+            skipped.add(it.id, reason, source)
+        else:
+            log.warning("item %s in %s: %s", it.id, source or "the catalog", reason)
+    return out
+
+
+@dataclass(frozen=True)
+class SkippedItem:
+    """A catalog item the search could not use: its id (as the catalog wrote it) and why."""
+
+    id: str
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"id": self.id, "reason": self.reason}
+
+
+class SkippedItems(list):
+    """The items a catalog skipped (malformed, duplicate), each logged once as a warning and kept for the plan and
+    the run report. A malformed item never stops a search: it is skipped and recorded, and the batch goes on."""
+
+    def add(self, item_id: Any, reason: str, source: str = "") -> None:
+        rec = SkippedItem(str(item_id), reason)
+        if rec not in self:
+            log.warning("skipped item %s of %s: %s", rec.id, source or "the catalog", reason)
+            self.append(rec)
+
+
+def _number(v: Any) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def item_problem(item: pystac.Item) -> str | None:
+    """Why ``item`` cannot be searched, ranked or loaded (None: usable). Checks what the search stage relies on:
+    an id, a datetime (or start_datetime), a numeric ``eo:cloud_cover`` in [0, 100] when present, a footprint
+    (a valid geometry or a 4/6-number bbox)."""
+    if not isinstance(item.id, str) or not item.id:
+        return f"id {item.id!r} is not a non-empty string"
+    if (item.datetime or item.common_metadata.start_datetime) is None:
+        return "it has neither datetime nor start_datetime"
+    cc = item.properties.get("eo:cloud_cover")
+    if cc is not None and not (_number(cc) and 0 <= cc <= 100):
+        return f"eo:cloud_cover {cc!r} is not a number in [0, 100]"
+    if item.bbox is not None and not (isinstance(item.bbox, (list, tuple)) and len(item.bbox) in (4, 6)
+                                      and all(_number(v) for v in item.bbox)):
+        return f"bbox {item.bbox!r} is not 4 (or 6) numbers"
+    if item.geometry is not None:
+        from shapely.geometry import shape
+
+        try:
+            g = shape(item.geometry)
+            bad = g.is_empty
+        except Exception as exc:  # noqa: BLE001 - shapely raises several types for malformed GeoJSON
+            return f"geometry is not valid GeoJSON ({type(exc).__name__}: {exc})"
+        if bad:
+            return "geometry is empty"
+    elif item.bbox is None:
+        return "it has neither geometry nor bbox"
+    return None
+
+
+def parse_items(dicts: Iterable[Any], source: str, skipped: SkippedItems, root: Any = None) -> list[pystac.Item]:
+    """Features as ``pystac.Item``; a Feature pystac cannot parse or :func:`item_problem` rejects is skipped and
+    recorded in ``skipped`` (id and reason), the others are returned."""
+    out = []
+    for i, d in enumerate(dicts):
+        iid = d.get("id", f"#{i}") if isinstance(d, dict) else f"#{i}"
+        if not isinstance(d, dict):
+            skipped.add(iid, f"not a JSON object (got {type(d).__name__})", source)
+            continue
+        try:
+            it = pystac.Item.from_dict(d, preserve_dict=False, root=root) if root is not None else \
+                pystac.Item.from_dict(d, preserve_dict=False)
+        except Exception as exc:  # noqa: BLE001 - pystac raises STACError, STACTypeError, KeyError, ValueError ...
+            skipped.add(iid, f"not a valid STAC Item ({type(exc).__name__}: {exc})", source)
+            continue
+        out.extend(screen_items([it], source, skipped))
+    return out
+
+
+def screen_items(items: Iterable[pystac.Item], source: str, skipped: SkippedItems) -> list[pystac.Item]:
+    """``items`` without those :func:`item_problem` rejects (recorded in ``skipped``)."""
+    out = []
+    for it in items:
+        why = item_problem(it)
+        if why is None:
+            out.append(it)
+        else:
+            skipped.add(it.id, why, source)
     return out
 
 

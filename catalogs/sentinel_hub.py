@@ -235,7 +235,8 @@ class SentinelHubCatalog:
                     raise CatalogError(redact(
                         f"Sentinel Hub catalog search for {cid} failed with {query.describe()}: "
                         f"{type(exc).__name__}: {exc}; check credentials and quota")) from None
-        items = dedupe(found)[: query.max_items] if query.max_items else dedupe(found)
+        items = dedupe(found, warn_identical=False)
+        items = items[: query.max_items] if query.max_items else items
         from cloudfree.catalogs.access import prepare_items
 
         items = prepare_items(items, self.access)

@@ -21,7 +21,7 @@ import pystac
 import requests
 from urllib3.util.retry import Retry
 
-from cloudfree.catalogs.base import SearchQuery, dedupe
+from cloudfree.catalogs.base import SearchQuery, SkippedItems, dedupe, parse_items
 from cloudfree.pipeline.errors import CatalogError, NoItemsFoundError
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,8 @@ class StacApiCatalog:
 
         #: how the load path reads this catalog's assets (href policy; subclasses add signing), stamped on items.
         self.access = access_from_config(cfg, self.name)
+        #: malformed or conflicting duplicate items, skipped and recorded (id, reason): the search goes on.
+        self.skipped = SkippedItems()
 
     # -- pystac-client plumbing ---------------------------------------------------------------------------------
     def stac_io(self) -> Any:
@@ -161,6 +163,11 @@ class StacApiCatalog:
             try:
                 self._client = Client.open(self.url, stac_io=self.stac_io(), modifier=self._modifier,
                                            timeout=self.timeout)
+            except ValueError as exc:  # orjson/json.JSONDecodeError: an HTML login page, a proxy error page ...
+                raise CatalogError(
+                    f"STAC API {self.url} did not answer JSON ({type(exc).__name__}: {exc}); it is not a STAC API "
+                    "root (a login or proxy page?): check catalog.url"
+                ) from exc
             except (APIError, requests.RequestException, pystac.STACError, OSError) as exc:
                 raise CatalogError(
                     f"cannot open STAC API {self.url}: {exc}; check catalog.url and the network "
@@ -199,16 +206,27 @@ class StacApiCatalog:
             kwargs = {k: v for k, v in kwargs.items() if v is not None}
             try:
                 search = self.client.search(**kwargs)
-                for page in search.pages():
+                # page by page as dicts, each feature parsed on its own: a malformed item is skipped and recorded
+                # (self.skipped), never the end of the search
+                for page in search.pages_as_dicts():
                     pages += 1
-                    found.extend(page.items)
+                    feats = page.get("features") if isinstance(page, dict) else None
+                    if not isinstance(feats, list):
+                        raise CatalogError(f"search of {self.url} answered a page without a 'features' list; "
+                                           "is catalog.url a STAC API root?")
+                    found.extend(parse_items(feats, self.url, self.skipped, root=self.client))
+            except ValueError as exc:  # orjson/json.JSONDecodeError: the answer was not JSON
+                raise CatalogError(
+                    f"search of {self.url} did not answer JSON ({type(exc).__name__}: {exc}); check catalog.url "
+                    "(a login or proxy page?)") from exc
             except (APIError, requests.RequestException, pystac.STACError) as exc:
                 raise CatalogError(
                     f"search of {self.url} failed for {query.describe()}: {exc}; the API refused or did not "
                     f"answer after {self.max_retries} retries (timeout {self.timeout} s); check the query "
                     "(collection ids, query properties) and catalog.url"
                 ) from exc
-        items = dedupe(found)
+        # paging can repeat an item: identical repeats are dropped quietly, a different item with a known id warns
+        items = dedupe(found, self.url, self.skipped, warn_identical=False)
         if len(items) < len(found):
             log.info("%s: dropped %d duplicate items across %d pages", self.url, len(found) - len(items), pages)
         if query.max_items is not None:

@@ -250,10 +250,11 @@ def load_network(model_name: str, path: str | Path, convention, build) -> nn.Mod
     import json
 
     from cloudfree.pipeline.errors import WeightsError
-    from cloudfree.models._weights import cached_network, card_paths, card_sha256, read_weights
+    from cloudfree.models._weights import cached_network, card_paths, expected_sha256, read_weights
 
     p = Path(path)
-    sha = card_sha256(p) if p.is_file() else None
+    # shipped weights: the sha256 of models/weights/MANIFEST.json (version control), not the card beside the file
+    sha = expected_sha256(p) if p.is_file() else None
     if p.is_file() and sha is None:
         raise WeightsError(f"{model_name}: weights {p} have no model card {card_paths(p)[0].name} (with their sha256) "
                            "next to them; restore the card or retrain with `cloudfree train`")

@@ -106,9 +106,10 @@ class LearnedModel(RemovalModelBase):
         return Path(self.params.weights) if self.params.weights else WEIGHTS_DIR / self.weights_file
 
     def expected_sha256(self) -> str | None:
-        from cloudfree.models._weights import card_sha256
+        from cloudfree.models._weights import expected_sha256
 
-        return self.params.weights_sha256 or card_sha256(self.weights_path)
+        # shipped weights: the manifest under version control, never the card beside the file
+        return self.params.weights_sha256 or expected_sha256(self.weights_path)
 
     def network(self):
         """The network on this process's device, built once per process (weights hash- and convention-checked)."""

@@ -11,7 +11,9 @@ network trained on L2A B02/B03/B04/B08 in [0, 1] is never silently fed L1C or ot
 
 Networks are loaded **lazily, once per process** (:func:`cached_network`): the model object that dask pickles to its
 workers holds only the path and the expected hash; the first tile a worker runs builds the network, checks the file's
-sha256 against the expected one (the model card's), and keeps it in a per-process cache.
+sha256 against the expected one (:func:`expected_sha256`: for the shipped weights the sha256 recorded in
+``models/weights/MANIFEST.json`` under version control, never the card beside the file; for other weights their
+model card's), and keeps it in a per-process cache.
 """
 
 from __future__ import annotations
@@ -116,8 +118,8 @@ def read_weights(path: str | Path, expected_sha256: str | None, convention: Inpu
     if expected_sha256 is not None:
         got = file_sha256(path)
         if got != expected_sha256:
-            raise WeightsError(f"weights file {path} has sha256 {got}, expected {expected_sha256} (from its model "
-                               "card / the model's weights_sha256 parameter); the file is corrupt or was replaced")
+            raise WeightsError(f"weights file {path} has sha256 {got}, expected {expected_sha256} (from the weights "
+                               "manifest / its model card / the model's weights_sha256 parameter); the file is corrupt or was replaced")
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -212,6 +214,66 @@ def write_model_card(card: ModelCard, weights: str | Path) -> tuple[Path, Path]:
     return jpath, mpath
 
 
+#: The weights shipped with cloudfree and their manifest: the expected sha256 of every file in this folder, under
+#: version control. A shipped file is checked against the manifest only: a replaced file *and* card (the card sits
+#: beside the file and can be swapped with it) are refused.
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+MANIFEST = "MANIFEST.json"
+
+
+def manifest_path(weights_dir: str | Path = WEIGHTS_DIR) -> Path:
+    return Path(weights_dir) / MANIFEST
+
+
+def read_manifest(weights_dir: str | Path = WEIGHTS_DIR) -> dict[str, str]:
+    """``{file name: sha256}`` of the shipped weights (empty when there is no manifest)."""
+    p = manifest_path(weights_dir)
+    if not p.is_file():
+        return {}
+    try:
+        return dict(json.loads(p.read_text())["sha256"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise WeightsError(f"weights manifest {p} is unreadable ({exc}); restore it from version control") from None
+
+
+def shipped_sha256(weights: str | Path, weights_dir: str | Path = WEIGHTS_DIR) -> str | None:
+    """The manifest's sha256 for ``weights`` when the file lies in the shipped weights folder ``weights_dir``; None
+    for weights elsewhere (a user's own training run: checked against its card). A file in the folder that the
+    manifest does not list is refused (:class:`WeightsError`)."""
+    w = Path(weights).resolve()
+    if w.parent != Path(weights_dir).resolve():
+        return None
+    sha = read_manifest(weights_dir).get(w.name)
+    if sha is None:
+        raise WeightsError(f"weights file {w} is in the shipped weights folder but not in its {MANIFEST}, so its "
+                           "sha256 cannot be checked; record it with `python -m cloudfree.models._weights "
+                           f"{w}` (after checking the file) and commit the manifest")
+    return sha
+
+
+def expected_sha256(weights: str | Path, weights_dir: str | Path = WEIGHTS_DIR) -> str | None:
+    """The sha256 a weights file must have: the manifest's for a shipped file, else its model card's (None: no
+    card)."""
+    return shipped_sha256(weights, weights_dir) or card_sha256(weights)
+
+
+def update_manifest(paths, weights_dir: str | Path = WEIGHTS_DIR) -> dict[str, str]:
+    """Record the sha256 of ``paths`` (files in ``weights_dir``) in its manifest, atomically; returns the manifest.
+    Run after shipping new weights (``cloudfree train --export models/weights/<name>.safetensors`` does it)."""
+    d = Path(weights_dir).resolve()
+    files = read_manifest(d)
+    for p in paths:
+        p = Path(p).resolve()
+        if p.parent != d:
+            raise WeightsError(f"{p} is not in the weights folder {d}; only shipped weights go into {MANIFEST}")
+        files[p.name] = file_sha256(p)
+    write_json_atomic({"about": "sha256 of every weights file shipped in this folder; checked before loading "
+                                "(models/_weights.py expected_sha256); update with "
+                                "`python -m cloudfree.models._weights FILE...`",
+                       "sha256": dict(sorted(files.items()))}, manifest_path(d))
+    return files
+
+
 def card_sha256(weights: str | Path) -> str | None:
     """The sha256 recorded in the model card next to ``weights`` (None without a card)."""
     jpath, _ = card_paths(weights)
@@ -242,3 +304,13 @@ class Stage:
 
 def single_stage(total_steps: int, lr: float) -> list[Stage]:
     return [Stage("main", total_steps, lr)]
+
+
+if __name__ == "__main__":  # python -m cloudfree.models._weights models/weights/x.safetensors ...
+    import sys
+
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m cloudfree.models._weights WEIGHTS_FILE...  (records their sha256 in "
+                 f"{manifest_path()})")
+    for name, sha in update_manifest(sys.argv[1:]).items():
+        print(f"{sha}  {name}")

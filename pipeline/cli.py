@@ -17,16 +17,42 @@ import click
 log = logging.getLogger("cloudfree")
 
 #: 0 all done/skipped; 1 a target failed (or a job error); 2 bad config/usage; 3 no failure, but a target could not
-#: be restored (written, labelled ``unrestored``, retried by the next run).
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+#: be restored (written, labelled ``unrestored``, retried by the next run); 130 interrupted (SIGINT / Ctrl-C).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+#: -v count of this invocation (the top-level guard prints a traceback only from -vv on).
+_VERBOSITY = 0
+
+
+class _Guarded(click.Group):
+    """The top-level guard: whatever a command raises ends as one redacted, escaped ``error:`` line and an exit
+    status (2 config/option errors, 1 other failures, 130 Ctrl-C); a traceback only under ``-vv``, and then
+    through the redacting log filter too."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted (SIGINT); finished targets are kept, a rerun resumes", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as exc:  # noqa: BLE001 - nothing unredacted ever reaches the terminal
+            _fail(exc)
 
 
 def _setup_logging(verbose: int, quiet: int) -> None:
+    global _VERBOSITY
+    _VERBOSITY = verbose
     level = max(logging.DEBUG, logging.INFO - 10 * verbose + 10 * quiet)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
-    from cloudfree.pipeline.redact import install
+    from cloudfree.pipeline.redact import install, install_hooks
 
-    install()  # credentials never reach the log, at any verbosity (requests_oauthlib/urllib3 DEBUG included)
+    # credentials never reach the log, at any verbosity (requests_oauthlib/urllib3 DEBUG included); control
+    # characters from catalog strings are escaped; tracebacks only from -vv on
+    install(tracebacks=verbose >= 2)
+    logging.captureWarnings(True)  # warnings go through the same filter
+    install_hooks()  # uncaught exceptions in threads too
     logging.getLogger("rasterio").setLevel(max(level, logging.WARNING))
     if verbose < 2:  # -vv: third-party HTTP/OAuth debug output too (still redacted)
         for name in ("requests_oauthlib", "oauthlib", "urllib3", "sentinelhub"):
@@ -47,14 +73,25 @@ def _load(config: str | None, **sections):
 
 
 def _fail(exc: Exception) -> None:
-    from cloudfree.pipeline.errors import ConfigError
-    from cloudfree.pipeline.redact import redact
+    """Print ``exc`` as one ``error:`` line (redacted, control characters escaped) and exit: 2 for a config or
+    option error (an unknown model included), 1 otherwise. An exception that is not a cloudfree error is a bug or
+    an environment problem: its type is named, and ``-vv`` logs the traceback (redacted)."""
+    from cloudfree.pipeline.errors import CloudfreeError, ConfigError, UnknownModelError
+    from cloudfree.pipeline.redact import clean
 
-    click.echo(f"error: {redact(exc)}", err=True)
-    sys.exit(EXIT_USAGE if isinstance(exc, (ConfigError, ValueError)) else EXIT_FAILED)
+    if isinstance(exc, CloudfreeError):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}" + ("" if _VERBOSITY >= 2 else " (rerun with -vv for the traceback)")
+        if _VERBOSITY >= 2:
+            log.error("unexpected error", exc_info=exc)
+    click.echo(f"error: {clean(text, keep_newlines=True)}", err=True)
+    usage = isinstance(exc, (ConfigError, UnknownModelError)) or (
+        isinstance(exc, ValueError) and isinstance(exc, CloudfreeError))
+    sys.exit(EXIT_USAGE if usage else EXIT_FAILED)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Guarded, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
 @click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
 @click.version_option(package_name="cloudfree")
@@ -75,7 +112,8 @@ def main(verbose: int, quiet: int) -> None:
 
 
 def _print_results(results, out_dir: Path) -> int:
-    from cloudfree.pipeline.redact import redact
+    """One result line per target on stdout (scripts parse them: catalog strings are escaped, one line each)."""
+    from cloudfree.pipeline.redact import clean, printable
 
     failed = 0
     for r in results:
@@ -84,7 +122,7 @@ def _print_results(results, out_dir: Path) -> int:
             line += f"  refs: {', '.join(r.references)}"
         if r.seconds:
             line += f"  ({r.seconds:.1f} s)"
-        click.echo(line)
+        click.echo(printable(line))
         if r.metrics:
             m = r.metrics
             click.echo(
@@ -93,11 +131,11 @@ def _print_results(results, out_dir: Path) -> int:
                 f"{m['psnr_after_all']:.2f} dB (bands {', '.join(m['bands'])})"
             )
         if r.error:
-            click.echo(f"         {'error' if r.status == 'failed' else 'warning'}: {redact(r.error)}", err=True)
+            click.echo(f"         {'error' if r.status == 'failed' else 'warning'}: {clean(r.error)}", err=True)
         failed += r.status == "failed"
         for k in ("reflectance", "quicklook", "item"):
             if k in r.outputs:
-                click.echo(f"         {k}: {r.outputs[k]}")
+                click.echo(printable(f"         {k}: {r.outputs[k]}"))
     counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "unrestored", "failed")}
     click.echo(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do")
     click.echo(f"outputs in {out_dir.resolve()}")
@@ -168,20 +206,20 @@ def run(config, model, out_dir, overwrite, dry_run, no_progress, compare_model) 
 
 def comparison_table(results, other, name: str, other_name: str) -> str:
     """PSNR vs truth (cloudy pixels, all pixels) of two runs of the same targets, one line per target."""
-    from cloudfree.pipeline.redact import redact
+    from cloudfree.pipeline.redact import clean, printable
 
     lines = [f"comparison (PSNR dB vs simulated truth, cloudy / all pixels): {name} vs {other_name}"]
     by_id = {r.target_id: r for r in other}
     for r in results:
         o = by_id.get(r.target_id)
         if o is not None and o.status == "failed":
-            lines.append(f"  {r.target_id}: {other_name} failed ({redact(o.error)})")
+            lines.append(printable(f"  {r.target_id}: {other_name} failed ({clean(o.error)})"))
             continue
         if not (r.metrics and o is not None and o.metrics):
-            lines.append(f"  {r.target_id}: no truth to compare against")
+            lines.append(printable(f"  {r.target_id}: no truth to compare against"))
             continue
         a, b = r.metrics, o.metrics
-        lines.append(f"  {r.target_id}: {name} {a['psnr_after_cloudy']:.2f} / {a['psnr_after_all']:.2f}  "
+        lines.append(f"  {printable(r.target_id)}: {name} {a['psnr_after_cloudy']:.2f} / {a['psnr_after_all']:.2f}  "
                      f"{other_name} {b['psnr_after_cloudy']:.2f} / {b['psnr_after_all']:.2f}  "
                      f"({a['psnr_after_cloudy'] - b['psnr_after_cloudy']:+.2f} dB on cloudy pixels)")
     return "\n".join(lines)
@@ -279,7 +317,9 @@ def search_command(
     plans = plan_targets(cat, search_cfg, catalog_cfg.collection, catalog_cfg.sar_collection)
     click.echo(format_plans(plans))
     n_ref = sum(bool(p.references) for p in plans)
-    click.echo(f"{len(plans)} target(s), {n_ref} with references, {sum(bool(p.sar) for p in plans)} with SAR")
+    skipped = getattr(plans, "skipped", ())
+    click.echo(f"{len(plans)} target(s), {n_ref} with references, {sum(bool(p.sar) for p in plans)} with SAR"
+               + (f"; {len(skipped)} catalog item(s) skipped (malformed or duplicate: see SKIPPED rows)" if skipped else ""))
     if out_path is not None:
         write_plans(plans, out_path, fmt)
         click.echo(f"wrote {out_path}")
@@ -427,15 +467,17 @@ def composite(region, period, config, method, out_dir, force, no_progress) -> No
         results = run_composite(cfg, region, period, force=force)
     except CloudfreeError as exc:
         _fail(exc)
+    from cloudfree.pipeline.redact import clean, printable
+
     for r in results:
         line = f"{r.status:8s} {r.tile} {r.period}  {len(r.inputs)} acquisition(s)"
         if r.seconds:
             line += f"  ({r.seconds:.1f} s)"
-        click.echo(line)
+        click.echo(printable(line))
         if r.error:
-            click.echo(f"         error: {r.error}", err=True)
+            click.echo(f"         error: {clean(r.error)}", err=True)
         elif r.item:
-            click.echo(f"         item: {r.item}")
+            click.echo(printable(f"         item: {r.item}"))
     done = sum(r.status == "done" for r in results)
     click.echo(f"{done} tile(s) processed, {sum(r.status == 'skipped' for r in results)} unchanged, "
                f"{sum(r.status == 'failed' for r in results)} failed")

@@ -216,12 +216,20 @@ def plan_composite(catalog, cfg: Config, region: str | Path, period: str) -> dic
         raise NoItemsFoundError(f"no acquisitions of {cfg.catalog.collection!r} intersect {region} in {period} with "
                                 f"eo:cloud_cover <= {cfg.composite.max_cloud_cover}; widen the period or region")
     tiles: dict[str, list[pystac.Item]] = {}
+    untiled = []
     for it in items:
         tile = mgrs_tile(it)
         if tile is None:
+            untiled.append(it.id)
             log.warning("item %s has no MGRS tile (s2:mgrs_tile / mgrs:*); skipped", it.id)
             continue
         tiles.setdefault(tile, []).append(it)
+    if not tiles:  # never a silent success with nothing done: a scheduled job would produce nothing forever
+        raise NoItemsFoundError(
+            f"none of the {len(items)} acquisition(s) of {cfg.catalog.collection!r} in {region} / {period} has an "
+            f"MGRS tile id (s2:mgrs_tile, mgrs:utm_zone/latitude_band/grid_square, or _Txxxxx in the id), e.g. "
+            f"{untiled[:3]}; composites are built per MGRS tile: add the tile ids to the catalog, or use "
+            "`cloudfree run` (per scene, no tile ids needed)")
     for tile, its in tiles.items():
         its.sort(key=lambda i: (i.properties.get("eo:cloud_cover", 100.0), i.id))
         del its[cfg.composite.max_items:]
@@ -234,14 +242,14 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
     import dask.array as dsa
     import xarray as xr
 
-    from cloudfree.stages.load import fetch_remote_assets, load_reflectance, output_geobox
+    from cloudfree.stages.load import check_grid_size, fetch_remote_assets, load_reflectance, output_geobox
     from cloudfree.stages.masks import build_mask_layers, layer_masks, mask_inputs, resolved
     from cloudfree.stages.publish import update_collection
     from cloudfree.stages.write import paths_for
 
     method = cfg.composite.method
     bands = list(cfg.grid.bands)
-    geobox = output_geobox(items[0], cfg.grid, region_bbox)
+    geobox = check_grid_size(output_geobox(items[0], cfg.grid, region_bbox), items[0], cfg.grid, f"composite tile {tile}")
     # mask.methods "auto" resolved for these items (recorded in the item); Sentinel Hub assets fetched once
     cfg = cfg.replace(mask={"methods": list(resolved(items, cfg.mask).methods)})
     items = fetch_remote_assets(items, [*bands, *mask_inputs(items, cfg.mask)], geobox)

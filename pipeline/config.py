@@ -7,6 +7,7 @@ Environment overrides: ``CLOUDFREE_<SECTION>__<KEY>=value`` (e.g. ``CLOUDFREE_MO
 from __future__ import annotations
 
 import os
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,8 +30,8 @@ class CatalogConfig(_Section):
     collection: str = "sentinel-2-l2a"
     sar_collection: str | None = None
     #: HTTP timeout (s) and retries for API backends.
-    timeout: float = 30.0
-    max_retries: int = 4
+    timeout: float = Field(30.0, gt=0, le=3600)
+    max_retries: int = Field(4, ge=0, le=100)
     #: exponential backoff base (s) between retries; jitter of the same size is added.
     backoff_factor: float = Field(0.5, ge=0)
     #: items per page asked from a STAC API.
@@ -105,14 +106,14 @@ class SearchConfig(_Section):
     #: eo:cloud_cover range (percent) that makes an item a target.
     target_cloud_cover: tuple[float, float] = (5.0, 95.0)
     #: an item with eo:cloud_cover at most this is a candidate clear reference.
-    reference_max_cloud_cover: float = 30.0
+    reference_max_cloud_cover: float = Field(30.0, ge=0, le=100)
     #: how many references to keep per target, best first (with ``policy.bracket``, at least one on each side of
     #: the target when the catalog has one). More than two let a temporal model fit a robust line in time.
     #: Measured on the Romania hidden-date set (mean cloudy PSNR of `temporal`, 16 cases): 2 references by score
     #: 34.98 dB, 2 bracketing 35.13, 4 bracketing 36.11, 6 bracketing 36.20 dB (reference-replace 33.8 throughout).
-    max_references: int = 4
+    max_references: int = Field(4, ge=0, le=100)
     #: references further than this from the target (days) are ignored.
-    max_days: float = 120.0
+    max_days: float = Field(120.0, gt=0, le=3660)
     #: ranking weights and thresholds for references and SAR.
     policy: SelectionPolicy = Field(default_factory=SelectionPolicy)
 
@@ -156,10 +157,15 @@ class GridConfig(_Section):
 
     #: "EPSG:32633"; None = the target's own CRS (its UTM zone).
     crs: str | None = None
-    resolution: float = 10.0
+    resolution: float = Field(10.0, gt=0, le=10000)
     bands: list[str] = Field(default_factory=lambda: ["B02", "B03", "B04", "B08", "B11", "B12"])
     #: dask chunk (pixels) used while loading.
-    chunk: int = 512
+    chunk: int = Field(512, ge=16, le=16384)
+    #: most output pixels (rows x columns) one target or composite tile may have; checked before any read, so an
+    #: item declaring a huge grid (``proj:shape``) or a tiny ``resolution`` fails at once, naming the item. None =
+    #: sized to this machine (:func:`default_max_pixels`: physical memory in bytes / 8, at least one full
+    #: 10980 x 10980 Sentinel-2 tile).
+    max_pixels: int | None = Field(None, ge=1)
 
     @field_validator("bands")
     @classmethod
@@ -181,10 +187,10 @@ class MaskConfig(_Section):
     methods: list[Literal["auto", "cldprb", "scl", "spectral", "s2cloudless"]] = Field(
         default_factory=lambda: ["auto"])
     #: MSK_CLDPRB threshold (percent), 40 as in the PhyVLM-CR paper.
-    cldprb_threshold: float = 40.0
+    cldprb_threshold: float = Field(40.0, ge=0, le=100)
     #: morphological closing then opening radius (10 m pixels) applied to the binary mask.
-    closing_radius: int = 2
-    opening_radius: int = 1
+    closing_radius: int = Field(2, ge=0, le=100)
+    opening_radius: int = Field(1, ge=0, le=100)
     #: refinement of a thresholded mask (cldprb, spectral; stages/masks.py): "weak-opening" (the opening removes
     #: only flagged pixels with probability below opening_keep_prob), "paper" (PhyVLM-CR: the opening removes every
     #: flagged speck smaller than its disk, however certain; costs real isolated cloud, see docs/masks.md) or
@@ -197,7 +203,7 @@ class MaskConfig(_Section):
     #: SCL classes treated as unusable (3 shadow, 8/9 cloud, 10 cirrus; add 11 for snow).
     scl_classes: list[int] = Field(default_factory=lambda: [3, 8, 9, 10])
     #: dilation (pixels) of the final mask.
-    dilation: int = 2
+    dilation: int = Field(2, ge=0, le=100)
     #: 'spectral': cloud-score threshold T_cloud (eq. 14 of the cloud-attentive fusion paper) and NDSI snow limit.
     spectral_threshold: float = Field(0.2, ge=0, le=1)
     snow_ndsi: float = Field(0.6, ge=-1, le=1)
@@ -233,7 +239,7 @@ class CoregisterConfig(_Section):
 
 
 class TileConfig(_Section):
-    size: int = Field(512, ge=16)
+    size: int = Field(512, ge=16, le=16384)
     #: halo in pixels; None = the model's declared receptive field.
     halo: int | None = Field(None, ge=0)
     #: how overlapping tile predictions are merged (stages/mosaic.py): feathered or Hann-window blend over the
@@ -252,7 +258,7 @@ class ModelConfig(_Section):
 class OutputConfig(_Section):
     dir: Path = Path("outputs")
     compress: Literal["deflate", "zstd", "lzw"] = "deflate"
-    blocksize: int = 512
+    blocksize: int = Field(512, ge=16, le=8192)
     quicklook: bool = True
     overwrite: bool = False
     #: pixels whose confidence is below this floor (0-1) get the ``low_confidence`` treatment; 0 = off.
@@ -279,7 +285,7 @@ class CompositeConfig(_Section):
 
 class RunConfig(_Section):
     scheduler: Literal["threads", "synchronous", "processes", "distributed"] = "threads"
-    workers: int | None = None
+    workers: int | None = Field(None, ge=1)
     #: per-worker memory limit for the distributed scheduler's own LocalCluster (not used with ``address``).
     memory_limit: str = "4GiB"
     #: with ``scheduler: distributed``: the address of a running dask scheduler (``tcp://host:8786``: a
@@ -333,28 +339,100 @@ class Config(_Section):
         return parse_config(data, source="override")
 
 
-def parse_config(data: dict[str, Any] | None, *, source: str = "config") -> Config:
+def parse_config(data: dict[str, Any] | None, *, source: str = "config",
+                 env_vars: dict[tuple[str, ...], str] | None = None) -> Config:
+    """Validate ``data``; a :class:`ConfigError` lists every problem with its key. ``env_vars`` maps a key path
+    (``("search", "policy", "bracket")``) to the environment variable that set it: a problem under that path is
+    blamed on the variable, not on ``source``."""
     try:
         return Config.model_validate(data or {})
     except ValidationError as exc:
-        lines = []
+        lines, from_env = [], 0
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {loc}: {err['msg']}" + (f" (got {err.get('input')!r})" if err["type"] != "missing" else ""))
-        raise ConfigError(f"{source} is invalid:\n" + "\n".join(lines) + "\nSee the README's config reference.") from None
+            loc = tuple(str(p) for p in err["loc"])
+            var = _env_var_for(loc, env_vars or {})
+            from_env += var is not None
+            lines.append(f"  {'.'.join(loc)}: {err['msg']}" + (f" (got {err.get('input')!r})" if err["type"] != "missing" else "")
+                         + (f" [from environment variable {var}]" if var else ""))
+        where = source
+        if from_env == len(lines):
+            where = "the CLOUDFREE_* environment overrides"
+        elif from_env:
+            where = f"{source} (with CLOUDFREE_* environment overrides)"
+        raise ConfigError(f"{where} is invalid:\n" + "\n".join(lines) + "\nSee the README's config reference.") from None
 
 
-def _env_overrides(prefix: str = "CLOUDFREE_") -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for key, val in os.environ.items():
-        if key.startswith(prefix) and "__" in key:
-            sec, _, name = key[len(prefix):].lower().partition("__")
-            out.setdefault(sec, {})[name] = yaml.safe_load(val)
+def _env_var_for(loc: tuple[str, ...], env_vars: dict[tuple[str, ...], str]) -> str | None:
+    """The environment variable that set ``loc`` or a key above it (None: it came from the file or a default)."""
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in env_vars:
+            return env_vars[loc[:n]]
+    return None
+
+
+#: prefix of the environment overrides; ``__`` separates nesting levels (as pydantic-settings' env_nested_delimiter).
+ENV_PREFIX = "CLOUDFREE_"
+
+
+def _env_overrides(prefix: str = ENV_PREFIX, environ: dict[str, str] | None = None,
+                   ) -> tuple[dict[str, Any], dict[tuple[str, ...], str]]:
+    """``CLOUDFREE_<SECTION>__<KEY>[__<SUBKEY>...]=value`` variables as a nested dict (any depth, e.g.
+    ``CLOUDFREE_SEARCH__POLICY__BRACKET=false``), and which variable set which key path. Values are YAML (``10``,
+    ``false``, ``[B02, B03]``); a date-like value stays the string it was written as. Variables without ``__``
+    (``CLOUDFREE_API_KEY``) are not config. An unparsable value is a :class:`ConfigError` naming the variable
+    (never echoing the value: it may hold a credential)."""
+    out: dict[str, Any] = {}
+    origin: dict[tuple[str, ...], str] = {}
+    for key, val in sorted((environ if environ is not None else os.environ).items()):
+        if not key.startswith(prefix) or "__" not in key:
+            continue
+        path = tuple(key[len(prefix):].lower().split("__"))
+        if any(not p for p in path):
+            raise ConfigError(f"environment variable {key}: empty key between '__' separators; write "
+                              f"{prefix}<SECTION>__<KEY>, e.g. {prefix}SEARCH__POLICY__BRACKET=false")
+        try:
+            value = yaml.safe_load(val)
+        except yaml.YAMLError as exc:
+            why = getattr(exc, "problem", None) or type(exc).__name__
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"environment variable {key} is not valid YAML ({why}{at}); quote the value or fix "
+                              "it (a string with ':' or a leading '[' or '{' needs quotes)") from None
+        if isinstance(value, (date, datetime)):
+            value = val.strip()  # YAML reads 2024-06-01 as a date; the config wants the string
+        node = out
+        for i, part in enumerate(path[:-1]):
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"environment variable {key} sets a key below {'.'.join(path[:i + 1])}, which "
+                                  f"{origin.get(path[:i + 1], 'another variable')} sets to a value; unset one of them")
+            node = nxt
+        node[path[-1]] = value
+        origin[path] = key
+    return out, origin
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
+def default_max_pixels() -> int:
+    """``grid.max_pixels`` when unset: physical memory in bytes / 8, at least one 10980 x 10980 Sentinel-2 tile
+    (24 GB: 3.0 Gpx, 25 such tiles). Processing is chunked, so this bounds work and disk, not the memory of one
+    pass; it stops a grid that could never finish here (an item declaring ``proj:shape [1000000, 1000000]``)."""
+    try:
+        phys = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        phys = 16 * 2**30
+    return max(int(phys // 8), 10980 * 10980)
+
+
 def load_config(path: str | Path | None = None, *, env: bool = True) -> Config:
-    """Read a YAML config (None = defaults), apply ``CLOUDFREE_SECTION__KEY`` environment overrides."""
+    """Read a YAML config (None = defaults), apply the ``CLOUDFREE_SECTION__KEY[__SUBKEY...]`` environment
+    overrides (:func:`_env_overrides`); problems with an override name the variable."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -366,9 +444,8 @@ def load_config(path: str | Path | None = None, *, env: bool = True) -> Config:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+    origin: dict[tuple[str, ...], str] = {}
     if env:
-        for sec, vals in _env_overrides().items():
-            data.setdefault(sec, {})
-            if isinstance(data[sec], dict):
-                data[sec].update(vals)
-    return parse_config(data, source=str(path or "defaults"))
+        over, origin = _env_overrides()
+        data = _deep_merge(data, over)
+    return parse_config(data, source=f"config file {path}" if path else "the default config", env_vars=origin)

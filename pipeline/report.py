@@ -87,8 +87,10 @@ def _rel(path: Path, start: Path) -> str:
     return Path(os.path.relpath(path, start)).as_posix()
 
 
-def render_markdown(results: Sequence, run_id: str, model_name: str, report_dir: Path, out_dir: Path) -> str:
-    """The report's Markdown; writes the confidence/source PNGs into ``report_dir`` as it goes."""
+def render_markdown(results: Sequence, run_id: str, model_name: str, report_dir: Path, out_dir: Path,
+                    skipped: Sequence = ()) -> str:
+    """The report's Markdown; writes the confidence/source PNGs into ``report_dir`` as it goes. ``skipped``: catalog
+    items the search skipped (:class:`cloudfree.catalogs.base.SkippedItem`: id, reason)."""
     import json
 
     from cloudfree.pipeline.redact import redact
@@ -111,6 +113,10 @@ def render_markdown(results: Sequence, run_id: str, model_name: str, report_dir:
     lines += ["## Failures", ""]
     lines += [f"- **{_md(r.target_id)}**: {_md(redact(r.error))}" for r in failed] or ["None."]
     lines.append("")
+    if skipped:
+        lines += ["## Catalog items skipped by the search (malformed or duplicate)", ""]
+        lines += [f"- **{_md(s.id)}**: {_md(redact(s.reason))}" for s in skipped]
+        lines.append("")
     unrestored = [r for r in results if r.status == "unrestored"]
     if unrestored:
         lines += ["## Not restored (written, labelled `unrestored`, retried by the next run)", ""]
@@ -150,8 +156,11 @@ def render_markdown(results: Sequence, run_id: str, model_name: str, report_dir:
 
 
 def _md(text: object) -> str:
-    """Untrusted text (item ids, error messages) as inert Markdown: no table breaks, links, images or HTML."""
-    s = str(text).replace("\x00", "\\0").replace("\n", " ")
+    """Untrusted text (item ids, error messages) as inert Markdown: no table breaks, links, images or HTML; control
+    characters (newline, CR, ANSI escapes) escaped."""
+    from cloudfree.pipeline.redact import printable
+
+    s = printable(text)
     for ch in "\\|[]()!*`<>":
         s = s.replace(ch, "\\" + ch)
     return s
@@ -209,13 +218,13 @@ def markdown_to_html(md: str, title: str = "cloudfree run") -> str:
            f"<body>\n{body}\n</body></html>\n"
 
 
-def write_report(results: Sequence, cfg, run_id: str, model_name: str) -> Path:
+def write_report(results: Sequence, cfg, run_id: str, model_name: str, skipped: Sequence = ()) -> Path:
     """Write ``report.md`` and ``report.html`` (and PNGs) under ``<output.dir>/reports/<run_id>/``; return the
     Markdown path. Also writes ``<output.dir>/reports/latest.md`` pointing at it."""
     out_dir = Path(cfg.output.dir)
     report_dir = out_dir / "reports" / run_id
     report_dir.mkdir(parents=True, exist_ok=True)
-    md = render_markdown(results, run_id, model_name, report_dir, out_dir)
+    md = render_markdown(results, run_id, model_name, report_dir, out_dir, skipped)
     for name, text in (("report.md", md), ("report.html", markdown_to_html(md, f"cloudfree run {run_id}"))):
         tmp = report_dir / f".{name}.tmp"
         tmp.write_text(text)

@@ -67,12 +67,14 @@ def dask_context(cfg: Config):
 
         if cfg.run.address:
             with Client(cfg.run.address) as client:
+                redact_worker_logs(client)
                 _announce(client, public_address(cfg.run.address))
                 yield
             return
         with LocalCluster(n_workers=cfg.run.workers or 2, threads_per_worker=1, memory_limit=cfg.run.memory_limit,
                           processes=True, dashboard_address=":0") as cluster, \
                 Client(cluster) as client:
+            redact_worker_logs(client)
             _announce(client, "LocalCluster")
             yield
     else:
@@ -82,6 +84,16 @@ def dask_context(cfg: Config):
             kw["num_workers"] = cfg.run.workers
         with dask.config.set(**kw):
             yield
+
+
+def redact_worker_logs(client) -> None:
+    """The redacting log filter on every worker (a worker plugin: also on workers that join later) and on the
+    handlers ``distributed`` added in this process (scheduler, nanny, client logs)."""
+    from cloudfree.pipeline.redact import RedactWorkerLogs, install, tracebacks_shown
+
+    shown = tracebacks_shown()
+    install(tracebacks=shown)
+    client.register_plugin(RedactWorkerLogs(tracebacks=shown))
 
 
 def concurrent_units(cfg: Config) -> int:
@@ -182,7 +194,7 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
         from cloudfree.pipeline.report import write_report
 
         try:
-            path = write_report(results, cfg, run_id, model.name)
+            path = write_report(results, cfg, run_id, model.name, skipped=getattr(plans, "skipped", ()))
             log.info("run report: %s", path)
         except (OSError, ValueError) as exc:  # a report problem must not fail a finished run
             log.error("run report could not be written: %s", exc)
@@ -206,7 +218,67 @@ def _run_target(plan: TargetPlan, model, cfg: Config, run_id: str, out_dir: Path
             update_collection(out_dir, paths_for(out_dir, stem)["item"], cfg.output.collection)
             return TargetResult(plan.target.id, "skipped", [c.item.id for c in plan.references],
                                 outputs=paths_for(out_dir, stem))
-        return process_target(plan, model, cfg, run_id, catalog=catalog)
+        return process_dropping_references(plan, model, cfg, run_id, catalog=catalog)
+
+
+def process_dropping_references(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=None) -> TargetResult:
+    """:func:`process_target`; when it fails because of one reference (a truncated or corrupt file, a file without
+    CRS, an implausible scale: :func:`failing_reference`), that reference is dropped, recorded (the output item's
+    ``cloudfree:dropped_references``, a warning on the result) and the target is redone with the others."""
+    from dataclasses import replace
+
+    from cloudfree.pipeline.redact import redact
+
+    while True:
+        try:
+            res = process_target(plan, model, cfg, run_id, catalog=catalog)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless one reference is to blame
+            ref = failing_reference(plan, model, cfg, exc)
+            if ref is None:
+                raise
+            reason = redact(exception_chain(exc))
+            log.warning("%s: reference %s dropped, the target goes on with the others: %s", plan.target.id, ref.id,
+                        reason)
+            plan = replace(plan, references=tuple(c for c in plan.references if c.item.id != ref.id),
+                           dropped=(*plan.dropped, {"id": ref.id, "reason": reason}))
+            continue
+        if plan.dropped and res.status != "failed":
+            note = "reference(s) dropped: " + "; ".join(f"{d['id']} ({d['reason']})" for d in plan.dropped)
+            res.error = f"{res.error}; {note}" if res.error else note
+        return res
+
+
+def failing_reference(plan: TargetPlan, model, cfg: Config, exc: BaseException):
+    """The reference item (of those the model uses) that ``exc`` is about, or None: the exception chain names one
+    of its asset files (a full href, or a file name no other item of the target has: GDAL names the file it failed
+    on by its base name) or says ``item <id>`` / ``reference <id>``; never when it names a file of the target."""
+    import re
+
+    text = exception_chain(exc, limit=8)
+    refs = [c.item for c in model_references(plan, model.spec.max_references, cfg)]
+
+    def hrefs(item) -> set[str]:
+        return {h.split("?", 1)[0] for a in item.assets.values() if (h := a.get_absolute_href() or a.href)}
+
+    owners: dict[str, set[str]] = {}
+    for it in (plan.target, *refs):
+        for h in hrefs(it):
+            owners.setdefault(h.rsplit("/", 1)[-1], set()).add(it.id)
+
+    def named(item) -> bool:
+        for h in hrefs(item):
+            base = h.rsplit("/", 1)[-1]
+            if h in text or (owners.get(base) == {item.id}
+                             and re.search(rf"(?<![\w.-]){re.escape(base)}(?![\w.-])", text)):
+                return True
+        return False
+
+    if named(plan.target):
+        return None
+    for it in refs:
+        if named(it) or re.search(rf"(?:item|reference) {re.escape(it.id)}(?=[\s:,;.)]|$)", text):
+            return it
+    return None
 
 
 #: longest side (pixels) of the coarse whole-scene sample given to ``model.fit_scene``.
@@ -258,7 +330,7 @@ def reference_offsets(plan: TargetPlan, refs) -> tuple[float, ...]:
 def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=None) -> TargetResult:
     from concurrent.futures import ThreadPoolExecutor
 
-    from cloudfree.stages.load import fetch_remote_assets, output_geobox
+    from cloudfree.stages.load import check_grid_size, fetch_remote_assets, output_geobox
     from cloudfree.stages.masks import mask_inputs
     from cloudfree.stages.masks import resolved as resolved_masks
     from cloudfree.stages.search import load_aoi
@@ -267,7 +339,8 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
     refs = [c.item for c in model_references(plan, model.spec.max_references, cfg)]
     items = [target, *refs]
     bands = list(dict.fromkeys([*cfg.grid.bands, *model.spec.bands]))
-    geobox = output_geobox(target, cfg.grid, load_aoi(cfg.search.aoi)[0])
+    # bounded before any read: an item declaring a huge grid fails here, naming the item (grid.max_pixels)
+    geobox = check_grid_size(output_geobox(target, cfg.grid, load_aoi(cfg.search.aoi)[0]), target, cfg.grid)
     # mask.methods "auto" follows what these items carry (SCL, else CLD/MSK_CLDPRB, else spectral); the choice is
     # used throughout the target and recorded in its output item
     mask_cfg = resolved_masks(items, cfg.mask)
@@ -485,6 +558,8 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
                                              f.as_properties().items()} for f in read_failures]
     if plausibility:
         extra["cloudfree:plausibility"] = list(plausibility)
+    if plan.dropped:  # references whose read failed: dropped, the target made with the others
+        extra["cloudfree:dropped_references"] = list(plan.dropped)
     if coreg:
         extra["cloudfree:coregistration"] = [c.as_properties() for c in coreg]
     item = output_item(target, refs, out, geobox, bands, model.name, dict(cfg.model.params), run_id,

@@ -134,6 +134,25 @@ def output_geobox(target: pystac.Item, grid: GridConfig, bbox4326: Sequence[floa
                             tight=False)
 
 
+def check_grid_size(geobox: GeoBox, item: pystac.Item, grid: GridConfig, what: str = "target") -> GeoBox:
+    """``geobox`` after checking it has at most ``grid.max_pixels`` pixels (default
+    :func:`cloudfree.pipeline.config.default_max_pixels`); raises :class:`InputDataError` naming the item, the property the
+    grid came from and the config key. Called before any pixel is read."""
+    from cloudfree.pipeline.config import default_max_pixels
+
+    limit = grid.max_pixels or default_max_pixels()
+    ny, nx = (int(v) for v in geobox.shape)
+    if ny * nx <= limit:
+        return geobox
+    native = native_geobox(item)
+    src = ("its proj:shape / proj:transform" if native is not None and native.crs == geobox.crs
+           else "its bbox / geometry")
+    raise InputDataError(
+        f"{what} {item.id}: the output grid would be {ny} x {nx} = {ny * nx:,} pixels at grid.resolution "
+        f"{grid.resolution} (from {src}), above grid.max_pixels {limit:,}; set search.aoi to a smaller area or a "
+        "coarser grid.resolution, fix the item's metadata if it declares a wrong size, or raise grid.max_pixels")
+
+
 def _item_crs(item: pystac.Item) -> str | None:
     p = item.properties
     if p.get("proj:code"):
@@ -385,6 +404,10 @@ def open_with_retry(href: str, retries: int = 3, delay: float = 0.5) -> tuple[in
         try:
             with rasterio.Env(**GDAL_RETRY_ENV), rasterio.open(href) as src:
                 src.read(1, window=rasterio.windows.Window(0, 0, 1, 1))
+                if src.crs is None and not src.gcps[0]:  # not retried: the file is complete, just not georeferenced
+                    raise InputDataError(f"{href} has no CRS (no georeferencing, no GCPs), so it cannot be placed "
+                                         "on the output grid; fix the file (e.g. gdal_edit.py -a_srs EPSG:<code>) or "
+                                         "the catalog's href, or drop the item")
                 return src.height, src.width
         except (rasterio.errors.RasterioError, OSError) as exc:
             last = exc
@@ -416,6 +439,8 @@ def check_assets(items: Sequence[pystac.Item], keys: Sequence[str], retries: int
 
                 log.error("item %s asset %s: %s", it.id, k, redact(str(exc)))
                 failures.append(ReadFailure(it.id, k, redact(href), redact(str(exc)), retries))
+            except InputDataError as exc:
+                raise InputDataError(f"item {it.id} asset {k}: {exc}") from None
     return failures
 
 

@@ -71,6 +71,17 @@ class TargetPlan:
     target: pystac.Item
     references: tuple[Candidate, ...]
     sar: tuple[Candidate, ...]
+    #: references dropped while processing (``{"id", "reason"}``: a read failed; see the runner).
+    dropped: tuple[dict, ...] = ()
+
+
+class Plans(list):
+    """The plans of one search (a list of :class:`TargetPlan`) and ``skipped``: the catalog items the search could
+    not use (malformed, duplicate ids), as :class:`cloudfree.catalogs.base.SkippedItem` (id, reason)."""
+
+    def __init__(self, plans=(), skipped=()) -> None:
+        super().__init__(plans)
+        self.skipped = list(skipped)
 
 
 # -- item facts --------------------------------------------------------------------------------------------------
@@ -292,11 +303,15 @@ def _window(t: datetime, days: float) -> str:
 
 def _targets(catalog: Any, cfg: Any, collection: str, bbox: Any, geom: Any) -> list[pystac.Item]:
     if cfg.targets:
-        items = catalog.search(SearchQuery(collections=(collection,), ids=tuple(cfg.targets)))
+        # allow_empty: an unknown id is reported as such below, not as an empty period
+        items = catalog.search(SearchQuery(collections=(collection,), ids=tuple(cfg.targets), allow_empty=True))
         missing = sorted(set(cfg.targets) - {it.id for it in items})
         if missing:
-            raise NoItemsFoundError(f"target ids {missing} not found in collection {collection!r} of catalog "
-                                    f"{getattr(catalog, 'url', catalog.name)}; check search.targets")
+            skipped = {s.id: s.reason for s in getattr(catalog, "skipped", ())}
+            why = "; ".join(f"{m!r} was skipped: {skipped[m]}" for m in missing if m in skipped)
+            raise NoItemsFoundError(f"target id(s) {missing} are not in collection {collection!r} of catalog "
+                                    f"{getattr(catalog, 'url', catalog.name)}" + (f" ({why})" if why else "")
+                                    + "; check the id (`cloudfree search` lists the targets) or search.targets")
         return items
     lo, hi = cfg.target_cloud_cover
     q = SearchQuery(collections=(collection,), bbox=bbox, intersects=geom, datetime=cfg.period,
@@ -317,6 +332,12 @@ def plan_targets(
     Raises :class:`~cloudfree.pipeline.errors.NoItemsFoundError` when no target matches; a target without references or
     SAR gets empty tuples (and a log line), since the model may still work from the target alone.
     """
+    plans = _plan_targets(catalog, search_cfg, collection, sar_collection, clear_fraction=clear_fraction)
+    return Plans(plans, getattr(catalog, "skipped", ()))
+
+
+def _plan_targets(catalog: Any, search_cfg: Any, collection: str, sar_collection: str | None,
+                  clear_fraction: ClearFractionFn | None) -> list[TargetPlan]:
     policy = search_cfg.policy
     estimate = clear_fraction or (scl_clear_fraction if policy.clear_fraction == "scl" else clear_fraction_from_metadata)
     bbox, geom = load_aoi(search_cfg.aoi)
@@ -423,10 +444,12 @@ def _cand_record(c: Candidate) -> dict[str, Any]:
 
 
 def plans_to_json(plans: Sequence[TargetPlan]) -> dict[str, Any]:
-    """A JSON document holding the full items, so a later run can use the plans without searching again."""
+    """A JSON document holding the full items, so a later run can use the plans without searching again; the items
+    the search skipped (malformed, duplicate) are listed with their reason under ``skipped``."""
     return {"type": "cloudfree:plans", "version": 1, "plans": [
         {"target": p.target.to_dict(transform_hrefs=False), "references": [_cand_record(c) for c in p.references],
-         "sar": [_cand_record(c) for c in p.sar]} for p in plans]}
+         "sar": [_cand_record(c) for c in p.sar]} for p in plans],
+        "skipped": [s.as_dict() for s in getattr(plans, "skipped", ())]}
 
 
 def plans_from_json(doc: dict[str, Any]) -> list[TargetPlan]:
@@ -443,12 +466,14 @@ def plans_from_json(doc: dict[str, Any]) -> list[TargetPlan]:
                          overlap=r["overlap"], same_orbit=r["same_orbit"], same_tile=r["same_tile"], score=r["score"],
                          reason=r["reason"], offset_days=float(offset))
 
+    from cloudfree.catalogs.base import SkippedItem
+
     out = []
     for p in doc["plans"]:
         target = pystac.Item.from_dict(p["target"])
         out.append(TargetPlan(target, tuple(cand(r, target) for r in p["references"]),
                               tuple(cand(r, target) for r in p["sar"])))
-    return out
+    return Plans(out, [SkippedItem(s["id"], s["reason"]) for s in doc.get("skipped", [])])
 
 
 def format_plans(plans: list[Any]) -> str:
@@ -471,7 +496,12 @@ def format_plans(plans: list[Any]) -> str:
             lines.append("  (no reference)")
         if not p.sar:
             lines.append("  (no SAR)")
-    return "\n".join(lines)
+    for s in getattr(plans, "skipped", ()):
+        lines.append(f"{'SKIPPED':<10} {s.id[:70]:<70} {s.reason}")
+    # item ids, reasons and platforms come from the catalog: control characters escaped, one line per row
+    from cloudfree.pipeline.redact import printable
+
+    return "\n".join(printable(line) for line in lines)
 
 
 def to_table(plans: Sequence[TargetPlan]) -> Any:

@@ -3,7 +3,8 @@
 It answers as a minimal STAC API (landing page, ``/collections``, ``/search`` GET/POST with one item), as a
 Planetary Computer SAS token endpoint (``/sas/token/<account>/<container>``) and as a Sentinel Hub deployment
 (OAuth token endpoint, Catalog API search), and fails on demand: ``faults[path] = [429, 500, "timeout", ...]``
-answers the next requests to ``path`` with those statuses (``"timeout"`` sleeps past the client's timeout) before
+answers the next requests to ``path`` with those statuses (``"timeout"`` sleeps past the client's timeout, ``"html"``
+answers an HTML page with status 200) before
 answering normally. Every request is recorded (method, path, body), so a test can assert that a retry happened
 and what the client sent.
 """
@@ -33,6 +34,8 @@ class FaultServer:
         self.token_ttl = token_ttl
         self.tokens_issued = 0
         self.collections = ["sentinel-2-l2a"]
+        #: the features /search answers (None: the one ITEM); may hold malformed ones
+        self.features: list | None = None
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -62,6 +65,14 @@ class FaultServer:
                 key = next((k for k in server.faults if path.startswith(k) and server.faults[k]), None)
                 if key is not None:
                     fault = server.faults[key].pop(0)
+                    if fault == "html":  # a login or proxy page where the API should answer JSON
+                        page = b"<html><body>Please sign in</body></html>"
+                        self.send_response(200)
+                        self.send_header("Content-Type", "text/html")
+                        self.send_header("Content-Length", str(len(page)))
+                        self.end_headers()
+                        self.wfile.write(page)
+                        return
                     if fault == "timeout":
                         time.sleep(server.timeout_sleep)
                         with_close = {"Connection": "close"}
@@ -96,7 +107,8 @@ class FaultServer:
                 elif path == "/search":
                     asked = (json.loads(body or b"{}").get("collections") or []) if method == "POST" else []
                     hit = not asked or ITEM["collection"] in asked
-                    self._send(200, {"type": "FeatureCollection", "features": [ITEM] if hit else [], "links": []})
+                    feats = server.features if server.features is not None else [ITEM]
+                    self._send(200, {"type": "FeatureCollection", "features": feats if hit else [], "links": []})
                 elif path.startswith("/sas/token/"):
                     server.tokens_issued += 1
                     exp = datetime.now(timezone.utc) + timedelta(seconds=server.token_ttl)

@@ -285,4 +285,9 @@ def train(cfg: TrainConfig, trainable=None, source: PairSource | None = None, *,
         summary["exported"] = str(dst)
         if file_sha256(dst) != sha:
             raise OSError(f"copy of {weights} to {dst} is corrupt (sha256 differs)")
+        from cloudfree.models._weights import WEIGHTS_DIR, update_manifest
+
+        if dst.resolve().parent == WEIGHTS_DIR.resolve():  # shipped weights: their sha256 goes into the manifest
+            update_manifest([dst])
+            summary["manifest"] = str(WEIGHTS_DIR / "MANIFEST.json")
     return summary
