@@ -191,7 +191,7 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
     with dask_context(cfg):
         results = map_units(one, plans, concurrent_units(cfg))
     if cfg.output.report and not dry_run:
-        from cloudfree.pipeline.report import write_report
+        from cloudfree.pipeline.run_report import write_report
 
         try:
             path = write_report(results, cfg, run_id, model.name, skipped=getattr(plans, "skipped", ()))

@@ -1,5 +1,8 @@
 """Streaming COG writer: computed tiles -> finished Cloud-Optimized GeoTIFFs in one dask pass (odc-geo).
 
+A library for :mod:`cloudfree.stages.write` (which decides which layers a target or composite gets); it
+knows nothing of STAC (:mod:`cloudfree.stages.publish`).
+
 Each output layer (reflectance, confidence, source, mask provenance) becomes one lazy write
 (:func:`cog_write`) built on :func:`odc.geo.cog.save_cog_with_dask`: every 512 px block of the full-resolution
 image is compressed as soon as it is computed, the overviews are reduced from the same blocks (``average`` for

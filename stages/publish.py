@@ -1,4 +1,5 @@
-"""Publish stage: the STAC Item that describes one output (eo/raster/proj/processing, derived_from links), and the
+"""Publish stage (metadata only; :mod:`~cloudfree.stages.write` writes the files, :mod:`~cloudfree.stages.cog` is its
+COG byte writer): the STAC Item that describes one output (eo/raster/proj/processing, derived_from links), and the
 output Collection (``<out>/collection.json`` under a root ``<out>/catalog.json``) that lists every output item.
 
 The collection is rewritten atomically (temp file + rename, under a file lock) each time an item is added, so a

@@ -1,5 +1,8 @@
 """Write stage: one compute pass -> Cloud-Optimized GeoTIFFs, a quicklook PNG and a STAC Item per target.
 
+The files of one target live here; the bytes of each COG come from :mod:`cloudfree.stages.cog` (the streaming
+writer), the STAC Item and the output collection from :mod:`cloudfree.stages.publish` (metadata only).
+
 The lazy result is computed once and streamed block by block straight into the COGs (:mod:`cloudfree.stages.cog`, odc-geo's
 dask COG writer: internal tiles, overviews, nodata, DEFLATE/ZSTD/LZW + predictor 2), all layers in one pass, with
 no intermediate file and no lock; each file is checked with ``rio_cogeo.cogeo.cog_validate``:

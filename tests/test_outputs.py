@@ -99,7 +99,7 @@ def test_output_collection_is_a_catalog_and_an_output_serves_as_a_reference(demo
 
 
 def test_report_renders_with_images(demo_run, demo_config):
-    from cloudfree.pipeline.report import markdown_to_html
+    from cloudfree.pipeline.run_report import markdown_to_html
 
     # other tests rerun the demo into the same folder (resume, overwrite): take the run that did both targets
     reports = [p for p in (Path(demo_config.output.dir) / "reports").glob("*/report.md")

@@ -1,4 +1,5 @@
-"""Tables and the Markdown/JSON report of the evaluation (every number computed from the rows)."""
+"""Tables and the Markdown/JSON report of the model evaluation (every number computed from the rows); the report of
+one production run is :mod:`cloudfree.pipeline.run_report`."""
 
 from __future__ import annotations
 

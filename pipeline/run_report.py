@@ -1,4 +1,5 @@
-"""The run report: a Markdown page (plus a minimal HTML rendering) and PNGs per run, under
+"""The run report (what one ``cloudfree run`` produced; the model evaluation's report is
+:mod:`cloudfree.pipeline.evaluation.report`): a Markdown page (plus a minimal HTML rendering) and PNGs per run, under
 ``<output.dir>/reports/<run id>/``.
 
 Per output: the before/after quicklook written by the runner, a confidence map and a source map PNG (read
