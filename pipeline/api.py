@@ -121,7 +121,11 @@ def _layer(stack, name: str):
 def _mask_from(layer, kind: str, cfg):
     from cloudfree.stages.masks import cldprb_mask, scl_mask
 
-    return scl_mask(layer, cfg) if kind == "scl" else cldprb_mask(layer.astype(np.float32), cfg)
+    """``(mask, prob, opened)`` of a layer; ``opened`` (flagged pixels the mask refinement's opening removed) is
+    None for SCL (no opening)."""
+    if kind == "scl":
+        return (*scl_mask(layer, cfg), None)
+    return cldprb_mask(layer.astype(np.float32), cfg, with_opened=True)
 
 
 def remove(target, references=None, mask: Any = "scl", model: Any = None, sar=None, *,
@@ -195,15 +199,18 @@ def remove(target, references=None, mask: Any = "scl", model: Any = None, sar=No
             raise ContractError(f"mask={mask!r} needs the {kind} layer in the target (load the 'scl' / "
                                 f"'{'SCL' if kind == 'SCL' else 'MSK_CLDPRB'}' asset too) or pass mask= as a "
                                 "boolean (y, x) DataArray")
-        cloud_mask, cloud_prob = (a[0] for a in _mask_from(_layer(tgt, kind), mask, mcfg))
+        cloud_mask, cloud_prob, opened = (None if a is None else a[0]
+                                          for a in _mask_from(_layer(tgt, kind), mask, mcfg))
         if refs is not None and reference_masks is None:
             if kind not in refs.band.values:
                 raise ContractError(f"mask={mask!r}: the references have no {kind} layer; load it or pass "
                                     "reference_masks=")
-            reference_masks = _mask_from(_layer(refs, kind), mask, mcfg)[0]
+            rm, _, ropened = _mask_from(_layer(refs, kind), mask, mcfg)
+            reference_masks = rm if ropened is None else rm | ropened  # opened specks are not clear observations
     elif isinstance(mask, xr.DataArray):
         cloud_mask = mask.squeeze(drop=True).astype(bool)
         cloud_prob = cloud_mask.astype(np.float32)
+        opened = None
     else:
         raise ContractError(f"mask must be 'scl', 'cldprb' or a boolean (y, x) DataArray, got {type(mask).__name__}")
     ref_masks = None
@@ -233,9 +240,12 @@ def remove(target, references=None, mask: Any = "scl", model: Any = None, sar=No
         inputs = replace(inputs, cloud_mask=cloud_mask, cloud_prob=cloud_prob, reference_masks=ref_masks)
     h = model.spec.halo if halo is None else halo
     tiles = plan_tiles((tgt.sizes["y"], tgt.sizes["x"]), tile_size, h)
-    from cloudfree.pipeline.runner import mark_unfilled
+    from cloudfree.pipeline.runner import mark_opened, mark_unfilled
 
-    ds = mark_unfilled(remove_clouds(inputs, model, tiles, h, context, blend=blend), cloud_mask)
+    ds = remove_clouds(inputs, model, tiles, h, context, blend=blend)
+    if opened is not None:  # flagged specks the mask refinement's opening removed: never "clear" (source 6)
+        ds = mark_opened(ds, opened, cloud_prob)
+    ds = mark_unfilled(ds, cloud_mask)
     ds = ds.assign(source=ds.source.astype(np.uint8))
     ds = ds.assign_coords(band=[str(b) for b in tgt.sel(band=bands).original_band.values])
     if "spatial_ref" in tgt.coords:

@@ -288,18 +288,19 @@ SCENE_SAMPLE_MAX = 1024
 def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) -> dict:
     """Run ``model.fit_scene`` on a coarse load of the whole scene (COG overviews: cheap, bounded memory)."""
     from cloudfree.stages.load import load_reflectance_checked
-    from cloudfree.stages.masks import build_masks
+    from cloudfree.stages.masks import build_mask_layers
     from cloudfree.stages.remove import SceneInputs, to_tile_inputs
 
     k = max(1, int(np.ceil(max(geobox.shape) / SCENE_SAMPLE_MAX)))
     coarse = geobox.zoom_out(k) if k > 1 else geobox
     # failed assets (already reported by process_target) are NaN in the sample instead of raising mid-compute
     stack = load_reflectance_checked(items, bands, coarse, cfg.grid.chunk, name=f"{items[0].id}-sample")[0]
-    mask, prob = build_masks(items, coarse, cfg.mask, cfg.grid.chunk)
+    layers = build_mask_layers(items, coarse, cfg.mask, cfg.grid.chunk)
+    mask, prob = layers.mask, layers.prob
     n = len(items)
     sample = to_tile_inputs(SceneInputs(
         stack[0], mask[0], prob[0], stack[1:] if n > 1 else None,
-        (mask[1:] | stack[1:].isnull().any("band")) if n > 1 else None,
+        (mask[1:] | layers.opened[1:] | stack[1:].isnull().any("band")) if n > 1 else None,
         tuple(i.id for i in items[1:]), reference_offsets(plan, items[1:]), items[0].id,
     ))
     if cfg.mask.missed_cloud and n > 1:  # the scene fits never see cloud the mask missed
@@ -390,14 +391,14 @@ def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs
     mask, prob, by_method = layers.mask, layers.prob, layers.by_method
     ref_masks = None
     ref_stack = stack[1:] if refs else None
-    if refs:
-        ref_masks = mask[1:] | stack[1:].isnull().any("band") | failed[1:]
+    if refs:  # a reference pixel the refinement's opening removed from the mask is not a clear observation either
+        ref_masks = mask[1:] | layers.opened[1:] | stack[1:].isnull().any("band") | failed[1:]
     coreg = []
     if refs and cfg.coregister.enabled:
         from cloudfree.stages.coregister import estimate_reference_shifts, load_aligned_references
 
-        coreg = estimate_reference_shifts(stack[0], mask[0], ref_stack, ref_masks, [r.id for r in refs],
-                                          cfg.coregister)
+        coreg = estimate_reference_shifts(stack[0], mask[0] | layers.opened[0], ref_stack, ref_masks,
+                                          [r.id for r in refs], cfg.coregister)
         if any(c.applied for c in coreg):  # re-read the references on shifted grids: one resampling, lazy
             ref_stack, ref_masks = load_aligned_references(refs, coreg, geobox, bands, cfg.mask, cfg.grid.chunk,
                                                            stack[0])

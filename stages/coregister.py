@@ -373,14 +373,14 @@ def load_aligned_references(refs, shifts: Sequence[Coregistration], geobox, band
     on grids shifted by each applied shift, relabelled with the target's coordinates. Lazy; per-chunk cost and
     memory are those of a plain load (the reason this, not :func:`apply_shifts`, is what the runner uses)."""
     from cloudfree.stages.load import load_reflectance_checked
-    from cloudfree.stages.masks import build_masks
+    from cloudfree.stages.masks import build_mask_layers
 
     stacks, masks = [], []
     for item, c in zip(refs, shifts):
         gb = shifted_geobox(geobox, c.shift_px) if c.applied else geobox
         s, failed, _ = load_reflectance_checked([item], bands, gb, chunk, name=item.id)
-        m, _ = build_masks([item], gb, mask_cfg, chunk)
-        rm = m | s.isnull().any("band") | failed
+        layers = build_mask_layers([item], gb, mask_cfg, chunk)  # opened specks are not clear either
+        rm = layers.mask | layers.opened | s.isnull().any("band") | failed
         stacks.append(s.assign_coords(y=target.y.values, x=target.x.values))
         masks.append(rm.assign_coords(y=target.y.values, x=target.x.values))
     stack = xr.concat(stacks, dim="time").rio.write_crs(geobox.crs.to_wkt())
