@@ -409,7 +409,9 @@ def demo_catalog(out, source, cache) -> None:
 @click.option("--tile-size", type=int, default=None, help="Predict by tiles of this size (default: whole case).")
 @click.option("--speed/--no-speed", default=True, show_default=True, help="Also time each model (512x512 tile).")
 @click.option("--figures/--no-figures", default=True, show_default=True, help="Write the image grids.")
-def evaluate(model_list, cases, out, seeds, data_dir, tile_size, speed, figures) -> None:
+@click.option("--mask-loss/--no-mask-loss", default=True, show_default=True,
+              help="Also measure the mask-induced loss (exact mask vs the pipeline's mask stage) per case.")
+def evaluate(model_list, cases, out, seeds, data_dir, tile_size, speed, figures, mask_loss) -> None:
     """Score removal models (PSNR, SSIM, SAM, MAE on cloudy/thin/thick pixels) on the real Romania stack, the
     real Slovakia pair and the simulated set; writes a Markdown + JSON table and figures.
 
@@ -424,7 +426,7 @@ def evaluate(model_list, cases, out, seeds, data_dir, tile_size, speed, figures)
         payload = run_evaluation(
             out, data_dir=data_dir or DEFAULT_DATA_DIR, models=split_models(model_list or "") or None,
             cases=[c.strip() for c in cases.split(",") if c.strip()], seeds=parse_seeds(seeds),
-            tile_size=tile_size, speed=speed, figures=figures,
+            tile_size=tile_size, speed=speed, figures=figures, mask_loss=mask_loss,
         )
     except CloudfreeError as exc:
         _fail(exc)
@@ -434,6 +436,15 @@ def evaluate(model_list, cases, out, seeds, data_dir, tile_size, speed, figures)
     for r in payload["summary"]:
         if r["region"] == "cloudy":
             click.echo(f"  {r['group']:17s} {r['model']:28s} cloudy PSNR {r['psnr']:6.2f} dB  SAM {r['sam']:5.2f} deg")
+    loss = [r for r in payload.get("mask_loss", []) if r["region"] == "cloudy"]
+    if loss:
+        from cloudfree.pipeline.config import MaskConfig
+
+        ref = MaskConfig().refinement
+        exact = [r[f"loss_{ref}"] for r in loss if r["layer_exact"]]
+        if exact:
+            click.echo(f"  mask-induced loss ({loss[0]['model']}, refinement {ref}): mean {sum(exact) / len(exact):+.2f}"
+                       f" dB, worst {max(exact):+.2f} dB on {len(exact)} exact-layer cases")
 
 
 @main.command()

@@ -41,6 +41,9 @@ def test_evaluate_cli_tiny_configuration(tmp_path: Path):
     assert cloudy["reference-replace"]["psnr"] > cloudy["none"]["psnr"] + 10
     assert [Path(p).name for p in payload["figures"]] == ["sim-29RKH-400-650-seed0.png"]
     assert (out / "figures" / "sim-29RKH-400-650-seed0.png").stat().st_size > 1000
+    # the mask-induced loss (exact mask vs the pipeline's mask stage) per case, for the first model here
+    assert {(r["case"], r["model"]) for r in payload["mask_loss"]} == {("sim-29RKH-400-650-seed0", "none")}
+    assert "## Mask-induced loss" in md and "mask-induced loss (none" in res.output
 
 
 needs_romania = pytest.mark.skipif(not (DEFAULT_DATA_DIR / "s2-l2a-stack-romania-nrt" / "stac").is_dir(),

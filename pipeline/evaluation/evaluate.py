@@ -4,7 +4,8 @@ The pieces live in focused modules: :mod:`~cloudfree.pipeline.evaluation.metrics
 :mod:`~cloudfree.pipeline.evaluation.cases` (the real Slovakia pair, the simulated set), :mod:`~cloudfree.pipeline.evaluation.romania`
 (the REAL multi-date stack through the catalog path), :mod:`~cloudfree.pipeline.evaluation.running` (predict, score,
 summarise), :mod:`~cloudfree.pipeline.evaluation.report` (tables, the computed bar, the default-model choice),
-:mod:`~cloudfree.pipeline.evaluation.figures` and :mod:`~cloudfree.pipeline.evaluation.bench_models` (speed). This module only
+:mod:`~cloudfree.pipeline.evaluation.figures`, :mod:`~cloudfree.pipeline.evaluation.bench_models` (speed) and
+:mod:`~cloudfree.pipeline.evaluation.mask_loss` (what the mask stage costs the default model per case). This module only
 orchestrates them. Generic over the registry: ``--models`` takes any registered model name, optionally with
 parameters (``phyvlm-cr[prior=reference]``).
 
@@ -54,6 +55,7 @@ def run_evaluation(
     tile_size: int | None = None,
     speed: bool = True,
     figures: bool = True,
+    mask_loss: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``models`` (default: :func:`default_models`) on ``cases``; write ``evaluation.md``,
     ``evaluation.json`` and ``figures/`` to ``out``. Seeds in :data:`TUNING_SEEDS` form the ``simulated-tuning``
@@ -98,6 +100,16 @@ def run_evaluation(
         warnings.simplefilter("ignore", RuntimeWarning)
         rows = evaluate_models(all_cases, models, tile_size=tile_size, outputs=outputs, priors=priors)
     summary = summarise(rows)
+    loss_rows: list[dict[str, Any]] = []
+    loss_model = None
+    if mask_loss:  # the mask stage's cost for the default model (or the first one evaluated), per case
+        from cloudfree.pipeline.config import ModelConfig
+        from cloudfree.pipeline.evaluation.mask_loss import mask_loss_rows
+
+        loss_model = ModelConfig().name if ModelConfig().name in models else models[0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            loss_rows = mask_loss_rows(all_cases, loss_model, tile_size=tile_size)
     figure_paths = []
     if figures:
         from cloudfree.pipeline.evaluation.figures import figure
@@ -118,7 +130,7 @@ def run_evaluation(
         speeds["(I/O: target + 2 references)"] = 512 * 512 / io_s / 1e6 / 3
     seconds = time.perf_counter() - t_start
     payload = {
-        "rows": rows, "summary": summary, "speed_mpx_per_s": speeds, "figures": figure_paths, "models": models,
+        "rows": rows, "summary": summary, "mask_loss": loss_rows, "speed_mpx_per_s": speeds, "figures": figure_paths, "models": models,
         "priors": priors, "cases": {g: [{"name": c.name, **_jsonable(c.meta), "notes": c.notes} for c in cs]
                                     for g, cs in groups.items()},
         "run_seconds": seconds,
@@ -141,12 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--seeds", default=",".join(str(s) for s in TUNING_SEEDS + REPORT_SEEDS))
     ap.add_argument("--tile-size", type=int, default=None, help="predict by tiles of this size (default: whole)")
+    ap.add_argument("--no-mask-loss", action="store_true", help="skip the mask-induced loss table")
     ap.add_argument("-v", "--verbose", action="count", default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * args.verbose, format="%(levelname)s %(name)s: %(message)s")
     run_evaluation(args.out, data_dir=args.data_dir, models=split_models(args.models) or None,
                    cases=[c for c in args.cases.split(",") if c], seeds=parse_seeds(args.seeds),
-                   tile_size=args.tile_size)
+                   tile_size=args.tile_size, mask_loss=not args.no_mask_loss)
     return 0
 
 

@@ -218,6 +218,17 @@ def render_report(payload: Mapping[str, Any], groups: Mapping[str, Sequence[Any]
     if rows:
         parts += ["## Every case, cloudy pixels (PSNR dB / SAM deg; best PSNR in bold)", "",
                   per_case_markdown(rows, models), ""]
+    if payload.get("mask_loss"):
+        from cloudfree.pipeline.config import MaskConfig
+        from cloudfree.pipeline.evaluation.mask_loss import default_variants, mask_loss_markdown
+
+        parts += ["## Mask-induced loss (computed; the exact mask against the pipeline's mask stage)", "",
+                  "Each case's exact mask given to the model, against the same mask written as a binary cloud-"
+                  "probability layer and put through the pipeline's `cldprb` mask (threshold 40, closing 2, opening 1, "
+                  "dilation 2) with each `mask.refinement`, and the default one without dilation (`/d0`; "
+                  "`pipeline/evaluation/mask_loss.py`). `exact`: the "
+                  "evaluation put the cloud in; `label`: the mask is a label (Slovakia, SCL), not the truth.", "",
+                  mask_loss_markdown(payload["mask_loss"], MaskConfig().refinement, default_variants()), ""]
     checks = []
     for cand in ("phyvlm-cr", default):
         if cand and cand in models:
