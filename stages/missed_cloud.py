@@ -13,8 +13,9 @@ This module applies that test to the pixels the mask calls clear (:func:`missed_
 * **cloud**: blue (B02) above every clear, finite reference by more than ``cloud_margin`` (reflectance) and more
   than ``cloud_ratio`` times that maximum, with a second visible band (B04, else B03) above its reference
   maximum by ``cloud_margin`` too, and the blue increase at least ``blue_red_balance`` times the red increase
-  (cloud and haze are white or bluish; bare soil after a harvest brightens red more than blue); snow-like pixels
-  (NDSI >= ``snow_ndsi`` with B11 <= ``snow_swir``: a real snowfall) are left alone;
+  (cloud and haze are white or bluish; bare soil after a harvest brightens red more than blue); snow (NDSI >=
+  ``snow_ndsi`` with B11 <= ``snow_swir``, and B03 >= ``snow_green`` or snow in a clear reference at the pixel:
+  a real snowfall) is left alone;
 * **shadow**: the near infrared (B08, else B8A) and B11 (when present) below ``shadow_ratio`` times, and by more
   than ``shadow_margin`` below, every clear reference, with blue not brighter than the references (a shadow
   darkens all bands), and within ``shadow_distance`` pixels of a cloud (the mask's or a missed one): a flooded
@@ -58,6 +59,7 @@ class MissedCloudParams:
     blue_red_balance: float = 0.7
     snow_ndsi: float = 0.4
     snow_swir: float = 0.12
+    snow_green: float = 0.35
     shadow_ratio: float = 0.6
     shadow_margin: float = 0.04
     shadow_distance: int = 64
@@ -113,7 +115,12 @@ def raw_flags(target: np.ndarray, cloud_mask: np.ndarray, references: np.ndarray
     if ig is not None and isw is not None:
         with np.errstate(all="ignore"):
             ndsi = (target[ig] - target[isw]) / (target[ig] + target[isw])
-        cloud &= ~((ndsi >= p.snow_ndsi) & (target[isw] <= p.snow_swir))
+            ref_ndsi = (references[:, ig] - references[:, isw]) / (references[:, ig] + references[:, isw])
+        ref_snow = (ok & (ref_ndsi >= p.snow_ndsi) & (references[:, isw] <= p.snow_swir)).any(axis=0)
+        # snow-like and either bright as snow is or snowy in a clear reference (thin ice cloud at a cloud's edge
+        # is snow-like too: on 2019-06-21 in Romania, B02 0.2, NDSI 0.47)
+        snow = (ndsi >= p.snow_ndsi) & (target[isw] <= p.snow_swir) & ((target[ig] >= p.snow_green) | ref_snow)
+        cloud &= ~snow
     out[cand & cloud] = 1
     inir = _band(bands, NIR)
     if inir is not None:

@@ -179,7 +179,7 @@ def band_vrts(directory: Path, stem: str, bands: list[str]) -> dict[str, Path]:
 #: (as Sentinel Hub's and titiler's true-colour defaults): cloud looks white and bright, never "crisp forest".
 QUICKLOOK_STRETCH = (0.0, 0.3)
 #: mask-panel classes: (label, colour) by priority; the provenance bits of stages.masks / stages.missed_cloud.
-MASK_CLASSES = (("clear", (0.13, 0.55, 0.13)), ("cloud/shadow (mask)", (1.0, 1.0, 1.0)),
+MASK_CLASSES = (("clear", (0.13, 0.55, 0.13)), ("cloud/shadow (mask)", (0.62, 0.8, 1.0)),
                 ("missed by the mask (multi-temporal test)", (1.0, 0.1, 0.6)), ("no data / failed read", (0.3, 0.3, 0.3)))
 
 

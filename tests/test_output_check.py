@@ -109,3 +109,46 @@ def test_overwrite_never_replaces_a_done_output_with_a_worse_one(demo_config, de
     assert item_path.read_bytes() == before  # the done output is untouched
     with rasterio.open(first.outputs["reflectance"]) as ds:
         np.testing.assert_array_equal(ds.read(), refl_before)
+
+
+ROMANIA = "s2-l2a-stack-romania-nrt"
+
+
+def test_romania_dates_scl_calls_clear_are_never_cloud_level_and_done(tmp_path):
+    """The issue's case: the REAL Romania stack with SCL as the only mask, the default model, 2019-06-11 and
+    2019-06-21 (88-92 % cloud; SCL calls part of the cloud snow). Before the fix the outputs had median B02
+    0.69-1.05 over a forest whose clear neighbours have ~0.02, published `done`."""
+    import yaml
+
+    from cloudfree.pipeline.config import load_config
+    from cloudfree.pipeline.runner import run
+    from tests.conftest import ROOT, shared
+
+    stac = shared(ROMANIA, "stac", "catalog.json")
+    cfg_path = tmp_path / "romania.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "catalog": {"kind": "local", "url": str(stac), "collection": "s2-l2a-romania-nrt"},
+        "search": {"period": "2019-06-01/2019-07-31",
+                   "targets": ["S2_ROMANIA_20190611", "S2_ROMANIA_20190621"]},
+        "grid": {"resolution": 10, "bands": ["B02", "B03", "B04", "B08", "B8A", "B11"]},
+        "mask": {"methods": ["scl"]}, "output": {"dir": str(tmp_path / "out"), "quicklook": False},
+        "run": {"progress": False}}))
+    cfg = load_config(cfg_path, env=False)
+    default = load_config(ROOT / "configs" / "demo.yaml", env=False).model.name
+    assert cfg.model.name == default  # the config default is the model the demo runs
+    results = run(cfg)
+    assert len(results) == 2
+    day_dir = stac.parent / "s2-l2a-romania-nrt"
+    with rasterio.open(day_dir / "S2_ROMANIA_20190616" / "B02.tif") as a, \
+            rasterio.open(day_dir / "S2_ROMANIA_20190701" / "B02.tif") as b:
+        neighbours = np.stack([a.read(1), b.read(1)]).astype(np.float32) / 1e4
+    hi = float(np.percentile(neighbours, 99))
+    for r in results:
+        assert r.status in ("done", "unrestored"), (r.target_id, r.status, r.error)
+        props = json.loads(r.outputs["item"].read_text())["properties"]
+        assert props["cloudfree:missed_cloud"]["share"] > 0.02  # SCL missed cloud there, the test found it
+        with rasterio.open(r.outputs["reflectance"]) as ds:
+            b02 = ds.read(1).astype(np.float32) / 1e4
+        if r.status == "done":
+            assert float(np.median(b02)) < 2 * float(np.median(neighbours)) + 0.01, (r.target_id, np.median(b02))
+            assert float(np.mean(b02 > hi + 0.1)) < 0.005, r.target_id  # no cloud-level area left
