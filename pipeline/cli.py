@@ -132,6 +132,8 @@ def _print_results(results, out_dir: Path) -> int:
             )
         if r.error:
             click.echo(f"         {'error' if r.status == 'failed' else 'warning'}: {clean(r.error)}", err=True)
+        for w in getattr(r, "warnings", None) or []:
+            click.echo(f"         warning: {clean(w)}", err=True)
         failed += r.status == "failed"
         for k in ("reflectance", "quicklook", "item"):
             if k in r.outputs:

@@ -118,6 +118,13 @@ def render_markdown(results: Sequence, run_id: str, model_name: str, report_dir:
         lines += ["## Catalog items skipped by the search (malformed or duplicate)", ""]
         lines += [f"- **{_md(s.id)}**: {_md(redact(s.reason))}" for s in skipped]
         lines.append("")
+    warned = [r for r in results if getattr(r, "warnings", None) or (r.status == "skipped" and r.error)]
+    if warned:
+        lines += ["## Warnings", ""]
+        for r in warned:
+            for w in [*(getattr(r, "warnings", None) or []), *([r.error] if r.status == "skipped" and r.error else [])]:
+                lines.append(f"- **{_md(r.target_id)}**: {_md(redact(w))}")
+        lines.append("")
     unrestored = [r for r in results if r.status == "unrestored"]
     if unrestored:
         lines += ["## Not restored (written, labelled `unrestored`, retried by the next run)", ""]

@@ -44,6 +44,9 @@ class TargetResult:
     stats: dict = field(default_factory=dict)
     #: per-reference (and SAR) co-registration records (stages.coregister.Coregistration.as_properties()).
     coregistration: list[dict] = field(default_factory=list)
+    #: what the run report lists under the target: plausibility warnings, unreliable/rejected/failed
+    #: co-registrations, cloud the mask missed, the output check.
+    warnings: list[str] = field(default_factory=list)
 
 
 def output_stem(target_id: str, model_name: str) -> str:
@@ -578,7 +581,23 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
                  "search.reference_max_cloud_cover or rerun when newer acquisitions exist")
     return TargetResult(target.id, status, [r.id for r in refs], outputs=dict(out.files), metrics=metrics,
                         error=error, tile_seconds=tile_seconds, stats=stats,
-                        coregistration=[c.as_properties() for c in coreg])
+                        coregistration=[c.as_properties() for c in coreg],
+                        warnings=run_warnings(plausibility, coreg, stats, checked))
+
+
+def run_warnings(plausibility, coreg, stats: dict, checked) -> list[str]:
+    """The warnings of one target for the run report (see :attr:`TargetResult.warnings`)."""
+    out = [f"plausibility: {w}" for w in plausibility or []]
+    for c in coreg or []:
+        if c.status in ("unreliable", "rejected", "failed"):
+            out.append(f"co-registration of {c.id} ({c.kind}) {c.status}: {c.reason}")
+    share = stats.get("missed_cloud_before")
+    if share:
+        out.append(f"the mask missed cloud or shadow on {100 * share:.1f} % of the target's valid pixels (found by "
+                   "the multi-temporal test and added to the mask)")
+    if checked is not None and not checked.ok:
+        out.append(f"output check: {checked.reason}")
+    return out
 
 
 def _mask_bits(cfg: Config) -> dict[str, int]:

@@ -214,7 +214,8 @@ class Coregistration:
     id: str
     kind: str  #: "optical" | "sar"
     #: "applied" | "rejected" (exceeds max_shift_px) | "negligible" (below min_shift_px, not applied) |
-    #: "failed" (too few clear pixels) | "estimated"
+    #: "failed" (too few clear pixels) | "unreliable" (estimated on a mostly cloudy target: recorded, not applied)
+    #: | "estimated"
     status: str
     shift_px: tuple[float, float] = (0.0, 0.0)
     phase_shift_px: tuple[float, float] = (0.0, 0.0)
@@ -243,6 +244,10 @@ def central_window(shape: tuple[int, int], size: int) -> tuple[slice, slice]:
     hy, hx = min(size, ny), min(size, nx)
     y0, x0 = (ny - hy) // 2, (nx - hx) // 2
     return slice(y0, y0 + hy), slice(x0, x0 + hx)
+
+
+#: a shift estimated on a target with less of its window clear than this is recorded as unreliable, not applied.
+UNRELIABLE_TARGET_CLEAR = 0.25
 
 
 def estimate_reference_shifts(target: xr.DataArray, target_mask: xr.DataArray, references: xr.DataArray,
@@ -278,6 +283,17 @@ def estimate_reference_shifts(target: xr.DataArray, target_mask: xr.DataArray, r
         except InputDataError as exc:
             out.append(Coregistration(rid, "optical", "failed", window=win, reason=str(exc)))
             log.warning("coregister %s: %s; not shifted", rid, exc)
+            continue
+        target_clear = float(vt.mean())
+        if target_clear < UNRELIABLE_TARGET_CLEAR:
+            # a cloudy target cannot anchor a shift (its few clear pixels are cloud edges, haze, missed cloud):
+            # recorded as unreliable, never applied, and not a grid problem to "raise the bound" for
+            mag = float(np.hypot(*est.shift))
+            reason = (f"estimated on a mostly cloudy target ({target_clear:.0%} of the window clear, < "
+                      f"{UNRELIABLE_TARGET_CLEAR:.0%}): the shift ({mag:.2f} px) is unreliable and not applied")
+            log.warning("coregister %s: %s", rid, reason)
+            out.append(Coregistration(rid, "optical", "unreliable", est.shift, est.phase_shift, est.n_pixels,
+                                      est.residual, win, reason))
             continue
         out.append(_decide(rid, "optical", est, cfg, win))
     return out

@@ -10,7 +10,12 @@ its median and 10th percentile over valid pixels. Checks, per band:
   clouds only brighten a scene and shadows darken a small part of it, so the darker pixels of a target (its 10th
   percentile: its clear ones) are not 4x darker than every reference's 10th percentile of the same band unless
   the band has a scale/offset error (a target 10x too small) or is a swapped band (only swaps between bands whose
-  levels differ that much are caught: in a winter scene B02 and B08 are alike);
+  levels differ that much are caught: in a winter scene B02 and B08 are alike). Cloud shadows darken part of a
+  scene by as much: where the target has a scene classification (``SCL``), its cloud-shadow pixels (class
+  3) are left out of its percentile, and (SCL misses shadows as it misses cloud) the target's median must
+  be ``MEDIAN_RATIO`` (1.5) times below every reference's median as well (a shadow darkens part of a scene, a
+  scale error all of it), so a scene with large cloud shadows raises no false alarm; a snowy target (>= 10 % of
+  its sample with NDSI >= 0.4) is not checked in B11/B12, where snow is dark;
 * **implausibly dark** without references (warning): the 99th percentile of every band below ``MIN_P99``;
 * **B02 and B08 swapped** (error), whatever their levels (in a winter scene they are alike, so the ratio test
   above cannot see that swap): vegetation reflects near-infrared several times more than green and red, and
@@ -50,6 +55,8 @@ SWAP_MIN_SHARE = 0.01
 SWAP_FACTOR = 5.0
 #: percentile compared between target and references: the darker pixels of a cloudy target are its clear ones.
 LOW_PERCENTILE = 10
+#: a target is "darker than its references" only if this percentile of it is below every reference's median too.
+HIGH_PERCENTILE = 90
 MIN_P99 = 0.01
 
 
@@ -80,8 +87,50 @@ def _read_sample(item: pystac.Item, band: str, size: int = SAMPLE) -> tuple[np.n
     return np.where(vals != 0, vals * np.float32(scale) + np.float32(offset), np.nan), key  # DN 0 = nodata
 
 
+#: SCL classes left out of the target's low percentile: 3 cloud shadow (not 2, dark area: in winter it is most of a snowy scene).
+SCL_SHADOW = (3,)
+
+
+def _shadow_sample(item: pystac.Item, size: int = SAMPLE) -> np.ndarray | None:
+    """``(size, size)`` bool, the item's SCL shadow/dark pixels at the sample's grid; None without a readable SCL."""
+    import rasterio
+    from rasterio.enums import Resampling
+
+    from cloudfree.stages.load import GDAL_RETRY_ENV
+
+    asset = item.assets.get("SCL")
+    if asset is None:
+        return None
+    try:
+        with rasterio.Env(**GDAL_RETRY_ENV), rasterio.open(asset.get_absolute_href() or asset.href) as ds:
+            scl = ds.read(1, out_shape=(size, size), resampling=Resampling.nearest)
+    except (rasterio.errors.RasterioError, OSError):
+        return None
+    return np.isin(scl, SCL_SHADOW)
+
+
 def _median(v: np.ndarray | None) -> float | None:
     return float(np.median(v)) if v is not None and v.size >= 16 else None
+
+
+#: a target with at least this share of snow-like pixels (NDSI >= 0.4) is not checked for darkness in SWIR.
+SNOW_SHARE = 0.1
+SWIR_BANDS = ("B11", "B12")
+
+
+def _snow_share(grids: dict, item_id: str) -> float:
+    """Share of the item's sample that is snow-like (NDSI = (B03 - B11) / (B03 + B11) >= 0.4); 0 without both."""
+    g, s = grids.get((item_id, "B03")), grids.get((item_id, "B11"))
+    if g is None or s is None or g[0].shape != s[0].shape:
+        return 0.0
+    with np.errstate(all="ignore"):
+        ndsi = (g[0] - s[0]) / (g[0] + s[0])
+    ok = np.isfinite(ndsi)
+    return float((ndsi[ok] >= 0.4).mean()) if ok.any() else 0.0
+
+
+def _high(v: np.ndarray | None) -> float | None:
+    return float(np.percentile(v, HIGH_PERCENTILE)) if v is not None and v.size >= 16 else None
 
 
 def _low(v: np.ndarray | None) -> float | None:
@@ -102,6 +151,11 @@ def check_reflectance(target: pystac.Item, references: Sequence[pystac.Item], ba
     with ThreadPoolExecutor(max_workers=min(8, max(1, len(keys)))) as ex:
         got = list(ex.map(lambda k: _read_sample(*k), keys))
     grids = {(it.id, b): g for (it, b), g in zip(keys, got)}
+    shadow = _shadow_sample(target)
+    if shadow is not None:  # the target's cloud shadows are not a scale error (module docstring)
+        grids = {k: (None if g is None else
+                     ((np.where(shadow, np.nan, g[0]), g[1]) if k[0] == target.id and g[0].shape == shadow.shape
+                      else g)) for k, g in grids.items()}
     samples = {k: (None if g is None else g[0][np.isfinite(g[0])].astype(np.float64)) for k, g in grids.items()}
     for it in [target, *references]:
         swap = band_swap({b: grids[(it.id, b)][0] for b in bands if grids.get((it.id, b)) is not None})
@@ -120,12 +174,21 @@ def check_reflectance(target: pystac.Item, references: Sequence[pystac.Item], ba
                 "fix the item's raster:bands scale/offset (Sentinel-2 L2A: scale 1e-4, offset -0.1 from baseline "
                 "04.00) in the catalog, or drop the item")
     dark = []
+    snowy = _snow_share(grids, target.id) >= SNOW_SHARE
     for b in bands:
+        if snowy and b in SWIR_BANDS:  # snow is dark in the short-wave infrared: not a scale error
+            continue
         t = _low(samples.get((target.id, b)))
         refs = [m for m in (_low(samples.get((r.id, b))) for r in references) if m is not None and m > 0]
         if t is None or not refs:
             continue
         ratio = min(refs) / max(t, 1e-6)
+        # a shadow darkens part of the scene, a scale error all of it: the target's brighter pixels (its 90th
+        # percentile) must be darker than every reference's median too
+        t_hi = _high(samples.get((target.id, b)))
+        ref_mid = [m for m in (_median(samples.get((r.id, b))) for r in references) if m is not None]
+        if t_hi is not None and ref_mid and t_hi >= min(ref_mid):
+            continue
         if ratio >= WARN_RATIO:
             dark.append((b, ratio, t, min(refs)))
     fails = [d for d in dark if d[1] >= FAIL_RATIO]

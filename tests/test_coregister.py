@@ -139,3 +139,24 @@ def test_loading_on_a_shifted_grid_equals_shifting_the_pixels(demo_catalog):
     inner = np.s_[2:-2, 2:-2]
     np.testing.assert_allclose(moved[inner], expect[inner], rtol=1e-3, atol=2e-3)
     assert np.allclose(estimate_shift(plain, moved).misregistration, (0.4, -0.3), atol=0.1)
+
+
+def test_shift_estimated_on_a_cloudy_target_is_unreliable_not_a_bound_to_raise(b08_29rkh):
+    """Issue 18: on a mostly cloudy target (here 85 % of the window) the shift is recorded as unreliable and not
+    applied, and the reason does not tell the user to raise coregister.max_shift_px."""
+    from cloudfree.stages.coregister import UNRELIABLE_TARGET_CLEAR, estimate_reference_shifts
+
+    def scene(a):
+        return xr.DataArray(dsa.from_array(a[None], chunks=(1, 128, 128)), dims=("band", "y", "x"),
+                            coords={"band": ["B08"]})
+
+    refs = xr.concat([scene(ndimage.shift(b08_29rkh, (2.5, 0.0), order=3, mode="nearest"))], dim="time")
+    masks = xr.DataArray(np.zeros((1, 256, 256), bool), dims=("time", "y", "x"))
+    cloudy = np.ones((256, 256), bool)
+    cloudy[60:140, 60:140] = False  # 80 x 80 clear of the central 200 x 200 window: 16 %
+    tmask = xr.DataArray(cloudy, dims=("y", "x"))
+    cfg = CoregisterConfig(max_shift_px=2.0, window=200)
+    (c,) = estimate_reference_shifts(scene(b08_29rkh), tmask, refs, masks, ["a"], cfg)
+    assert (~cloudy[28:228, 28:228]).mean() < UNRELIABLE_TARGET_CLEAR
+    assert c.status == "unreliable" and not c.applied
+    assert "unreliable" in c.reason and "raise" not in c.reason

@@ -173,6 +173,31 @@ def test_bar_compares_against_best_other_model_and_default_is_best():
     assert choose_default(summary, models) == "b"  # parameter variants are not candidates for the default
 
 
+def test_default_rule_excludes_a_model_far_below_the_floor_on_one_real_case():
+    """Issue 18: the best mean does not make a default when one real case is far below median-composite."""
+    from cloudfree.pipeline.evaluation.report import default_choice, render_report
+
+    per_case = {"temporal": {"h1": 40.0, "h2": 39.0, "r1": 30.0, "r2": 28.0},
+                "median-composite": {"h1": 32.0, "h2": 31.0, "r1": 29.0, "r2": 36.8},
+                "reference-replace": {"h1": 33.0, "h2": 32.0, "r1": 29.5, "r2": 36.0}}
+    rows, summary = [], []
+    for m, cases in per_case.items():
+        for case, v in cases.items():
+            group = "romania-hidden" if case.startswith("h") else "romania-real"
+            rows.append({"case": case, "group": group, "model": m, "region": "cloudy", "psnr": v, "sam": 3.0})
+        for group in ("romania-hidden", "romania-real"):
+            vals = [v for c, v in cases.items() if c.startswith(group[8])]
+            summary.append({"group": group, "model": m, "region": "cloudy", "psnr": float(np.mean(vals)),
+                            "sam": 3.0, "ssim": 0.9, "mae": 0.01, "n_cases": len(vals)})
+    models = list(per_case)
+    got = default_choice(summary, models, rows)
+    assert got.scores["temporal"] > got.scores["reference-replace"] > got.scores["median-composite"]
+    assert got.violations["temporal"] == ["r2 -8.80 dB"] and not got.violations["reference-replace"]
+    assert got.default == "reference-replace"
+    md = render_report({"summary": summary, "rows": rows, "models": models}, {})
+    assert "Chosen: **reference-replace**" in md and "- `temporal`: r2 -8.80 dB" in md and "1 dB below" in md
+
+
 @pytest.mark.skipif(not (DATA / "s2-l2a-tile-29RKH-100m").is_dir(), reason="shared sample data not found")
 def test_bench_models_reports_models_and_io(tmp_path):
     from cloudfree.pipeline.evaluation.bench_models import bench_models, main, read_window

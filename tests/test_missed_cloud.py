@@ -152,3 +152,27 @@ def test_output_check_flags_cloud_level_restoration():
     res = check_output(bad, restored, refs, valid, bands)
     assert not res.ok and "B0" in res.reason and res.implausible_share > 0.5
     assert check_output(bad, restored, refs, np.zeros_like(valid), bands).ok  # no clear reference: abstains
+
+
+def test_plausibility_raises_no_false_alarm_on_cloud_shadows_but_catches_a_scale_error():
+    """Romania dates with real cloud shadows (and a snowy winter date) used to warn "10th percentile 2-4x below its
+    references" (12 of the cloudy dates); a 10x scale error still fails."""
+    import pystac
+
+    from cloudfree.pipeline.errors import InputDataError
+    from cloudfree.stages.plausibility import check_reflectance
+
+    cat = pystac.Catalog.from_file(str(shared("s2-l2a-stack-romania-nrt", "stac", "catalog.json")))
+    items = {i.id: i for i in cat.get_items(recursive=True)}
+    for i in items.values():
+        i.make_asset_hrefs_absolute()
+    refs = [items["S2_ROMANIA_20190701"], items["S2_ROMANIA_20190706"]]
+    for day in ("S2_ROMANIA_20190716", "S2_ROMANIA_20190626", "S2_ROMANIA_20190731"):
+        assert check_reflectance(items[day], refs, list(RBANDS)) == [], day
+    winter = [items["S2_ROMANIA_20161014"], items["S2_ROMANIA_20170402"]]
+    assert check_reflectance(items["S2_ROMANIA_20170102"], winter, list(RBANDS)) == []  # snow, dark in B11
+    small = items["S2_ROMANIA_20190716"].clone()
+    for b in RBANDS:
+        small.assets[b].extra_fields["raster:bands"] = [{"scale": 1e-5, "offset": 0, "nodata": 0}]
+    with pytest.raises(InputDataError, match="S2_ROMANIA_20190716 band B"):
+        check_reflectance(small, refs, list(RBANDS))

@@ -152,3 +152,6 @@ def test_romania_dates_scl_calls_clear_are_never_cloud_level_and_done(tmp_path):
         if r.status == "done":
             assert float(np.median(b02)) < 2 * float(np.median(neighbours)) + 0.01, (r.target_id, np.median(b02))
             assert float(np.mean(b02 > hi + 0.1)) < 0.005, r.target_id  # no cloud-level area left
+        assert any("mask missed cloud" in w for w in r.warnings)
+    report = next((tmp_path / "out" / "reports").glob("*/report.md")).read_text()
+    assert "## Warnings" in report and "mask missed cloud" in report  # warnings reach the run report
