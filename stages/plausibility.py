@@ -55,8 +55,8 @@ SWAP_MIN_SHARE = 0.01
 SWAP_FACTOR = 5.0
 #: percentile compared between target and references: the darker pixels of a cloudy target are its clear ones.
 LOW_PERCENTILE = 10
-#: a target is "darker than its references" only if this percentile of it is below every reference's median too.
-HIGH_PERCENTILE = 90
+#: a target is "darker than its references" only if its median is this many times below every reference's too.
+MEDIAN_RATIO = 1.5
 MIN_P99 = 0.01
 
 
@@ -129,10 +129,6 @@ def _snow_share(grids: dict, item_id: str) -> float:
     return float((ndsi[ok] >= 0.4).mean()) if ok.any() else 0.0
 
 
-def _high(v: np.ndarray | None) -> float | None:
-    return float(np.percentile(v, HIGH_PERCENTILE)) if v is not None and v.size >= 16 else None
-
-
 def _low(v: np.ndarray | None) -> float | None:
     return float(np.percentile(v, LOW_PERCENTILE)) if v is not None and v.size >= 16 else None
 
@@ -183,11 +179,11 @@ def check_reflectance(target: pystac.Item, references: Sequence[pystac.Item], ba
         if t is None or not refs:
             continue
         ratio = min(refs) / max(t, 1e-6)
-        # a shadow darkens part of the scene, a scale error all of it: the target's brighter pixels (its 90th
-        # percentile) must be darker than every reference's median too
-        t_hi = _high(samples.get((target.id, b)))
-        ref_mid = [m for m in (_median(samples.get((r.id, b))) for r in references) if m is not None]
-        if t_hi is not None and ref_mid and t_hi >= min(ref_mid):
+        # a shadow darkens part of the scene, a scale error all of it: the target's median must be darker than
+        # every reference's median too (by MEDIAN_RATIO)
+        t_mid = _median(samples.get((target.id, b)))
+        ref_mid = [m for m in (_median(samples.get((r.id, b))) for r in references) if m is not None and m > 0]
+        if t_mid is not None and ref_mid and min(ref_mid) / max(t_mid, 1e-6) < MEDIAN_RATIO:
             continue
         if ratio >= WARN_RATIO:
             dark.append((b, ratio, t, min(refs)))
