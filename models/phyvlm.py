@@ -227,31 +227,14 @@ def phyvlm_kernel(
     prior: np.ndarray,
     references: np.ndarray,
     reference_valid: np.ndarray,
+    params: PhyVLMParams,
     *,
     visible_idx: list[int] | None,
     shadow_candidates: np.ndarray | None = None,
-    reference_combine: str = "first",
-    base_radius: int = 8,
-    base_eps: float = 1e-3,
-    base_subsample: int = 4,
-    t_radius: int = 8,
-    t_eps: float = 1e-3,
-    t_subsample: int = 2,
-    t0: float = 0.1,
-    alpha: float = 1.0,
-    beta: float = 0.0,
-    lp_radius: int = 8,
-    gamma: float = 4.0,
-    kappa_percentile: float = 85.0,
-    lambda_percentile: float = 75.0,
-    t_visible: float = 0.9,
     a: np.ndarray | None = None,
     cloud_region: np.ndarray | None = None,
     alignment: list[tuple[np.ndarray, np.ndarray]] | None = None,
     aligned_reference: tuple[np.ndarray, np.ndarray] | None = None,
-    omega_t_floor: float = 0.0,
-    lp_weighted: bool = False,
-    physics_subsample: int = 1,
     fallback_region: np.ndarray | None = None,
 ) -> PhyVLMOutputs:
     """PhyVLM-CR eqs. 3-11 on finite arrays.
@@ -262,8 +245,13 @@ def phyvlm_kernel(
         references: ``(time, band, y, x)`` raw references (aligned here on high-visibility pixels).
         reference_valid: ``(time, y, x)`` clear-and-finite reference pixels.
         visible_idx: positions of B02/B03/B04 (None = use all bands for ``V``, ``S = 0``).
-        shadow_candidates: ``(y, x)`` bool where the shadow term may be fitted (None = no shadow term).
-        reference_combine: ``"first"`` (best-ranked clear reference) or ``"median"`` of the aligned references.
+        params: the model's parameters; the kernel reads its filter radii and thresholds, ``t0``, ``alpha``, ``beta``,
+            ``gamma``, the percentiles, ``t_visible``, ``reference_combine`` (``"first"``: best-ranked clear reference,
+            ``"median"`` of the aligned references), ``omega_t_floor`` (``ω = 0`` where the refined ``t`` is below
+            it; 0 = eq. 11 unchanged), ``lp_weighted``, ``physics_subsample`` (grid in pixels of eqs. 5-7; 1 = full
+            resolution) and ``shadow_term``. :func:`paper_params` gives the paper's kernel.
+        shadow_candidates: ``(y, x)`` bool where the shadow term may be fitted (None, or ``params.shadow_term``
+            off = no shadow term).
         a: precomputed atmospheric light ``(band,)`` (scene level, from ``fit_scene``); None = eqs. 3-4 here.
         cloud_region: ``(y, x)`` bool, highest-cloud-probability pixels that restrict ``Ω`` (see
             :func:`atmospheric_light`).
@@ -271,12 +259,13 @@ def phyvlm_kernel(
         aligned_reference: precomputed aligned reference estimate ``(image, index)`` used as ``I_ref`` (PhyVLM-CR
             passes the temporal prior's ``PriorResult.reference``); skips the alignment. Its cloudy-reference
             fallback pixels (no clear reference) are kept only where ``fallback_region`` allows.
-        omega_t_floor: ``ω = 0`` where the refined ``t`` is below this (0 = eq. 11 unchanged).
-        physics_subsample: grid (in pixels) of eqs. 5-7; 1 = full resolution.
         fallback_region: ``(y, x)`` bool, pixels that may take a cloudy reference as ``I_ref`` where no clear one
             exists (see :func:`cloudfree.models.priors.composite_reference`); only those with refined ``t`` below
-            ``max(omega_t_floor, t0)`` do (thin cloud is better inverted than replaced by a cloudy date).
+            ``max(params.omega_t_floor, params.t0)`` do (thin cloud is better inverted than replaced by a cloudy date).
     """
+    p = params
+    if not p.shadow_term:
+        shadow_candidates = None
     img = np.asarray(image, np.float32)
     jv = np.asarray(prior, np.float32)
     v_i, s_i = brightness_saturation(img, visible_idx)
@@ -284,7 +273,7 @@ def phyvlm_kernel(
 
     # eqs. 3-4
     if a is None:
-        a, _, omega_region = atmospheric_light(img, v_i, s_i, kappa_percentile, cloud_region)
+        a, _, omega_region = atmospheric_light(img, v_i, s_i, p.kappa_percentile, cloud_region)
     else:
         a = np.asarray(a, np.float32)
         omega_region = np.zeros(img.shape[1:], bool)
@@ -294,19 +283,19 @@ def phyvlm_kernel(
     # layers are smooth at radius base_radius >> k), and the U-weighted refinement below is then the Fast Guided
     # Filter taking t from that grid back to full resolution along the full-resolution guide.
     ny, nx = img.shape[1:]
-    k = int(physics_subsample) if min(ny, nx) >= 4 * int(physics_subsample) else 1
+    k = int(p.physics_subsample) if min(ny, nx) >= 4 * int(p.physics_subsample) else 1
     hall_full = np.maximum(0.0, box_mean(laplacian_magnitude(v_j), 1) - box_mean(laplacian_magnitude(v_i), 1))
     if k > 1:
         vi_c, vj_c = block_mean(v_i, k), block_mean(v_j, k)
-        rb = max(1, int(round(base_radius / k)))
-        i_b = guided_filter(vi_c, block_mean(img, k), rb, base_eps)
-        j_b = guided_filter(vj_c, block_mean(jv, k), rb, base_eps)
+        rb = max(1, int(round(p.base_radius / k)))
+        i_b = guided_filter(vi_c, block_mean(img, k), rb, p.base_eps)
+        j_b = guided_filter(vj_c, block_mean(jv, k), rb, p.base_eps)
         cand = None if shadow_candidates is None else block_mean(shadow_candidates.astype(np.float32), k) >= 0.5
         hall = block_mean(hall_full, k)
     else:
         vi_c = v_i
-        i_b = guided_filter(v_i, img, base_radius, base_eps, subsample=base_subsample)
-        j_b = guided_filter(v_j, jv, base_radius, base_eps, subsample=base_subsample)
+        i_b = guided_filter(v_i, img, p.base_radius, p.base_eps, subsample=p.base_subsample)
+        j_b = guided_filter(v_j, jv, p.base_radius, p.base_eps, subsample=p.base_subsample)
         cand = shadow_candidates
         hall = hall_full
 
@@ -327,56 +316,56 @@ def phyvlm_kernel(
     # eqs. 6-7 (with the shadow term, the re-synthesis is s t J^B + (1 - t) A)
     resid = di - (t_raw * s_raw)[None] * j_b + t_raw[None] * a3  # I^B - (s t J^B + (1 - t) A)
     r = np.sqrt((resid * resid).sum(axis=0))
-    lam_phy = max(float(robust_percentile(r, lambda_percentile, stride=2 if k == 1 else 1)), 1e-6)
-    lam_hall = max(float(robust_percentile(hall_full, lambda_percentile)), 1e-6)
+    lam_phy = max(float(robust_percentile(r, p.lambda_percentile, stride=2 if k == 1 else 1)), 1e-6)
+    lam_hall = max(float(robust_percentile(hall_full, p.lambda_percentile)), 1e-6)
     u = (np.exp(-r / lam_phy) * np.exp(-hall / lam_hall)).astype(np.float32)
 
     # U-weighted guided-filter refinement of t
     wu = u + np.float32(1e-3)
     if k > 1:
-        rt = max(1, int(round(t_radius / k)))
-        t = np.clip(guided_filter_coarse(v_i, vi_c, t_raw, rt, t_eps, wu), 0.0, 1.0).astype(np.float32)
+        rt = max(1, int(round(p.t_radius / k)))
+        t = np.clip(guided_filter_coarse(v_i, vi_c, t_raw, rt, p.t_eps, wu), 0.0, 1.0).astype(np.float32)
         s_sh = np.ones_like(t)
         if cand is not None and (s_raw < 1).any():
-            s_sh = np.clip(guided_filter_coarse(v_i, vi_c, s_raw, rt, t_eps, wu), 0.0, 1.0).astype(np.float32)
+            s_sh = np.clip(guided_filter_coarse(v_i, vi_c, s_raw, rt, p.t_eps, wu), 0.0, 1.0).astype(np.float32)
         up = upsample_bilinear(np.stack([u, t_raw, s_raw]), (ny, nx))
         u, t_raw, s_raw = up[0], up[1], up[2]
     else:
-        t = np.clip(guided_filter(v_i, t_raw, t_radius, t_eps, weights=wu, subsample=t_subsample),
+        t = np.clip(guided_filter(v_i, t_raw, p.t_radius, p.t_eps, weights=wu, subsample=p.t_subsample),
                     0.0, 1.0).astype(np.float32)
         s_sh = np.ones_like(t)
         if cand is not None and (s_raw < 1).any():
-            s_sh = np.clip(guided_filter(v_i, s_raw, t_radius, t_eps, weights=wu, subsample=t_subsample),
+            s_sh = np.clip(guided_filter(v_i, s_raw, p.t_radius, p.t_eps, weights=wu, subsample=p.t_subsample),
                            0.0, 1.0).astype(np.float32)
 
     # eq. 8 (with the shadow term: J = (I - A (1 - t)) / (s t); s = 1 gives eq. 8 exactly)
     if shadow_candidates is None:
-        j_phy = ((img - a3) / np.maximum(t, t0)[None] + a3).astype(np.float32)
+        j_phy = ((img - a3) / np.maximum(t, p.t0)[None] + a3).astype(np.float32)
     else:
-        tf = np.maximum(t, t0)[None]
-        j_phy = (((img - a3) / tf + a3) / np.maximum(s_sh, t0)[None]).astype(np.float32)
+        tf = np.maximum(t, p.t0)[None]
+        j_phy = (((img - a3) / tf + a3) / np.maximum(s_sh, p.t0)[None]).astype(np.float32)
 
     # eq. 9 (lp is linear: lp(J_VLM) - lp(J_phy) = lp(J_VLM - J_phy))
     j_cog = j_phy.copy()
-    if alpha:
-        if lp_weighted:
+    if p.alpha:
+        if p.lp_weighted:
             # visibility-weighted low-pass: opaque pixels (t -> 0, J_phy meaningless) do not leak into their
             # neighbours' correction (normalized convolution lp(t d) / lp(t))
             wt = np.maximum(t * s_sh, 1e-3)
-            corr = box_mean(wt[None] * (jv - j_phy), lp_radius) / box_mean(wt, lp_radius)[None]
+            corr = box_mean(wt[None] * (jv - j_phy), p.lp_radius) / box_mean(wt, p.lp_radius)[None]
         else:
-            corr = box_mean(jv - j_phy, lp_radius)
-        j_cog += np.float32(alpha) * u[None] * corr
-    if beta:
-        j_cog += np.float32(beta) * t[None] * (img - box_mean(img, lp_radius))
+            corr = box_mean(jv - j_phy, p.lp_radius)
+        j_cog += np.float32(p.alpha) * u[None] * corr
+    if p.beta:
+        j_cog += np.float32(p.beta) * t[None] * (img - box_mean(img, p.lp_radius))
 
     # reference aligned on high-visibility pixels, eqs. 10-11
-    w = np.exp(-gamma * (1.0 - t * s_sh)).astype(np.float32)
-    if omega_t_floor > 0:
-        w[t < omega_t_floor] = 0.0
-    visible = (t >= t_visible) & (s_raw >= 1.0 - 1e-6)
+    w = np.exp(-p.gamma * (1.0 - t * s_sh)).astype(np.float32)
+    if p.omega_t_floor > 0:
+        w[t < p.omega_t_floor] = 0.0
+    visible = (t >= p.t_visible) & (s_raw >= 1.0 - 1e-6)
     if fallback_region is not None:  # a cloudy reference only where the target is opaque (t below t0)
-        fallback_region = fallback_region & (t < max(omega_t_floor, t0))
+        fallback_region = fallback_region & (t < max(p.omega_t_floor, p.t0))
     if aligned_reference is not None:
         ref, ref_idx = aligned_reference
         # the estimate may hold cloudy-reference fallbacks where no reference is clear: keep them only where the
@@ -389,8 +378,8 @@ def phyvlm_kernel(
             ref = np.where(drop[None], np.nan, ref).astype(np.float32)
             ref_idx = np.where(drop, -1, ref_idx).astype(np.int16)
     else:
-        ref, ref_idx = composite_reference(img, references, reference_valid, visible, reference_combine, alignment,
-                                           fallback_region)
+        ref, ref_idx = composite_reference(img, references, reference_valid, visible, p.reference_combine,
+                                           alignment, fallback_region)
     has_ref = ref_idx >= 0
     if has_ref.any():
         # eq. 10 as J_cog + (1 - ω) (I_ref - J_cog): one fused pass, no boolean gathers
@@ -458,6 +447,15 @@ class PhyVLMParams(ModelParams):
     ssl: SelfSupervisedParams | None = None
 
 
+def paper_params(**overrides: Any) -> PhyVLMParams:
+    """The paper's kernel (eqs. 3-11 as written: the best-ranked reference alone, no ω floor, eqs. 5-7 at full
+    resolution, no shadow term, plain low-pass), with ``overrides``; :class:`PhyVLMParams` defaults add the
+    extensions and deviations the module docstring lists."""
+    fields: dict[str, Any] = {"reference_combine": "first", "omega_t_floor": 0.0, "physics_subsample": 1,
+                              "shadow_term": False, "lp_weighted": False}
+    return PhyVLMParams(**{**fields, **overrides})
+
+
 def kernel_halo(p: PhyVLMParams) -> int:
     """Receptive field (pixels) of the kernel's filters: base layers (guided filter, 2 r), the t refinement
     (2 r), the low-pass of eq. 9 (r) and the 3x3 texture/gradient stencils."""
@@ -510,16 +508,11 @@ class PhyVLMCR(RemovalModelBase):
         vis = [tile.bands.index(b) for b in VISIBLE] if all(b in tile.bands for b in VISIBLE) else None
         a = context.get("A")
         k = phyvlm_kernel(
-            img, jv, tile.references, reference_validity(tile), visible_idx=vis,
-            shadow_candidates=tile.cloud_mask if p.shadow_term else None, reference_combine=p.reference_combine,
-            base_radius=p.base_radius, base_eps=p.base_eps, base_subsample=p.base_subsample,
-            t_radius=p.t_radius, t_eps=p.t_eps, t_subsample=p.t_subsample, t0=p.t0, alpha=p.alpha, beta=p.beta,
-            lp_radius=p.lp_radius, gamma=p.gamma, kappa_percentile=p.kappa_percentile,
-            lambda_percentile=p.lambda_percentile, t_visible=p.t_visible,
+            img, jv, tile.references, reference_validity(tile), p, visible_idx=vis,
+            shadow_candidates=tile.cloud_mask,
             a=None if a is None else np.asarray(a, np.float32),
             cloud_region=None if a is not None else self.cloud_region(tile),
             alignment=context.get("alignment_visible"),
-            omega_t_floor=p.omega_t_floor, lp_weighted=p.lp_weighted, physics_subsample=p.physics_subsample,
             fallback_region=fallback_region(tile, p.fallback_prob),
             aligned_reference=prior.reference,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import warnings
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from cloudfree.models._filters import block_mean, guided_filter, nanmedian_axis0, upsample_bilinear
-from cloudfree.models.phyvlm import PhyVLMCR, atmospheric_light, brightness_saturation, phyvlm_kernel
+from cloudfree.models.phyvlm import PhyVLMCR, atmospheric_light, brightness_saturation, paper_params, phyvlm_kernel
 from cloudfree.models.priors import (
     DiffusersPrior,
     ModelPrior,
@@ -107,7 +108,7 @@ def test_atmospheric_light_restricted_to_thick_cloud_region():
 def test_omega_floor_zeroes_weight_where_t_is_clamped(case):
     no_ref = np.zeros((0,) + case.target.shape, np.float32)
     k = phyvlm_kernel(case.target, case.truth, no_ref, np.zeros((0,) + case.target.shape[1:], bool),
-                      visible_idx=[0, 1, 2], omega_t_floor=0.1)
+                      paper_params(omega_t_floor=0.1), visible_idx=[0, 1, 2])
     low = k.t < 0.1
     assert low.any() and np.all(k.omega[low] == 0)
     np.testing.assert_allclose(k.omega[~low], np.exp(-4.0 * (1 - k.t[~low])), rtol=1e-5)
@@ -139,7 +140,7 @@ def test_kernel_recovers_known_transmission_with_ideal_prior(case):
     """With J_VLM = the true surface, eq. 5 inverts eq. 1: t matches the simulated transmission."""
     no_ref = np.zeros((0,) + case.target.shape, np.float32)
     k = phyvlm_kernel(case.target, case.truth, no_ref, np.zeros((0,) + case.target.shape[1:], bool),
-                      visible_idx=[0, 1, 2])
+                      paper_params(), visible_idx=[0, 1, 2])
     shadowless = case.regions["thin"] | case.regions["thick"] | ~case.regions["cloudy"]
     err = np.abs(k.t - case.transmission)[shadowless]
     assert np.median(err) < 0.05 and np.mean(err) < 0.08
@@ -269,9 +270,9 @@ def test_cloudy_reference_fallback_only_under_opaque_cloud(case):
     refs = case.references[1:2]
     none_clear = np.zeros((1,) + case.target.shape[1:], bool)
     fb = case.cloud_prob >= 0.5
-    k = phyvlm_kernel(case.target, case.truth, refs, none_clear, visible_idx=[0, 1, 2], omega_t_floor=0.1,
-                      fallback_region=fb)
-    k0 = phyvlm_kernel(case.target, case.truth, refs, none_clear, visible_idx=[0, 1, 2], omega_t_floor=0.1)
+    floor = paper_params(omega_t_floor=0.1)
+    k = phyvlm_kernel(case.target, case.truth, refs, none_clear, floor, visible_idx=[0, 1, 2], fallback_region=fb)
+    k0 = phyvlm_kernel(case.target, case.truth, refs, none_clear, floor, visible_idx=[0, 1, 2])
     thick = case.regions["thick"]
     used = k.reference_index >= 0
     assert not (k0.reference_index >= 0).any()
@@ -281,3 +282,28 @@ def test_cloudy_reference_fallback_only_under_opaque_cloud(case):
     tile = case.tile_inputs()
     off = build_model("phyvlm-cr", {"fallback_prob": None}).predict(tile)
     np.testing.assert_array_equal(build_model("phyvlm-cr").predict(tile).reflectance, off.reflectance)
+
+
+KERNEL_FIELDS = {"base_radius": 4, "base_eps": 1e-2, "base_subsample": 2, "t_radius": 4, "t_eps": 1e-2,
+                 "t_subsample": 1, "t0": 0.3, "alpha": 0.5, "beta": 0.3, "lp_radius": 4, "gamma": 2.0,
+                 "kappa_percentile": 70.0, "lambda_percentile": 50.0, "t_visible": 0.5,
+                 "reference_combine": "median", "omega_t_floor": 0.2, "lp_weighted": True, "physics_subsample": 2,
+                 "shadow_term": True}
+
+
+def test_kernel_reads_every_parameter_from_its_params(case):
+    """phyvlm_kernel takes the model's PhyVLMParams: changing any field it documents changes its outputs (no field
+    silently ignored). The model's outputs were checked byte-identical before and after the kernel moved from 29
+    keyword arguments to its Params (issue 23)."""
+    refs, valid = case.references, np.ones((len(case.references),) + case.target.shape[1:], bool)
+    valid[0, :40] = False  # the references differ where "first" and "median" choose
+
+    def run(params):
+        k = phyvlm_kernel(case.target, case.truth * 0.9, refs, valid, params, visible_idx=[0, 1, 2],
+                          shadow_candidates=case.cloud_mask)
+        return [np.asarray(getattr(k, f.name)) for f in dataclasses.fields(k)]
+
+    base = run(paper_params())
+    for name, value in KERNEL_FIELDS.items():
+        other = run(paper_params(**{name: value}))
+        assert any(a.shape != b.shape or not np.array_equal(a, b, equal_nan=True) for a, b in zip(base, other)), name
