@@ -106,6 +106,7 @@ def main(verbose: int, quiet: int) -> None:
       composite  incremental cloud-free composite of a region for a period
       evaluate   score models on the real multi-date stack, the real pair and simulated clouds
       models     list the registered removal models
+      report     list the run reports, or re-render one
     Start with `make demo`, which builds the embedded demo catalog and runs `cloudfree run`.
     """
     _setup_logging(verbose, quiet)
@@ -123,6 +124,11 @@ def _print_results(results, out_dir: Path) -> int:
         if r.seconds:
             line += f"  ({r.seconds:.1f} s)"
         click.echo(printable(line))
+        if r.status == "dry-run" and r.stats:
+            g = r.stats["grid"]
+            click.echo(printable(f"         grid {g['crs']} {g['shape'][0]}x{g['shape'][1]} px at {g['resolution']:g} m; "
+                       f"{r.stats['tiles']} tile(s) of {r.stats['tile_size']} px, halo {r.stats['halo']} px; "
+                       f"model {r.stats['model']} with {len(r.stats['model_references'])} reference(s)"))
         if r.metrics:
             m = r.metrics
             click.echo(
@@ -138,8 +144,10 @@ def _print_results(results, out_dir: Path) -> int:
         for k in ("reflectance", "quicklook", "item"):
             if k in r.outputs:
                 click.echo(printable(f"         {k}: {r.outputs[k]}"))
-    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "unrestored", "failed")}
-    click.echo(", ".join(f"{n} {s}" for s, n in counts.items() if n) or "nothing to do")
+    counts = {s: sum(r.status == s for r in results) for s in ("done", "skipped", "unrestored", "failed",
+                                                                 "dry-run")}
+    click.echo(", ".join(f"{n} {'planned (dry run)' if s == 'dry-run' else s}" for s, n in counts.items() if n)
+               or "nothing to do")
     click.echo(f"outputs in {out_dir.resolve()}")
     if failed:
         return EXIT_FAILED
@@ -157,9 +165,33 @@ _common = [
 
 
 def common(f):
-    for opt in reversed(_common):
+    for opt in reversed(_common + _where):
         f = opt(f)
     return f
+
+
+#: where to search, as pystac-client's ``stac-client search`` takes it (run and scene)
+_where = [
+    click.option("--catalog", "catalog_", metavar="CATALOG",
+                 help="Static catalog / stac-geoparquet path, STAC API URL, or a backend name (planetary-computer, "
+                      "earth-search, sentinel-hub); overrides catalog.kind/url."),
+    click.option("--collection", help="Optical collection; overrides catalog.collection."),
+    click.option("--bbox", type=float, nargs=4, default=None, metavar="MINX MINY MAXX MAXY",
+                 help="Area of interest in degrees (EPSG:4326); overrides search.aoi."),
+    click.option("--aoi", type=click.Path(dir_okay=False, exists=True),
+                 help="Area of interest as a GeoJSON file; overrides search.aoi."),
+    click.option("--period", help="ISO interval, e.g. 2024-06-01/2024-08-31 or 2024-06; overrides search.period."),
+]
+
+
+def _where_overrides(catalog_=None, collection=None, bbox=None, aoi=None, period=None) -> dict:
+    """``--catalog/--collection/--bbox/--aoi/--period`` as config sections (cloudfree.pipeline.api)."""
+    from cloudfree.pipeline.api import catalog_section, search_section
+
+    if bbox and aoi:
+        raise click.UsageError("give --bbox or --aoi, not both")
+    return {k: v for k, v in (("catalog", catalog_section(catalog_, collection)),
+                              ("search", search_section(bbox or None, aoi, period))) if v}
 
 
 def _overrides(model, out_dir, overwrite, no_progress) -> dict:
@@ -183,7 +215,7 @@ def _overrides(model, out_dir, overwrite, no_progress) -> dict:
 @click.option("--compare", "compare_model", default=None,
               help="Also run this model on the same targets and print both PSNRs where a target has a truth "
                    "asset (the demo: --compare reference-replace).")
-def run(config, model, out_dir, overwrite, dry_run, no_progress, compare_model) -> None:
+def run(config, model, out_dir, overwrite, dry_run, no_progress, compare_model, **where) -> None:
     """Batch job: every cloudy target the config's search finds in its AOI/period.
 
     Each target gets <out>/<target>__<model>/ with a reflectance COG, confidence and source COGs, a quicklook PNG
@@ -193,7 +225,7 @@ def run(config, model, out_dir, overwrite, dry_run, no_progress, compare_model) 
     from cloudfree.pipeline.runner import run as run_job
 
     try:
-        cfg = _load(config, **_overrides(model, out_dir, overwrite, no_progress))
+        cfg = _load(config, **_overrides(model, out_dir, overwrite, no_progress), **_where_overrides(**where))
         results = run_job(cfg, dry_run=dry_run)
         code = _print_results(results, cfg.output.dir)
         if compare_model and not dry_run:
@@ -230,13 +262,13 @@ def comparison_table(results, other, name: str, other_name: str) -> str:
 @main.command()
 @click.argument("item_id")
 @common
-def scene(item_id, config, model, out_dir, overwrite, dry_run, no_progress) -> None:
+def scene(item_id, config, model, out_dir, overwrite, dry_run, no_progress, **where) -> None:
     """One target scene ITEM_ID (a STAC item id in the configured catalog)."""
     from cloudfree.pipeline.errors import CloudfreeError
     from cloudfree.pipeline.runner import run as run_job
 
     try:
-        cfg = _load(config, **_overrides(model, out_dir, overwrite, no_progress))
+        cfg = _load(config, **_overrides(model, out_dir, overwrite, no_progress), **_where_overrides(**where))
         results = run_job(cfg, dry_run=dry_run, targets=[item_id])
     except CloudfreeError as exc:
         _fail(exc)
@@ -329,23 +361,45 @@ def search_command(
 
 
 @main.command()
-def models() -> None:
-    """List the registered removal models and what each needs."""
-    from cloudfree.models.registry import available_models
+@click.argument("run_id", required=False)
+@click.option("-c", "--config", type=click.Path(dir_okay=False), help="YAML config (its output.dir).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder; overrides output.dir.")
+def report(run_id, config, out_dir) -> None:
+    """List the run reports of an output folder (no RUN_ID), or re-render RUN_ID's report (Markdown, HTML, PNGs;
+    RUN_ID `latest` = the newest) from the results saved with it and the outputs as they are now.
 
-    from cloudfree.models.registry import build_model
+    \b
+    Example:
+      cloudfree report --out outputs/demo            # runs, newest first
+      cloudfree report latest --out outputs/demo     # re-render the newest
+    """
+    from cloudfree.pipeline.errors import CloudfreeError
+    from cloudfree.pipeline.run_report import list_reports, rerender
 
-    for name, cls in available_models().items():
-        try:  # an instance with the default params declares its real halo (radii, prior)
-            s = build_model(name).spec
-        except Exception:  # noqa: BLE001  (a plug-in that cannot be built still gets listed)
-            s = cls.spec
-        needs = [n for n, flag in (("reference", s.needs_reference), ("SAR", s.needs_sar),
-                                   ("SAR if available", s.accepts_sar and not s.needs_sar)) if flag]
-        click.echo(f"{name:20s} {s.description}")
-        click.echo(f"{'':20s} level {s.level}, halo {s.halo} px, needs: {', '.join(needs) or 'nothing extra'}")
-        if getattr(s, "experimental", ""):
-            click.echo(f"{'':20s} EXPERIMENTAL (run refuses it without model.allow_experimental): {s.experimental}")
+    try:
+        folder = Path(out_dir) if out_dir else _load(config).output.dir
+        if run_id:
+            click.echo(f"report: {rerender(folder, run_id)}")
+            return
+        rows = list_reports(folder)
+    except CloudfreeError as exc:
+        _fail(exc)
+    if not rows:
+        click.echo(f"no run reports under {Path(folder) / 'reports'}")
+    for r in rows:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(r["counts"].items())) or "results not saved"
+        click.echo(f"{r['run_id']}  {r['created'][:19]}  model {r['model']}  {counts}  {r['path']}")
+
+
+@main.command()
+@click.option("--markdown", is_flag=True, help="Print the README's model table (generated from the same source).")
+def models(markdown) -> None:
+    """List the registered removal models and what each needs (the default marked). Builds no model and imports
+    no model module: the listing comes from cloudfree/models/summary.py, checked against every model's spec by
+    the tests."""
+    from cloudfree.models.summary import markdown_table, text_listing
+
+    click.echo(markdown_table() if markdown else text_listing(), nl=not markdown)
 
 
 @main.command()

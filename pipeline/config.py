@@ -430,8 +430,28 @@ def default_max_pixels() -> int:
     return max(int(phys // 8), 10980 * 10980)
 
 
+#: config keys that hold local paths: relative ones in a config file are relative to that file's folder
+PATH_KEYS = (("catalog", "url"), ("search", "aoi"), ("output", "dir"))
+
+
+def relative_to_file(data: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``data`` with the relative local paths of :data:`PATH_KEYS` joined to ``folder`` (a config copied to
+    another folder, or run from another working directory, still finds its catalog, AOI and output folder; the
+    environment and the command line stay relative to the working directory). URLs, bboxes and absolute paths are
+    left as they are."""
+    import os
+
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for sec, key in PATH_KEYS:
+        v = out.get(sec, {}).get(key) if isinstance(out.get(sec), dict) else None
+        if isinstance(v, str) and v and "://" not in v and not os.path.isabs(os.path.expanduser(v)):
+            out[sec][key] = os.path.normpath(folder / os.path.expanduser(v))
+    return out
+
+
 def load_config(path: str | Path | None = None, *, env: bool = True) -> Config:
-    """Read a YAML config (None = defaults), apply the ``CLOUDFREE_SECTION__KEY[__SUBKEY...]`` environment
+    """Read a YAML config (None = defaults; relative paths in it are relative to its folder,
+    :func:`relative_to_file`), apply the ``CLOUDFREE_SECTION__KEY[__SUBKEY...]`` environment
     overrides (:func:`_env_overrides`); problems with an override name the variable."""
     data: dict[str, Any] = {}
     if path is not None:
@@ -444,6 +464,7 @@ def load_config(path: str | Path | None = None, *, env: bool = True) -> Config:
             raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections, got {type(data).__name__}")
+        data = relative_to_file(data, p.resolve().parent)
     origin: dict[tuple[str, ...], str] = {}
     if env:
         over, origin = _env_overrides()

@@ -232,6 +232,7 @@ def write_report(results: Sequence, cfg, run_id: str, model_name: str, skipped: 
     out_dir = Path(cfg.output.dir)
     report_dir = out_dir / "reports" / run_id
     report_dir.mkdir(parents=True, exist_ok=True)
+    save_results(results, report_dir, run_id, model_name, out_dir, skipped)
     md = render_markdown(results, run_id, model_name, report_dir, out_dir, skipped)
     for name, text in (("report.md", md), ("report.html", markdown_to_html(md, f"cloudfree run {run_id}"))):
         tmp = report_dir / f".{name}.tmp"
@@ -240,4 +241,91 @@ def write_report(results: Sequence, cfg, run_id: str, model_name: str, skipped: 
     latest = out_dir / "reports" / ".latest.md.tmp"
     latest.write_text(f"# Latest cloudfree run\n\n[{run_id}]({run_id}/report.md)\n")
     latest.replace(out_dir / "reports" / "latest.md")
+    return report_dir / "report.md"
+
+
+RESULTS = "results.json"
+
+
+def save_results(results: Sequence, report_dir: Path, run_id: str, model_name: str, out_dir: Path,
+                 skipped: Sequence = ()) -> Path:
+    """The run's results as JSON beside its report (output paths relative to ``out_dir``), so ``cloudfree report``
+    can list runs and re-render a report later."""
+    import dataclasses
+    import json
+    from datetime import datetime, timezone
+
+    def rel(v):
+        try:
+            return Path(v).resolve().relative_to(Path(out_dir).resolve()).as_posix()
+        except ValueError:
+            return str(v)
+
+    rows = []
+    for r in results:
+        d = dataclasses.asdict(r)
+        d["outputs"] = {k: rel(v) for k, v in r.outputs.items()}
+        rows.append(d)
+    payload = {"run_id": run_id, "model": model_name, "created": datetime.now(timezone.utc).isoformat(),
+               "results": rows, "skipped": [{"id": str(k.id), "reason": str(k.reason)} for k in skipped]}
+    path = Path(report_dir) / RESULTS
+    tmp = path.with_name(f".{RESULTS}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def list_reports(out_dir: str | Path) -> list[dict]:
+    """The run reports under ``<out_dir>/reports/``, newest first: run id, when, model, counts by status."""
+    import json
+    from collections import Counter
+    from datetime import datetime, timezone
+
+    rows = []
+    for d in (Path(out_dir) / "reports").glob("*/"):
+        stamp = next((f for f in (d / "report.md", d / RESULTS) if f.exists()), None)
+        if stamp is None:
+            continue
+        row = {"run_id": d.name, "path": d / "report.md", "model": "?", "counts": {},
+               "created": datetime.fromtimestamp(stamp.stat().st_mtime, timezone.utc).isoformat()}
+        if (d / RESULTS).exists():
+            payload = json.loads((d / RESULTS).read_text())
+            row.update(model=payload["model"], created=payload["created"],
+                       counts=dict(Counter(r["status"] for r in payload["results"])))
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["created"], reverse=True)
+
+
+def rerender(out_dir: str | Path, run_id: str = "latest") -> Path:
+    """Re-render ``report.md``/``report.html`` and the PNGs of run ``run_id`` (``latest``: the newest) from its
+    saved results and the outputs as they are now; returns the Markdown path."""
+    import json
+
+    from cloudfree.pipeline.errors import ConfigError
+    from cloudfree.pipeline.runner import TargetResult
+
+    out_dir = Path(out_dir)
+    reports = list_reports(out_dir)
+    if run_id == "latest":
+        if not reports:
+            raise ConfigError(f"no run reports under {out_dir / 'reports'}; run `cloudfree run` first or pass --out")
+        run_id = reports[0]["run_id"]
+    report_dir = out_dir / "reports" / run_id
+    if not (report_dir / RESULTS).exists():
+        known = ", ".join(r["run_id"] for r in reports) or "none"
+        raise ConfigError(f"run {run_id!r} has no saved results under {report_dir} (runs listed: {known}); "
+                          "reports written before results were saved cannot be re-rendered")
+    payload = json.loads((report_dir / RESULTS).read_text())
+    results = []
+    for d in payload["results"]:
+        d["outputs"] = {k: out_dir / v for k, v in d["outputs"].items()}
+        results.append(TargetResult(**d))
+    from types import SimpleNamespace
+
+    skipped = [SimpleNamespace(**k) for k in payload.get("skipped", [])]
+    md = render_markdown(results, run_id, payload["model"], report_dir, out_dir, skipped)
+    for name, text in (("report.md", md), ("report.html", markdown_to_html(md, f"cloudfree run {run_id}"))):
+        tmp = report_dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(report_dir / name)
     return report_dir / "report.md"

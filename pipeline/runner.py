@@ -174,10 +174,17 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
     run_id = uuid.uuid4().hex[:12]
     out_dir = Path(cfg.output.dir)
 
+    from cloudfree.pipeline.progress import BatchProgress
+
+    progress = BatchProgress(len(plans), "targets", enabled=cfg.run.progress and not dry_run)
+
     def one(plan: TargetPlan) -> TargetResult:
         refs = [c.item.id for c in plan.references]
         if dry_run:
-            return TargetResult(plan.target.id, "dry-run", refs)
+            try:
+                return TargetResult(plan.target.id, "dry-run", refs, stats=dry_run_plan(plan, model, cfg))
+            except CloudfreeError as exc:
+                return TargetResult(plan.target.id, "failed", refs, error=str(exc))
         t0 = time.perf_counter()
         try:  # one failing target never stops the batch: it is recorded and the next one runs
             res = _run_target(plan, model, cfg, run_id, out_dir, catalog=catalog)
@@ -189,9 +196,10 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
             log.debug("%s: traceback", plan.target.id, exc_info=True)
             res = TargetResult(plan.target.id, "failed", refs, error=msg)
         res.seconds = time.perf_counter() - t0
+        progress.update(plan.target.id, res.status)
         return res
 
-    with dask_context(cfg):
+    with dask_context(cfg), progress:
         results = map_units(one, plans, concurrent_units(cfg))
     if cfg.output.report and not dry_run:
         from cloudfree.pipeline.run_report import write_report
@@ -202,6 +210,21 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
         except (OSError, ValueError) as exc:  # a report problem must not fail a finished run
             log.error("run report could not be written: %s", exc)
     return results
+
+
+def dry_run_plan(plan: TargetPlan, model, cfg: Config) -> dict:
+    """What a run would do for ``plan`` without reading a pixel: the output grid, the tile plan (count, size,
+    halo), the model and the references it would get."""
+    from cloudfree.stages.load import output_geobox
+    from cloudfree.stages.search import load_aoi
+    from cloudfree.stages.tile import plan_tiles
+
+    geobox = output_geobox(plan.target, cfg.grid, load_aoi(cfg.search.aoi)[0])
+    halo = cfg.tile.halo if cfg.tile.halo is not None else model.spec.halo
+    tiles = plan_tiles(geobox.shape, cfg.tile.size, halo)
+    return {"grid": {"crs": str(geobox.crs), "shape": list(geobox.shape), "resolution": abs(geobox.resolution.x)},
+            "tiles": len(tiles), "tile_size": cfg.tile.size, "halo": halo, "model": model.name,
+            "model_references": [c.item.id for c in model_references(plan, model.spec.max_references, cfg)]}
 
 
 def _run_target(plan: TargetPlan, model, cfg: Config, run_id: str, out_dir: Path, catalog=None) -> TargetResult:
