@@ -50,6 +50,12 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
         "odc-stac's reader-open tasks are inlined into the chunk reads, so every read is its own graph root and "
         "blocks are reduced as they arrive (memory flat with the area).",
     ),
+    PrivateAPI(
+        "odc-stac", "odc.stac._mdtools", ("StacAuxReader",), "0.5.3",
+        "stages/load.py (SigningRioDriver)",
+        "the signing reader driver subclasses odc-loader's public RioDriver and needs the aux reader odc-stac "
+        "gives its own default driver; odc-stac does not export it.",
+    ),
 )
 
 

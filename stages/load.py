@@ -22,7 +22,7 @@ from typing import Sequence
 import dask
 import dask.array as dsa
 import numpy as np
-import odc.loader._rio
+import odc.loader
 import odc.stac
 import pystac
 import rasterio
@@ -211,7 +211,7 @@ def reader_driver(items: Sequence[pystac.Item]):
     return None if signer is None else SigningRioDriver(signer)
 
 
-class SigningRioDriver(odc.loader._rio.RioDriver):
+class SigningRioDriver(odc.loader.RioDriver):
     """odc-loader's rasterio driver with every source href signed when it is opened (picklable: the signer is
     its settings; each process keeps its own token cache)."""
 
@@ -222,7 +222,7 @@ class SigningRioDriver(odc.loader._rio.RioDriver):
         self.signer = signer
 
     def open(self, src, ctx):  # noqa: ANN001 - odc-loader's ReaderDriver interface
-        return odc.loader._rio.RioReader(src.patch(uri=self.signer(src.uri)), ctx)
+        return odc.loader.RioReader(src.patch(uri=self.signer(src.uri)), ctx)
 
     def __reduce__(self):
         return (SigningRioDriver, (self.signer,))
