@@ -119,10 +119,10 @@ def _layer(stack, name: str):
 
 
 def _mask_from(layer, kind: str, cfg):
-    from cloudfree.stages.masks import cldprb_mask, scl_mask
-
     """``(mask, prob, opened)`` of a layer; ``opened`` (flagged pixels the mask refinement's opening removed) is
     None for SCL (no opening)."""
+    from cloudfree.stages.masks import cldprb_mask, scl_mask
+
     if kind == "scl":
         return (*scl_mask(layer, cfg), None)
     return cldprb_mask(layer.astype(np.float32), cfg, with_opened=True)

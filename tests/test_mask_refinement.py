@@ -158,3 +158,31 @@ def test_default_refinement_is_the_one_docs_masks_computed():
 
     doc = json.loads((Path(__file__).resolve().parents[1] / "docs" / "masks.json").read_text())
     assert doc["default_refinement"]["chosen"] == MaskConfig().refinement
+
+
+def test_python_api_marks_opened_specks_too(tmp_path):
+    """``cloudfree.remove(..., mask="cldprb")`` builds its mask with the same kernel: the default refinement keeps
+    the specks cloudy (restored), the paper's labels them ``SOURCE_OPENED``; never ``SOURCE_TARGET``."""
+    import odc.stac
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+
+    import cloudfree
+    from cloudfree.pipeline.config import MaskConfig
+    from cloudfree.pipeline.contract import SOURCE_OPENED, SOURCE_TARGET
+
+    items = [_item(TARGET, tmp_path / "target", SPECKS)] + [_item(r, tmp_path / r) for r in REFS]
+    p = items[0].properties
+    grid = GeoBox(tuple(p["proj:shape"]), Affine(*p["proj:transform"][:6]), f"EPSG:{p['proj:epsg']}")
+    ds = odc.stac.load(items, bands=[*BANDS, "CLDPRB"], geobox=grid, chunks={}, groupby="id",
+                       preserve_original_order=True)
+    rows, cols = np.array(SPECKS).T
+    for refinement in ("weak-opening", "paper"):
+        out = cloudfree.remove(ds.isel(time=[0]), ds.isel(time=slice(1, None)), mask="cldprb", model="temporal",
+                               mask_config=MaskConfig(refinement=refinement)).compute()
+        src = out.source.values[rows, cols]
+        assert not (src == SOURCE_TARGET).any(), (refinement, src)
+        if refinement == "paper":
+            assert (src == SOURCE_OPENED).all(), src
+        else:
+            assert (src >= 10).all() and (out.reflectance.values[0, rows, cols] < 0.2).all(), src
