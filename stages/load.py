@@ -538,7 +538,9 @@ def load_sar(items: Sequence[pystac.Item], geobox: GeoBox, pols: Sequence[str] =
                 open_with_retry(href, retries, delay)
             except ReadError as exc:
                 raise ReadError(f"Sentinel-1 item {it.id} asset {p}: {exc}") from None
-            src = rioxarray.open_rasterio(href, chunks={"x": chunk, "y": chunk}, masked=True).sel(band=idx)
+            # no directory listing on open (as the probe): remote blob stores answer it slowly or not at all
+            with rasterio.Env(**GDAL_RETRY_ENV):
+                src = rioxarray.open_rasterio(href, chunks={"x": chunk, "y": chunk}, masked=True).sel(band=idx)
             src_res = abs(float(src.rio.resolution()[0]))
             resampling = "average" if src_res * 1.5 < res else "bilinear"
             dst = xr_reproject(src.astype(np.float32), geobox, resampling=resampling, dst_nodata=np.nan,

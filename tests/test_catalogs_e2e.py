@@ -278,3 +278,43 @@ def test_readme_backend_configs_are_valid(kind) -> None:
     cfg = load_config(ROOT / "configs" / f"{kind}.yaml", env=False)
     assert cfg.catalog.kind == kind and cfg.catalog.url.startswith("https://") and cfg.mask.methods == ["auto"]
     assert not cfg.catalog.allow_local_hrefs
+
+
+def test_planetary_computer_sentinel1_rtc_is_signed(stac_data) -> None:
+    """PC's recorded sentinel-1-rtc item (footprint and projection set to the served file's: real S1 backscatter
+    from ../shared/data/s1-uk-10m, band 1 as `vv`) is read by the SAR loader through signed hrefs only."""
+    from odc.geo.geobox import GeoBox
+    from rasterio.warp import transform_bounds
+
+    from cloudfree.catalogs.base import SearchQuery
+    from cloudfree.catalogs.planetary_computer import PlanetaryComputerCatalog
+    from cloudfree.pipeline.config import CatalogConfig
+    from cloudfree.stages.load import load_sar
+
+    s1 = next(shared("s1-uk-10m").glob("S1_*.tif"))
+    with rasterio.open(s1) as ds:
+        expected, crs, transform, shape = ds.read(1), ds.crs, ds.transform, ds.shape
+        bbox = list(transform_bounds(ds.crs, "EPSG:4326", *ds.bounds))
+    item = copy.deepcopy(json.loads((stac_data / "stac-geoparquet" / "sentinel-1-rtc-pc.json").read_text())[0])
+    x0, y0, x1, y1 = bbox
+    item["bbox"], item["geometry"] = bbox, {"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1],
+                                                                                 [x0, y1], [x0, y0]]]}
+    item["properties"].update({"proj:epsg": crs.to_epsg(), "proj:transform": list(transform)[:6],
+                               "proj:shape": list(shape)})
+    item["links"] = []
+    with BackendServer(lambda p: s1 if p.endswith(".rtc.tiff") else None, require_sig=True) as srv:
+        for asset in item["assets"].values():
+            if ".blob.core.windows.net/" in asset["href"]:
+                account = asset["href"].split("://", 1)[1].split(".", 1)[0]
+                asset["href"] = f"{srv.url}/blob/{account}/{asset['href'].split('.blob.core.windows.net/', 1)[1]}"
+        srv.items = [item]
+        cat = PlanetaryComputerCatalog(CatalogConfig(
+            kind="planetary-computer", url=srv.url + "/stac", sas_url=srv.url + "/sas/token",
+            blob_endpoint=srv.url + "/blob", allow_local_hrefs=True, max_retries=0))
+        [found] = cat.search(SearchQuery(collections=("sentinel-1-rtc",)))
+        assert "?" not in found.assets["vv"].href  # unsigned until read
+        sar = load_sar([found], GeoBox(shape, transform, crs), chunk=128).compute()
+        assert srv.refused == [] and srv.tokens_issued == 1 and srv.blob_reads > 0
+    got = sar.sel(band="vv").values[0]
+    ok = np.isfinite(got) & np.isfinite(expected)
+    assert ok.mean() > 0.9 and np.allclose(got[ok], expected[ok], rtol=1e-5)
