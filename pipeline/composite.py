@@ -281,7 +281,8 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
         clean_stale_staging(out_dir, stem)
         stage = staging_dir(out_dir, stem, run_id)
         try:
-            _write_pixel_composite(ds, items, tile, period, cfg, geobox, bands, method, run_id, out_dir, stem, stage)
+            _write_pixel_composite(ds, items, tile, period, cfg, geobox, bands, method, run_id, out_dir, stem, stage,
+                                   best=stack[0])
             publish_dir(out_dir, stage, path.parent)
         except BaseException:
             safe_rmtree(out_dir, stage)
@@ -291,14 +292,26 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
 
 
 def _write_pixel_composite(ds, items: list[pystac.Item], tile: str, period: str, cfg: Config, geobox, bands, method: str,
-                           run_id: str, out_dir: Path, stem: str, stage: Path) -> None:
-    """The COGs and the item of one pixel composite, written into ``stage`` (published by the caller)."""
+                           run_id: str, out_dir: Path, stem: str, stage: Path, best=None) -> None:
+    """The COGs, the quicklook (``best``, the least cloudy acquisition | the composite | its low-confidence
+    pixels) and the item of one pixel composite, written into ``stage`` (published by the caller)."""
     from cloudfree.catalogs.harmonise import harmonise
-    from cloudfree.pipeline.runner import _progress_callback
+    from cloudfree.pipeline.runner import LOW_CONFIDENCE, QUICKLOOK_MAX, _progress_callback
     from cloudfree.stages.publish import output_item
-    from cloudfree.stages.write import paths_for, write_json_atomic, write_outputs
+    from cloudfree.stages.write import RGB, paths_for, quicklook, write_json_atomic, write_outputs
 
-    written, _ = write_outputs(ds, out_dir, stem, cfg.output, progress=_progress_callback(cfg), stage=stage)
+    k = max(1, int(np.ceil(max(geobox.shape) / QUICKLOOK_MAX)))
+    rgb = [b for b in RGB if b in bands]
+    extras = ()
+    if cfg.output.quicklook and len(rgb) == 3 and best is not None:  # computed in the same pass as the COGs
+        extras = (best.sel(band=rgb)[:, ::k, ::k].data, ds.reflectance.sel(band=rgb)[:, ::k, ::k].data,
+                  (ds.confidence[::k, ::k] < LOW_CONFIDENCE).data)
+    written, computed = write_outputs(ds, out_dir, stem, cfg.output, extra_compute=extras,
+                                      progress=_progress_callback(cfg), stage=stage)
+    if extras:
+        before, after, low = computed
+        written.files["quicklook"] = quicklook(before, after, low, stage / paths_for(out_dir, stem)["quicklook"].name,
+                                               title=f"{tile} {period}: least cloudy input | {method} composite")
     item = output_item(items[0], items[1:], written, geobox, bands, method, {}, run_id,
                        [harmonise(i).as_properties() for i in items],
                        collection_id=f"{cfg.output.collection}-composites",
@@ -422,4 +435,31 @@ def run_composite(cfg: Config, region: str | Path, period: str, *, force: bool =
         for res in map_units(one, todo, concurrent_units(cfg)):
             results[res.tile] = res
     results = [results[tile] for tile in plans]
+    if cfg.output.report:
+        _composite_report(results, cfg, out_dir, run_id)
     return results
+
+
+def _composite_report(results: list[CompositeResult], cfg: Config, out_dir: Path, run_id: str) -> Path | None:
+    """The run report of a composite run (``<out>/composites/reports/<run id>/``), as ``cloudfree run`` writes
+    one: per tile its quicklook, confidence and source maps and cover; listed by ``cloudfree report``."""
+    from cloudfree.pipeline.run_report import write_report
+    from cloudfree.pipeline.runner import TargetResult
+    from cloudfree.stages.write import paths_for
+
+    rows = []
+    for r in results:
+        outputs, stats = {}, {}
+        if r.item is not None and Path(r.item).exists():
+            outputs = {k: v for k, v in paths_for(out_dir, Path(r.item).parent.name).items() if v.exists()}
+            stats = json.loads(Path(r.item).read_text())["properties"].get("cloudfree:cover", {})
+        rows.append(TargetResult(f"{r.tile} {r.period}", r.status, list(r.inputs), outputs=outputs, error=r.error,
+                                 seconds=r.seconds, stats=stats))
+    try:
+        path = write_report(rows, cfg.replace(output={"dir": str(out_dir)}), run_id,
+                            f"{cfg.composite.method} composite")
+    except (OSError, ValueError) as exc:  # a report problem must not fail a finished run
+        log.error("composite report could not be written: %s", exc)
+        return None
+    log.info("composite report: %s", path)
+    return path

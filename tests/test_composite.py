@@ -187,6 +187,11 @@ def test_composite_is_incremental(demo_catalog, tmp_path):
     from tests.stac_schemas import validate
 
     validate(uuu.item)  # STAC core + every declared extension (vendored schemas)
+    # composites get a quicklook and a run report, like targets
+    assert (uuu.item.parent / item["assets"]["quicklook"]["href"]).is_file()
+    reports = list((tmp_path / "out" / "composites" / "reports").glob("*/report.md"))
+    assert len(reports) == 1 and "33UUU 2017-02" in reports[0].read_text()
+    assert (reports[0].parent / "results.json").is_file()
     cover = item["properties"]["cloudfree:cover"]
     assert 0 <= cover["low_confidence_after"] < 0.2
     # eo:cloud_cover counts what is not a usable clear estimate: low confidence and nodata (outside the footprints)

@@ -1,7 +1,7 @@
 """Benchmark: cloudfree against odc-stac on the same job, next to the I/O floor, as the area grows.
 
-``python -m pipeline.evaluation.bench --out bench`` (``make bench``) writes ``bench/bench.json`` and
-``bench/bench.md``. Every measurement runs in its own subprocess (wall time of the job, ``ru_maxrss`` of that
+``python -m cloudfree.pipeline.evaluation.bench --out docs`` (``make bench``) writes ``docs/bench.json`` and
+``docs/bench.md``. Every measurement runs in its own subprocess (wall time of the job, ``ru_maxrss`` of that
 process), all in the same run so the ratios compare like with like on a noisy machine.
 
 Data: the real Sentinel-2 L2A tile 29RKH (2020-02-19) decimated to 100 m in ``../shared/data``, as local STAC
