@@ -23,9 +23,11 @@ system (odc-geo's file sink writes part files next to the destination).
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 from xml.sax.saxutils import escape
 
 import numpy as np
@@ -234,10 +236,20 @@ def inline_reader_opens(dsk: dict) -> dict:
     return dsk
 
 
-#: task count of every graph :func:`compute_once` ran in this process (the benchmark reports them).
-GRAPH_SIZES: list[int] = []
-#: source tasks gated by :func:`bound_lookahead` in every graph :func:`compute_once` ran in this process.
-GATED: list[int] = []
+#: the observer :func:`observe_graphs` installed in this context (None: nothing is recorded).
+_GRAPH_OBSERVER: ContextVar[Callable[[int, int], None] | None] = ContextVar("cloudfree_graph_observer", default=None)
+
+
+@contextlib.contextmanager
+def observe_graphs(observer: Callable[[int, int], None]) -> Iterator[None]:
+    """Within the block, :func:`compute_once` calls ``observer(tasks, gated)`` for every graph it runs: its task
+    count after optimisation and the number of source tasks :func:`bound_lookahead` gated (the benchmark's graph
+    size). Scoped to the calling context (a thread the caller starts does not inherit it); nothing is kept."""
+    token = _GRAPH_OBSERVER.set(observer)
+    try:
+        yield
+    finally:
+        _GRAPH_OBSERVER.reset(token)
 
 
 def _n_workers() -> int:
@@ -384,16 +396,19 @@ def compute_once(*objs, markers: list[list] | None = None, lookahead: int | None
     keys = [c.__dask_keys__() for c in colls]
     markers = [list(m) for m in markers or ()]
     dsk = inline_reader_opens(dict(array_optimize(merged, list(flatten(keys)) + [k for m in markers for k in m])))
+    gated = 0
     if markers:
         if lookahead is None:
             lookahead = max(2, LOOKAHEAD_PER_WORKER * _n_workers())
-        GATED.append(bound_lookahead(dsk, markers, lookahead))
+        gated = bound_lookahead(dsk, markers, lookahead)
     name = "cloudfree-compute-once-" + tokenize(*colls)
     for i, (c, k) in enumerate(zip(colls, keys)):
         post, args = c.__dask_postcompute__()
         dsk[(name, i)] = (post, k, *args)
     dsk[name] = (list, [(name, i) for i in range(len(colls))])
-    GRAPH_SIZES.append(len(dsk))
+    observer = _GRAPH_OBSERVER.get()
+    if observer is not None:
+        observer(len(dsk), gated)
     results = Delayed(name, dsk).compute()
 
     def build(sp):
@@ -417,8 +432,6 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
     its own would fuse the shared reads into each of them and read the inputs again per consumer. The files'
     grid is ``geobox`` exactly (no padding, see :func:`_unpadded`).
     """
-    import contextlib
-
     if geobox is None:
         geobox = ds.reflectance.odc.geobox
     from dask.core import flatten

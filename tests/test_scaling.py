@@ -162,11 +162,12 @@ def test_each_input_chunk_is_read_once_and_halo_semantics_are_unchanged(items):
 
 def test_streaming_cog_writer_layout_metadata_and_determinism(tmp_path):
     """Valid COG (rio-cogeo), overviews, 512 px tiles, DEFLATE + predictor 2, nodata, scale/offset, band names;
-    pixels exact; identical bytes from the threaded and the synchronous scheduler."""
+    pixels exact; identical bytes from the threaded and the synchronous scheduler. The graph size reaches an
+    observer the caller passes in (observe_graphs), for the graphs run inside its block only."""
     import dask.array as dsa
     from rio_cogeo.cogeo import cog_info, cog_validate
 
-    from cloudfree.stages.cog import compute_once, cog_write, layer_array
+    from cloudfree.stages.cog import compute_once, cog_write, layer_array, observe_graphs
     from cloudfree.pipeline.config import GridConfig
     from cloudfree.stages.load import output_geobox
     from cloudfree.pipeline.evaluation.bench import local_29rkh_item
@@ -174,14 +175,16 @@ def test_streaming_cog_writer_layout_metadata_and_determinism(tmp_path):
     gb = output_geobox(local_29rkh_item(DATA), GridConfig(resolution=100))
     with rasterio.open(DATA / "B02.tif") as a, rasterio.open(DATA / "B04.tif") as b:
         dn = np.stack([a.read(1), b.read(1)])
-    outs = []
+    outs, seen = [], []
     for sched in ("threads", "sync"):
         dst = tmp_path / f"{sched}.tif"
         lay = layer_array(dsa.from_array(dn, chunks=(2, 512, 512)), gb, ["B02", "B04"], 0)
-        with dask.config.set(scheduler=sched):
+        with dask.config.set(scheduler=sched), observe_graphs(lambda tasks, gated: seen.append(tasks)):
             compute_once(cog_write(lay, dst, overview_resampling="average", scales=[1e-4, 1e-4], offsets=[0.0, 0.0]))
         outs.append(dst)
     assert outs[0].read_bytes() == outs[1].read_bytes()
+    compute_once(dsa.ones(4, chunks=2).sum())  # outside any observe_graphs block: not recorded
+    assert len(seen) == 2 and seen[0] == seen[1] > 0
     ok, errors, _ = cog_validate(outs[0], quiet=True)
     assert ok, errors
     assert len(cog_info(outs[0]).IFD) > 1

@@ -172,6 +172,7 @@ def run_one(job: str, factor: int, workers: int, folder: Path) -> dict:
 
     from cloudfree.models.registry import build_model
     from cloudfree.pipeline.runner import dask_context, process_target
+    from cloudfree.stages.cog import observe_graphs
     from cloudfree.stages.load import output_geobox
     from cloudfree.stages.search import Candidate, TargetPlan
     from cloudfree.stages.tile import plan_tiles
@@ -180,7 +181,9 @@ def run_one(job: str, factor: int, workers: int, folder: Path) -> dict:
     items = dated_items(folder, N_DATES)
     model_name = job.split(":", 1)[1] if job.startswith("scene:") else "reference-replace"
     n_tiles = 0
-    with tempfile.TemporaryDirectory(prefix="cloudfree-bench-") as tmp:
+    graph_sizes: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="cloudfree-bench-") as tmp, \
+            observe_graphs(lambda tasks, gated: graph_sizes.append(tasks)):
         out = Path(tmp)
         cfg = _config(res, out, model_name, workers)
         geobox = output_geobox(items[0], cfg.grid)
@@ -210,10 +213,8 @@ def run_one(job: str, factor: int, workers: int, folder: Path) -> dict:
                 raise SystemExit(f"unknown bench job {job!r}")
         secs = time.perf_counter() - t0
     npx = geobox.shape[0] * geobox.shape[1]
-    from cloudfree.stages.cog import GRAPH_SIZES
-
     blocks = -(-geobox.shape[0] // 512) * -(-geobox.shape[1] // 512)
-    return {"graph_tasks": max(GRAPH_SIZES) if GRAPH_SIZES else None, "blocks": blocks, "job": job, "factor": factor, "workers": workers, "resolution_m": res, "shape": list(geobox.shape),
+    return {"graph_tasks": max(graph_sizes) if graph_sizes else None, "blocks": blocks, "job": job, "factor": factor, "workers": workers, "resolution_m": res, "shape": list(geobox.shape),
             "megapixels": round(npx / 1e6, 3), "tiles": n_tiles, "seconds": round(secs, 2),
             "rss_after_imports_mb": round(base, 1), "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
