@@ -554,8 +554,13 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
     from cloudfree.stages.output_check import no_target_data
 
     if no_target_data(stats):
-        status, why = "unrestored", ("no target pixel could be read (every band nodata or a failed read): the output "
-                                     "would be the references under the target's date")
+        failed_bands = sorted({f.band for f in read_failures if f.item_id == target.id})
+        status, why = "unrestored", (
+            f"the target's band(s) {', '.join(failed_bands)} could not be read, so no target pixel is a complete "
+            "observation: the output holds the references where one is clear and nodata in those bands elsewhere"
+            if failed_bands else
+            "no target pixel could be read (every band nodata or a failed read): the output would be the references "
+            "under the target's date")
         extra["eo:cloud_cover"] = 100.0
     if checked is not None:
         extra["cloudfree:output_check"] = checked.as_properties()

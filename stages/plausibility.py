@@ -96,13 +96,16 @@ def _shadow_sample(item: pystac.Item, size: int = SAMPLE) -> np.ndarray | None:
     import rasterio
     from rasterio.enums import Resampling
 
+    from cloudfree.catalogs.access import readable_href
+    from cloudfree.catalogs.sentinel_hub import is_virtual
     from cloudfree.stages.load import GDAL_RETRY_ENV
 
     asset = item.assets.get("SCL")
-    if asset is None:
+    if asset is None or is_virtual(asset.href):  # not fetched yet (Sentinel Hub): nothing to sample
         return None
+    href = readable_href(item, "SCL")  # href policy + signing, as the loader and _read_sample
     try:
-        with rasterio.Env(**GDAL_RETRY_ENV), rasterio.open(asset.get_absolute_href() or asset.href) as ds:
+        with rasterio.Env(**GDAL_RETRY_ENV), rasterio.open(href) as ds:
             scl = ds.read(1, out_shape=(size, size), resampling=Resampling.nearest)
     except (rasterio.errors.RasterioError, OSError):
         return None

@@ -115,7 +115,8 @@ def test_compose_file_starts_a_scheduler_two_workers_and_the_job(monkeypatch):
     assert env["CLOUDFREE_RUN__SCHEDULER"] == "distributed" and env["CLOUDFREE_RUN__ADDRESS"] == "tcp://scheduler:8786"
     for name, s in svc.items():
         assert s["image"] == "cloudfree:latest" and s["build"]["dockerfile"] == "docker/Dockerfile", name
-        assert "../outputs:/app/outputs" in s["volumes"], name  # workers write the COG parts: shared outputs
+        assert "outputs:/app/outputs" in s["volumes"], name  # workers write the COG parts: one shared (named) volume
+        assert "data:/app/data" in s["volumes"], name
     assert (ROOT / svc["cloudfree"]["build"]["dockerfile"]).exists()
     # the job's env overrides parse into a valid config
     from cloudfree.pipeline.config import load_config

@@ -144,8 +144,14 @@ def test_cloudfree_run_on_demo_catalog(tiny_weights, demo_config, name):
                               output={"dir": str(demo_config.output.dir) + f"-{name}"},
                               search={"targets": ["S2B_T33UUU_20170226_SIMTHIN"]})
     results = run(cfg)
-    assert [r.status for r in results] == ["done"], [r.error for r in results]
+    # the run path, not the quality: TINY test weights may write an implausible estimate, and the output check must
+    # then say so (unrestored, never 'done' with a wrong answer)
+    [res] = results
+    assert res.status == "done" or (res.status == "unrestored" and "output check" in res.error), (res.status, res.error)
     item = json.loads(results[0].outputs["item"].read_text())
+    assert item["properties"]["cloudfree:status"] == res.status
+    if res.status == "unrestored":
+        assert item["properties"]["cloudfree:output_check"]["ok"] is False
     from cloudfree.models._weights import file_sha256
 
     recorded = item["properties"]["cloudfree:model"]

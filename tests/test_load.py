@@ -110,7 +110,8 @@ def test_failed_target_pixels_reach_the_output_as_source_failed(demo_config, dem
                                          same_tile=True, score=1.0, reason="test"),), ())
     model = build_model(cfg.model.name, cfg.model.params)
     res = process_target(plan, model, cfg, "test")
-    assert res.status == "done"
+    # no target pixel is a complete observation (B04 failed everywhere): never 'done', and the reason names the band
+    assert res.status == "unrestored" and "B04 could not be read" in res.error, (res.status, res.error)
     with rasterio.open(res.outputs["source"]) as ds:
         src = ds.read(1)
     with rasterio.open(res.outputs["reflectance"]) as ds:
