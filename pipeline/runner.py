@@ -558,7 +558,7 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
         status, why = "unrestored", (
             f"the target's band(s) {', '.join(failed_bands)} could not be read, so no target pixel is a complete "
             "observation: the output holds the references where one is clear and nodata in those bands elsewhere"
-            if failed_bands else
+            if failed_bands and set(failed_bands) != set(bands) else
             "no target pixel could be read (every band nodata or a failed read): the output would be the references "
             "under the target's date")
         extra["eo:cloud_cover"] = 100.0

@@ -78,13 +78,19 @@ def filter_items(items: list[dict], body: dict) -> list[dict]:
 
 class BackendServer:
     def __init__(self, files: Callable[[str], Path | None], *, items: list[dict] | None = None,
-                 require_sig: bool = False, token_ttl: float = 3600.0, read_delay: float = 0.0, sh_files: dict[str, Path] | None = None) -> None:
+                 require_sig: bool = False, token_ttl: float = 3600.0, read_delay: float = 0.0, sh_files: dict[str, Path] | None = None,
+                 stall_after_reads: int | None = None, refresh_margin: float = 0.0) -> None:
         self.files = files
         self.items = list(items or [])
         self.require_sig = require_sig
         self.token_ttl = token_ttl
         #: seconds each blob read waits (stretches a run past a short token's life)
         self.read_delay = read_delay
+        #: after this many blob reads the server paces the run so that it crosses the first token's expiry whatever
+        #: the machine's speed (see ``_pace``); ``refresh_margin`` is the client's sas_refresh_margin
+        self.stall_after_reads = stall_after_reads
+        self.refresh_margin = refresh_margin
+        self.read_times: list[float] = []
         self.sh_files = dict(sh_files or {})
         self.sigs: dict[str, float] = {}
         self.tokens_issued = 0
@@ -117,6 +123,18 @@ class BackendServer:
             self.token_expiries.append(exp)
         se = datetime.fromtimestamp(exp, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         return {"token": f"se={se.replace(':', '%3A')}&sp=rl&sv=2024-05-04&sr=c&sig={sig}", "msft:expiry": se}
+
+    def _pace(self, query: str) -> None:
+        """Hold a signed blob read (after ``stall_after_reads``): one signed with the first token until the client's
+        refresh point (``refresh_margin`` before its expiry: a read then still has its margin left), one signed with a
+        later token until the first token has expired. The run so reaches the refresh and outlives the first token,
+        and every read is checked on arrival, as Azure does."""
+        if self.stall_after_reads is None or self.blob_reads <= self.stall_after_reads or not self.token_expiries:
+            return
+        sig = (parse_qs(query).get("sig") or [None])[0]
+        first = int(self.token_expiries[0])  # the server's clock truncates like the token's se= (whole seconds)
+        until = first - self.refresh_margin + 0.1 if self.sigs.get(sig) == self.token_expiries[0] else first + 0.2
+        time.sleep(max(0.0, until - time.time()))
 
     def sig_ok(self, query: str) -> bool:
         sig = (parse_qs(query).get("sig") or [None])[0]
@@ -241,6 +259,7 @@ class BackendServer:
                 server.blob_reads += 1
                 if server.read_delay:
                     time.sleep(server.read_delay)
+                server.read_times.append(time.time())
                 if rng:
                     m = re.match(r"bytes=(\d+)-(\d*)", rng)
                     a = int(m.group(1))
@@ -261,6 +280,7 @@ class BackendServer:
                         server.refused.append(self.path)
                         self._send(403, b'{"code": "AuthenticationFailed"}', head=head)
                         return
+                    server._pace(u.query)
                     self._file(server.files(path[len("/blob/"):]), head)
                 elif path.startswith("/files/"):
                     self._file(server.files(path[len("/files/"):]), head)
