@@ -16,11 +16,22 @@ reflectance). Every fit is bounded against scene-level statistics: the gain to :
 kept at the reference's median level when the gain is clamped) and the offset to ``OFFSET_ABS + OFFSET_REL x``
 the reference's median level of the band (two L2A dates of one place differ by BRDF, phenology and residual
 haze, not by a cloud's brightness). The scene fit (:func:`scene_alignment`) uses only *trustworthy* target pixels
-(:func:`trusted_clear`: clear by the mask, finite, and not brighter in blue than every clear reference by
-:data:`HAZE_MARGIN`, i.e. not haze the mask let through); when fewer than :data:`MIN_TRUSTED_FRACTION` of the
-target's valid pixels are trustworthy it falls back to no alignment (identity). The local field
-(:func:`local_alignment`) takes the same trusted pixels as its only input, and its correction can be bounded
-(``max_change``). Measured on the Romania evaluation (docs/evaluation.md; the numbers in /work/notes/issue-18.md).
+(:func:`trusted_clear`: clear by the mask, finite, and not brighter in blue than the clear references' median by
+:data:`HAZE_MARGIN`, i.e. not haze the mask let through; the median, not the maximum, so that a reference with
+haze the mask missed at the pixel does not shield a hazy target).
+
+**Graded fallback** (issues 18 and 24). How far the fit to the target is trusted grows with the share ``f`` of
+the target's valid pixels that are trustworthy (:func:`alignment_weight`): weight 0 at or below
+:data:`MIN_TRUSTED_FRACTION_LOW` (a target that is nearly all cloud, e.g. Romania 2019-06-21), 1 at or above
+:data:`MIN_TRUSTED_FRACTION`, linear between. Below full weight the target fit is blended with the scene-level
+fit of each reference onto the *consensus of the references* (their per-pixel median where at least
+:data:`CONSENSUS_MIN_REFERENCES` are clear; :func:`consensus_alignment`): when the target cannot tell the date's
+radiometric level, a reference whose whole scene is darker or hazier than the others (a scene-wide shadow, haze
+the mask missed) is mapped onto the others instead of being used as it is. There is no cliff: the mask stage's
+dilation (which takes clear pixels next to the cloud away) changed the old all-or-nothing decision on several
+evaluation cases (the mask-induced loss of ``cloudfree evaluate``). The local field (:func:`local_alignment`)
+takes the same trusted pixels as its only input, and its correction can be bounded (``max_change``). Measured on
+the Romania evaluation (docs/evaluation.md; /work/notes/issue-18-truth.md).
 """
 
 from __future__ import annotations
@@ -45,8 +56,13 @@ GAIN_BOUNDS = (0.8, 1.25)
 #: a fitted offset is clipped to +-(OFFSET_ABS + OFFSET_REL * the reference's median level of the band).
 OFFSET_ABS = 0.01
 OFFSET_REL = 0.1
-#: a scene fit needs this share of the target's valid pixels trustworthy (:func:`trusted_clear`), else identity.
+#: the fit to the target gets full weight from this share of the target's valid pixels trustworthy
+#: (:func:`trusted_clear`) up, ...
 MIN_TRUSTED_FRACTION = 0.3
+#: ... and none at or below this share (linear between; :func:`alignment_weight`).
+MIN_TRUSTED_FRACTION_LOW = 0.05
+#: the references' consensus (per-pixel median) is used where at least this many references are clear.
+CONSENSUS_MIN_REFERENCES = 3
 #: a mask-clear target pixel brighter in blue than every clear reference by this much is haze, not a fit pixel.
 HAZE_MARGIN = 0.01
 
@@ -100,8 +116,9 @@ def bound_fit(gain: float, offset: float, level: float) -> tuple[float, float]:
 
 def trusted_clear(tile: TileInputs) -> np.ndarray:
     """Target pixels an alignment may be fitted on: clear by the mask, finite, and not brighter in blue (B02) than
-    every clear reference at the pixel by :data:`HAZE_MARGIN` (haze or cloud the mask let through). Without B02 or
-    references: the mask-clear finite pixels."""
+    the median of the clear references at the pixel by :data:`HAZE_MARGIN` (haze or cloud the mask let through;
+    the median, so one reference with missed haze there does not shield the target). Without B02 or references:
+    the mask-clear finite pixels."""
     ok = ~np.asarray(tile.cloud_mask, bool) & np.isfinite(tile.target).all(axis=0)
     if "B02" not in tile.bands or tile.references.shape[0] == 0:
         return ok
@@ -109,8 +126,8 @@ def trusted_clear(tile: TileInputs) -> np.ndarray:
     rv = reference_validity(tile)
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN where no reference is clear
-        top = np.nanmax(np.where(rv, tile.references[:, ib], np.nan), axis=0)
-    return ok & ~(tile.target[ib] > top + HAZE_MARGIN)
+        level = nanmedian_axis0(np.where(rv, tile.references[:, ib], np.nan)[:, None])[0]
+    return ok & ~(tile.target[ib] > level + HAZE_MARGIN)
 
 
 def _ols(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -126,27 +143,69 @@ def apply_linear(reference: np.ndarray, gain: np.ndarray, offset: np.ndarray) ->
 
 
 def scene_alignment(sample: TileInputs) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Per-reference ``(gain, offset)`` fitted on the trustworthy target pixels (:func:`trusted_clear`) clear in the
-    reference too, bounded (:func:`fit_linear`), of a scene sample (the one scene-level alignment every
-    reference-based model uses; PhyVLM-CR refits on high-visibility pixels). Identity for every reference when too
-    few target pixels are trustworthy (:func:`alignment_trusted`)."""
+    """Per-reference ``(gain, offset)`` of a scene sample (the one scene-level alignment every reference-based
+    model uses; PhyVLM-CR refits on high-visibility pixels): the fit onto the trustworthy target pixels
+    (:func:`trusted_clear`) clear in the reference too, bounded (:func:`fit_linear`), with the weight
+    :func:`alignment_weight`; the rest of the weight goes to the fit onto the references' consensus
+    (:func:`consensus_alignment`), or to identity when there is no consensus (fewer than two references)."""
     nb = sample.target.shape[0]
+    nref = sample.references.shape[0]
     identity = (np.ones(nb, np.float32), np.zeros(nb, np.float32))
     target_ok = trusted_clear(sample)
-    if not alignment_trusted(sample, target_ok):
-        return [identity for _ in range(sample.references.shape[0])]
+    w = alignment_weight(sample, target_ok)
     ref_ok = reference_validity(sample)
-    return [fit_linear(sample.target, sample.references[i], thin_mask(target_ok & ref_ok[i]))
-            for i in range(sample.references.shape[0])]
+    fits = [fit_linear(sample.target, sample.references[i], thin_mask(target_ok & ref_ok[i])) if w > 0 else identity
+            for i in range(nref)]
+    if w >= 1:
+        return fits
+    fallback = consensus_alignment(sample, ref_ok) if nref >= 2 else [identity] * nref
+    return [blend_fit(fits[i], fallback[i], w) for i in range(nref)]
 
 
-def alignment_trusted(sample: TileInputs, trusted: np.ndarray | None = None) -> bool:
-    """Whether enough of the target is trustworthy for a fit: at least :data:`MIN_PIXELS` and
-    :data:`MIN_TRUSTED_FRACTION` of its valid pixels."""
+def blend_fit(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], weight: float,
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """``weight * a + (1 - weight) * b`` of two ``(gain, offset)`` fits (each within the bounds, so the blend is)."""
+    w = np.float32(weight)
+    return (w * a[0] + (1 - w) * b[0]).astype(np.float32), (w * a[1] + (1 - w) * b[1]).astype(np.float32)
+
+
+def consensus_alignment(sample: TileInputs, ref_ok: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per-reference bounded fit (:func:`fit_linear`) onto the references' consensus: their per-pixel median over
+    the clear ones, on the pixels where at least :data:`CONSENSUS_MIN_REFERENCES` are clear (identity for a
+    reference with fewer than :data:`MIN_PIXELS` such pixels). The scene-level alignment when the target itself
+    is not trustworthy (:func:`scene_alignment`)."""
+    refs = sample.references
+    ref_ok = reference_validity(sample) if ref_ok is None else ref_ok
+    nb = refs.shape[1]
+    identity = (np.ones(nb, np.float32), np.zeros(nb, np.float32))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        consensus = nanmedian_axis0(np.where(ref_ok[:, None], refs, np.nan))
+    enough = ref_ok.sum(axis=0) >= CONSENSUS_MIN_REFERENCES
+    out = []
+    for i in range(refs.shape[0]):
+        region = enough & ref_ok[i]
+        out.append(fit_linear(consensus, refs[i], thin_mask(region)) if region.sum() >= MIN_PIXELS else identity)
+    return out
+
+
+def alignment_weight(sample: TileInputs, trusted: np.ndarray | None = None) -> float:
+    """How far a fit onto the target is trusted, 0-1: 0 with fewer than :data:`MIN_PIXELS` trustworthy pixels
+    (:func:`trusted_clear`) or a trustworthy share ``f`` of the valid pixels at or below
+    :data:`MIN_TRUSTED_FRACTION_LOW`, 1 from :data:`MIN_TRUSTED_FRACTION` up, linear between (no cliff)."""
     trusted = trusted_clear(sample) if trusted is None else trusted
     valid = int(np.isfinite(sample.target).all(axis=0).sum())
     n = int(trusted.sum())
-    return n >= MIN_PIXELS and n >= MIN_TRUSTED_FRACTION * max(valid, 1)
+    if n < MIN_PIXELS:
+        return 0.0
+    f = n / max(valid, 1)
+    lo, hi = MIN_TRUSTED_FRACTION_LOW, MIN_TRUSTED_FRACTION
+    return float(np.clip((f - lo) / (hi - lo), 0.0, 1.0))
+
+
+def alignment_trusted(sample: TileInputs, trusted: np.ndarray | None = None) -> bool:
+    """Whether a fit onto the target gets any weight (:func:`alignment_weight` > 0)."""
+    return alignment_weight(sample, trusted) > 0
 
 
 def local_alignment(target: np.ndarray, pred: np.ndarray, fit: np.ndarray, radius: int, eps: float = 1e-3,

@@ -113,7 +113,8 @@ from pydantic import Field
 
 from cloudfree.models._align import (
     MIN_PIXELS,
-    alignment_trusted,
+    alignment_weight,
+    blend_fit,
     composite_reference,
     fallback_region,
     fill_target,
@@ -541,11 +542,12 @@ class PhyVLMCR(RemovalModelBase):
             # itself fell back to identity (too few of them): models._align
             trusted = trusted_clear(sample)
             visible = target_ok & k.visible & trusted
+            weight = alignment_weight(sample, trusted)  # graded as the scene fit: models._align
             refit = []
             for i in range(len(align)):
                 region = thin_mask(visible & ref_ok[i])
-                refit.append(fit_linear(sample.target, sample.references[i], region)
-                             if region.sum() >= MIN_PIXELS and alignment_trusted(sample, trusted) else align[i])
+                refit.append(blend_fit(fit_linear(sample.target, sample.references[i], region), align[i], weight)
+                             if region.sum() >= MIN_PIXELS and weight > 0 else align[i])
             ctx["alignment_visible"] = refit
         log.info("%s: scene A=%s, %d alignment(s)", sample.target_id, np.round(a, 4), len(align))
         return ctx

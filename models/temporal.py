@@ -207,15 +207,19 @@ def temporal_estimate(
 
 
 def confidently_clear(tile: TileInputs, max_prob: float, margin: int) -> np.ndarray:
-    """Target pixels trusted for the local alignment: outside the cloud mask grown by ``margin`` pixels and with
-    ``cloud_prob <= max_prob`` (NaN = unknown, not trusted). The mask stage's threshold lets thin haze through
-    as "clear"; a local fit on hazy pixels would carry the haze into the gaps."""
+    """Target pixels trusted for the local alignment: trustworthy (:func:`models._align.trusted_clear`, outside the
+    cloud mask), with ``cloud_prob <= max_prob`` (NaN = unknown, not trusted) and ``margin`` pixels away from every
+    pixel whose ``cloud_prob`` exceeds it. The mask stage's threshold lets thin haze through as "clear"; a local
+    fit on hazy pixels would carry the haze into the gaps. The margin is measured from the cloud (its probability),
+    not from the mask: the mask stage has already dilated the mask, and a margin from the dilated mask counted the
+    dilation twice (the mask-induced loss of issue 24: 5 instead of 3 pixels of the scarce clear ring taken away)."""
     from scipy import ndimage
 
     ok = trusted_clear(tile)
-    ok &= np.nan_to_num(np.asarray(tile.cloud_prob, np.float32), nan=1.0) <= max_prob
+    cloudy = np.nan_to_num(np.asarray(tile.cloud_prob, np.float32), nan=1.0) > max_prob
+    ok &= ~cloudy
     if margin > 0:
-        ok &= ~ndimage.binary_dilation(tile.cloud_mask, iterations=margin)
+        ok &= ~ndimage.binary_dilation(cloudy, iterations=margin)
     return ok
 
 

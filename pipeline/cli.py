@@ -497,10 +497,11 @@ def evaluate(model_list, cases, out, seeds, data_dir, tile_size, speed, figures,
         from cloudfree.pipeline.config import MaskConfig
 
         ref = MaskConfig().refinement
-        exact = [r[f"loss_{ref}"] for r in loss if r["layer_exact"]]
-        if exact:
-            click.echo(f"  mask-induced loss ({loss[0]['model']}, refinement {ref}): mean {sum(exact) / len(exact):+.2f}"
-                       f" dB, worst {max(exact):+.2f} dB on {len(exact)} exact-layer cases")
+        for model in dict.fromkeys(r["model"] for r in loss):
+            exact = [r[f"loss_{ref}"] for r in loss if r["layer_exact"] and r["model"] == model]
+            if exact:
+                click.echo(f"  mask-induced loss ({model}, refinement {ref}): mean {sum(exact) / len(exact):+.2f}"
+                           f" dB, worst {max(exact):+.2f} dB on {len(exact)} exact-layer cases")
 
 
 @main.command()

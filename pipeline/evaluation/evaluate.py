@@ -5,7 +5,7 @@ The pieces live in focused modules: :mod:`~cloudfree.pipeline.evaluation.metrics
 (the REAL multi-date stack through the catalog path), :mod:`~cloudfree.pipeline.evaluation.running` (predict, score,
 summarise), :mod:`~cloudfree.pipeline.evaluation.report` (tables, the computed bar, the default-model choice),
 :mod:`~cloudfree.pipeline.evaluation.figures`, :mod:`~cloudfree.pipeline.evaluation.bench_models` (speed) and
-:mod:`~cloudfree.pipeline.evaluation.mask_loss` (what the mask stage costs the default model per case). This module only
+:mod:`~cloudfree.pipeline.evaluation.mask_loss` (what the mask stage costs the default model, and `temporal`, per case). This module only
 orchestrates them. Generic over the registry: ``--models`` takes any registered model name, optionally with
 parameters (``phyvlm-cr[prior=reference]``).
 
@@ -102,14 +102,16 @@ def run_evaluation(
     summary = summarise(rows)
     loss_rows: list[dict[str, Any]] = []
     loss_model = None
-    if mask_loss:  # the mask stage's cost for the default model (or the first one evaluated), per case
+    if mask_loss:  # the mask stage's cost per case for the default model (or the first one evaluated), and for
+        # the aligning models of MASK_LOSS_ALSO among those evaluated (their alignment is what the mask can cost)
         from cloudfree.pipeline.config import ModelConfig
-        from cloudfree.pipeline.evaluation.mask_loss import mask_loss_rows
+        from cloudfree.pipeline.evaluation.mask_loss import MASK_LOSS_ALSO, mask_loss_rows
 
         loss_model = ModelConfig().name if ModelConfig().name in models else models[0]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            loss_rows = mask_loss_rows(all_cases, loss_model, tile_size=tile_size)
+            for m in dict.fromkeys([loss_model, *(x for x in MASK_LOSS_ALSO if x in models)]):
+                loss_rows += mask_loss_rows(all_cases, m, tile_size=tile_size)
     figure_paths = []
     if figures:
         from cloudfree.pipeline.evaluation.figures import figure

@@ -297,7 +297,11 @@ def render_report(payload: Mapping[str, Any], groups: Mapping[str, Sequence[Any]
                   "dilation 2) with each `mask.refinement`, and the default one without dilation (`/d0`; "
                   "`pipeline/evaluation/mask_loss.py`). `exact`: the "
                   "evaluation put the cloud in; `label`: the mask is a label (Slovakia, SCL), not the truth.", "",
-                  mask_loss_markdown(payload["mask_loss"], MaskConfig().refinement, default_variants()), ""]
+                  ]
+        loss_rows = payload["mask_loss"]
+        for m in dict.fromkeys(r["model"] for r in loss_rows):
+            parts += [mask_loss_markdown([r for r in loss_rows if r["model"] == m], MaskConfig().refinement,
+                                         default_variants()), ""]
     checks = []
     for cand in ("phyvlm-cr", default):
         if cand and cand in models:
