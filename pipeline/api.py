@@ -142,7 +142,7 @@ def remove(target, references=None, mask: Any = "scl", model: Any = None, sar=No
         mask: the target's cloud mask: ``"scl"`` (from an ``SCL``/``scl`` band, Sen2Cor classes 3, 8, 9, 10),
             ``"cldprb"`` (from a ``CLD``/``MSK_CLDPRB`` band, percent), or a boolean ``(y, x)`` DataArray.
             With ``"scl"``/``"cldprb"`` the references are masked the same way.
-        model: a registered model name (``cloudfree models``; default: the config default, ``temporal``) or a
+        model: a registered model name (``cloudfree models``; default: the config default, ``model.name``) or a
             built model object; ``params`` its parameters.
         sar: optional Sentinel-1 ``(time, band, y, x)`` on the same grid, one per optical date (target first),
             in the model's units (``ModelSpec.sar_units``).

@@ -111,7 +111,7 @@ def test_remove_takes_common_names_any_chunking_and_stackstac(romania_cli):
     ds = odc.stac.load(items, bands=[*BANDS, "SCL"], geobox=grid, chunks={"x": 100, "y": 23}, groupby="id",
                        preserve_original_order=True)
     common = ds.rename({"B02": "blue", "B03": "green", "B04": "red", "B08": "nir", "SCL": "scl"})
-    out = cloudfree.remove(common.isel(time=[0]), common.isel(time=slice(1, None)), mask="scl")
+    out = cloudfree.remove(common.isel(time=[0]), common.isel(time=slice(1, None)), mask="scl", model="temporal")
     assert list(out.reflectance.band.values) == ["blue", "green", "red", "nir"]
     dn, conf, src = _encoded(out.compute())
     np.testing.assert_array_equal(dn, _cog(folder, cli_item, "reflectance"))
@@ -123,7 +123,8 @@ def test_remove_takes_common_names_any_chunking_and_stackstac(romania_cli):
                          chunksize=50, snap_bounds=False)
     # stackstac's float DN (rescale=False): the scale is given, as the docs say for float inputs
     order = [list(st.id.values).index(i.id) for i in items]  # stackstac sorts by time: back to target, refs
-    out = cloudfree.remove(st.isel(time=order[:1]), st.isel(time=order[1:]), mask="scl", scale=1e-4)
+    out = cloudfree.remove(st.isel(time=order[:1]), st.isel(time=order[1:]), mask="scl", scale=1e-4,
+                           model="temporal")
     dn, _, src = _encoded(out.compute())
     np.testing.assert_array_equal(dn, _cog(folder, cli_item, "reflectance"))
     np.testing.assert_array_equal(src, _cog(folder, cli_item, "source")[0])

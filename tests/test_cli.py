@@ -63,7 +63,9 @@ def test_scene_runs_one_target_and_prints_psnr(tmp_path, demo_catalog):
     r = CliRunner().invoke(main, ["scene", "S2B_T33UUU_20170226_SIMTHIN", "-c", str(cfg), "--no-progress"])
     assert r.exit_code == 0, r.output
     assert "PSNR vs simulated truth" in r.output
-    assert (out / "S2B_T33UUU_20170226_SIMTHIN__temporal").is_dir()
+    from cloudfree.pipeline.config import ModelConfig
+
+    assert (out / f"S2B_T33UUU_20170226_SIMTHIN__{ModelConfig().name}").is_dir()
 
 
 def test_config_error_exit_code_and_message(tmp_path, demo_catalog):

@@ -33,7 +33,9 @@ def test_models_lists_from_the_summary_without_importing_a_model():
     from cloudfree.models.summary import text_listing
 
     assert listing.strip() == text_listing().strip()
-    assert "temporal (default)" in listing and listing.count("(default)") == 1
+    from cloudfree.pipeline.config import ModelConfig
+
+    assert f"{ModelConfig().name} (default)" in listing and listing.count("(default)") == 1
 
 
 def test_model_summaries_match_every_models_spec():
@@ -62,8 +64,12 @@ def test_dry_run_shows_grid_tiles_halo_and_model(demo_catalog, tmp_path):
     res = CliRunner().invoke(main, ["run", "-c", DEMO, "--catalog", str(demo_catalog), "--out", str(tmp_path / "o"),
                                     "--dry-run"])
     assert res.exit_code == 0, res.output
-    assert "grid EPSG:32633 768x1536 px at 10 m; 6 tile(s) of 512 px, halo 81 px; model temporal with 2 " \
-           "reference(s)" in res.output
+    from cloudfree.models.registry import build_model
+    from cloudfree.pipeline.config import load_config
+
+    name = load_config(DEMO, env=False).model.name  # the default model's receptive field is the halo
+    assert f"grid EPSG:32633 768x1536 px at 10 m; 6 tile(s) of 512 px, halo {build_model(name).spec.halo} px; " \
+           f"model {name} with 2 reference(s)" in res.output
     assert "2 planned (dry run)" in res.output and "nothing to do" not in res.output
     assert not (tmp_path / "o").exists()
 
@@ -122,7 +128,9 @@ def test_report_lists_and_rerenders(demo_run, demo_config):
     out = Path(demo_config.output.dir)
     res = CliRunner().invoke(main, ["report", "--out", str(out)])
     assert res.exit_code == 0, res.output
-    assert "model temporal" in res.output and "2 done" in res.output
+    from cloudfree.pipeline.config import load_config
+
+    assert f"model {load_config(DEMO, env=False).model.name}" in res.output and "2 done" in res.output
     run_id = res.output.split()[0]
     md = out / "reports" / run_id / "report.md"
     before = md.read_text()

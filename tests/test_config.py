@@ -6,7 +6,26 @@ from cloudfree.pipeline.errors import ConfigError
 
 def test_defaults_are_valid():
     cfg = parse_config({})
-    assert cfg.model.name == "temporal" and cfg.mask.cldprb_threshold == 40  # the measured best (docs/evaluation.md)
+    assert cfg.model.name == "median-composite" and cfg.mask.cldprb_threshold == 40  # docs/evaluation.md's pick
+
+
+def test_default_model_is_the_rules_pick_in_the_committed_evaluation():
+    """The config default (`model.name`, every shipped config) is the model the default-model rule picks from the
+    committed evaluation (docs/evaluation.json), and the report says so: regenerate both together."""
+    import json
+    from pathlib import Path
+
+    from cloudfree.pipeline.evaluation.report import choose_default
+
+    root = Path(__file__).resolve().parents[1]
+    payload = json.loads((root / "docs" / "evaluation.json").read_text())
+    pick = choose_default(payload["summary"], payload["models"], payload["rows"])
+    assert pick == parse_config({}).model.name
+    assert f"Chosen: **{pick}**" in (root / "docs" / "evaluation.md").read_text()
+    run_configs = [c for c in sorted((root / "configs").glob("*.yaml")) if not c.name.startswith("train-")]
+    assert len(run_configs) >= 4
+    for cfg in run_configs:  # the job configs (the train-*.yaml are `cloudfree train`'s)
+        assert load_config(cfg, env=False).model.name == pick, cfg
 
 
 def test_unknown_key_is_rejected_with_its_path():

@@ -36,7 +36,7 @@ def test_cloudy_pixels_move_closer_to_truth(demo_run, target):
     m = _result(demo_run, target).metrics
     assert m["simulated"] is True
     # measured on the simulated-cloudy pixels (t < 0.95) against the real cloud-free pixels; the default model
-    # (temporal) measured 5.00 -> 25.64 dB (SIMCLOUDY) and 7.56 -> 23.08 dB (SIMTHIN) on cloudy pixels
+    # (median-composite) measured 5.00 -> 19.55 dB (SIMCLOUDY) and 7.56 -> 22.14 dB (SIMTHIN) on cloudy pixels
     assert m["psnr_after_cloudy"] > m["psnr_before_cloudy"] + 10, m
     assert m["psnr_after_all"] > m["psnr_before_all"] + 10, m
     assert m["after_scored_fraction_cloudy"] > 0.999, m  # the PSNR is over (nearly) every cloudy pixel, not a subset
@@ -74,7 +74,7 @@ def test_outputs_are_valid_cogs(demo_run):
     assert 0.3 < (src >= SOURCE_REFERENCE_BASE).mean() < 0.8  # about the simulated cloud + shadow cover
 
 
-def test_stac_item_links_every_input_and_records_processing(demo_run):
+def test_stac_item_links_every_input_and_records_processing(demo_run, demo_config):
     r = _result(demo_run)
     d = json.loads(r.outputs["item"].read_text())
     item = pystac.Item.from_dict(d)
@@ -82,7 +82,7 @@ def test_stac_item_links_every_input_and_records_processing(demo_run):
     assert derived == {TARGET, *r.references}
     assert any("processing" in e for e in item.stac_extensions)
     assert item.properties["processing:lineage"].startswith("cloud removal of")
-    assert item.properties["cloudfree:model"]["name"] == "temporal"
+    assert item.properties["cloudfree:model"]["name"] == demo_config.model.name
     assert item.properties["cloudfree:simulated_inputs"] is True
     assert [h["item"] for h in item.properties["cloudfree:harmonisation"]] == [TARGET, *r.references]
     assert set(item.assets) >= {"reflectance", "confidence", "source", "quicklook"}

@@ -76,7 +76,8 @@ def test_output_collection_is_a_catalog_and_an_output_serves_as_a_reference(demo
     coll = json.loads((out_dir / "collection.json").read_text())
     assert coll["type"] == "Collection" and len([lk for lk in coll["links"] if lk["rel"] == "item"]) == 2
     outputs = LocalCatalog(out_dir).search(SearchQuery(collections=(demo_config.output.collection,)))
-    assert {o.id for o in outputs} == {f"{TARGET}__temporal", f"{THIN}__temporal"}
+    name = demo_config.model.name
+    assert {o.id for o in outputs} == {f"{TARGET}__{name}", f"{THIN}__{name}"}
     # a later run: the thin target, with the cloud-free output of the other date as its only candidate reference
     demo = LocalCatalog(demo_config.catalog.url)
     thin = demo.get(THIN)

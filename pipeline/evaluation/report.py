@@ -345,7 +345,8 @@ NOTES = """## Reading the tables (written by hand; no numbers here)
 - `romania-real` scores real cloudy radiance, but against a proxy truth that is itself an unaligned linear
   interpolation of two clear dates; methods that do not align to the target (median composite, unaligned
   interpolation) are structurally closer to such a proxy, and SCL misses haze on some of these dates, which the
-  aligning models then follow. Read it as a check, not as the selection set.
+  aligning models then follow. It is part of the selection all the same (the rule's per-case floor): a new
+  user meets such dates, and a default that is far below the median composite on them is not a safe default.
 - Slovakia: the reference is simulated *from the truth* and the truth is another season than the target, so
   aligning the reference to the target's clear pixels moves it away from the truth; the unaligned median
   composite benefits from that, not from being a better method.
