@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -394,6 +397,54 @@ class ReadFailure:
         return asdict(self)
 
 
+#: most asset reads kept by :func:`memo_read` (a probe is two ints, an overview sample 128^2 px: ~32 KB each, so at most ~32 MB).
+MEMO_MAX = 1024
+_MEMO: "OrderedDict[tuple, object]" = OrderedDict()
+_MEMO_LOCK = threading.Lock()
+
+
+def file_validator(href: str) -> tuple | None:
+    """``(real path, mtime_ns, size)`` of a local file ``href`` (a path or ``file://``), None for anything else
+    (remote hrefs have no validator without a request, so their reads are never memoised)."""
+    if href.startswith("file://"):
+        href = href[7:]
+    elif "://" in href or href.startswith("/vsi"):
+        return None
+    try:
+        st = os.stat(href)
+    except OSError:
+        return None
+    return os.path.realpath(href), st.st_mtime_ns, st.st_size
+
+
+def memo_read(href: str, what: tuple, read):
+    """``read()``, memoised for this process by ``(file, mtime, size, what)`` when ``href`` is a local file
+    (:func:`file_validator`): an asset's probe and its plausibility overview sample are read once per process,
+    not once per target that uses the item (a batch of small targets shares its references) nor once per stage
+    (the scene-context sample probes the same assets). A file rewritten in place gets a new mtime/size and is read
+    again. Exceptions are not memoised (a failed read is retried by the next caller). Keep the result read-only."""
+    v = file_validator(href)
+    if v is None:
+        return read()
+    key = (*v, *what)
+    with _MEMO_LOCK:
+        if key in _MEMO:
+            _MEMO.move_to_end(key)
+            return _MEMO[key]
+    val = read()
+    with _MEMO_LOCK:
+        _MEMO[key] = val
+        while len(_MEMO) > MEMO_MAX:
+            _MEMO.popitem(last=False)
+    return val
+
+
+def clear_read_memo() -> None:
+    """Forget every memoised asset read (:func:`memo_read`)."""
+    with _MEMO_LOCK:
+        _MEMO.clear()
+
+
 def open_with_retry(href: str, retries: int = 3, delay: float = 0.5) -> tuple[int, int]:
     """Open ``href`` and read one pixel (header and first block) with retries; return ``(height, width)``.
 
@@ -432,8 +483,8 @@ def check_assets(items: Sequence[pystac.Item], keys: Sequence[str], retries: int
             if k not in it.assets:
                 continue
             href = readable_href(it, k)
-            try:
-                open_with_retry(href, retries, delay)
+            try:  # once per file and process (memo_read): a batch's targets share their references
+                memo_read(href, ("probe",), lambda: open_with_retry(href, retries, delay))
             except ReadError as exc:
                 from cloudfree.pipeline.redact import redact
 

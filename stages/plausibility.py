@@ -66,7 +66,7 @@ def _read_sample(item: pystac.Item, band: str, size: int = SAMPLE) -> tuple[np.n
     import rasterio
     from rasterio.enums import Resampling
 
-    from cloudfree.stages.load import GDAL_RETRY_ENV, item_harmonisation
+    from cloudfree.stages.load import GDAL_RETRY_ENV, item_harmonisation, memo_read
 
     from cloudfree.catalogs.access import readable_href
     from cloudfree.catalogs.sentinel_hub import is_virtual
@@ -75,15 +75,21 @@ def _read_sample(item: pystac.Item, band: str, size: int = SAMPLE) -> tuple[np.n
     if asset is None or is_virtual(asset.href):  # not fetched yet (Sentinel Hub): nothing to sample
         return None
     href = readable_href(item, band)  # href policy + signing, as the loader
-    try:
+
+    def read():
         with rasterio.Env(**GDAL_RETRY_ENV), rasterio.open(href) as ds:
             dn = ds.read(1, out_shape=(size, size), resampling=Resampling.nearest, masked=True)
-            key = (str(ds.crs), tuple(round(v, 3) for v in ds.bounds))
+            raw = dn.filled(0)
+            raw.setflags(write=False)
+            return raw, (str(ds.crs), tuple(round(v, 3) for v in ds.bounds))
+
+    try:  # once per file and process (memo_read: items sharing a file, or a reference of several targets)
+        raw, key = memo_read(href, ("plausibility-sample", size), read)
     except (rasterio.errors.RasterioError, OSError) as exc:  # read failures are reported by load's probe
         log.debug("plausibility: %s %s unreadable: %s", item.id, band, exc)
         return None
     scale, offset = item_harmonisation(item, band)
-    vals = dn.filled(0).astype(np.float32)
+    vals = raw.astype(np.float32)
     return np.where(vals != 0, vals * np.float32(scale) + np.float32(offset), np.nan), key  # DN 0 = nodata
 
 
@@ -98,15 +104,21 @@ def _shadow_sample(item: pystac.Item, size: int = SAMPLE) -> np.ndarray | None:
 
     from cloudfree.catalogs.access import readable_href
     from cloudfree.catalogs.sentinel_hub import is_virtual
-    from cloudfree.stages.load import GDAL_RETRY_ENV
+    from cloudfree.stages.load import GDAL_RETRY_ENV, memo_read
 
     asset = item.assets.get("SCL")
     if asset is None or is_virtual(asset.href):  # not fetched yet (Sentinel Hub): nothing to sample
         return None
     href = readable_href(item, "SCL")  # href policy + signing, as the loader and _read_sample
-    try:
+
+    def read():
         with rasterio.Env(**GDAL_RETRY_ENV), rasterio.open(href) as ds:
             scl = ds.read(1, out_shape=(size, size), resampling=Resampling.nearest)
+            scl.setflags(write=False)
+            return scl
+
+    try:  # once per file and process (memo_read)
+        scl = memo_read(href, ("scl-sample", size), read)
     except (rasterio.errors.RasterioError, OSError):
         return None
     return np.isin(scl, SCL_SHADOW)

@@ -216,3 +216,58 @@ def test_outside_the_footprint_is_nan_not_zero(demo_catalog):
     assert np.isnan(a[:10, :]).all() and np.isnan(a[:, :10]).all()
     inside = a[20:80, 20:]  # the item is 7.68 km tall: rows 10-86 of this grid
     assert np.isfinite(inside).all() and (inside > 0).all() and np.isnan(a[90:]).all()
+
+
+def test_probe_and_samples_are_read_once_per_file_until_it_changes(demo_items, tmp_path):
+    """An asset's probe and plausibility sample are read once per process (a batch's targets share references);
+    a file rewritten in place (new mtime/size) is read again, and a failed read is not remembered."""
+    import os
+    import shutil
+
+    from cloudfree.stages.load import clear_read_memo, memo_read
+
+    src = demo_items[TARGET].assets["B02"].get_absolute_href()
+    href = str(tmp_path / "B02.tif")
+    shutil.copy(src, href)
+    clear_read_memo()
+    reads = []
+
+    def probe():
+        reads.append(1)
+        return open_with_retry(href, retries=1)
+
+    assert memo_read(href, ("probe",), probe) == (768, 1536)
+    assert memo_read(href, ("probe",), probe) == (768, 1536)
+    assert len(reads) == 1
+    st = os.stat(href)
+    os.utime(href, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the file changed: read again
+    assert memo_read(href, ("probe",), probe) == (768, 1536) and len(reads) == 2
+    with open(href, "r+b") as fh:  # truncated in place: the probe fails and the failure is not kept
+        fh.truncate(4096)
+    with pytest.raises(ReadError):
+        memo_read(href, ("probe",), probe)
+    with pytest.raises(ReadError):
+        memo_read(href, ("probe",), probe)
+    assert len(reads) == 4
+    assert memo_read("https://example.invalid/B02.tif", ("probe",), lambda: "remote") == "remote"  # never kept
+
+
+def test_plausibility_check_reads_each_sample_once(demo_items, monkeypatch):
+    """The second check of the same items opens no file: the samples come from the memo (same warnings)."""
+    from cloudfree.stages import plausibility
+    from cloudfree.stages.load import clear_read_memo
+
+    ids = sorted(demo_items)
+    target, refs = demo_items[TARGET], [demo_items[i] for i in ids if i != TARGET][:2]
+    clear_read_memo()
+    first = plausibility.check_reflectance(target, refs, ["B02", "B03", "B04", "B08"])
+    real, opened = rasterio.open, []
+
+    def counting(path, *a, **kw):
+        opened.append(path)
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(rasterio, "open", counting)
+    again = plausibility.check_reflectance(target, refs, ["B02", "B03", "B04", "B08"])
+    assert again == first
+    assert opened == []
