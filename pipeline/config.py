@@ -7,6 +7,7 @@ Environment overrides: ``CLOUDFREE_<SECTION>__<KEY>=value`` (e.g. ``CLOUDFREE_MO
 from __future__ import annotations
 
 import os
+import re
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cloudfree.pipeline.errors import ConfigError
+
+
+#: ``scheme://`` at the start of a value: a URL, never a local path (a Windows drive ``C:\\`` has no ``//``).
+URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class _Section(BaseModel):
@@ -271,6 +276,18 @@ class OutputConfig(_Section):
     collection: str = "cloudfree-outputs"
     #: write a Markdown/HTML run report with PNGs under <dir>/reports/<run id>/.
     report: bool = True
+
+    @field_validator("dir", mode="before")
+    @classmethod
+    def _no_url_as_folder(cls, v):
+        """A URL-looking ``output.dir`` is never taken as a local folder (``s3://b/x`` would become ``s3:/b/x``)."""
+        m = URL_SCHEME.match(str(v)) if isinstance(v, str) else None
+        if m:
+            raise ValueError(
+                f"{v!r} is a URL ({m.group(1)}://), not a local folder, and this build writes outputs only to a "
+                "local folder: give a local path (e.g. outputs/run1) and copy the results to the store afterwards "
+                "(aws s3 sync, gsutil rsync, azcopy)")
+        return v
 
 
 class CompositeConfig(_Section):

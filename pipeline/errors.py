@@ -55,3 +55,8 @@ class OutputExistsError(CloudfreeError, FileExistsError):
 
 class InputDataError(CloudfreeError, ValueError):
     """An input item or raster is unusable (e.g. no clear pixels to fit an alignment)."""
+
+
+class OutputError(CloudfreeError, OSError):
+    """The output side failed (disk full, read-only or not a folder): names the output path and the fix, never the
+    inputs."""

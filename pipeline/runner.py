@@ -173,6 +173,10 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
                             p.target.id, model.name)
     run_id = uuid.uuid4().hex[:12]
     out_dir = Path(cfg.output.dir)
+    if not dry_run:  # a file where the folder should be, or an uncreatable folder: exit 2 before any target
+        from cloudfree.pipeline.safety import prepare_output_dir
+
+        prepare_output_dir(out_dir)
 
     from cloudfree.pipeline.progress import BatchProgress
 
@@ -191,7 +195,7 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
         except Exception as exc:  # noqa: BLE001 - fault isolation per target; KeyboardInterrupt still stops
             from cloudfree.pipeline.redact import redact
 
-            msg = redact(failure_message(plan, exc))
+            msg = redact(failure_message(plan, exc, out_dir))
             log.error("%s failed: %s", plan.target.id, msg)
             log.debug("%s: traceback", plan.target.id, exc_info=True)
             res = TargetResult(plan.target.id, "failed", refs, error=msg)
@@ -233,17 +237,26 @@ def _run_target(plan: TargetPlan, model, cfg: Config, run_id: str, out_dir: Path
     from cloudfree.stages.write import is_done, paths_for
 
     stem = output_stem(plan.target.id, model.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with target_lock(out_dir, stem):
+    refs = [c.item.id for c in plan.references]
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(target_lock(out_dir, stem))
+        except OSError as exc:
+            # a read-only archive of finished outputs: the lock cannot be created, but a done target needs no write
+            if is_done(out_dir, stem) and not cfg.output.overwrite:
+                log.info("%s: output exists (output folder not writable: %s), skipping", stem, exc)
+                return TargetResult(plan.target.id, "skipped", refs, outputs=paths_for(out_dir, stem))
+            raise
         clean_stale_staging(out_dir, stem)
         if is_done(out_dir, stem) and not cfg.output.overwrite:
             log.info("%s: output exists, skipping (use --overwrite to redo)", stem)
             from cloudfree.stages.publish import update_collection
 
-            # outputs from before the collection existed (or another run) are listed too
-            update_collection(out_dir, paths_for(out_dir, stem)["item"], cfg.output.collection)
-            return TargetResult(plan.target.id, "skipped", [c.item.id for c in plan.references],
-                                outputs=paths_for(out_dir, stem))
+            try:  # outputs from before the collection existed (or another run) are listed too
+                update_collection(out_dir, paths_for(out_dir, stem)["item"], cfg.output.collection)
+            except OSError as exc:  # a read-only archive: the finished output is still there
+                log.warning("%s: output exists; the collection could not be updated (%s)", stem, exc)
+            return TargetResult(plan.target.id, "skipped", refs, outputs=paths_for(out_dir, stem))
         return process_dropping_references(plan, model, cfg, run_id, catalog=catalog)
 
 
@@ -483,7 +496,14 @@ def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs
                                 coregistration=res.coregistration)
         publish_dir(cfg.output.dir, stage, final["item"].parent)
     except BaseException:
-        safe_rmtree(cfg.output.dir, stage)
+        for attempt in range(3):  # a tile task still running may write into it while it is removed: try again
+            try:
+                safe_rmtree(cfg.output.dir, stage)
+                break
+            except OSError as exc:  # the original error is the one reported
+                if attempt == 2:
+                    log.warning("%s: staging folder %s could not be removed (%s)", target.id, stage, exc)
+                time.sleep(0.2)
         raise
     res.outputs = {k: final["item"].parent / Path(v).name for k, v in res.outputs.items()}
     update_collection(cfg.output.dir, final["item"], cfg.output.collection)
@@ -639,10 +659,17 @@ def _mask_bits(cfg: Config) -> dict[str, int]:
     return bits
 
 
-def failure_message(plan: TargetPlan, exc: BaseException) -> str:
-    """What the run report and the ``failed`` line say about a target that raised ``exc``."""
+def failure_message(plan: TargetPlan, exc: BaseException, out_dir: str | Path | None = None) -> str:
+    """What the run report and the ``failed`` line say about a target that raised ``exc``: an output-side fault
+    (disk full, read-only or not a folder under ``out_dir``) names the output and its fix, never the inputs."""
     import rasterio.errors
 
+    if out_dir is not None:
+        from cloudfree.pipeline.safety import output_fault
+
+        fault = output_fault(exc, out_dir)
+        if fault:
+            return f"target {plan.target.id}: {fault}"
     if isinstance(exc, CloudfreeError):
         return str(exc)
     if isinstance(exc, (rasterio.errors.RasterioError, OSError)):  # a file that passed the probe broke mid-read

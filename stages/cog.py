@@ -134,7 +134,9 @@ def _unpadded(build):
 def _spill(path: str, tiles) -> tuple[str, list]:
     """Append one batch of compressed tiles ``[(bytes, (level, sample, y, x))]`` to the part file ``path``."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    # only the part folder itself: a staging folder removed after a failed write (disk full) is never recreated by
+    # a tile task that was still running (that task fails instead, and its error is not the one reported)
+    p.parent.mkdir(exist_ok=True)
     info = []
     with open(p, "wb") as f:
         for data, idx in tiles:

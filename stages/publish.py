@@ -253,6 +253,22 @@ def output_collection(collection_id: str, description: str, items: Sequence[dict
     return d
 
 
+def _listed_items(out_dir: Path, coll_path: Path) -> list[str]:
+    """The item hrefs ``collection.json`` lists; when it is unreadable (truncated, not JSON, not a collection: a
+    crash of another tool, a foreign file) a warning, and the list rebuilt from the items in ``out_dir``
+    (``<stem>/<stem>.json``), so the collection is rewritten whole instead of failing every target forever."""
+    if not coll_path.exists():
+        return []
+    try:
+        old = json.loads(coll_path.read_text())
+        return [lk["href"] for lk in old["links"] if lk["rel"] == "item"]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        found = sorted(f"./{p.parent.name}/{p.name}" for p in out_dir.glob("*/*.json") if p.stem == p.parent.name)
+        log.warning("output collection %s is unreadable (%s: %s); rebuilding it from the %d item(s) in %s",
+                    coll_path, type(exc).__name__, exc, len(found), out_dir)
+        return found
+
+
 def update_collection(out_dir: str | Path, item_path: str | Path, collection_id: str,
                       description: str = "cloudfree outputs") -> Path:
     """Add (or refresh) the item at ``item_path`` in ``<out_dir>/collection.json`` (extent recomputed from all
@@ -271,8 +287,7 @@ def update_collection(out_dir: str | Path, item_path: str | Path, collection_id:
                            {"rel": "parent", "href": f"{up}collection.json", "type": "application/json"},
                            {"rel": "collection", "href": f"{up}collection.json", "type": "application/json"}]
         _write_atomic(idict, item_path)
-        old = json.loads(coll_path.read_text()) if coll_path.exists() else {"links": []}
-        hrefs = [lk["href"] for lk in old.get("links", []) if lk["rel"] == "item"]
+        hrefs = _listed_items(out_dir, coll_path)
         if rel not in hrefs:
             hrefs.append(rel)
         hrefs = [h for h in hrefs if (out_dir / h).exists()]
