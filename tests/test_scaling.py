@@ -267,3 +267,31 @@ def test_bench_reports_the_median_of_repeated_runs_and_the_issue_ratios():
     assert r["rss_16x_over_1x"]["composite w2"] == 1.1
     md = to_markdown({"machine": {"cpus": 2, "python": "3", "platform": "x"}, "runs": runs, "ratios": r})
     assert "| composite | 1x | 2 |" in md and "0.5" in md
+
+
+def test_bench_batch_splits_fixed_and_per_pixel_cost_and_compares_with_the_odc_loop(tmp_path):
+    """The small-target batch rows give the fixed cost and the per-pixel cost (time = a + b * px, from two sides),
+    the batch over the odc-stac loop of the same size, and ``--batch-only`` replaces only its own section of an
+    existing bench.md. The windows are ``side`` px of the item's 100 m grid (real 29RKH item)."""
+    import json
+
+    from cloudfree.pipeline.evaluation.bench import (BATCH_BEGIN, BATCH_END, batch_markdown, batch_ratios,
+                                                     batch_windows, local_29rkh_item)
+    from cloudfree.pipeline.config import GridConfig
+    from cloudfree.stages.load import output_geobox
+
+    rows = [{"job": "batch:m", "targets": 50, "side_px": 100, "seconds_per_target": 0.5, "seconds_total": 25.0, "peak_rss_mb": 1.0},
+            {"job": "batch:m", "targets": 4, "side_px": 400, "seconds_per_target": 2.0, "seconds_total": 8.0, "peak_rss_mb": 1.0},
+            {"job": "odc-loop", "targets": 50, "side_px": 100, "seconds_per_target": 0.2, "seconds_total": 10.0, "peak_rss_mb": 1.0}]
+    r = batch_ratios(rows)
+    b = 1.5 / (400 ** 2 - 100 ** 2)
+    assert r["fixed_and_per_pixel"]["batch:m"] == {"fixed_s": round(0.5 - b * 1e4, 3), "us_per_px": round(b * 1e6, 3)}
+    assert r["batch_over_odc_loop"] == {"batch:m 50x100px": 2.5}
+    md = batch_markdown({"batch": rows, "batch_ratios": r})
+    assert "| batch:m 50x100px | 2.5 |" in md
+    item = local_29rkh_item(DATA)
+    aois = batch_windows(item, 100, 3)
+    shapes = {tuple(output_geobox(item, GridConfig(resolution=100.0), a).shape) for a in aois}
+    assert all(100 <= h <= 110 and 100 <= w <= 110 for h, w in shapes), shapes
+    assert len(set(aois)) == 3
+    assert BATCH_BEGIN != BATCH_END and json.dumps(r)

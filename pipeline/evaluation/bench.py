@@ -219,6 +219,101 @@ def run_one(job: str, factor: int, workers: int, folder: Path) -> dict:
             "rss_after_imports_mb": round(base, 1), "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
+#: the small-target batch (issue 22): ``(job, targets, side px)``. Each runs in one warm process: the model is
+#: built once and one target is run (untimed) before the timed ones, as a batch does after its first target.
+#: ``batch:<model>`` = ``process_target`` per target (target + 2 references, masks, co-registration, tiles, COGs,
+#: STAC item); ``odc-loop`` = per target an odc-stac ``load`` of the same 3 items and bands on the same grid +
+#: ``median("time")`` + ``write_cog``. Two sides give the fixed cost and the per-pixel cost (time = a + b * px).
+BATCH_JOBS = (("batch:reference-replace", 50, 100), ("odc-loop", 50, 100), ("batch:reference-replace", 3, 400),
+              ("odc-loop", 3, 400), ("batch:phyvlm-cr", 16, 100), ("batch:phyvlm-cr", 3, 400))
+
+
+def batch_windows(item: pystac.Item, side: int, n: int) -> list[tuple[float, float, float, float]]:
+    """``n`` AOIs (EPSG:4326 bboxes) of ``side`` x ``side`` px of the item's grid at 100 m, row by row, each inside
+    its window by a quarter pixel (so the snapped output grid is that window)."""
+    from odc.geo.geom import BoundingBox
+
+    from cloudfree.stages.load import native_geobox
+
+    gb = native_geobox(item).zoom_to(resolution=100.0)
+    per_row = (gb.shape[1] - 50) // side
+    out = []
+    for k in range(n):
+        r, c = divmod(k, per_row)
+        win = gb[50 + r * side: 50 + (r + 1) * side, 50 + c * side: 50 + (c + 1) * side]
+        b = win.boundingbox
+        q = 25.0
+        bb = BoundingBox(b.left + q, b.bottom + q, b.right - q, b.top - q, crs=gb.crs).to_crs("EPSG:4326")
+        out.append((bb.left, bb.bottom, bb.right, bb.top))
+    return out
+
+
+def run_batch(job: str, n: int, side: int, workers: int, folder: Path) -> dict:
+    """One small-target batch in this process (call it in a fresh subprocess): per-target seconds after one untimed
+    warm-up target, the batch's total and the process's peak RSS."""
+    import statistics
+
+    from cloudfree.models.registry import build_model
+    from cloudfree.pipeline.runner import dask_context, process_target
+    from cloudfree.stages.load import output_geobox
+    from cloudfree.stages.search import Candidate, TargetPlan
+
+    items = dated_items(folder, 3)
+    model_name = job.split(":", 1)[1] if job.startswith("batch:") else "reference-replace"
+    aois = batch_windows(items[0], side, n + 1)
+    warm_imports(model_name if job.startswith("batch:") else None)
+    base = _peak_rss_mb()
+    secs, shapes = [], set()
+    with tempfile.TemporaryDirectory(prefix="cloudfree-bench-") as tmp:
+        cfg0 = _config(100.0, Path(tmp), model_name, workers)
+        model = build_model(model_name, {}) if job.startswith("batch:") else None
+        plan = TargetPlan(items[0], tuple(Candidate(item=it, dt_days=-5.0 * k, clear_fraction=1.0, overlap=1.0,
+                                                    same_orbit=True, same_tile=True, score=1.0, reason="bench")
+                                          for k, it in enumerate(items[1:3], 1)), ())
+        with dask_context(cfg0):
+            for i, aoi in enumerate(aois):
+                out = Path(tmp) / f"t{i}"
+                cfg = cfg0.replace(search={"aoi": list(aoi)}, output={"dir": str(out)})
+                t0 = time.perf_counter()
+                if model is not None:
+                    r = process_target(plan, model, cfg, "bench")
+                    if r.status != "done":
+                        raise RuntimeError(f"bench batch target {i} failed: {r.error}")
+                else:
+                    import dask
+
+                    out.mkdir(parents=True)
+                    geobox = output_geobox(items[0], cfg.grid, aoi)
+                    with dask.config.set(scheduler="threads", num_workers=workers):
+                        _odc_median(items, geobox, out)
+                if i:  # the first target warms the process (GDAL, numba, the model's first call)
+                    secs.append(time.perf_counter() - t0)
+                shapes.add(tuple(output_geobox(items[0], cfg.grid, aoi).shape))
+    return {"job": job, "targets": n, "side_px": side, "workers": workers, "shapes": sorted(shapes),
+            "seconds_per_target": round(statistics.median(secs), 3), "seconds_total": round(sum(secs), 2),
+            "rss_after_imports_mb": round(base, 1), "peak_rss_mb": round(_peak_rss_mb(), 1)}
+
+
+def batch_ratios(batch: list[dict]) -> dict:
+    """Per job: fixed cost and per-pixel cost from its two sides (``time = a + b * px``), and the 50-target batch
+    over the odc-stac loop."""
+    out: dict = {"fixed_and_per_pixel": {}, "batch_over_odc_loop": {}}
+    for job in sorted({b["job"] for b in batch if "seconds_per_target" in b}):
+        rows = sorted((b for b in batch if b["job"] == job and "seconds_per_target" in b), key=lambda b: b["side_px"])
+        if len(rows) >= 2:
+            (s0, t0), (s1, t1) = (rows[0]["side_px"] ** 2, rows[0]["seconds_per_target"]), \
+                (rows[-1]["side_px"] ** 2, rows[-1]["seconds_per_target"])
+            b = (t1 - t0) / (s1 - s0)
+            out["fixed_and_per_pixel"][job] = {"fixed_s": round(t0 - b * s0, 3), "us_per_px": round(b * 1e6, 3)}
+    odc = {b["side_px"]: b for b in batch if b["job"] == "odc-loop" and "seconds_total" in b}
+    for b in batch:
+        o = odc.get(b["side_px"])
+        if b["job"] != "odc-loop" and o and "seconds_total" in b and b["targets"] == o["targets"]:
+            out["batch_over_odc_loop"][f"{b['job']} {b['targets']}x{b['side_px']}px"] = round(
+                b["seconds_total"] / o["seconds_total"], 2)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="cloudfree benchmark against odc-stac (see the module docstring)")
     ap.add_argument("--out", type=Path, default=Path("bench"))
@@ -235,10 +330,17 @@ def main(argv: list[str] | None = None) -> int:
                          "few seconds vary by 10-20%% between identical runs)")
     ap.add_argument("--repeat-max-factor", type=int, default=4)
     ap.add_argument("--one", nargs=3, metavar=("JOB", "FACTOR", "WORKERS"), help=argparse.SUPPRESS)
+    ap.add_argument("--one-batch", nargs=4, metavar=("JOB", "N", "SIDE", "WORKERS"), help=argparse.SUPPRESS)
+    ap.add_argument("--batch-only", action="store_true", help="only the small-target batches (BATCH_JOBS)")
+    ap.add_argument("--no-batch", action="store_true", help="skip the small-target batches")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.one:
         sys.stdout.write(json.dumps(run_one(args.one[0], int(args.one[1]), int(args.one[2]), args.data)) + "\n")
+        return 0
+    if args.one_batch:
+        j, n, side, w = args.one_batch
+        sys.stdout.write(json.dumps(run_batch(j, int(n), int(side), int(w), args.data)) + "\n")
         return 0
     if not (args.data / "B02.tif").exists():
         log.error("benchmark data %s not found; pass --data to the s2-l2a-tile-29RKH-100m folder", args.data)
@@ -246,6 +348,35 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     t_all = time.perf_counter()
     workers = [int(x) for x in args.workers.split(",")]
+    env = {**os.environ, "GDAL_CACHEMAX": str(args.gdal_cachemax)}
+    batch = []
+    for job, n, side in (() if args.no_batch else BATCH_JOBS):
+        w = max(workers)
+        proc = subprocess.run([sys.executable, "-m", "cloudfree.pipeline.evaluation.bench", "--data", str(args.data),
+                               "--one-batch", job, str(n), str(side), str(w)], capture_output=True, text=True,
+                              check=False, env=env)
+        if proc.returncode:
+            log.error("bench batch %s %dx%d failed:\n%s", job, n, side, proc.stderr[-3000:])
+            batch.append({"job": job, "targets": n, "side_px": side, "workers": w, "error": proc.stderr[-500:]})
+            continue
+        batch.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        log.warning("%s", batch[-1])
+    if args.batch_only:  # the batch section of an existing bench.md is replaced, the rest kept (bench_batch.json)
+        args.out.mkdir(parents=True, exist_ok=True)
+        res = {"machine": {"python": platform.python_version(), "cpus": _cpus(), "platform": platform.platform()},
+               "total_seconds": round(time.perf_counter() - t_all, 1), "batch": batch,
+               "batch_ratios": batch_ratios(batch)}
+        (args.out / "bench_batch.json").write_text(json.dumps(res, indent=1))
+        md = args.out / "bench.md"
+        section = f"{BATCH_BEGIN}\n{batch_markdown(res)}{BATCH_END}\n"
+        text = md.read_text() if md.exists() else ""
+        if BATCH_BEGIN in text and BATCH_END in text:
+            head, rest = text.split(BATCH_BEGIN, 1)
+            text = head + section + rest.split(BATCH_END, 1)[1].lstrip("\n")
+        else:
+            text = text + ("\n" if text else "") + section
+        md.write_text(text)
+        return 0
     for f in (int(x) for x in args.factors.split(",")):
         for w in workers:
             for job in args.jobs.split(","):
@@ -271,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"machine": {"python": platform.python_version(), "cpus": _cpus(), "platform": platform.platform()},
               "data": str(args.data), "gdal_cachemax_mb": args.gdal_cachemax, "dates": N_DATES, "bands": BANDS,
               "malloc_arenas": _config(100.0, Path(".")).run.malloc_arenas,
-              "total_seconds": round(time.perf_counter() - t_all, 1), "runs": runs, "ratios": ratios(runs)}
+              "total_seconds": round(time.perf_counter() - t_all, 1), "runs": runs, "ratios": ratios(runs),
+              "batch": batch, "batch_ratios": batch_ratios(batch)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(result, indent=1))
     (args.out / "bench.md").write_text(to_markdown(result))
@@ -348,6 +480,36 @@ def to_markdown(result: dict) -> str:
     if rt.get("rss_16x_over_1x"):
         lines += ["", "| job | peak RSS 16x / 1x (target <= 1.2) |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in rt["rss_16x_over_1x"].items()]
+    if result.get("batch"):
+        lines += ["", BATCH_BEGIN, batch_markdown(result).rstrip("\n"), BATCH_END]
+    return "\n".join(lines) + "\n"
+
+
+BATCH_BEGIN, BATCH_END = "<!-- bench: small-target batches -->", "<!-- /bench: small-target batches -->"
+
+
+def batch_markdown(result: dict) -> str:
+    """The small-target batches (``result["batch"]``) and their ratios as Markdown tables."""
+    lines = ["Small-target batches (`python -m cloudfree.pipeline.evaluation.bench --batch-only`, part of `make bench`): "
+             "one warm process per row, target + 2 references on the 29RKH grid at 100 m, per-target seconds = median "
+             "after one untimed warm-up target; `odc-loop` = odc-stac load of the same 3 items and bands on the same "
+             "grid + median + write_cog per target.", "",
+             "| job | targets | side (px) | output shape | seconds per target | seconds total | peak RSS (MB) |",
+             "|---|---:|---:|---|---:|---:|---:|"]
+    for b in result["batch"]:
+        if "seconds_per_target" not in b:
+            lines.append(f"| {b['job']} | {b['targets']} | {b['side_px']} | | failed | | |")
+            continue
+        shapes = ", ".join(f"{h}x{w}" for h, w in b.get("shapes", []))
+        lines.append(f"| {b['job']} | {b['targets']} | {b['side_px']} | {shapes} | {b['seconds_per_target']} | "
+                     f"{b['seconds_total']} | {b['peak_rss_mb']} |")
+    br = result.get("batch_ratios") or {}
+    if br.get("fixed_and_per_pixel"):
+        lines += ["", "| job | fixed cost per target (s, target <= 1) | per-pixel cost (us/px) |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v['fixed_s']} | {v['us_per_px']} |" for k, v in br["fixed_and_per_pixel"].items()]
+    if br.get("batch_over_odc_loop"):
+        lines += ["", "| batch | over the odc-stac loop (target <= 1.5) |", "|---|---:|"]
+        lines += [f"| {k} | {v} |" for k, v in br["batch_over_odc_loop"].items()]
     return "\n".join(lines) + "\n"
 
 
