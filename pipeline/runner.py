@@ -427,6 +427,14 @@ def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs
     # wrong scale/offset or band order: fails the target (InputDataError naming item, band, fix) or warns
     plausibility = check_reflectance(target, refs, bands, skip={(f.item_id, f.band) for f in read_failures})
     layers = build_mask_layers(items, geobox, cfg.mask, cfg.grid.chunk)
+    from cloudfree.stages.load import read_small_once
+
+    # a target within the co-registration window is read once, now, for the estimate and the main pass alike
+    names = list(layers.by_method)
+    stack, failed, mask, prob, opened, *per_method = read_small_once(
+        geobox, cfg.coregister.window, stack, failed, layers.mask, layers.prob, layers.opened,
+        *(layers.by_method[m] for m in names))
+    layers = type(layers)(mask, prob, dict(zip(names, per_method)), opened)
     mask, prob, by_method = layers.mask, layers.prob, layers.by_method
     ref_masks = None
     ref_stack = stack[1:] if refs else None
