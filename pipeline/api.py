@@ -293,8 +293,24 @@ def _config(config: Any = None, **sections):
         cfg = parse_config(config, source="config dict")
     else:
         raise TypeError(f"config must be a YAML path, a dict or a cloudfree Config, got {type(config).__name__}")
-    sections = {k: v for k, v in sections.items() if v}
+    sections = {k: _section(k, v) for k, v in sections.items() if v}
     return cfg.replace(**sections) if sections else cfg
+
+
+#: the one-value shorthand of a section: ``run(catalog="data/demo/catalog.json", output="out", model="temporal")``
+_SHORTHAND = {"output": lambda v: {"dir": str(v)}, "model": lambda v: {"name": str(v)},
+              "catalog": lambda v: catalog_section(str(v))}
+
+
+def _section(name: str, value: Any) -> dict:
+    """A section override as a dict; a plain value is the section's main key (:data:`_SHORTHAND`)."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, (str, Path)) and name in _SHORTHAND:
+        return _SHORTHAND[name](value)
+    raise TypeError(f"section override {name}= must be a dict of that config section's keys (e.g. "
+                    f"output={{'dir': 'out'}}); a plain value is accepted only for {', '.join(sorted(_SHORTHAND))}, "
+                    f"got {type(value).__name__}")
 
 
 _KINDS = ("local", "stac-api", "planetary-computer", "earth-search", "sentinel-hub")
@@ -354,7 +370,8 @@ def search(catalog: str | None = None, collection: str | None = None, *, bbox: S
 
 def run(config: Any = None, *, dry_run: bool = False, targets: Sequence[str] | None = None, **sections):
     """The batch job of ``config`` (a YAML path, a dict or a Config; section overrides as keyword dicts, e.g.
-    ``run("configs/demo.yaml", output={"dir": "out"})``), as ``cloudfree run`` does: COGs, STAC items, the run
+    ``run("configs/demo.yaml", output={"dir": "out"})``; ``catalog=``, ``output=`` and ``model=`` also take a plain
+    path, folder or name: ``run("configs/demo.yaml", catalog="cat.json", output="out")``), as ``cloudfree run`` does: COGs, STAC items, the run
     report. Returns one ``TargetResult`` per target (``.status``, ``.outputs``, ``.metrics``, ``.error``)."""
     from cloudfree.pipeline.runner import run as run_job
 

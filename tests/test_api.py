@@ -174,3 +174,16 @@ def test_the_readme_example_runs(demo_catalog, monkeypatch):
     assert set(out.data_vars) == {"reflectance", "confidence", "source"}
     src = out.source.values
     assert (src >= 10).any() and np.isfinite(out.reflectance.values).mean() > 0.9
+
+
+def test_run_section_shorthands_and_a_wrong_override_named(tmp_path):
+    """`run(..., catalog="cat.json", output="out", model="reference-replace")` is read as the section's main key;
+    anything else that is not a dict is a TypeError naming the section (never a bare 'str is not a mapping')."""
+    from cloudfree.pipeline.api import _config
+
+    cfg = _config(None, catalog=str(tmp_path / "cat.json"), output=tmp_path / "out", model="reference-replace")
+    assert (cfg.catalog.kind, str(cfg.catalog.url)) == ("local", str(tmp_path / "cat.json"))
+    assert Path(cfg.output.dir) == tmp_path / "out" and cfg.model.name == "reference-replace"
+    assert _config(None, catalog="https://example.test/stac").catalog.kind == "stac-api"
+    with pytest.raises(TypeError, match="search="):
+        _config(None, search="2019-06")
