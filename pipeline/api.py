@@ -240,7 +240,8 @@ def remove(target, references=None, mask: Any = "scl", model: Any = None, sar=No
         inputs = replace(inputs, cloud_mask=cloud_mask, cloud_prob=cloud_prob, reference_masks=ref_masks)
     h = model.spec.halo if halo is None else halo
     tiles = plan_tiles((tgt.sizes["y"], tgt.sizes["x"]), tile_size, h)
-    from cloudfree.pipeline.runner import mark_opened, mark_unfilled
+    from cloudfree.stages.masks import mark_opened
+    from cloudfree.stages.remove import mark_unfilled
 
     ds = remove_clouds(inputs, model, tiles, h, context, blend=blend)
     if opened is not None:  # flagged specks the mask refinement's opening removed: never "clear" (source 6)

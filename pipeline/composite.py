@@ -296,7 +296,8 @@ def _write_pixel_composite(ds, items: list[pystac.Item], tile: str, period: str,
     """The COGs, the quicklook (``best``, the least cloudy acquisition | the composite | its low-confidence
     pixels) and the item of one pixel composite, written into ``stage`` (published by the caller)."""
     from cloudfree.catalogs.harmonise import harmonise
-    from cloudfree.pipeline.runner import LOW_CONFIDENCE, QUICKLOOK_MAX, _progress_callback
+    from cloudfree.pipeline.runner import QUICKLOOK_MAX, _progress_callback
+    from cloudfree.stages.output_check import LOW_CONFIDENCE
     from cloudfree.stages.publish import output_item
     from cloudfree.stages.write import RGB, paths_for, quicklook, write_json_atomic, write_outputs
 
@@ -332,7 +333,7 @@ def _write_pixel_composite(ds, items: list[pystac.Item], tile: str, period: str,
         "processing:lineage": f"{method} composite of {len(items)} acquisition(s) of MGRS {tile} in {period}",
         "cloudfree:mask_methods": list(cfg.mask.methods),
     })
-    from cloudfree.pipeline.runner import cover_stats
+    from cloudfree.stages.output_check import cover_stats
 
     stats = cover_stats(written.files["confidence"], None)
     # the share that is not a usable clear estimate: still uncertain or nodata

@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import dask
 import numpy as np
@@ -173,10 +174,6 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
                             p.target.id, model.name)
     run_id = uuid.uuid4().hex[:12]
     out_dir = Path(cfg.output.dir)
-    if not dry_run:  # a file where the folder should be, or an uncreatable folder: exit 2 before any target
-        from cloudfree.pipeline.safety import prepare_output_dir
-
-        prepare_output_dir(out_dir)
 
     from cloudfree.pipeline.progress import BatchProgress
 
@@ -195,7 +192,7 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
         except Exception as exc:  # noqa: BLE001 - fault isolation per target; KeyboardInterrupt still stops
             from cloudfree.pipeline.redact import redact
 
-            msg = redact(failure_message(plan, exc, out_dir))
+            msg = redact(failure_message(plan, exc))
             log.error("%s failed: %s", plan.target.id, msg)
             log.debug("%s: traceback", plan.target.id, exc_info=True)
             res = TargetResult(plan.target.id, "failed", refs, error=msg)
@@ -237,26 +234,17 @@ def _run_target(plan: TargetPlan, model, cfg: Config, run_id: str, out_dir: Path
     from cloudfree.stages.write import is_done, paths_for
 
     stem = output_stem(plan.target.id, model.name)
-    refs = [c.item.id for c in plan.references]
-    with contextlib.ExitStack() as held:
-        try:
-            held.enter_context(target_lock(out_dir, stem))
-        except OSError as exc:
-            # a read-only archive of finished outputs: the lock cannot be created, but a done target needs no write
-            if is_done(out_dir, stem) and not cfg.output.overwrite:
-                log.info("%s: output exists (output folder not writable: %s), skipping", stem, exc)
-                return TargetResult(plan.target.id, "skipped", refs, outputs=paths_for(out_dir, stem))
-            raise
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with target_lock(out_dir, stem):
         clean_stale_staging(out_dir, stem)
         if is_done(out_dir, stem) and not cfg.output.overwrite:
             log.info("%s: output exists, skipping (use --overwrite to redo)", stem)
             from cloudfree.stages.publish import update_collection
 
-            try:  # outputs from before the collection existed (or another run) are listed too
-                update_collection(out_dir, paths_for(out_dir, stem)["item"], cfg.output.collection)
-            except OSError as exc:  # a read-only archive: the finished output is still there
-                log.warning("%s: output exists; the collection could not be updated (%s)", stem, exc)
-            return TargetResult(plan.target.id, "skipped", refs, outputs=paths_for(out_dir, stem))
+            # outputs from before the collection existed (or another run) are listed too
+            update_collection(out_dir, paths_for(out_dir, stem)["item"], cfg.output.collection)
+            return TargetResult(plan.target.id, "skipped", [c.item.id for c in plan.references],
+                                outputs=paths_for(out_dir, stem))
         return process_dropping_references(plan, model, cfg, run_id, catalog=catalog)
 
 
@@ -367,9 +355,89 @@ def reference_offsets(plan: TargetPlan, refs) -> tuple[float, ...]:
     return tuple(by_id[r.id] for r in refs)
 
 
+@dataclass
+class TargetContext:
+    """One target on its way through the steps of :func:`process_target`: what the plan fixes (``plan`` .. ``geobox``),
+    then what each step adds, in the order the steps run (lazy dask arrays until :func:`write_staged` computes)."""
+
+    plan: TargetPlan
+    model: Any
+    cfg: Config
+    run_id: str
+    catalog: Any
+    target: Any  #: the target item (after any remote fetch)
+    refs: list  #: the reference items the model gets
+    bands: list[str]
+    geobox: Any
+    context_future: Any = None  #: the model's scene context, computed in a second thread (None: no context)
+    # load_inputs
+    stack: Any = None  #: (time, band, y, x): target then references
+    failed: Any = None  #: (time, y, x) failed reads
+    read_failures: list = field(default_factory=list)
+    plausibility: list = field(default_factory=list)
+    # compute_masks / coregister_references / find_missed_cloud
+    layers: Any = None  #: stages.masks.MaskLayers of every item
+    target_mask: Any = None
+    target_prob: Any = None
+    ref_stack: Any = None
+    ref_masks: Any = None
+    missed: Any = None
+    coreg: list = field(default_factory=list)
+    # attach_sar
+    sar: Any = None
+    # remove
+    inputs: Any = None
+    tiles: list = field(default_factory=list)
+    halo: int = 0
+    tile_timings: list = field(default_factory=list)
+    ds: Any = None
+    # mark_provenance
+    prov: Any = None
+
+    @property
+    def items(self) -> list:
+        return [self.target, *self.refs]
+
+    @property
+    def stem(self) -> str:
+        return output_stem(self.target.id, self.model.name)
+
+
 def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=None) -> TargetResult:
+    """One target: the steps below, in data-flow order, over one :class:`TargetContext`; published on success."""
     from concurrent.futures import ThreadPoolExecutor
 
+    ctx = prepare_target(plan, model, cfg, run_id, catalog)
+    # the model's scene context (a coarse load of the scene + fit_scene) does not depend on anything below: it is
+    # computed in a second thread while this one probes the assets and estimates the co-registration (both are
+    # small, partly single-threaded computes: on two cores the pair took 2 s of the 16x bench scene one after
+    # the other)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudfree-context")
+    if model.spec.scene_context:
+        ctx.context_future = pool.submit(scene_context, model, ctx.items, ctx.bands, ctx.geobox, ctx.cfg, plan)
+    pool.shutdown(wait=False)
+    future = ctx.context_future
+    try:
+        load_inputs(ctx)
+        compute_masks(ctx)
+        coregister_references(ctx)
+        find_missed_cloud(ctx)
+        attach_sar(ctx)
+        remove(ctx)
+        mark_provenance(ctx)
+        return write_and_publish(ctx)
+    finally:
+        if future is not None and not future.done():
+            future.cancel()
+            try:
+                future.result()  # never leave it running after this target (e.g. it failed early)
+            except Exception:  # noqa: BLE001 - the target's own error is the one reported
+                pass
+
+
+def prepare_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=None) -> TargetContext:
+    """Search -> grid: the model's references, the bands, the output grid (bounded before any read), the resolved
+    mask methods, and assets that exist only behind an API fetched on the output grid."""
     from cloudfree.stages.load import check_grid_size, fetch_remote_assets, output_geobox
     from cloudfree.stages.masks import mask_inputs
     from cloudfree.stages.masks import resolved as resolved_masks
@@ -388,205 +456,226 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
         cfg = cfg.replace(mask={"methods": list(mask_cfg.methods)})
     # assets that exist only behind an API (Sentinel Hub's Process API) are fetched on the output grid, once
     items = fetch_remote_assets(items, [*bands, *mask_inputs(items, cfg.mask)], geobox)
-    target, refs = items[0], items[1:]
-    # the model's scene context (a coarse load of the scene + fit_scene) does not depend on anything below: it is
-    # computed in a second thread while this one probes the assets and estimates the co-registration (both are
-    # small, partly single-threaded computes: on two cores the pair took 2 s of the 16x bench scene one after
-    # the other)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudfree-context")
-    context_future = (pool.submit(scene_context, model, items, bands, geobox, cfg, plan)
-                      if model.spec.scene_context else None)
-    pool.shutdown(wait=False)
-    try:
-        return _process_target(plan, model, cfg, run_id, catalog, target, refs, items, bands, geobox,
-                               context_future)
-    finally:
-        if context_future is not None and not context_future.done():
-            context_future.cancel()
-            try:
-                context_future.result()  # never leave it running after this target (e.g. it failed early)
-            except Exception:  # noqa: BLE001 - the target's own error is the one reported
-                pass
+    return TargetContext(plan=plan, model=model, cfg=cfg, run_id=run_id, catalog=catalog, target=items[0],
+                         refs=items[1:], bands=bands, geobox=geobox)
 
 
-def _process_target(plan, model, cfg: Config, run_id: str, catalog, target, refs, items, bands, geobox,
-                    context_future) -> TargetResult:
+def load_inputs(ctx: TargetContext) -> None:
+    """Load: every band of every item on the output grid (failed reads recorded, not raised), then the
+    plausibility check (wrong scale/offset or band order fails the target naming item, band and fix, or warns)."""
     from cloudfree.stages.load import load_reflectance_checked
-    from cloudfree.stages.masks import NODATA_BIT, build_mask_layers, mask_provenance
-    from cloudfree.stages.mosaic import confidence_fallback
-    from cloudfree.stages.plausibility import check_reflectance
-    from cloudfree.stages.publish import update_collection
-    from cloudfree.stages.remove import SceneInputs, remove_clouds
-    from cloudfree.stages.tile import plan_tiles
-    from cloudfree.stages.write import is_done, paths_for
-
     from cloudfree.stages.output_check import check_band_crs
+    from cloudfree.stages.plausibility import check_reflectance
 
-    check_band_crs(target, bands)  # a band on another CRS than its item: the target fails, never a `done` output
-    stack, failed, read_failures = load_reflectance_checked(items, bands, geobox, cfg.grid.chunk, name=target.id)
-    # wrong scale/offset or band order: fails the target (InputDataError naming item, band, fix) or warns
-    plausibility = check_reflectance(target, refs, bands, skip={(f.item_id, f.band) for f in read_failures})
-    layers = build_mask_layers(items, geobox, cfg.mask, cfg.grid.chunk)
+    check_band_crs(ctx.target, ctx.bands)  # a band on another CRS than its item: the target fails, never `done`
+    ctx.stack, ctx.failed, ctx.read_failures = load_reflectance_checked(ctx.items, ctx.bands, ctx.geobox,
+                                                                        ctx.cfg.grid.chunk, name=ctx.target.id)
+    ctx.plausibility = check_reflectance(ctx.target, ctx.refs, ctx.bands,
+                                         skip={(f.item_id, f.band) for f in ctx.read_failures})
+
+
+def compute_masks(ctx: TargetContext) -> None:
+    """Masks: the configured methods' layers of every item; a reference pixel is clear only where no mask flags it,
+    the refinement's opening did not remove it from the mask, every band is valid and its read did not fail."""
     from cloudfree.stages.load import read_small_once
+    from cloudfree.stages.masks import build_mask_layers
 
+    layers = build_mask_layers(ctx.items, ctx.geobox, ctx.cfg.mask, ctx.cfg.grid.chunk)
     # a target within the co-registration window is read once, now, for the estimate and the main pass alike
     names = list(layers.by_method)
-    stack, failed, mask, prob, opened, *per_method = read_small_once(
-        geobox, cfg.coregister.window, stack, failed, layers.mask, layers.prob, layers.opened,
+    ctx.stack, ctx.failed, mask, prob, opened, *per_method = read_small_once(
+        ctx.geobox, ctx.cfg.coregister.window, ctx.stack, ctx.failed, layers.mask, layers.prob, layers.opened,
         *(layers.by_method[m] for m in names))
-    layers = type(layers)(mask, prob, dict(zip(names, per_method)), opened)
-    mask, prob, by_method = layers.mask, layers.prob, layers.by_method
-    ref_masks = None
-    ref_stack = stack[1:] if refs else None
-    if refs:  # a reference pixel the refinement's opening removed from the mask is not a clear observation either
-        ref_masks = mask[1:] | layers.opened[1:] | stack[1:].isnull().any("band") | failed[1:]
-    coreg = []
-    if refs and cfg.coregister.enabled:
-        from cloudfree.stages.coregister import estimate_reference_shifts, load_aligned_references
+    ctx.layers = layers = type(layers)(mask, prob, dict(zip(names, per_method)), opened)
+    ctx.target_mask, ctx.target_prob = layers.mask[0], layers.prob[0]
+    if ctx.refs:
+        ctx.ref_stack = ctx.stack[1:]
+        ctx.ref_masks = layers.mask[1:] | layers.opened[1:] | ctx.stack[1:].isnull().any("band") | ctx.failed[1:]
 
-        coreg = estimate_reference_shifts(stack[0], mask[0] | layers.opened[0], ref_stack, ref_masks,
-                                          [r.id for r in refs], cfg.coregister)
-        if any(c.applied for c in coreg):  # re-read the references on shifted grids: one resampling, lazy
-            ref_stack, ref_masks = load_aligned_references(refs, coreg, geobox, bands, cfg.mask, cfg.grid.chunk,
-                                                           stack[0])
-    target_mask, target_prob, missed = mask[0], prob[0], None
-    if refs and cfg.mask.missed_cloud:  # cloud and shadow the mask missed (multi-temporal test, lazy)
-        from cloudfree.stages.missed_cloud import add_missed_cloud
 
-        target_mask, target_prob, ref_masks, missed = add_missed_cloud(stack[0], target_mask, target_prob, ref_stack,
-                                                                       ref_masks)
-    sar = None
-    if model.spec.needs_sar or model.spec.accepts_sar:
-        sar, sar_records = model_sar(plan, refs, catalog, stack[0], mask[0], geobox, cfg, model)
-        coreg.extend(sar_records)
-    elif plan.sar and cfg.coregister.enabled:
-        coreg.append(_sar_coregistration(plan, stack[0], mask[0], geobox, cfg))
-    inputs = SceneInputs(
-        target=stack[0], cloud_mask=target_mask, cloud_prob=target_prob,
-        references=ref_stack, reference_masks=ref_masks,
-        reference_ids=tuple(r.id for r in refs),
-        reference_dt_days=reference_offsets(plan, refs), target_id=target.id, sar=sar,
+def coregister_references(ctx: TargetContext) -> None:
+    """Co-registration: estimate each reference's shift; shifted references are re-read on shifted grids (one
+    resampling, lazy)."""
+    if not (ctx.refs and ctx.cfg.coregister.enabled):
+        return
+    from cloudfree.stages.coregister import estimate_reference_shifts, load_aligned_references
+
+    cfg, layers = ctx.cfg, ctx.layers
+    ctx.coreg = estimate_reference_shifts(ctx.stack[0], layers.mask[0] | layers.opened[0], ctx.ref_stack,
+                                          ctx.ref_masks, [r.id for r in ctx.refs], cfg.coregister)
+    if any(c.applied for c in ctx.coreg):
+        ctx.ref_stack, ctx.ref_masks = load_aligned_references(ctx.refs, ctx.coreg, ctx.geobox, ctx.bands, cfg.mask,
+                                                               cfg.grid.chunk, ctx.stack[0])
+
+
+def find_missed_cloud(ctx: TargetContext) -> None:
+    """Cloud and shadow the mask missed (multi-temporal test, lazy), added to the target's and references' masks."""
+    if not (ctx.refs and ctx.cfg.mask.missed_cloud):
+        return
+    from cloudfree.stages.missed_cloud import add_missed_cloud
+
+    ctx.target_mask, ctx.target_prob, ctx.ref_masks, ctx.missed = add_missed_cloud(
+        ctx.stack[0], ctx.target_mask, ctx.target_prob, ctx.ref_stack, ctx.ref_masks)
+
+
+def attach_sar(ctx: TargetContext) -> None:
+    """Sentinel-1 for a model that needs or accepts it; otherwise only the S1 -> S2 shift is recorded."""
+    from cloudfree.stages.sar import model_sar, sar_coregistration_record
+
+    spec, mask0 = ctx.model.spec, ctx.layers.mask[0]
+    if spec.needs_sar or spec.accepts_sar:
+        ctx.sar, records = model_sar(ctx.plan, ctx.refs, ctx.catalog, ctx.stack[0], mask0, ctx.geobox, ctx.cfg,
+                                     ctx.model)
+        ctx.coreg.extend(records)
+    elif ctx.plan.sar and ctx.cfg.coregister.enabled:
+        ctx.coreg.append(sar_coregistration_record(ctx.plan, ctx.stack[0], mask0, ctx.geobox, ctx.cfg))
+
+
+def remove(ctx: TargetContext) -> None:
+    """Tile -> remove: the model over the tile plan (halo, blend), then opened specks and the low-confidence
+    fallback (opened specks first: their lowered confidence is then subject to the fallback like any other)."""
+    from cloudfree.stages.masks import mark_opened
+    from cloudfree.stages.mosaic import confidence_fallback
+    from cloudfree.stages.remove import SceneInputs, remove_clouds
+    from cloudfree.stages.tile import plan_tiles
+
+    cfg = ctx.cfg
+    ctx.inputs = SceneInputs(
+        target=ctx.stack[0], cloud_mask=ctx.target_mask, cloud_prob=ctx.target_prob,
+        references=ctx.ref_stack, reference_masks=ctx.ref_masks,
+        reference_ids=tuple(r.id for r in ctx.refs),
+        reference_dt_days=reference_offsets(ctx.plan, ctx.refs), target_id=ctx.target.id, sar=ctx.sar,
     )
-    halo = cfg.tile.halo if cfg.tile.halo is not None else model.spec.halo
-    tiles = plan_tiles(geobox.shape, cfg.tile.size, halo)
-    context = context_future.result() if context_future is not None else {}
-    tile_timings: list = []
-    ds = remove_clouds(inputs, model, tiles, halo, context, blend=cfg.tile.blend, timings=tile_timings)
-    # opened specks first: their lowered confidence is then subject to the low-confidence fallback like any other
-    ds = mark_opened(ds, layers.opened[0], prob[0])
-    ds = confidence_fallback(ds, inputs, cfg.output.confidence_floor, cfg.output.low_confidence)
-    prov = mask_provenance({m: v[0] for m, v in by_method.items()}, cfg.mask.methods)  # same reads as `mask`
-    prov = prov | stack[0].isnull().any("band").astype(np.uint8) * np.uint8(NODATA_BIT)
-    if missed is not None:
+    ctx.halo = cfg.tile.halo if cfg.tile.halo is not None else ctx.model.spec.halo
+    ctx.tiles = plan_tiles(ctx.geobox.shape, cfg.tile.size, ctx.halo)
+    context = ctx.context_future.result() if ctx.context_future is not None else {}
+    ds = remove_clouds(ctx.inputs, ctx.model, ctx.tiles, ctx.halo, context, blend=cfg.tile.blend,
+                       timings=ctx.tile_timings)
+    ds = mark_opened(ds, ctx.layers.opened[0], ctx.layers.prob[0])
+    ctx.ds = confidence_fallback(ds, ctx.inputs, cfg.output.confidence_floor, cfg.output.low_confidence)
+
+
+def mark_provenance(ctx: TargetContext) -> None:
+    """The mask-provenance layer (which method flagged each pixel, nodata, missed cloud), cloudy pixels the model
+    kept marked unfilled, failed target reads marked failed."""
+    from cloudfree.stages.load import mark_failed
+    from cloudfree.stages.masks import NODATA_BIT, mask_provenance
+    from cloudfree.stages.remove import mark_unfilled
+
+    prov = mask_provenance({m: v[0] for m, v in ctx.layers.by_method.items()}, ctx.cfg.mask.methods)
+    prov = prov | ctx.stack[0].isnull().any("band").astype(np.uint8) * np.uint8(NODATA_BIT)
+    if ctx.missed is not None:
         from cloudfree.stages.missed_cloud import MISSED_BIT
 
-        prov = prov | missed.astype(np.uint8) * np.uint8(MISSED_BIT)
+        prov = prov | ctx.missed.astype(np.uint8) * np.uint8(MISSED_BIT)
+    ctx.prov = prov
+    ds = ctx.ds
     ds["mask_provenance"] = (("y", "x"), prov.data)
-    ds = mark_unfilled(ds, target_mask)
-    if read_failures:
-        ds = mark_failed(ds, failed[0], [f.band for f in read_failures if f.item_id == target.id])
-    stem = output_stem(target.id, model.name)
-    from cloudfree.pipeline.safety import publish_dir, safe_rmtree, staging_dir
+    ds = mark_unfilled(ds, ctx.target_mask)
+    if ctx.read_failures:
+        ds = mark_failed(ds, ctx.failed[0], [f.band for f in ctx.read_failures if f.item_id == ctx.target.id])
+    ctx.ds = ds
 
-    stage = staging_dir(cfg.output.dir, stem, run_id)
+
+def write_and_publish(ctx: TargetContext) -> TargetResult:
+    """Write into a staging folder, then publish it with one rename (never a `done` output replaced by a worse one
+    under --overwrite) and list it in the output collection."""
+    from cloudfree.pipeline.safety import publish_dir, safe_rmtree, staging_dir
+    from cloudfree.stages.publish import update_collection
+    from cloudfree.stages.write import is_done, paths_for
+
+    out_dir, stem = ctx.cfg.output.dir, ctx.stem
+    stage = staging_dir(out_dir, stem, ctx.run_id)
     try:
-        res = _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, items, bands, geobox, stack,
-                                 prov, ds, coreg, tiles, halo, tile_timings, read_failures, plausibility,
-                                 ref_stack=ref_stack, ref_masks=ref_masks)
-        final = paths_for(cfg.output.dir, stem)
-        if res.status != "done" and cfg.output.overwrite and is_done(cfg.output.dir, stem):
-            # --overwrite never replaces a `done` output with a worse-labelled one
-            safe_rmtree(cfg.output.dir, stage)
+        res = write_staged(ctx, stage)
+        final = paths_for(out_dir, stem)
+        if res.status != "done" and ctx.cfg.output.overwrite and is_done(out_dir, stem):
+            safe_rmtree(out_dir, stage)
             msg = (f"the new output is {res.status} ({res.error}); the existing `done` output was kept "
                    "(--overwrite never replaces a done output with a worse one)")
-            log.warning("%s: %s", target.id, msg)
-            return TargetResult(target.id, "skipped", res.references, outputs=final, error=msg, stats=res.stats,
+            log.warning("%s: %s", ctx.target.id, msg)
+            return TargetResult(ctx.target.id, "skipped", res.references, outputs=final, error=msg, stats=res.stats,
                                 coregistration=res.coregistration)
-        publish_dir(cfg.output.dir, stage, final["item"].parent)
+        publish_dir(out_dir, stage, final["item"].parent)
     except BaseException:
-        for attempt in range(3):  # a tile task still running may write into it while it is removed: try again
-            try:
-                safe_rmtree(cfg.output.dir, stage)
-                break
-            except OSError as exc:  # the original error is the one reported
-                if attempt == 2:
-                    log.warning("%s: staging folder %s could not be removed (%s)", target.id, stage, exc)
-                time.sleep(0.2)
+        safe_rmtree(out_dir, stage)
         raise
     res.outputs = {k: final["item"].parent / Path(v).name for k, v in res.outputs.items()}
-    update_collection(cfg.output.dir, final["item"], cfg.output.collection)
+    update_collection(out_dir, final["item"], ctx.cfg.output.collection)
     if res.status == "unrestored":
-        log.warning("%s: %s", target.id, res.error)
+        log.warning("%s: %s", ctx.target.id, res.error)
     return res
 
 
-def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, items, bands, geobox, stack, prov, ds,
-                       coreg, tiles, halo, tile_timings, read_failures, plausibility, ref_stack=None,
-                       ref_masks=None) -> TargetResult:
-    """Write the COGs, quicklook and item of one target into its staging folder ``stage``.
+def _side_computes(ctx: TargetContext) -> tuple[tuple, tuple]:
+    """What the write's single dask pass computes besides the COGs: the quicklook's decimated before/after/mask,
+    and (with references) a decimated copy of the output and the references for the output check."""
+    from cloudfree.stages.write import RGB
 
-    ``prov`` is the mask-provenance layer ``(y, x)`` (the quicklook's mask panel); with references, a decimated
-    copy of the output and of the references is computed in the same pass for the output check
-    (:func:`cloudfree.stages.output_check.check_output`)."""
-    from cloudfree.catalogs.harmonise import harmonise
-    from cloudfree.pipeline.contract import SOURCE_UNFILLED
-    from cloudfree.stages.publish import file_sha256, output_item
-    from cloudfree.stages.write import RGB, paths_for, quicklook, write_json_atomic, write_outputs
-
+    cfg, geobox, ds = ctx.cfg, ctx.geobox, ctx.ds
     k = max(1, int(np.ceil(max(geobox.shape) / QUICKLOOK_MAX)))
-    rgb = [b for b in RGB if b in bands]
+    rgb = [b for b in RGB if b in ctx.bands]
     extras = ()
     if cfg.output.quicklook and len(rgb) == 3:
-        extras = (stack[0].sel(band=rgb)[:, ::k, ::k].data, ds.reflectance.sel(band=rgb)[:, ::k, ::k].data,
-                  prov[::k, ::k].data)
+        extras = (ctx.stack[0].sel(band=rgb)[:, ::k, ::k].data, ds.reflectance.sel(band=rgb)[:, ::k, ::k].data,
+                  ctx.prov[::k, ::k].data)
     check_inputs = ()
-    if ref_stack is not None and ref_masks is not None:
+    if ctx.ref_stack is not None and ctx.ref_masks is not None:
         from cloudfree.stages.output_check import CHECK_MAX_SIDE
 
         kc = max(1, int(np.ceil(max(geobox.shape) / CHECK_MAX_SIDE)))
         check_inputs = (ds.reflectance[:, ::kc, ::kc].data, ds.source[::kc, ::kc].data,
-                        ref_stack[:, :, ::kc, ::kc].data, ref_masks[:, ::kc, ::kc].data)
-    log.info("%s: %d tiles of %d px (halo %d), %d reference(s), model %s", target.id, len(tiles), cfg.tile.size,
-             halo, len(refs), model.name)
-    out, computed = write_outputs(ds, cfg.output.dir, stem, cfg.output,
-                                  extra_compute=(*extras, *check_inputs, tile_timings),
+                        ctx.ref_stack[:, :, ::kc, ::kc].data, ctx.ref_masks[:, ::kc, ::kc].data)
+    return extras, check_inputs
+
+
+def _checked_output(ctx: TargetContext, c_refl, c_src, c_refs, c_rmask):
+    """The output check (:func:`cloudfree.stages.output_check.check_output`) on the decimated copies."""
+    from cloudfree.pipeline.contract import SOURCE_FUSED, SOURCE_MODEL, SOURCE_REFERENCE_BASE
+    from cloudfree.stages.output_check import check_output
+
+    restored = np.isin(c_src, (SOURCE_MODEL, SOURCE_FUSED)) | (c_src >= SOURCE_REFERENCE_BASE)
+    return check_output(np.asarray(c_refl), restored, np.asarray(c_refs), ~np.asarray(c_rmask, bool), ctx.bands)
+
+
+def write_staged(ctx: TargetContext, stage: Path) -> TargetResult:
+    """Write: the COGs, quicklook and item of one target into its staging folder ``stage``, in one dask pass."""
+    from cloudfree.stages.write import paths_for, quicklook, write_outputs
+
+    cfg, stem = ctx.cfg, ctx.stem
+    extras, check_inputs = _side_computes(ctx)
+    log.info("%s: %d tiles of %d px (halo %d), %d reference(s), model %s", ctx.target.id, len(ctx.tiles),
+             cfg.tile.size, ctx.halo, len(ctx.refs), ctx.model.name)
+    out, computed = write_outputs(ctx.ds, cfg.output.dir, stem, cfg.output,
+                                  extra_compute=(*extras, *check_inputs, ctx.tile_timings),
                                   progress=_progress_callback(cfg), stage=stage)
-    staged = paths_for(stage.parent, stem)
-    staged = {k: stage / v.name for k, v in staged.items()}
-    final = paths_for(cfg.output.dir, stem)
+    staged = {k: stage / v.name for k, v in paths_for(stage.parent, stem).items()}
     *computed, timings = computed
     checked = None
     if check_inputs:
         *computed, c_refl, c_src, c_refs, c_rmask = computed
-        from cloudfree.pipeline.contract import SOURCE_FUSED, SOURCE_MODEL, SOURCE_REFERENCE_BASE
-        from cloudfree.stages.output_check import check_output
-
-        restored = np.isin(c_src, (SOURCE_MODEL, SOURCE_FUSED)) | (c_src >= SOURCE_REFERENCE_BASE)
-        checked = check_output(np.asarray(c_refl), restored, np.asarray(c_refs), ~np.asarray(c_rmask, bool), bands)
+        checked = _checked_output(ctx, c_refl, c_src, c_refs, c_rmask)
     tile_seconds = {f"{i}-{j}": round(float(sec), 3) for (i, j), sec in timings}
     if computed:
         before, after, m = computed
-        out.files["quicklook"] = quicklook(before, after, m, staged["quicklook"], title=f"{target.id} / {model.name}")
-    metrics = {}
-    if "truth" in target.assets:
-        from cloudfree.pipeline.evaluation.truth import evaluate_against_truth
+        out.files["quicklook"] = quicklook(before, after, m, staged["quicklook"],
+                                           title=f"{ctx.target.id} / {ctx.model.name}")
+    return write_item(ctx, out, staged, checked, tile_seconds)
 
-        metrics = evaluate_against_truth(target, out.reflectance, geobox, bands, cfg.grid.chunk)
-    extra = {"cloudfree:evaluation": metrics} if metrics else {}
-    stats = cover_stats(out.files["confidence"], out.files["mask_provenance"], cfg.output.confidence_floor,
-                        source_path=out.files["source"])
-    # eo:cloud_cover of an output = the share that is not a usable cloud-free estimate (low confidence, cloudy and
-    # not restored, failed reads, nodata), so an unusable output never ranks as a clear reference later
-    extra["eo:cloud_cover"] = round(100 * stats["unusable_after"], 2)
+
+def target_status(ctx: TargetContext, stats: dict, checked, extra: dict) -> tuple[str, str]:
+    """``(status, why)`` of a written target from its cover statistics, whether any target pixel was read and the
+    output check; ``extra["eo:cloud_cover"]`` raised to match (an unusable output never ranks as a clear
+    reference later)."""
+    from cloudfree.stages.output_check import no_target_data, restoration_status
+
     status, why = restoration_status(stats)
-    from cloudfree.stages.output_check import no_target_data
-
     if no_target_data(stats):
-        failed_bands = sorted({f.band for f in read_failures if f.item_id == target.id})
+        failed_bands = sorted({f.band for f in ctx.read_failures if f.item_id == ctx.target.id})
         status, why = "unrestored", (
             f"the target's band(s) {', '.join(failed_bands)} could not be read, so no target pixel is a complete "
             "observation: the output holds the references where one is clear and nodata in those bands elsewhere"
-            if failed_bands and set(failed_bands) != set(bands) else
+            if failed_bands and set(failed_bands) != set(ctx.bands) else
             "no target pixel could be read (every band nodata or a failed read): the output would be the references "
             "under the target's date")
         extra["eo:cloud_cover"] = 100.0
@@ -595,36 +684,38 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
         if not checked.ok and status == "done":
             status, why = "unrestored", f"output check: {checked.reason}"
             extra["eo:cloud_cover"] = max(extra["eo:cloud_cover"], round(100 * checked.implausible_share, 2))
-    if stats.get("missed_cloud_before") is not None:
-        extra["cloudfree:missed_cloud"] = {
-            "share": stats["missed_cloud_before"],
-            "test": "multi-temporal: blue far above every clear reference (cloud) or NIR/SWIR far below (shadow), "
-                    "on pixels the mask called clear (stages/missed_cloud.py)"}
-    extra["cloudfree:status"] = status
-    extra["cloudfree:mask_methods"] = list(cfg.mask.methods)
-    extra["cloudfree:target_cloud_cover"] = target.properties.get("eo:cloud_cover")
-    extra["cloudfree:cover"] = stats
-    extra["cloudfree:tile_seconds"] = tile_seconds
-    extra["cloudfree:blend"] = cfg.tile.blend if halo > 0 else "none"
-    extra["cloudfree:low_confidence"] = {"floor": cfg.output.confidence_floor, "mode": cfg.output.low_confidence}
-    extra["cloudfree:mask_refinement"] = mask_refinement_property(cfg.mask, stats)
-    wpath = Path(model.spec.weights) if model.spec.weights else None
-    weights_sha = file_sha256(wpath) if wpath is not None and wpath.is_file() else None
-    if read_failures:
-        from cloudfree.pipeline.redact import redact
+    return status, why
 
-        # hrefs may be signed (SAS tokens): never put a credential into an output file
-        extra["cloudfree:read_failures"] = [{k: redact(v) if isinstance(v, str) else v for k, v in
-                                             f.as_properties().items()} for f in read_failures]
-    if plausibility:
-        extra["cloudfree:plausibility"] = list(plausibility)
-    if plan.dropped:  # references whose read failed: dropped, the target made with the others
-        extra["cloudfree:dropped_references"] = list(plan.dropped)
-    if coreg:
-        extra["cloudfree:coregistration"] = [c.as_properties() for c in coreg]
-    item = output_item(target, refs, out, geobox, bands, model.name, dict(cfg.model.params), run_id,
-                       [harmonise(i).as_properties() for i in items], extra=extra, weights_sha256=weights_sha,
-                       collection_id=cfg.output.collection, mask_bits=_mask_bits(cfg),
+
+def write_item(ctx: TargetContext, out, staged: dict, checked, tile_seconds: dict) -> TargetResult:
+    """Publish (staged): the evaluation against truth, cover statistics, status, and the STAC item that marks the
+    target done."""
+    from cloudfree.catalogs.harmonise import harmonise
+    from cloudfree.pipeline.contract import SOURCE_UNFILLED
+    from cloudfree.stages.output_check import cover_stats
+    from cloudfree.stages.publish import file_sha256, output_item
+    from cloudfree.stages.write import paths_for, write_json_atomic
+
+    cfg, target = ctx.cfg, ctx.target
+    metrics = {}
+    if "truth" in target.assets:
+        from cloudfree.pipeline.evaluation.truth import evaluate_against_truth
+
+        metrics = evaluate_against_truth(target, out.reflectance, ctx.geobox, ctx.bands, cfg.grid.chunk)
+    extra = {"cloudfree:evaluation": metrics} if metrics else {}
+    stats = cover_stats(out.files["confidence"], out.files["mask_provenance"], cfg.output.confidence_floor,
+                        source_path=out.files["source"])
+    # eo:cloud_cover of an output = the share that is not a usable cloud-free estimate (low confidence, cloudy and
+    # not restored, failed reads, nodata), so an unusable output never ranks as a clear reference later
+    extra["eo:cloud_cover"] = round(100 * stats["unusable_after"], 2)
+    status, why = target_status(ctx, stats, checked, extra)
+    extra.update(_item_properties(ctx, stats, status, tile_seconds))
+    wpath = Path(ctx.model.spec.weights) if ctx.model.spec.weights else None
+    weights_sha = file_sha256(wpath) if wpath is not None and wpath.is_file() else None
+    final = paths_for(cfg.output.dir, ctx.stem)
+    item = output_item(target, ctx.refs, out, ctx.geobox, ctx.bands, ctx.model.name, dict(cfg.model.params),
+                       ctx.run_id, [harmonise(i).as_properties() for i in ctx.items], extra=extra,
+                       weights_sha256=weights_sha, collection_id=cfg.output.collection, mask_bits=_mask_bits(cfg),
                        item_dir=final["item"].parent)
     item.set_self_href(str(final["item"].resolve()))
     write_json_atomic(item.to_dict(include_self_link=False, transform_hrefs=False), staged["item"])
@@ -635,10 +726,43 @@ def _compute_and_write(plan, model, cfg, run_id, stem, stage, target, refs, item
                  f"eo:cloud_cover {extra['eo:cloud_cover']} and cloudfree:status 'unrestored', so later searches do not "
                  "take it as a clear reference and a rerun retries it; widen search.max_days / "
                  "search.reference_max_cloud_cover or rerun when newer acquisitions exist")
-    return TargetResult(target.id, status, [r.id for r in refs], outputs=dict(out.files), metrics=metrics,
+    return TargetResult(target.id, status, [r.id for r in ctx.refs], outputs=dict(out.files), metrics=metrics,
                         error=error, tile_seconds=tile_seconds, stats=stats,
-                        coregistration=[c.as_properties() for c in coreg],
-                        warnings=run_warnings(plausibility, coreg, stats, checked))
+                        coregistration=[c.as_properties() for c in ctx.coreg],
+                        warnings=run_warnings(ctx.plausibility, ctx.coreg, stats, checked))
+
+
+def _item_properties(ctx: TargetContext, stats: dict, status: str, tile_seconds: dict) -> dict:
+    """The ``cloudfree:*`` properties of an output item after its status (in the order the items list them)."""
+    from cloudfree.stages.masks import mask_refinement_property
+
+    cfg, extra = ctx.cfg, {}
+    if stats.get("missed_cloud_before") is not None:
+        extra["cloudfree:missed_cloud"] = {
+            "share": stats["missed_cloud_before"],
+            "test": "multi-temporal: blue far above every clear reference (cloud) or NIR/SWIR far below (shadow), "
+                    "on pixels the mask called clear (stages/missed_cloud.py)"}
+    extra["cloudfree:status"] = status
+    extra["cloudfree:mask_methods"] = list(cfg.mask.methods)
+    extra["cloudfree:target_cloud_cover"] = ctx.target.properties.get("eo:cloud_cover")
+    extra["cloudfree:cover"] = stats
+    extra["cloudfree:tile_seconds"] = tile_seconds
+    extra["cloudfree:blend"] = cfg.tile.blend if ctx.halo > 0 else "none"
+    extra["cloudfree:low_confidence"] = {"floor": cfg.output.confidence_floor, "mode": cfg.output.low_confidence}
+    extra["cloudfree:mask_refinement"] = mask_refinement_property(cfg.mask, stats)
+    if ctx.read_failures:
+        from cloudfree.pipeline.redact import redact
+
+        # hrefs may be signed (SAS tokens): never put a credential into an output file
+        extra["cloudfree:read_failures"] = [{k: redact(v) if isinstance(v, str) else v for k, v in
+                                             f.as_properties().items()} for f in ctx.read_failures]
+    if ctx.plausibility:
+        extra["cloudfree:plausibility"] = list(ctx.plausibility)
+    if ctx.plan.dropped:  # references whose read failed: dropped, the target made with the others
+        extra["cloudfree:dropped_references"] = list(ctx.plan.dropped)
+    if ctx.coreg:
+        extra["cloudfree:coregistration"] = [c.as_properties() for c in ctx.coreg]
+    return extra
 
 
 def run_warnings(plausibility, coreg, stats: dict, checked) -> list[str]:
@@ -667,17 +791,10 @@ def _mask_bits(cfg: Config) -> dict[str, int]:
     return bits
 
 
-def failure_message(plan: TargetPlan, exc: BaseException, out_dir: str | Path | None = None) -> str:
-    """What the run report and the ``failed`` line say about a target that raised ``exc``: an output-side fault
-    (disk full, read-only or not a folder under ``out_dir``) names the output and its fix, never the inputs."""
+def failure_message(plan: TargetPlan, exc: BaseException) -> str:
+    """What the run report and the ``failed`` line say about a target that raised ``exc``."""
     import rasterio.errors
 
-    if out_dir is not None:
-        from cloudfree.pipeline.safety import output_fault
-
-        fault = output_fault(exc, out_dir)
-        if fault:
-            return f"target {plan.target.id}: {fault}"
     if isinstance(exc, CloudfreeError):
         return str(exc)
     if isinstance(exc, (rasterio.errors.RasterioError, OSError)):  # a file that passed the probe broke mid-read
@@ -696,21 +813,6 @@ def exception_chain(exc: BaseException, limit: int = 4) -> str:
     return " <- ".join(parts)
 
 
-def restoration_status(stats: dict) -> tuple[str, str]:
-    """``("done", "")`` or ``("unrestored", why)``: unrestored when the target had cloudy pixels and none of them was
-    restored, or when no output pixel is a usable estimate."""
-    if stats.get("unusable_after", 0.0) >= 1.0:
-        return "unrestored", "no output pixel is a usable cloud-free estimate"
-    if stats.get("unfilled_after", 0.0) > 0 and stats.get("restored_after", 0.0) == 0:
-        return "unrestored", (f"none of the cloudy pixels could be restored ({100 * stats['unfilled_after']:.1f} % of "
-                              "the output is cloudy and unfilled)")
-    return "done", ""
-
-
-#: confidence below this counts as "still cloudy" in the cover statistics when no floor is configured.
-LOW_CONFIDENCE = 0.5
-
-
 def _progress_callback(cfg: Config):
     """The CLI's progress bar as the write stage's callback (None when ``run.progress`` is off)."""
     if not cfg.run.progress:
@@ -720,167 +822,3 @@ def _progress_callback(cfg: Config):
     return lambda desc: progress_bar(True, desc)
 
 
-def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: float = 0.0,
-                max_side: int = 1024, source_path: Path | None = None) -> dict:
-    """Cover statistics of an output, read decimated from its COGs. Shares are of all output pixels unless said:
-
-    * ``masked_before``: share of the target's *valid* pixels any mask method flagged (None: no valid pixel);
-    * ``nodata_before``: share of the target without valid data;
-    * ``low_confidence_after``: share of the valid output pixels with confidence below ``floor`` (0.5 without
-      a floor; None: no valid pixel); ``nodata_after``: share of output nodata;
-    * with ``source_path``: ``unfilled_after`` (cloudy, not restored), ``failed_after`` (read failed),
-      ``restored_after`` (model, fusion or a reference supplied the pixel), ``opened_after`` (flagged cloud the
-      mask refinement's opening removed, kept as observed: ``SOURCE_OPENED``);
-    * ``unusable_after``: share that is not a usable cloud-free estimate (nodata, low confidence, unfilled or
-      failed), the value published as the output's ``eo:cloud_cover``.
-    """
-    import rasterio
-
-    from cloudfree.pipeline.contract import (SOURCE_FAILED, SOURCE_FUSED, SOURCE_MODEL, SOURCE_OPENED,
-                                             SOURCE_REFERENCE_BASE, SOURCE_UNFILLED)
-    from cloudfree.stages.masks import NODATA_BIT
-
-    def read(path, shape=None):
-        with rasterio.open(path) as ds:
-            if shape is None:
-                k = max(1, int(np.ceil(max(ds.shape) / max_side)))
-                shape = (max(1, ds.height // k), max(1, ds.width // k))
-            return ds.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
-
-    conf = read(confidence_path)
-    shape = conf.shape
-    # e.g. composites: no single target whose mask could be reported
-    bits = np.zeros(shape, np.uint8) if provenance_path is None else read(provenance_path, shape)
-    src = None if source_path is None else read(source_path, shape)
-    valid_in = (bits & NODATA_BIT) == 0
-    valid_out = conf != 255
-    thr = 100 * (floor if floor > 0 else LOW_CONFIDENCE)
-    low = conf < thr
-    unusable = ~valid_out | low
-    from cloudfree.stages.missed_cloud import MISSED_BIT
-
-    stats = {
-        "masked_before": float(((bits & ~np.uint8(NODATA_BIT)) > 0)[valid_in].mean()) if valid_in.any() else None,
-        #: share of the valid target pixels only the multi-temporal test flagged (cloud/shadow the mask missed)
-        "missed_cloud_before": (float(((bits & np.uint8(MISSED_BIT)) > 0)[valid_in].mean())
-                                if valid_in.any() and provenance_path is not None else None),
-        "nodata_before": float((~valid_in).mean()) if provenance_path is not None else None,
-        "low_confidence_after": float(low[valid_out].mean()) if valid_out.any() else None,
-        "low_confidence_threshold": thr / 100,
-        "nodata_after": float((~valid_out).mean()),
-    }
-    if src is not None:
-        unfilled, failed = src == SOURCE_UNFILLED, src == SOURCE_FAILED
-        restored = np.isin(src, (SOURCE_MODEL, SOURCE_FUSED)) | (src >= SOURCE_REFERENCE_BASE)
-        stats.update(unfilled_after=float(unfilled.mean()), failed_after=float(failed.mean()),
-                     restored_after=float(restored.mean()), opened_after=float((src == SOURCE_OPENED).mean()))
-        unusable |= unfilled | failed
-    stats["unusable_after"] = float(unusable.mean())
-    return stats
-
-
-def mark_unfilled(ds, cloud_mask):
-    """Cloudy target pixels that the model kept as they are (``SOURCE_TARGET``) become ``SOURCE_UNFILLED`` with
-    confidence 0: the pixel is the cloudy observation, never labelled "target observation (clear)"."""
-    from cloudfree.pipeline.contract import SOURCE_TARGET, SOURCE_UNFILLED
-
-    unfilled = cloud_mask & (ds.source == float(SOURCE_TARGET))
-    return ds.assign(source=ds.source.where(~unfilled, float(SOURCE_UNFILLED)),
-                     confidence=ds.confidence.where(~unfilled, 0.0))
-
-
-def mark_opened(ds, opened, cloud_prob):
-    """Target pixels that the cloud layer flagged but the mask refinement's opening removed from the mask
-    (:class:`cloudfree.stages.masks.MaskLayers` ``opened``) and that the model kept as observed (``SOURCE_TARGET``)
-    become ``SOURCE_OPENED`` with confidence at most ``1 - probability``: never "target observation (clear)"."""
-    from cloudfree.pipeline.contract import SOURCE_OPENED, SOURCE_TARGET
-
-    hit = opened & (ds.source == float(SOURCE_TARGET))
-    cap = (1.0 - cloud_prob.fillna(1.0)).clip(0, 1).astype(np.float32)
-    return ds.assign(source=ds.source.where(~hit, float(SOURCE_OPENED)),
-                     confidence=ds.confidence.where(~hit, np.minimum(ds.confidence, cap)))
-
-
-def mask_refinement_property(mask_cfg, stats: dict) -> dict:
-    """``cloudfree:mask_refinement`` of an output item: the refinement applied to thresholded cloud layers and the
-    share of output pixels that it removed from the mask (written as ``SOURCE_OPENED``, never as clear)."""
-    from cloudfree.stages.masks import refinement_params
-
-    p = refinement_params(mask_cfg)
-    return {"mode": mask_cfg.refinement, "closing_radius": p["closing"], "opening_radius": p["opening"],
-            "opening_keep_prob": p["keep_prob"], "dilation": p["dilation"],
-            "opened_fraction": stats.get("opened_after", 0.0)}
-
-
-def mark_failed(ds, failed, bands=None):
-    """Pixels whose target read failed become ``SOURCE_FAILED`` (confidence 0), not nodata.
-
-    ``bands``: the bands whose read failed (default: all). Only those bands become NaN, the others keep their
-    values; pixels a reference supplied (source >= ``SOURCE_REFERENCE_BASE``, every band from that reference)
-    keep their value and code.
-    """
-    from cloudfree.pipeline.contract import SOURCE_FAILED, SOURCE_REFERENCE_BASE
-
-    if bands is None:
-        hit = failed
-        band_hit = xr.DataArray(np.ones(ds.sizes["band"], bool), dims="band")
-    else:
-        hit = failed & (ds.source < SOURCE_REFERENCE_BASE)
-        band_hit = xr.DataArray(np.isin([str(b) for b in ds.band.values], list(bands)), dims="band")
-    return ds.assign(reflectance=ds.reflectance.where(~(hit & band_hit)), confidence=ds.confidence.where(~hit, 0.0),
-                     source=ds.source.where(~hit, float(SOURCE_FAILED)))
-
-
-def model_sar(plan: TargetPlan, refs, catalog, target, target_mask, geobox, cfg: Config, model):
-    """SAR for a model that needs or accepts it (:mod:`cloudfree.stages.sar`): one scene per optical date on the output
-    grid, co-registered, in the model's units. A model that *needs* SAR and gets none (or whose target S1 cannot
-    be read) fails the target; a model that only accepts it runs without SAR when the target's S1 cannot be read."""
-    import rasterio.errors
-
-    from cloudfree.pipeline.errors import InputDataError, ModelError, ReadError
-    from cloudfree.stages.sar import prepare_model_sar, sar_items_per_date
-
-    items = sar_items_per_date(plan, refs, catalog, cfg)
-    band = cfg.coregister.band if cfg.coregister.band in target.band.values else str(target.band.values[-1])
-    try:
-        sar, records = prepare_model_sar(items, target.sel(band=band), target_mask, geobox, cfg, model.spec.sar_units)
-    except (ReadError, InputDataError, rasterio.errors.RasterioError, OSError) as exc:
-        if model.spec.needs_sar:
-            raise
-        # the model only accepts SAR: a broken S1 file costs the SAR, not the target
-        from cloudfree.stages.coregister import Coregistration
-
-        log.warning("%s: Sentinel-1 %s could not be read (%s); model %s runs without SAR", plan.target.id,
-                    items[0].id, exc, model.name)
-        return None, [Coregistration(items[0].id, "sar", "failed", reason=f"read failed: {exc}")]
-    if sar is None and model.spec.needs_sar:
-        why = ("no catalog.sar_collection is configured" if not cfg.catalog.sar_collection else
-               f"no scene of {cfg.catalog.sar_collection} within {cfg.search.policy.sar_max_days} days covers it")
-        raise ModelError(f"model {model.name} needs Sentinel-1 but target {plan.target.id} has none: {why}; set "
-                         "catalog.sar_collection / widen search.policy.sar_max_days, or pick a model that runs "
-                         "without SAR")
-    if sar is None:
-        log.info("%s: no Sentinel-1; model %s runs without SAR", plan.target.id, model.name)
-    return sar, records
-
-
-def _sar_coregistration(plan: TargetPlan, target, target_mask, geobox, cfg: Config):
-    """Estimate and record (not apply) the S1 -> S2 shift for a model that neither needs nor accepts SAR (those get
-    theirs through :func:`model_sar`). The scene is only recorded here, so a read that fails (a truncated file
-    that passed the probe) is recorded as a failed co-registration, not a failed target."""
-    import rasterio.errors
-
-    from cloudfree.pipeline.errors import ReadError
-    from cloudfree.stages.coregister import Coregistration, estimate_sar_shift
-    from cloudfree.stages.load import load_sar
-
-    sar_item = plan.sar[0].item
-    band = cfg.coregister.band if cfg.coregister.band in target.band.values else str(target.band.values[-1])
-    try:
-        sar = load_sar([sar_item], geobox, chunk=cfg.grid.chunk)
-        pol = "vv" if "vv" in sar.band.values else str(sar.band.values[0])
-        return estimate_sar_shift(target.sel(band=band), target_mask, sar.sel(band=pol)[0], sar_item.id,
-                                  cfg.coregister)
-    except (ReadError, CloudfreeError, rasterio.errors.RasterioError, OSError) as exc:
-        log.warning("%s: SAR co-registration with %s failed: %s", plan.target.id, sar_item.id, exc)
-        return Coregistration(sar_item.id, "sar", "failed", reason=str(exc))

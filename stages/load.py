@@ -622,3 +622,22 @@ def load_sar(items: Sequence[pystac.Item], geobox: GeoBox, pols: Sequence[str] =
                               "band": list(found), "y": coords["y"], "x": coords["x"],
                               "id": ("time", [it.id for it in items])}, name="sar")
     return da.rio.write_crs(geobox.crs.to_wkt())
+
+
+def mark_failed(ds, failed, bands=None):
+    """Pixels whose target read failed become ``SOURCE_FAILED`` (confidence 0), not nodata.
+
+    ``bands``: the bands whose read failed (default: all). Only those bands become NaN, the others keep their
+    values; pixels a reference supplied (source >= ``SOURCE_REFERENCE_BASE``, every band from that reference)
+    keep their value and code.
+    """
+    from cloudfree.pipeline.contract import SOURCE_FAILED, SOURCE_REFERENCE_BASE
+
+    if bands is None:
+        hit = failed
+        band_hit = xr.DataArray(np.ones(ds.sizes["band"], bool), dims="band")
+    else:
+        hit = failed & (ds.source < SOURCE_REFERENCE_BASE)
+        band_hit = xr.DataArray(np.isin([str(b) for b in ds.band.values], list(bands)), dims="band")
+    return ds.assign(reflectance=ds.reflectance.where(~(hit & band_hit)), confidence=ds.confidence.where(~hit, 0.0),
+                     source=ds.source.where(~hit, float(SOURCE_FAILED)))

@@ -533,3 +533,24 @@ def s2cloudless_mask(items, geobox, cfg: MaskConfig, chunk: int = 512) -> tuple[
 
 _EXTRA_METHODS["spectral"] = spectral_mask
 _EXTRA_METHODS["s2cloudless"] = s2cloudless_mask
+
+
+def mark_opened(ds, opened, cloud_prob):
+    """Target pixels that the cloud layer flagged but the mask refinement's opening removed from the mask
+    (:class:`cloudfree.stages.masks.MaskLayers` ``opened``) and that the model kept as observed (``SOURCE_TARGET``)
+    become ``SOURCE_OPENED`` with confidence at most ``1 - probability``: never "target observation (clear)"."""
+    from cloudfree.pipeline.contract import SOURCE_OPENED, SOURCE_TARGET
+
+    hit = opened & (ds.source == float(SOURCE_TARGET))
+    cap = (1.0 - cloud_prob.fillna(1.0)).clip(0, 1).astype(np.float32)
+    return ds.assign(source=ds.source.where(~hit, float(SOURCE_OPENED)),
+                     confidence=ds.confidence.where(~hit, np.minimum(ds.confidence, cap)))
+
+
+def mask_refinement_property(mask_cfg, stats: dict) -> dict:
+    """``cloudfree:mask_refinement`` of an output item: the refinement applied to thresholded cloud layers and the
+    share of output pixels that it removed from the mask (written as ``SOURCE_OPENED``, never as clear)."""
+    p = refinement_params(mask_cfg)
+    return {"mode": mask_cfg.refinement, "closing_radius": p["closing"], "opening_radius": p["opening"],
+            "opening_keep_prob": p["keep_prob"], "dilation": p["dilation"],
+            "opened_fraction": stats.get("opened_after", 0.0)}

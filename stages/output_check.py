@@ -143,3 +143,77 @@ def check_band_crs(item, bands: Sequence[str]) -> None:
             f"item {item.id}: {desc}, but the item declares {wrong[0][2]}: its pixels would not line up with the "
             "other bands (the output would be the references under this date); fix the asset's proj:code/proj:epsg "
             "or reproject the file in the catalog, or drop the item")
+
+
+#: confidence below this counts as "still cloudy" in the cover statistics when no floor is configured.
+LOW_CONFIDENCE = 0.5
+
+
+def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: float = 0.0,
+                max_side: int = 1024, source_path: Path | None = None) -> dict:
+    """Cover statistics of an output, read decimated from its COGs. Shares are of all output pixels unless said:
+
+    * ``masked_before``: share of the target's *valid* pixels any mask method flagged (None: no valid pixel);
+    * ``nodata_before``: share of the target without valid data;
+    * ``low_confidence_after``: share of the valid output pixels with confidence below ``floor`` (0.5 without
+      a floor; None: no valid pixel); ``nodata_after``: share of output nodata;
+    * with ``source_path``: ``unfilled_after`` (cloudy, not restored), ``failed_after`` (read failed),
+      ``restored_after`` (model, fusion or a reference supplied the pixel), ``opened_after`` (flagged cloud the
+      mask refinement's opening removed, kept as observed: ``SOURCE_OPENED``);
+    * ``unusable_after``: share that is not a usable cloud-free estimate (nodata, low confidence, unfilled or
+      failed), the value published as the output's ``eo:cloud_cover``.
+    """
+    import rasterio
+
+    from cloudfree.pipeline.contract import (SOURCE_FAILED, SOURCE_FUSED, SOURCE_MODEL, SOURCE_OPENED,
+                                             SOURCE_REFERENCE_BASE, SOURCE_UNFILLED)
+    from cloudfree.stages.masks import NODATA_BIT
+
+    def read(path, shape=None):
+        with rasterio.open(path) as ds:
+            if shape is None:
+                k = max(1, int(np.ceil(max(ds.shape) / max_side)))
+                shape = (max(1, ds.height // k), max(1, ds.width // k))
+            return ds.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+
+    conf = read(confidence_path)
+    shape = conf.shape
+    # e.g. composites: no single target whose mask could be reported
+    bits = np.zeros(shape, np.uint8) if provenance_path is None else read(provenance_path, shape)
+    src = None if source_path is None else read(source_path, shape)
+    valid_in = (bits & NODATA_BIT) == 0
+    valid_out = conf != 255
+    thr = 100 * (floor if floor > 0 else LOW_CONFIDENCE)
+    low = conf < thr
+    unusable = ~valid_out | low
+    from cloudfree.stages.missed_cloud import MISSED_BIT
+
+    stats = {
+        "masked_before": float(((bits & ~np.uint8(NODATA_BIT)) > 0)[valid_in].mean()) if valid_in.any() else None,
+        #: share of the valid target pixels only the multi-temporal test flagged (cloud/shadow the mask missed)
+        "missed_cloud_before": (float(((bits & np.uint8(MISSED_BIT)) > 0)[valid_in].mean())
+                                if valid_in.any() and provenance_path is not None else None),
+        "nodata_before": float((~valid_in).mean()) if provenance_path is not None else None,
+        "low_confidence_after": float(low[valid_out].mean()) if valid_out.any() else None,
+        "low_confidence_threshold": thr / 100,
+        "nodata_after": float((~valid_out).mean()),
+    }
+    if src is not None:
+        unfilled, failed = src == SOURCE_UNFILLED, src == SOURCE_FAILED
+        restored = np.isin(src, (SOURCE_MODEL, SOURCE_FUSED)) | (src >= SOURCE_REFERENCE_BASE)
+        stats.update(unfilled_after=float(unfilled.mean()), failed_after=float(failed.mean()),
+                     restored_after=float(restored.mean()), opened_after=float((src == SOURCE_OPENED).mean()))
+        unusable |= unfilled | failed
+    stats["unusable_after"] = float(unusable.mean())
+    return stats
+
+
+def restoration_status(stats: dict) -> tuple[str, str]:
+    """``("done", "")`` or ``("unrestored", why)``: unrestored when the target had cloudy pixels and none of them was
+    restored, or when no output pixel is a usable estimate."""
+    if stats.get("unusable_after", 0.0) >= 1.0:
+        return "unrestored", "no output pixel is a usable cloud-free estimate"
+    if stats.get("unfilled_after", 0.0) > 0 and stats.get("restored_after", 0.0) == 0:
+        return "unrestored", (f"none of the cloudy pixels could be restored ({100 * stats['unfilled_after']:.1f} % of "
+                              "the output is cloudy and unfilled)")
+    return "done", ""

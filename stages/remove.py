@@ -330,3 +330,13 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
     if inputs.target.rio.crs is not None:
         ds = ds.rio.write_crs(inputs.target.rio.crs)
     return ds
+
+
+def mark_unfilled(ds, cloud_mask):
+    """Cloudy target pixels that the model kept as they are (``SOURCE_TARGET``) become ``SOURCE_UNFILLED`` with
+    confidence 0: the pixel is the cloudy observation, never labelled "target observation (clear)"."""
+    from cloudfree.pipeline.contract import SOURCE_TARGET, SOURCE_UNFILLED
+
+    unfilled = cloud_mask & (ds.source == float(SOURCE_TARGET))
+    return ds.assign(source=ds.source.where(~unfilled, float(SOURCE_UNFILLED)),
+                     confidence=ds.confidence.where(~unfilled, 0.0))

@@ -115,3 +115,51 @@ def prepare_model_sar(sar_items: Sequence[Any], target_band: xr.DataArray, targe
                                "id": ("time", ids)}, name="sar")
     out.attrs["units"] = units
     return out, records
+
+
+def model_sar(plan, refs, catalog, target, target_mask, geobox, cfg, model):
+    """SAR for a model that needs or accepts it (:mod:`cloudfree.stages.sar`): one scene per optical date on the output
+    grid, co-registered, in the model's units. A model that *needs* SAR and gets none (or whose target S1 cannot
+    be read) fails the target; a model that only accepts it runs without SAR when the target's S1 cannot be read."""
+    from cloudfree.pipeline.errors import InputDataError, ModelError
+    items = sar_items_per_date(plan, refs, catalog, cfg)
+    band = cfg.coregister.band if cfg.coregister.band in target.band.values else str(target.band.values[-1])
+    try:
+        sar, records = prepare_model_sar(items, target.sel(band=band), target_mask, geobox, cfg, model.spec.sar_units)
+    except (ReadError, InputDataError, rasterio.errors.RasterioError, OSError) as exc:
+        if model.spec.needs_sar:
+            raise
+        # the model only accepts SAR: a broken S1 file costs the SAR, not the target
+        from cloudfree.stages.coregister import Coregistration
+
+        log.warning("%s: Sentinel-1 %s could not be read (%s); model %s runs without SAR", plan.target.id,
+                    items[0].id, exc, model.name)
+        return None, [Coregistration(items[0].id, "sar", "failed", reason=f"read failed: {exc}")]
+    if sar is None and model.spec.needs_sar:
+        why = ("no catalog.sar_collection is configured" if not cfg.catalog.sar_collection else
+               f"no scene of {cfg.catalog.sar_collection} within {cfg.search.policy.sar_max_days} days covers it")
+        raise ModelError(f"model {model.name} needs Sentinel-1 but target {plan.target.id} has none: {why}; set "
+                         "catalog.sar_collection / widen search.policy.sar_max_days, or pick a model that runs "
+                         "without SAR")
+    if sar is None:
+        log.info("%s: no Sentinel-1; model %s runs without SAR", plan.target.id, model.name)
+    return sar, records
+
+
+def sar_coregistration_record(plan, target, target_mask, geobox, cfg):
+    """Estimate and record (not apply) the S1 -> S2 shift for a model that neither needs nor accepts SAR (those get
+    theirs through :func:`model_sar`). The scene is only recorded here, so a read that fails (a truncated file
+    that passed the probe) is recorded as a failed co-registration, not a failed target."""
+    from cloudfree.stages.coregister import Coregistration, estimate_sar_shift
+    from cloudfree.stages.load import load_sar
+
+    sar_item = plan.sar[0].item
+    band = cfg.coregister.band if cfg.coregister.band in target.band.values else str(target.band.values[-1])
+    try:
+        sar = load_sar([sar_item], geobox, chunk=cfg.grid.chunk)
+        pol = "vv" if "vv" in sar.band.values else str(sar.band.values[0])
+        return estimate_sar_shift(target.sel(band=band), target_mask, sar.sel(band=pol)[0], sar_item.id,
+                                  cfg.coregister)
+    except (ReadError, CloudfreeError, rasterio.errors.RasterioError, OSError) as exc:
+        log.warning("%s: SAR co-registration with %s failed: %s", plan.target.id, sar_item.id, exc)
+        return Coregistration(sar_item.id, "sar", "failed", reason=str(exc))

@@ -358,7 +358,7 @@ def test_unrestorable_target_is_labelled_unrestored_and_retried(demo_config, dem
 
 
 def test_all_nodata_output_is_not_clear(tmp_path):
-    from cloudfree.pipeline.runner import cover_stats, restoration_status
+    from cloudfree.stages.output_check import cover_stats, restoration_status
     from cloudfree.stages.masks import NODATA_BIT
 
     prof = {"driver": "GTiff", "width": 32, "height": 32, "count": 1, "dtype": "uint8"}

@@ -128,7 +128,7 @@ def test_failed_target_pixels_reach_the_output_as_source_failed(demo_config, dem
 
 
 def test_mark_failed_sets_source_and_nan():
-    from cloudfree.pipeline.runner import mark_failed
+    from cloudfree.stages.load import mark_failed
 
     ds = xr.Dataset({"reflectance": (("band", "y", "x"), np.ones((2, 3, 3), np.float32)),
                      "confidence": (("y", "x"), np.ones((3, 3), np.float32)),

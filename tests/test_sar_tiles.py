@@ -211,7 +211,7 @@ def test_truncated_reference_s1_is_dropped_not_failing_the_target(s1_scene, tmp_
 def test_truncated_s1_only_recorded_fails_only_the_coregistration_record(s1_scene, tmp_path):
     """For a model that does not use SAR the S1 scene is only co-registered for the record: a file cut in half
     gives a 'failed' record, not a failed target."""
-    from cloudfree.pipeline.runner import _sar_coregistration
+    from cloudfree.stages.sar import sar_coregistration_record
     from cloudfree.stages.search import TargetPlan
 
     s = s1_scene
@@ -220,7 +220,7 @@ def test_truncated_s1_only_recorded_fails_only_the_coregistration_record(s1_scen
     bad.write_bytes(raw[: len(raw) // 2])
     target = pystac.Item("S2_T", None, None, datetime(2019, 6, 1, tzinfo=timezone.utc), {})
     sar = _sar_candidate(_item(bad, "S1_TRUNCATED"))
-    rec = _sar_coregistration(TargetPlan(target, (), (sar,)), s["target"], s["mask"], s["geobox"], s["cfg"])
+    rec = sar_coregistration_record(TargetPlan(target, (), (sar,)), s["target"], s["mask"], s["geobox"], s["cfg"])
     assert rec.status == "failed" and rec.id == "S1_TRUNCATED"
 
 
@@ -228,7 +228,7 @@ def test_unreadable_target_s1_costs_an_sar_accepting_model_only_its_sar(s1_scene
     """A model that accepts (not needs) SAR: the target's S1 cut in half gives no SAR and a failed record; the
     same file for a model that needs SAR still fails the target."""
     from cloudfree.models.registry import build_model
-    from cloudfree.pipeline.runner import model_sar
+    from cloudfree.stages.sar import model_sar
     from cloudfree.stages.search import TargetPlan
 
     s = s1_scene
