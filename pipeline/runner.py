@@ -316,13 +316,26 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
     """Run ``model.fit_scene`` on a coarse load of the whole scene (COG overviews: cheap, bounded memory)."""
     from cloudfree.stages.load import load_reflectance_checked
     from cloudfree.stages.masks import build_mask_layers
-    from cloudfree.stages.remove import SceneInputs, to_tile_inputs
 
     k = max(1, int(np.ceil(max(geobox.shape) / SCENE_SAMPLE_MAX)))
     coarse = geobox.zoom_out(k) if k > 1 else geobox
     # failed assets (already reported by process_target) are NaN in the sample instead of raising mid-compute
     stack = load_reflectance_checked(items, bands, coarse, cfg.grid.chunk, name=f"{items[0].id}-sample")[0]
     layers = build_mask_layers(items, coarse, cfg.mask, cfg.grid.chunk)
+    return fit_scene_context(model, items, stack, layers, cfg, plan, coarse.shape)
+
+
+def small_target(geobox, cfg: Config) -> bool:
+    """A target read once before the co-registration (:func:`cloudfree.stages.load.read_small_once`) whose scene
+    sample is the target itself (no zoom-out): its scene context is fitted on the blocks already in memory
+    (:func:`remove`) instead of a second load of the same pixels in the context thread."""
+    return max(geobox.shape) <= min(cfg.coregister.window, SCENE_SAMPLE_MAX)
+
+
+def fit_scene_context(model, items, stack, layers, cfg: Config, plan: TargetPlan, shape) -> dict:
+    """``model.fit_scene`` on a sample ``stack`` ``(time, band, y, x)`` and its mask ``layers`` (:func:`scene_context`)."""
+    from cloudfree.stages.remove import SceneInputs, to_tile_inputs
+
     mask, prob = layers.mask, layers.prob
     n = len(items)
     sample = to_tile_inputs(SceneInputs(
@@ -335,7 +348,7 @@ def scene_context(model, items, bands, geobox, cfg: Config, plan: TargetPlan) ->
 
         sample = apply_to_tile(sample)[0]
     ctx = model.fit_scene(sample)
-    log.info("%s: scene context from a %dx%d sample: %s", items[0].id, *coarse.shape, sorted(ctx))
+    log.info("%s: scene context from a %dx%d sample: %s", items[0].id, *shape, sorted(ctx))
     return ctx
 
 
@@ -413,7 +426,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
     # small, partly single-threaded computes: on two cores the pair took 2 s of the 16x bench scene one after
     # the other)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cloudfree-context")
-    if model.spec.scene_context:
+    if model.spec.scene_context and not small_target(ctx.geobox, ctx.cfg):
         ctx.context_future = pool.submit(scene_context, model, ctx.items, ctx.bands, ctx.geobox, ctx.cfg, plan)
     pool.shutdown(wait=False)
     future = ctx.context_future
@@ -548,7 +561,11 @@ def remove(ctx: TargetContext) -> None:
     )
     ctx.halo = cfg.tile.halo if cfg.tile.halo is not None else ctx.model.spec.halo
     ctx.tiles = plan_tiles(ctx.geobox.shape, cfg.tile.size, ctx.halo)
-    context = ctx.context_future.result() if ctx.context_future is not None else {}
+    context = {}
+    if ctx.context_future is not None:
+        context = ctx.context_future.result()
+    elif ctx.model.spec.scene_context:  # small_target: the scene sample is the target, already read (compute_masks)
+        context = fit_scene_context(ctx.model, ctx.items, ctx.stack, ctx.layers, cfg, ctx.plan, ctx.geobox.shape)
     ds = remove_clouds(ctx.inputs, ctx.model, ctx.tiles, ctx.halo, context, blend=cfg.tile.blend,
                        timings=ctx.tile_timings)
     ds = mark_opened(ds, ctx.layers.opened[0], ctx.layers.prob[0])
