@@ -178,6 +178,10 @@ class ModelCard:
     licence: str = ("weights: Apache-2.0 (this project); trained on Copernicus Sentinel data "
                     "(\"Contains modified Copernicus Sentinel data\")")
     notes: list[str] = field(default_factory=list)
+    #: what training saw, counted honestly (distinct truth images and pixels, donors, samples drawn).
+    seen: dict[str, Any] = field(default_factory=dict)
+    #: held-out evaluation (e.g. romania-hidden real pixels) next to the floors mean-fill and reference-replace.
+    heldout: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -190,12 +194,19 @@ class ModelCard:
                  f"- weights: `{self.weights_file}` ({self.size_bytes / 1e6:.2f} MB), sha256 `{self.sha256}`",
                  f"- inputs: bands {', '.join(c.bands)}, level {c.level}, optical {c.optical_scaling}"
                  + (f", SAR {'/'.join(c.sar_pols)} {c.sar_scaling}" if c.sar_pols else ""),
-                 f"- training: {self.steps} steps (~{self.epochs_equivalent:.2f} epochs of the training pairs), "
-                 f"wall time {self.wall_seconds:.0f} s", f"- licence: {self.licence}", "", "## Data", ""]
+                 f"- training: {self.steps} steps, wall time {self.wall_seconds:.0f} s"
+                 + (f"; {self.seen['samples_drawn']} samples drawn ({self.seen['pixel_samples']:,} pixel-samples) "
+                    f"from {self.seen['truth_images']} distinct clear images ({self.seen['truth_pixels']:,} distinct "
+                    f"pixels) x {self.seen['cloud_donors']} cloud donors" if self.seen.get("samples_drawn") else
+                    f" (~{self.epochs_equivalent:.2f} passes over the truth x donor combinations)"),
+                 f"- licence: {self.licence}", "", "## Data", ""]
         lines += [f"- **{k}**: {v}" for k, v in self.data.items()]
         lines += ["", "## Config", "", "```json", json.dumps(self.config, indent=2, sort_keys=True), "```", "",
                   "## Metrics (validation split, reflectance 0-1)", ""]
         lines += [f"- {k}: {v}" for k, v in self.metrics.items()]
+        if self.heldout:
+            lines += ["", "## Held-out evaluation against the floors", ""]
+            lines += [f"- {k}: {v}" for k, v in self.heldout.items()]
         if self.notes:
             lines += ["", "## Notes and limits", ""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"

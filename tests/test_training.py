@@ -237,6 +237,31 @@ def test_stac_pairs_on_romania_hold_out_and_transplant():
     assert s["sar_present"] in (0.0, 1.0) and s["sar"].shape == (3, 2, 48, 48)
 
 
+@pytest.mark.skipif(not ROMANIA.is_file(), reason="needs ../shared/data")
+def test_stac_pairs_validation_is_never_a_training_input():
+    """Validation truth dates never serve as training references; validation has its own cloud donors."""
+    src = StacPairs(DataConfig(path=str(ROMANIA), augment=False, sar="none"), BANDS, 4, 100)  # whole grid
+    val_days = {d.day for d in src.split["val"]}
+    train_donors, val_donors = ({d.id for d in src.donors[k]} for k in ("train", "val"))
+    assert val_donors and train_donors.isdisjoint(val_donors)
+    by_day = {d.day: d for d in src.dates}
+    seen_refs = set()
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        s = src.sample(rng, "train")
+        truth_day = next(d.day for d in src.split["train"]
+                         if np.allclose(np.clip(np.nan_to_num(d.image), 0, 1), s["truth"]))
+        for dt_, m in zip(s["ref_dt"], s["ref_masks"]):
+            if m.mean() < 1.0:  # a real reference (padding is all-masked)
+                seen_refs.add(truth_day + __import__("datetime").timedelta(days=int(dt_)))
+    assert seen_refs and seen_refs.isdisjoint(val_days)
+    assert seen_refs <= set(by_day)
+    assert {d.id for d in src.dates if d.day in seen_refs}.isdisjoint(val_donors)
+    d = src.distinct("train")
+    assert d["truth_images"] == len(src.split["train"]) and d["truth_pixels"] == d["truth_images"] * 100 * 100
+    assert d["cloud_donors"] == len(train_donors)
+
+
 def test_stac_pairs_refuse_a_config_that_drops_romania_evaluation_dates():
     """A training config on the evaluation stack cannot shrink the hold-out (it may only add to it)."""
     from cloudfree.pipeline.errors import ConfigError

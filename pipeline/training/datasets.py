@@ -242,6 +242,15 @@ class StacPairs(PairSource):
         k = max(2, round(1 / cfg.val_fraction))
         self.split = {"val": [d for i, d in enumerate(clear) if i % k == k - 1],
                       "train": [d for i, d in enumerate(clear) if i % k != k - 1]}
+        # validation has its own cloud donors (every k-th cloudy date): a donor's mask and cloudy pixels never serve
+        # both splits; with a single cloudy date both splits must share it (said in describe()).
+        self.donors = {"val": [d for i, d in enumerate(self.cloudy) if i % k == k - 1],
+                       "train": [d for i, d in enumerate(self.cloudy) if i % k != k - 1]}
+        if not self.donors["val"] or not self.donors["train"]:
+            self.donors = {"val": list(self.cloudy), "train": list(self.cloudy)}
+        #: dates that are validation inputs or truths: never a training truth, donor or reference.
+        self._val_ids = {d.id for d in self.split["val"]} | (
+            {d.id for d in self.donors["val"]} - {d.id for d in self.donors["train"]})
         if not self.split["train"] or not self.split["val"] or (cfg.clouds == "transplant" and not self.cloudy):
             raise InputDataError(
                 f"catalog {cfg.path}: {len(clear)} clear and {len(self.cloudy)} cloudy dates outside the held-out "
@@ -333,7 +342,15 @@ class StacPairs(PairSource):
 
     # -- sampling ---------------------------------------------------------------------------------------------
     def n_pairs(self, split: str = "train") -> int:
-        return len(self.split[split]) * max(1, len(self.cloudy))
+        return len(self.split[split]) * max(1, len(self.donors[split]) if self.cfg.clouds == "transplant" else 1)
+
+    def distinct(self, split: str = "train") -> dict[str, Any]:
+        """What ``split`` holds, counted honestly: distinct clear truth images, their pixels, the cloud donors."""
+        h, w = self.dates[0].image.shape[1:]
+        n = len(self.split[split])
+        return {"truth_images": n, "truth_pixels": n * h * w, "image_px": f"{h}x{w}",
+                "cloud_donors": len(self.donors[split]) if self.cfg.clouds == "transplant" else 0,
+                "truth_x_donor_pairs": self.n_pairs(split)}
 
     def _sar_for(self, surfaces: list[np.ndarray], dates: list[_Date], rng) -> np.ndarray | None:
         if self.cfg.sar == "none":
@@ -365,14 +382,17 @@ class StacPairs(PairSource):
                                                                     scale=p / 2), seed=int(rng.integers(2**31)))
                 target, mask = sim.cloudy, (sim.transmission < 0.9) | (sim.shadow < 0.9)
             else:
-                cd = self.cloudy[int(rng.integers(len(self.cloudy)))]
+                donors = self.donors[split]
+                cd = donors[int(rng.integers(len(donors)))]
                 mask = cd.mask[win]
                 target = np.where(mask[None], np.nan_to_num(cd.image[:, win[0], win[1]]), truth)
             frac = float(mask.mean())
             if cfg.cloudy_range[0] <= frac <= cfg.cloudy_range[1]:
                 break
+        # training never sees a validation truth or validation donor, not even as a reference
+        banned = self._val_ids if split == "train" else set()
         others = [d for d in self.dates if d is not truth_d and abs((d.day - truth_d.day).days) <= cfg.max_ref_days
-                  and d.valid.mean() > 0.5]
+                  and d.valid.mean() > 0.5 and d.id not in banned]
         others.sort(key=lambda d: abs((d.day - truth_d.day).days))
         cand = others[: 2 * self.n_refs]
         pick = sorted(rng.permutation(len(cand))[: self.n_refs].tolist()) if cand else []
@@ -406,7 +426,10 @@ class StacPairs(PairSource):
                 "clouds": clouds, "sar": sar + f"; dropped (zeros) in {cfg.sar_dropout:.0%} of training samples",
                 "split": f"{len(self.split['train'])} clear truth dates for training, {len(self.split['val'])} for "
                          f"validation (every {max(2, round(1 / cfg.val_fraction))}th clear date); "
-                         f"{len(self.cloudy)} cloudy mask-source dates",
+                         f"{len(self.donors['train'])} cloudy mask-source dates for training, "
+                         f"{len(self.donors['val'])} for validation"
+                         + (" (shared: only one cloudy date)" if self.donors['val'] == self.donors['train'] else
+                            " (disjoint)") + "; validation truth and donor dates are never training references",
                 "held_out": f"{len(cfg.holdout_dates)} evaluation/mask-donor dates {cfg.holdout_dates}"
                             + (f" and windows {cfg.holdout_windows}" if cfg.holdout_windows else "")
                             + " excluded from every role"}

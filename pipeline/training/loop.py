@@ -271,7 +271,7 @@ def train(cfg: TrainConfig, trainable=None, source: PairSource | None = None, *,
                      config=cfg.model_dump(exclude={"out", "export"}), steps=step,
                      epochs_equivalent=step * cfg.batch_size / per_epoch, wall_seconds=round(elapsed, 1),
                      metrics={k: round(v, 4) for k, v in last_val.items()},
-                     notes=list(getattr(trainable, "card_notes", [])))
+                     notes=list(getattr(trainable, "card_notes", [])), seen=_seen(source, step, cfg))
     write_model_card(card, weights)
     summary.update(weights=str(weights), sha256=sha)
     if cfg.export:
@@ -291,3 +291,15 @@ def train(cfg: TrainConfig, trainable=None, source: PairSource | None = None, *,
             update_manifest([dst])
             summary["manifest"] = str(WEIGHTS_DIR / "MANIFEST.json")
     return summary
+
+
+def _seen(source, step: int, cfg) -> dict[str, Any]:
+    """Distinct images/pixels the training split holds and how many samples/pixels were drawn from them."""
+    seen: dict[str, Any] = {}
+    if hasattr(source, "distinct"):
+        seen.update(source.distinct("train"))
+    else:
+        seen.update(truth_images=source.n_pairs("train"), truth_pixels=0, cloud_donors=0)
+    seen["samples_drawn"] = step * cfg.batch_size
+    seen["pixel_samples"] = step * cfg.batch_size * cfg.patch * cfg.patch
+    return seen
