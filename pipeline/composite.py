@@ -145,19 +145,12 @@ def fused_composite(stack, items, geobox, chunk: int, method: str, specs) -> "da
 
 def _composite_block(method, specs, layouts, core, nt, *pieces) -> np.ndarray:
     """One output block: the dates' reflectance blocks, then each mask layer's window pieces."""
-    from cloudfree.stages.masks import combine
-    from cloudfree.stages.remove import _assemble
+    from cloudfree.stages.masks import in_task_masks
+    from cloudfree.stages.remove import assemble_windows
 
     stack = np.concatenate(pieces[:nt], axis=0)
-    ys, xs = core
-    results, k = [], nt
-    for spec, lay in zip(specs, layouts):
-        n = sum(lay)
-        m, p, o = spec(_assemble(lay, *pieces[k:k + n]))
-        results.append((m[..., ys, xs], p[..., ys, xs], None if o is None else o[..., ys, xs]))
-        k += n
-    mask, prob, opened = combine(results)
-    return composite_kernel(stack, mask if opened is None else mask | opened, prob, method)
+    cloudy, prob, _ = in_task_masks(specs, assemble_windows(layouts, pieces[nt:]), core)
+    return composite_kernel(stack, cloudy, prob, method)
 
 
 # -- state ---------------------------------------------------------------------------------------------------------
@@ -260,7 +253,7 @@ def _pixel_composite(items: list[pystac.Item], tile: str, period: str, cfg: Conf
         out = fused_composite(stack, items, geobox, cfg.grid.chunk, method, specs)
     else:  # a mask method that needs several bands (spectral, s2cloudless): masks from the mask stage
         layers = build_mask_layers(items, geobox, cfg.mask, cfg.grid.chunk)
-        mask, prob = layers.mask | layers.opened, layers.prob  # an opened speck is never a clear observation
+        mask, prob = layers.cloudy, layers.prob  # an opened speck is never a clear observation
         # one task per output block over all dates: memory per task = dates x bands x block, whatever the area
         out = dsa.blockwise(composite_kernel, "cyx", stack.data, "tbyx", mask.data, "tyx",
                             prob.data.astype(np.float32), "tyx", method, None, new_axes={"c": nb + 2},

@@ -340,7 +340,7 @@ def fit_scene_context(model, items, stack, layers, cfg: Config, plan: TargetPlan
     n = len(items)
     sample = to_tile_inputs(SceneInputs(
         stack[0], mask[0], prob[0], stack[1:] if n > 1 else None,
-        (mask[1:] | layers.opened[1:] | stack[1:].isnull().any("band")) if n > 1 else None,
+        (layers.cloudy[1:] | stack[1:].isnull().any("band")) if n > 1 else None,
         tuple(i.id for i in items[1:]), reference_offsets(plan, items[1:]), items[0].id,
     ))
     if cfg.mask.missed_cloud and n > 1:  # the scene fits never see cloud the mask missed
@@ -503,7 +503,7 @@ def compute_masks(ctx: TargetContext) -> None:
     ctx.target_mask, ctx.target_prob = layers.mask[0], layers.prob[0]
     if ctx.refs:
         ctx.ref_stack = ctx.stack[1:]
-        ctx.ref_masks = layers.mask[1:] | layers.opened[1:] | ctx.stack[1:].isnull().any("band") | ctx.failed[1:]
+        ctx.ref_masks = layers.cloudy[1:] | ctx.stack[1:].isnull().any("band") | ctx.failed[1:]
 
 
 def coregister_references(ctx: TargetContext) -> None:
@@ -514,7 +514,7 @@ def coregister_references(ctx: TargetContext) -> None:
     from cloudfree.stages.coregister import estimate_reference_shifts, load_aligned_references
 
     cfg, layers = ctx.cfg, ctx.layers
-    ctx.coreg = estimate_reference_shifts(ctx.stack[0], layers.mask[0] | layers.opened[0], ctx.ref_stack,
+    ctx.coreg = estimate_reference_shifts(ctx.stack[0], layers.cloudy[0], ctx.ref_stack,
                                           ctx.ref_masks, [r.id for r in ctx.refs], cfg.coregister)
     if any(c.applied for c in ctx.coreg):
         ctx.ref_stack, ctx.ref_masks = load_aligned_references(ctx.refs, ctx.coreg, ctx.geobox, ctx.bands, cfg.mask,

@@ -396,7 +396,7 @@ def load_aligned_references(refs, shifts: Sequence[Coregistration], geobox, band
         gb = shifted_geobox(geobox, c.shift_px) if c.applied else geobox
         s, failed, _ = load_reflectance_checked([item], bands, gb, chunk, name=item.id)
         layers = build_mask_layers([item], gb, mask_cfg, chunk)  # opened specks are not clear either
-        rm = layers.mask | layers.opened | s.isnull().any("band") | failed
+        rm = layers.cloudy | s.isnull().any("band") | failed
         stacks.append(s.assign_coords(y=target.y.values, x=target.x.values))
         masks.append(rm.assign_coords(y=target.y.values, x=target.x.values))
     stack = xr.concat(stacks, dim="time").rio.write_crs(geobox.crs.to_wkt())

@@ -261,6 +261,12 @@ class MaskLayers:
     by_method: dict
     opened: xr.DataArray
 
+    @property
+    def cloudy(self) -> xr.DataArray:
+        """Not a clear observation: masked, or opened by the refinement (the in-task path, :func:`in_task_masks`,
+        returns the same combination)."""
+        return self.mask | self.opened
+
 
 def build_mask_layers(items, geobox, cfg: MaskConfig, chunk: int = 512) -> MaskLayers:
     """:func:`build_masks_by_method` with the ``opened`` layer (:class:`MaskLayers`). ``auto`` is resolved for
@@ -323,6 +329,20 @@ class LayerMask:
             return mask, scl_prob_kernel(window), None
         codes = _per_plane(window, func=cldprb_codes, dtype=np.uint8, kw=kw)
         return codes == CODE_CLOUD, np.clip(window / np.float32(100.0), 0, 1).astype(np.float32), codes == CODE_OPENED
+
+
+def in_task_masks(specs, windows, core: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The masks stage inside a consumer task: each :class:`LayerMask` of ``specs`` on its layer window (``windows``,
+    in the same order, each ``halo`` pixels wider than the block), cut to the block (``core``: its slices inside
+    the window), combined by :func:`combine` like the lazy path. Returns ``(cloudy, prob, opened)`` with
+    ``cloudy`` = mask OR opened (an opened speck is never a clear observation)."""
+    ys, xs = core
+    results = []
+    for spec, window in zip(specs, windows):
+        m, p, o = spec(window)
+        results.append((m[..., ys, xs], p[..., ys, xs], None if o is None else o[..., ys, xs]))
+    mask, prob, opened = combine(results)
+    return (mask if opened is None else mask | opened), prob, opened
 
 
 def layer_masks(items, cfg: MaskConfig) -> list[LayerMask] | None:

@@ -173,7 +173,7 @@ class HaloWindows:
 
     def window(self, index: tuple[int, int], ry: slice, rx: slice):
         """``(layout, pieces)`` of ``arr[..., ry, rx]``: task references to whole chunks or halo strips (strip
-        tasks added to the layer), assembled by :func:`_assemble` inside the consuming task."""
+        tasks added to the layer), assembled by :func:`assemble_windows` inside the consuming task."""
         from dask._task_spec import Task, TaskRef
 
         def span(b, s):
@@ -220,9 +220,11 @@ def _assemble(layout: tuple[int, ...], *pieces: np.ndarray) -> np.ndarray:
     return np.concatenate(rows, axis=-2)
 
 
-def _predict_task(model, context, static: dict, layouts: tuple, *pieces):
-    """One tile: its input windows assembled from chunk/strip pieces (in the task: no window is held as a
-    separate result), then :func:`predict_tile`."""
+def assemble_windows(layouts, pieces) -> list[np.ndarray | None]:
+    """Inside a task: the windows that :meth:`HaloWindows.window` described, from their ``(layout, pieces)``
+    concatenated in order (``pieces`` holds each window's pieces one window after the other). A ``None`` layout
+    is an absent input (None in the result, no pieces). Used by the removal's tile tasks and the composite's
+    block tasks (pipeline/composite.py)."""
     arrays, k = [], 0
     for layout in layouts:
         if layout is None:
@@ -231,7 +233,13 @@ def _predict_task(model, context, static: dict, layouts: tuple, *pieces):
         n = sum(layout)
         arrays.append(_assemble(layout, *pieces[k:k + n]))
         k += n
-    target, cloud_mask, cloud_prob, references, reference_masks, sar = arrays
+    return arrays
+
+
+def _predict_task(model, context, static: dict, layouts: tuple, *pieces):
+    """One tile: its input windows assembled from chunk/strip pieces (in the task: no window is held as a
+    separate result), then :func:`predict_tile`."""
+    target, cloud_mask, cloud_prob, references, reference_masks, sar = assemble_windows(layouts, pieces)
     return predict_tile(model, target, cloud_mask, cloud_prob, references, reference_masks, context=context,
                         sar=sar, **static)
 

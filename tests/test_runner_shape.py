@@ -33,3 +33,13 @@ def test_target_context_carries_the_steps():
     from cloudfree.pipeline.runner import TargetContext
 
     assert {"stack", "layers", "ref_masks", "coreg", "sar", "ds", "prov"} <= set(TargetContext.__dataclass_fields__)
+
+
+def test_composite_uses_only_public_stage_functions():
+    """pipeline/composite.py takes the masks stage's in-task path (stages.masks.in_task_masks) and public
+    stages.remove functions, never a private ``_name`` of a stage module."""
+    src = (RUNNER.parent / "composite.py").read_text()
+    private = [f"{n.module}.{a.name}" for n in ast.walk(ast.parse(src)) if isinstance(n, ast.ImportFrom)
+               and (n.module or "").startswith("cloudfree.stages") for a in n.names if a.name.startswith("_")]
+    assert private == []
+    assert "in_task_masks" in src and "assemble_windows" in src
