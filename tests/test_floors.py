@@ -94,3 +94,28 @@ def test_experimental_models_are_listed_and_refused_by_run(demo_config):
     cfg = demo_config.replace(model={"name": "ca-mtcr"}, output={"dir": str(demo_config.output.dir) + "-exp"})
     with pytest.raises(ConfigError, match="experimental.*allow_experimental"):
         run(cfg)
+
+
+def test_shipped_cards_state_what_training_saw_and_their_held_out_floors():
+    """Every shipped card counts distinct images/pixels (not pair-count epochs); where it carries held-out scores
+    (python -m cloudfree.pipeline.training.cards), a model at or below mean-fill there is marked experimental."""
+    import json
+
+    from cloudfree.models._weights import WEIGHTS_DIR
+
+    cards = sorted(WEIGHTS_DIR.glob("*.card.json"))
+    assert cards
+    for path in cards:
+        card = json.loads(path.read_text())
+        seen, cfg = card["seen"], card["config"]
+        assert seen["truth_images"] > 0 and seen["truth_pixels"] >= seen["truth_images"] * 64 * 64, path
+        assert seen["samples_drawn"] == card["steps"] * cfg["batch_size"], path
+        assert seen["pixel_samples"] == seen["samples_drawn"] * cfg["patch"] ** 2, path
+        assert "epochs of the training pairs" not in path.with_name(path.name.replace(".json", ".md")).read_text()
+        held = card.get("heldout", {}).get("romania-hidden (cloudy-pixel PSNR dB)")
+        if held is None:
+            continue
+        name = card["model"]
+        assert {name, "mean-fill", "reference-replace"} <= set(held), path
+        if held[name] <= held["mean-fill"]:
+            assert build_model(name, SHIPPED.get(name, {})).spec.experimental, (name, held)

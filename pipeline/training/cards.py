@@ -21,10 +21,9 @@ GROUPS = ("romania-hidden", "romania-real")
 
 #: what the runs before the honest split did (datasets.StacPairs before validation got its own donors).
 LEGACY_LEAKS = (
-    "LEAKY VALIDATION (found after training): the validation truth dates were fed as reference inputs in training "
-    "and both splits drew from the same cloud donors, so the validation metrics above over-state the model; the "
-    "held-out rows below are the honest measure. `cloudfree train` now keeps validation dates out of every "
-    "training role and gives validation its own donors.")
+    "LEAKY VALIDATION (found after training): the validation truth dates were fed as reference inputs in training"
+    "{donors}, so the validation metrics above over-state the model; the held-out section is the honest measure. "
+    "`cloudfree train` now keeps validation dates out of every training role and gives validation its own donors.")
 
 
 def legacy_seen(card: dict[str, Any]) -> dict[str, Any]:
@@ -68,20 +67,70 @@ def heldout_rows(evaluation: dict[str, Any], model: str) -> dict[str, Any]:
     return out
 
 
-def update_card(path: Path, evaluation: dict[str, Any] | None) -> dict[str, Any]:
+def reference_ablation(model: str, params: dict[str, Any] | None = None,
+                       pairs: Sequence[tuple[str, str]] | None = None, data_dir: str | Path | None = None
+                       ) -> dict[str, Any]:
+    """Cloudy-pixel PSNR of ``model`` on romania-hidden crops with its references as the search stage chose them,
+    with the TRUTH added as the nearest clear reference (dt 0), and with every reference removed (all masked,
+    zeros). A model that uses its references gains several dB from the truth and loses without them."""
+    import dataclasses
+
+    import numpy as np
+
+    from cloudfree.models.registry import build_model
+    from cloudfree.pipeline.evaluation.metrics import psnr
+    from cloudfree.pipeline.evaluation.romania import (ROMANIA_HIDDEN, default_search_config, load_stack,
+                                                       romania_hidden_cases)
+    from cloudfree.pipeline.evaluation.running import with_scene_context
+
+    root = Path(data_dir) if data_dir else Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+    pairs = tuple(pairs or ROMANIA_HIDDEN)
+    cases = romania_hidden_cases(load_stack(root), default_search_config(), pairs)
+    net = build_model(model, params or {"device": "cpu"})
+    res: dict[str, list[float]] = {"as chosen": [], "truth as a reference": [], "no references": []}
+    for case in cases:
+        tile = case.tile_inputs()
+        t = case.truth.astype(tile.target.dtype)
+        variants = {
+            "as chosen": tile,
+            "truth as a reference": dataclasses.replace(
+                tile, references=np.concatenate([t[None], tile.references]),
+                reference_masks=np.concatenate([np.zeros_like(tile.cloud_mask)[None], tile.reference_masks]),
+                reference_ids=("truth", *tile.reference_ids), reference_dt_days=(0.0, *tile.reference_dt_days)),
+            "no references": dataclasses.replace(
+                tile, references=np.zeros_like(tile.references),
+                reference_masks=np.ones_like(tile.reference_masks)),
+        }
+        for k, v in variants.items():
+            out = net.predict(with_scene_context(net, v)).reflectance
+            res[k].append(psnr(out, case.truth, case.regions["cloudy"]))
+    mean = {k: float(np.mean(v)) for k, v in res.items()}
+    gain, loss = mean["truth as a reference"] - mean["as chosen"], mean["as chosen"] - mean["no references"]
+    reading = (f"the truth as a reference changes it by {gain:+.2f} dB and removing every reference by {-loss:+.2f}"
+               " dB: " + ("it uses its references" if gain >= 3.0 and loss > 0 else
+                          "it barely uses its references (a model that did would gain several dB)"))
+    return {**{f"{k} (mean cloudy PSNR dB)": round(v, 2) for k, v in mean.items()}, "reading": reading,
+            "cases": len(cases), "source": f"python -m cloudfree.pipeline.training.cards --ablation {model}"}
+
+
+def update_card(path: Path, evaluation: dict[str, Any] | None,
+                ablation: dict[str, Any] | None = None) -> dict[str, Any]:
     d = json.loads(Path(path).read_text())
-    legacy = not d.get("seen")
     d["seen"] = d.get("seen") or legacy_seen(d)
     notes = [n for n in d.get("notes", []) if not n.startswith("LEAKY VALIDATION")]
-    if legacy and "disjoint" not in str(d.get("data", {}).get("split", "")):
-        notes.append(LEGACY_LEAKS)
+    if "disjoint" not in str(d.get("data", {}).get("split", "")):  # trained before the honest split
+        transplant = d["config"].get("data", {}).get("clouds") == "transplant"
+        notes.append(LEGACY_LEAKS.format(donors=" and both splits drew from the same cloud donors" if transplant
+                                         else " (its clouds were SIMULATED, no donors)"))
     md = Path(path).with_name(Path(path).name.replace(".card.json", ".card.md"))
     caveat = md.read_text().split("## Hold-out caveat (added after training)", 1) if md.is_file() else []
     if len(caveat) == 2 and not any(n.startswith("Hold-out caveat") for n in notes):
         notes.append("Hold-out caveat (added after training): " + " ".join(caveat[1].split()))
     d["notes"] = notes
     if evaluation is not None:
-        d["heldout"] = heldout_rows(evaluation, d["model"])
+        d["heldout"] = {**d.get("heldout", {}), **heldout_rows(evaluation, d["model"])}
+    if ablation is not None:
+        d.setdefault("heldout", {})["reference ablation (romania-hidden)"] = ablation
     d["convention"] = InputConvention(**{k: tuple(v) if isinstance(v, list) else v
                                           for k, v in d["convention"].items()})
     card = ModelCard(**d)
@@ -94,10 +143,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cards", nargs="+", type=Path)
     ap.add_argument("--eval", type=Path, help="evaluation.json of cloudfree evaluate --cases romania")
+    ap.add_argument("--ablation", metavar="MODEL",
+                    help="also measure MODEL's reference ablation (truth as a reference / none) into its card")
     args = ap.parse_args(argv)
     evaluation = json.loads(args.eval.read_text()) if args.eval else None
+    abl = reference_ablation(args.ablation) if args.ablation else None
     for p in args.cards:
-        d = update_card(p, evaluation)
+        card_model = json.loads(Path(p).read_text())["model"]
+        d = update_card(p, evaluation, abl if abl and card_model == args.ablation else None)
         print(p, json.dumps({k: d[k] for k in ("seen", "heldout") if k in d}))
 
 
