@@ -112,7 +112,7 @@ def main(verbose: int, quiet: int) -> None:
     _setup_logging(verbose, quiet)
 
 
-def _print_results(results, out_dir: Path) -> int:
+def _print_results(results, out_dir: Path | str) -> int:
     """One result line per target on stdout (scripts parse them: catalog strings are escaped, one line each)."""
     from cloudfree.pipeline.redact import clean, printable
 
@@ -148,7 +148,7 @@ def _print_results(results, out_dir: Path) -> int:
                                                                  "dry-run")}
     click.echo(", ".join(f"{n} {'planned (dry run)' if s == 'dry-run' else s}" for s, n in counts.items() if n)
                or "nothing to do")
-    click.echo(f"outputs in {out_dir.resolve()}")
+    click.echo(f"outputs in {out_dir if isinstance(out_dir, str) else out_dir.resolve()}")
     if failed:
         return EXIT_FAILED
     return EXIT_INCOMPLETE if counts["unrestored"] else EXIT_OK
@@ -157,7 +157,7 @@ def _print_results(results, out_dir: Path) -> int:
 _common = [
     click.option("-c", "--config", type=click.Path(dir_okay=False), help="YAML config (see configs/)."),
     click.option("--model", help="Removal model (see `cloudfree models`); overrides model.name."),
-    click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder; overrides output.dir."),
+    click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Output folder or object store (s3://bucket/prefix, gs://, az://); overrides output.dir."),
     click.option("--overwrite", is_flag=True, help="Redo targets whose outputs exist (default: skip = resume)."),
     click.option("--dry-run", is_flag=True, help="Search and plan only; print what would run."),
     click.option("--no-progress", is_flag=True, help="No progress bars."),
@@ -227,7 +227,7 @@ def run(config, model, out_dir, overwrite, dry_run, no_progress, compare_model, 
     try:
         cfg = _load(config, **_overrides(model, out_dir, overwrite, no_progress), **_where_overrides(**where))
         results = run_job(cfg, dry_run=dry_run)
-        code = _print_results(results, cfg.output.dir)
+        code = _print_results(results, cfg.output.store or cfg.output.dir)
         if compare_model and not dry_run:
             other = run_job(cfg.replace(model={"name": compare_model, "params": {}}), dry_run=False)
             click.echo(comparison_table(results, other, cfg.model.name, compare_model))
@@ -272,7 +272,7 @@ def scene(item_id, config, model, out_dir, overwrite, dry_run, no_progress, **wh
         results = run_job(cfg, dry_run=dry_run, targets=[item_id])
     except CloudfreeError as exc:
         _fail(exc)
-    sys.exit(_print_results(results, cfg.output.dir))
+    sys.exit(_print_results(results, cfg.output.store or cfg.output.dir))
 
 
 @main.command()

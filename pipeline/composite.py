@@ -369,6 +369,12 @@ def run_composite(cfg: Config, region: str | Path, period: str, *, force: bool =
     from cloudfree.pipeline.runner import concurrent_units, dask_context, map_units
     from cloudfree.stages.search import load_aoi
 
+    if cfg.output.store:
+        from cloudfree.pipeline.errors import ConfigError
+
+        raise ConfigError(f"output.dir {cfg.output.store}: composites are written only to a local folder (their "
+                          "state file is rewritten in place after every tile); give --out a local folder and copy "
+                          "the composites to the store afterwards (aws s3 sync, gsutil rsync, azcopy)")
     catalog = open_catalog(cfg.catalog)
     plans = plan_composite(catalog, cfg, region, period)
     out_dir = Path(cfg.output.dir) / "composites"

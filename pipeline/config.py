@@ -20,6 +20,8 @@ from cloudfree.pipeline.errors import ConfigError
 
 #: ``scheme://`` at the start of a value: a URL, never a local path (a Windows drive ``C:\\`` has no ``//``).
 URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+#: schemes ``output.dir`` may have besides a local folder (pipeline/outstore.py).
+OBJECT_STORE_SCHEMES = ("s3", "gs", "az")
 
 
 class _Section(BaseModel):
@@ -277,6 +279,39 @@ class OutputConfig(_Section):
     #: write a Markdown/HTML run report with PNGs under <dir>/reports/<run id>/.
     report: bool = True
 
+    #: the object-store root (``s3://bucket/prefix``, ``gs://``, ``az://``) when ``dir`` was given as one; then
+    #: ``dir`` is the local work folder (``work_dir``) targets are computed in before they are published there.
+    #: Set from ``dir``; see pipeline/outstore.py.
+    store: str | None = None
+    #: obstore config of the store (e.g. endpoint, access_key_id, secret_access_key, region), over the
+    #: environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+    storage_options: dict[str, str] = Field(default_factory=dict)
+    #: local work folder of an object-store run (None: $XDG_CACHE_HOME/cloudfree/outstore/<hash of the URL>/<last
+    #: part of the URL>: the catalog's description names it, as a local folder's name).
+    work_dir: Path | None = None
+    #: a store lock older than this (s) from another host is stale (same host: as soon as its process is gone).
+    lock_stale_s: float = Field(6 * 3600.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _object_store_dir(cls, data):
+        """``dir: s3://bucket/prefix`` (gs://, az://): ``store`` = the URL, ``dir`` = the local work folder."""
+        if not isinstance(data, dict):
+            return data
+        v = data.get("dir")
+        m = URL_SCHEME.match(str(v)) if isinstance(v, str) else None
+        if m and m.group(1) in OBJECT_STORE_SCHEMES:
+            import hashlib
+
+            url = v.rstrip("/")
+            if not re.match(r"^[a-z0-9]+://[^/]+", url):
+                raise ValueError(f"output.dir {v!r}: give a bucket (and a prefix): {m.group(1)}://bucket/prefix")
+            work = data.get("work_dir") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
+                / "cloudfree" / "outstore" / hashlib.sha256(url.encode()).hexdigest()[:16] \
+                / (re.sub(r"[^A-Za-z0-9._-]+", "_", url.rsplit("/", 1)[-1]).lstrip(".") or "root")
+            data = {**data, "store": url, "dir": str(work), "work_dir": str(work)}
+        return data
+
     @field_validator("dir", mode="before")
     @classmethod
     def _no_url_as_folder(cls, v):
@@ -284,9 +319,17 @@ class OutputConfig(_Section):
         m = URL_SCHEME.match(str(v)) if isinstance(v, str) else None
         if m:
             raise ValueError(
-                f"{v!r} is a URL ({m.group(1)}://), not a local folder, and this build writes outputs only to a "
-                "local folder: give a local path (e.g. outputs/run1) and copy the results to the store afterwards "
-                "(aws s3 sync, gsutil rsync, azcopy)")
+                f"{v!r} is a URL ({m.group(1)}://) of a kind outputs cannot be written to: use a local folder or an "
+                f"object store ({', '.join(s + '://bucket/prefix' for s in OBJECT_STORE_SCHEMES)})")
+        return v
+
+    @field_validator("store")
+    @classmethod
+    def _known_store(cls, v):
+        if v is not None:
+            m = URL_SCHEME.match(v)
+            if not m or m.group(1) not in OBJECT_STORE_SCHEMES:
+                raise ValueError(f"{v!r}: not an object-store URL ({', '.join(OBJECT_STORE_SCHEMES)})")
         return v
 
 

@@ -174,6 +174,15 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
                             p.target.id, model.name)
     run_id = uuid.uuid4().hex[:12]
     out_dir = Path(cfg.output.dir)
+    if not dry_run:  # a file where the folder should be, or an uncreatable folder: exit 2 before any target
+        from cloudfree.pipeline.safety import prepare_output_dir
+
+        prepare_output_dir(out_dir)
+    store = None
+    if cfg.output.store and not dry_run:  # s3:// gs:// az://: computed in out_dir (the work folder), published there
+        from cloudfree.pipeline.outstore import open_output_store
+
+        store = open_output_store(cfg.output)
 
     from cloudfree.pipeline.progress import BatchProgress
 
@@ -188,11 +197,12 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
                 return TargetResult(plan.target.id, "failed", refs, error=str(exc))
         t0 = time.perf_counter()
         try:  # one failing target never stops the batch: it is recorded and the next one runs
-            res = _run_target(plan, model, cfg, run_id, out_dir, catalog=catalog)
+            res = (_run_target(plan, model, cfg, run_id, out_dir, catalog=catalog) if store is None else
+                   _run_target_in_store(plan, model, cfg, run_id, out_dir, store, catalog=catalog))
         except Exception as exc:  # noqa: BLE001 - fault isolation per target; KeyboardInterrupt still stops
             from cloudfree.pipeline.redact import redact
 
-            msg = redact(failure_message(plan, exc))
+            msg = redact(failure_message(plan, exc, out_dir))
             log.error("%s failed: %s", plan.target.id, msg)
             log.debug("%s: traceback", plan.target.id, exc_info=True)
             res = TargetResult(plan.target.id, "failed", refs, error=msg)
@@ -208,6 +218,11 @@ def run(cfg: Config, *, dry_run: bool = False, targets: list[str] | None = None)
         try:
             path = write_report(results, cfg, run_id, model.name, skipped=getattr(plans, "skipped", ()))
             log.info("run report: %s", path)
+            if store is not None:
+                from cloudfree.pipeline.outstore import upload_tree
+
+                upload_tree(store, out_dir, "reports", run_id)
+                log.info("run report uploaded to %s/reports/", store.url)
         except (OSError, ValueError) as exc:  # a report problem must not fail a finished run
             log.error("run report could not be written: %s", exc)
     return results
@@ -234,18 +249,59 @@ def _run_target(plan: TargetPlan, model, cfg: Config, run_id: str, out_dir: Path
     from cloudfree.stages.write import is_done, paths_for
 
     stem = output_stem(plan.target.id, model.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with target_lock(out_dir, stem):
+    refs = [c.item.id for c in plan.references]
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(target_lock(out_dir, stem))
+        except OSError as exc:
+            # a read-only archive of finished outputs: the lock cannot be created, but a done target needs no write
+            if is_done(out_dir, stem) and not cfg.output.overwrite:
+                log.info("%s: output exists (output folder not writable: %s), skipping", stem, exc)
+                return TargetResult(plan.target.id, "skipped", refs, outputs=paths_for(out_dir, stem))
+            raise
         clean_stale_staging(out_dir, stem)
         if is_done(out_dir, stem) and not cfg.output.overwrite:
             log.info("%s: output exists, skipping (use --overwrite to redo)", stem)
             from cloudfree.stages.publish import update_collection
 
-            # outputs from before the collection existed (or another run) are listed too
-            update_collection(out_dir, paths_for(out_dir, stem)["item"], cfg.output.collection)
-            return TargetResult(plan.target.id, "skipped", [c.item.id for c in plan.references],
-                                outputs=paths_for(out_dir, stem))
+            try:  # outputs from before the collection existed (or another run) are listed too
+                update_collection(out_dir, paths_for(out_dir, stem)["item"], cfg.output.collection)
+            except OSError as exc:  # a read-only archive: the finished output is still there
+                log.warning("%s: output exists; the collection could not be updated (%s)", stem, exc)
+            return TargetResult(plan.target.id, "skipped", refs, outputs=paths_for(out_dir, stem))
         return process_dropping_references(plan, model, cfg, run_id, catalog=catalog)
+
+
+def _run_target_in_store(plan: TargetPlan, model, cfg: Config, run_id: str, out_dir: Path, store,
+                         catalog=None) -> TargetResult:
+    """One target of an object-store run (pipeline/outstore.py): under the store's lock (conditional create), stale
+    staging keys removed, skipped when the store's item is ``done``, else computed in the local work folder
+    ``out_dir`` exactly as a local run (:func:`_run_target`) and published to the store, the item JSON last."""
+    import shutil
+
+    from cloudfree.pipeline.safety import ensure_inside
+
+    stem = output_stem(plan.target.id, model.name)
+    with store.lock(stem):
+        store.clean_stale_staging(stem)
+        if store.is_done(stem) and not cfg.output.overwrite:
+            log.info("%s: output exists in %s, skipping (use --overwrite to redo)", stem, store.url)
+            store.update_collection(out_dir, stem, cfg.output.collection, run_id)
+            return TargetResult(plan.target.id, "skipped", [c.item.id for c in plan.references],
+                                outputs={"item": out_dir / stem / f"{stem}.json"})
+        # the store decides, not the work folder: its copy of this target is reset to the store's item (if any)
+        local = ensure_inside(out_dir, out_dir / stem)
+        if local.exists():
+            shutil.rmtree(local)
+        item = store.get(f"{stem}/{stem}.json")
+        if item is not None:
+            local.mkdir(parents=True)
+            (local / f"{stem}.json").write_bytes(item)
+        res = _run_target(plan, model, cfg, run_id, out_dir, catalog=catalog)
+        if res.status in ("done", "unrestored") and (local / f"{stem}.json").exists():
+            store.publish(stem, local, run_id)
+            store.update_collection(out_dir, stem, cfg.output.collection, run_id)
+        return res
 
 
 def process_dropping_references(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=None) -> TargetResult:
@@ -615,7 +671,14 @@ def write_and_publish(ctx: TargetContext) -> TargetResult:
                                 coregistration=res.coregistration)
         publish_dir(out_dir, stage, final["item"].parent)
     except BaseException:
-        safe_rmtree(out_dir, stage)
+        for attempt in range(3):  # a tile task still running may write into it while it is removed: try again
+            try:
+                safe_rmtree(out_dir, stage)
+                break
+            except OSError as exc:  # the original error is the one reported
+                if attempt == 2:
+                    log.warning("%s: staging folder %s could not be removed (%s)", ctx.target.id, stage, exc)
+                time.sleep(0.2)
         raise
     res.outputs = {k: final["item"].parent / Path(v).name for k, v in res.outputs.items()}
     update_collection(out_dir, final["item"], ctx.cfg.output.collection)
@@ -808,10 +871,17 @@ def _mask_bits(cfg: Config) -> dict[str, int]:
     return bits
 
 
-def failure_message(plan: TargetPlan, exc: BaseException) -> str:
-    """What the run report and the ``failed`` line say about a target that raised ``exc``."""
+def failure_message(plan: TargetPlan, exc: BaseException, out_dir: str | Path | None = None) -> str:
+    """What the run report and the ``failed`` line say about a target that raised ``exc``: an output-side fault
+    (disk full, read-only or not a folder under ``out_dir``) names the output and its fix, never the inputs."""
     import rasterio.errors
 
+    if out_dir is not None:
+        from cloudfree.pipeline.safety import output_fault
+
+        fault = output_fault(exc, out_dir)
+        if fault:
+            return f"target {plan.target.id}: {fault}"
     if isinstance(exc, CloudfreeError):
         return str(exc)
     if isinstance(exc, (rasterio.errors.RasterioError, OSError)):  # a file that passed the probe broke mid-read
