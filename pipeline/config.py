@@ -356,9 +356,9 @@ class RunConfig(_Section):
     address: str | None = None
     progress: bool = True
     #: targets (``cloudfree run``) or MGRS tiles (``cloudfree composite``) computed at the same time by one runner,
-    #: each as its own graph. Needs ``scheduler: distributed`` (the cluster runs the graphs side by side: a big
-    #: cluster is kept busy by several units at once); with a local scheduler the units would only compete for
-    #: the same threads, so 1 is used there (with a warning).
+    #: each as its own graph. With ``scheduler: distributed`` the cluster runs the graphs side by side; with
+    #: ``threads`` each unit gets its own pool of ``workers`` threads, so one unit's Python overlaps another's reads
+    #: (small targets; same bytes; memory grows with the units in flight); other local schedulers use 1 (warned).
     concurrent_targets: int = Field(1, ge=1)
     #: glibc malloc arenas of this process (threads/synchronous schedulers; ``mallopt(M_ARENA_MAX)``). Worker
     #: threads free numpy blocks that other threads allocated; with glibc's default (8 arenas per core) the freed

@@ -146,6 +146,8 @@ def test_map_units_runs_units_side_by_side_and_keeps_their_order():
     assert map_units(unit, [1, 2], 2) == [10, 20]
     assert map_units(lambda i: i + 1, [1, 2, 3], 1) == [2, 3, 4]
     cfg = parse_config({"run": {"scheduler": "threads", "concurrent_targets": 3}}, source="test")
+    assert concurrent_units(cfg) == 3
+    cfg = parse_config({"run": {"scheduler": "synchronous", "concurrent_targets": 3}}, source="test")
     assert concurrent_units(cfg) == 1
     cfg = parse_config({"run": {"scheduler": "distributed", "concurrent_targets": 3}}, source="test")
     assert concurrent_units(cfg) == 3
@@ -159,6 +161,18 @@ def test_concurrent_targets_on_a_localcluster_match_threads(demo_config, demo_ru
     cfg = demo_config.replace(output={"dir": str(tmp_path)},
                               run={"scheduler": "distributed", "workers": 2, "memory_limit": "3GiB",
                                    "concurrent_targets": 2})
+    res = run(cfg)
+    assert len(res) == len(demo_run) >= 2 and all(r.status == "done" for r in res), [r.error for r in res]
+    assert [r.target_id for r in res] == [r.target_id for r in demo_run]
+    for r in res:
+        _same_bytes(r.outputs, next(d for d in demo_run if d.target_id == r.target_id).outputs)
+
+
+def test_concurrent_targets_on_threads_match_one_at_a_time(demo_config, demo_run, tmp_path):
+    """Both demo targets in flight on the local threaded scheduler give the bytes of the one-at-a-time run."""
+    from cloudfree.pipeline.runner import run
+
+    cfg = demo_config.replace(output={"dir": str(tmp_path)}, run={"scheduler": "threads", "concurrent_targets": 2})
     res = run(cfg)
     assert len(res) == len(demo_run) >= 2 and all(r.status == "done" for r in res), [r.error for r in res]
     assert [r.target_id for r in res] == [r.target_id for r in demo_run]
