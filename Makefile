@@ -19,7 +19,7 @@ OUT_OPT = $(if $(OUT),--out $(OUT))
 cfg_value = $(shell awk -v s="$(1):" -v k="$(2):" '$$1 == s {f = 1; next} /^[^ \#]/ {f = 0} f && $$1 == k {print $$2; exit}' $(CONFIG) 2>/dev/null)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-catalog test scene run composite bench clean
+.PHONY: help install demo demo-catalog test scene run composite bench clean train-temporal-residual
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ test: install ## run the offline test suite (installs the local STAC API server 
 bench: install demo-catalog ## benchmarks: docs/bench.md + bench.json + bench_models.json (BENCH_OUT=... elsewhere)
 	$(BIN)/python -m cloudfree.pipeline.evaluation.bench --out $(BENCH_OUT)
 	$(BIN)/python -m cloudfree.pipeline.evaluation.bench_models --out $(BENCH_OUT)
+
+train-temporal-residual: install ## EXPERIMENTAL: train the temporal-residual net on the Romania stack (CPU, minutes) and score it vs temporal on romania-hidden: make train-temporal-residual [TR_OUT=/tmp/temporal_residual.safetensors]
+	$(BIN)/python -m cloudfree.models.temporal_residual $(or $(TR_OUT),/tmp/temporal_residual.safetensors)
 
 clean: ## remove outputs and caches (keeps .venv and data/)
 	rm -rf outputs .pytest_cache .hypothesis
