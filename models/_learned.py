@@ -95,7 +95,7 @@ class LearnedModel(RemovalModelBase):
         # instance-level spec (the runner reads it): the weights actually used (their sha256 goes into the output
         # item), and needs_sar when the user requires SAR
         self.spec = dataclasses.replace(type(self).spec, weights=str(self.weights_path),
-                                        needs_sar=type(self).spec.needs_sar or self.params.require_sar)
+                                        needs_sar=self.params.require_sar)
 
     @classmethod
     def trainable(cls):

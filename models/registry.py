@@ -94,6 +94,31 @@ def check_usable(model, allow_experimental: bool = False, where: str = "model.na
     log.warning("running EXPERIMENTAL model %s (model.allow_experimental is set): %s", name, why)
 
 
+def check_level(model, items, allow_mismatch: bool = False, where: str = "model.allow_level_mismatch") -> None:
+    """Refuse to run a model built for one processing level (``spec.level`` ``"L1C"``/``"L2A"``) on items of the
+    other: its weights or its physics saw the other reflectance (top-of-atmosphere vs surface), so its output would
+    be out of domain without a word. Items whose level cannot be told (not a Sentinel-2 MSI product, e.g. a
+    simulated or foreign catalog) and models of level ``"any"`` pass. With ``allow_mismatch`` a warning is logged
+    instead. Raises :class:`~cloudfree.pipeline.errors.ModelError` naming the item, both levels and the fix."""
+    from cloudfree.catalogs.harmonise import processing_level
+    from cloudfree.pipeline.errors import ModelError
+
+    want = getattr(getattr(model, "spec", None), "level", "any")
+    if want not in ("L1C", "L2A"):
+        return
+    name = getattr(model, "name", type(model).__name__)
+    for item in items:
+        got = processing_level(item)
+        if got is None or got == want:
+            continue
+        msg = (f"item {item.id!r} is Sentinel-2 {got} but model {name!r} was built for {want} (spec.level): its "
+               f"output would be out of domain. Search a {want} collection (catalog.collection), pick a model of "
+               f"level {got} or 'any' (see `cloudfree models`), or set {where}: true to run it anyway")
+        if not allow_mismatch:
+            raise ModelError(msg)
+        log.warning("level mismatch allowed (%s): %s", where, msg)
+
+
 def build_model(name: str, params: dict | None = None):
     """Instantiate model ``name`` with validated ``params``."""
     cls = get_model_class(name)

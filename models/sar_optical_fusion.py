@@ -29,8 +29,11 @@ Deviations:
 * **Per-sample normalisation** (``normalise: true``, the shipped weights): the optical input is standardised per
   band with the mean/std of the sample's clear pixels, and the output (residual to the standardised cloudy input,
   eq. 12) mapped back; trained on one forest footprint, the network otherwise learns its absolute reflectance.
-* **No SAR**: when a tile has no Sentinel-1 the SAR branch gets zeros (``sar_present = 0``, 30 % of training
-  samples), and the network reconstructs from the optical context alone.
+* **No SAR**: the model needs Sentinel-1 (``spec.needs_sar``, ``require_sar: true`` by default): without it the
+  target fails with the fix named (set ``catalog.sar_collection``), because optical-only it inpaints below the
+  mean-fill floor on the real Romania crops (tests/test_floors.py). ``require_sar: false`` runs it anyway: the SAR
+  branch gets zeros (``sar_present = 0``, 30 % of training samples) and the network reconstructs from the optical
+  context alone.
 * **SAR in training**: SIMULATED (no co-located S1 exists in the shared data); see the model card.
 """
 
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from cloudfree.models._learned import LearnedModel, build_blocks, clear_stats, ssim_map
+from cloudfree.models._learned import LearnedModel, LearnedParams, build_blocks, clear_stats, ssim_map
 from cloudfree.models.base import BELOW_MEAN_FILL, ModelSpec
 from cloudfree.models.registry import register
 from cloudfree.models._weights import single_stage
@@ -139,13 +142,18 @@ class CloudAttentiveTrainable:
         return single_stage(total_steps, lr)
 
 
+class SAROpticalParams(LearnedParams):
+    #: a tile without Sentinel-1 fails with the fix named (default); false: run optical-only (below mean-fill).
+    require_sar: bool = True
+
+
 @register
 class CloudAttentiveSAROptical(LearnedModel):
     name = "sar-optical-fusion"
     spec = ModelSpec(
         bands=BANDS,
         level="L2A",
-        needs_sar=False,
+        needs_sar=True,
         accepts_sar=True,
         sar_units="db",
         max_references=0,
@@ -155,5 +163,6 @@ class CloudAttentiveSAROptical(LearnedModel):
         experimental=BELOW_MEAN_FILL,
     )
     weights_file = "sar_optical_fusion.safetensors"
+    Params = SAROpticalParams
     trainable_cls = CloudAttentiveTrainable
     multiple = 16

@@ -73,15 +73,16 @@ BUILTIN_SUMMARIES: tuple[ModelSummary, ...] = (
                  experimental=_BELOW),
     ModelSummary("sar-optical-fusion", "cloud-attentive SAR-optical network (Bui et al.), learned: RDB + Swin "
                  "fusion, GFF, IRN, cloud-weighted loss; small CPU-trained weights "
-                 "(`models/weights/sar_optical_fusion.card.md`)", "L2A", 16, accepts_sar=True,
-                 note="`require_sar: true` makes it mandatory", experimental=_BELOW),
+                 "(`models/weights/sar_optical_fusion.card.md`)", "L2A", 16, needs_sar=True, accepts_sar=True,
+                 note="`require_sar: false` runs it optical-only, below mean-fill", experimental=_BELOW),
     ModelSummary("diffusion-enhancement", "Diffusion Enhancement (Sui et al.): DDIM conditional noise predictor "
                  "fused with any registered reference model (PhyVLM-CR by default) through the Weight Allocation "
                  "network, eqs. 1–15; `steps` (50)", "L2A", 171, max_references=4,
                  note="and what its reference model needs"),
     ModelSummary("cm-cr", "CM-CR: SAR-conditioned EDM teacher distilled into a one-step consistency student + "
-                 "multistep resampling; `steps`, `sampler: student/teacher`", "L2A", 48, accepts_sar=True,
-                 note="runs optical-only without", experimental=_BELOW),
+                 "multistep resampling; 1 step of the student's EMA by default; `steps`, `sampler: student/teacher`", "L2A",
+                 48, needs_sar=True, accepts_sar=True,
+                 note="`require_sar: false` runs it optical-only, below mean-fill", experimental=_BELOW),
     ModelSummary("mean-fill", "floor: cloudy pixels take the per-band mean of the clear pixels (a constant)", "any", 0),
     ModelSummary("none", "no removal (the floor every model must beat)", "any", 0),
 )

@@ -262,6 +262,9 @@ class ModelConfig(_Section):
     params: dict[str, Any] = Field(default_factory=dict)
     #: run a model `cloudfree models` lists as EXPERIMENTAL (e.g. weights that do not beat the mean-fill floor).
     allow_experimental: bool = False
+    #: run a model on items of another processing level than its spec.level (e.g. L2A weights on L1C items):
+    #: out of domain, logged as a warning instead of failing the target.
+    allow_level_mismatch: bool = False
 
 
 class OutputConfig(_Section):

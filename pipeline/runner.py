@@ -512,6 +512,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
 def prepare_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=None) -> TargetContext:
     """Search -> grid: the model's references, the bands, the output grid (bounded before any read), the resolved
     mask methods, and assets that exist only behind an API fetched on the output grid."""
+    from cloudfree.models.registry import check_level
     from cloudfree.stages.load import check_grid_size, fetch_remote_assets, output_geobox
     from cloudfree.stages.masks import mask_inputs
     from cloudfree.stages.masks import resolved as resolved_masks
@@ -520,6 +521,8 @@ def prepare_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
     target = plan.target
     refs = [c.item for c in model_references(plan, model.spec.max_references, cfg)]
     items = [target, *refs]
+    # an L2A model on L1C items (or the reverse) fails the target, naming the item and the fix
+    check_level(model, items, cfg.model.allow_level_mismatch)
     bands = list(dict.fromkeys([*cfg.grid.bands, *model.spec.bands]))
     # bounded before any read: an item declaring a huge grid fails here, naming the item (grid.max_pixels)
     geobox = check_grid_size(output_geobox(target, cfg.grid, load_aoi(cfg.search.aoi)[0]), target, cfg.grid)

@@ -26,7 +26,7 @@ from cloudfree.models.diffusion_enhancement import (
 )
 from cloudfree.models.registry import build_model
 from cloudfree.pipeline.contract import SOURCE_MODEL, SOURCE_TARGET, TileInputs
-from cloudfree.pipeline.errors import ConfigError, ContractError, WeightsError
+from cloudfree.pipeline.errors import ConfigError, ContractError, ModelError, WeightsError
 
 
 # ---------------------------------------------------------------------------------------------------- noise
@@ -302,7 +302,7 @@ def test_de_model_deterministic_keeps_clear_and_uses_reference_for_other_bands(t
 
 def test_cmcr_model_with_and_without_sar(tmp_path):
     w = _weights(tmp_path, "cm")
-    m = build_model("cm-cr", {"weights": w, "steps": 2, "device": "cpu"})
+    m = build_model("cm-cr", {"weights": w, "steps": 2, "device": "cpu", "require_sar": False})
     t_sar, t_none = _tile(with_sar=True), _tile(with_sar=False)
     a, b = m.predict(t_sar), m.predict(t_sar)
     assert a.reflectance.tobytes() == b.reflectance.tobytes()
@@ -311,8 +311,16 @@ def test_cmcr_model_with_and_without_sar(tmp_path):
     assert float(n.diagnostics["sar_used"].max()) == 0.0
     assert not np.allclose(a.reflectance[:, t_sar.cloud_mask], n.reflectance[:, t_sar.cloud_mask])
     assert np.isfinite(n.reflectance).all()
-    with pytest.raises(ContractError, match="require_sar"):
-        build_model("cm-cr", {"weights": w, "require_sar": True, "device": "cpu"}).predict(t_none)
+    # by default SAR is required: a tile without it fails with the fix named
+    strict = build_model("cm-cr", {"weights": w, "device": "cpu"})
+    assert strict.spec.needs_sar and not m.spec.needs_sar
+    with pytest.raises(ModelError, match="needs Sentinel-1.*catalog.sar_collection"):
+        strict.predict(t_none)
+    # default sampling: 1 step of the student's EMA (the distillation target network); ema false = online student
+    one = strict.predict(t_sar).reflectance
+    assert strict.params.steps == 1 and strict.params.ema
+    online = build_model("cm-cr", {"weights": w, "device": "cpu", "ema": False}).predict(t_sar).reflectance
+    assert one.shape == online.shape and np.isfinite(one).all()
     teacher = build_model("cm-cr", {"weights": w, "sampler": "teacher", "steps": 2, "device": "cpu"}).predict(t_sar)
     assert teacher.reflectance.shape == t_sar.target.shape
 
@@ -323,9 +331,10 @@ def test_weights_hash_checked(tmp_path):
         fh.seek(-4, 2)
         fh.write(b"\x00\x01\x02\x03")
     with pytest.raises(WeightsError, match="sha256"):
-        build_model("cm-cr", {"weights": w, "device": "cpu"}).predict(_tile())
+        build_model("cm-cr", {"weights": w, "device": "cpu"}).predict(_tile(with_sar=True))
     with pytest.raises(WeightsError, match="not found"):
-        build_model("cm-cr", {"weights": str(tmp_path / "none.safetensors"), "device": "cpu"}).predict(_tile())
+        build_model("cm-cr", {"weights": str(tmp_path / "none.safetensors"), "device": "cpu"}).predict(
+            _tile(with_sar=True))
 
 
 def test_cmcr_extra_bands_fitted_on_observed_clear_pixels(tmp_path):
@@ -340,7 +349,7 @@ def test_cmcr_extra_bands_fitted_on_observed_clear_pixels(tmp_path):
     from dataclasses import replace
 
     tile = replace(tile, target=target)
-    r = build_model("cm-cr", {"weights": w, "steps": 1, "device": "cpu"}).predict(tile)
+    r = build_model("cm-cr", {"weights": w, "steps": 1, "device": "cpu", "require_sar": False}).predict(tile)
     cl = tile.cloud_mask
     o = r.reflectance
     want = np.maximum(0.3 * o[0, cl] + 0.5 * o[2, cl] + 0.2 * o[3, cl] + 0.05, 0.0)

@@ -61,7 +61,9 @@ def _tile(rng, refs: int = 2, bands=("B02", "B03", "B04", "B08", "B11"), sar=Tru
 @pytest.mark.parametrize("name", list(TINY))
 def test_inference_keeps_clear_pixels_and_fills_cloud(tiny_weights, name):
     clear_cache()
-    model = build_model(name, {"weights": str(tiny_weights[name])})
+    # the SAR models need SAR by default (below); require_sar false runs them optical-only
+    model = build_model(name, {"weights": str(tiny_weights[name]), "require_sar": False})
+    assert build_model(name, {"weights": str(tiny_weights[name])}).spec.needs_sar == (name == "sar-optical-fusion")
     tile = _tile(np.random.default_rng(0))
     res = model.predict(tile)
     clear = ~tile.cloud_mask
@@ -177,7 +179,7 @@ def test_shipped_weights_fill_simulated_cloud_on_real_pixels(name, margin):
     clear = load_29rkh(shared("s2-l2a-tile-29RKH-100m").parent, SIM_BANDS)[:, 760:888, 100:228]
     case = simulated_case(clear, SIM_BANDS, 11, name="sim-29RKH-760-100-seed11")
     tile, cloudy = case.tile_inputs(), case.regions["cloudy"]
-    model = build_model(name, {"device": "cpu"})
+    model = build_model(name, {"device": "cpu", "require_sar": False})  # the case has no SAR: optical-only path
     out = model.predict(with_scene_context(model, tile)).reflectance
     before, after = psnr(tile.target, case.truth, cloudy), psnr(out, case.truth, cloudy)
     assert after > before + margin, (before, after)

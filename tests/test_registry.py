@@ -67,3 +67,45 @@ def test_specs_are_sane():
         assert s.halo >= 0 and s.level in ("L1C", "L2A", "any") and s.description, name
         if s.needs_reference:
             assert s.max_references >= 1, name
+
+
+def _s2_item(item_id: str):
+    import datetime
+
+    import pystac
+
+    return pystac.Item(item_id, {"type": "Point", "coordinates": [0, 0]}, [0, 0, 0, 0],
+                       datetime.datetime(2020, 1, 1), {"platform": "sentinel-2a"})
+
+
+def test_level_mismatch_refused_with_item_level_and_fix(caplog):
+    """spec.level is checked at run time: an L2A model on an L1C item (or the reverse) fails naming the item, both
+    levels and the fixes; model.allow_level_mismatch turns it into a warning; 'any' models and items whose level
+    cannot be told pass."""
+    from cloudfree.models.registry import check_level
+    from cloudfree.pipeline.errors import ModelError
+
+    l1c, l2a = _s2_item("S2A_MSIL1C_20200101T000000_N0209_R000_T33UUU"), _s2_item("S2A_MSIL2A_20200101_T33UUU")
+    l2a_model = build_model("ca-mtcr")
+    assert l2a_model.spec.level == "L2A"
+    check_level(l2a_model, [l2a])
+    with pytest.raises(ModelError) as err:
+        check_level(l2a_model, [l2a, l1c])
+    msg = str(err.value)
+    assert l1c.id in msg and "L1C" in msg and "L2A" in msg and "model.allow_level_mismatch" in msg
+    assert "catalog.collection" in msg
+    with caplog.at_level("WARNING"):
+        check_level(l2a_model, [l1c], allow_mismatch=True)
+    assert l1c.id in caplog.text
+    check_level(build_model("temporal"), [l1c, l2a])  # level "any"
+
+
+def test_run_refuses_an_l2a_model_on_the_l1c_demo(demo_config):
+    """The demo catalog is L1C: an L2A-trained model fails every target before any read, with the fix named."""
+    from cloudfree.pipeline.runner import run
+
+    cfg = demo_config.replace(model={"name": "ca-mtcr", "allow_experimental": True},
+                              output={"dir": str(demo_config.output.dir) + "-level"})
+    results = run(cfg)
+    assert results and all(r.status == "failed" for r in results)
+    assert all("L1C" in r.error and "allow_level_mismatch" in r.error for r in results)

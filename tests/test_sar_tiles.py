@@ -126,8 +126,8 @@ def test_model_that_needs_sar_fails_the_target_clearly(demo_config):
     and the batch goes on (every target reported)."""
     from cloudfree.pipeline.runner import run
 
-    cfg = demo_config.replace(model={"name": "sar-optical-fusion", "params": {"require_sar": True},
-                                     "allow_experimental": True},
+    cfg = demo_config.replace(model={"name": "sar-optical-fusion", "allow_experimental": True,
+                                     "allow_level_mismatch": True},
                               output={"dir": str(demo_config.output.dir) + "-needs-sar"})
     results = run(cfg)
     assert results and all(r.status == "failed" for r in results)
@@ -177,7 +177,7 @@ def test_run_feeds_one_s1_scene_per_date_to_a_multi_temporal_model(demo_catalog,
     cat.write_text(json.dumps(docs))
     cfg = demo_config.replace(catalog={"url": str(cat), "sar_collection": "demo-s1-simulated"},
                               model={"name": "ca-mtcr", "params": {"require_sar": True},
-                                     "allow_experimental": True},
+                                     "allow_experimental": True, "allow_level_mismatch": True},
                               search={"targets": [target_id]}, output={"dir": str(tmp_path / "out")})
     [res] = run(cfg)
     # the SAR path, not the model's quality (ca-mtcr is experimental): written, and 'unrestored' only by the output check
@@ -237,10 +237,10 @@ def test_unreadable_target_s1_costs_an_sar_accepting_model_only_its_sar(s1_scene
     bad.write_bytes(raw[: len(raw) // 2])
     target = pystac.Item("S2_T", None, None, datetime(2019, 6, 1, tzinfo=timezone.utc), {})
     plan = TargetPlan(target, (), (_sar_candidate(_item(bad, "S1_TRUNCATED")),))
-    accepts = build_model("sar-optical-fusion")
+    accepts = build_model("sar-optical-fusion", {"require_sar": False})
     assert accepts.spec.accepts_sar and not accepts.spec.needs_sar
     sar, records = model_sar(plan, [], None, s["target"], s["mask"], s["geobox"], s["cfg"], accepts)
     assert sar is None and [(r.id, r.status) for r in records] == [("S1_TRUNCATED", "failed")]
-    needs = build_model("sar-optical-fusion", {"require_sar": True})
+    needs = build_model("sar-optical-fusion")
     with pytest.raises(rasterio.errors.RasterioError):
         model_sar(plan, [], None, s["target"], s["mask"], s["geobox"], s["cfg"], needs)

@@ -130,7 +130,8 @@ def run(out: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, seeds: Sequenc
                                       for n, t, g, m in sets["romania-val-96"]]
     rows = [baseline_row(sets)]
     for label, name, params in configurations(steps):
-        model = build_model(name, dict(params))
+        # cm-cr needs SAR by default; a run without SAR measures its optical-only path
+        model = build_model(name, dict(params, **({"require_sar": False} if name == "cm-cr" and not sar else {})))
         row = {"label": label, "model": name, "params": params, "nfe": nfe(name, params)}
         for set_name, cases in sets.items():
             per_case = []
