@@ -141,8 +141,9 @@ def test_cloudfree_run_on_demo_catalog(tiny_weights, demo_config, name):
     from cloudfree.pipeline.runner import run
 
     clear_cache()
-    cfg = demo_config.replace(model={"name": name, "params": {"weights": str(tiny_weights[name])},
-                                     "allow_experimental": True},
+    # the demo is L1C (the models are L2A: allow_level_mismatch) and has no Sentinel-1 (require_sar false)
+    cfg = demo_config.replace(model={"name": name, "params": {"weights": str(tiny_weights[name]), "require_sar": False},
+                                     "allow_experimental": True, "allow_level_mismatch": True},
                               output={"dir": str(demo_config.output.dir) + f"-{name}"},
                               search={"targets": ["S2B_T33UUU_20170226_SIMTHIN"]})
     results = run(cfg)
