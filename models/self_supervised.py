@@ -297,6 +297,8 @@ def learn_residual(
         keep = np.sort(rng.choice(len(x), p.max_train, replace=False))
         x, y, grp, bgrp = x[keep], y[keep], grp[keep], bgrp[keep]
     info["train_pixels"] = int(len(x))
+    info["residual_rms"] = [round(float(v), 4) for v in np.sqrt((y * y).mean(0))] if len(y) else None
+    info["residual_mean"] = [round(float(v), 4) for v in y.mean(0)] if len(y) else None
     if len(x) < p.min_train:
         return base, info
     folds = grp if len(pcs) >= 3 else bgrp
