@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -95,6 +95,20 @@ def scene_seed(seed: int, target_id: str) -> int:
     """A 63-bit seed from the model seed and the scene (target) id; tiles of one scene share it."""
     digest = hashlib.sha256(f"{int(seed)}|{target_id}".encode("utf-8", "replace")).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF
+
+
+def batch_noise(params: GenerativeParams, tiles, n_bands: int, shape: tuple[int, int], device):
+    """``noise(step) -> (len(tiles), n_bands, *shape)`` tensor on ``device`` for a batch of tiles: per tile
+    :func:`coordinate_noise` from the scene seed (``params.noise == "scene"``: tiles of a scene agree where they
+    overlap) or a seed of its own (``"tile"``)."""
+    seeds = [scene_seed(params.seed, tile_scene_key(t.target_id) if params.noise == "scene"
+                        else f"{t.target_id}@{t.origin}") for t in tiles]
+
+    def noise(k: int) -> torch.Tensor:
+        return torch.from_numpy(np.stack([coordinate_noise(s, k, n_bands, t.origin, shape)
+                                          for s, t in zip(seeds, tiles)])).to(device)
+
+    return noise
 
 
 def tile_scene_key(target_id: str) -> str:
@@ -243,53 +257,22 @@ def extend_bands(restored: np.ndarray, target: np.ndarray, clear: np.ndarray) ->
 
 
 # ----------------------------------------------------------------------------------------------------- weights
-def load_network(model_name: str, path: str | Path, convention, build) -> nn.Module:
-    """The network in weights file ``path``, built by ``build(network_config)``, loaded lazily once per process
-    (:func:`cloudfree.models._weights.cached_network`), after checking the file's sha256 against its model card and
-    its recorded input convention against ``convention``."""
+def load_network(model_name: str, path: str | Path, sha256: str | None, convention, build) -> nn.Module:
+    """The network in weights file ``path``, built by ``build(network_config)``, after checking the file's sha256
+    (``sha256``: the manifest's or its model card's) and its recorded input convention against ``convention``.
+    Called by :meth:`cloudfree.models._weights.LazyWeights.network`, which loads it once per process."""
     import json
 
+    from cloudfree.models._weights import card_paths, read_weights
     from cloudfree.pipeline.errors import WeightsError
-    from cloudfree.models._weights import cached_network, card_paths, expected_sha256, read_weights
 
     p = Path(path)
-    # shipped weights: the sha256 of models/weights/MANIFEST.json (version control), not the card beside the file
-    sha = expected_sha256(p) if p.is_file() else None
-    if p.is_file() and sha is None:
+    if p.is_file() and sha256 is None:
         raise WeightsError(f"{model_name}: weights {p} have no model card {card_paths(p)[0].name} (with their sha256) "
                            "next to them; restore the card or retrain with `cloudfree train`")
-
-    def build_checked() -> nn.Module:
-        state, meta = read_weights(p, sha, convention)
-        if meta.get("cloudfree:model", model_name) != model_name:
-            raise WeightsError(f"{model_name}: {p} holds weights of {meta.get('cloudfree:model')!r}")
-        net = build(json.loads(meta.get("cloudfree:network", "{}")))
-        net.load_state_dict(state)
-        return net.eval()
-
-    return cached_network((model_name, str(p.resolve()), sha), build_checked)
-
-
-class LazyNetworks:
-    """Mixin for a model whose torch networks load on first use, once per worker process, and are never pickled
-    with the model handle (dask ships the handle; each worker loads the hash-checked weights itself).
-    The model sets ``_loader`` (``path -> nn.Module``) and has ``params.weights`` / ``params.device``."""
-
-    _loader: ClassVar[Callable[[Any], Any]]
-    _nets: Any = None
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_nets"] = None
-        return state
-
-    @property
-    def nets(self):
-        if self._nets is None:
-            self._nets = type(self)._loader(self.params.weights).to(self._device()).eval()
-        return self._nets
-
-    def _device(self) -> torch.device:
-        from cloudfree.models._learned import pick_device
-
-        return pick_device(self.params.device, self.name)
+    state, meta = read_weights(p, sha256, convention)
+    if meta.get("cloudfree:model", model_name) != model_name:
+        raise WeightsError(f"{model_name}: {p} holds weights of {meta.get('cloudfree:model')!r}")
+    net = build(json.loads(meta.get("cloudfree:network", "{}")))
+    net.load_state_dict(state)
+    return net

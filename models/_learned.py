@@ -29,13 +29,13 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
+from cloudfree.models._weights import LazyWeights
 from cloudfree.models.base import ModelParams, RemovalModelBase
 from cloudfree.pipeline.contract import SOURCE_NODATA, SOURCE_MODEL, SOURCE_TARGET, TileInputs, TileResult
-from cloudfree.pipeline.errors import ConfigError, ContractError, ModelError
+from cloudfree.pipeline.errors import ContractError, ModelError
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 MIN_REGRESSION_PIXELS = 64
 
 
@@ -59,18 +59,6 @@ class LearnedParams(ModelParams):
     threads: int | None = None
 
 
-def pick_device(name: str, who: str = "model"):
-    """``torch.device`` for a configured device name: ``auto`` (CUDA when present, else CPU), ``cpu`` or
-    ``cuda[:N]``; CUDA asked for on a machine without it is a :class:`ConfigError` naming ``who`` and the fix."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"{who}: device {name!r} requested but CUDA is not available here; use 'cpu' or 'auto'")
-    return torch.device(name)
-
-
 def fit_band_extension(pred_bands: np.ndarray, extra: np.ndarray, clear: np.ndarray) -> np.ndarray | None:
     """Least squares ``extra_b ~ [pred_bands, 1]`` on ``clear`` pixels; ``(n_extra, n_pred + 1)`` or None."""
     if clear.sum() < MIN_REGRESSION_PIXELS:
@@ -81,11 +69,10 @@ def fit_band_extension(pred_bands: np.ndarray, extra: np.ndarray, clear: np.ndar
     return coef.T.astype(np.float32)
 
 
-class LearnedModel(RemovalModelBase):
+class LearnedModel(LazyWeights, RemovalModelBase):
     """Base of the learned models (see module docstring). Subclasses set ``weights_file``, ``trainable_cls``."""
 
     Params: ClassVar[type[ModelParams]] = LearnedParams
-    weights_file: ClassVar[str] = ""
     trainable_cls: ClassVar[type] = object
     #: spatial size the network input must be a multiple of (tiles are reflect-padded up to it).
     multiple: ClassVar[int] = 16
@@ -101,35 +88,19 @@ class LearnedModel(RemovalModelBase):
     def trainable(cls):
         return cls.trainable_cls()
 
-    @property
-    def weights_path(self) -> Path:
-        return Path(self.params.weights) if self.params.weights else WEIGHTS_DIR / self.weights_file
+    def load_network(self, path: Path, sha256: str | None):
+        """The trainable's network with the weights in ``path`` (:class:`~cloudfree.models._weights.LazyWeights`)."""
+        from cloudfree.models._weights import read_weights
 
-    def expected_sha256(self) -> str | None:
-        from cloudfree.models._weights import expected_sha256
-
-        # shipped weights: the manifest under version control, never the card beside the file
-        return self.params.weights_sha256 or expected_sha256(self.weights_path)
-
-    def network(self):
-        """The network on this process's device, built once per process (weights hash- and convention-checked)."""
-        from cloudfree.models._weights import cached_network, read_weights
-
-        path, sha = self.weights_path, self.expected_sha256()
-        if sha is None:
+        if sha256 is None and path.is_file():
             raise ModelError(f"{self.name}: no sha256 for {path} (no model card next to it and no weights_sha256 "
                              "parameter); weights are only loaded when their hash can be checked")
-        device = pick_device(self.params.device, self.name)
-
-        def build():
-            tr = self.trainable()
-            state, meta = read_weights(path, sha, tr.convention)
-            net = tr.build_network(json.loads(meta.get("cloudfree:network", "{}")))
-            net.load_state_dict(state)
-            log.info("%s: loaded %s (sha256 %s) on %s", self.name, path.name, sha[:12], device)
-            return net.to(device).eval()
-
-        return cached_network((self.name, str(path), sha, str(device)), build)
+        tr = self.trainable()
+        state, meta = read_weights(path, sha256, tr.convention)
+        net = tr.build_network(json.loads(meta.get("cloudfree:network", "{}")))
+        net.load_state_dict(state)
+        log.info("%s: loaded %s (sha256 %s)", self.name, path.name, sha256[:12])
+        return net
 
     # -- tiles -> batch ---------------------------------------------------------------------------------------
     def _check(self, tile: TileInputs) -> None:

@@ -325,3 +325,55 @@ if __name__ == "__main__":  # python -m cloudfree.models._weights models/weights
                  f"{manifest_path()})")
     for name, sha in update_manifest(sys.argv[1:]).items():
         print(f"{sha}  {name}")
+
+
+# -- the one lazy-weights mechanism of the learned models ------------------------------------------------------
+def pick_device(name: str, who: str = "model"):
+    """``torch.device`` for a configured device name: ``auto`` (CUDA when present, else CPU), ``cpu`` or
+    ``cuda[:N]``; CUDA asked for on a machine without it is a :class:`ConfigError` naming ``who`` and the fix."""
+    import torch
+
+    from cloudfree.pipeline.errors import ConfigError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"{who}: device {name!r} requested but CUDA is not available here; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+class LazyWeights:
+    """Mixin of every learned model (:class:`cloudfree.models._learned.LearnedModel`, CM-CR, diffusion-enhancement):
+    its network is read from a hash-checked weights file on first use, once per process and device
+    (:func:`cached_network`), and never pickled with the model: the model holds no network, so dask ships the model
+    handle and each worker loads the weights itself.
+
+    The model sets ``weights_file`` (its shipped file under ``models/weights/``) and implements
+    ``load_network(path, sha256)`` (read with :func:`read_weights`, build, load the state; raise
+    :class:`WeightsError`/``ModelError`` naming the fix); its ``params`` have ``weights`` (None: the shipped file),
+    ``device`` and optionally ``weights_sha256``."""
+
+    weights_file: str = ""
+
+    @property
+    def weights_path(self) -> Path:
+        return Path(self.params.weights) if self.params.weights else WEIGHTS_DIR / self.weights_file
+
+    def expected_sha256(self) -> str | None:
+        """The ``weights_sha256`` parameter, else the manifest's (shipped weights: under version control, never the
+        card beside the file), else the model card's; None: no hash to check against, or no file (``load_network``
+        then reports it missing)."""
+        given = getattr(self.params, "weights_sha256", None)
+        if given or not self.weights_path.is_file():
+            return given
+        return expected_sha256(self.weights_path)
+
+    def load_network(self, path: Path, sha256: str | None):
+        raise NotImplementedError
+
+    def network(self):
+        """The network on this process's device, loaded once per process (weights hash- and convention-checked)."""
+        path, sha = self.weights_path, self.expected_sha256()
+        device = pick_device(self.params.device, self.name)
+        return cached_network((self.name, str(path), sha, str(device)),
+                              lambda: self.load_network(path, sha).to(device).eval())

@@ -60,15 +60,13 @@ from torch import nn
 from cloudfree.models._generative import (
     GEN_BANDS,
     GenerativeParams,
-    LazyNetworks,
     UNet,
-    coordinate_noise,
+    batch_noise,
     decode,
     encode,
     extend_bands,
+    load_network,
     pad_to_multiple,
-    scene_seed,
-    tile_scene_key,
 )
 from cloudfree.models.base import (
     BELOW_MEAN_FILL,
@@ -77,6 +75,7 @@ from cloudfree.models.base import (
     RemovalModelBase,
     keep_target_and_mark_nodata,
 )
+from cloudfree.models._weights import LazyWeights
 from cloudfree.models.registry import register
 from cloudfree.pipeline.contract import SOURCE_MODEL, TileInputs, TileResult
 from cloudfree.pipeline.errors import ConfigError, ContractError, ModelError
@@ -285,7 +284,6 @@ def sample_consistency(student: EDMPrecond, cond: torch.Tensor, noise: NoiseFn, 
 
 
 # -------------------------------------------------------------------------------------------------- weights
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_FILE = "cm_cr.safetensors"
 
 
@@ -293,14 +291,6 @@ def convention():
     from cloudfree.models._weights import InputConvention
 
     return InputConvention(bands=GEN_BANDS, level="L2A", sar_pols=SAR_POLS)
-
-
-def load_networks(path: str | Path | None = None) -> CMCRNetworks:
-    """The shipped (or given) weights, hash- and convention-checked, loaded once per process."""
-    from cloudfree.models._generative import load_network
-
-    p = Path(path) if path else WEIGHTS_DIR / WEIGHTS_FILE
-    return load_network("cm-cr", p, convention(), lambda cfg: CMCRNetworks(**network_kwargs(cfg)))
 
 
 def condition(y_reflectance: np.ndarray, mask: np.ndarray, sar: np.ndarray | None) -> np.ndarray:
@@ -335,7 +325,7 @@ class CMCRParams(GenerativeParams):
 
 
 @register
-class CMCR(LazyNetworks, RemovalModelBase):
+class CMCR(LazyWeights, RemovalModelBase):
     name = "cm-cr"
     spec = ModelSpec(
         bands=GEN_BANDS,
@@ -351,16 +341,17 @@ class CMCR(LazyNetworks, RemovalModelBase):
         experimental=BELOW_MEAN_FILL,
     )
     Params = CMCRParams
-    _loader = staticmethod(load_networks)  # the weights, loaded lazily once per worker (LazyNetworks)
+    weights_file = WEIGHTS_FILE  # loaded lazily once per worker process (LazyWeights)
+
+    def load_network(self, path: Path, sha256: str | None) -> CMCRNetworks:
+        return load_network(self.name, path, sha256, convention(), lambda cfg: CMCRNetworks(**network_kwargs(cfg)))
 
     def __init__(self, params: ModelParams | dict | None = None) -> None:
         super().__init__(params)
         from dataclasses import replace
 
         # instance spec: the weights actually used (the runner records their sha256 in the output item)
-        self.spec = replace(type(self).spec, weights=str(Path(self.params.weights) if self.params.weights
-                                                         else WEIGHTS_DIR / WEIGHTS_FILE),
-                            needs_sar=self.params.require_sar)
+        self.spec = replace(type(self).spec, weights=str(self.weights_path), needs_sar=self.params.require_sar)
 
 
     def predict(self, tile: TileInputs) -> TileResult:
@@ -390,7 +381,7 @@ class CMCR(LazyNetworks, RemovalModelBase):
 
     def _sample(self, tiles: Sequence[TileInputs], sars: Sequence[np.ndarray | None]) -> np.ndarray:
         p = self.params
-        nets = self.nets
+        nets = self.network()
         dev = next(nets.parameters()).device
         conds = []
         for t, s in zip(tiles, sars):
@@ -399,12 +390,7 @@ class CMCR(LazyNetworks, RemovalModelBase):
         cond = torch.from_numpy(np.stack(conds)).to(dev)
         cond, (h, w) = pad_to_multiple(cond, nets.factor)
         shape = tuple(cond.shape[-2:])
-        seeds = [scene_seed(p.seed, tile_scene_key(t.target_id) if p.noise == "scene" else f"{t.target_id}@{t.origin}")
-                 for t in tiles]
-
-        def noise(k: int) -> torch.Tensor:
-            return torch.from_numpy(np.stack([coordinate_noise(s, k, N_BANDS, t.origin, shape)
-                                              for s, t in zip(seeds, tiles)])).to(dev)
+        noise = batch_noise(p, tiles, N_BANDS, shape, dev)
 
         if p.sampler == "teacher":
             x = sample_teacher(nets.teacher, cond, noise, p.steps)

@@ -64,16 +64,15 @@ from torch.nn import functional as F
 from cloudfree.models._generative import (
     GEN_BANDS,
     GenerativeParams,
-    LazyNetworks,
     UNet,
-    coordinate_noise,
+    batch_noise,
     decode,
     encode,
+    load_network,
     pad_to_multiple,
-    scene_seed,
-    tile_scene_key,
 )
 from cloudfree.models.base import ModelParams, ModelSpec, RemovalModelBase, keep_target_and_mark_nodata
+from cloudfree.models._weights import LazyWeights
 from cloudfree.models.registry import build_model, register
 from cloudfree.pipeline.contract import SOURCE_MODEL, TileInputs, TileResult
 from cloudfree.pipeline.errors import ConfigError
@@ -206,7 +205,6 @@ def ddim_sample(eps_fn: EpsFn, weight_fn: WeightFn | None, x0e: torch.Tensor | N
 
 
 # -------------------------------------------------------------------------------------------------- weights
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_FILE = "diffusion_enhancement.safetensors"
 
 
@@ -214,14 +212,6 @@ def convention():
     from cloudfree.models._weights import InputConvention
 
     return InputConvention(bands=GEN_BANDS, level="L2A")
-
-
-def load_networks(path: str | Path | None = None) -> DENetworks:
-    """The shipped (or given) weights, hash- and convention-checked, loaded once per process."""
-    from cloudfree.models._generative import load_network
-
-    p = Path(path) if path else WEIGHTS_DIR / WEIGHTS_FILE
-    return load_network("diffusion-enhancement", p, convention(), lambda cfg: DENetworks(**network_kwargs(cfg)))
 
 
 # -------------------------------------------------------------------------------------------------- model
@@ -238,7 +228,7 @@ class DEParams(GenerativeParams):
 
 
 @register
-class DiffusionEnhancement(LazyNetworks, RemovalModelBase):
+class DiffusionEnhancement(LazyWeights, RemovalModelBase):
     name = "diffusion-enhancement"
     spec = ModelSpec(
         bands=GEN_BANDS,
@@ -251,7 +241,10 @@ class DiffusionEnhancement(LazyNetworks, RemovalModelBase):
         scene_context=True,
     )
     Params = DEParams
-    _loader = staticmethod(load_networks)  # the weights, loaded lazily once per worker (LazyNetworks)
+    weights_file = WEIGHTS_FILE  # loaded lazily once per worker process (LazyWeights)
+
+    def load_network(self, path: Path, sha256: str | None) -> DENetworks:
+        return load_network(self.name, path, sha256, convention(), lambda cfg: DENetworks(**network_kwargs(cfg)))
 
     def __init__(self, params: ModelParams | dict | None = None) -> None:
         super().__init__(params)
@@ -264,9 +257,8 @@ class DiffusionEnhancement(LazyNetworks, RemovalModelBase):
         from dataclasses import replace
 
         # and the weights actually used (the runner records their sha256 in the output item)
-        weights = Path(self.params.weights) if self.params.weights else WEIGHTS_DIR / WEIGHTS_FILE
         self.spec = replace(type(self).spec, halo=type(self).spec.halo + int(self.reference.spec.halo),
-                            weights=str(weights))
+                            weights=str(self.weights_path))
 
 
     def fit_scene(self, sample: TileInputs) -> dict[str, Any]:
@@ -310,7 +302,7 @@ class DiffusionEnhancement(LazyNetworks, RemovalModelBase):
 
     def _sample(self, tiles: Sequence[TileInputs], refs: Sequence[TileResult]) -> tuple[np.ndarray, list[float]]:
         p = self.params
-        nets = self.nets
+        nets = self.network()
         dev = next(nets.parameters()).device
         arrays = [self._inputs(t, r) for t, r in zip(tiles, refs)]
         x0e = torch.from_numpy(np.stack([a[0] for a in arrays])).to(dev)
@@ -320,12 +312,7 @@ class DiffusionEnhancement(LazyNetworks, RemovalModelBase):
         y, _ = pad_to_multiple(y, nets.factor)
         mask, _ = pad_to_multiple(mask, nets.factor)
         shape = tuple(x0e.shape[-2:])
-        seeds = [scene_seed(p.seed, tile_scene_key(t.target_id) if p.noise == "scene" else f"{t.target_id}@{t.origin}")
-                 for t in tiles]
-
-        def noise(k: int) -> torch.Tensor:
-            return torch.from_numpy(np.stack([coordinate_noise(s, k, N_BANDS, t.origin, shape)
-                                              for s, t in zip(seeds, tiles)])).to(dev)
+        noise = batch_noise(p, tiles, N_BANDS, shape, dev)
 
         record: list = []
         x = ddim_sample(lambda xt, tt: nets.eps(xt, tt.to(dev), y, mask),

@@ -30,7 +30,7 @@ from typing import Any, Mapping
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from cloudfree.models._learned import pick_device
+from cloudfree.models._weights import pick_device
 from cloudfree.pipeline.errors import ConfigError
 from cloudfree.pipeline.training.datasets import DataConfig, PairSource, build_source, collate
 
