@@ -50,6 +50,23 @@ def demo_catalog(tmp_path_factory) -> Path:
     return build_demo_catalog(tmp_path_factory.mktemp("demo") / "catalog", source=src)
 
 
+@pytest.fixture(scope="module")
+def demo_item_dicts(demo_catalog) -> dict[str, dict]:
+    """The demo items as dicts with absolute asset hrefs and no simulated-truth assets (no scoring), one copy per
+    test module (tests build broken variants of them with their own copies)."""
+    import pystac
+
+    out = {}
+    for it in pystac.Catalog.from_file(str(demo_catalog)).get_items(recursive=True):
+        it.make_asset_hrefs_absolute()
+        d = it.to_dict(include_self_link=False, transform_hrefs=False)
+        d["links"] = []
+        for k in [k for k in d["assets"] if k.startswith("truth")]:
+            d["assets"].pop(k)
+        out[d["id"]] = d
+    return out
+
+
 @pytest.fixture(scope="session")
 def demo_config(demo_catalog, tmp_path_factory):
     from cloudfree.pipeline.config import load_config

@@ -36,20 +36,6 @@ SECRET = "s3cr3t-CLIENT-secret-value-4711"
 
 
 # -- helpers --------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def demo_dicts(demo_catalog) -> dict[str, dict]:
-    """The demo items as dicts with absolute asset hrefs (no simulated-truth assets: no scoring in this suite)."""
-    out = {}
-    for it in pystac.Catalog.from_file(str(demo_catalog)).get_items(recursive=True):
-        it.make_asset_hrefs_absolute()
-        d = it.to_dict(include_self_link=False, transform_hrefs=False)
-        d["links"] = []
-        for k in [k for k in d["assets"] if k.startswith("truth")]:
-            d["assets"].pop(k)
-        out[d["id"]] = d
-    return out
-
-
 def _catalog(tmp: Path, items: list[dict]) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     p = tmp / "catalog.json"
@@ -115,10 +101,10 @@ def test_ordinary_ids_keep_their_name_and_escapes_are_refused(tmp_path):
         ensure_inside(tmp_path, tmp_path / "link" / "z")
 
 
-def test_hostile_item_ids_in_a_run_write_only_inside_output_dir(demo_config, demo_dicts, tmp_path):
+def test_hostile_item_ids_in_a_run_write_only_inside_output_dir(demo_config, demo_item_dicts, tmp_path):
     evil_ids = ["../../../evil", "/abs/" + "y" * 400 + "\x00"]
-    items = [_copy(demo_dicts[CLOUDY], id=evil_ids[0]), _copy(demo_dicts[THIN], id=evil_ids[1])]
-    items += [d for k, d in demo_dicts.items() if "SIMREF" in k]
+    items = [_copy(demo_item_dicts[CLOUDY], id=evil_ids[0]), _copy(demo_item_dicts[THIN], id=evil_ids[1])]
+    items += [d for k, d in demo_item_dicts.items() if "SIMREF" in k]
     cat = _catalog(tmp_path / "cat", items)
     out = tmp_path / "deep" / "a" / "out"
     from cloudfree.pipeline.runner import output_stem, run
@@ -289,10 +275,10 @@ def test_antimeridian_aoi_bbox_and_polygon_match_both_sides_only(tmp_path, demo_
 
 
 # -- 5. broken files: one target fails, the batch goes on -----------------------------------------------------------
-def test_truncated_band_and_10x_too_small_target_fail_alone_and_the_batch_goes_on(demo_config, demo_dicts, tmp_path):
+def test_truncated_band_and_10x_too_small_target_fail_alone_and_the_batch_goes_on(demo_config, demo_item_dicts, tmp_path):
     from cloudfree.pipeline.runner import run
 
-    cloudy = demo_dicts[CLOUDY]
+    cloudy = demo_item_dicts[CLOUDY]
     b04 = Path(cloudy["assets"]["B04"]["href"])
     trunc = tmp_path / "B04_truncated.tif"
     data = b04.read_bytes()
@@ -303,7 +289,7 @@ def test_truncated_band_and_10x_too_small_target_fail_alone_and_the_batch_goes_o
     for k in ("B02", "B03", "B04", "B08", "B11", "B12"):
         small["assets"][k]["raster:bands"] = [{"scale": 1e-5, "offset": 0, "nodata": 0}]
     small["properties"].pop("s2:processing_baseline", None)
-    items = [broken, small, demo_dicts[THIN], *[d for k, d in demo_dicts.items() if "SIMREF" in k]]
+    items = [broken, small, demo_item_dicts[THIN], *[d for k, d in demo_item_dicts.items() if "SIMREF" in k]]
     out = tmp_path / "out"
     cfg = _cfg(demo_config, _catalog(tmp_path / "cat", items), out, ["TRUNCATED", "TEN_X_TOO_SMALL", THIN],
                _small_aoi(cloudy, (0.3, 0.3, 0.6, 0.7)))
@@ -324,12 +310,12 @@ def test_truncated_band_and_10x_too_small_target_fail_alone_and_the_batch_goes_o
 
 
 # -- 6. honest outputs ----------------------------------------------------------------------------------------------
-def test_unrestorable_target_is_labelled_unrestored_and_retried(demo_config, demo_dicts, tmp_path):
+def test_unrestorable_target_is_labelled_unrestored_and_retried(demo_config, demo_item_dicts, tmp_path):
     from cloudfree.pipeline.runner import run
 
-    cat = _catalog(tmp_path / "cat", list(demo_dicts.values()))
+    cat = _catalog(tmp_path / "cat", list(demo_item_dicts.values()))
     out = tmp_path / "out"
-    cfg = _cfg(demo_config, cat, out, [CLOUDY], _small_aoi(demo_dicts[CLOUDY]), max_days=0.5)  # no reference
+    cfg = _cfg(demo_config, cat, out, [CLOUDY], _small_aoi(demo_item_dicts[CLOUDY]), max_days=0.5)  # no reference
     (r,) = run(cfg)
     assert r.status == "unrestored" and "source code 5" in r.error and "max_days" in r.error
     item = json.loads(r.outputs["item"].read_text())["properties"]
@@ -352,7 +338,7 @@ def test_unrestorable_target_is_labelled_unrestored_and_retried(demo_config, dem
     assert items and items[0].properties["cloudfree:status"] == "unrestored"
     outs = [_copy(i.to_dict(transform_hrefs=False), collection=cfg.catalog.collection,
                   properties={**i.properties, "eo:cloud_cover": 0.0}) for i in items]
-    (plan,) = plan_targets(LocalCatalog(_catalog(tmp_path / "cat2", [demo_dicts[THIN], *outs])),
+    (plan,) = plan_targets(LocalCatalog(_catalog(tmp_path / "cat2", [demo_item_dicts[THIN], *outs])),
                            cfg.search.model_copy(update={"targets": [THIN], "max_days": 60}), cfg.catalog.collection)
     assert plan.references == ()
 
@@ -372,19 +358,19 @@ def test_all_nodata_output_is_not_clear(tmp_path):
     assert restoration_status(st)[0] == "unrestored"
 
 
-def test_plausibility_names_item_band_and_fix(demo_dicts):
+def test_plausibility_names_item_band_and_fix(demo_item_dicts):
     from cloudfree.stages.plausibility import check_reflectance
 
-    target = pystac.Item.from_dict(_copy(demo_dicts[THIN]))
-    refs = [pystac.Item.from_dict(d) for k, d in demo_dicts.items() if "SIMREF" in k]
+    target = pystac.Item.from_dict(_copy(demo_item_dicts[THIN]))
+    refs = [pystac.Item.from_dict(d) for k, d in demo_item_dicts.items() if "SIMREF" in k]
     assert check_reflectance(target, refs, ["B02", "B04", "B08"]) == []  # the healthy demo passes
-    dark = _copy(demo_dicts[THIN], id="DARK")  # one band 4x too dark: a warning naming item, band and fix
+    dark = _copy(demo_item_dicts[THIN], id="DARK")  # one band 4x too dark: a warning naming item, band and fix
     dark["properties"].pop("s2:processing_baseline", None)
     for b in ("B02", "B04", "B08"):
         dark["assets"][b]["raster:bands"] = [{"scale": 1e-4 / (4 if b == "B04" else 1), "offset": 0}]
     (warning,) = check_reflectance(pystac.Item.from_dict(dark), refs, ["B02", "B04", "B08"])
     assert "target DARK band B04" in warning and "scale/offset" in warning and "band order" in warning
-    unscaled = _copy(demo_dicts[THIN], id="UNSCALED")
+    unscaled = _copy(demo_item_dicts[THIN], id="UNSCALED")
     unscaled["properties"].pop("s2:processing_baseline", None)
     unscaled["assets"]["B04"]["raster:bands"] = [{"scale": 1.0, "offset": 0}]
     with pytest.raises(InputDataError, match=r"item UNSCALED band B04: .*unscaled.*scale/offset"):
@@ -406,13 +392,13 @@ def test_target_lock_serialises_processes(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def kill_setup(demo_config, demo_dicts, tmp_path_factory):
+def kill_setup(demo_config, demo_item_dicts, tmp_path_factory):
     """A catalog copy, a config on a mid-size AOI and a clean reference run of it (in-process)."""
     from cloudfree.pipeline.runner import run
 
     tmp = tmp_path_factory.mktemp("kill")
-    cat = _catalog(tmp / "cat", list(demo_dicts.values()))
-    cfg = _cfg(demo_config, cat, tmp / "clean", [CLOUDY], _small_aoi(demo_dicts[CLOUDY], (0.05, 0.05, 0.95, 0.95)))
+    cat = _catalog(tmp / "cat", list(demo_item_dicts.values()))
+    cfg = _cfg(demo_config, cat, tmp / "clean", [CLOUDY], _small_aoi(demo_item_dicts[CLOUDY], (0.05, 0.05, 0.95, 0.95)))
     (r,) = run(cfg)
     assert r.status == "done", r.error
     return tmp, cfg, r

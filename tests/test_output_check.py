@@ -12,25 +12,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pystac
 import pytest
 import rasterio
 
 CLOUDY = "S2A_T33UUU_20170216_SIMCLOUDY"
 BANDS = ("B02", "B03", "B04", "B08", "B11", "B12")
-
-
-@pytest.fixture(scope="module")
-def demo_items(demo_catalog) -> dict[str, dict]:
-    out = {}
-    for it in pystac.Catalog.from_file(str(demo_catalog)).get_items(recursive=True):
-        it.make_asset_hrefs_absolute()
-        d = it.to_dict(include_self_link=False, transform_hrefs=False)
-        d["links"] = []
-        for k in [k for k in d["assets"] if k.startswith("truth")]:
-            d["assets"].pop(k)
-        out[d["id"]] = d
-    return out
 
 
 def _config(demo_config, items: list[dict], tmp: Path, out: Path, **output):
@@ -47,17 +33,17 @@ def _copy(d: dict) -> dict:
     return json.loads(json.dumps(d))
 
 
-def _others(demo_items: dict) -> list[dict]:
-    return [d for k, d in demo_items.items() if k != CLOUDY]
+def _others(demo_item_dicts: dict) -> list[dict]:
+    return [d for k, d in demo_item_dicts.items() if k != CLOUDY]
 
 
-def test_target_with_no_readable_band_is_never_done(demo_config, demo_items, tmp_path):
+def test_target_with_no_readable_band_is_never_done(demo_config, demo_item_dicts, tmp_path):
     from cloudfree.pipeline.runner import run
 
-    broken = _copy(demo_items[CLOUDY])
+    broken = _copy(demo_item_dicts[CLOUDY])
     for b in BANDS:
         broken["assets"][b]["href"] = str(tmp_path / "gone" / f"{b}.tif")  # every band unreadable
-    cfg = _config(demo_config, [broken, *_others(demo_items)], tmp_path / "cat", tmp_path / "out")
+    cfg = _config(demo_config, [broken, *_others(demo_item_dicts)], tmp_path / "cat", tmp_path / "out")
     (r,) = run(cfg)
     assert r.status in ("unrestored", "failed"), (r.status, r.error)
     if r.status == "unrestored":
@@ -66,10 +52,10 @@ def test_target_with_no_readable_band_is_never_done(demo_config, demo_items, tmp
         assert props["cloudfree:status"] == "unrestored" and props["eo:cloud_cover"] == 100.0
 
 
-def test_target_with_a_band_on_another_crs_is_never_done(demo_config, demo_items, tmp_path):
+def test_target_with_a_band_on_another_crs_is_never_done(demo_config, demo_item_dicts, tmp_path):
     from cloudfree.pipeline.runner import run
 
-    broken = _copy(demo_items[CLOUDY])
+    broken = _copy(demo_item_dicts[CLOUDY])
     src = Path(broken["assets"]["B04"]["href"])
     moved = tmp_path / "B04_other_crs.tif"
     with rasterio.open(src) as ds:
@@ -81,18 +67,18 @@ def test_target_with_a_band_on_another_crs_is_never_done(demo_config, demo_items
     with rasterio.open(moved, "w", **prof) as dst:
         dst.write(data)
     broken["assets"]["B04"]["href"] = str(moved)
-    cfg = _config(demo_config, [broken, *_others(demo_items)], tmp_path / "cat", tmp_path / "out")
+    cfg = _config(demo_config, [broken, *_others(demo_item_dicts)], tmp_path / "cat", tmp_path / "out")
     (r,) = run(cfg)
     assert r.status in ("unrestored", "failed"), (r.status, r.error)
     assert "B04" in r.error and "EPSG:3857" in r.error and "proj:" in r.error
 
 
-def test_overwrite_never_replaces_a_done_output_with_a_worse_one(demo_config, demo_items, tmp_path):
+def test_overwrite_never_replaces_a_done_output_with_a_worse_one(demo_config, demo_item_dicts, tmp_path):
     from cloudfree.pipeline.runner import run
 
-    good = _copy(demo_items[CLOUDY])
+    good = _copy(demo_item_dicts[CLOUDY])
     out = tmp_path / "out"
-    cfg = _config(demo_config, [good, *_others(demo_items)], tmp_path / "cat", out)
+    cfg = _config(demo_config, [good, *_others(demo_item_dicts)], tmp_path / "cat", out)
     (first,) = run(cfg)
     assert first.status == "done", first.error
     item_path = first.outputs["item"]
@@ -102,7 +88,7 @@ def test_overwrite_never_replaces_a_done_output_with_a_worse_one(demo_config, de
     broken = _copy(good)
     for b in BANDS:
         broken["assets"][b]["href"] = str(tmp_path / "gone" / f"{b}.tif")
-    cfg2 = _config(demo_config, [broken, *_others(demo_items)], tmp_path / "cat2", out, overwrite=True)
+    cfg2 = _config(demo_config, [broken, *_others(demo_item_dicts)], tmp_path / "cat2", out, overwrite=True)
     (second,) = run(cfg2)
     assert second.status != "done"
     assert "existing `done` output was kept" in (second.error or "")
