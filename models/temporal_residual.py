@@ -1,9 +1,10 @@
 """``temporal-residual`` network (EXPERIMENTAL, not registered, no shipped weights): a full-resolution residual on
 top of ``temporal``.
 
-Measured (``make train-temporal-residual``: 150 samples, 68 steps of batch 8 in 152 s on the shared 2-core CPU,
-25 distinct clear 100x100 training images x 28 real donors): 34.24 dB cloudy PSNR on romania-hidden against 35.47
-for its base ``temporal`` on the same cases (1 of 16 better). Under-trained and BELOW its base, so it is neither
+Measured on the shared 2-core CPU (25 distinct clear 100x100 training images x 28 real donors), romania-hidden
+cloudy PSNR against its base ``temporal`` on the same 16 cases: ``make train-temporal-residual`` (150 samples, 68
+steps of batch 8 in 152 s) 34.24 vs 35.47; ``train(n_samples=300, steps=2000, seconds=400)`` (691 steps in 400 s)
+35.20 vs 35.47 (7 of 16 better). Under-trained and BELOW its base, so it is neither
 registered nor shipped; the numbers are the script's own output, not a claim of this docstring's code.
 
 Inputs per pixel: the base prediction (``temporal``), each aligned reference minus the base with its mask and its
