@@ -66,7 +66,7 @@ bench: install demo-catalog ## benchmarks: docs/bench.md + bench.json + bench_mo
 	$(BIN)/python -m cloudfree.pipeline.evaluation.bench_models --out $(BENCH_OUT)
 
 train-temporal-residual: install ## EXPERIMENTAL: train the temporal-residual net on the Romania stack (CPU, minutes) and score it vs temporal on romania-hidden: make train-temporal-residual [TR_OUT=/tmp/temporal_residual.safetensors]
-	$(BIN)/python -m cloudfree.models.temporal_residual $(or $(TR_OUT),/tmp/temporal_residual.safetensors)
+	$(BIN)/python -m cloudfree.pipeline.training.temporal_residual $(or $(TR_OUT),/tmp/temporal_residual.safetensors)
 
 clean: ## remove outputs and caches (keeps .venv and data/)
 	rm -rf outputs .pytest_cache .hypothesis
