@@ -25,15 +25,15 @@ from click.testing import CliRunner
 from cloudfree.pipeline.errors import CatalogError, ConfigError, InputDataError, NoItemsFoundError
 from tests.conftest import ROOT
 from tests.fault_server import FaultServer
-from tests.test_faults import CLOUDY, THIN, _catalog, _cfg, _cli, _copy, _small_aoi, _yaml, demo_dicts  # noqa: F401
+from tests.test_faults import CLOUDY, THIN, _catalog, _cfg, _cli, _copy, _small_aoi, _yaml  # noqa: F401
 
 PASSWORD = "Pa55w0rd-4711"
 SECRET = "s3cr3t-CLIENT-secret-value-4711"
 ANSI = "\x1b[2K\x1b[1G\x1b[31m"
 
 
-def _refs(demo_dicts) -> list[dict]:
-    return [d for k, d in demo_dicts.items() if "SIMREF" in k]
+def _refs(demo_item_dicts) -> list[dict]:
+    return [d for k, d in demo_item_dicts.items() if "SIMREF" in k]
 
 
 # -- exit codes and config bounds -------------------------------------------------------------------------------------
@@ -155,43 +155,43 @@ def test_sigint_exits_130(tmp_path):
 
 
 # -- bounds ---------------------------------------------------------------------------------------------------------------
-def test_huge_declared_grid_fails_before_any_read_naming_item_and_key(demo_config, demo_dicts, tmp_path):
+def test_huge_declared_grid_fails_before_any_read_naming_item_and_key(demo_config, demo_item_dicts, tmp_path):
     from cloudfree.pipeline.config import default_max_pixels
     from cloudfree.pipeline.runner import run
 
     assert default_max_pixels() >= 10980 * 10980  # at least one full Sentinel-2 tile at 10 m
-    huge = _copy(demo_dicts[THIN], id="HUGE")
+    huge = _copy(demo_item_dicts[THIN], id="HUGE")
     huge["properties"]["proj:shape"] = [1000000, 1000000]
     for a in huge["assets"].values():
         a["href"] = str(tmp_path / "never-read.tif")  # any read would fail differently
         if "proj:shape" in a:
             a["proj:shape"] = [1000000, 1000000]
-    cat = _catalog(tmp_path / "cat", [huge, *_refs(demo_dicts)])
+    cat = _catalog(tmp_path / "cat", [huge, *_refs(demo_item_dicts)])
     cfg = _cfg(demo_config, cat, tmp_path / "out", ["HUGE"], None)
     (r,) = run(cfg)
     assert r.status == "failed"
     assert all(w in r.error for w in ("HUGE", "1000000 x 1000000", "proj:shape", "grid.max_pixels")), r.error
     # the configured bound, on an ordinary target
-    (r,) = run(_cfg(demo_config, _catalog(tmp_path / "cat2", [demo_dicts[THIN], *_refs(demo_dicts)]),
+    (r,) = run(_cfg(demo_config, _catalog(tmp_path / "cat2", [demo_item_dicts[THIN], *_refs(demo_item_dicts)]),
                     tmp_path / "out2", [THIN], None).replace(grid={"max_pixels": 1000}))
     assert r.status == "failed" and "above grid.max_pixels 1,000" in r.error
 
 
 # -- search-side isolation --------------------------------------------------------------------------------------------
-def test_malformed_items_are_skipped_recorded_in_plan_and_report_and_the_batch_goes_on(demo_config, demo_dicts,
+def test_malformed_items_are_skipped_recorded_in_plan_and_report_and_the_batch_goes_on(demo_config, demo_item_dicts,
                                                                                         tmp_path, capsys):
     from cloudfree.pipeline.cli import search_command
     from cloudfree.pipeline.runner import run
 
-    bad_cc = _copy(demo_dicts[CLOUDY], id="BAD_CLOUD_COVER")
+    bad_cc = _copy(demo_item_dicts[CLOUDY], id="BAD_CLOUD_COVER")
     bad_cc["properties"]["eo:cloud_cover"] = "lots"  # was: TypeError in catalogs/base.py _cmp, batch aborted
-    no_dt = _copy(demo_dicts[CLOUDY], id="NO_DATETIME")
+    no_dt = _copy(demo_item_dicts[CLOUDY], id="NO_DATETIME")
     no_dt["properties"]["datetime"] = None  # was: STACError
     not_stac = {"type": "Feature", "id": "NOT_A_STAC_ITEM", "properties": {}}  # was: STACTypeError
-    dup = _copy(demo_dicts[THIN])
+    dup = _copy(demo_item_dicts[THIN])
     dup["properties"]["datetime"] = "2017-02-27T10:00:00Z"  # a second, different item with THIN's id
-    items = [demo_dicts[THIN], bad_cc, no_dt, not_stac, dup, *_refs(demo_dicts)]
-    cfg = _cfg(demo_config, _catalog(tmp_path / "cat", items), tmp_path / "out", [], _small_aoi(demo_dicts[THIN]))
+    items = [demo_item_dicts[THIN], bad_cc, no_dt, not_stac, dup, *_refs(demo_item_dicts)]
+    cfg = _cfg(demo_config, _catalog(tmp_path / "cat", items), tmp_path / "out", [], _small_aoi(demo_item_dicts[THIN]))
     plans = search_command(cfg.catalog, cfg.search, out_path=tmp_path / "plans.json")
     table = capsys.readouterr().out
     assert [p.target.id for p in plans] == [THIN]
@@ -261,17 +261,17 @@ def test_empty_catalog_and_unknown_target_id_get_their_own_messages(tmp_path, de
 
 
 # -- control characters ---------------------------------------------------------------------------------------------------
-def test_control_characters_in_catalog_strings_are_escaped_in_log_stdout_and_report(demo_config, demo_dicts,
+def test_control_characters_in_catalog_strings_are_escaped_in_log_stdout_and_report(demo_config, demo_item_dicts,
                                                                                    tmp_path):
     evil = f"EVIL\nERROR cloudfree.pipeline.runner: forged line\r{ANSI}X"
-    bad = _copy(demo_dicts[THIN], id=evil)  # fails (10x too small) so its id is also in an error line
+    bad = _copy(demo_item_dicts[THIN], id=evil)  # fails (10x too small) so its id is also in an error line
     for k in ("B02", "B03", "B04", "B08", "B11", "B12"):
         bad["assets"][k]["raster:bands"] = [{"scale": 1e-5, "offset": 0, "nodata": 0}]
     bad["properties"].pop("s2:processing_baseline", None)
-    ok = _copy(demo_dicts[CLOUDY], id=f"OK{ANSI}\nsecond")
-    items = [bad, ok, *_refs(demo_dicts)]
+    ok = _copy(demo_item_dicts[CLOUDY], id=f"OK{ANSI}\nsecond")
+    items = [bad, ok, *_refs(demo_item_dicts)]
     cfg = _cfg(demo_config, _catalog(tmp_path / "cat", items), tmp_path / "out", [evil, ok["id"]],
-               _small_aoi(demo_dicts[THIN]))
+               _small_aoi(demo_item_dicts[THIN]))
     r = _cli(["run", "-c", str(_yaml(cfg, tmp_path / "c.yaml")), "--no-progress"])
     assert r.returncode == 1, r.stderr[-3000:]
     for stream in (r.stdout, r.stderr):
@@ -284,14 +284,14 @@ def test_control_characters_in_catalog_strings_are_escaped_in_log_stdout_and_rep
     assert "\x1b" not in report and "\r" not in report and "\nERROR cloudfree" not in report
 
 
-def test_composite_without_mgrs_ids_exits_non_zero_and_tile_names_and_errors_are_escaped(demo_dicts, demo_catalog,
+def test_composite_without_mgrs_ids_exits_non_zero_and_tile_names_and_errors_are_escaped(demo_item_dicts, demo_catalog,
                                                                                         tmp_path):
     region = tmp_path / "region.geojson"
-    x0, y0, x1, y1 = _small_aoi(demo_dicts[CLOUDY])
+    x0, y0, x1, y1 = _small_aoi(demo_item_dicts[CLOUDY])
     region.write_text(json.dumps({"type": "Polygon", "coordinates": [[[x0, y0], [x1, y0], [x1, y1], [x0, y1],
                                                                       [x0, y0]]]}))
     untiled = []
-    for i, d in enumerate(demo_dicts.values()):
+    for i, d in enumerate(demo_item_dicts.values()):
         c = _copy(d, id=f"SCENE-{i}")  # no _Txxxxx in the id, no s2:mgrs_tile
         c["properties"].pop("s2:mgrs_tile", None)
         untiled.append(c)
@@ -304,7 +304,7 @@ def test_composite_without_mgrs_ids_exits_non_zero_and_tile_names_and_errors_are
     assert r.returncode == 1 and "MGRS tile id" in r.stderr and "cloudfree run" in r.stderr  # was: exit 0, nothing
     # a hostile tile name and an error text holding a credential (a path named after the secret)
     tiled = []
-    for d in demo_dicts.values():
+    for d in demo_item_dicts.values():
         c = _copy(d)
         c["properties"]["s2:mgrs_tile"] = f"33UUU{ANSI}\nERROR forged"
         c["assets"]["B02"]["href"] = str(tmp_path / SECRET / "B02.tif")
@@ -320,20 +320,20 @@ def test_composite_without_mgrs_ids_exits_non_zero_and_tile_names_and_errors_are
 
 
 # -- reference faults, files without CRS ----------------------------------------------------------------------------
-def test_failed_reference_read_drops_that_reference_and_the_target_goes_on(demo_config, demo_dicts, tmp_path):
+def test_failed_reference_read_drops_that_reference_and_the_target_goes_on(demo_config, demo_item_dicts, tmp_path):
     from pathlib import Path as P
 
     from cloudfree.pipeline.runner import run
 
-    refs = _refs(demo_dicts)
+    refs = _refs(demo_item_dicts)
     broken = _copy(refs[0])
     b04 = P(broken["assets"]["B04"]["href"])
     trunc = tmp_path / "ref_B04_truncated.tif"
     data = b04.read_bytes()
     trunc.write_bytes(data[: len(data) // 2])
     broken["assets"]["B04"]["href"] = str(trunc)
-    cfg = _cfg(demo_config, _catalog(tmp_path / "cat", [demo_dicts[THIN], broken, *refs[1:]]), tmp_path / "out",
-               [THIN], _small_aoi(demo_dicts[THIN], (0.3, 0.3, 0.6, 0.7)))
+    cfg = _cfg(demo_config, _catalog(tmp_path / "cat", [demo_item_dicts[THIN], broken, *refs[1:]]), tmp_path / "out",
+               [THIN], _small_aoi(demo_item_dicts[THIN], (0.3, 0.3, 0.6, 0.7)))
     (r,) = run(cfg)
     assert r.status in ("done", "unrestored") and r.references == [refs[1]["id"]], (r.status, r.error)
     assert f"reference(s) dropped: {broken['id']}" in r.error
@@ -343,12 +343,12 @@ def test_failed_reference_read_drops_that_reference_and_the_target_goes_on(demo_
     assert broken["id"] not in item["cloudfree:references"]
 
 
-def test_band_file_without_crs_fails_with_a_clear_message(demo_config, demo_dicts, tmp_path):
+def test_band_file_without_crs_fails_with_a_clear_message(demo_config, demo_item_dicts, tmp_path):
     import rasterio
 
     from cloudfree.pipeline.runner import run
 
-    t = _copy(demo_dicts[THIN], id="NO_CRS")
+    t = _copy(demo_item_dicts[THIN], id="NO_CRS")
     with rasterio.open(t["assets"]["B04"]["href"]) as src:
         prof, arr = src.profile, src.read()
     prof.pop("crs", None)
@@ -358,8 +358,8 @@ def test_band_file_without_crs_fails_with_a_clear_message(demo_config, demo_dict
         with rasterio.open(nocrs, "w", **prof) as dst:
             dst.write(arr)
     t["assets"]["B04"]["href"] = str(nocrs)
-    cfg = _cfg(demo_config, _catalog(tmp_path / "cat", [t, *_refs(demo_dicts)]), tmp_path / "out", ["NO_CRS"],
-               _small_aoi(demo_dicts[THIN]))
+    cfg = _cfg(demo_config, _catalog(tmp_path / "cat", [t, *_refs(demo_item_dicts)]), tmp_path / "out", ["NO_CRS"],
+               _small_aoi(demo_item_dicts[THIN]))
     (r,) = run(cfg)
     assert r.status == "failed" and "AssertionError" not in r.error
     # named by the runner's band-CRS check (issue 18) or, on paths without it, by the asset probe
@@ -367,13 +367,13 @@ def test_band_file_without_crs_fails_with_a_clear_message(demo_config, demo_dict
 
 
 # -- band swaps -----------------------------------------------------------------------------------------------------------
-def test_b02_b08_swap_is_caught_even_when_their_levels_are_alike(demo_dicts):
+def test_b02_b08_swap_is_caught_even_when_their_levels_are_alike(demo_item_dicts):
     from cloudfree.stages.plausibility import check_reflectance
 
     bands = ["B02", "B03", "B04", "B08", "B11", "B12"]
-    refs = [pystac.Item.from_dict(d) for d in _refs(demo_dicts)]
-    assert check_reflectance(pystac.Item.from_dict(_copy(demo_dicts[THIN])), refs, bands) == []
-    swapped = _copy(demo_dicts[THIN], id="SWAPPED")
+    refs = [pystac.Item.from_dict(d) for d in _refs(demo_item_dicts)]
+    assert check_reflectance(pystac.Item.from_dict(_copy(demo_item_dicts[THIN])), refs, bands) == []
+    swapped = _copy(demo_item_dicts[THIN], id="SWAPPED")
     a = swapped["assets"]
     a["B02"]["href"], a["B08"]["href"] = a["B08"]["href"], a["B02"]["href"]
     with pytest.raises(InputDataError, match=r"item SWAPPED bands B02 and B08: they look swapped.*eo:bands"):

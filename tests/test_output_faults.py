@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.test_faults import CLOUDY, _catalog, _cfg, _cli, _cogs, _files, _small_aoi, _yaml, demo_dicts  # noqa: F401
+from tests.test_faults import CLOUDY, _catalog, _cfg, _cli, _cogs, _files, _small_aoi, _yaml  # noqa: F401
 
 
 @pytest.fixture(scope="module")
-def small(demo_config, demo_dicts, tmp_path_factory):
+def small(demo_config, demo_item_dicts, tmp_path_factory):
     """A catalog copy, a config on a small AOI of the cloudy target, and one finished run of it (in-process)."""
     from cloudfree.pipeline.runner import run
 
     tmp = tmp_path_factory.mktemp("outfaults")
-    cat = _catalog(tmp / "cat", list(demo_dicts.values()))
-    cfg = _cfg(demo_config, cat, tmp / "done", [CLOUDY], _small_aoi(demo_dicts[CLOUDY]))
+    cat = _catalog(tmp / "cat", list(demo_item_dicts.values()))
+    cfg = _cfg(demo_config, cat, tmp / "done", [CLOUDY], _small_aoi(demo_item_dicts[CLOUDY]))
     cfg = cfg.replace(output={"report": False})
     (r,) = run(cfg)
     assert r.status == "done", r.error
