@@ -231,3 +231,13 @@ def test_summary_and_report_say_when_a_model_left_pixels_unscored():
 
     md = render_report({"summary": summary, "rows": rows, "models": ["a", "b"]}, {"simulated": [_Case()]})
     assert "b cloudy 60.0 % finite" in md and "a cloudy" not in md.split("finite pixels only")[1]
+
+
+@pytest.mark.skipif(not (DATA / "s2-l2a-tile-29RKH-100m").is_dir(), reason="shared sample data not found")
+def test_speed_benchmarks_leave_out_models_that_need_sar():
+    """The benchmark tile has no Sentinel-1: a model that needs it (cm-cr) is left out of the timing, as the
+    evaluation's cases leave it unscored, instead of failing `cloudfree evaluate` / `make bench` at the end."""
+    from cloudfree.pipeline.evaluation.bench_models import bench_models, benchmark
+
+    assert set(benchmark(["none", "cm-cr"], DATA, size=64, repeats=1)) == {"none"}
+    assert set(bench_models(["none", "cm-cr"], DATA, size=64, repeats=1, isolate=False)["models"]) == {"none"}

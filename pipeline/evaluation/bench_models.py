@@ -69,6 +69,9 @@ def benchmark(model_names: Sequence[str], data_dir: str | Path, size: int = 512,
     speeds = {}
     for name in model_names:
         model = build_spec(name)
+        if getattr(model.spec, "needs_sar", False) and tile.sar is None:  # as the evaluation's cases: not timed
+            log.warning("speed: %s needs Sentinel-1 and the benchmark tile has none; not timed", name)
+            continue
         t = with_scene_context(model, tile)
         model.predict(t)  # warm-up
         best = min(_timed(model, t) for _ in range(repeats))
@@ -169,6 +172,12 @@ def bench_models(model_names: Sequence[str] | None = None, data_dir: str | Path 
 
     names = list(model_names) if model_names else list(available_models())
     tile = benchmark_tile(data_dir, size)
+    from cloudfree.pipeline.evaluation.running import build_spec
+
+    sar_only = [n for n in names if getattr(build_spec(n).spec, "needs_sar", False) and tile.sar is None]
+    for n in sar_only:  # as the evaluation's cases: a model that needs SAR is not run without it
+        log.warning("bench: %s needs Sentinel-1 and the benchmark tile has none; not timed", n)
+    names = [n for n in names if n not in sar_only]
     npx = size * size
     models: dict[str, Any] = {}
     for name in names:
