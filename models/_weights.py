@@ -369,7 +369,8 @@ class LazyWeights:
         return expected_sha256(self.weights_path)
 
     def load_network(self, path: Path, sha256: str | None):
-        raise NotImplementedError
+        """The model's network read from ``path`` (hash ``sha256`` checked): each learned model implements it."""
+        raise NotImplementedError(f"{type(self).__name__} uses LazyWeights and must define load_network(path, sha256)")
 
     def network(self):
         """The network on this process's device, loaded once per process (weights hash- and convention-checked)."""
