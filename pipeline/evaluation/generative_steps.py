@@ -3,9 +3,11 @@
 For each configuration (Diffusion Enhancement with 1, 2, 4, 8, 50 DDIM steps; CM-CR's consistency student with
 1, 2, 4, 8, 50 steps (1 + multistep resampling); CM-CR's diffusion teacher with 1, 2, 4, 8, 50 Heun steps) it runs
 ``predict`` on whole 256 x 256 tiles of the simulated evaluation cases (REAL clear pixels of 29RKH / 33UUU with
-SIMULATED clouds, :func:`cloudfree.pipeline.evaluation.evaluate.simulated_set`) and scores the cloudy pixels. CM-CR gets the
-cases' SIMULATED Sentinel-1 (:func:`cloudfree.pipeline.training.datasets.simulate_sar` of the clear image, the same simulator
-its training used), because no evaluation case has co-located real S1; ``--no-sar`` runs it optical-only.
+SIMULATED clouds, :func:`cloudfree.pipeline.evaluation.evaluate.simulated_set`) and scores the cloudy pixels. CM-CR gets
+SIMULATED Sentinel-1 (:func:`cloudfree.pipeline.training.datasets.simulate_sar`, the simulator its training used) because
+no evaluation case has co-located real S1. That SAR is simulated from **another date** of the case (the clearest
+reference, nearest first; :func:`reference_sar_db`), **never from the truth** it is scored against: SAR simulated
+from the truth carries the answer into the input, which no real scene provides. ``--no-sar`` runs CM-CR optical-only.
 
 Seconds per tile are wall time of ``predict`` on this machine's CPU (threads as set by ``--threads``), the mean
 over the cases (one untimed warm-up ``predict`` per generative model and set loads the weights first). DE's time includes its reference model (PhyVLM-CR), whose own
@@ -37,23 +39,49 @@ STEPS = (1, 2, 4, 8, 50)
 SEEDS = (1, 2, 3, 4)
 
 
-def case_sar_db(case: EvalCase, seed: int) -> np.ndarray:
-    """SIMULATED S1 VV/VH ``(1, 2, y, x)`` in dB of the case's clear image (what SAR would see through cloud)."""
+def reference_sar_db(references: np.ndarray, reference_masks: np.ndarray, reference_dt_days: Sequence[float],
+                     bands: Sequence[str], seed: int) -> tuple[np.ndarray, list[int]]:
+    """SIMULATED S1 VV/VH ``(1, 2, y, x)`` in dB for a target date, simulated from its REFERENCE dates, never from
+    its truth: the clearest reference (then the nearest in time), its masked pixels filled from the next references
+    in that order where they are clear. Returns the SAR and the reference indices used (the order of preference).
+
+    What a model gets is therefore radar of another date, as a real S1 scene days away would be, not a simulated
+    view of the answer. Labelled SIMULATED wherever it is reported."""
     from cloudfree.pipeline.training.datasets import simulate_sar
 
-    scaled = simulate_sar(case.truth, case.bands, np.random.default_rng(seed))
-    return (scaled * 25.0 - 25.0)[None].astype(np.float32)
+    refs = np.asarray(references, np.float32)
+    masks = np.asarray(reference_masks, bool)
+    if refs.ndim != 4 or refs.shape[0] == 0:
+        raise ValueError("reference_sar_db needs at least one reference date (band, y, x) to simulate SAR from; "
+                         "run without SAR (--no-sar) for a case with none")
+    dts = list(reference_dt_days) + [0.0] * (refs.shape[0] - len(reference_dt_days))
+    order = sorted(range(refs.shape[0]), key=lambda i: (round(float(masks[i].mean()), 3), abs(float(dts[i])), i))
+    surface = refs[order[0]].copy()
+    todo = masks[order[0]].copy()
+    for i in order[1:]:
+        fill = todo & ~masks[i]
+        surface[:, fill] = refs[i][:, fill]
+        todo &= ~fill
+    scaled = simulate_sar(np.nan_to_num(surface), bands, np.random.default_rng(seed))
+    return (scaled * 25.0 - 25.0)[None].astype(np.float32), order
+
+
+def case_sar_db(case: EvalCase, seed: int) -> np.ndarray:
+    """SIMULATED S1 VV/VH ``(1, 2, y, x)`` in dB for ``case``: simulated from its clearest reference date
+    (:func:`reference_sar_db`), never from ``case.truth``."""
+    return reference_sar_db(case.references, case.reference_masks, case.reference_dt_days, case.bands, seed)[0]
 
 
 def romania_val_cases(n: int = 6, patch: int = 96, seed: int = 0) -> list[tuple[str, Any, np.ndarray, np.ndarray]]:
     """In-domain cases: ``n`` samples of the training source's VALIDATION split (Romania L2A stack, clear dates
-    never trained on, every 5th clear date; SIMULATED clouds; real other dates as references; SIMULATED SAR), as
-    ``(name, TileInputs, truth, cloudy mask)``."""
+    never trained on, every 5th clear date; SIMULATED clouds; real other dates as references; SIMULATED SAR of the
+    clearest reference date, never of the truth: :func:`reference_sar_db`), as ``(name, TileInputs, truth, cloudy
+    mask)``."""
     from cloudfree.models._generative import GEN_BANDS
     from cloudfree.pipeline.contract import TileInputs
     from cloudfree.pipeline.training.datasets import DataConfig, build_source
 
-    src = build_source(DataConfig(clouds="simulate", sar="simulated", sar_dropout=0.0), GEN_BANDS, 2, patch)
+    src = build_source(DataConfig(clouds="simulate", sar="none", sar_dropout=0.0), GEN_BANDS, 2, patch)
     out = []
     for i in range(n):
         s = src.sample(np.random.default_rng([seed, 10**6 + i]), "val")
@@ -61,7 +89,9 @@ def romania_val_cases(n: int = 6, patch: int = 96, seed: int = 0) -> list[tuple[
         tile = TileInputs(bands=GEN_BANDS, target=s["target"], cloud_prob=s["cloud_mask"], cloud_mask=mask,
                           references=s["references"], reference_masks=s["ref_masks"] > 0.5,
                           reference_dt_days=tuple(float(d) for d in s["ref_dt"]),
-                          sar=(s["sar"][:1] * 25.0 - 25.0).astype(np.float32), sar_bands=("vv", "vh"),
+                          # not the sample's own target-date SAR: the source may simulate it from the truth
+                          sar=reference_sar_db(s["references"], s["ref_masks"] > 0.5, s["ref_dt"], GEN_BANDS,
+                                               seed * 1000 + i)[0], sar_bands=("vv", "vh"),
                           target_id=f"romania-val-{i}")
         out.append((f"romania-val-{i}", tile, s["truth"], mask))
     return out
@@ -150,7 +180,8 @@ def run(out: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, seeds: Sequenc
                      row[set_name]["seconds_per_tile"])
         rows.append(row)
     payload = {"rows": rows, "seeds": list(seeds), "sets": list(sets), "bands": list(SIM_BANDS),
-               "sar": "SIMULATED from the clear image" if sar else "none",
+               "sar": ("SIMULATED from the clearest reference date of each case (reference_sar_db), never from its "
+                       "truth") if sar else "none",
                "threads": torch.get_num_threads(), "region": "cloudy"}
     (out / "generative.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
     (out / "generative_steps.md").write_text(markdown(rows))
