@@ -321,3 +321,31 @@ def test_stac_pairs_simulated_clouds_and_real_unpaired_sar():
             if np.allclose(full[y, x], sar[0, 0]) and np.allclose(full[y:y + 48, x:x + 48], sar)]
     assert hits
     assert "UNRELATED" in src.describe()["sar"]
+
+
+
+@pytest.mark.skipif(not ROMANIA.is_file(), reason="needs ../shared/data")
+def test_stac_pairs_simulated_sar_never_comes_from_the_hidden_truth():
+    """The SIMULATED SAR of a sample comes from what the dates observed: the target's own clear pixels and, under
+    its cloud, another date clear there -- never the hidden truth (it used to be simulated from the truth, so
+    validation PSNR said nothing about inference). Changing the truth under the cloud changes the sample's truth
+    and nothing of its SAR."""
+    src = StacPairs(DataConfig(path=str(ROMANIA), augment=False, sar="simulated", sar_dropout=0.0), BANDS, 2, 100)
+    assert "never the sample's hidden truth" in src.describe()["sar"] and "SIMULATED" in src.describe()["sar"]
+    for split, seed in (("val", 11), ("train", 12)):
+        s = src.sample(np.random.default_rng(seed), split)
+        m = s["cloud_mask"] > 0.5
+        assert s["sar_present"] == 1.0 and 0.05 <= m.mean() <= 0.95
+        truth_d = next(d for d in src.split[split] if np.allclose(np.clip(np.nan_to_num(d.image), 0, 1), s["truth"]))
+        surface = src.observed_surface(s["target"], m, truth_d.day, (slice(0, 100), slice(0, 100)), {truth_d.id})
+        np.testing.assert_array_equal(surface[:, ~m], s["target"][:, ~m])  # the target's own clear pixels ...
+        assert np.abs(surface[:, m] - s["truth"][:, m]).mean() > 1e-3  # ... and under the cloud not the truth
+        saved = truth_d.image.copy()
+        try:
+            truth_d.image[:, m] = 0.9  # another truth under the cloud
+            again = src.sample(np.random.default_rng(seed), split)
+        finally:
+            truth_d.image[:] = saved
+        assert np.allclose(again["truth"][:, m], 0.9) and not np.allclose(s["truth"][:, m], 0.9)
+        np.testing.assert_array_equal(again["sar"], s["sar"])
+        np.testing.assert_array_equal(again["target"], s["target"])

@@ -12,7 +12,8 @@ Sources:
   dates of the same place** (the cloudy date's own pixels under its mask, so cloud radiometry is real), or behind
   SIMULATED clouds (``clouds: simulate``, :func:`cloudfree.pipeline.evaluation.simulate.simulate_clouds`). References are the
   nearest other dates with their own masks. SAR: the catalog's co-located Sentinel-1 (``sar: catalog``), SIMULATED
-  SAR (``sar: simulated``, :func:`simulate_sar`), real S1 rasters *unrelated to the optical* (``sar: real-unpaired``)
+  SAR (``sar: simulated``, :func:`simulate_sar` of each date's *observed* surface, :meth:`StacPairs.observed_surface`:
+  never of the sample's hidden truth), real S1 rasters *unrelated to the optical* (``sar: real-unpaired``)
   or none. Dates in ``holdout_dates`` (default: the Romania evaluation dates and their cloud donors) never enter
   training or validation.
 * :class:`Sen12MSCR`: SEN12MS-CR (Ebel et al. 2020) layout
@@ -58,6 +59,9 @@ log = logging.getLogger(__name__)
 
 S2_13_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 S1_POLS = ("vv", "vh")
+#: ``references: search-like`` takes dates with at most this cloud fraction first (search.reference_max_cloud_cover
+#: of the evaluation's search config: 30 %).
+SEARCH_MAX_CLOUD = 0.3
 
 #: Romania stack dates the evaluation uses (:mod:`cloudfree.pipeline.evaluation.romania`): every target date of its
 #: hidden-clear and real-cloudy sets (ROMANIA_EVAL_DATES) and the donor dates whose real clouds hide its targets
@@ -183,6 +187,10 @@ class DataConfig(BaseModel):
     sar: Literal["simulated", "catalog", "real-unpaired", "none"] = "simulated"
     #: real S1 rasters (linear power or dB, first two bands VV/VH-like) for ``sar: real-unpaired``.
     sar_paths: list[str] = Field(default_factory=list)
+    #: which dates are a sample's references: ``nearest-random`` (a random pick among the 2 x n_refs nearest dates,
+    #: often cloudy), ``search-like`` (as the search stage picks them for ``cloudfree run``: the clearest dates
+    #: bracketing the target, StacPairs._search_like) or ``mixed`` (each sample one or the other, 50/50).
+    references: Literal["nearest-random", "search-like", "mixed"] = "nearest-random"
     #: probability that a training sample's SAR is dropped (zeros, sar_present = 0): the model learns to run without.
     sar_dropout: float = Field(0.3, ge=0, le=1)
     #: dates (ISO) and date windows never used in training or validation (default: the Romania evaluation dates).
@@ -352,7 +360,47 @@ class StacPairs(PairSource):
                 "cloud_donors": len(self.donors[split]) if self.cfg.clouds == "transplant" else 0,
                 "truth_x_donor_pairs": self.n_pairs(split)}
 
-    def _sar_for(self, surfaces: list[np.ndarray], dates: list[_Date], rng) -> np.ndarray | None:
+    def _search_like(self, others: list[_Date], truth_day: date) -> list[_Date]:
+        """References as the search stage picks them (``search.policy.bracket``, ``reference_max_cloud_cover``):
+        dates with at most :data:`SEARCH_MAX_CLOUD` cloud, the nearest before and the nearest after the truth date
+        first, then alternately outwards; topped up with the nearest remaining dates when fewer are that clear.
+        ``others`` is sorted by distance in days and already excludes the truth and (in training) validation dates."""
+        good = [d for d in others if d.cloud_fraction <= SEARCH_MAX_CLOUD]
+        before = [d for d in good if d.day < truth_day]
+        after = [d for d in good if d.day >= truth_day]
+        out: list[_Date] = []
+        while len(out) < self.n_refs and (before or after):
+            for side in (before, after):
+                if side and len(out) < self.n_refs:
+                    out.append(side.pop(0))
+        return out + [d for d in others if d not in out][: self.n_refs - len(out)]
+
+    def observed_surface(self, image: np.ndarray, cloudy: np.ndarray, day: date, win: tuple[slice, slice],
+                         exclude: set[str]) -> np.ndarray:
+        """The surface a SIMULATED radar sees at ``day``: ``image`` where that date is clear and, under its cloud
+        (``cloudy``), the nearest other date of the stack clear at the pixel -- never a date in ``exclude`` (the
+        hidden truth of the sample and, in training, every validation date). Pixels no such date covers take the
+        per-band median of ``image``'s clear pixels. So the SIMULATED SAR of the cloudy target says nothing about
+        the truth under its cloud that another observed date does not (it used to be simulated from the truth)."""
+        out = np.array(image, np.float32, copy=True)
+        need = np.asarray(cloudy, bool).copy()
+        if need.any():
+            for d in sorted(self.dates, key=lambda d: abs((d.day - day).days)):
+                if d.id in exclude or d.day == day:
+                    continue
+                ok = need & ~(d.mask | ~d.valid)[win]
+                if ok.any():
+                    out[:, ok] = np.nan_to_num(d.image[:, win[0], win[1]])[:, ok]
+                    need &= ~ok
+                    if not need.any():
+                        break
+        if need.any():
+            clear = ~np.asarray(cloudy, bool)
+            fill = np.median(out[:, clear], 1) if clear.any() else np.zeros(out.shape[0], np.float32)
+            out[:, need] = fill[:, None]
+        return out
+
+    def _sar_for(self, surfaces: list[np.ndarray] | None, dates: list[_Date], rng) -> np.ndarray | None:
         if self.cfg.sar == "none":
             return None
         if self.cfg.sar == "catalog":
@@ -361,9 +409,10 @@ class StacPairs(PairSource):
             return np.stack([d.sar for d in dates])
         if self.cfg.sar == "real-unpaired":
             src = self._real_sar[int(rng.integers(len(self._real_sar)))]
-            h, w = surfaces[0].shape[1:]
+            h = w = self.patch
             y, x = int(rng.integers(src.shape[1] - h + 1)), int(rng.integers(src.shape[2] - w + 1))
-            return np.stack([src[:, y:y + h, x:x + w]] * len(surfaces))
+            return np.stack([src[:, y:y + h, x:x + w]] * len(dates))
+        # SIMULATED: from each date's observed surface (observed_surface), never from the sample's hidden truth
         return np.stack([simulate_sar(s, self.bands, rng) for s in surfaces])
 
     def sample(self, rng: np.random.Generator, split: str = "train") -> dict[str, np.ndarray]:
@@ -397,13 +446,18 @@ class StacPairs(PairSource):
         cand = others[: 2 * self.n_refs]
         pick = sorted(rng.permutation(len(cand))[: self.n_refs].tolist()) if cand else []
         refs = [cand[i] for i in pick]
+        if cfg.references == "search-like" or (cfg.references == "mixed" and rng.random() < 0.5):
+            refs = self._search_like(others, truth_d.day)
         r_img = [np.nan_to_num(d.image[:, win[0], win[1]]) for d in refs]
         r_mask = [(d.mask | ~d.valid)[win] for d in refs]
         r_dt = [(d.day - truth_d.day).days for d in refs]
         sar = None
         if split == "val" or rng.random() >= cfg.sar_dropout:
-            # SAR sees the surface, not the cloud: each date's clear pixels, the truth where that date is cloudy
-            surfaces = [truth] + [np.where(m[None], truth, im) for im, m in zip(r_img, r_mask)]
+            surfaces = None
+            if cfg.sar == "simulated":  # never from the hidden truth (see observed_surface)
+                exclude = {truth_d.id} | banned
+                surfaces = [self.observed_surface(target, mask, truth_d.day, win, exclude)] + [
+                    self.observed_surface(im, m, d.day, win, exclude) for im, m, d in zip(r_img, r_mask, refs)]
             sar = self._sar_for(surfaces, [truth_d, *refs], rng)
             if sar is not None and cfg.sar == "catalog":
                 sar = sar[..., win[0], win[1]]
@@ -415,14 +469,20 @@ class StacPairs(PairSource):
         clouds = ("REAL cloud masks and cloudy pixels transplanted from cloudy dates of the same footprint onto "
                   "clear dates (truth = the clear date)" if cfg.clouds == "transplant" else
                   "SIMULATED clouds (pipeline.evaluation.simulate) on real clear dates")
-        sar = {"simulated": "SIMULATED S1 VV/VH from each date's clear optical (training.datasets.simulate_sar: "
-                            "NDVI/texture -> dB, gamma speckle 4.4 looks); no real co-located S1 exists in the data",
+        sar = {"simulated": "SIMULATED S1 VV/VH (training.datasets.simulate_sar: NDVI/texture -> dB, gamma speckle "
+                            "4.4 looks) from each date's OBSERVED surface: its own clear pixels and, under its cloud, "
+                            "the nearest other date clear there, never the sample's hidden truth "
+                            "(StacPairs.observed_surface); no real co-located S1 exists in the data",
                "catalog": f"real co-located S1 from {cfg.sar_collection}",
                "real-unpaired": f"REAL S1 rasters {cfg.sar_paths} paired with UNRELATED optical (no co-location)",
                "none": "none"}[cfg.sar]
         return {"optical": f"catalog {cfg.path} collection {cfg.collection}: {len(self.dates)} dates "
                            f"({self.dates[0].day} .. {self.dates[-1].day}), bands {list(self.bands)}, "
                            f"{self.dates[0].image.shape[1]}x{self.dates[0].image.shape[2]} px at {cfg.resolution} m",
+                "references": {"nearest-random": "a random pick among the 2 x n nearest dates (often cloudy)",
+                               "search-like": "as the search stage picks them (clearest dates bracketing the target)",
+                               "mixed": "half the samples a random pick among the 2 x n nearest dates, half as the "
+                                        "search stage picks them (clearest bracketing dates)"}[cfg.references],
                 "clouds": clouds, "sar": sar + f"; dropped (zeros) in {cfg.sar_dropout:.0%} of training samples",
                 "split": f"{len(self.split['train'])} clear truth dates for training, {len(self.split['val'])} for "
                          f"validation (every {max(2, round(1 / cfg.val_fraction))}th clear date); "
