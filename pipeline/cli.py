@@ -105,6 +105,7 @@ def main(verbose: int, quiet: int) -> None:
       search     list targets with their chosen references (and SAR)
       composite  incremental cloud-free composite of a region for a period
       evaluate   score models on the real multi-date stack, the real pair and simulated clouds
+      train      train a learned model; `train sar-pairs` builds real S1+S2 training pairs
       models     list the registered removal models
       report     list the run reports, or re-render one
     Start with `make demo`, which builds the embedded demo catalog and runs `cloudfree run`.
@@ -402,7 +403,31 @@ def models(markdown) -> None:
     click.echo(markdown_table() if markdown else text_listing(), nl=not markdown)
 
 
-@main.command()
+class _TrainGroup(click.Group):
+    """``cloudfree train MODEL ...`` trains (the ``model`` subcommand, implied); ``cloudfree train sar-pairs ...``
+    builds real S1+S2 pairs. Any first word that is not a subcommand is a model name."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["model", *args]
+        return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx: click.Context, formatter) -> None:
+        formatter.write_usage(ctx.command_path, "MODEL [OPTIONS] | sar-pairs [OPTIONS]")
+
+
+@main.group(cls=_TrainGroup)
+def train() -> None:
+    """Train a learned removal model, or build real Sentinel-1 + Sentinel-2 training pairs.
+
+    \b
+      cloudfree train MODEL [OPTIONS]     train MODEL (see `cloudfree train MODEL --help`)
+      cloudfree train sar-pairs [OPTIONS] co-located S1 (RTC/GRD) + S2 L2A pairs from a STAC catalog,
+                                          real SAR in dB (see `cloudfree train sar-pairs --help`)
+    """
+
+
+@train.command("model")
 @click.argument("model_name", metavar="MODEL")
 @click.option("-c", "--config", type=click.Path(dir_okay=False, exists=True),
               help="Training YAML (see configs/train-*.yaml and pipeline/training/loop.py TrainConfig).")
@@ -415,8 +440,10 @@ def models(markdown) -> None:
 @click.option("--export", help="Also copy the final weights and model card to this path.")
 @click.option("--resume", is_flag=True, help="Continue from <out>/checkpoint.pt.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train(model_name, config, out, steps, seed, catalog, device, export, resume, no_progress) -> None:
-    """Train a learned removal model (checkpoints, resume, JSON-lines metrics, validation, model card)."""
+def train_model(model_name, config, out, steps, seed, catalog, device, export, resume, no_progress) -> None:
+    """Train a learned removal model (checkpoints, resume, JSON-lines metrics, validation, model card).
+
+    `cloudfree train MODEL ...` is the same as `cloudfree train model MODEL ...`."""
     from cloudfree.pipeline.errors import CloudfreeError
     from cloudfree.pipeline.training.loop import load_train_config, train as run_training
 
@@ -429,6 +456,79 @@ def train(model_name, config, out, steps, seed, catalog, device, export, resume,
     except CloudfreeError as exc:
         _fail(exc)
     click.echo(json.dumps(summary, indent=2))
+
+
+@train.command("sar-pairs")
+@click.option("-c", "--config", type=click.Path(dir_okay=False), help="YAML config: its catalog section (kind, url, "
+              "signing, allow_local_hrefs) and search.aoi / search.period are used.")
+@click.option("--catalog", "catalog_", metavar="CATALOG",
+              help="Static catalog / stac-geoparquet path, STAC API URL, or a backend name (planetary-computer, "
+                   "earth-search); overrides catalog.kind/url.")
+@click.option("--collection", help="Sentinel-2 L2A collection; overrides catalog.collection (default sentinel-2-l2a).")
+@click.option("--sar-collection", help="Sentinel-1 collection(s), comma-separated, RTC preferred (e.g. "
+              "sentinel-1-rtc,sentinel-1-grd); overrides catalog.sar_collection (default sentinel-1-rtc).")
+@click.option("--bbox", type=float, nargs=4, default=None, metavar="MINX MINY MAXX MAXY",
+              help="Area of interest in degrees (EPSG:4326); overrides search.aoi.")
+@click.option("--aoi", type=click.Path(dir_okay=False, exists=True), help="AOI GeoJSON; overrides search.aoi.")
+@click.option("--period", help="ISO interval, e.g. 2024-06-01/2024-08-31 or 2024-06; overrides search.period.")
+@click.option("--max-days", type=float, default=3.0, show_default=True,
+              help="Largest time gap (days) between an S2 acquisition and its S1 scene.")
+@click.option("--bands", default=",".join(("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09",
+                                            "B11", "B12")), show_default=True, help="S2 bands (comma-separated).")
+@click.option("--pols", default="vv,vh", show_default=True, help="S1 polarisations (comma-separated).")
+@click.option("--resolution", type=float, default=10.0, show_default=True, help="Pixel size (m) of the pairs' grid.")
+@click.option("--min-sar-valid", type=float, default=0.5, show_default=True,
+              help="Skip a pair whose S1 covers less than this share of its pixels.")
+@click.option("--max-items", type=int, default=None, help="At most this many S2 items (oldest first).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False),
+              help="Output folder (pairs/<S2 id>/{s2,s1,scl}.tif + pair.json, summary.json); a rerun resumes.")
+def sar_pairs(config, catalog_, collection, sar_collection, bbox, aoi, period, max_days, bands, pols, resolution,
+              min_sar_valid, max_items, out) -> None:
+    """Build co-located Sentinel-1 + Sentinel-2 L2A training pairs with REAL SAR, as SEN12MS-CR-TS was built.
+
+    \b
+    For each S2 L2A item of the AOI and period, the S1 scene (RTC before GRD, then nearest in time) that overlaps
+    it within --max-days is loaded with it onto one grid (the S2 item's pixel grid cut to the AOI, at
+    --resolution) by the pipeline's load stage; Planetary Computer assets are signed as they are read. SAR is
+    converted to dB (10 log10 of linear power). Each pair is written atomically to <out>/pairs/<S2 id>/ with its
+    provenance (item ids, time gap, unsigned asset hrefs with credentials redacted); <out>/summary.json counts
+    pairs, distinct images and pixels and lists the items skipped with the reason (no S1 within the window, S1
+    without vv/vh, missing bands, failed reads). A rerun keeps the pairs already built.
+
+    \b
+    Example (Planetary Computer):
+      cloudfree train sar-pairs --catalog planetary-computer --bbox 16.3 48.1 16.5 48.3 \\
+          --period 2024-06 --max-days 2 --out pairs-vienna
+    """
+    from cloudfree.catalogs.base import open_catalog
+    from cloudfree.pipeline.api import catalog_section
+    from cloudfree.pipeline.redact import printable, redact
+    from cloudfree.pipeline.training.sar_pairs import build_sar_pairs, spec_from_args
+
+    if bbox and aoi:
+        raise click.UsageError("give --bbox or --aoi, not both")
+    cat = catalog_section(catalog_, collection)
+    if sar_collection:
+        cat["sar_collection"] = sar_collection
+    cfg = _load(config, catalog=cat)
+    spec = spec_from_args(
+        collection=cfg.catalog.collection, sar_collection=cfg.catalog.sar_collection or "sentinel-1-rtc",
+        bbox=bbox, aoi=aoi if (aoi or bbox) else cfg.search.aoi, period=period or cfg.search.period,
+        max_days=max_days, bands=[b.strip() for b in bands.split(",") if b.strip()],
+        pols=[p.strip().lower() for p in pols.split(",") if p.strip()], resolution=resolution,
+        min_sar_valid=min_sar_valid, max_items=max_items)
+    catalog = open_catalog(cfg.catalog)
+    info = {"kind": cfg.catalog.kind, "url": redact(cfg.catalog.url)}
+    res = build_sar_pairs(catalog, spec, Path(out), catalog_info=info)
+    s = res.summary
+    for sk in res.skipped:
+        click.echo(printable(f"skipped  {sk.id}: {sk.reason}"))
+    gaps = s["time_gap_hours"]
+    click.echo(printable(
+        f"{s['pairs']} pair(s) in {out} ({s['built_now']} built now, {s['existing']} kept), "
+        f"{s['distinct_s2_images']} distinct S2 image(s), {s['distinct_s1_scenes']} S1 scene(s), "
+        f"{s['pixels']:,} pixels; S1-S2 gap {gaps['min']:.1f}-{gaps['max']:.1f} h; "
+        f"{len(res.skipped)} item(s) skipped; summary: {Path(out) / 'summary.json'}"))
 
 
 @main.command("demo-catalog")
