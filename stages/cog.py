@@ -106,6 +106,64 @@ def cog_write(layer: xr.DataArray, dst: Path, *, blocksize: int = 512, compress:
     return Delayed(name, HighLevelGraph.from_collections(name, dsk, dependencies=list(parts["tiles"])))
 
 
+def one_tile(shape: Sequence[int], blocksize: int) -> bool:
+    """True when a ``(y, x)`` image of ``shape`` is one internal tile of ``blocksize`` px and so has no overviews
+    (:func:`write_cog_array` writes it without a dask graph)."""
+    from odc.geo.cog._tifffile import compute_cog_spec
+
+    # a width of 3 or 4 px reads as (y, x, RGB[A]) to odc-geo's writer: such an image keeps the dask path
+    return compute_cog_spec(tuple(shape), (blocksize, blocksize), max_pad=0)[2] == 0 and shape[-1] not in (3, 4)
+
+
+def write_cog_array(arr: np.ndarray, geobox: GeoBox, dst: Path, names: Sequence[str], nodata, *,
+                    blocksize: int = 512, compress: str = "deflate", predictor: int = 2, level: int = 6,
+                    scales: Sequence[float] | None = None, offsets: Sequence[float] | None = None) -> Path:
+    """Write the in-memory ``(band, y, x)`` integer ``arr`` as a COG at ``dst``, byte for byte what
+    :func:`cog_write` writes for the same pixels, for an image of one tile (:func:`one_tile`: no overviews).
+
+    The same odc-geo calls build the header (:func:`_unpadded`) and compress each band's tile; the tiles are laid
+    out as :func:`cog_write` lays them out (its tile bags in reverse order, i.e. the last band first) behind the
+    same patched header, through a temporary name. No dask graph, no part files: for small targets, where
+    building and running the streaming writer's graph costs more than compressing the one tile.
+    """
+    import os
+
+    from odc.geo.cog._tifffile import _make_empty_cog, _mk_tile_compressor, _norm_compression_tifffile, _patch_hdr
+
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "ui":
+        raise TypeError(f"{Path(dst).name}: COG layers are integer-encoded, got {arr.dtype}")
+    if arr.ndim != 3 or tuple(arr.shape[1:]) != tuple(geobox.shape) or not one_tile(arr.shape[1:], blocksize):
+        raise ValueError(f"{Path(dst).name}: write_cog_array takes a (band, y, x) array of one {blocksize} px tile "
+                         f"on its geobox {tuple(geobox.shape)}, got {arr.shape}")
+    pred, comp, comp_args = _norm_compression_tifffile(arr.dtype, predictor, _COMPRESSION[compress], None,
+                                                       level=level, kw={})
+    meta, hdr0 = _unpadded(lambda: _make_empty_cog(
+        arr.shape, arr.dtype, geobox, predictor=pred, compression=comp, compressionargs=comp_args,
+        blocksize=[blocksize, blocksize], bigtiff=False, nodata=nodata, gdal_metadata=""))
+    hdr0 = bytes(hdr0)
+    if meta.overviews or meta.axis != "SYX":  # pragma: no cover - one_tile() above rules these out
+        raise ValueError(f"{Path(dst).name}: an image with overviews goes through cog_write")
+    ty, tx = meta.tile.yx
+    tiles = []
+    # cog_write spills odc-geo's tile bags in reverse order (one bag per level and sample): last sample first
+    for sample in reversed(range(meta.num_planes)):
+        encoder = _mk_tile_compressor(meta, sample)
+        for s, y, x in meta.tidx(sample):
+            # the (band, y, x) block, as the dask writer passes it: the compressor picks its band
+            tiles.append((encoder(arr[:, y * ty:(y + 1) * ty, x * tx:(x + 1) * tx]), (0, s, y, x)))
+    hdr = _patch_hdr([(len(data), idx) for data, idx in tiles], meta, hdr0, None,
+                     _metadata_items([str(n) for n in names], scales, offsets))
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    with open(tmp, "wb") as out:
+        out.write(hdr)
+        for data, _ in tiles:
+            out.write(data)
+    os.replace(tmp, dst)
+    return dst
+
+
 _PAD_LOCK = threading.Lock()
 
 
@@ -439,7 +497,20 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
     from dask.core import flatten
 
     writes, files, blocks = [], {}, []
-    for name, (layer, resampling, scales) in encoded_layers(ds, geobox).items():
+    layers = encoded_layers(ds, geobox)
+    if one_tile(geobox.shape, blocksize):
+        # a small target (one tile, no overviews): every layer computed into memory with the extras in one pass,
+        # then written directly (write_cog_array: the same bytes as the streaming writer, without its graph)
+        with progress(desc or "compute+write") if progress is not None else contextlib.nullcontext():
+            arrays, *extras = compute_once([layer.data for layer, _, _ in layers.values()], *extra_compute)
+        for (name, (layer, _, scales)), arr in zip(layers.items(), arrays):
+            files[name] = write_cog_array(arr, geobox, Path(folder) / names[name].name,
+                                          [str(b) for b in layer.band.values], layer.odc.nodata,
+                                          blocksize=blocksize, compress=compress, scales=scales,
+                                          offsets=[0.0] * len(scales) if scales else None)
+        _validate(files)
+        return files, extras, geobox
+    for name, (layer, resampling, scales) in layers.items():
         blocks.append(list(flatten(layer.data.__dask_keys__())))  # raster order: how far the reads may run ahead
         dst = Path(folder) / names[name].name
         writes.append(cog_write(layer, dst, blocksize=blocksize, compress=compress, overview_resampling=resampling,
@@ -448,10 +519,14 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
     # progress(desc): e.g. the CLI's progress bar, a context manager the compute runs in; None = none
     with progress(desc or "compute+write") if progress is not None else contextlib.nullcontext():
         _, *extras = compute_once(writes, *extra_compute, markers=[list(m) for m in zip(*blocks)])
+    _validate(files)
+    return files, extras, geobox
+
+
+def _validate(files: dict[str, Path]) -> None:
     from rio_cogeo.cogeo import cog_validate
 
     for dst in files.values():
         ok, errors, _ = cog_validate(dst, quiet=True)
         if not ok:
             raise RuntimeError(f"{dst} is not a valid COG: {errors}")  # pragma: no cover - writer bug guard
-    return files, extras, geobox

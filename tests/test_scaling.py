@@ -198,6 +198,41 @@ def test_streaming_cog_writer_layout_metadata_and_determinism(tmp_path):
     assert not list(tmp_path.glob(".*parts*")), "part files left behind"
 
 
+@pytest.mark.parametrize("shape", [(104, 104), (512, 300), (5, 17)])
+def test_one_tile_cog_written_directly_has_the_streaming_writers_bytes(tmp_path, shape):
+    """A small image (one 512 px tile, no overviews) written from memory by write_cog_array is byte for byte what
+    the streaming writer (cog_write) writes for the same pixels: multi-band uint16 with scales, and one-band uint8
+    with and without nodata (real 29RKH pixels); an image with overviews is refused and goes through cog_write."""
+    import dask.array as dsa
+
+    from cloudfree.pipeline.config import GridConfig
+    from cloudfree.pipeline.evaluation.bench import local_29rkh_item
+    from cloudfree.stages.cog import compute_once, cog_write, layer_array, one_tile, write_cog_array
+    from cloudfree.stages.load import output_geobox
+
+    full = output_geobox(local_29rkh_item(DATA), GridConfig(resolution=100))
+    gb = full[7:7 + shape[0], 11:11 + shape[1]]
+    with rasterio.open(DATA / "B02.tif") as a, rasterio.open(DATA / "B04.tif") as b:
+        win = rasterio.windows.Window(11, 7, shape[1], shape[0])
+        dn = np.stack([a.read(1, window=win), b.read(1, window=win)])
+    cases = [(dn, ["B02", "B04"], 0, [1e-4, 1e-4], "average"),
+             ((dn[:1] % 101).astype(np.uint8), ["confidence"], 255, None, "nearest"),
+             ((dn[1:] % 7).astype(np.uint8), ["source"], None, None, "nearest")]
+    assert one_tile(gb.shape, 512)
+    for i, (arr, names, nodata, scales, resampling) in enumerate(cases):
+        streamed, direct = tmp_path / f"s{i}.tif", tmp_path / f"d{i}.tif"
+        compute_once(cog_write(layer_array(dsa.from_array(arr), gb, names, nodata), streamed,
+                               overview_resampling=resampling, scales=scales,
+                               offsets=[0.0] * len(scales) if scales else None))
+        write_cog_array(arr, gb, direct, names, nodata, scales=scales, offsets=[0.0] * len(scales) if scales else None)
+        assert direct.read_bytes() == streamed.read_bytes(), (shape, names)
+        with rasterio.open(direct) as ds:
+            np.testing.assert_array_equal(ds.read(), arr)
+    assert not one_tile((513, 100), 512) and not one_tile((100, 4), 512)
+    with pytest.raises(ValueError, match="one 512 px tile"):
+        write_cog_array(np.zeros((1, 600, 600), np.uint8), full[:600, :600], tmp_path / "big.tif", ["x"], None)
+
+
 @pytest.mark.parametrize("slack", [1, 2, 5])
 def test_bounded_lookahead_gates_reads_and_never_deadlocks(slack):
     """cloudfree.stages.cog.bound_lookahead on a 2-D halo graph (every output block needs the reads of its 8 neighbours, as
