@@ -554,7 +554,8 @@ def demo_catalog(out, source, cache) -> None:
                    "(default: every registered model plus phyvlm-cr[prior=reference]).")
 @click.option("--cases", default="romania,slovakia,simulated", show_default=True,
               help="Comma-separated cases: romania (real 140-date stack: hidden clear dates + real cloudy dates), "
-                   "slovakia (real pair), simulated (simulated clouds on real pixels).")
+                   "slovakia (real pair), simulated (simulated clouds on real pixels); opt-in: bigearthnet-sar "
+                   "(6 real co-located S1+S2 patches, real SAR, real Romania cloud masks transplanted).")
 @click.option("--out", "out", default="evaluation", show_default=True, type=click.Path(file_okay=False),
               help="Folder for evaluation.md, evaluation.json and figures/ (the repository's docs/ is regenerated "
                    "only when asked: --out docs).")

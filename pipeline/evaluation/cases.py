@@ -15,6 +15,11 @@
 * :mod:`cloudfree.pipeline.evaluation.romania`: the REAL multi-date stack (140 L2A dates) through the real catalog path;
   :data:`ROMANIA_EVAL_DATES` (re-exported here) lists the dates it holds out: **learned-model training must
   exclude them**.
+* :func:`bigearthnet_sar_cases` (``bigearthnet-sar``, opt-in: ``cloudfree evaluate --cases bigearthnet-sar``): the 6
+  REAL co-located S1 + S2 L2A BigEarthNet patches (S1 within 5-19 h of S2), each hidden behind the REAL cloud of a
+  Romania donor date (mask, extent and opacity real, cloud radiance RE-SYNTHESISED on the patch by eq. 1 of
+  :func:`cloudfree.pipeline.evaluation.romania.transplant`: the clouds are simulated on this scene) with its REAL SAR.
+  No reference date exists, so it scores the SAR models against the reference-free floors.
 """
 
 from __future__ import annotations
@@ -56,9 +61,15 @@ class EvalCase:
     notes: str = ""
     simulated: bool = True
     meta: dict[str, Any] = field(default_factory=dict)
+    #: Sentinel-1 ``(date, pol, y, x)`` in dB clipped to [-25, 0] (the models' ``db`` convention), target date
+    #: first; None = the case has no SAR (models that need it are not scored on it).
+    sar: np.ndarray | None = None
+    sar_bands: tuple[str, ...] = ()
 
     def tile_inputs(self) -> TileInputs:
         return TileInputs(
+            sar=None if self.sar is None else self.sar.astype(np.float32),
+            sar_bands=self.sar_bands,
             bands=self.bands,
             target=self.target.astype(np.float32),
             cloud_prob=self.cloud_prob.astype(np.float32),
@@ -255,3 +266,95 @@ from cloudfree.pipeline.evaluation.romania import (  # noqa: E402,F401  (re-expo
     ROMANIA_EVAL_DATES,
     ROMANIA_MASK_DATES,
 )
+
+
+# -- real SAR: BigEarthNet's co-located S1 + S2 patches ------------------------------------------------------------
+BIGEARTHNET_FOLDER = "s1s2-pairs-bigearthnet"
+BIGEARTHNET_BANDS = ("B02", "B03", "B04", "B08")
+BIGEARTHNET_GROUP = "bigearthnet-sar"
+#: donors of the Romania clouds (held out of training): the first six ROMANIA_HIDDEN donors, one per patch.
+BIGEARTHNET_DONORS = ROMANIA_MASK_DATES[:6]
+
+
+_ROMANIA_STACKS: dict[str, Any] = {}
+
+
+def bigearthnet_sar_cases(data_dir: str | Path, donors: Sequence[str] = BIGEARTHNET_DONORS, size: int = 100,
+                          stack: Any = None) -> list[EvalCase]:
+    """One case per BigEarthNet S1+S2 patch (sorted by S1 patch name): the S2 10 m bands ``BIGEARTHNET_BANDS``
+    (DN / 10000) and the S1 VV/VH dB of the patch, centre-cropped to ``size`` (the Romania masks are 100 x 100), the
+    patch hidden behind the REAL cloud of Romania donor ``donors[i]`` (its SCL mask for the model; its opacity
+    ``t`` and shadow factor ``s`` transplanted by eq. 1 against its own clear-sky estimate, as the romania-hidden
+    set does). Regions: thin ``0.1 <= t < 0.95``, thick ``t < 0.1``, cloudy = thin | thick | ``s < 0.95``."""
+    import json
+
+    import rasterio
+
+    from cloudfree.pipeline.evaluation import romania as ro
+
+    root = _subdir(data_dir, BIGEARTHNET_FOLDER)
+    s1_dirs = sorted(d for d in (root / "s1").glob("*") if d.is_dir()) if (root / "s1").is_dir() else []
+    if not s1_dirs:
+        raise InputDataError(f"BigEarthNet pairs: no s1/<patch>/ folders under {root}; pass the shared data folder "
+                             f"(holding {BIGEARTHNET_FOLDER}/) as --data-dir")
+    if len(donors) < len(s1_dirs):
+        raise InputDataError(f"BigEarthNet pairs: {len(s1_dirs)} patches but {len(donors)} cloud donors")
+    if stack is None:  # loaded once per process and folder (140 dates: ~15 s)
+        key = str(Path(data_dir).resolve())
+        stack = _ROMANIA_STACKS.get(key) or _ROMANIA_STACKS.setdefault(key, ro.load_stack(data_dir))
+    clear = stack.clear()
+    donor_bands = [ro.ROMANIA_BANDS.index(b) for b in BIGEARTHNET_BANDS]
+
+    def read(path: Path, off: int) -> np.ndarray:
+        with rasterio.open(path) as ds:
+            a = ds.read(1).astype(np.float32)
+        return a[off:off + size, off:off + size]
+
+    cases = []
+    for s1_dir, donor_day in zip(s1_dirs, donors):
+        meta1 = json.loads(next(s1_dir.glob("*_labels_metadata.json")).read_text())
+        s2_name = meta1["corresponding_s2_patch"]
+        s2_dir = root / "s2" / s2_name
+        meta2 = json.loads(next(s2_dir.glob("*_labels_metadata.json")).read_text())
+        with rasterio.open(next(s2_dir.glob("*_B02.tif"))) as ds:
+            off = (min(ds.shape) - size) // 2
+            if off < 0:
+                raise InputDataError(f"BigEarthNet patch {s2_name} is {ds.shape}, smaller than {size}")
+        truth = np.stack([read(next(s2_dir.glob(f"*_{b}.tif")), off) / 10000.0 for b in BIGEARTHNET_BANDS])
+        sar_db = np.stack([read(next(s1_dir.glob(f"*_{p}.tif")), off) for p in ("VV", "VH")])
+        kd = stack.index.get(ro.item_id(donor_day))
+        if kd is None:
+            raise InputDataError(f"Romania stack: donor {ro.item_id(donor_day)} not in the catalog")
+        b, a = ro._neighbours(stack, kd, clear, set(), one_sided=True)
+        donor_clear = ro._interp(stack, kd, b, a)[donor_bands]
+        hidden, t, s_fac, light = ro.transplant(truth, stack.refl[kd][donor_bands], donor_clear, stack.scl[kd],
+                                                BIGEARTHNET_BANDS)
+        mask, prob = ro.scl_mask_and_prob(stack.scl[kd])
+        thin, thick = (t >= 0.1) & (t < 0.95), t < 0.1
+        regions = {"overall": np.ones_like(mask), "cloudy": thin | thick | (s_fac < 0.95), "thin": thin,
+                   "thick": thick}
+        gap_h = (dt_parse(meta1["acquisition_time"]) - dt_parse(meta2["acquisition_date"])).total_seconds() / 3600
+        cases.append(EvalCase(
+            name=f"bigearthnet-{s1_dir.name.rsplit('_', 3)[-3]}-{s2_name.rsplit('_', 2)[-2]}_"
+                 f"{s2_name.rsplit('_', 1)[-1]}-mask-{donor_day}",
+            group=BIGEARTHNET_GROUP, bands=BIGEARTHNET_BANDS, target=hidden, truth=truth.astype(np.float32),
+            references=np.zeros((0,) + truth.shape, np.float32), reference_masks=np.zeros((0,) + mask.shape, bool),
+            cloud_mask=mask, cloud_prob=prob, regions=regions, reference_dt_days=(),
+            notes=f"REAL S2 L2A patch {s2_name} with its REAL co-located S1 ({gap_h:+.1f} h); the REAL cloud of "
+                  f"Romania {donor_day} transplanted (mask and opacity real, cloud radiance RE-SYNTHESISED: the "
+                  "clouds are SIMULATED on this scene); no reference date",
+            simulated=True,
+            meta={"s2_patch": s2_name, "s1_patch": s1_dir.name, "s1_minus_s2_hours": gap_h,
+                  "donor": ro.item_id(donor_day), "cloud_fraction": float(regions["cloudy"].mean()),
+                  "sar": "REAL (BigEarthNet S1 GRD, dB)"},
+            sar=np.clip(np.nan_to_num(sar_db, nan=-25.0), -25.0, 0.0)[None].astype(np.float32),
+            sar_bands=("vv", "vh"),
+        ))
+    return cases
+
+
+def dt_parse(text: str):
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace(" ", "T"))
+

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 #: effect of the temporal prior is measured, not asserted.
 EXTRA_VARIANTS = ("phyvlm-cr[prior=reference]",)
 CASES = ("romania", "slovakia", "simulated")
+#: case groups run only when named (``--cases ...,bigearthnet-sar``): real S1+S2 pairs, no reference date
+OPTIONAL_CASES = ("bigearthnet-sar",)
 TUNING_SEEDS = (0,)
 REPORT_SEEDS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 
@@ -64,9 +66,10 @@ def run_evaluation(
 
     t_start = time.perf_counter()
     models = list(models) if models else default_models()
-    unknown_cases = sorted(set(cases) - set(CASES))
+    unknown_cases = sorted(set(cases) - set(CASES) - set(OPTIONAL_CASES))
     if unknown_cases:
-        raise ConfigError(f"unknown evaluation case(s) {unknown_cases}; choose from {', '.join(CASES)}")
+        raise ConfigError(f"unknown evaluation case(s) {unknown_cases}; choose from "
+                          f"{', '.join(CASES + OPTIONAL_CASES)}")
     registered = available_models()
     unknown = [m for m in models if parse_model_spec(m)[0] not in registered]
     if unknown:
@@ -91,6 +94,10 @@ def run_evaluation(
             for c in tuning:
                 c.group = "simulated-tuning"
             groups["simulated-tuning"] = tuning
+    if "bigearthnet-sar" in cases:
+        from cloudfree.pipeline.evaluation.cases import BIGEARTHNET_GROUP, bigearthnet_sar_cases
+
+        groups[BIGEARTHNET_GROUP] = bigearthnet_sar_cases(data_dir)
     all_cases = [c for cs in groups.values() for c in cs]
     if not all_cases:
         raise ConfigError("nothing to evaluate: no case selected (check --cases and --seeds)")

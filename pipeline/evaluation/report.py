@@ -68,6 +68,8 @@ GROUP_TITLES = {
     "real": "Real pair: s2-pair-slovakia (REAL cloudy target and truth, SIMULATED reference)",
     "simulated": "Simulated set (SIMULATED clouds on real clear pixels), mean over cases",
     "simulated-tuning": "Tuning case (defaults were chosen on this case only)",
+    "bigearthnet-sar": "Real co-located S1 + S2 (BigEarthNet patches) with REAL SAR and SIMULATED clouds "
+                       "(real Romania cloud masks transplanted), no reference date",
 }
 
 
@@ -83,6 +85,12 @@ GROUP_NOTES = {
                     "dates (romania.ROMANIA_REAL_TRUTH_DATES) joined the training hold-out and saw 10 of them (their "
                     "cards list what they held out); `cloudfree train` now excludes them. Details: "
                     "pipeline/evaluation/romania.py.",
+    "bigearthnet-sar": "Each REAL S2 L2A patch (120 px at 10 m, centre 100 px) comes with its REAL co-located "
+                       "Sentinel-1 VV/VH (GRD, dB; 5-19 h from the S2 acquisition) and is hidden behind the REAL "
+                       "cloud of a Romania donor date (its SCL mask; opacity transplanted by eq. 1, cloud radiance "
+                       "RE-SYNTHESISED: the clouds are SIMULATED on this scene). There is no other date, so "
+                       "reference-based models are not scored; SAR models get the real S1. Details: "
+                       "pipeline/evaluation/cases.py (bigearthnet_sar_cases).",
 }
 
 
@@ -270,6 +278,10 @@ def render_report(payload: Mapping[str, Any], groups: Mapping[str, Sequence[Any]
                 f"{c.meta['target_date']} (refs at {', '.join(f'{d:+.0f}' for d in c.meta['reference_dt_days'])} "
                 f"d; cloudy {100 * c.meta['cloud_fraction']:.0f} %"
                 + (f"; mask of {c.meta['donor'][-8:]}" if 'donor' in c.meta else "") + ")" for c in cases) + ".", ""]
+            parts += [GROUP_NOTES[group], ""]
+        elif group in GROUP_NOTES:
+            parts += [f"{len(cases)} cases: " + "; ".join(
+                f"{c.name} (cloudy {100 * c.meta['cloud_fraction']:.0f} %)" for c in cases) + ".", ""]
             parts += [GROUP_NOTES[group], ""]
         else:
             parts += [cases[0].notes + ".", ""]
