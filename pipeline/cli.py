@@ -480,10 +480,13 @@ def train_model(model_name, config, out, steps, seed, catalog, device, export, r
 @click.option("--min-sar-valid", type=float, default=0.5, show_default=True,
               help="Skip a pair whose S1 covers less than this share of its pixels.")
 @click.option("--max-items", type=int, default=None, help="At most this many S2 items (oldest first).")
+@click.option("--max-pixels", type=int, default=4096 * 4096, show_default=True,
+              help="Skip an S2 item whose pair grid (its footprint cut to the AOI) has more pixels; give a smaller "
+                   "AOI for whole tiles (a pair is computed in memory, ~56 bytes a pixel).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="Output folder (pairs/<S2 id>/{s2,s1,scl}.tif + pair.json, summary.json); a rerun resumes.")
 def sar_pairs(config, catalog_, collection, sar_collection, bbox, aoi, period, max_days, bands, pols, resolution,
-              min_sar_valid, max_items, out) -> None:
+              min_sar_valid, max_items, max_pixels, out) -> None:
     """Build co-located Sentinel-1 + Sentinel-2 L2A training pairs with REAL SAR, as SEN12MS-CR-TS was built.
 
     \b
@@ -516,7 +519,7 @@ def sar_pairs(config, catalog_, collection, sar_collection, bbox, aoi, period, m
         bbox=bbox, aoi=aoi if (aoi or bbox) else cfg.search.aoi, period=period or cfg.search.period,
         max_days=max_days, bands=[b.strip() for b in bands.split(",") if b.strip()],
         pols=[p.strip().lower() for p in pols.split(",") if p.strip()], resolution=resolution,
-        min_sar_valid=min_sar_valid, max_items=max_items)
+        min_sar_valid=min_sar_valid, max_items=max_items, max_pixels=max_pixels)
     catalog = open_catalog(cfg.catalog)
     info = {"kind": cfg.catalog.kind, "url": redact(cfg.catalog.url)}
     res = build_sar_pairs(catalog, spec, Path(out), catalog_info=info)

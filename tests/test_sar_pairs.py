@@ -211,6 +211,8 @@ def test_pairs_from_planetary_computer_replay(pc, ben, tmp_path) -> None:
     assert summary["pixels"] == 2 * 120 * 120 and summary["built_now"] == 2 and len(summary["skipped"]) == 2
     assert 4.0 < summary["time_gap_hours"]["min"] < summary["time_gap_hours"]["max"] < 7.0
     assert "sig=" not in (out / "summary.json").read_text()
+    assert sorted(g["shape"] for g in summary["grids"]) == [[120, 120], [120, 120]]  # two places, one date each
+    assert sorted(len(g["dates"]) for g in summary["grids"]) == [1, 1]
     # resume: a rerun reads no pixel and keeps the files
     before = {p: p.read_bytes() for p in out.rglob("*.tif")}
     reads = srv.blob_reads
@@ -273,6 +275,13 @@ def test_cli_sar_pairs_with_bbox_cuts_the_grid(pc, ben, tmp_path) -> None:
     r = CliRunner().invoke(main, ["train", "sar-pairs", "-c", str(cfg), "--period", "2017-12", "--out",
                                   str(tmp_path / "none")])
     assert r.exit_code == 2 and "no S1+S2 pair could be built" in r.output and "--max-days" in r.output
+    # a grid above --max-pixels: the item is skipped, naming it and the fix, before any pixel is read
+    reads = srv.blob_reads
+    r = CliRunner().invoke(main, ["train", "sar-pairs", "-c", str(cfg), "--period", "2017-06", "--max-days", "1",
+                                  "--max-pixels", "1000", "--out", str(tmp_path / "big")])
+    assert r.exit_code == 2 and "above grid.max_pixels 1,000" in r.output and s2["id"] in r.output
+    assert "--max-pixels" in r.output
+    assert srv.blob_reads == reads
 
 
 def test_train_help_lists_sar_pairs_and_model_training_still_parses() -> None:

@@ -79,7 +79,9 @@ class PairSpec:
     #: at most this many S2 items (nearest-first order of the catalog answer is not assumed: sorted by time).
     max_items: int | None = None
     chunk: int = 512
-    max_pixels: int | None = None
+    #: most pixels one pair may have (a pair is computed in memory: 12 bands + 2 pols of float32 = 56 bytes a
+    #: pixel, ~0.9 GB at the default 4096 x 4096); larger S2 footprints need a smaller AOI.
+    max_pixels: int | None = 4096 * 4096
 
 
 @dataclass
@@ -160,7 +162,10 @@ def _geobox(s2: Any, spec: PairSpec):
         from shapely.geometry import shape
 
         bbox = tuple(shape(spec.geometry).bounds)
-    return check_grid_size(output_geobox(s2, grid, bbox), s2, grid, what="S2 item")
+    try:
+        return check_grid_size(output_geobox(s2, grid, bbox), s2, grid, what="S2 item")
+    except InputDataError as exc:
+        raise InputDataError(f"{exc} (here: give --bbox/--aoi a smaller area or raise --max-pixels)") from None
 
 
 def _hrefs(item: Any, keys: Sequence[str]) -> dict[str, str]:
@@ -282,9 +287,21 @@ def summarise(out: str | Path, skipped: Sequence[Skipped] = (), spec: PairSpec |
         "skipped": [asdict(s) for s in skipped],
         "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()} if spec else None,
         "catalog": catalog,
+        "grids": _grids(records),
         "pairs_index": [{"folder": f"{PAIRS}/{_stem(r['s2']['id'])}", "s2": r["s2"]["id"], "s1": r["s1"]["id"],
                          "time_gap_hours": r["time_gap_hours"], "shape": r["grid"]["shape"]} for r in records],
     }
+
+
+def _grids(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pairs by grid (CRS, transform, shape): the pairs of one grid are a time series of one place, as
+    SEN12MS-CR-TS's patches are (cloudy targets, clear truths and references are drawn within a grid)."""
+    by: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        g = r["grid"]
+        by.setdefault((g["epsg"] or g["crs"], tuple(g["transform"]), tuple(g["shape"])), []).append(r)
+    return [{"epsg": k[0] if isinstance(k[0], int) else None, "transform": list(k[1]), "shape": list(k[2]),
+             "pairs": len(rs), "dates": sorted(r["s2"]["datetime"][:10] for r in rs)} for k, rs in by.items()]
 
 
 def _stem(item_id: str) -> str:
