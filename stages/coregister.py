@@ -32,6 +32,7 @@ arrays that have no STAC source; on the 16x benchmark it cost 650 MB / 160 s aga
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -123,6 +124,13 @@ def refine_shift_kernel(target: np.ndarray, moving: np.ndarray, valid_t: np.ndar
     return s, n, rms, converged
 
 
+def check_overlap(both: np.ndarray) -> None:
+    """Raise :class:`InputDataError` when fewer than 100 pixels are clear in both images (no estimate possible)."""
+    if both.sum() < 100:
+        raise InputDataError(f"only {int(both.sum())} pixels are clear in both images; co-registration needs >= 100 "
+                             "(use a larger coregister.window or disable coregister)")
+
+
 def estimate_shift(target: np.ndarray, moving: np.ndarray, valid_t: np.ndarray | None = None,
                    valid_m: np.ndarray | None = None, *, upsample: int = 100, refine: bool = True) -> ShiftEstimate:
     """Shift that aligns ``moving`` to ``target`` (2-D arrays, same shape), on pixels valid in both."""
@@ -132,9 +140,7 @@ def estimate_shift(target: np.ndarray, moving: np.ndarray, valid_t: np.ndarray |
     valid_t = np.isfinite(target) if valid_t is None else valid_t & np.isfinite(target)
     valid_m = np.isfinite(moving) if valid_m is None else valid_m & np.isfinite(moving)
     both = valid_t & valid_m
-    if both.sum() < 100:
-        raise InputDataError(f"only {int(both.sum())} pixels are clear in both images; co-registration needs >= 100 "
-                             "(use a larger coregister.window or disable coregister)")
+    check_overlap(both)
     ps = phase_shift_kernel(target, moving, both, upsample)
     if not refine:
         return ShiftEstimate((float(ps[0]), float(ps[1])), (float(ps[0]), float(ps[1])), int(both.sum()),
@@ -206,6 +212,23 @@ def shift_mask_block(block: np.ndarray, shift: Sequence[float]) -> np.ndarray:
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def one_blas_thread():
+    """A context in which numpy's BLAS/LAPACK run on one thread, for the estimate's small eager kernels (a 512 px
+    window at most): OpenBLAS's thread pool costs more than it gains on them and spins against the dask workers;
+    on the 2-core bench machine under load, the upsampled DFT of a 104 px window took 70 ms with the default
+    threads and 7 ms with one (issue 22). The results do not depend on the number of threads (each output element
+    of a matrix product is summed in the same order); outputs were compared byte for byte. The limit is process-wide
+    while the block runs (threadpoolctl): other threads' BLAS calls then run on one thread too."""
+    return _blas_controller().limit(limits=1, user_api="blas")
+
+
 # -- scene level (xarray / dask) -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Coregistration:
@@ -214,7 +237,7 @@ class Coregistration:
     id: str
     kind: str  #: "optical" | "sar"
     #: "applied" | "rejected" (exceeds max_shift_px) | "negligible" (below min_shift_px, not applied) |
-    #: "failed" (too few clear pixels) | "unreliable" (estimated on a mostly cloudy target: recorded, not applied)
+    #: "failed" (too few clear pixels) | "unreliable" (a mostly cloudy target: recorded, not estimated, not applied)
     #: | "estimated"
     status: str
     shift_px: tuple[float, float] = (0.0, 0.0)
@@ -246,7 +269,7 @@ def central_window(shape: tuple[int, int], size: int) -> tuple[slice, slice]:
     return slice(y0, y0 + hy), slice(x0, x0 + hx)
 
 
-#: a shift estimated on a target with less of its window clear than this is recorded as unreliable, not applied.
+#: on a target with less of its window clear than this, no shift is estimated: it is recorded as unreliable, not applied.
 UNRELIABLE_TARGET_CLEAR = 0.25
 
 
@@ -278,22 +301,28 @@ def estimate_reference_shifts(target: xr.DataArray, target_mask: xr.DataArray, r
                 f"coregister.min_clear_fraction {cfg.min_clear_fraction:.0%})")))
             log.warning("coregister %s: %s; not shifted", rid, out[-1].reason)
             continue
+        target_clear = float(vt.mean())
         try:
-            est = estimate_shift(t, r[i], vt, vr, upsample=cfg.upsample)
+            if target_clear < UNRELIABLE_TARGET_CLEAR:
+                check_overlap(vt & vr)  # the same "failed" as an estimate would give
+            else:
+                with one_blas_thread():
+                    est = estimate_shift(t, r[i], vt, vr, upsample=cfg.upsample)
         except InputDataError as exc:
             out.append(Coregistration(rid, "optical", "failed", window=win, reason=str(exc)))
             log.warning("coregister %s: %s; not shifted", rid, exc)
             continue
-        target_clear = float(vt.mean())
         if target_clear < UNRELIABLE_TARGET_CLEAR:
             # a cloudy target cannot anchor a shift (its few clear pixels are cloud edges, haze, missed cloud):
-            # recorded as unreliable, never applied, and not a grid problem to "raise the bound" for
-            mag = float(np.hypot(*est.shift))
-            reason = (f"estimated on a mostly cloudy target ({target_clear:.0%} of the window clear, < "
-                      f"{UNRELIABLE_TARGET_CLEAR:.0%}): the shift ({mag:.2f} px) is unreliable and not applied")
+            # recorded as unreliable, never applied, and not a grid problem to "raise the bound" for. Not estimated
+            # either: the estimate (phase correlation + refinement) would be thrown away (issue 22: most small
+            # cloudy targets of a batch)
+            reason = (f"the target is mostly cloudy ({target_clear:.0%} of the window clear, < "
+                      f"{UNRELIABLE_TARGET_CLEAR:.0%}): a shift estimated there is unreliable; not estimated, "
+                      "not applied")
             log.warning("coregister %s: %s", rid, reason)
-            out.append(Coregistration(rid, "optical", "unreliable", est.shift, est.phase_shift, est.n_pixels,
-                                      est.residual, win, reason))
+            out.append(Coregistration(rid, "optical", "unreliable", n_pixels=int((vt & vr).sum()), window=win,
+                                      reason=reason))
             continue
         out.append(_decide(rid, "optical", est, cfg, win))
     return out
@@ -310,7 +339,9 @@ def estimate_sar_shift(optical_band: xr.DataArray, optical_mask: xr.DataArray, s
     if vo.mean() < cfg.min_clear_fraction:
         return Coregistration(sar_id, "sar", "failed", window=win,
                               reason=f"{vo.mean():.1%} of the window is clear in the optical image")
-    return _decide(sar_id, "sar", estimate_shift_cross_modal(o, s, vo, upsample=cfg.upsample), cfg, win)
+    with one_blas_thread():
+        est = estimate_shift_cross_modal(o, s, vo, upsample=cfg.upsample)
+    return _decide(sar_id, "sar", est, cfg, win)
 
 
 def _decide(rid: str, kind: str, est: ShiftEstimate, cfg: CoregisterConfig, win) -> Coregistration:

@@ -143,7 +143,7 @@ def test_loading_on_a_shifted_grid_equals_shifting_the_pixels(demo_catalog):
 
 def test_shift_estimated_on_a_cloudy_target_is_unreliable_not_a_bound_to_raise(b08_29rkh):
     """Issue 18: on a mostly cloudy target (here 85 % of the window) the shift is recorded as unreliable and not
-    applied, and the reason does not tell the user to raise coregister.max_shift_px."""
+    applied, and the reason does not tell the user to raise coregister.max_shift_px. Issue 22: nor is it estimated."""
     from cloudfree.stages.coregister import UNRELIABLE_TARGET_CLEAR, estimate_reference_shifts
 
     def scene(a):
@@ -160,3 +160,5 @@ def test_shift_estimated_on_a_cloudy_target_is_unreliable_not_a_bound_to_raise(b
     assert (~cloudy[28:228, 28:228]).mean() < UNRELIABLE_TARGET_CLEAR
     assert c.status == "unreliable" and not c.applied
     assert "unreliable" in c.reason and "raise" not in c.reason
+    # not estimated (issue 22: the estimate would be thrown away): no shift recorded, the clear overlap is
+    assert "not estimated" in c.reason and c.shift_px == (0.0, 0.0) and c.n_pixels == int((~cloudy[28:228, 28:228]).sum())
