@@ -30,13 +30,30 @@ from tests.backend_server import BackendServer
 from tests.conftest import shared
 
 S2_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
-#: (S2 patch, role): "pair" = its S1 item is in the catalog; "no-s1" = none is; "no-vh" = its S1 item lacks vh
+#: (S2 patch, role): "pair" = its S1 RTC item is in the catalog (linear gamma0 served); "grd" = PC's recorded
+#: sentinel-1-grd item describing the patch's S1 as BigEarthNet holds it (GRD, terrain-corrected, dB: proj:* and
+#: raster:bands unit dB set, the dB file served as is); "no-s1" = no S1 item; "no-vh" = its S1 RTC item lacks vh
 PATCHES = {
     "S2A_MSIL2A_20170613T101031_87_48": "pair",   # Austria/Czechia 33UUP, S1 6.7 h later
-    "S2A_MSIL2A_20170617T113321_36_85": "pair",   # Ireland 29UPU, S1 4.8 h earlier
+    "S2A_MSIL2A_20170617T113321_36_85": "grd",    # Ireland 29UPU, S1 4.8 h earlier
     "S2A_MSIL2A_20171221T112501_56_35": "no-s1",  # Portugal 29SND
     "S2B_MSIL2A_20180204T94161_57_38": "no-vh",   # Finland 35VPK
 }
+
+
+def _recorded_grd(stac_data: Path) -> dict:
+    """PC's recorded sentinel-1-grd item (the search cassette of stac-geoparquet's smoke test)."""
+    import yaml
+
+    for inter in yaml.safe_load((stac_data / "stac-geoparquet" / "test_smoke_sentinel-1-grd.yaml").read_text())[
+            "interactions"]:
+        try:
+            feats = json.loads(inter["response"]["body"]["string"]).get("features") or []
+        except (ValueError, TypeError):
+            continue
+        if feats:
+            return feats[0]
+    raise AssertionError("no recorded sentinel-1-grd item")
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +120,22 @@ def _catalog_items(ben: Path, stac_data: Path, url: str, tmp: Path) -> tuple[lis
         if role == "no-s1":
             continue
         s1dir, s1meta = s1_of[patch]
-        s1 = copy.deepcopy(s1_rec[i])
         geom1, bbox1 = _footprint(next(s1dir.glob("*_VV.tif")))
-        s1.update(geometry=geom1, bbox=bbox1, links=[])
         g = _grid(next(s1dir.glob("*_VV.tif")))
+        if role == "grd":
+            grd = copy.deepcopy(_recorded_grd(stac_data))
+            grd.update(geometry=geom1, bbox=bbox1, links=[])
+            grd["properties"].update({"datetime": _iso(s1meta["acquisition_time"]), "proj:epsg": g["epsg"],
+                                      "proj:transform": g["proj:transform"], "proj:shape": g["proj:shape"]})
+            for pol in ("vv", "vh"):
+                blob = f"sentinel1euwest/s1-grd/{s1dir.name}/iw-{pol}.tiff"
+                files[blob] = next(s1dir.glob(f"*_{pol.upper()}.tif"))
+                grd["assets"][pol]["href"] = f"{url}/blob/{blob}"
+                grd["assets"][pol]["raster:bands"] = [{"unit": "dB", "data_type": "float32"}]
+            items.append(grd)
+            continue
+        s1 = copy.deepcopy(s1_rec[i])
+        s1.update(geometry=geom1, bbox=bbox1, links=[])
         s1["properties"].update({"datetime": _iso(s1meta["acquisition_time"]), "proj:epsg": g["epsg"],
                                  "proj:transform": g["proj:transform"], "proj:shape": g["proj:shape"]})
         s1["properties"].pop("proj:bbox", None)
@@ -151,9 +180,10 @@ def test_pairs_from_planetary_computer_replay(pc, ben, tmp_path) -> None:
 
     srv, cat = pc
     out = tmp_path / "pairs"
-    res = build_sar_pairs(_open(cat), PairSpec(period="2017-01-01/2018-12-31", max_days=1.0), out)
+    spec = PairSpec(period="2017-01-01/2018-12-31", max_days=1.0, sar_collection="sentinel-1-rtc,sentinel-1-grd")
+    res = build_sar_pairs(_open(cat), spec, out)
     assert srv.refused == [] and srv.tokens_issued >= 1 and srv.blob_reads > 0  # every read signed
-    pairs = [p for p, role in PATCHES.items() if role == "pair"]
+    pairs = [p for p, role in PATCHES.items() if role in ("pair", "grd")]
     s2_ids = {it["id"]: it for it in srv.items if it["collection"] == "sentinel-2-l2a"}
     patch_of = {i: p for i, p in zip(s2_ids, PATCHES)}
     assert sorted(patch_of[i] for i in res.built) == sorted(pairs)
@@ -161,7 +191,7 @@ def test_pairs_from_planetary_computer_replay(pc, ben, tmp_path) -> None:
     why = {patch_of[s.id]: s.reason for s in res.skipped}
     assert set(why) == {"S2A_MSIL2A_20171221T112501_56_35", "S2B_MSIL2A_20180204T94161_57_38"}
     no_s1 = why["S2A_MSIL2A_20171221T112501_56_35"]
-    assert "no scene of sentinel-1-rtc" in no_s1 and "within 1 days" in no_s1 and "--max-days" in no_s1
+    assert "no scene of sentinel-1-rtc,sentinel-1-grd" in no_s1 and "within 1 days" in no_s1 and "--max-days" in no_s1
     no_vh = why["S2B_MSIL2A_20180204T94161_57_38"]
     s1_d = next(it["id"] for it in srv.items if it["collection"] == "sentinel-1-rtc" and "vh" not in it["assets"])
     assert s1_d in no_vh and "['vh']" in no_vh and "--pols vv" in no_vh
@@ -196,7 +226,7 @@ def test_pairs_from_planetary_computer_replay(pc, ben, tmp_path) -> None:
         assert -25 < vv < 0 and -32 < vh < -5 and vh < vv, (vv, vh)  # land: VH several dB below VV
         # provenance: ids, time gap, hrefs unsigned and on the blob store
         s1_id = rec["s1"]["id"]
-        assert rec["s2"]["id"] == s2_id and rec["s1"]["kind"] == "RTC"
+        assert rec["s2"]["id"] == s2_id and rec["s1"]["kind"] == ("GRD" if PATCHES[patch] == "grd" else "RTC")
         expected_gap = (datetime.fromisoformat(s1meta["acquisition_time"]) - datetime.fromisoformat(
             json.loads(next((ben / "s2" / patch).glob("*_labels_metadata.json")).read_text())["acquisition_date"])
         ).total_seconds() / 3600
@@ -216,7 +246,7 @@ def test_pairs_from_planetary_computer_replay(pc, ben, tmp_path) -> None:
     # resume: a rerun reads no pixel and keeps the files
     before = {p: p.read_bytes() for p in out.rglob("*.tif")}
     reads = srv.blob_reads
-    again = build_sar_pairs(_open(cat), PairSpec(period="2017-01-01/2018-12-31", max_days=1.0), out)
+    again = build_sar_pairs(_open(cat), spec, out)
     assert sorted(again.existing) == sorted(res.built) and again.built == []
     assert srv.blob_reads == reads
     assert {p: p.read_bytes() for p in out.rglob("*.tif")} == before
@@ -295,3 +325,37 @@ def test_train_help_lists_sar_pairs_and_model_training_still_parses() -> None:
     assert r.exit_code == 0 and "SEN12MS-CR-TS" in r.output and "--max-days" in r.output
     r = CliRunner().invoke(main, ["train", "no-such-model", "--steps", "1"])
     assert r.exit_code == 2 and "no-such-model" in r.output
+
+
+def test_raw_grd_in_radar_geometry_is_refused_with_the_fix(stac_data) -> None:
+    """PC's sentinel-1-grd as recorded (amplitude DN in radar geometry, no proj:*): never turned into 'dB'."""
+    import pystac
+
+    from cloudfree.pipeline.training.sar_pairs import backscatter_problem
+
+    grd = pystac.Item.from_dict(_recorded_grd(stac_data))
+    why = backscatter_problem(grd, ("vv", "vh"))
+    assert why is not None and grd.id in why and "radar geometry" in why and "'vv'" in why
+
+
+def test_choose_sar_names_the_raw_grd_scene_and_the_fix(ben, stac_data, tmp_path) -> None:
+    """Through a real catalog backend (a local item collection): an S2 item whose only S1 within the window is a
+    raw GRD scene gets the message naming both items and the fix; nothing is read."""
+    from cloudfree.catalogs.local import LocalCatalog
+    from cloudfree.pipeline.errors import InputDataError
+    from cloudfree.pipeline.training.sar_pairs import PairSpec, choose_sar
+
+    items, _ = _catalog_items(ben, stac_data, "http://127.0.0.1:9", tmp_path)
+    s2 = next(it for it in items if it["collection"] == "sentinel-2-l2a")
+    grd = copy.deepcopy(_recorded_grd(stac_data))
+    grd.update(geometry=s2["geometry"], bbox=s2["bbox"], links=[])
+    grd["properties"]["datetime"] = s2["properties"]["datetime"]
+    path = tmp_path / "items.json"
+    path.write_text(json.dumps([s2, grd]))
+    cat = LocalCatalog(path)
+    [s2_item] = [it for it in cat._load() if it.id == s2["id"]]
+    with pytest.raises(InputDataError) as ei:
+        choose_sar(cat, s2_item, PairSpec(sar_collection="sentinel-1-grd"))
+    msg = str(ei.value)
+    assert s2["id"] in msg and grd["id"] in msg and "use sentinel-1-rtc" in msg and "geocode" in msg
+

@@ -128,6 +128,31 @@ def _pols_of(item: Any, pols: Sequence[str]) -> list[str]:
     return [p for p in pols if _sar_source(item, p) is None]
 
 
+def backscatter_problem(item: Any, pols: Sequence[str]) -> str | None:
+    """Why ``item``'s pixels are not geocoded backscatter (None when they are). RTC items are (gamma0 on a map
+    grid). Other items (GRD) qualify only when they declare a map projection (``proj:epsg``/``proj:code``/
+    ``proj:wkt2`` on the item or the asset) AND backscatter units (``raster:bands`` unit dB / linear / power, or
+    ``cloudfree:db``): Planetary Computer's and Earth Search's ``sentinel-1-grd`` hold uncalibrated amplitude DN in
+    radar geometry (GCPs only), which 10 log10 would turn into numbers that are not dB of anything."""
+    from cloudfree.stages.load import _sar_source
+    from cloudfree.stages.search import is_rtc
+
+    if is_rtc(item):
+        return None
+    for pol in pols:
+        key, idx, is_db = _sar_source(item, pol)
+        a = item.assets[key]
+        fields = {**item.properties, **a.extra_fields}
+        geocoded = any(fields.get(k) for k in ("proj:epsg", "proj:code", "proj:wkt2", "proj:projjson"))
+        rb = a.extra_fields.get("raster:bands") or [{}]
+        unit = str(rb[min(idx - 1, len(rb) - 1)].get("unit", "")).lower()
+        if not geocoded or not (is_db or unit in ("linear", "power", "1")):
+            return (f"{item.id} asset {key!r} is {'not geocoded (no proj:* grid: radar geometry) and ' if not geocoded else ''}"
+                    f"{'not declared as backscatter (raster:bands unit dB/linear)' if not (is_db or unit) else 'in unit ' + repr(unit)}"
+                    " (GRD amplitude DN)")
+    return None
+
+
 def choose_sar(catalog: Any, s2: Any, spec: PairSpec) -> tuple[Any, float, float]:
     """The S1 scene of ``s2``: the best candidate that carries every polarisation of ``spec.pols``. Raises
     :class:`InputDataError` naming the S2 (or S1) item and the fix when there is none."""
@@ -138,12 +163,21 @@ def choose_sar(catalog: Any, s2: Any, spec: PairSpec) -> tuple[Any, float, float
             f"{spec.min_overlap:.0%} of its footprint) within {spec.max_days:g} days; widen --max-days, add "
             "another Sentinel-1 collection to --sar-collection (e.g. sentinel-1-rtc,sentinel-1-grd), or drop this "
             "date")
-    lacking = []
+    lacking, raw = [], []
     for c in cands:
         missing = _pols_of(c[0], spec.pols)
-        if not missing:
+        if missing:
+            lacking.append(f"{c[0].id} lacks {missing} (assets {sorted(c[0].assets)})")
+            continue
+        why = backscatter_problem(c[0], spec.pols)
+        if why is None:
             return c
-        lacking.append(f"{c[0].id} lacks {missing} (assets {sorted(c[0].assets)})")
+        raw.append(why)
+    if raw:
+        raise InputDataError(
+            f"S2 item {s2.id}: no Sentinel-1 scene within {spec.max_days:g} days holds geocoded backscatter: "
+            f"{'; '.join(raw + lacking)}; use sentinel-1-rtc (radiometrically terrain-corrected gamma0 on a map "
+            "grid), or calibrate and geocode the GRD scenes first (e.g. with SNAP or pyroSAR) and catalog those")
     raise InputDataError(
         f"S2 item {s2.id}: the Sentinel-1 scene(s) within {spec.max_days:g} days carry no "
         f"{'/'.join(spec.pols)} asset: {'; '.join(lacking)}; use a dual-polarisation collection whose items have "
