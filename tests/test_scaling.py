@@ -317,13 +317,17 @@ def test_bench_batch_splits_fixed_and_per_pixel_cost_and_compares_with_the_odc_l
 
     rows = [{"job": "batch:m", "targets": 50, "side_px": 100, "seconds_per_target": 0.5, "seconds_total": 25.0, "peak_rss_mb": 1.0},
             {"job": "batch:m", "targets": 4, "side_px": 400, "seconds_per_target": 2.0, "seconds_total": 8.0, "peak_rss_mb": 1.0},
-            {"job": "odc-loop", "targets": 50, "side_px": 100, "seconds_per_target": 0.2, "seconds_total": 10.0, "peak_rss_mb": 1.0}]
+            {"job": "odc-loop", "targets": 50, "side_px": 100, "seconds_per_target": 0.2, "seconds_total": 10.0, "peak_rss_mb": 1.0},
+            {"job": "batch:m", "targets": 50, "side_px": 100, "seconds_per_target": 0.3, "seconds_total": 15.0,
+             "peak_rss_mb": 2.0, "in_flight": 2}]
     r = batch_ratios(rows)
     b = 1.5 / (400 ** 2 - 100 ** 2)
+    # the fixed and per-pixel cost come from the one-at-a-time rows only; the in-flight row has its own ratio
     assert r["fixed_and_per_pixel"]["batch:m"] == {"fixed_s": round(0.5 - b * 1e4, 3), "us_per_px": round(b * 1e6, 3)}
-    assert r["batch_over_odc_loop"] == {"batch:m 50x100px": 2.5}
+    assert r["batch_over_odc_loop"] == {"batch:m 50x100px": 2.5, "batch:m 50x100px, 2 in flight": 1.5}
     md = batch_markdown({"batch": rows, "batch_ratios": r})
-    assert "| batch:m 50x100px | 2.5 |" in md
+    assert "| batch:m 50x100px | 2.5 |" in md and "| batch:m 50x100px, 2 in flight | 1.5 |" in md
+    assert "| batch:m | 2 | 50 | 100 |" in md and "| batch:m | 1 | 50 | 100 |" in md
     item = local_29rkh_item(DATA)
     aois = batch_windows(item, 100, 3)
     shapes = {tuple(output_geobox(item, GridConfig(resolution=100.0), a).shape) for a in aois}

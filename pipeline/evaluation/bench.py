@@ -224,8 +224,11 @@ def run_one(job: str, factor: int, workers: int, folder: Path) -> dict:
 #: ``batch:<model>`` = ``process_target`` per target (target + 2 references, masks, co-registration, tiles, COGs,
 #: STAC item); ``odc-loop`` = per target an odc-stac ``load`` of the same 3 items and bands on the same grid +
 #: ``median("time")`` + ``write_cog``. Two sides give the fixed cost and the per-pixel cost (time = a + b * px).
-BATCH_JOBS = (("batch:reference-replace", 50, 100), ("odc-loop", 50, 100), ("batch:reference-replace", 3, 400),
-              ("odc-loop", 3, 400), ("batch:phyvlm-cr", 16, 100), ("batch:phyvlm-cr", 3, 400))
+#: An optional 4th element runs that many targets in flight (``run.concurrent_targets`` on the threaded scheduler,
+#: ``runner.map_units``); its seconds per target are then the batch's total over its targets (throughput).
+BATCH_JOBS = (("batch:reference-replace", 50, 100), ("odc-loop", 50, 100), ("batch:reference-replace", 50, 100, 2),
+              ("batch:reference-replace", 3, 400), ("odc-loop", 3, 400), ("batch:phyvlm-cr", 16, 100),
+              ("batch:phyvlm-cr", 3, 400))
 
 
 def batch_windows(item: pystac.Item, side: int, n: int) -> list[tuple[float, float, float, float]]:
@@ -248,13 +251,14 @@ def batch_windows(item: pystac.Item, side: int, n: int) -> list[tuple[float, flo
     return out
 
 
-def run_batch(job: str, n: int, side: int, workers: int, folder: Path) -> dict:
+def run_batch(job: str, n: int, side: int, workers: int, folder: Path, in_flight: int = 1) -> dict:
     """One small-target batch in this process (call it in a fresh subprocess): per-target seconds after one untimed
-    warm-up target, the batch's total and the process's peak RSS."""
+    warm-up target, the batch's total and the process's peak RSS. ``in_flight`` > 1: that many targets at a time
+    (``runner.map_units``, as ``run.concurrent_targets`` on threads); seconds per target = total / targets."""
     import statistics
 
     from cloudfree.models.registry import build_model
-    from cloudfree.pipeline.runner import dask_context, process_target
+    from cloudfree.pipeline.runner import dask_context, map_units, process_target
     from cloudfree.stages.load import output_geobox
     from cloudfree.stages.search import Candidate, TargetPlan
 
@@ -270,28 +274,36 @@ def run_batch(job: str, n: int, side: int, workers: int, folder: Path) -> dict:
         plan = TargetPlan(items[0], tuple(Candidate(item=it, dt_days=-5.0 * k, clear_fraction=1.0, overlap=1.0,
                                                     same_orbit=True, same_tile=True, score=1.0, reason="bench")
                                           for k, it in enumerate(items[1:3], 1)), ())
-        with dask_context(cfg0):
-            for i, aoi in enumerate(aois):
-                out = Path(tmp) / f"t{i}"
-                cfg = cfg0.replace(search={"aoi": list(aoi)}, output={"dir": str(out)})
-                t0 = time.perf_counter()
-                if model is not None:
-                    r = process_target(plan, model, cfg, "bench")
-                    if r.status != "done":
-                        raise RuntimeError(f"bench batch target {i} failed: {r.error}")
-                else:
-                    import dask
+        def one(i: int) -> float:
+            aoi = aois[i]
+            out = Path(tmp) / f"t{i}"
+            cfg = cfg0.replace(search={"aoi": list(aoi)}, output={"dir": str(out)})
+            t0 = time.perf_counter()
+            if model is not None:
+                r = process_target(plan, model, cfg, "bench")
+                if r.status != "done":
+                    raise RuntimeError(f"bench batch target {i} failed: {r.error}")
+            else:
+                import dask
 
-                    out.mkdir(parents=True)
-                    geobox = output_geobox(items[0], cfg.grid, aoi)
-                    with dask.config.set(scheduler="threads", num_workers=workers):
-                        _odc_median(items, geobox, out)
-                if i:  # the first target warms the process (GDAL, numba, the model's first call)
-                    secs.append(time.perf_counter() - t0)
-                shapes.add(tuple(output_geobox(items[0], cfg.grid, aoi).shape))
-    return {"job": job, "targets": n, "side_px": side, "workers": workers, "shapes": sorted(shapes),
-            "seconds_per_target": round(statistics.median(secs), 3), "seconds_total": round(sum(secs), 2),
-            "rss_after_imports_mb": round(base, 1), "peak_rss_mb": round(_peak_rss_mb(), 1)}
+                out.mkdir(parents=True)
+                geobox = output_geobox(items[0], cfg.grid, aoi)
+                with dask.config.set(scheduler="threads", num_workers=workers):
+                    _odc_median(items, geobox, out)
+            shapes.add(tuple(output_geobox(items[0], cfg.grid, aoi).shape))
+            return time.perf_counter() - t0
+
+        with dask_context(cfg0):
+            one(0)  # the first target warms the process (GDAL, numba, the model's first call): not timed
+            t_all = time.perf_counter()
+            secs = map_units(one, list(range(1, len(aois))), in_flight)
+            total = time.perf_counter() - t_all
+    row = {"job": job, "targets": n, "side_px": side, "workers": workers, "shapes": sorted(shapes),
+           "seconds_per_target": round(statistics.median(secs), 3), "seconds_total": round(sum(secs), 2),
+           "rss_after_imports_mb": round(base, 1), "peak_rss_mb": round(_peak_rss_mb(), 1)}
+    if in_flight > 1:  # the targets overlap: the batch's wall-clock total, and per target its share of it
+        row.update(in_flight=in_flight, seconds_total=round(total, 2), seconds_per_target=round(total / n, 3))
+    return row
 
 
 def batch_ratios(batch: list[dict]) -> dict:
@@ -299,7 +311,8 @@ def batch_ratios(batch: list[dict]) -> dict:
     over the odc-stac loop."""
     out: dict = {"fixed_and_per_pixel": {}, "batch_over_odc_loop": {}}
     for job in sorted({b["job"] for b in batch if "seconds_per_target" in b}):
-        rows = sorted((b for b in batch if b["job"] == job and "seconds_per_target" in b), key=lambda b: b["side_px"])
+        rows = sorted((b for b in batch if b["job"] == job and "seconds_per_target" in b
+                       and b.get("in_flight", 1) == 1), key=lambda b: b["side_px"])
         if len(rows) >= 2:
             (s0, t0), (s1, t1) = (rows[0]["side_px"] ** 2, rows[0]["seconds_per_target"]), \
                 (rows[-1]["side_px"] ** 2, rows[-1]["seconds_per_target"])
@@ -309,7 +322,8 @@ def batch_ratios(batch: list[dict]) -> dict:
     for b in batch:
         o = odc.get(b["side_px"])
         if b["job"] != "odc-loop" and o and "seconds_total" in b and b["targets"] == o["targets"]:
-            out["batch_over_odc_loop"][f"{b['job']} {b['targets']}x{b['side_px']}px"] = round(
+            flight = f", {b['in_flight']} in flight" if b.get("in_flight", 1) > 1 else ""
+            out["batch_over_odc_loop"][f"{b['job']} {b['targets']}x{b['side_px']}px{flight}"] = round(
                 b["seconds_total"] / o["seconds_total"], 2)
     return out
 
@@ -331,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat-max-factor", type=int, default=4)
     ap.add_argument("--one", nargs=3, metavar=("JOB", "FACTOR", "WORKERS"), help=argparse.SUPPRESS)
     ap.add_argument("--one-batch", nargs=4, metavar=("JOB", "N", "SIDE", "WORKERS"), help=argparse.SUPPRESS)
+    ap.add_argument("--in-flight", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--batch-only", action="store_true", help="only the small-target batches (BATCH_JOBS)")
     ap.add_argument("--no-batch", action="store_true", help="skip the small-target batches")
     args = ap.parse_args(argv)
@@ -340,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.one_batch:
         j, n, side, w = args.one_batch
-        sys.stdout.write(json.dumps(run_batch(j, int(n), int(side), int(w), args.data)) + "\n")
+        sys.stdout.write(json.dumps(run_batch(j, int(n), int(side), int(w), args.data, args.in_flight)) + "\n")
         return 0
     if not (args.data / "B02.tif").exists():
         log.error("benchmark data %s not found; pass --data to the s2-l2a-tile-29RKH-100m folder", args.data)
@@ -350,14 +365,15 @@ def main(argv: list[str] | None = None) -> int:
     workers = [int(x) for x in args.workers.split(",")]
     env = {**os.environ, "GDAL_CACHEMAX": str(args.gdal_cachemax)}
     batch = []
-    for job, n, side in (() if args.no_batch else BATCH_JOBS):
-        w = max(workers)
+    for job, n, side, *flight in (() if args.no_batch else BATCH_JOBS):
+        w, in_flight = max(workers), (flight or [1])[0]
         proc = subprocess.run([sys.executable, "-m", "cloudfree.pipeline.evaluation.bench", "--data", str(args.data),
-                               "--one-batch", job, str(n), str(side), str(w)], capture_output=True, text=True,
-                              check=False, env=env)
+                               "--one-batch", job, str(n), str(side), str(w), "--in-flight", str(in_flight)],
+                              capture_output=True, text=True, check=False, env=env)
         if proc.returncode:
             log.error("bench batch %s %dx%d failed:\n%s", job, n, side, proc.stderr[-3000:])
-            batch.append({"job": job, "targets": n, "side_px": side, "workers": w, "error": proc.stderr[-500:]})
+            batch.append({"job": job, "targets": n, "side_px": side, "workers": w, "error": proc.stderr[-500:],
+                          **({"in_flight": in_flight} if in_flight > 1 else {})})
             continue
         batch.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         log.warning("%s", batch[-1])
@@ -493,16 +509,20 @@ def batch_markdown(result: dict) -> str:
     lines = ["Small-target batches (`python -m cloudfree.pipeline.evaluation.bench --batch-only`, part of `make bench`): "
              "one warm process per row, target + 2 references on the 29RKH grid at 100 m, per-target seconds = median "
              "after one untimed warm-up target; `odc-loop` = odc-stac load of the same 3 items and bands on the same "
-             "grid + median + write_cog per target.", "",
-             "| job | targets | side (px) | output shape | seconds per target | seconds total | peak RSS (MB) |",
-             "|---|---:|---:|---|---:|---:|---:|"]
+             "grid + median + write_cog per target. `in flight` > 1: that many targets at a time "
+             "(`run.concurrent_targets` on the threaded scheduler); seconds per target = the batch's wall-clock "
+             "total / targets.", "",
+             "| job | in flight | targets | side (px) | output shape | seconds per target | seconds total | "
+             "peak RSS (MB) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|"]
     for b in result["batch"]:
+        flight = b.get("in_flight", 1)
         if "seconds_per_target" not in b:
-            lines.append(f"| {b['job']} | {b['targets']} | {b['side_px']} | | failed | | |")
+            lines.append(f"| {b['job']} | {flight} | {b['targets']} | {b['side_px']} | | failed | | |")
             continue
         shapes = ", ".join(f"{h}x{w}" for h, w in b.get("shapes", []))
-        lines.append(f"| {b['job']} | {b['targets']} | {b['side_px']} | {shapes} | {b['seconds_per_target']} | "
-                     f"{b['seconds_total']} | {b['peak_rss_mb']} |")
+        lines.append(f"| {b['job']} | {flight} | {b['targets']} | {b['side_px']} | {shapes} | "
+                     f"{b['seconds_per_target']} | {b['seconds_total']} | {b['peak_rss_mb']} |")
     br = result.get("batch_ratios") or {}
     if br.get("fixed_and_per_pixel"):
         lines += ["", "| job | fixed cost per target (s, target <= 1) | per-pixel cost (us/px) |", "|---|---:|---:|"]
