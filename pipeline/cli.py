@@ -485,8 +485,12 @@ def train_model(model_name, config, out, steps, seed, catalog, device, export, r
                    "AOI for whole tiles (a pair is computed in memory, ~56 bytes a pixel).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False),
               help="Output folder (pairs/<S2 id>/{s2,s1,scl}.tif + pair.json, summary.json); a rerun resumes.")
+@click.option("--sen12ms-cr-ts", "ts_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write every pair of --out in the SEN12MS-CR-TS layout here (one tile a grid, 256 px "
+                   "patches, S2 DN with B10 zeros, S1 dB): train on it with data.source: sen12ms-cr-ts, "
+                   "data.path: this folder.")
 def sar_pairs(config, catalog_, collection, sar_collection, bbox, aoi, period, max_days, bands, pols, resolution,
-              min_sar_valid, max_items, max_pixels, out) -> None:
+              min_sar_valid, max_items, max_pixels, out, ts_dir) -> None:
     """Build co-located Sentinel-1 + Sentinel-2 L2A training pairs with REAL SAR, as SEN12MS-CR-TS was built.
 
     \b
@@ -506,7 +510,7 @@ def sar_pairs(config, catalog_, collection, sar_collection, bbox, aoi, period, m
     from cloudfree.catalogs.base import open_catalog
     from cloudfree.pipeline.api import catalog_section
     from cloudfree.pipeline.redact import printable, redact
-    from cloudfree.pipeline.training.sar_pairs import build_sar_pairs, spec_from_args
+    from cloudfree.pipeline.training.sar_pairs import build_sar_pairs, export_sen12ms_cr_ts, spec_from_args
 
     if bbox and aoi:
         raise click.UsageError("give --bbox or --aoi, not both")
@@ -532,6 +536,12 @@ def sar_pairs(config, catalog_, collection, sar_collection, bbox, aoi, period, m
         f"{s['distinct_s2_images']} distinct S2 image(s), {s['distinct_s1_scenes']} S1 scene(s), "
         f"{s['pixels']:,} pixels; S1-S2 gap {gaps['min']:.1f}-{gaps['max']:.1f} h; "
         f"{len(res.skipped)} item(s) skipped; summary: {Path(out) / 'summary.json'}"))
+    if ts_dir:
+        info = export_sen12ms_cr_ts(out, ts_dir)
+        click.echo(printable(f"SEN12MS-CR-TS layout: {info['files']} files, {info['tiles']} tile(s) in {ts_dir}"
+                             + (f"; {len(info['single_date_grids'])} tile(s) with one date only (the reader "
+                                "needs 2 or more)" if info["single_date_grids"] else "")
+                             + "; train with data.source: sen12ms-cr-ts and data.path: " + str(ts_dir)))
 
 
 @main.command("demo-catalog")

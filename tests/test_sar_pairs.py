@@ -243,6 +243,27 @@ def test_pairs_from_planetary_computer_replay(pc, ben, tmp_path) -> None:
     assert "sig=" not in (out / "summary.json").read_text()
     assert sorted(g["shape"] for g in summary["grids"]) == [[120, 120], [120, 120]]  # two places, one date each
     assert sorted(len(g["dates"]) for g in summary["grids"]) == [1, 1]
+    # the SEN12MS-CR-TS layout (what `cloudfree train MODEL` reads with data.source: sen12ms-cr-ts)
+    from cloudfree.pipeline.training.datasets import _TS_NAME
+    from cloudfree.pipeline.training.sar_pairs import export_sen12ms_cr_ts
+
+    info = export_sen12ms_cr_ts(out, tmp_path / "ts")
+    assert info["tiles"] == 2 and len(info["single_date_grids"]) == 2 and info["files"] == 4
+    s2_files = sorted((tmp_path / "ts").glob("cloudfree/*/S2/0/*.tif"))
+    assert len(s2_files) == 2 and all(_TS_NAME.match(f.name) for f in s2_files)
+    for f in s2_files:
+        m = _TS_NAME.match(f.name)
+        rec = next(json.loads((out / "pairs" / i / "pair.json").read_text()) for i in res.built
+                   if json.loads((out / "pairs" / i / "pair.json").read_text())["s2"]["datetime"][:10] == m["date"])
+        patch = patch_of[rec["s2"]["id"]]
+        with rasterio.open(f) as ds:
+            dn = ds.read()
+        assert dn.shape == (13, 120, 120) and dn.dtype == np.uint16 and not dn[10].any()  # B10 zeros
+        with rasterio.open(ben / "s2" / patch / f"{patch}_B04.tif") as src:
+            np.testing.assert_array_equal(dn[3], src.read(1))  # the patch's own DN back
+        s1_file = f.parents[2] / "S1" / "0" / f.name.replace("s2_", "s1_", 1)
+        with rasterio.open(s1_file) as ds, rasterio.open(out / "pairs" / rec["s2"]["id"] / "s1.tif") as pair:
+            np.testing.assert_array_equal(ds.read(), pair.read())
     # resume: a rerun reads no pixel and keeps the files
     before = {p: p.read_bytes() for p in out.rglob("*.tif")}
     reads = srv.blob_reads
@@ -301,6 +322,11 @@ def test_cli_sar_pairs_with_bbox_cuts_the_grid(pc, ben, tmp_path) -> None:
         np.testing.assert_allclose(b02, src.read(1)[r0:r0 + shape[0], c0:c0 + shape[1]] / 10000.0, rtol=1e-6)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pixels"] == shape[0] * shape[1] and summary["catalog"]["kind"] == "planetary-computer"
+    # the SEN12MS-CR-TS layout needs every L2A band: pairs of 3 bands are refused, naming the pair and the fix
+    r = CliRunner().invoke(main, ["train", "sar-pairs", "-c", str(cfg), "--bbox", str(xs[0]), str(ys[0]), str(xs[1]),
+                                  str(ys[1]), "--period", "2017-06", "--max-days", "1", "--bands", "B02,B04,B08",
+                                  "--out", str(out), "--sen12ms-cr-ts", str(tmp_path / "ts")])
+    assert r.exit_code == 2 and s2["id"] in r.output and "default --bands" in r.output
     # bad input through the CLI: an exit status 2 and one error line naming the items and the fix
     r = CliRunner().invoke(main, ["train", "sar-pairs", "-c", str(cfg), "--period", "2017-12", "--out",
                                   str(tmp_path / "none")])

@@ -429,3 +429,99 @@ def spec_from_args(*, collection: str, sar_collection: str, bbox=None, aoi=None,
     kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items() if v is not None}
     return PairSpec(collection=collection, sar_collection=sar_collection, bbox=b, geometry=g, period=period, **kw)
 
+
+
+# -- SEN12MS-CR-TS layout: `cloudfree train MODEL` reads the pairs with data.source: sen12ms-cr-ts -------------------
+S2_13 = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
+TS_ROI = "cloudfree"
+
+
+def _tile_name(grid_index: int, records: Sequence[dict[str, Any]]) -> str:
+    import re
+
+    mgrs = next((r["s2"].get("mgrs_tile") for r in records if r["s2"].get("mgrs_tile")), None)
+    base = re.sub(r"[^A-Za-z0-9]", "", str(mgrs or "grid"))[:16] or "grid"
+    return f"{base}g{grid_index}"
+
+
+def _write_atomic_tif(path: Path, data: np.ndarray, dtype: str, transform, crs_wkt: str) -> None:
+    import os
+
+    import rasterio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:6]}.part")
+    try:
+        with rasterio.open(tmp, "w", driver="GTiff", width=data.shape[-1], height=data.shape[-2], count=data.shape[0],
+                           dtype=dtype, crs=crs_wkt, transform=transform, compress="deflate") as ds:
+            ds.write(data.astype(dtype))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def export_sen12ms_cr_ts(pairs_out: str | Path, dest: str | Path, patch: int = 256) -> dict[str, Any]:
+    """Write the pairs under ``pairs_out`` in the SEN12MS-CR-TS layout at ``dest`` (read by
+    :class:`cloudfree.pipeline.training.datasets.Sen12MSCRTS`: ``data.source: sen12ms-cr-ts``, ``data.path: dest``):
+    ``<dest>/cloudfree/<tile>/{S1,S2}/<patch>/{s1,s2}_cloudfree_<tile>_ImgNo_<t>_<date>_patch_<patch>.tif``.
+
+    One ``<tile>`` per grid (the pairs of one place, its dates numbered ``t`` in time order; one pair per day),
+    cut into ``patch`` x ``patch`` patches (a grid smaller than that is one patch). S2: the 13 bands of the layout
+    as DN (reflectance x 10000, uint16, 0 = nodata) with **B10 all zeros** (L2A has no B10; the reader's cloud score
+    then uses B01 alone for that term); S1: VV, VH in dB (float32). Needs pairs built with all 12 L2A bands (the
+    default ``--bands``). The reader samples a cloudy target and a clearer truth per patch, so a grid needs at
+    least 2 dates; grids with one are reported in ``single_date_grids``. Files are written atomically; a rerun
+    rewrites them."""
+    from cloudfree.pipeline.fileio import write_json_atomic
+
+    pairs_out, dest = Path(pairs_out), Path(dest)
+    records = [json.loads(f.read_text()) for f in sorted(_pairs_dir(pairs_out).glob(f"*/{PAIR_JSON}"))]
+    if not records:
+        raise InputDataError(f"no pairs under {pairs_out / PAIRS}; build them first (cloudfree train sar-pairs)")
+    by: dict[tuple, list[dict[str, Any]]] = {}
+    for r in records:
+        g = r["grid"]
+        by.setdefault((g["crs"], tuple(g["transform"]), tuple(g["shape"])), []).append(r)
+    written, single = 0, []
+    import rasterio
+    from affine import Affine
+
+    for gi, (key, rs) in enumerate(by.items()):
+        tile = _tile_name(gi, rs)
+        rs = sorted(rs, key=lambda r: r["s2"]["datetime"])
+        days: dict[str, dict[str, Any]] = {}
+        for r in rs:
+            days.setdefault(r["s2"]["datetime"][:10], r)
+        if len(days) < 2:
+            single.append(tile)
+        crs_wkt, tr, (ny, nx) = key[0], Affine(*key[1]), key[2]
+        py, px = min(patch, ny), min(patch, nx)
+        windows = [(y, x) for y in range(0, ny - py + 1, py) for x in range(0, nx - px + 1, px)]
+        for t, (day, r) in enumerate(days.items()):
+            missing = [b for b in S2_13 if b != "B10" and b not in r["bands"]]
+            if missing:
+                raise InputDataError(f"pair {r['s2']['id']} lacks bands {missing}; the SEN12MS-CR-TS layout has all "
+                                     "13: rebuild the pairs with the default --bands")
+            folder = _pairs_dir(pairs_out) / _stem(r["s2"]["id"])
+            with rasterio.open(folder / r["files"]["s2"]) as ds:
+                refl = ds.read()
+            with rasterio.open(folder / r["files"]["s1"]) as ds:
+                db = ds.read()
+            dn = np.zeros((13, ny, nx), np.uint16)
+            for i, b in enumerate(S2_13):
+                if b != "B10":
+                    v = refl[r["bands"].index(b)]
+                    dn[i] = np.where(np.isfinite(v), np.clip(np.round(v * 10000.0), 1, 65535), 0)
+            for k, (y, x) in enumerate(windows):
+                wt = tr * Affine.translation(x, y)
+                for kind, arr, dtype in (("s2", dn, "uint16"), ("s1", db[:2], "float32")):
+                    name = f"{kind}_{TS_ROI}_{tile}_ImgNo_{t}_{day}_patch_{k}.tif"
+                    _write_atomic_tif(dest / TS_ROI / tile / kind.upper() / str(k) / name,
+                                      arr[:, y:y + py, x:x + px], dtype, wt, crs_wkt)
+                    written += 1
+    info = {"layout": "SEN12MS-CR-TS", "root": str(dest), "tiles": len(by), "files": written,
+            "single_date_grids": single, "b10": "zeros (L2A has no B10)",
+            "train_with": {"data": {"source": "sen12ms-cr-ts", "path": str(dest)}}}
+    write_json_atomic(info, dest / "cloudfree-export.json")
+    return info
