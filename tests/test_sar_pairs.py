@@ -248,6 +248,13 @@ def test_pairs_from_planetary_computer_replay(pc, ben, tmp_path) -> None:
     from cloudfree.pipeline.training.sar_pairs import export_sen12ms_cr_ts
 
     info = export_sen12ms_cr_ts(out, tmp_path / "ts")
+    small = export_sen12ms_cr_ts(out, tmp_path / "ts64", patch=64)  # 120 px: patches at 0 and 56 in each axis
+    assert small["files"] == 2 * 2 * 4 and len(list((tmp_path / "ts64").glob("cloudfree/*/S2/*"))) == 2 * 4
+    last = next((tmp_path / "ts64").glob("cloudfree/33UUP*/S2/3/*.tif"))  # the patch at (56, 56) of 87_48
+    with rasterio.open(last) as ds, rasterio.open(ben / "s2" / "S2A_MSIL2A_20170613T101031_87_48" /
+                                                  "S2A_MSIL2A_20170613T101031_87_48_B02.tif") as src:
+        np.testing.assert_array_equal(ds.read(2), src.read(1)[56:, 56:])
+        assert ds.transform.c == src.transform.c + 560 and ds.transform.f == src.transform.f - 560
     assert info["tiles"] == 2 and len(info["single_date_grids"]) == 2 and info["files"] == 4
     s2_files = sorted((tmp_path / "ts").glob("cloudfree/*/S2/0/*.tif"))
     assert len(s2_files) == 2 and all(_TS_NAME.match(f.name) for f in s2_files)

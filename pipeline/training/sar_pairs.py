@@ -461,13 +461,21 @@ def _write_atomic_tif(path: Path, data: np.ndarray, dtype: str, transform, crs_w
         raise
 
 
+def _starts(n: int, p: int) -> list[int]:
+    """Patch origins along an axis of ``n`` pixels: every ``p``, the last one moved back to end at the edge (it
+    overlaps its neighbour) so that no pixel is left out."""
+    out = list(range(0, n - p + 1, p))
+    return out + [n - p] if out[-1] != n - p else out
+
+
 def export_sen12ms_cr_ts(pairs_out: str | Path, dest: str | Path, patch: int = 256) -> dict[str, Any]:
     """Write the pairs under ``pairs_out`` in the SEN12MS-CR-TS layout at ``dest`` (read by
     :class:`cloudfree.pipeline.training.datasets.Sen12MSCRTS`: ``data.source: sen12ms-cr-ts``, ``data.path: dest``):
     ``<dest>/cloudfree/<tile>/{S1,S2}/<patch>/{s1,s2}_cloudfree_<tile>_ImgNo_<t>_<date>_patch_<patch>.tif``.
 
     One ``<tile>`` per grid (the pairs of one place, its dates numbered ``t`` in time order; one pair per day),
-    cut into ``patch`` x ``patch`` patches (a grid smaller than that is one patch). S2: the 13 bands of the layout
+    cut into ``patch`` x ``patch`` patches covering it (the last row/column of patches overlaps its neighbour; a
+    grid smaller than that is one patch). S2: the 13 bands of the layout
     as DN (reflectance x 10000, uint16, 0 = nodata) with **B10 all zeros** (L2A has no B10; the reader's cloud score
     then uses B01 alone for that term); S1: VV, VH in dB (float32). Needs pairs built with all 12 L2A bands (the
     default ``--bands``). The reader samples a cloudy target and a clearer truth per patch, so a grid needs at
@@ -497,7 +505,7 @@ def export_sen12ms_cr_ts(pairs_out: str | Path, dest: str | Path, patch: int = 2
             single.append(tile)
         crs_wkt, tr, (ny, nx) = key[0], Affine(*key[1]), key[2]
         py, px = min(patch, ny), min(patch, nx)
-        windows = [(y, x) for y in range(0, ny - py + 1, py) for x in range(0, nx - px + 1, px)]
+        windows = [(y, x) for y in _starts(ny, py) for x in _starts(nx, px)]
         for t, (day, r) in enumerate(days.items()):
             missing = [b for b in S2_13 if b != "B10" and b not in r["bands"]]
             if missing:
