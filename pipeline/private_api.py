@@ -38,14 +38,15 @@ PRIVATE_APIS: tuple[PrivateAPI, ...] = (
     PrivateAPI(
         "odc-geo", "odc.geo.cog._tifffile", ("compute_cog_spec", "_make_empty_cog", "_patch_hdr",
                                               "_compress_cog_tile", "_mk_tile_compressor",
-                                              "_norm_compression_tifffile"), "0.5.3",
+                                              "_norm_compression_tifffile", "geotiff_metadata"), "0.5.3",
         "stages/cog.py (_unpadded, _assemble_cog, bound_lookahead, one_tile, write_cog_array)",
         "save_cog_with_dask(dst='') gives the header and per-tile compression graph; the header is patched with "
         "the tile offsets (_patch_hdr) when the parts are assembled in order, compute_cog_spec is called with "
         "max_pad=0 (no padding of the grid), and the tile compressions are found in the graph to bound the read "
         "look-ahead. A one-tile image (a small target) is written without a graph by the same calls "
         "(_norm_compression_tifffile, _make_empty_cog, _mk_tile_compressor, _patch_hdr), so its bytes are the "
-        "streaming writer's.",
+        "streaming writer's; its header reuses the grid's GeoTIFF tags (geotiff_metadata, patched like "
+        "compute_cog_spec) for every layer of a target.",
     ),
     PrivateAPI(
         "odc-loader", "odc.loader._builder", ("_dask_open_reader",), "0.6.5",
@@ -74,6 +75,9 @@ def _signature_problems() -> list[str]:
     if "sample_idx" not in inspect.signature(tf._mk_tile_compressor).parameters:
         problems.append("odc.geo.cog._tifffile._mk_tile_compressor no longer takes sample_idx "
                         "(stages/cog.py write_cog_array)")
+    if "geotiff_metadata" not in tf._make_empty_cog.__code__.co_names:
+        problems.append("odc.geo.cog._tifffile._make_empty_cog no longer calls geotiff_metadata by module name: "
+                        "stages/cog.py write_cog_array would stop reusing a grid's GeoTIFF tags")
     n = len(inspect.signature(tf._patch_hdr).parameters)
     if n != 5:
         problems.append(f"odc.geo.cog._tifffile._patch_hdr takes {n} arguments, stages/cog.py passes 5")

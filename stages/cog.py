@@ -140,7 +140,7 @@ def write_cog_array(arr: np.ndarray, geobox: GeoBox, dst: Path, names: Sequence[
                                                        level=level, kw={})
     meta, hdr0 = _unpadded(lambda: _make_empty_cog(
         arr.shape, arr.dtype, geobox, predictor=pred, compression=comp, compressionargs=comp_args,
-        blocksize=[blocksize, blocksize], bigtiff=False, nodata=nodata, gdal_metadata=""))
+        blocksize=[blocksize, blocksize], bigtiff=False, nodata=nodata, gdal_metadata=""), geotags_once=True)
     hdr0 = bytes(hdr0)
     if meta.overviews or meta.axis != "SYX":  # pragma: no cover - one_tile() above rules these out
         raise ValueError(f"{Path(dst).name}: an image with overviews goes through cog_write")
@@ -167,7 +167,35 @@ def write_cog_array(arr: np.ndarray, geobox: GeoBox, dst: Path, names: Sequence[
 _PAD_LOCK = threading.Lock()
 
 
-def _unpadded(build):
+#: GeoTIFF tags of recent grids without nodata (see :func:`_geotiff_tags_once`), most recent last.
+_GEOTAGS: dict = {}
+
+
+def _geotiff_tags_once(orig, geobox: GeoBox, nodata="auto", gdal_metadata=None):
+    """odc-geo's ``geotiff_metadata`` (it writes a 2x2 GeoTIFF through GDAL and reads its tags back: ~4-8 ms a
+    call, four calls per target) computed once per grid, without nodata; an integer nodata is then the GDAL_NODATA
+    tag GDAL writes for it (ASCII, the integer's digits), in the place GDAL puts it (after the GeoTIFF tags, before
+    the metadata tag). The same tags, so the same bytes (tests/test_scaling.py compares the files); other nodata
+    values (float, "auto") go to ``orig``."""
+    from tifffile import DATATYPE
+
+    if not (nodata is None or (isinstance(nodata, (int, np.integer)) and not isinstance(nodata, bool))):
+        return orig(geobox, nodata=nodata, gdal_metadata=gdal_metadata)
+    key = (geobox.crs.to_wkt(), tuple(geobox.affine), gdal_metadata)
+    if key not in _GEOTAGS:
+        _GEOTAGS[key] = orig(geobox, nodata=None, gdal_metadata=gdal_metadata)
+        while len(_GEOTAGS) > 16:
+            del _GEOTAGS[next(iter(_GEOTAGS))]
+    tags, md = _GEOTAGS[key]
+    tags = list(tags)
+    if nodata is not None:
+        text = str(int(nodata))
+        at = len(tags) - 1 if gdal_metadata is not None else len(tags)
+        tags.insert(at, (42113, DATATYPE.ASCII, len(text) + 1, text))
+    return tags, dict(md)
+
+
+def _unpadded(build, geotags_once: bool = False):
     """Run ``build`` (a graph-building call of odc-geo's COG writer) with the image NOT padded.
 
     odc-geo pads the image right/bottom to a multiple of ``2**levels`` so each overview halves exactly; that
@@ -181,12 +209,14 @@ def _unpadded(build):
     import odc.geo.cog._tifffile as tf
 
     with _PAD_LOCK:
-        orig = tf.compute_cog_spec
+        orig, orig_tags = tf.compute_cog_spec, tf.geotiff_metadata
         tf.compute_cog_spec = functools.partial(orig, max_pad=0)
+        if geotags_once:  # write_cog_array: the grid's GeoTIFF tags computed once for all layers of a target
+            tf.geotiff_metadata = functools.partial(_geotiff_tags_once, orig_tags)
         try:
             return build()
         finally:
-            tf.compute_cog_spec = orig
+            tf.compute_cog_spec, tf.geotiff_metadata = orig, orig_tags
 
 
 def _spill(path: str, tiles) -> tuple[str, list]:

@@ -138,13 +138,19 @@ def _write_into(ds: xr.Dataset, stage: Path, stem: str, cfg: OutputConfig, extra
 _GDAL_TYPES = {"uint8": "Byte", "byte": "Byte", "uint16": "UInt16"}
 
 
+def _source_info(path: Path) -> tuple:
+    """``(width, height, crs wkt, gdal geotransform, dtypes, nodatavals)`` of a raster (one open)."""
+    with rasterio.open(path) as ds:
+        return ds.width, ds.height, ds.crs.to_wkt(), ds.transform.to_gdal(), ds.dtypes, ds.nodatavals
+
+
 def _vrt(dst: Path, src_name: str, src_band: int, dtype: str, nodata: int, scale: float = 1.0,
-         offset: float = 0.0) -> Path:
-    """A one-band VRT over band ``src_band`` of the sibling file ``src_name`` (value * scale + offset)."""
-    with rasterio.open(dst.parent / src_name) as ds:
-        w, h, crs, gt = ds.width, ds.height, ds.crs.to_wkt(), ds.transform.to_gdal()
-        src_dtype = ds.dtypes[src_band - 1]
-        src_nodata = ds.nodatavals[src_band - 1]
+         offset: float = 0.0, info: tuple | None = None) -> Path:
+    """A one-band VRT over band ``src_band`` of the sibling file ``src_name`` (value * scale + offset); ``info``:
+    that file's :func:`_source_info` when the caller has it (one open for all bands of a file)."""
+    w, h, crs, gt, dtypes, nodatavals = info or _source_info(dst.parent / src_name)
+    src_dtype = dtypes[src_band - 1]
+    src_nodata = nodatavals[src_band - 1]
     from xml.sax.saxutils import escape
 
     kind = "ComplexSource" if (scale, offset) != (1.0, 0.0) or src_nodata is not None else "SimpleSource"
@@ -169,7 +175,9 @@ def _vrt(dst: Path, src_name: str, src_band: int, dtype: str, nodata: int, scale
 def band_vrts(directory: Path, stem: str, bands: list[str]) -> dict[str, Path]:
     """Per-band VRTs over the reflectance COG and a cloud-probability VRT (``100 - confidence``)."""
     refl = f"{stem}_reflectance.tif"
-    out = {f"band:{b}": _vrt(directory / f"{stem}_{b}.vrt", refl, i, "uint16", 0) for i, b in enumerate(bands, 1)}
+    info = _source_info(directory / refl)
+    out = {f"band:{b}": _vrt(directory / f"{stem}_{b}.vrt", refl, i, "uint16", 0, info=info)
+           for i, b in enumerate(bands, 1)}
     out["cldprb"] = _vrt(directory / f"{stem}_cldprb.vrt", f"{stem}_confidence.tif", 1, "byte", CONF_NODATA,
                          scale=-1.0, offset=100.0)
     return out
