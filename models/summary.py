@@ -53,9 +53,9 @@ BUILTIN_SUMMARIES: tuple[ModelSummary, ...] = (
                  "between the bracketing dates; a robust Huber/Tukey line when there are more), aligned to the "
                  "target per reference and then by a smooth local gain/offset field", "any", 81,
                  needs_reference=True, max_references=8, note="dated"),
-    ModelSummary("temporal-ssl", "temporal + a residual learned per scene on its own clear pixels (pseudo-clouds "
-                 "from real masks, boosted trees, shrunk by held-out pixels)", "any", 81, needs_reference=True,
-                 max_references=8, note="dated"),
+    ModelSummary("temporal-ssl", "temporal + an offset-free residual learned per scene on its own clear pixels "
+                 "(pseudo-clouds from real masks, boosted trees, shrunk by held-out pixels)", "any", 81,
+                 needs_reference=True, max_references=8, note="dated"),
     ModelSummary("reference-replace", "masked pixels from the best clear reference after a per-band linear "
                  "radiometric alignment fitted once per scene", "any", 0, needs_reference=True, max_references=4),
     ModelSummary("median-composite", "per-pixel median (or nearest-in-time clear) of all clear observations, what "

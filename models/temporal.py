@@ -316,6 +316,6 @@ class TemporalSSL(Temporal):
     """``temporal`` with the per-scene self-supervised residual learner on top (models.self_supervised)."""
 
     name = "temporal-ssl"
-    spec = replace(Temporal.spec, description="temporal + a residual learned per scene on its own clear pixels "
-                   "(pseudo-clouds from real masks, boosted trees, shrunk by held-out pixels)")
+    spec = replace(Temporal.spec, description="temporal + an offset-free residual learned per scene on its own clear "
+                   "pixels (pseudo-clouds from real masks, boosted trees, shrunk by held-out pixels)")
     Params = TemporalSSLParams
