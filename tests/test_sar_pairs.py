@@ -236,6 +236,9 @@ def test_pairs_from_planetary_computer_replay(pc, ben, tmp_path) -> None:
                    for h in [*rec["s2"]["assets"].values(), *rec["s1"]["assets"].values()])
         assert s1_id in {it["id"] for it in srv.items}
         assert rec["sar_valid_fraction"] == 1.0 and rec["pixels"] == 120 * 120
+        co = rec["coregistration"]  # estimated by the pipeline's estimator, recorded only
+        assert co["applied"] is False and co["band"] == "B08" and co["status"] != "failed", co
+        assert len(co["misregistration_px"]) == 2 and co["n_pixels"] > 1000
     summary = json.loads((out / "summary.json").read_text())
     assert summary["pairs"] == 2 and summary["distinct_s2_images"] == 2 and summary["distinct_s1_scenes"] == 2
     assert summary["pixels"] == 2 * 120 * 120 and summary["built_now"] == 2 and len(summary["skipped"]) == 2

@@ -269,6 +269,7 @@ def build_pair(s2: Any, s1: Any, signed_days: float, overlap: float, spec: PairS
         valid = classes > 0
         cloud = float(np.isin(classes, SCL_CLOUD)[valid].mean()) if valid.any() else None
     finite_db = db[:, sar_ok]
+    coreg = _coregistration(refl, spec.bands, lin, sar_ok, parts[2] if scl is not None else None, s1.id)
     t = geobox.transform
     return {
         "s2": {"id": s2.id, "collection": s2.collection_id, "datetime": s2.datetime.isoformat(),
@@ -289,11 +290,40 @@ def build_pair(s2: Any, s1: Any, signed_days: float, overlap: float, spec: PairS
         "sar_valid_fraction": round(float(sar_ok.mean()), 6),
         "sar_db_median": {str(p): float(np.median(finite_db[i])) for i, p in enumerate(sar.band.values)},
         "scl_cloud_fraction": cloud,
+        "coregistration": coreg,
         "sar": "REAL co-located Sentinel-1 backscatter in dB (10 log10 of linear power, not clipped)",
         "optical": "Sentinel-2 L2A reflectance (DN harmonised per item: scale and baseline-04.00 offset)",
         "files": {"s2": "s2.tif", "s1": "s1.tif", **({"scl": "scl.tif"} if scl is not None else {})},
         "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _coregistration(refl: np.ndarray, bands: Sequence[str], lin: np.ndarray, sar_ok: np.ndarray, scl: Any,
+                    s1_id: str) -> dict[str, Any]:
+    """The S1 -> S2 misregistration the pipeline's estimator finds (:func:`cloudfree.stages.coregister.estimate_sar_shift`,
+    default settings, on B08 or the last band, SCL cloud/shadow masked): RECORDED, never applied to the pair."""
+    import xarray as xr
+
+    from cloudfree.pipeline.config import CoregisterConfig
+    from cloudfree.stages.coregister import estimate_sar_shift
+
+    band = "B08" if "B08" in bands else bands[-1]
+    mask = ~np.isfinite(refl).all(axis=0) | ~sar_ok
+    if scl is not None:
+        mask |= np.isin(np.asarray(scl), SCL_CLOUD)
+    try:
+        rec = estimate_sar_shift(xr.DataArray(refl[list(bands).index(band)], dims=("y", "x")),
+                                 xr.DataArray(mask, dims=("y", "x")),
+                                 xr.DataArray(np.where(sar_ok, lin[0], np.nan), dims=("y", "x")), s1_id,
+                                 CoregisterConfig())
+        out = {k: v for k, v in rec.as_properties().items() if k in ("status", "misregistration_px", "n_pixels",
+                                                                     "reason")}
+        if out["status"] == "applied":  # what the run would apply; here it is only recorded
+            out["status"] = "estimated"
+    except Exception as exc:  # noqa: BLE001 - a diagnostic: its failure never costs the pair
+        out = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    return {**out, "band": band, "applied": False,
+            "note": "estimated on the pair, recorded only: the pair's S1 is as the catalog delivered it"}
 
 
 # -- the build ---------------------------------------------------------------------------------------------------------
