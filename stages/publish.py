@@ -269,6 +269,37 @@ def _listed_items(out_dir: Path, coll_path: Path) -> list[str]:
         return found
 
 
+#: what :func:`output_collection` reads of each listed item, by path, with the file's (inode, mtime_ns, size) when
+#: it was read: a run that lists n targets in one folder re-read and re-parsed every listed item for every target
+#: (n^2 item reads: 200 items of 28 KB took 0.5 s per update, 56 s in all); now only new or rewritten items are read.
+_SUMMARIES: dict[str, tuple[tuple[int, int, int], dict]] = {}
+_SUMMARIES_MAX = 8192
+
+
+def _item_summary(path: Path) -> dict:
+    """The parts of the item at ``path`` that :func:`output_collection` uses (bbox, the datetime properties, asset
+    descriptions, extensions), read once per version of the file (validated by inode, mtime and size: an item is
+    always replaced by a rename, so a new version is a new inode)."""
+    st = path.stat()
+    key, stamp = str(path), (st.st_ino, st.st_mtime_ns, st.st_size)
+    hit = _SUMMARIES.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    d = json.loads(path.read_text())
+    props = d.get("properties") or {}
+    summary = {"bbox": d["bbox"], "stac_extensions": list(d.get("stac_extensions", [])),
+               "properties": {k: props[k] for k in ("datetime", "start_datetime", "end_datetime") if k in props},
+               "assets": {k: {f: a[f] for f in ("title", "description", "type", "roles", *ITEM_ASSET_FIELDS)
+                              if f in a} for k, a in (d.get("assets") or {}).items()}}
+    _SUMMARIES[key] = (stamp, summary)
+    while len(_SUMMARIES) > _SUMMARIES_MAX:
+        try:
+            del _SUMMARIES[next(iter(_SUMMARIES))]
+        except (StopIteration, KeyError, RuntimeError):  # another thread trimmed it meanwhile
+            break
+    return summary
+
+
 def update_collection(out_dir: str | Path, item_path: str | Path, collection_id: str,
                       description: str = "cloudfree outputs") -> Path:
     """Add (or refresh) the item at ``item_path`` in ``<out_dir>/collection.json`` (extent recomputed from all
@@ -291,7 +322,8 @@ def update_collection(out_dir: str | Path, item_path: str | Path, collection_id:
         if rel not in hrefs:
             hrefs.append(rel)
         hrefs = [h for h in hrefs if (out_dir / h).exists()]
-        items = [json.loads((out_dir / h).read_text()) for h in hrefs]
+        _SUMMARIES.pop(str(item_path), None)  # just rewritten: read again below (its stat changed anyway)
+        items = [_item_summary(out_dir / h) for h in hrefs]
         _write_atomic(output_collection(collection_id, description, items, hrefs), coll_path)
         if not cat_path.exists():
             _write_atomic({"type": "Catalog", "stac_version": pystac.get_stac_version(), "id": f"{collection_id}-root",

@@ -175,6 +175,47 @@ def test_unreadable_collection_json_is_rebuilt_with_a_warning(content, small, tm
     assert [lk["href"] for lk in coll["links"] if lk["rel"] == "item"] == [f"./{stem}/{stem}.json"]
 
 
+def test_collection_update_reads_each_item_version_once_and_follows_rewrites(small, tmp_path):
+    """update_collection keeps what it read of each listed item (issue 22: it re-read every item for every target,
+    n^2 reads in a run); the collection it writes equals the one built from every item read afresh, also after an
+    item is rewritten in place (new bbox: a new version of the file) and after an item folder is removed."""
+    from cloudfree.stages.publish import output_collection, update_collection
+
+    _, cfg, clean = small
+    out = _copytree(Path(cfg.output.dir), tmp_path / "out")
+    stem = clean.outputs["item"].parent.name
+    src = json.loads((out / stem / f"{stem}.json").read_text())
+
+    def put(name: str, dx: float) -> Path:
+        d = dict(src, id=name, bbox=[v + dx for v in src["bbox"]])
+        (out / name).mkdir(exist_ok=True)
+        tmp = out / name / f".{name}.json.tmp"  # replaced by a rename, as every writer of items does
+        tmp.write_text(json.dumps(d))
+        tmp.replace(out / name / f"{name}.json")
+        return out / name / f"{name}.json"
+
+    def fresh() -> dict:
+        coll = json.loads((out / "collection.json").read_text())
+        hrefs = [lk["href"] for lk in coll["links"] if lk["rel"] == "item"]
+        return output_collection(cfg.output.collection, "cloudfree outputs",
+                                 [json.loads((out / h).read_text()) for h in hrefs], hrefs)
+
+    for k in range(4):
+        update_collection(out, put(f"extra{k}", 0.01 * (k + 1)), cfg.output.collection)
+    assert json.loads((out / "collection.json").read_text()) == fresh()
+    put("extra1", 3.0)  # rewritten in place by someone else: its new bbox counts when another item is updated
+    update_collection(out, out / "extra0" / "extra0.json", cfg.output.collection)
+    coll = json.loads((out / "collection.json").read_text())
+    assert coll == fresh() and coll["extent"]["spatial"]["bbox"][0][2] == src["bbox"][2] + 3.0
+    import shutil
+
+    shutil.rmtree(out / "extra1")
+    update_collection(out, put("extra2", 0.5), cfg.output.collection)
+    coll = json.loads((out / "collection.json").read_text())
+    assert coll == fresh() and "./extra1/extra1.json" not in {lk["href"] for lk in coll["links"]}
+    assert len([lk for lk in coll["links"] if lk["rel"] == "item"]) == 4
+
+
 # -- the --overwrite publish window (item 5) --------------------------------------------------------------------------
 def test_overwrite_aside_folder_is_not_stale_staging_and_is_restored_when_the_new_output_never_arrived(small,
                                                                                                       tmp_path):
