@@ -182,11 +182,29 @@ def run(out: str | Path, data_dir: str | Path = DEFAULT_DATA_DIR, seeds: Sequenc
     payload = {"rows": rows, "seeds": list(seeds), "sets": list(sets), "bands": list(SIM_BANDS),
                "sar": ("SIMULATED from the clearest reference date of each case (reference_sar_db), never from its "
                        "truth") if sar else "none",
-               "threads": torch.get_num_threads(), "region": "cloudy"}
+               "threads": torch.get_num_threads(), "region": "cloudy", "de_default_steps_pick": pick_de_steps(rows)}
     (out / "generative.json").write_text(json.dumps(payload, indent=1, default=float) + "\n")
     (out / "generative_steps.md").write_text(markdown(rows))
     figure(rows, out / "figures" / "steps.png")
     return payload
+
+
+#: DE's default DDIM steps (``DEParams.steps`` in models/diffusion_enhancement.py) come from this table: the fewest
+#: steps whose cloudy-pixel PSNR, averaged over the sets, is within this many dB of the best DE row (more steps
+#: cost time linearly and buy nothing measurable below it). ``tests/test_de_default_steps.py`` checks the default
+#: against the committed ``docs/generative.json``.
+PICK_TOLERANCE_DB = 0.1
+
+
+def pick_de_steps(rows: Sequence[dict[str, Any]], tolerance_db: float = PICK_TOLERANCE_DB) -> int:
+    """The DE steps the table supports as the default (see :data:`PICK_TOLERANCE_DB`)."""
+    de = [r for r in rows if r.get("model") == "diffusion-enhancement" and "steps" in r.get("params", {})]
+    if not de:
+        raise ValueError("the steps table has no diffusion-enhancement rows")
+    sets = [k for k in ("simulated-256", "romania-val-96") if k in de[0]]
+    mean = {int(r["params"]["steps"]): float(np.mean([r[k]["psnr"] for k in sets])) for r in de}
+    best = max(mean.values())
+    return min(s for s, v in mean.items() if v >= best - tolerance_db)
 
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
