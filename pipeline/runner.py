@@ -83,6 +83,7 @@ def dask_context(cfg: Config):
             yield
     else:
         limit_malloc_arenas(cfg.run.malloc_arenas)
+        fix_mmap_threshold(cfg.run.malloc_mmap_threshold)
         kw = {"scheduler": cfg.run.scheduler}
         if cfg.run.workers and cfg.run.scheduler in ("threads", "processes"):
             kw["num_workers"] = cfg.run.workers
@@ -141,6 +142,21 @@ def limit_malloc_arenas(n: int) -> bool:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(-8, int(n)))  # M_ARENA_MAX
     except (OSError, AttributeError):  # musl and others: no mallopt / no M_ARENA_MAX
+        return False
+
+
+def fix_mmap_threshold(nbytes: int) -> bool:
+    """Fix glibc's mmap threshold of this process at ``nbytes`` (see ``run.malloc_mmap_threshold``); True when set.
+    No-op on other C libraries, with ``nbytes == 0`` or when ``MALLOC_MMAP_THRESHOLD_`` is set."""
+    import ctypes
+    import os
+    import platform
+
+    if nbytes <= 0 or os.environ.get("MALLOC_MMAP_THRESHOLD_") or platform.system() != "Linux":
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(nbytes)))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
         return False
 
 
@@ -726,6 +742,14 @@ def _checked_output(ctx: TargetContext, c_refl, c_src, c_refs, c_rmask):
     return check_output(np.asarray(c_refl), restored, np.asarray(c_refs), ~np.asarray(c_rmask, bool), ctx.bands)
 
 
+def _strip_blocks() -> int:
+    """Scenes are computed in column strips (:data:`cloudfree.stages.cog.STRIP_BLOCKS` blocks wide): a model's halo and
+    the blending make each block row need the next two, so without strips that line buffer grows with the width."""
+    from cloudfree.stages.cog import STRIP_BLOCKS
+
+    return STRIP_BLOCKS
+
+
 def write_staged(ctx: TargetContext, stage: Path) -> TargetResult:
     """Write: the COGs, quicklook and item of one target into its staging folder ``stage``, in one dask pass."""
     from cloudfree.stages.write import paths_for, quicklook, write_outputs
@@ -736,7 +760,7 @@ def write_staged(ctx: TargetContext, stage: Path) -> TargetResult:
              cfg.tile.size, ctx.halo, len(ctx.refs), ctx.model.name)
     out, computed = write_outputs(ctx.ds, cfg.output.dir, stem, cfg.output,
                                   extra_compute=(*extras, *check_inputs, ctx.tile_timings),
-                                  progress=_progress_callback(cfg), stage=stage)
+                                  progress=_progress_callback(cfg), stage=stage, strip_blocks=_strip_blocks())
     staged = {k: stage / v.name for k, v in paths_for(stage.parent, stem).items()}
     *computed, timings = computed
     checked = None

@@ -342,6 +342,23 @@ def observe_graphs(observer: Callable[[int, int], None]) -> Iterator[None]:
         _GRAPH_OBSERVER.reset(token)
 
 
+#: dask callbacks :func:`profile_computes` installed in this context (None: none).
+_COMPUTE_CALLBACKS: ContextVar[tuple | None] = ContextVar("cloudfree_compute_callbacks", default=None)
+
+
+@contextlib.contextmanager
+def profile_computes(*callbacks) -> Iterator[None]:
+    """Within the block, :func:`compute_once` runs its graphs with these dask callbacks (local schedulers), passed
+    to that compute only: dask's global ``Callback.active`` is emptied while any compute runs, so a callback
+    registered globally misses a compute that starts while another thread's is running (the benchmark's held
+    memory and task-seconds, :mod:`cloudfree.pipeline.evaluation.bench`)."""
+    token = _COMPUTE_CALLBACKS.set(tuple(callbacks))
+    try:
+        yield
+    finally:
+        _COMPUTE_CALLBACKS.reset(token)
+
+
 def _n_workers() -> int:
     """Worker threads of the active scheduler (threads: ``num_workers``; distributed: total threads)."""
     import os
@@ -448,7 +465,137 @@ def bound_lookahead(dsk: dict, markers: list[list], slack: int) -> int:
     return gated
 
 
-def compute_once(*objs, markers: list[list] | None = None, lookahead: int | None = None):
+#: width (output blocks) of the column strips a model with a halo is computed in (:func:`strip_order`): memory then
+#: grows with the strip's width, not the output's; what crosses a strip border is spilled (:func:`spill_across`).
+STRIP_BLOCKS = 2
+
+
+def strip_order(shape_blocks: tuple[int, int], width: int) -> list[int]:
+    """Raster positions of a ``(rows, cols)`` block grid in column-strip order: strips of ``width`` block columns,
+    each strip row by row."""
+    rows, cols = shape_blocks
+    return [r * cols + c for c0 in range(0, cols, width) for r in range(rows) for c in range(c0, min(c0 + width, cols))]
+
+
+class _Spilled:
+    """A task result written to disk (:func:`_spill_value`); small results are kept as they are."""
+
+    __slots__ = ("path", "value")
+
+    def __init__(self, path, value=None):
+        self.path, self.value = path, value
+
+
+#: block rows of a strip within which a result is held; a dependent further on reads it back from disk
+#: (:func:`spill_across`); 0 = only across strip borders.
+SPILL_REACH_ROWS = 0
+
+#: results smaller than this are not written to disk by :func:`spill_across`.
+SPILL_MIN_BYTES = 1 << 20
+
+
+def _spill_value(value, path: str) -> _Spilled:
+    import pickle
+
+    from dask.sizeof import sizeof
+
+    if sizeof(value) < SPILL_MIN_BYTES:
+        return _Spilled(None, value)
+    with open(path, "wb") as f:
+        pickle.dump(value, f, protocol=5)
+    return _Spilled(path)
+
+
+def _unspill(handle: _Spilled):
+    """Inside the consuming task: the spilled result, read back (exactly the bytes that were computed)."""
+    if handle.path is None:
+        return handle.value
+    import pickle
+
+    with open(handle.path, "rb") as f:
+        return pickle.load(f)
+
+
+def _marker_spans(dsk: dict, pos: dict) -> dict:
+    """Per task, ``(min, max)`` of the marker positions that depend on it (absent: no marker depends on it)."""
+    deps = {k: t.dependencies for k, t in dsk.items()}
+    indeg = {k: 0 for k in dsk}
+    for k, ds in deps.items():
+        for d in ds:
+            if d in indeg:
+                indeg[d] += 1
+    stack = [k for k, n in indeg.items() if n == 0]
+    span: dict = {}
+    while stack:
+        k = stack.pop()
+        mine = span.get(k)
+        if k in pos:
+            mine = (pos[k], pos[k]) if mine is None else (min(mine[0], pos[k]), max(mine[1], pos[k]))
+            span[k] = mine
+        for d in deps[k]:
+            if d not in indeg:
+                continue
+            if mine is not None:
+                old = span.get(d)
+                span[d] = mine if old is None else (min(old[0], mine[0]), max(old[1], mine[1]))
+            indeg[d] -= 1
+            if indeg[d] == 0:
+                stack.append(d)
+    return span
+
+
+def spill_across(dsk: dict, markers: list[list], strip_of: list[int], folder: str, reach: int | None = None) -> int:
+    """Results that blocks of a later column strip need are read back from disk there, not held in memory.
+
+    ``markers`` in computing order (:func:`strip_order`), ``strip_of[p]`` the strip of position ``p``. A task whose
+    result is needed by blocks of several strips (an input chunk or a tile prediction at a strip border: the halo
+    and the blending reach across it) gets a spill task (:func:`_spill_value`, a pickle file in ``folder``); its
+    dependents that belong only to later strips read that file inside their own task (:func:`_unspill`), so the
+    result itself is released as soon as its own strip is done with it. Same values, same bytes out; the cost is
+    one write and one read per crossing result. ``reach`` (positions): also a dependent whose first block comes
+    more than ``reach`` positions after the result's first one reads it back (a halo model's inputs and tile
+    predictions are needed by three block rows: held, they are a line buffer of the strip). Returns the number
+    of spilled tasks.
+    """
+    from dask._task_spec import Alias, Task, TaskRef
+
+    pos = {k: i for i, keys in enumerate(markers) for k in keys}
+    span = _marker_spans(dsk, pos)
+    first = {k: strip_of[v[0]] for k, v in span.items()}
+    last = {k: strip_of[v[1]] for k, v in span.items()}
+    dependents: dict = {}
+    for k, t in dsk.items():
+        for d in t.dependencies:
+            dependents.setdefault(d, []).append(k)
+    n = 0
+    def is_late(d, x) -> bool:
+        return first[d] > first[x] or (reach is not None and span[d][0] - span[x][0] > reach)
+
+    for x in [k for k in span if (first[k] < last[k] or (reach is not None and span[k][1] - span[k][0] > reach))
+              and isinstance(dsk.get(k), Task) and k not in pos]:
+        users, todo = [], [x]  # dependents, looking through aliases: (dependent, the key it refers to)
+        while todo:
+            ref = todo.pop()
+            for d in dependents.get(ref, ()):
+                if isinstance(dsk[d], Alias):
+                    todo.append(d)
+                else:
+                    users.append((d, ref))
+        late = [(d, ref) for d, ref in users if d in first and d not in pos and is_late(d, x)]
+        if not late:
+            continue
+        sk = ("cloudfree-spill", n)
+        dsk[sk] = Task(sk, _spill_value, TaskRef(x), f"{folder}/{n}.pkl")
+        load = Task(None, _unspill, TaskRef(sk))
+        for d, ref in late:
+            dsk[d] = dsk[d].substitute({ref: load})
+        n += 1
+    return n
+
+
+def compute_once(*objs, markers: list[list] | None = None, lookahead: int | None = None,
+                 strips: list[int] | None = None, spill_in: str | Path | None = None,
+                 spill_reach: int | None = None):
     """Compute ``objs`` (dask collections, or lists/tuples of them, or plain values) as ONE graph.
 
     Since dask 2025 ``dask.compute(a, b, c)`` optimises every collection on its own; array optimisation fuses and
@@ -458,9 +605,12 @@ def compute_once(*objs, markers: list[list] | None = None, lookahead: int | None
     so every shared task stays one task; one gather task finalises each collection. Runs on the active scheduler
     (threads, processes, or a dask.distributed client).
 
-    ``markers`` (per output block in raster order, the keys of its encoded blocks, one per COG layer) bounds how
+    ``markers`` (per output block in computing order, the keys of its encoded blocks, one per COG layer) bounds how
     far the reads run ahead of the written blocks (:func:`bound_lookahead`, ``lookahead`` blocks; default
-    :data:`LOOKAHEAD_PER_WORKER` per worker thread, at least 2).
+    :data:`LOOKAHEAD_PER_WORKER` per worker thread, at least 2). ``strips`` (the column strip of each marker
+    position, markers in :func:`strip_order`): results needed across a strip border are spilled to a temporary
+    folder (:func:`spill_across`; in ``spill_in``, removed at the end) instead of held, so memory follows the
+    strip's width; with ``spill_reach`` also those needed more than that many positions later.
     """
     import dask
     from dask.array.optimization import optimize as array_optimize
@@ -487,6 +637,12 @@ def compute_once(*objs, markers: list[list] | None = None, lookahead: int | None
     markers = [list(m) for m in markers or ()]
     dsk = inline_reader_opens(dict(array_optimize(merged, list(flatten(keys)) + [k for m in markers for k in m])))
     gated = 0
+    spill_dir = None
+    if markers and strips is not None and len(set(strips)) > 1:
+        import tempfile
+
+        spill_dir = tempfile.mkdtemp(prefix=".cloudfree-spill-", dir=spill_in)
+        spill_across(dsk, markers, strips, spill_dir, reach=spill_reach)
     if markers:
         if lookahead is None:
             lookahead = max(2, LOOKAHEAD_PER_WORKER * _n_workers())
@@ -499,7 +655,16 @@ def compute_once(*objs, markers: list[list] | None = None, lookahead: int | None
     observer = _GRAPH_OBSERVER.get()
     if observer is not None:
         observer(len(dsk), gated)
-    results = Delayed(name, dsk).compute()
+    try:
+        from dask.callbacks import normalize_callback
+
+        cbs = [normalize_callback(c) for c in _COMPUTE_CALLBACKS.get() or ()]
+        results = Delayed(name, dsk).compute(**({"callbacks": cbs} if cbs else {}))
+    finally:
+        if spill_dir is not None:
+            import shutil
+
+            shutil.rmtree(spill_dir, ignore_errors=True)
 
     def build(sp):
         kind, v = sp
@@ -514,13 +679,15 @@ def compute_once(*objs, markers: list[list] | None = None, lookahead: int | None
 
 def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocksize: int = 512,
                  compress: str = "deflate", extra_compute=(), progress=None, desc: str = "",
-                 geobox: GeoBox | None = None) -> tuple[dict[str, Path], list, GeoBox]:
+                 geobox: GeoBox | None = None, strip_blocks: int | None = None) -> tuple[dict[str, Path], list, GeoBox]:
     """Write every layer of ``ds`` as a COG into ``folder`` (file names from ``names[layer]``) in ONE dask pass,
     together with ``extra_compute``; returns ``(files, computed extras, the files' grid)``.
 
     Everything is one graph (:func:`compute_once`): optimising the writes, the quicklook and the timings each on
     its own would fuse the shared reads into each of them and read the inputs again per consumer. The files'
-    grid is ``geobox`` exactly (no padding, see :func:`_unpadded`).
+    grid is ``geobox`` exactly (no padding, see :func:`_unpadded`). ``strip_blocks``: compute the blocks in column
+    strips of that many blocks (:func:`strip_order`, :func:`spill_across`): for models with a halo, whose line
+    buffer would otherwise grow with the width of the output.
     """
     if geobox is None:
         geobox = ds.reflectance.odc.geobox
@@ -542,13 +709,23 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
         return files, extras, geobox
     for name, (layer, resampling, scales) in layers.items():
         blocks.append(list(flatten(layer.data.__dask_keys__())))  # raster order: how far the reads may run ahead
+        grid = layer.data.numblocks[1:]
         dst = Path(folder) / names[name].name
         writes.append(cog_write(layer, dst, blocksize=blocksize, compress=compress, overview_resampling=resampling,
                                 scales=scales, offsets=[0.0] * len(scales) if scales else None))
         files[name] = dst
     # progress(desc): e.g. the CLI's progress bar, a context manager the compute runs in; None = none
+    markers = [list(m) for m in zip(*blocks)]
+    strips = None
+    if strip_blocks:  # column strips (a model with a halo): the blocks in strip order, crossings spilled
+        nby, nbx = grid
+        order = strip_order((nby, nbx), strip_blocks)
+        markers = [markers[p] for p in order]
+        strips = [(p % nbx) // strip_blocks for p in order]
     with progress(desc or "compute+write") if progress is not None else contextlib.nullcontext():
-        _, *extras = compute_once(writes, *extra_compute, markers=[list(m) for m in zip(*blocks)])
+        _, *extras = compute_once(writes, *extra_compute, markers=markers, strips=strips, spill_in=folder,
+                                  spill_reach=strip_blocks * SPILL_REACH_ROWS if strip_blocks and SPILL_REACH_ROWS
+                                  else None)
     _validate(files)
     return files, extras, geobox
 

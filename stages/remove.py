@@ -163,11 +163,15 @@ class HaloWindows:
     42 px halo on 512 px tiles) and costs O(tiles x graph) to build.
     """
 
-    def __init__(self, arr: dsa.Array, name: str, layer: dict):
+    def __init__(self, arr: dsa.Array, name: str, layer: dict, cut_strips: bool = True):
         lead = arr.ndim - 2
         if any(len(c) > 1 for c in arr.chunks[:lead]):
             arr = arr.rechunk({i: -1 for i in range(lead)})
         self.arr, self.name, self.layer, self.lead = arr, name, layer, (0,) * lead
+        #: False: a halo strip is sliced inside the consuming task (a nested task), not cut by a task of its own as
+        #: soon as its chunk is read: strips cut eagerly for the tiles of the next rows held 1.2x a chunk each
+        #: (8 neighbours' strips) until their tiles ran (the removal's column strips, stages.cog.spill_across).
+        self.cut_strips = cut_strips
         self.yb = np.cumsum((0,) + arr.chunks[-2])
         self.xb = np.cumsum((0,) + arr.chunks[-1])
 
@@ -188,6 +192,8 @@ class HaloWindows:
                 src = (self.arr.name, *self.lead, i, j)
                 if (ys.start, ys.stop, xs.start, xs.stop) == (0, ny, 0, nx):
                     pieces.append(TaskRef(src))
+                elif not self.cut_strips:
+                    pieces.append(Task(None, _strip, TaskRef(src), (Ellipsis, ys, xs)))
                 else:
                     k = (f"{self.name}-strip", *index, i, j)
                     self.layer[k] = Task(k, _strip, TaskRef(src), (Ellipsis, ys, xs))
@@ -284,7 +290,7 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
     layer[ctx_k] = DataNode(ctx_k, dict(context or {}))
     deps, wins = [], {}
     for role, arr in arrays.items():
-        wins[role] = HaloWindows(arr, f"{name}-{role}", layer)
+        wins[role] = HaloWindows(arr, f"{name}-{role}", layer, cut_strips=False)
         deps.append(wins[role].arr)
     static = {"bands": bands, "halo": halo, "reference_ids": inputs.reference_ids,
               "reference_dt_days": inputs.reference_dt_days, "target_id": inputs.target_id, "sar_bands": sar_bands}

@@ -80,8 +80,8 @@ def is_done(out_dir: Path, stem: str) -> bool:
 
 
 def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, extra_compute=(),
-                  progress: Callable[[str], ContextManager] | None = None, stage: Path | None = None
-                  ) -> tuple[WrittenOutput, list]:
+                  progress: Callable[[str], ContextManager] | None = None, stage: Path | None = None,
+                  strip_blocks: int | None = None) -> tuple[WrittenOutput, list]:
     """Compute ``ds`` once and write the COGs. ``extra_compute`` lazy objects are computed in the same pass
     (e.g. decimated quicklook inputs), sharing the input reads. ``progress(desc)`` (e.g. the CLI's progress bar)
     returns a context manager the compute runs in; None = no progress report. Returns the outputs and the
@@ -101,7 +101,7 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
 
         stage = staging_dir(out_dir, stem, uuid.uuid4().hex[:12])
     try:
-        out, extras = _write_into(ds, Path(stage), stem, cfg, extra_compute, progress)
+        out, extras = _write_into(ds, Path(stage), stem, cfg, extra_compute, progress, strip_blocks)
     except BaseException:
         safe_rmtree(out_dir, stage)
         raise
@@ -120,7 +120,8 @@ def write_outputs(ds: xr.Dataset, out_dir: Path, stem: str, cfg: OutputConfig, e
 
 
 def _write_into(ds: xr.Dataset, stage: Path, stem: str, cfg: OutputConfig, extra_compute,
-                progress: Callable[[str], ContextManager] | None) -> tuple[WrittenOutput, list]:
+                progress: Callable[[str], ContextManager] | None, strip_blocks: int | None = None
+                ) -> tuple[WrittenOutput, list]:
     """The COGs and VRTs of ``ds`` written into the folder ``stage`` (files named as in :func:`paths_for`)."""
     from cloudfree.stages.cog import write_layers
 
@@ -128,7 +129,8 @@ def _write_into(ds: xr.Dataset, stage: Path, stem: str, cfg: OutputConfig, extra
     bands = [str(b) for b in ds.band.values]
     out = WrittenOutput(stem, stage)
     files, extras, _ = write_layers(ds, stage, final, blocksize=cfg.blocksize, compress=cfg.compress,
-                                    extra_compute=extra_compute, progress=progress, desc=f"{stem}: compute+write")
+                                    extra_compute=extra_compute, progress=progress, desc=f"{stem}: compute+write",
+                                    strip_blocks=strip_blocks)
     out.files.update(files)
     for name, path in band_vrts(stage, stem, bands).items():
         out.files[name] = path

@@ -56,6 +56,9 @@ FILES = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "
 FACTORS = {1: 100.0, 4: 50.0, 16: 25.0}
 N_DATES = 8
 DEFAULT_JOBS = ("odc-median", "io-floor", "composite", "scene:phyvlm-cr", "scene:reference-replace", "scene:dcp")
+#: jobs with one extra profiled run (:class:`HeldMemory`) at the smallest and largest area, most workers: what dask
+#: holds at its peak and where the task-seconds go, for the misses (``--profile-jobs``).
+PROFILE_JOBS = ("composite", "scene:phyvlm-cr", "scene:reference-replace", "scene:dcp")
 #: jobs measured at every worker count; the others only at the largest (keeps ``make bench`` near 10 minutes).
 ALL_WORKER_JOBS = ("odc-median", "io-floor", "composite", "scene:phyvlm-cr")
 
@@ -166,13 +169,79 @@ def warm_imports(model_name: str | None = None) -> None:
         get_model_class(model_name)
 
 
-def run_one(job: str, factor: int, workers: int, folder: Path) -> dict:
+def _group(key) -> str:
+    """A task key's group: its name without dask's tokens (``cloudfree-tiles-predict``, ``rechunk-merge``, ``B04``)."""
+    import re
+
+    from dask.utils import key_split
+
+    name = str(key[0] if isinstance(key, tuple) else key)
+    return re.sub(r"-[0-9a-f]{32}", "", name) if name.startswith("cloudfree") else key_split(key)
+
+
+class HeldMemory:
+    """Dask callbacks (local schedulers) that profile a compute: the results dask holds between tasks (their
+    ``sizeof``, sampled after every task) at its peak, grouped by task name, and the task-seconds per group.
+    Installed with :func:`cloudfree.stages.cog.profile_computes`; costs O(held results) per task, so the profiled
+    run is a separate run from the timed ones."""
+
+    def __init__(self):
+        import threading
+
+        self.sizes: dict = {}
+        self.total = self.peak = 0
+        self.peak_groups: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
+        self.tasks = 0
+        self._t0: dict = {}
+        self._lock = threading.Lock()
+
+    def callback(self):
+        from dask.callbacks import Callback
+
+        return Callback(pretask=self._pretask, posttask=self._posttask)
+
+    def _pretask(self, key, dsk, state):
+        self._t0[key] = time.perf_counter()
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        from dask.sizeof import sizeof
+
+        dt = time.perf_counter() - self._t0.pop(key, time.perf_counter())
+        g = _group(key)
+        cache = state["cache"]
+        with self._lock:
+            self.tasks += 1
+            self.seconds[g] = self.seconds.get(g, 0.0) + dt
+            size = sizeof(result) if key in cache else 0
+            self.sizes[key] = size
+            self.total += size
+            for k in [k for k in self.sizes if k not in cache]:
+                self.total -= self.sizes.pop(k)
+            if self.total > self.peak:
+                self.peak = self.total
+                groups: dict[str, int] = {}
+                for k, v in self.sizes.items():
+                    groups[_group(k)] = groups.get(_group(k), 0) + v
+                self.peak_groups = groups
+
+    def summary(self, top: int = 8) -> dict:
+        mb = 2 ** 20
+        return {"held_peak_mb": round(self.peak / mb, 1),
+                "held_at_peak_mb": {k: round(v / mb, 1) for k, v in sorted(self.peak_groups.items(),
+                                                                        key=lambda kv: -kv[1])[:top] if v >= mb / 2},
+                "task_seconds": round(sum(self.seconds.values()), 1),
+                "task_seconds_by_group": {k: round(v, 2) for k, v in sorted(self.seconds.items(),
+                                                                           key=lambda kv: -kv[1])[:top]}}
+
+
+def run_one(job: str, factor: int, workers: int, folder: Path, profile: bool = False) -> dict:
     """One measurement in this process (call it in a fresh subprocess)."""
     import dask
 
     from cloudfree.models.registry import build_model
     from cloudfree.pipeline.runner import dask_context, process_target
-    from cloudfree.stages.cog import observe_graphs
+    from cloudfree.stages.cog import observe_graphs, profile_computes
     from cloudfree.stages.load import output_geobox
     from cloudfree.stages.search import Candidate, TargetPlan
     from cloudfree.stages.tile import plan_tiles
@@ -182,8 +251,10 @@ def run_one(job: str, factor: int, workers: int, folder: Path) -> dict:
     model_name = job.split(":", 1)[1] if job.startswith("scene:") else "reference-replace"
     n_tiles = 0
     graph_sizes: list[int] = []
+    held = HeldMemory() if profile else None
     with tempfile.TemporaryDirectory(prefix="cloudfree-bench-") as tmp, \
-            observe_graphs(lambda tasks, gated: graph_sizes.append(tasks)):
+            observe_graphs(lambda tasks, gated: graph_sizes.append(tasks)), \
+            profile_computes(*([held.callback()] if held else [])):
         out = Path(tmp)
         cfg = _config(res, out, model_name, workers)
         geobox = output_geobox(items[0], cfg.grid)
@@ -214,9 +285,12 @@ def run_one(job: str, factor: int, workers: int, folder: Path) -> dict:
         secs = time.perf_counter() - t0
     npx = geobox.shape[0] * geobox.shape[1]
     blocks = -(-geobox.shape[0] // 512) * -(-geobox.shape[1] // 512)
-    return {"graph_tasks": max(graph_sizes) if graph_sizes else None, "blocks": blocks, "job": job, "factor": factor, "workers": workers, "resolution_m": res, "shape": list(geobox.shape),
-            "megapixels": round(npx / 1e6, 3), "tiles": n_tiles, "seconds": round(secs, 2),
-            "rss_after_imports_mb": round(base, 1), "peak_rss_mb": round(_peak_rss_mb(), 1)}
+    out = {"graph_tasks": max(graph_sizes) if graph_sizes else None, "blocks": blocks, "job": job, "factor": factor, "workers": workers, "resolution_m": res, "shape": list(geobox.shape),
+           "megapixels": round(npx / 1e6, 3), "tiles": n_tiles, "seconds": round(secs, 2),
+           "rss_after_imports_mb": round(base, 1), "peak_rss_mb": round(_peak_rss_mb(), 1)}
+    if held is not None:
+        out["profile"] = held.summary()
+    return out
 
 
 #: the small-target batch (issue 22): ``(job, targets, side px)``. Each runs in one warm process: the model is
@@ -344,6 +418,10 @@ def main(argv: list[str] | None = None) -> int:
                          "few seconds vary by 10-20%% between identical runs)")
     ap.add_argument("--repeat-max-factor", type=int, default=4)
     ap.add_argument("--one", nargs=3, metavar=("JOB", "FACTOR", "WORKERS"), help=argparse.SUPPRESS)
+    ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--profile-jobs", default=",".join(PROFILE_JOBS),
+                    help="jobs that get one extra profiled run (held memory, task-seconds) at the smallest and the "
+                         "largest area with the most workers; '' = none")
     ap.add_argument("--one-batch", nargs=4, metavar=("JOB", "N", "SIDE", "WORKERS"), help=argparse.SUPPRESS)
     ap.add_argument("--in-flight", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--batch-only", action="store_true", help="only the small-target batches (BATCH_JOBS)")
@@ -351,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.one:
-        sys.stdout.write(json.dumps(run_one(args.one[0], int(args.one[1]), int(args.one[2]), args.data)) + "\n")
+        sys.stdout.write(json.dumps(run_one(args.one[0], int(args.one[1]), int(args.one[2]), args.data,
+                                            profile=args.profile)) + "\n")
         return 0
     if args.one_batch:
         j, n, side, w = args.one_batch
@@ -415,9 +494,23 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 runs.append(median_run(reps))
                 log.warning("%s", runs[-1])
+    profiles = []
+    factors = [int(x) for x in args.factors.split(",")]
+    for job in [j for j in args.profile_jobs.split(",") if j]:
+        for f in sorted({min(factors), max(factors)}):
+            env = {**os.environ, "GDAL_CACHEMAX": str(args.gdal_cachemax)}
+            proc = subprocess.run([sys.executable, "-m", "cloudfree.pipeline.evaluation.bench", "--data",
+                                   str(args.data), "--one", job, str(f), str(max(workers)), "--profile"],
+                                  capture_output=True, text=True, check=False, env=env)
+            if proc.returncode:
+                log.error("bench profile %s x%d failed:\n%s", job, f, proc.stderr[-3000:])
+                continue
+            profiles.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            log.warning("profile %s", profiles[-1])
     result = {"machine": {"python": platform.python_version(), "cpus": _cpus(), "platform": platform.platform()},
-              "data": str(args.data), "gdal_cachemax_mb": args.gdal_cachemax, "dates": N_DATES, "bands": BANDS,
+              "profiles": profiles, "data": str(args.data), "gdal_cachemax_mb": args.gdal_cachemax, "dates": N_DATES, "bands": BANDS,
               "malloc_arenas": _config(100.0, Path(".")).run.malloc_arenas,
+              "malloc_mmap_threshold": _config(100.0, Path(".")).run.malloc_mmap_threshold,
               "total_seconds": round(time.perf_counter() - t_all, 1), "runs": runs, "ratios": ratios(runs),
               "batch": batch, "batch_ratios": batch_ratios(batch)}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -471,7 +564,7 @@ def ratios(runs: list[dict]) -> dict:
 def to_markdown(result: dict) -> str:
     """The runs and the ratios as Markdown tables."""
     m = result["machine"]
-    lines = [f"Machine: {m['cpus']} CPUs, Python {m['python']}, {m['platform']}; GDAL cache "
+    lines = [HEADER, "", f"Machine: {m['cpus']} CPUs, Python {m['python']}, {m['platform']}; GDAL cache "
              f"{result.get('gdal_cachemax_mb')} MB per run; dask threads; glibc malloc arenas "
              f"{result.get('malloc_arenas', 'default')}; tiles, chunks and COG blocks 512 px; "
              f"{result.get('dates')} dates x {len(result.get('bands', []))} bands; whole bench "
@@ -496,9 +589,62 @@ def to_markdown(result: dict) -> str:
     if rt.get("rss_16x_over_1x"):
         lines += ["", "| job | peak RSS 16x / 1x (target <= 1.2) |", "|---|---:|"]
         lines += [f"| {k} | {v} |" for k, v in rt["rss_16x_over_1x"].items()]
+    lines += profile_markdown(result)
+    lines += verdicts(result)
     if result.get("batch"):
         lines += ["", BATCH_BEGIN, batch_markdown(result).rstrip("\n"), BATCH_END]
     return "\n".join(lines) + "\n"
+
+
+HEADER = """# Benchmark: cloudfree against odc-stac on the same job, next to the I/O floor, at 1x / 4x / 16x the area
+
+Generated, every number below, by `python -m cloudfree.pipeline.evaluation.bench --out docs` (the first half of
+`make bench`; the JSON of the run is `docs/bench.json`, every repeated run under `repeats`). Method in the docstring of
+`pipeline/evaluation/bench.py`: the real S2 L2A tile 29RKH (decimated to 100 m, `../shared/data`), 8 dated copies of
+the item, 4 bands + SCL, the whole MGRS tile on its native grid at 100 / 50 / 25 m (1x / 4x / 16x the pixels), dask
+threads with 1 and 2 workers, every measurement in its own subprocess (wall time of the job after the Python
+imports, `ru_maxrss` of the process), GDAL cache 64 MB and glibc's malloc settings (`run.malloc_arenas`,
+`run.malloc_mmap_threshold`) the same for every job, odc-stac's included. Jobs: `odc-median` = odc-stac `load` +
+`median("time")` + `write_cog` of the 8 items; `io-floor` = read every input of the scene job once and write one COG
+of the same size through the same writer; `composite` = `cloudfree composite --method median` of the 8 items;
+`scene:<model>` = `cloudfree scene` (target + 2 references, SCL masks, co-registration, scene context, tiles with
+the model's halo in column strips, blending, 4 COG layers, STAC item). The profile table comes from one extra run
+per job with dask callbacks (`HeldMemory`: results held between tasks at their peak, by task group, and
+task-seconds); its seconds are not the timed ones."""
+
+
+def profile_markdown(result: dict) -> list[str]:
+    """The profiled runs: held memory at the peak (by task group) and task-seconds."""
+    rows = [p for p in result.get("profiles") or () if p.get("profile")]
+    if not rows:
+        return []
+    lines = ["", "Profile (one extra run each, most workers; `held` = results dask holds between tasks at their peak):",
+             "", "| job | area | peak RSS (MB) | held at the peak (MB) | largest held groups (MB) | task-seconds | "
+             "largest task groups (s) |", "|---|---:|---:|---:|---|---:|---|"]
+    for p in rows:
+        pr = p["profile"]
+        held = ", ".join(f"{k} {v}" for k, v in list(pr["held_at_peak_mb"].items())[:5])
+        secs = ", ".join(f"{k} {v}" for k, v in list(pr["task_seconds_by_group"].items())[:5])
+        lines.append(f"| {p['job']} | {p['factor']}x | {p['peak_rss_mb']} | {pr['held_peak_mb']} | {held} | "
+                     f"{pr['task_seconds']} | {secs} |")
+    return lines
+
+
+def verdicts(result: dict) -> list[str]:
+    """The issue's targets, met or missed, from the ratios of this run."""
+    rt = result.get("ratios") or {}
+    lines = ["", "Targets (this run):", ""]
+    for row in rt.get("per_size", []):
+        where = f"{row['factor']}x, {row['workers']} worker(s)"
+        for key, label, limit in (("composite_over_odc_median", "composite / odc-median", 1.0),
+                                  ("phyvlm_scene_over_odc_median", "phyvlm-cr scene / odc-median", 1.0)):
+            if key in row:
+                lines.append(f"- {label} at {where}: {row[key]} ({'met' if row[key] <= limit else 'missed'}, "
+                             f"target <= {limit:g})")
+    for job, v in (rt.get("rss_16x_over_1x") or {}).items():
+        if job.startswith(("scene:", "composite")):
+            lines.append(f"- peak RSS 16x / 1x of {job}: {v} ({'met' if v <= 1.2 else 'missed'}, target <= 1.2)")
+    return lines if len(lines) > 3 else []
 
 
 BATCH_BEGIN, BATCH_END = "<!-- bench: small-target batches -->", "<!-- /bench: small-target batches -->"
