@@ -328,6 +328,9 @@ def test_bench_batch_splits_fixed_and_per_pixel_cost_and_compares_with_the_odc_l
     md = batch_markdown({"batch": rows, "batch_ratios": r})
     assert "| batch:m 50x100px | 2.5 |" in md and "| batch:m 50x100px, 2 in flight | 1.5 |" in md
     assert "| batch:m | 2 | 50 | 100 |" in md and "| batch:m | 1 | 50 | 100 |" in md
+    rows[0]["load_before"] = 3.25  # the machine's load when the row started is stated with it
+    md = batch_markdown({"batch": rows, "batch_ratios": r, "machine": {"cpus": 2}})
+    assert "| 3.25 |" in md and "2 CPUs" in md
     item = local_29rkh_item(DATA)
     aois = batch_windows(item, 100, 3)
     shapes = {tuple(output_geobox(item, GridConfig(resolution=100.0), a).shape) for a in aois}

@@ -446,15 +446,16 @@ def main(argv: list[str] | None = None) -> int:
     batch = []
     for job, n, side, *flight in (() if args.no_batch else BATCH_JOBS):
         w, in_flight = max(workers), (flight or [1])[0]
+        load = round(os.getloadavg()[0], 2)  # the machine's 1-min load when the row starts (shared machines)
         proc = subprocess.run([sys.executable, "-m", "cloudfree.pipeline.evaluation.bench", "--data", str(args.data),
                                "--one-batch", job, str(n), str(side), str(w), "--in-flight", str(in_flight)],
                               capture_output=True, text=True, check=False, env=env)
         if proc.returncode:
             log.error("bench batch %s %dx%d failed:\n%s", job, n, side, proc.stderr[-3000:])
             batch.append({"job": job, "targets": n, "side_px": side, "workers": w, "error": proc.stderr[-500:],
-                          **({"in_flight": in_flight} if in_flight > 1 else {})})
+                          "load_before": load, **({"in_flight": in_flight} if in_flight > 1 else {})})
             continue
-        batch.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        batch.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "load_before": load})
         log.warning("%s", batch[-1])
     if args.batch_only:  # the batch section of an existing bench.md is replaced, the rest kept (bench_batch.json)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -657,18 +658,20 @@ def batch_markdown(result: dict) -> str:
              "after one untimed warm-up target; `odc-loop` = odc-stac load of the same 3 items and bands on the same "
              "grid + median + write_cog per target. `in flight` > 1: that many targets at a time "
              "(`run.concurrent_targets` on the threaded scheduler); seconds per target = the batch's wall-clock "
-             "total / targets.", "",
+             "total / targets. `load` = the machine's 1-min load average when the row started "
+             f"({(result.get('machine') or {}).get('cpus', '?')} CPUs; the ratios hold only between rows of "
+             "similar load).", "",
              "| job | in flight | targets | side (px) | output shape | seconds per target | seconds total | "
-             "peak RSS (MB) |",
-             "|---|---:|---:|---:|---|---:|---:|---:|"]
+             "peak RSS (MB) | load |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for b in result["batch"]:
-        flight = b.get("in_flight", 1)
+        flight, load = b.get("in_flight", 1), b.get("load_before", "")
         if "seconds_per_target" not in b:
-            lines.append(f"| {b['job']} | {flight} | {b['targets']} | {b['side_px']} | | failed | | |")
+            lines.append(f"| {b['job']} | {flight} | {b['targets']} | {b['side_px']} | | failed | | | {load} |")
             continue
         shapes = ", ".join(f"{h}x{w}" for h, w in b.get("shapes", []))
         lines.append(f"| {b['job']} | {flight} | {b['targets']} | {b['side_px']} | {shapes} | "
-                     f"{b['seconds_per_target']} | {b['seconds_total']} | {b['peak_rss_mb']} |")
+                     f"{b['seconds_per_target']} | {b['seconds_total']} | {b['peak_rss_mb']} | {load} |")
     br = result.get("batch_ratios") or {}
     if br.get("fixed_and_per_pixel"):
         lines += ["", "| job | fixed cost per target (s, target <= 1) | per-pixel cost (us/px) |", "|---|---:|---:|"]
