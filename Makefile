@@ -19,7 +19,7 @@ OUT_OPT = $(if $(OUT),--out $(OUT))
 cfg_value = $(shell awk -v s="$(1):" -v k="$(2):" '$$1 == s {f = 1; next} /^[^ \#]/ {f = 0} f && $$1 == k {print $$2; exit}' $(CONFIG) 2>/dev/null)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo demo-catalog test scene run composite bench clean train-temporal-residual
+.PHONY: help install demo demo-catalog test scene run composite bench clean train-temporal-residual train-ca-mtcr
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -67,6 +67,10 @@ bench: install demo-catalog ## benchmarks: docs/bench.md + bench.json + bench_mo
 
 train-temporal-residual: install ## EXPERIMENTAL: train the temporal-residual net on the Romania stack (CPU, minutes) and score it vs temporal on romania-hidden: make train-temporal-residual [TR_OUT=/tmp/temporal_residual.safetensors]
 	$(BIN)/python -m cloudfree.pipeline.training.temporal_residual $(or $(TR_OUT),/tmp/temporal_residual.safetensors)
+
+train-ca-mtcr: install ## train CA-MTCR on the Romania stack (CPU, ~25 min, 1 thread) into models/weights/ (sha256 in MANIFEST.json) and write its reference ablation into the card
+	$(BIN)/cloudfree train ca-mtcr --config configs/train-ca-mtcr.yaml --no-progress
+	$(BIN)/python -m cloudfree.pipeline.training.cards --ablation ca-mtcr --sar-ablation models/weights/ca_mtcr.card.json
 
 clean: ## remove outputs and caches (keeps .venv and data/)
 	rm -rf outputs .pytest_cache .hypothesis

@@ -67,10 +67,11 @@ BUILTIN_SUMMARIES: tuple[ModelSummary, ...] = (
                  "(another registered model's output, e.g. a baseline or one of the learned models below; named for "
                  "what it wraps), a local `diffusers` pipeline", "any", 123, max_references=4,
                  note="thick cloud stays unfilled without one"),
-    ModelSummary("ca-mtcr", "CA-MTCR (You et al. 2026), learned: region-selective optical encoder, "
-                 "Noise2Noise-pretrained SAR encoder, SAR change map, L-TAE temporal fusion; small CPU-trained "
-                 "weights (`models/weights/ca_mtcr.card.md`)", "L2A", 32, max_references=2, accepts_sar=True,
-                 experimental=_BELOW),
+    ModelSummary("ca-mtcr", "CA-MTCR (You et al. 2026), learned, rebuilt at full resolution: per-pixel "
+                 "change-aware attention over the aligned reference pixels (change scores against the target's "
+                 "clear surroundings; a SAR change channel when Sentinel-1 is given) + a residual conv head; small "
+                 "CPU-trained weights (`models/weights/ca_mtcr.card.md`)", "L2A", 32, max_references=4,
+                 accepts_sar=True),
     ModelSummary("sar-optical-fusion", "cloud-attentive SAR-optical network (Bui et al.), learned: RDB + Swin "
                  "fusion, GFF, IRN, cloud-weighted loss; small CPU-trained weights "
                  "(`models/weights/sar_optical_fusion.card.md`)", "L2A", 16, needs_sar=True, accepts_sar=True,

@@ -17,7 +17,7 @@ from cloudfree.pipeline.errors import ContractError, WeightsError
 from cloudfree.models._weights import clear_cache
 from tests.conftest import shared
 
-TINY = {"ca-mtcr": {"dim": 16, "blocks": 1, "heads": 2, "window": 4, "codebook": 8, "ltae_heads": 2, "normalise": "per-date"},
+TINY = {"ca-mtcr": {"key_dim": 8, "dim": 8, "radii": [2, 6], "offset_radius": 4},
         "sar-optical-fusion": {"dim": 16, "stages": 1, "swin_per_stage": 1, "heads": 2, "window": 4, "normalise": True}}
 
 
@@ -109,12 +109,17 @@ def test_weights_load_once_and_refuse_bad_hash_or_bands(tiny_weights):
     # too few clear pixels to fit the extra-band regression: B11 under cloud is the clear pixels' median, not cloud
     from dataclasses import replace
 
-    few = _tile(np.random.default_rng(0))
+    # (without references: with clear ones, ca-mtcr fuses B11 from their own B11 pixels, below)
+    few = _tile(np.random.default_rng(0), refs=0)
     mask = np.ones(few.shape, bool)
     mask[0, :10] = False
     few = replace(few, cloud_mask=mask, cloud_prob=mask.astype(np.float32))
     got = model.predict(few).reflectance[4][mask]
     np.testing.assert_allclose(got, np.median(few.target[4][~mask]))
+    with_refs = _tile(np.random.default_rng(0))
+    truth_b11 = with_refs.references[0, 4] / 1.05
+    fused = model.predict(with_refs).reflectance[4][with_refs.cloud_mask]
+    assert np.abs(fused - truth_b11[with_refs.cloud_mask]).mean() < 0.05
     # SAR without both VV and VH is refused (a single band used to be broadcast into both channels)
     t = _tile(np.random.default_rng(0))
     for single in (replace(t, sar=t.sar[:, :1].copy(), sar_bands=("vv",)), replace(t, sar=t.sar[:, :1].copy(),

@@ -180,7 +180,7 @@ def test_run_feeds_one_s1_scene_per_date_to_a_multi_temporal_model(demo_catalog,
                                      "allow_experimental": True, "allow_level_mismatch": True},
                               search={"targets": [target_id]}, output={"dir": str(tmp_path / "out")})
     [res] = run(cfg)
-    # the SAR path, not the model's quality (ca-mtcr is experimental): written, and 'unrestored' only by the output check
+    # the SAR path, not the model's quality (SIMULATED S1, L2A weights on the L1C demo): written, and 'unrestored' only by the output check
     assert res.status == "done" or (res.status == "unrestored" and "output check" in res.error), (res.status, res.error)
     assert res.outputs["reflectance"].exists()
     sar = [c for c in res.coregistration if c["kind"] == "sar"]

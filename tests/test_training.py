@@ -349,3 +349,33 @@ def test_stac_pairs_simulated_sar_never_comes_from_the_hidden_truth():
         assert np.allclose(again["truth"][:, m], 0.9) and not np.allclose(s["truth"][:, m], 0.9)
         np.testing.assert_array_equal(again["sar"], s["sar"])
         np.testing.assert_array_equal(again["target"], s["target"])
+
+
+@pytest.mark.skipif(not ROMANIA.is_file(), reason="needs ../shared/data")
+def test_stac_pairs_search_like_references_are_the_clearest_bracketing_dates():
+    """data.references = search-like picks references as the search stage does for `cloudfree run` (clearest dates,
+    bracketing the truth date), not a random pick among the nearest (the train/test mismatch of issue 20)."""
+    from cloudfree.pipeline.training.datasets import SEARCH_MAX_CLOUD
+
+    src = StacPairs(DataConfig(path=str(ROMANIA), augment=False, sar="none", references="search-like"), BANDS, 4,
+                    100)  # the whole grid: the truth date is found by comparing whole images
+    by_offset = {}
+    rng = np.random.default_rng(4)
+    for _ in range(10):
+        s = src.sample(rng, "train")
+        dts = [float(x) for x, m in zip(s["ref_dt"], s["ref_masks"]) if m.mean() < 1.0]
+        assert dts and len(dts) <= 4
+        truth_d = next(d for d in src.split["train"] if np.allclose(np.clip(np.nan_to_num(d.image), 0, 1),
+                                                                     s["truth"]))
+        others = {(d.day - truth_d.day).days: d for d in src.dates if d is not truth_d}
+        refs = [others[int(x)] for x in dts]
+        clear_pool = [d for o, d in others.items() if abs(o) <= 60 and d.cloud_fraction <= SEARCH_MAX_CLOUD
+                      and d.valid.mean() > 0.5
+                      and d.id not in src._val_ids]
+        if any(o < 0 for o, d in others.items() if d in clear_pool) and any(
+                o > 0 for o, d in others.items() if d in clear_pool):
+            assert min(dts) < 0 < max(dts), dts  # bracketing
+        n_clear = min(4, len(clear_pool))
+        assert sum(d.cloud_fraction <= SEARCH_MAX_CLOUD for d in refs) >= n_clear
+        by_offset[truth_d.id] = dts
+    assert by_offset

@@ -113,8 +113,46 @@ def reference_ablation(model: str, params: dict[str, Any] | None = None,
             "cases": len(cases), "source": f"python -m cloudfree.pipeline.training.cards --ablation {model}"}
 
 
+def sar_ablation(card_path: str | Path, batches: int = 16) -> dict[str, Any]:
+    """Cloudy-pixel PSNR of the shipped weights of ``card_path`` on its own validation split (the card's data config,
+    ``batches`` fixed batches), with the split's SAR and with the SAR removed (zeros, ``sar_present`` 0): what SAR
+    adds where the training data has it. The validation SAR is whatever the config says (SIMULATED for the Romania
+    recipes, from each date's observed surface, never from the truth)."""
+    import math
+
+    import torch
+
+    from cloudfree.models.registry import build_model
+    from cloudfree.pipeline.training.datasets import build_source
+    from cloudfree.pipeline.training.loop import TrainConfig, batch_at
+
+    card = json.loads(Path(card_path).read_text())
+    cfg = TrainConfig(**{k: v for k, v in card["config"].items() if k in TrainConfig.model_fields})
+    model = build_model(card["model"], {"device": "cpu", "weights": str(Path(card_path).parent / card["weights_file"]),
+                                        "weights_sha256": card["sha256"]})
+    tr, net = model.trainable(), model.network()
+    src = build_source(cfg.data, tr.convention.bands, tr.n_references, cfg.patch)
+    se = {"with SAR": 0.0, "without SAR": 0.0}
+    n = 0
+    with torch.no_grad():
+        for i in range(batches):
+            b = batch_at(src, cfg.seed, 10**9 + i, cfg.batch_size, "val")
+            m = b["cloud_mask"][:, None].expand_as(b["truth"]) > 0.5
+            for k in se:
+                bb = b if k == "with SAR" else {**b, "sar": torch.zeros_like(b["sar"]),
+                                                "sar_present": torch.zeros_like(b["sar_present"])}
+                err = tr.predict(net, bb).clamp(0, 1) - b["truth"]
+                se[k] += float((err[m] ** 2).sum())
+            n += int(m.sum())
+    out = {f"{k} (validation cloudy PSNR dB)": round(-10 * math.log10(max(v / max(n, 1), 1e-12)), 2)
+           for k, v in se.items()}
+    out["sar"] = str(card.get("data", {}).get("sar", ""))[:200]
+    out["source"] = f"python -m cloudfree.pipeline.training.cards --sar-ablation {card_path} ({batches} batches)"
+    return out
+
+
 def update_card(path: Path, evaluation: dict[str, Any] | None,
-                ablation: dict[str, Any] | None = None) -> dict[str, Any]:
+                ablation: dict[str, Any] | None = None, sar: dict[str, Any] | None = None) -> dict[str, Any]:
     d = json.loads(Path(path).read_text())
     d["seen"] = d.get("seen") or legacy_seen(d)
     notes = [n for n in d.get("notes", []) if not n.startswith("LEAKY VALIDATION")]
@@ -131,6 +169,8 @@ def update_card(path: Path, evaluation: dict[str, Any] | None,
         d["heldout"] = {**d.get("heldout", {}), **heldout_rows(evaluation, d["model"])}
     if ablation is not None:
         d.setdefault("heldout", {})["reference ablation (romania-hidden)"] = ablation
+    if sar is not None:
+        d.setdefault("heldout", {})["SAR ablation (validation split)"] = sar
     d["convention"] = InputConvention(**{k: tuple(v) if isinstance(v, list) else v
                                           for k, v in d["convention"].items()})
     card = ModelCard(**d)
@@ -145,12 +185,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--eval", type=Path, help="evaluation.json of cloudfree evaluate --cases romania")
     ap.add_argument("--ablation", metavar="MODEL",
                     help="also measure MODEL's reference ablation (truth as a reference / none) into its card")
+    ap.add_argument("--sar-ablation", action="store_true",
+                    help="also measure each card's validation PSNR with and without its (simulated) SAR")
     args = ap.parse_args(argv)
     evaluation = json.loads(args.eval.read_text()) if args.eval else None
     abl = reference_ablation(args.ablation) if args.ablation else None
     for p in args.cards:
         card_model = json.loads(Path(p).read_text())["model"]
-        d = update_card(p, evaluation, abl if abl and card_model == args.ablation else None)
+        sar = sar_ablation(p) if args.sar_ablation else None
+        d = update_card(p, evaluation, abl if abl and card_model == args.ablation else None, sar)
         print(p, json.dumps({k: d[k] for k in ("seen", "heldout") if k in d}))
 
 
