@@ -65,8 +65,8 @@ bench: install demo-catalog ## benchmarks: docs/bench.md + bench.json + bench_mo
 	$(BIN)/python -m cloudfree.pipeline.evaluation.bench --out $(BENCH_OUT)
 	$(BIN)/python -m cloudfree.pipeline.evaluation.bench_models --out $(BENCH_OUT)
 
-train-temporal-residual: install ## EXPERIMENTAL: train the temporal-residual net on the Romania stack (CPU, minutes) and score it vs temporal on romania-hidden: make train-temporal-residual [TR_OUT=/tmp/temporal_residual.safetensors]
-	$(BIN)/python -m cloudfree.pipeline.training.temporal_residual $(or $(TR_OUT),/tmp/temporal_residual.safetensors)
+train-temporal-residual: install ## train the temporal-residual net on the Romania stack (1 CPU thread, TR_SECONDS=1800 s) and score it vs temporal on romania-hidden; ship with: python -m cloudfree.pipeline.training.temporal_residual --export $(TR_OUT).json
+	OMP_NUM_THREADS=1 $(BIN)/python -m cloudfree.pipeline.training.temporal_residual $(or $(TR_OUT),/tmp/temporal_residual.safetensors) --seconds $(or $(TR_SECONDS),1800) --validate-every 200 --result $(or $(TR_OUT),/tmp/temporal_residual.safetensors).json
 
 train-ca-mtcr: install ## train CA-MTCR on the Romania stack (CPU, ~25 min, 1 thread) into models/weights/ (sha256 in MANIFEST.json) and write its reference ablation into the card
 	$(BIN)/cloudfree train ca-mtcr --config configs/train-ca-mtcr.yaml --no-progress

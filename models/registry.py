@@ -25,6 +25,7 @@ BUILTIN = {
     "phyvlm-cr": "cloudfree.models.phyvlm",
     "temporal": "cloudfree.models.temporal",
     "temporal-ssl": "cloudfree.models.temporal",
+    "temporal-residual": "cloudfree.models.temporal_residual",
     "ca-mtcr": "cloudfree.models.ca_mtcr",
     "sar-optical-fusion": "cloudfree.models.sar_optical_fusion",
     "diffusion-enhancement": "cloudfree.models.diffusion_enhancement",

@@ -5,7 +5,7 @@ import pickle
 
 import pytest
 
-LEARNED = ("ca-mtcr", "sar-optical-fusion", "cm-cr", "diffusion-enhancement")
+LEARNED = ("ca-mtcr", "sar-optical-fusion", "cm-cr", "diffusion-enhancement", "temporal-residual")
 
 
 @pytest.mark.parametrize("name", LEARNED)

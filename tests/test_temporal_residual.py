@@ -46,3 +46,91 @@ def test_masked_reference_has_no_influence():
         refs3 = refs.clone()
         refs3[:, 0] += 0.3  # an unmasked one does change the output
         assert (net(base, refs3, masks, dt, cloud) - a).abs().max() > 1e-4
+
+
+def test_cross_fitted_gain_keeps_a_helpful_residual_and_drops_a_harmful_or_useless_one():
+    import numpy as np
+
+    from cloudfree.models.temporal_residual import cross_fitted_gain
+
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=(600, 3))
+    folds = np.repeat(np.arange(3), 200)
+    r_hat = np.stack([0.8 * r[:, 0] + 0.1 * rng.normal(size=600), -r[:, 1], rng.normal(size=600)], 1)
+    alpha, gain = cross_fitted_gain(r_hat, r, folds, 0.02)
+    assert 1.0 >= alpha[0] > 0.9 and gain[0] > 0.9  # helpful: kept (alpha clipped to [0, 1])
+    assert alpha[1] == 0 and alpha[2] == 0 and gain[2] < 0.02  # harmful / noise: dropped
+
+
+# -- the registered model on REAL held-out crops (romania-hidden: real clear dates behind real clouds) ----------------
+import dataclasses  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.conftest import shared  # noqa: E402
+
+#: romania-hidden (clear date, donor) pairs: evaluation dates, never seen in training.
+PAIRS = (("2020-07-10", "2019-09-04"), ("2018-04-27", "2018-07-26"), ("2016-04-07", "2015-08-01"))
+
+
+@pytest.fixture(scope="module")
+def romania():
+    from cloudfree.pipeline.evaluation.romania import default_search_config, load_stack, romania_hidden_cases
+
+    return romania_hidden_cases(load_stack(shared("s2-l2a-stack-romania-nrt").parent), default_search_config(), PAIRS)
+
+
+def _run(model, case):
+    from cloudfree.pipeline.evaluation.metrics import psnr
+    from cloudfree.pipeline.evaluation.running import with_scene_context
+
+    out = model.predict(with_scene_context(model, case.tile_inputs())).reflectance
+    return out, psnr(out, case.truth, case.regions["cloudy"])
+
+
+def _weights(tmp_path, net, name):
+    from cloudfree.models._weights import InputConvention, save_weights
+    from cloudfree.models.temporal_residual import BANDS, DEFAULT_NET
+
+    path = tmp_path / name
+    sha = save_weights(net.state_dict(), path, InputConvention(BANDS, "L2A"),
+                       {"cloudfree:network": __import__("json").dumps(DEFAULT_NET)})
+    return {"weights": str(path), "weights_sha256": sha}
+
+
+def test_untrained_weights_are_exactly_temporal_and_a_harmful_residual_is_shrunk_away(romania, tmp_path):
+    from cloudfree.models.registry import build_model
+    from cloudfree.models.temporal_residual import DEFAULT_NET
+
+    case = romania[0]
+    base, base_psnr = _run(build_model("temporal"), case)
+    net = build_net(**DEFAULT_NET)
+    zero = _weights(tmp_path, net, "zero.safetensors")
+    for params in ({"shrink": False}, {"refit": False}):  # the raw net / its pretrained head shrunk
+        out, _ = _run(build_model("temporal-residual", {**zero, **params}), case)
+        np.testing.assert_array_equal(out, base)
+    with torch.no_grad():  # a random head: the raw residual is noise and loses
+        torch.manual_seed(0)
+        for p in net.head.parameters():
+            p.normal_(0, 0.5)
+    noisy = _weights(tmp_path, net, "noisy.safetensors")
+    raw, raw_psnr = _run(build_model("temporal-residual", {**noisy, "shrink": False}), case)
+    assert raw_psnr < base_psnr - 0.5
+    shrunk, _ = _run(build_model("temporal-residual", {**noisy, "refit": False}), case)
+    np.testing.assert_array_equal(shrunk, base)  # its held-out gain on pseudo-clouds is negative: alpha = 0
+    refit, refit_psnr = _run(build_model("temporal-residual", noisy), case)  # the per-scene refit of the head
+    assert refit_psnr > raw_psnr + 0.5  # repairs a bad head from the scene's own clear pixels
+
+
+def test_shipped_weights_at_or_above_temporal_on_real_held_out_crops(romania):
+    from cloudfree.models.registry import build_model
+
+    model = build_model("temporal-residual")
+    assert model.weights_path.is_file() and "romania-real" in model.spec.experimental  # below temporal there
+    temporal = build_model("temporal")
+    got = [(_run(model, c)[1], _run(temporal, c)[1]) for c in romania]
+    print(got)
+    assert np.mean([a for a, _ in got]) > np.mean([b for _, b in got]), got  # at or above its base ...
+    assert all(a >= b - 0.5 for a, b in got), got  # ... and never far below it on a crop
+
