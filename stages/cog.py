@@ -584,7 +584,9 @@ def spill_across(dsk: dict, markers: list[list], strip_of: list[int], folder: st
         late = [(d, ref) for d, ref in users if d in first and d not in pos and is_late(d, x)]
         if not late:
             continue
-        sk = ("cloudfree-spill", n)
+        # the key names the spill folder (unique per compute): two targets in flight on one dask.distributed
+        # scheduler must never share a key, or one target gets the other's spilled blocks
+        sk = (f"cloudfree-spill-{Path(folder).name}", n)
         dsk[sk] = Task(sk, _spill_value, TaskRef(x), f"{folder}/{n}.pkl")
         load = Task(None, _unspill, TaskRef(sk))
         for d, ref in late:
