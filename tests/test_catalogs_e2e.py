@@ -214,7 +214,7 @@ def test_planetary_computer_run_signs_lazily_and_survives_token_expiry(rkh, stac
     from cloudfree.pipeline.runner import run
 
     with BackendServer(lambda p: _rkh_file(rkh, p), require_sig=True, token_ttl=3.0, read_delay=0.02,
-                       stall_after_reads=20, refresh_margin=1.0) as srv:
+                       stall_after_reads=5, refresh_margin=1.0) as srv:
         srv.items = _pc_items(rkh, srv.url, stac_data)
         b02 = srv.items[0]["assets"]["B02"]["href"]
         assert requests.get(b02, headers={"Range": "bytes=0-15"}, timeout=5).status_code == 403  # unsigned
@@ -231,7 +231,7 @@ def test_planetary_computer_run_signs_lazily_and_survives_token_expiry(rkh, stac
         assert srv.refused == []  # every blob read carried a valid, unexpired signature
         # the first token expired mid-run (the server holds reads past its expiry), and later reads were signed anew
         late = [t for t in srv.read_times if t > srv.token_expiries[0]]
-        assert srv.tokens_issued >= 2 and len(late) >= 10, (srv.tokens_issued, len(late), t1 - t0)
+        assert srv.tokens_issued >= 2 and len(late) >= 5, (srv.tokens_issued, len(late), srv.blob_reads, t1 - t0)
         print(f"PC run {t1 - t0:.1f} s, {srv.blob_reads} signed blob reads, {srv.tokens_issued} tokens of "
               f"{srv.token_ttl:.0f} s issued, {len(srv.refused)} refused")
         first = min(srv.sigs, key=srv.sigs.get)  # the first token, expired by now
