@@ -742,16 +742,10 @@ def _checked_output(ctx: TargetContext, c_refl, c_src, c_refs, c_rmask):
     return check_output(np.asarray(c_refl), restored, np.asarray(c_refs), ~np.asarray(c_rmask, bool), ctx.bands)
 
 
-def _strip_blocks() -> int:
-    """Scenes are computed in column strips (:data:`cloudfree.stages.cog.STRIP_BLOCKS` blocks wide): a model's halo and
-    the blending make each block row need the next two, so without strips that line buffer grows with the width."""
-    from cloudfree.stages.cog import STRIP_BLOCKS
-
-    return STRIP_BLOCKS
-
-
 def write_staged(ctx: TargetContext, stage: Path) -> TargetResult:
-    """Write: the COGs, quicklook and item of one target into its staging folder ``stage``, in one dask pass."""
+    """Write: the COGs, quicklook and item of one target into its staging folder ``stage``, in one dask pass (scenes in
+    column strips of :data:`~cloudfree.stages.cog.STRIP_BLOCKS` blocks, so memory follows the strip's width)."""
+    from cloudfree.stages.cog import STRIP_BLOCKS
     from cloudfree.stages.write import paths_for, quicklook, write_outputs
 
     cfg, stem = ctx.cfg, ctx.stem
@@ -760,7 +754,7 @@ def write_staged(ctx: TargetContext, stage: Path) -> TargetResult:
              cfg.tile.size, ctx.halo, len(ctx.refs), ctx.model.name)
     out, computed = write_outputs(ctx.ds, cfg.output.dir, stem, cfg.output,
                                   extra_compute=(*extras, *check_inputs, ctx.tile_timings),
-                                  progress=_progress_callback(cfg), stage=stage, strip_blocks=_strip_blocks())
+                                  progress=_progress_callback(cfg), stage=stage, strip_blocks=STRIP_BLOCKS)
     staged = {k: stage / v.name for k, v in paths_for(stage.parent, stem).items()}
     *computed, timings = computed
     checked = None

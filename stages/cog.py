@@ -415,32 +415,13 @@ def bound_lookahead(dsk: dict, markers: list[list], slack: int) -> int:
     from odc.geo.cog._tifffile import _compress_cog_tile
 
     pos = {k: i for i, keys in enumerate(markers) for k in keys}
-    deps = {k: t.dependencies for k, t in dsk.items()}
-    users: dict = {}
-    indeg = {k: 0 for k in dsk}
-    for k, ds in deps.items():
-        for d in ds:
-            if d in indeg:
-                indeg[d] += 1
-                if d in pos:
-                    users.setdefault(d, []).append(k)
-    # reverse topological order (dependents before dependencies): lo = min raster position of the markers above
-    stack = [k for k, n in indeg.items() if n == 0]
-    lo: dict = {}
-    while stack:
-        k = stack.pop()
-        mine = lo.get(k)
-        if k in pos:
-            mine = pos[k] if mine is None else min(mine, pos[k])
-            lo[k] = mine
-        for d in deps[k]:
-            if d not in indeg:
-                continue
-            if mine is not None and (lo.get(d) is None or mine < lo[d]):
-                lo[d] = mine
-            indeg[d] -= 1
-            if indeg[d] == 0:
-                stack.append(d)
+    users: dict = {}  # marker -> its dependents (the tile compressions that write it)
+    for k, t in dsk.items():
+        for d in t.dependencies:
+            if d in pos:
+                users.setdefault(d, []).append(k)
+    # lo = min raster position of the markers that depend on a task
+    lo = {k: s[0] for k, s in _marker_spans(dsk, pos).items()}
     done_keys: dict = {}
 
     def done(p: int):
