@@ -60,8 +60,8 @@ BUILTIN_SUMMARIES: tuple[ModelSummary, ...] = (
                  "dilated MBConv, band-agnostic, small CPU-trained weights `models/weights/temporal_residual.card.md`) "
                  "whose head is refitted per scene on pseudo-clouds and shrunk by its cross-fitted gain", "any", 97,
                  needs_reference=True, max_references=8, note="dated",
-                 experimental="below temporal on romania-real (28.00 vs 30.70 dB) though above it on romania-hidden "
-                              "and simulated"),
+                 experimental="below temporal on slovakia (40.04 vs 41.97 dB) though at or above it on "
+                              "romania-hidden, romania-real and simulated"),
     ModelSummary("reference-replace", "masked pixels from the best clear reference after a per-band linear "
                  "radiometric alignment fitted once per scene", "any", 0, needs_reference=True, max_references=4),
     ModelSummary("median-composite", "per-pixel median (or nearest-in-time clear) of all clear observations, what "
