@@ -402,12 +402,15 @@ def read_small_once(geobox: GeoBox, window: int, *arrays):
     ``window`` x ``window`` px (``coregister.window``), else unchanged.
 
     For such a target the co-registration estimate's eager read would be the whole target, and the main pass would
-    read it all again: one ``dask.persist`` of the loads and masks reads every input pixel once, and the estimate,
-    the scene-context reuse and the main pass work on the blocks in memory (a 512 x 512 target with 2 references and
-    6 bands holds ~20 MB). The values are the same computations, so the outputs are byte-identical."""
+    read it all again: one ``dask.compute`` of the loads and masks reads every input pixel once, and the estimate,
+    the scene-context reuse and the main pass work on the arrays in memory (a 512 x 512 target with 2 references and
+    6 bands holds ~20 MB). The values are the same computations, so the outputs are byte-identical. Computed (numpy
+    in the returned xarray objects), not persisted: the xarray steps after it (masks, co-registration, provenance)
+    then run eagerly instead of each building a dask graph over one block (issue 22: ~10 % of a 104 px target's
+    CPU)."""
     if max(geobox.shape) > window:
         return arrays
-    return dask.persist(*arrays)
+    return dask.compute(*arrays)
 
 
 #: most asset reads kept by :func:`memo_read` (a probe is two ints, an overview sample 128^2 px: ~32 KB each, so at most ~32 MB).
