@@ -38,11 +38,12 @@ from odc.geo.geobox import GeoBox
 _COMPRESSION = {"deflate": "ADOBE_DEFLATE", "zstd": "ZSTD", "lzw": "LZW"}
 
 
-def layer_array(data, geobox: GeoBox, names: Sequence[str], nodata) -> xr.DataArray:
-    """``data`` (dask ``(band, y, x)``) as a DataArray on ``geobox`` with band names and nodata (odc attrs)."""
+def layer_array(data, geobox: GeoBox, names: Sequence[str], nodata, coords=None) -> xr.DataArray:
+    """``data`` (dask ``(band, y, x)``) as a DataArray on ``geobox`` with band names and nodata (odc attrs);
+    ``coords``: ``odc.geo.xr.xr_coords(geobox)`` when the caller has it (built once for all layers of a grid)."""
     from odc.geo.xr import xr_coords
 
-    coords = xr_coords(geobox)
+    coords = xr_coords(geobox) if coords is None else coords
     da = xr.DataArray(data, dims=("band", "y", "x"),
                       coords={"band": list(names), "y": coords["y"], "x": coords["x"],
                               "spatial_ref": coords["spatial_ref"]})
@@ -167,26 +168,52 @@ def write_cog_array(arr: np.ndarray, geobox: GeoBox, dst: Path, names: Sequence[
 _PAD_LOCK = threading.Lock()
 
 
-#: GeoTIFF tags of recent grids without nodata (see :func:`_geotiff_tags_once`), most recent last.
+#: GeoTIFF tags without nodata of recent grids (see :func:`_geotiff_tags_once`), most recent last: keyed by the grid
+#: without its origin where the tags hold the origin as a plain tie point, else by the whole grid.
 _GEOTAGS: dict = {}
+_TIEPOINT = 33922  # ModelTiepointTag
+
+
+def _integral(nodata) -> bool:
+    """An integer nodata, or a float with an integer value (odc-geo's ``.odc.nodata`` reads ``0`` back as ``0.0``)."""
+    if isinstance(nodata, (bool, np.bool_)):
+        return False
+    if isinstance(nodata, (int, np.integer)):
+        return True
+    return isinstance(nodata, (float, np.floating)) and bool(np.isfinite(nodata)) and float(nodata).is_integer()
 
 
 def _geotiff_tags_once(orig, geobox: GeoBox, nodata="auto", gdal_metadata=None):
     """odc-geo's ``geotiff_metadata`` (it writes a 2x2 GeoTIFF through GDAL and reads its tags back: ~4-8 ms a
-    call, four calls per target) computed once per grid, without nodata; an integer nodata is then the GDAL_NODATA
-    tag GDAL writes for it (ASCII, the integer's digits), in the place GDAL puts it (after the GeoTIFF tags, before
-    the metadata tag). The same tags, so the same bytes (tests/test_scaling.py compares the files); other nodata
-    values (float, "auto") go to ``orig``."""
+    call, three calls per target) computed once per CRS and pixel grid, without nodata: for a north-up grid GDAL
+    writes the origin only as the tie point ``(0, 0, 0, x0, y0, 0)`` (checked on the call that fills the cache,
+    else the entry is kept for that exact grid), so the next targets of a batch on the same CRS and resolution get
+    the cached tags with their own origin. An integer nodata (or a float with an integer value, as odc-geo reads
+    ``0`` back) is then the GDAL_NODATA tag GDAL writes for it (ASCII, the integer's digits), in the place GDAL puts
+    it (after the GeoTIFF tags, before the metadata tag). The same tags, so the same bytes (tests/test_scaling.py
+    compares the tags and the files); other nodata values (non-integer floats, "auto") go to ``orig``."""
     from tifffile import DATATYPE
 
-    if not (nodata is None or (isinstance(nodata, (int, np.integer)) and not isinstance(nodata, bool))):
+    if not (nodata is None or _integral(nodata)):
         return orig(geobox, nodata=nodata, gdal_metadata=gdal_metadata)
-    key = (geobox.crs.to_wkt(), tuple(geobox.affine), gdal_metadata)
-    if key not in _GEOTAGS:
-        _GEOTAGS[key] = orig(geobox, nodata=None, gdal_metadata=gdal_metadata)
-        while len(_GEOTAGS) > 16:
-            del _GEOTAGS[next(iter(_GEOTAGS))]
-    tags, md = _GEOTAGS[key]
+    aff, wkt = geobox.affine, geobox.crs.to_wkt()
+    grid_key = (wkt, aff.a, aff.b, aff.d, aff.e, gdal_metadata)
+    full_key = (wkt, tuple(aff), gdal_metadata)
+    if grid_key in _GEOTAGS:
+        tags, md = _GEOTAGS[grid_key]
+        tie = (0.0, 0.0, 0.0, float(aff.c), float(aff.f), 0.0)
+        tags = [(c, dt, n, tie) if c == _TIEPOINT else (c, dt, n, v) for c, dt, n, v in tags]
+        md = {**md, "ModelTiepoint": list(tie)}
+    else:
+        if full_key not in _GEOTAGS:
+            tags, md = orig(geobox, nodata=None, gdal_metadata=gdal_metadata)
+            ties = [v for c, _, _, v in tags if c == _TIEPOINT]
+            plain = (aff.b == 0 and aff.d == 0 and len(ties) == 1
+                     and tuple(ties[0]) == (0.0, 0.0, 0.0, float(aff.c), float(aff.f), 0.0))
+            _GEOTAGS[grid_key if plain else full_key] = (tags, md)
+            while len(_GEOTAGS) > 16:
+                del _GEOTAGS[next(iter(_GEOTAGS))]
+        tags, md = _GEOTAGS.get(full_key) or _GEOTAGS[grid_key]
     tags = list(tags)
     if nodata is not None:
         text = str(int(nodata))
@@ -283,19 +310,21 @@ def encoded_layers(ds: xr.Dataset, geobox: GeoBox) -> dict[str, tuple[xr.DataArr
     """``{name: (integer (band, y, x) DataArray, overview resampling, band scales)}`` for every output layer of
     ``ds`` (reflectance, confidence, source and mask_provenance when present), lazily, one task per block."""
     import dask.array as dsa
+    from odc.geo.xr import xr_coords
 
+    coords = xr_coords(geobox)  # once for the four layers (building it is most of a layer's graph-side cost)
     bands = [str(b) for b in ds.band.values]
     refl = ds.reflectance.data
-    out = {"reflectance": (layer_array(dsa.map_blocks(_dn, refl, dtype=np.uint16), geobox, bands, 0), "average",
-                           [REFLECTANCE_SCALE] * len(bands))}
+    out = {"reflectance": (layer_array(dsa.map_blocks(_dn, refl, dtype=np.uint16), geobox, bands, 0, coords),
+                           "average", [REFLECTANCE_SCALE] * len(bands))}
     conf = ds.confidence.data
     refl_r = refl.rechunk({0: -1, 1: conf.chunks[0], 2: conf.chunks[1]})
     conf8 = dsa.blockwise(_conf, "yx", conf, "yx", refl_r, "byx", dtype=np.uint8, concatenate=True)
-    out["confidence"] = (layer_array(conf8[None], geobox, ["confidence"], CONF_NODATA), "nearest", None)
+    out["confidence"] = (layer_array(conf8[None], geobox, ["confidence"], CONF_NODATA, coords), "nearest", None)
     for name in ("source", "mask_provenance"):
         if name in ds:
             d = ds[name].data
-            out[name] = (layer_array(dsa.map_blocks(_u8, d, dtype=np.uint8)[None], geobox, [name], None),
+            out[name] = (layer_array(dsa.map_blocks(_u8, d, dtype=np.uint8)[None], geobox, [name], None, coords),
                          "nearest", None)
     return out
 

@@ -67,14 +67,46 @@ def _same_outputs(a: Path, b: Path) -> int:
 @pytest.mark.parametrize("model_name", ["reference-replace", "phyvlm-cr"])
 def test_small_target_shortcuts_give_the_general_paths_bytes(tmp_path, monkeypatch, model_name):
     """Three targets of the bench's batch: as they run now (inputs read once and kept as numpy, the xarray steps
-    eager) against the general path (the inputs persisted as dask blocks, so every step builds its graph): every COG, VRT and quicklook byte for
+    eager; GeoTIFF tags cached across targets) against the general path (the inputs persisted as dask blocks, so
+    every step builds its graph; the tags computed by GDAL for each grid): every COG, VRT and quicklook byte for
     byte the same, the STAC items the same apart from the run's timestamps."""
     import dask
 
+    import cloudfree.stages.cog as cog
     import cloudfree.stages.load as load
 
     fast = _batch(tmp_path / "fast", 3, model_name)
+    orig = cog._geotiff_tags_once
+
+    def uncached(*a, **kw):
+        cog._GEOTAGS.clear()
+        return orig(*a, **kw)
+
     monkeypatch.setattr(load, "read_small_once", lambda geobox, window, *arrays: dask.persist(*arrays))
+    monkeypatch.setattr(cog, "_geotiff_tags_once", uncached)
     general = _batch(tmp_path / "general", 3, model_name)
     assert sum(_same_outputs(f, g) for f, g in zip(fast, general)) >= 3 * 12
 
+
+def test_cached_geotiff_tags_are_gdals_for_every_origin_and_nodata():
+    """The GeoTIFF tags of a grid computed once per CRS and pixel size, with each grid's own origin patched in and
+    the nodata tag added, are exactly the tags GDAL writes for that grid (odc-geo's ``geotiff_metadata``), also for
+    origins that are not whole metres, a geographic CRS and nodata read back as a float (0.0, 255.0)."""
+    import numpy as np
+    from affine import Affine
+    from odc.geo.cog._tifffile import geotiff_metadata
+    from odc.geo.geobox import GeoBox
+
+    from cloudfree.stages.cog import _GEOTAGS, _geotiff_tags_once
+
+    _GEOTAGS.clear()
+    for crs, res in (("EPSG:32629", 100.0), ("EPSG:4326", 0.001)):
+        for x0, y0 in ((300000.0, 3400000.0), (310050.5, 3300012.25), (299990.123456789, 3399999.987654321)):
+            if crs == "EPSG:4326":
+                x0, y0 = x0 / 1e5 - 5.0, y0 / 1e5
+            gb = GeoBox((104, 103), Affine(res, 0, x0, 0, -res, y0), crs)
+            for nodata in (None, 0, 0.0, 255.0, np.uint8(255), 65535.0):
+                want, _ = geotiff_metadata(gb, nodata=nodata)
+                got, _ = _geotiff_tags_once(geotiff_metadata, gb, nodata=nodata)
+                assert [tuple(t) for t in got] == [tuple(t) for t in want], (crs, x0, y0, nodata)
+    assert len(_GEOTAGS) == 2  # one entry per CRS and pixel size, whatever the origin
