@@ -308,7 +308,8 @@ class Temporal(RemovalModelBase):
 
 
 class TemporalSSLParams(TemporalParams):
-    ssl: SelfSupervisedParams | None = Field(default_factory=SelfSupervisedParams)
+    #: the residual learner's defaults with ``center_applied`` on (models.self_supervised, "Centred application").
+    ssl: SelfSupervisedParams | None = Field(default_factory=lambda: SelfSupervisedParams(center_applied=True))
 
 
 @register
