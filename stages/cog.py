@@ -315,6 +315,18 @@ def encoded_layers(ds: xr.Dataset, geobox: GeoBox) -> dict[str, tuple[xr.DataArr
     coords = xr_coords(geobox)  # once for the four layers (building it is most of a layer's graph-side cost)
     bands = [str(b) for b in ds.band.values]
     refl = ds.reflectance.data
+    if all(isinstance(ds[n].data, np.ndarray) for n in ("reflectance", "confidence", "source", "mask_provenance")
+           if n in ds):
+        # in memory (a small target, stages.remove.in_memory): the same encoders on the whole arrays, eagerly (they
+        # are element-wise over y, x: where the blocks end does not change a value)
+        out = {"reflectance": (layer_array(_dn(refl), geobox, bands, 0, coords), "average",
+                               [REFLECTANCE_SCALE] * len(bands)),
+               "confidence": (layer_array(_conf(ds.confidence.data, refl)[None], geobox, ["confidence"],
+                                          CONF_NODATA, coords), "nearest", None)}
+        for name in ("source", "mask_provenance"):
+            if name in ds:
+                out[name] = (layer_array(_u8(ds[name].data)[None], geobox, [name], None, coords), "nearest", None)
+        return out
     out = {"reflectance": (layer_array(dsa.map_blocks(_dn, refl, dtype=np.uint16), geobox, bands, 0, coords),
                            "average", [REFLECTANCE_SCALE] * len(bands))}
     conf = ds.confidence.data
@@ -720,6 +732,10 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
         _validate(files)
         return files, extras, geobox
     for name, (layer, resampling, scales) in layers.items():
+        if isinstance(layer.data, np.ndarray):  # in memory but more than one COG tile: the streaming writer's path
+            import dask.array as dsa
+
+            layer = layer.copy(data=dsa.from_array(layer.data, chunks=(-1, blocksize, blocksize)))
         blocks.append(list(flatten(layer.data.__dask_keys__())))  # raster order: how far the reads may run ahead
         grid = layer.data.numblocks[1:]
         dst = Path(folder) / names[name].name

@@ -240,13 +240,19 @@ def missed_cloud_lazy(target, cloud_mask, references, reference_masks, p: Missed
     import xarray as xr
 
     bands = tuple(str(b) for b in target.band.values)
+    params = dataclasses.asdict(p)
+    if all(isinstance(a.data, np.ndarray) for a in (target, cloud_mask, references, reference_masks)):
+        # in memory (a small target): one block, as dask would run it on one chunk (no halo at the array's edges)
+        raw = _raw_block(np.asarray(target.data), np.asarray(cloud_mask.data), np.asarray(references.data),
+                         np.asarray(reference_masks.data).astype(bool), bands=bands, params=params)
+        return xr.DataArray(_refine_block(raw, params=params), dims=("image", "y", "x"),
+                            coords={"y": target.y, "x": target.x}, name="missed_cloud")
     t = target.data if isinstance(target.data, dsa.Array) else dsa.from_array(np.asarray(target.data))
     t = t.rechunk({0: -1})
     ys, xs = t.chunks[1], t.chunks[2]
     m = dsa.asarray(cloud_mask.data).rechunk((ys, xs))
     r = dsa.asarray(references.data).rechunk((-1, -1, ys, xs))
     rm = dsa.asarray(reference_masks.data).astype(bool).rechunk((-1, ys, xs))
-    params = dataclasses.asdict(p)
     n = r.shape[0]
     raw = dsa.blockwise(_raw_block, "tyx", t, "byx", m, "yx", r, "sbyx", rm, "syx", new_axes={"t": 1 + n},
                         concatenate=True, dtype=np.uint8, bands=bands, params=params)
@@ -270,6 +276,12 @@ def add_missed_cloud(target, cloud_mask, cloud_prob, references, reference_masks
 
     flags = missed_cloud_lazy(target, cloud_mask, references, reference_masks, p)
     t = flags.data[0]
+    if isinstance(flags.data, np.ndarray) and isinstance(cloud_prob.data, np.ndarray):  # a small target, eagerly
+        missed = cloud_mask.copy(data=t > 0).rename("missed_cloud")
+        mask = cloud_mask.copy(data=np.asarray(cloud_mask.data) | (t > 0))
+        prob = cloud_prob.copy(data=np.where((t & 1) > 0, np.float32(1.0), cloud_prob.data).astype(np.float32))
+        rmask = reference_masks.copy(data=np.asarray(reference_masks.data).astype(bool) | (flags.data[1:] > 0))
+        return mask, prob, rmask, missed
     missed = cloud_mask.copy(data=t > 0).rename("missed_cloud")
     mask = cloud_mask.copy(data=dsa.asarray(cloud_mask.data) | (t > 0))
     prob = cloud_prob.copy(data=dsa.where((t & 1) > 0, np.float32(1.0), dsa.asarray(cloud_prob.data)).astype(np.float32))

@@ -175,16 +175,20 @@ def confidence_fallback(ds, inputs, floor: float, mode: str):
     if mode == "keep" or floor <= 0:
         return ds
     refl, conf, src = ds.reflectance.data, ds.confidence.data, ds.source.data
+    # in-memory inputs (a small target, stages.remove.in_memory): the same element-wise steps in numpy, eagerly
+    xp = np if all(isinstance(a, np.ndarray) for a in (refl, conf, src)) and (
+        inputs.references is None or all(isinstance(a.data, np.ndarray)
+                                         for a in (inputs.references, inputs.reference_masks))) else dsa
     low = conf < floor
     if mode == "nodata":
-        refl = dsa.where(low[None], np.float32(np.nan), refl)
-        src = dsa.where(low, np.float32(SOURCE_NODATA), src)
+        refl = xp.where(low[None], np.float32(np.nan), refl)
+        src = xp.where(low, np.float32(SOURCE_NODATA), src)
     elif inputs.references is not None:
         refs, rmask = inputs.references.data, inputs.reference_masks.data
         for i in reversed(range(refs.shape[0])):  # reversed: the best-ranked reference is applied last, wins
-            ok = low & ~rmask[i] & dsa.isfinite(refs[i]).all(axis=0)
-            refl = dsa.where(ok[None], refs[i].astype(np.float32), refl)
-            src = dsa.where(ok, np.float32(SOURCE_REFERENCE_BASE + i), src)
+            ok = low & ~rmask[i] & xp.isfinite(refs[i]).all(axis=0)
+            refl = xp.where(ok[None], refs[i].astype(np.float32), refl)
+            src = xp.where(ok, np.float32(SOURCE_REFERENCE_BASE + i), src)
     out = ds.copy()
     out["reflectance"] = (ds.reflectance.dims, refl)
     out["source"] = (ds.source.dims, src)

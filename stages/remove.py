@@ -277,6 +277,10 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
     kind = blend if halo > 0 else "none"
     handle = ModelHandle.of(model)
     sar_bands = tuple(str(b) for b in inputs.sar.band.values) if inputs.sar is not None else ()
+    if len(tiles) == 1 and in_memory(inputs.target, inputs.cloud_mask, inputs.cloud_prob, inputs.references,
+                                     inputs.reference_masks, inputs.sar):
+        return _remove_one_tile(inputs, handle if handle is not None else model, tiles[0], halo, context, kind,
+                                timings, bands, sar_bands)
     size = max(t.core[0].stop - t.core[0].start for t in tiles)
     arrays = {role: _as_dask(da.data, size) for role, da in (
         ("target", inputs.target), ("mask", inputs.cloud_mask), ("prob", inputs.cloud_prob),
@@ -341,6 +345,49 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
     conf = xr.DataArray(stacked[nb], dims=("y", "x"), coords={"y": y, "x": x})
     src = xr.DataArray(stacked[nb + 1], dims=("y", "x"), coords={"y": y, "x": x})
     ds = xr.Dataset({"reflectance": refl, "confidence": conf, "source": src})
+    if inputs.target.rio.crs is not None:
+        ds = ds.rio.write_crs(inputs.target.rio.crs)
+    return ds
+
+
+def in_memory(*arrays) -> bool:
+    """True when every one of ``arrays`` (xarray objects or None) holds a numpy array (e.g. a small target's inputs,
+    :func:`cloudfree.stages.load.read_small_once`): the steps then compute them eagerly, with no dask graph."""
+    return all(a is None or isinstance(a.data, np.ndarray) for a in arrays)
+
+
+def _remove_one_tile(inputs: SceneInputs, model, tile: TileWindow, halo: int, context, kind: str,
+                     timings: list | None, bands: tuple, sar_bands: tuple) -> xr.Dataset:
+    """:func:`remove_clouds` of in-memory inputs on a plan of one tile, eagerly: the tile task's call
+    (:func:`predict_tile` on the read window, then the core crop or the blend of its one prediction) without a
+    graph. The same functions on the same pixels as the graph's tasks, so the same values."""
+    from cloudfree.stages.mosaic import grid_axis_weights, neighbours
+
+    ry, rx = tile.read
+
+    def window(da):
+        return None if da is None else np.asarray(da.data)[..., ry, rx]
+
+    static = {"bands": bands, "halo": halo, "reference_ids": inputs.reference_ids,
+              "reference_dt_days": inputs.reference_dt_days, "target_id": inputs.target_id, "sar_bands": sar_bands,
+              "origin": (ry.start, rx.start)}
+    pred = predict_tile(model, window(inputs.target), window(inputs.cloud_mask), window(inputs.cloud_prob),
+                        window(inputs.references), window(inputs.reference_masks), context=dict(context or {}),
+                        sar=window(inputs.sar), **static)
+    if kind == "none":
+        ys, xs = tile.core_in_read
+        stacked = _core(pred, ys, xs)
+    else:
+        stacked = _blend_parts(tile, tuple(neighbours(tile, [tile])), grid_axis_weights([tile], halo, kind),
+                               len(bands), kind, pred)
+    if timings is not None:
+        timings.append(_timing_of(tile.index, pred))
+    nb = len(bands)
+    y, x = inputs.target.y, inputs.target.x
+    ds = xr.Dataset({"reflectance": xr.DataArray(stacked[:nb], dims=("band", "y", "x"),
+                                                 coords={"band": list(bands), "y": y, "x": x}),
+                     "confidence": xr.DataArray(stacked[nb], dims=("y", "x"), coords={"y": y, "x": x}),
+                     "source": xr.DataArray(stacked[nb + 1], dims=("y", "x"), coords={"y": y, "x": x})})
     if inputs.target.rio.crs is not None:
         ds = ds.rio.write_crs(inputs.target.rio.crs)
     return ds

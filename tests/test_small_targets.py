@@ -28,7 +28,7 @@ def _stable(d):
     return d
 
 
-def _batch(out: Path, n: int, model_name: str = "reference-replace") -> list[Path]:
+def _batch(out: Path, n: int, model_name: str = "reference-replace", blocksize: int = 512) -> list[Path]:
     """``n`` targets of the bench's small-target batch through ``process_target`` into ``out``; their folders."""
     from cloudfree.models.registry import build_model
     from cloudfree.pipeline.evaluation.bench import _config, batch_windows, dated_items
@@ -39,7 +39,7 @@ def _batch(out: Path, n: int, model_name: str = "reference-replace") -> list[Pat
     plan = TargetPlan(items[0], tuple(Candidate(item=it, dt_days=-5.0 * k, clear_fraction=1.0, overlap=1.0,
                                                 same_orbit=True, same_tile=True, score=1.0, reason="test")
                                       for k, it in enumerate(items[1:], 1)), ())
-    cfg0 = _config(100.0, out, model_name, 2).replace(output={"quicklook": True})
+    cfg0 = _config(100.0, out, model_name, 2).replace(output={"quicklook": True, "blocksize": blocksize})
     model = build_model(model_name, {})
     folders = []
     with dask_context(cfg0):
@@ -64,18 +64,20 @@ def _same_outputs(a: Path, b: Path) -> int:
     return n
 
 
-@pytest.mark.parametrize("model_name", ["reference-replace", "phyvlm-cr"])
-def test_small_target_shortcuts_give_the_general_paths_bytes(tmp_path, monkeypatch, model_name):
+@pytest.mark.parametrize("model_name,blocksize", [("reference-replace", 512), ("phyvlm-cr", 512),
+                                                  ("reference-replace", 64)])
+def test_small_target_shortcuts_give_the_general_paths_bytes(tmp_path, monkeypatch, model_name, blocksize):
     """Three targets of the bench's batch: as they run now (inputs read once and kept as numpy, the xarray steps
     eager; GeoTIFF tags cached across targets) against the general path (the inputs persisted as dask blocks, so
     every step builds its graph; the tags computed by GDAL for each grid): every COG, VRT and quicklook byte for
-    byte the same, the STAC items the same apart from the run's timestamps."""
+    byte the same, the STAC items the same apart from the run's timestamps. With 64 px COG tiles the in-memory
+    layers go through the streaming writer (more than one tile, overviews)."""
     import dask
 
     import cloudfree.stages.cog as cog
     import cloudfree.stages.load as load
 
-    fast = _batch(tmp_path / "fast", 3, model_name)
+    fast = _batch(tmp_path / "fast", 3, model_name, blocksize)
     orig = cog._geotiff_tags_once
 
     def uncached(*a, **kw):
@@ -84,7 +86,7 @@ def test_small_target_shortcuts_give_the_general_paths_bytes(tmp_path, monkeypat
 
     monkeypatch.setattr(load, "read_small_once", lambda geobox, window, *arrays: dask.persist(*arrays))
     monkeypatch.setattr(cog, "_geotiff_tags_once", uncached)
-    general = _batch(tmp_path / "general", 3, model_name)
+    general = _batch(tmp_path / "general", 3, model_name, blocksize)
     assert sum(_same_outputs(f, g) for f, g in zip(fast, general)) >= 3 * 12
 
 
