@@ -105,8 +105,9 @@ def output_item(
     from cloudfree.catalogs.harmonise import processing_level
     from cloudfree.stages.search import mgrs_tile
 
-    bbox = list(geobox.geographic_extent.boundingbox)
-    geom = geobox.geographic_extent.geom.__geo_interface__
+    extent = geobox.geographic_extent  # a property that densifies and reprojects the footprint: computed once
+    bbox = list(extent.boundingbox)
+    geom = extent.geom.__geo_interface__
     now = datetime.now(timezone.utc)
     source_codes = dict(SOURCE_LABELS)
     for i, r in enumerate(references):
