@@ -116,6 +116,7 @@ def test_untrained_weights_are_exactly_temporal_and_a_harmful_residual_is_shrunk
 
     case = romania[0]
     base, base_psnr = _run(build_model("temporal"), case)
+    torch.manual_seed(0)  # the body's random init: unseeded, its features (and the held-out gain) varied by run
     net = build_net(**DEFAULT_NET)
     zero = _weights(tmp_path, net, "zero.safetensors")
     for params in ({"shrink": False}, {"refit": False}):  # the raw net / its pretrained head shrunk
