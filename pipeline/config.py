@@ -370,12 +370,13 @@ class RunConfig(_Section):
     #: ``MALLOC_ARENA_MAX``, which takes precedence when set.
     malloc_arenas: int = Field(1, ge=0)
     #: glibc's mmap threshold of this process in bytes (``mallopt(M_MMAP_THRESHOLD)``): blocks at least this large
-    #: (input chunks, tile predictions) are mapped and unmapped on their own. glibc's default raises the threshold
-    #: to the largest block freed (up to 32 MB), after which such blocks come from the heap and their freed pages
-    #: stay resident between live ones (bench phyvlm-cr scene at 16x with column strips, on a loaded machine:
-    #: 1563 MB peak RSS with glibc's default and the bench profiler on, 1327 MB at 1 MiB without it; the bench
-    #: applies it to every job). 0 = leave glibc's default; ``MALLOC_MMAP_THRESHOLD_`` wins when set.
-    malloc_mmap_threshold: int = Field(1 << 20, ge=0)
+    #: are mapped and unmapped on their own. 0 (default) = leave glibc's own (dynamic: it rises to the largest block
+    #: freed, up to 32 MB, and such blocks are then reused from the heap); ``MALLOC_MMAP_THRESHOLD_`` wins when set.
+    #: A fixed 1 MiB (the default for a while) mapped every 512 px band plane and tile temporary afresh: A/B in one
+    #: run, bench phyvlm-cr scene 16x, 2 workers, loaded machine: 1 MiB 157 s, 61.9 s user + 44.9 s system CPU,
+    #: 15.2 M page faults, 1457 MB peak RSS; glibc's default 136 s, 61.8 + 8.5 s, 0.46 M faults, 1350 MB; at 4x
+    #: (2 runs each, alternated) glibc's default took 0.64x the time of 1 MiB at the same peak RSS.
+    malloc_mmap_threshold: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _address_needs_distributed(self) -> "RunConfig":
