@@ -337,3 +337,17 @@ def test_bench_batch_splits_fixed_and_per_pixel_cost_and_compares_with_the_odc_l
     assert all(100 <= h <= 110 and 100 <= w <= 110 for h, w in shapes), shapes
     assert len(set(aois)) == 3
     assert BATCH_BEGIN != BATCH_END and json.dumps(r)
+
+
+def test_bench_no_batch_keeps_the_batch_section_of_an_existing_bench_md(tmp_path):
+    """``--no-batch`` regenerates the area half of bench.md and keeps the section ``--batch-only`` wrote (a failing
+    job still gives a 'failed' row: the real subprocess path, one run)."""
+    from cloudfree.pipeline.evaluation.bench import BATCH_BEGIN, BATCH_END, main
+
+    section = f"{BATCH_BEGIN}\n| batch:x | 1 | 50 | 100 | 104x104 | 0.3 | 15.0 | 1.0 | 2.0 |\n{BATCH_END}"
+    (tmp_path / "bench.md").write_text(f"# old\n\nold area table\n\n{section}\n")
+    assert main(["--out", str(tmp_path), "--data", str(DATA), "--no-batch", "--jobs", "no-such-job", "--factors", "1",
+                 "--workers", "1", "--repeat", "1", "--profile-jobs", ""]) == 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "old area table" not in md and "| no-such-job | 1x | 1 | | | | failed | | |" in md
+    assert md.count(BATCH_BEGIN) == 1 and section in md and md.endswith(f"{BATCH_END}\n")

@@ -425,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one-batch", nargs=4, metavar=("JOB", "N", "SIDE", "WORKERS"), help=argparse.SUPPRESS)
     ap.add_argument("--in-flight", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--batch-only", action="store_true", help="only the small-target batches (BATCH_JOBS)")
-    ap.add_argument("--no-batch", action="store_true", help="skip the small-target batches")
+    ap.add_argument("--no-batch", action="store_true",
+                    help="skip the small-target batches (the batch section of an existing bench.md is kept)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.one:
@@ -516,7 +517,14 @@ def main(argv: list[str] | None = None) -> int:
               "batch": batch, "batch_ratios": batch_ratios(batch)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(result, indent=1))
-    (args.out / "bench.md").write_text(to_markdown(result))
+    text = to_markdown(result)
+    md = args.out / "bench.md"
+    if args.no_batch and md.exists():  # the batch section of the existing bench.md (--batch-only's) is kept
+        old = md.read_text()
+        if BATCH_BEGIN in old and BATCH_END in old:
+            section = BATCH_BEGIN + old.split(BATCH_BEGIN, 1)[1].split(BATCH_END, 1)[0] + BATCH_END
+            text = text.rstrip("\n") + "\n\n" + section + "\n"
+    md.write_text(text)
     return 0
 
 
