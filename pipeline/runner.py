@@ -799,7 +799,7 @@ def write_item(ctx: TargetContext, out, staged: dict, checked, tile_seconds: dic
     from cloudfree.catalogs.harmonise import harmonise
     from cloudfree.pipeline.contract import SOURCE_UNFILLED
     from cloudfree.stages.output_check import cover_stats
-    from cloudfree.stages.publish import file_sha256, output_item
+    from cloudfree.stages.publish import file_sha256, output_item, with_collection_links
     from cloudfree.stages.write import paths_for, write_json_atomic
 
     cfg, target = ctx.cfg, ctx.target
@@ -824,7 +824,9 @@ def write_item(ctx: TargetContext, out, staged: dict, checked, tile_seconds: dic
                        weights_sha256=weights_sha, collection_id=cfg.output.collection, mask_bits=_mask_bits(cfg),
                        item_dir=final["item"].parent)
     item.set_self_href(str(final["item"].resolve()))
-    write_json_atomic(item.to_dict(include_self_link=False, transform_hrefs=False), staged["item"])
+    # with the collection links update_collection gives it once published: the item is serialised once
+    write_json_atomic(with_collection_links(item.to_dict(include_self_link=False, transform_hrefs=False),
+                                            final["item"], cfg.output.dir, cfg.output.collection), staged["item"])
     out.files["item"] = staged["item"]
     error = None
     if status == "unrestored":

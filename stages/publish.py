@@ -301,6 +301,19 @@ def _item_summary(path: Path) -> dict:
     return summary
 
 
+def with_collection_links(idict: dict, item_path: str | Path, out_dir: str | Path, collection_id: str) -> dict:
+    """The item dict ``idict`` (to be saved at ``item_path`` under ``out_dir``) with its ``collection`` and its
+    root/parent/collection links (relative) as :func:`update_collection` sets them; a new dict (the same key order)."""
+    up = "../" * (len(Path(item_path).resolve().relative_to(Path(out_dir).resolve()).parts) - 1)
+    out = dict(idict)
+    out["collection"] = collection_id
+    out["links"] = [lk for lk in idict.get("links", []) if lk["rel"] not in ("root", "parent", "collection")]
+    out["links"] += [{"rel": "root", "href": f"{up}catalog.json", "type": "application/json"},
+                     {"rel": "parent", "href": f"{up}collection.json", "type": "application/json"},
+                     {"rel": "collection", "href": f"{up}collection.json", "type": "application/json"}]
+    return out
+
+
 def update_collection(out_dir: str | Path, item_path: str | Path, collection_id: str,
                       description: str = "cloudfree outputs") -> Path:
     """Add (or refresh) the item at ``item_path`` in ``<out_dir>/collection.json`` (extent recomputed from all
@@ -311,14 +324,10 @@ def update_collection(out_dir: str | Path, item_path: str | Path, collection_id:
     coll_path, cat_path = out_dir / "collection.json", out_dir / "catalog.json"
     with _locked(out_dir / ".collection.lock"):
         rel = "./" + item_path.relative_to(out_dir).as_posix()
-        idict = json.loads(item_path.read_text())
-        up = "../" * (len(item_path.relative_to(out_dir).parts) - 1)
-        idict["collection"] = collection_id
-        idict["links"] = [lk for lk in idict.get("links", []) if lk["rel"] not in ("root", "parent", "collection")]
-        idict["links"] += [{"rel": "root", "href": f"{up}catalog.json", "type": "application/json"},
-                           {"rel": "parent", "href": f"{up}collection.json", "type": "application/json"},
-                           {"rel": "collection", "href": f"{up}collection.json", "type": "application/json"}]
-        _write_atomic(idict, item_path)
+        old = json.loads(item_path.read_text())
+        idict = with_collection_links(old, item_path, out_dir, collection_id)
+        if idict != old:  # the runner writes its items with these links already (no second serialisation)
+            _write_atomic(idict, item_path)
         hrefs = _listed_items(out_dir, coll_path)
         if rel not in hrefs:
             hrefs.append(rel)
