@@ -497,6 +497,8 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
     """One target: the steps below, in data-flow order, over one :class:`TargetContext`; published on success."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from cloudfree.stages.load import eager_loads
+
     ctx = prepare_target(plan, model, cfg, run_id, catalog)
     # the model's scene context (a coarse load of the scene + fit_scene) does not depend on anything below: it is
     # computed in a second thread while this one probes the assets and estimates the co-registration (both are
@@ -508,8 +510,9 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
     pool.shutdown(wait=False)
     future = ctx.context_future
     try:
-        load_inputs(ctx)
-        compute_masks(ctx)
+        with eager_loads(reads_once(ctx)):
+            load_inputs(ctx)
+            compute_masks(ctx)
         coregister_references(ctx)
         find_missed_cloud(ctx)
         attach_sar(ctx)
@@ -523,6 +526,13 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
                 future.result()  # never leave it running after this target (e.g. it failed early)
             except Exception:  # noqa: BLE001 - the target's own error is the one reported
                 pass
+
+
+def reads_once(ctx: TargetContext) -> bool:
+    """A target read whole at once (:func:`cloudfree.stages.load.read_small_once`), by this process: its loads are
+    eager (``stages.load.eager_loads``: no dask graph for ~15 chunk reads). On ``distributed`` the workers read, as
+    for any target (they may see files the client does not)."""
+    return max(ctx.geobox.shape) <= ctx.cfg.coregister.window and ctx.cfg.run.scheduler != "distributed"
 
 
 def prepare_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=None) -> TargetContext:

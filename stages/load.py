@@ -13,6 +13,8 @@ ones as ``SOURCE_FAILED``. :func:`load_sar` loads Sentinel-1 backscatter (linear
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -262,8 +264,9 @@ def load_reflectance(items: Sequence[pystac.Item], bands: Sequence[str], geobox:
         missing = [b for b in bands if b not in it.assets]
         if missing:
             raise InputDataError(f"item {it.id} has no assets {missing}; pick grid.bands among {sorted(it.assets)}")
+    eager = _EAGER_LOADS.get()
     ds = odc.stac.load(
-        items, bands=list(bands), geobox=geobox, chunks={"x": chunk, "y": chunk},
+        items, bands=list(bands), geobox=geobox, chunks=None if eager else {"x": chunk, "y": chunk},
         resampling=reflectance_resampling(bands, abs(geobox.resolution.x), items),
         dtype="float32", groupby="id", preserve_original_order=True, fail_on_error=True,
         driver=reader_driver(items),
@@ -273,11 +276,14 @@ def load_reflectance(items: Sequence[pystac.Item], bands: Sequence[str], geobox:
     # (graph size and scheduler time grow with the area; the values are the same, float32 in the same order)
     so = np.array([[item_harmonisation(it, b) for b in bands] for it in items], np.float32)  # (time, band, 2)
     nodata = tuple(_nodata_value(ds[b].attrs.get("nodata", 0)) for b in bands)
-    args = [dsa.from_array(so, chunks=(1, len(bands), 2)), "tbk"]
-    for b in bands:
-        args += [ds[b].data, "tyx"]
-    data = dsa.blockwise(_to_reflectance, "tbyx", *args, nodata=nodata, dtype=np.float32, concatenate=True,
-                         name=f"reflectance-{dask.base.tokenize(name, *(ds[b].data.name for b in bands), so)}")
+    if eager:  # numpy: the same conversion over all dates at once (element-wise, each date its own scale/offset)
+        data = _to_reflectance(so, *(ds[b].data for b in bands), nodata=nodata)
+    else:
+        args = [dsa.from_array(so, chunks=(1, len(bands), 2)), "tbk"]
+        for b in bands:
+            args += [ds[b].data, "tyx"]
+        data = dsa.blockwise(_to_reflectance, "tbyx", *args, nodata=nodata, dtype=np.float32, concatenate=True,
+                             name=f"reflectance-{dask.base.tokenize(name, *(ds[b].data.name for b in bands), so)}")
     da = xr.DataArray(data, dims=("time", "band", "y", "x"),
                       coords={"time": [np.datetime64(it.datetime.replace(tzinfo=None), "ns") for it in items],
                               "band": list(bands), "y": ds.y, "x": ds.x, "id": ("time", [it.id for it in items])})
@@ -324,15 +330,19 @@ def load_layer(items: Sequence[pystac.Item], asset: str, geobox: GeoBox, chunk: 
     items = _prepared(items, [asset], geobox)
     k = native_zoom(items, asset, geobox, chunk)
     gb = geobox.zoom_out(k) if k > 1 else geobox
-    ds = odc.stac.load(items, bands=[asset], geobox=gb, chunks={"x": chunk // k, "y": chunk // k},
+    eager = _EAGER_LOADS.get()
+    ds = odc.stac.load(items, bands=[asset], geobox=gb, chunks=None if eager else {"x": chunk // k, "y": chunk // k},
                        resampling=CATEGORICAL.get(asset, "nearest"), dtype=dtype, groupby="id",
                        preserve_original_order=True, driver=reader_driver(items))
     da = ds[asset]
     if k > 1:
         from odc.geo.xr import xr_coords
 
-        data = da.data.map_blocks(_repeat_pixels, k, dtype=da.dtype,
-                                  chunks=da.data.chunks[:1] + tuple(tuple(c * k for c in cs) for cs in da.data.chunks[1:]))
+        if eager:
+            data = _repeat_pixels(da.data, k)
+        else:
+            data = da.data.map_blocks(_repeat_pixels, k, dtype=da.dtype, chunks=da.data.chunks[:1] + tuple(
+                tuple(c * k for c in cs) for cs in da.data.chunks[1:]))
         ny, nx = geobox.shape
         coords = xr_coords(geobox)
         da = xr.DataArray(data[:, :ny, :nx], dims=da.dims, name=da.name, attrs=da.attrs,
@@ -395,6 +405,25 @@ class ReadFailure:
 
     def as_properties(self) -> dict:
         return asdict(self)
+
+
+#: True while the loads of one small target run eagerly (:func:`eager_loads`): odc-stac reads the pixels at once into
+#: numpy (its direct loader) instead of building a dask graph. A context variable: per thread, so targets in flight
+#: on other threads keep their own setting.
+_EAGER_LOADS: contextvars.ContextVar[bool] = contextvars.ContextVar("cloudfree_eager_loads", default=False)
+
+
+@contextlib.contextmanager
+def eager_loads(on: bool = True):
+    """Within the block, :func:`load_reflectance` and :func:`load_layer` read eagerly (numpy) when ``on``: for a
+    small target read whole anyway (:func:`read_small_once`), the graph of its ~15 chunk reads costs more than the
+    reads. odc-stac's direct and dask loaders fill each chunk with the same function (``_fill_nd_slice``) from
+    the same readers, and the reflectance conversion is element-wise per date, so the values are the same."""
+    token = _EAGER_LOADS.set(bool(on))
+    try:
+        yield
+    finally:
+        _EAGER_LOADS.reset(token)
 
 
 def read_small_once(geobox: GeoBox, window: int, *arrays):

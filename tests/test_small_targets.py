@@ -67,14 +67,15 @@ def _same_outputs(a: Path, b: Path) -> int:
 @pytest.mark.parametrize("model_name,blocksize", [("reference-replace", 512), ("phyvlm-cr", 512),
                                                   ("reference-replace", 64)])
 def test_small_target_shortcuts_give_the_general_paths_bytes(tmp_path, monkeypatch, model_name, blocksize):
-    """Three targets of the bench's batch: as they run now (inputs read once and kept as numpy, the xarray steps
-    eager; GeoTIFF tags cached across targets) against the general path (the inputs persisted as dask blocks, so
-    every step builds its graph; the tags computed by GDAL for each grid): every COG, VRT and quicklook byte for
+    """Three targets of the bench's batch: as they run now (inputs read eagerly by odc-stac's direct loader and
+    kept as numpy, the steps after them eager; GeoTIFF tags cached across targets) against the general path (dask
+    loads persisted as dask blocks, so every step builds its graph; the tags computed by GDAL for each grid): every COG, VRT and quicklook byte for
     byte the same, the STAC items the same apart from the run's timestamps. With 64 px COG tiles the in-memory
     layers go through the streaming writer (more than one tile, overviews)."""
     import dask
 
     import cloudfree.stages.cog as cog
+    import cloudfree.pipeline.runner as runner
     import cloudfree.stages.load as load
 
     fast = _batch(tmp_path / "fast", 3, model_name, blocksize)
@@ -84,6 +85,7 @@ def test_small_target_shortcuts_give_the_general_paths_bytes(tmp_path, monkeypat
         cog._GEOTAGS.clear()
         return orig(*a, **kw)
 
+    monkeypatch.setattr(runner, "reads_once", lambda ctx: False)  # the loads build their dask graphs
     monkeypatch.setattr(load, "read_small_once", lambda geobox, window, *arrays: dask.persist(*arrays))
     monkeypatch.setattr(cog, "_geotiff_tags_once", uncached)
     general = _batch(tmp_path / "general", 3, model_name, blocksize)
@@ -112,3 +114,25 @@ def test_cached_geotiff_tags_are_gdals_for_every_origin_and_nodata():
                 got, _ = _geotiff_tags_once(geotiff_metadata, gb, nodata=nodata)
                 assert [tuple(t) for t in got] == [tuple(t) for t in want], (crs, x0, y0, nodata)
     assert len(_GEOTAGS) == 2  # one entry per CRS and pixel size, whatever the origin
+
+
+def test_a_small_targets_item_is_serialised_once(tmp_path):
+    """The runner writes the item with the collection links that update_collection gives it, so publishing it
+    does not rewrite it (the item JSON, ~30 KB with the densified footprint, was serialised twice per target); a
+    second update_collection leaves the file alone too, and the collection lists the item."""
+    import os
+
+    from cloudfree.stages.publish import update_collection
+
+    (folder,) = _batch(tmp_path, 1)
+    item = next(folder.glob("*/*.json"))
+    d = json.loads(item.read_text())
+    assert d["collection"] == "cloudfree-outputs"
+    assert [lk["href"] for lk in d["links"] if lk["rel"] in ("root", "parent", "collection")] == [
+        "../catalog.json", "../collection.json", "../collection.json"]
+    before = os.stat(item)
+    update_collection(folder, item, "cloudfree-outputs")
+    after = os.stat(item)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    coll = json.loads((folder / "collection.json").read_text())
+    assert [lk["href"] for lk in coll["links"] if lk["rel"] == "item"] == [f"./{item.parent.name}/{item.name}"]
