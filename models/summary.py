@@ -53,7 +53,7 @@ BUILTIN_SUMMARIES: tuple[ModelSummary, ...] = (
                  "between the bracketing dates; a robust Huber/Tukey line when there are more), aligned to the "
                  "target per reference and then by a smooth local gain/offset field", "any", 81,
                  needs_reference=True, max_references=8, note="dated"),
-    ModelSummary("temporal-ssl", "temporal + an offset-free residual learned per scene on its own clear pixels "
+    ModelSummary("temporal-ssl", "temporal + an offset-free, centred residual learned per scene on its own clear pixels "
                  "(pseudo-clouds from real masks, boosted trees, shrunk by held-out pixels)", "any", 81,
                  needs_reference=True, max_references=8, note="dated"),
     ModelSummary("temporal-residual", "temporal + a full-resolution residual network (per-pixel temporal attention + "
