@@ -327,15 +327,24 @@ def encoded_layers(ds: xr.Dataset, geobox: GeoBox) -> dict[str, tuple[xr.DataArr
             if name in ds:
                 out[name] = (layer_array(_u8(ds[name].data)[None], geobox, [name], None, coords), "nearest", None)
         return out
+    # some layers in memory beside lazy ones (a small target read whole but tiled: its masks, hence its
+    # mask_provenance, are numpy): those go on the lazy layers' blocks
+    yx = next(ds[n].data.chunks[-2:] for n in ("reflectance", "confidence", "source", "mask_provenance")
+              if n in ds and isinstance(ds[n].data, dsa.Array))
+
+    def lazy(a):
+        return a if isinstance(a, dsa.Array) else dsa.from_array(a, chunks=tuple((n,) for n in a.shape[:-2]) + yx)
+
+    refl = lazy(refl)
     out = {"reflectance": (layer_array(dsa.map_blocks(_dn, refl, dtype=np.uint16), geobox, bands, 0, coords),
                            "average", [REFLECTANCE_SCALE] * len(bands))}
-    conf = ds.confidence.data
+    conf = lazy(ds.confidence.data)
     refl_r = refl.rechunk({0: -1, 1: conf.chunks[0], 2: conf.chunks[1]})
     conf8 = dsa.blockwise(_conf, "yx", conf, "yx", refl_r, "byx", dtype=np.uint8, concatenate=True)
     out["confidence"] = (layer_array(conf8[None], geobox, ["confidence"], CONF_NODATA, coords), "nearest", None)
     for name in ("source", "mask_provenance"):
         if name in ds:
-            d = ds[name].data
+            d = lazy(ds[name].data)
             out[name] = (layer_array(dsa.map_blocks(_u8, d, dtype=np.uint8)[None], geobox, [name], None, coords),
                          "nearest", None)
     return out
