@@ -667,14 +667,23 @@ def mark_provenance(ctx: TargetContext) -> None:
     kept marked unfilled, failed target reads marked failed."""
     from cloudfree.stages.load import mark_failed
     from cloudfree.stages.masks import NODATA_BIT, mask_provenance
-    from cloudfree.stages.remove import mark_unfilled
+    from cloudfree.stages.remove import in_memory, mark_unfilled
 
     prov = mask_provenance({m: v[0] for m, v in ctx.layers.by_method.items()}, ctx.cfg.mask.methods)
-    prov = prov | ctx.stack[0].isnull().any("band").astype(np.uint8) * np.uint8(NODATA_BIT)
-    if ctx.missed is not None:
-        from cloudfree.stages.missed_cloud import MISSED_BIT
+    target = ctx.stack[0]
+    if in_memory(prov, target, ctx.missed):  # a small target: the same bits in numpy (no xarray alignment)
+        bits = prov.data | np.isnan(target.data).any(axis=0).astype(np.uint8) * np.uint8(NODATA_BIT)
+        if ctx.missed is not None:
+            from cloudfree.stages.missed_cloud import MISSED_BIT
 
-        prov = prov | ctx.missed.astype(np.uint8) * np.uint8(MISSED_BIT)
+            bits = bits | ctx.missed.data.astype(np.uint8) * np.uint8(MISSED_BIT)
+        prov = prov.copy(data=bits)
+    else:
+        prov = prov | target.isnull().any("band").astype(np.uint8) * np.uint8(NODATA_BIT)
+        if ctx.missed is not None:
+            from cloudfree.stages.missed_cloud import MISSED_BIT
+
+            prov = prov | ctx.missed.astype(np.uint8) * np.uint8(MISSED_BIT)
     ctx.prov = prov
     ds = ctx.ds
     ds["mask_provenance"] = (("y", "x"), prov.data)

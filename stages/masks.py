@@ -115,6 +115,8 @@ def scl_kernel(scl: np.ndarray, classes: list[int], dilation: int) -> np.ndarray
 def scl_mask(scl: xr.DataArray, cfg: MaskConfig) -> tuple[xr.DataArray, xr.DataArray]:
     """Binary mask and a coarse probability from SCL ``(time, y, x)``: 1 for 8/9, 0.5 for 10 (thin), 0 otherwise."""
     mask = _lazy_2d(scl_kernel, scl, cfg.dilation + 1, bool, classes=list(cfg.scl_classes), dilation=cfg.dilation)
+    if isinstance(scl.data, np.ndarray):  # eager loads (a small target): element-wise, the same values at once
+        return mask.rename("cloud_mask"), scl.copy(data=scl_prob_kernel(scl.data)).rename("cloud_prob")
     data = scl.data if isinstance(scl.data, dsa.Array) else dsa.from_array(scl.data)
     prob = scl.copy(data=data.map_blocks(scl_prob_kernel, dtype=np.float32))  # one task per block
     return mask.rename("cloud_mask"), prob.rename("cloud_prob")
@@ -135,8 +137,14 @@ def _per_plane(b: np.ndarray, *, func, dtype, kw: dict) -> np.ndarray:
 
 
 def _lazy_2d(func, da: xr.DataArray, depth: int, dtype, **kw) -> xr.DataArray:
-    """Apply a 2-D kernel to every (y, x) plane of ``da`` lazily, with a halo of ``depth`` pixels."""
+    """Apply a 2-D kernel to every (y, x) plane of ``da`` lazily, with a halo of ``depth`` pixels.
+
+    A numpy ``da`` (eager loads of a small target) whose planes fit in one 512 x 512 block: the kernel on each whole
+    plane now, as ``map_overlap`` would run it on that one block (boundary none: no padding, nothing trimmed)."""
     data = da.data
+    if isinstance(data, np.ndarray) and data.shape[-2] <= 512 and data.shape[-1] <= 512:
+        return xr.DataArray(_per_plane(data, func=func, dtype=dtype, kw=kw), dims=da.dims, coords=da.coords,
+                            name=da.name)
     if not isinstance(data, dsa.Array):
         data = dsa.from_array(data, chunks=(1,) * (data.ndim - 2) + (512, 512))
     depths = {i: 0 for i in range(data.ndim - 2)} | {data.ndim - 2: depth, data.ndim - 1: depth}
@@ -396,6 +404,13 @@ def method_bits(methods) -> dict[str, int]:
 def mask_provenance(by_method: dict[str, xr.DataArray], methods) -> xr.DataArray:
     """Which method flagged each pixel: uint8, OR of :func:`method_bits` over ``by_method`` (lazy)."""
     bits = None
+    if all(isinstance(v.data, np.ndarray) for v in by_method.values()):  # in memory: numpy, then one DataArray
+        first = None
+        for method, bit in method_bits(methods).items():
+            first = by_method[method] if first is None else first
+            b = by_method[method].data.astype(np.uint8) * np.uint8(bit)
+            bits = b if bits is None else bits | b
+        return first.copy(data=bits).rename("mask_provenance")
     for method, bit in method_bits(methods).items():
         b = by_method[method].astype(np.uint8) * np.uint8(bit)
         bits = b if bits is None else bits | b
@@ -555,12 +570,29 @@ _EXTRA_METHODS["spectral"] = spectral_mask
 _EXTRA_METHODS["s2cloudless"] = s2cloudless_mask
 
 
+def replace_vars(ds, **data):
+    """``ds`` with the named variables' arrays replaced by numpy arrays of the same shape (dims and attrs kept; no
+    alignment: the arrays are on ``ds``'s grid)."""
+    out = ds.copy()
+    for name, arr in data.items():
+        out[name] = ds[name].variable.copy(data=arr)
+    return out
+
+
 def mark_opened(ds, opened, cloud_prob):
     """Target pixels that the cloud layer flagged but the mask refinement's opening removed from the mask
     (:class:`cloudfree.stages.masks.MaskLayers` ``opened``) and that the model kept as observed (``SOURCE_TARGET``)
     become ``SOURCE_OPENED`` with confidence at most ``1 - probability``: never "target observation (clear)"."""
     from cloudfree.pipeline.contract import SOURCE_OPENED, SOURCE_TARGET
 
+    if all(isinstance(a.data, np.ndarray) for a in (opened, cloud_prob, ds.source, ds.confidence)):
+        # in memory (a small target): the same element-wise steps in numpy, without xarray's alignment
+        src, conf = ds.source.data, ds.confidence.data
+        hit = opened.data & (src == float(SOURCE_TARGET))
+        p = cloud_prob.data
+        cap = np.clip(1.0 - np.where(np.isnan(p), 1.0, p), 0, 1).astype(np.float32)
+        return replace_vars(ds, source=np.where(~hit, src, float(SOURCE_OPENED)),
+                            confidence=np.where(~hit, conf, np.minimum(conf, cap)))
     hit = opened & (ds.source == float(SOURCE_TARGET))
     cap = (1.0 - cloud_prob.fillna(1.0)).clip(0, 1).astype(np.float32)
     return ds.assign(source=ds.source.where(~hit, float(SOURCE_OPENED)),

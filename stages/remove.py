@@ -398,6 +398,13 @@ def mark_unfilled(ds, cloud_mask):
     confidence 0: the pixel is the cloudy observation, never labelled "target observation (clear)"."""
     from cloudfree.pipeline.contract import SOURCE_TARGET, SOURCE_UNFILLED
 
+    if all(isinstance(a.data, np.ndarray) for a in (cloud_mask, ds.source, ds.confidence)):
+        from cloudfree.stages.masks import replace_vars
+
+        src, conf = ds.source.data, ds.confidence.data
+        unfilled = cloud_mask.data & (src == float(SOURCE_TARGET))  # in memory: numpy, no alignment
+        return replace_vars(ds, source=np.where(~unfilled, src, float(SOURCE_UNFILLED)),
+                            confidence=np.where(~unfilled, conf, 0.0))
     unfilled = cloud_mask & (ds.source == float(SOURCE_TARGET))
     return ds.assign(source=ds.source.where(~unfilled, float(SOURCE_UNFILLED)),
                      confidence=ds.confidence.where(~unfilled, 0.0))
