@@ -498,6 +498,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
     from concurrent.futures import ThreadPoolExecutor
 
     from cloudfree.stages.load import eager_loads
+    from cloudfree.stages.masks import mask_inputs
 
     ctx = prepare_target(plan, model, cfg, run_id, catalog)
     # the model's scene context (a coarse load of the scene + fit_scene) does not depend on anything below: it is
@@ -510,7 +511,7 @@ def process_target(plan: TargetPlan, model, cfg: Config, run_id: str, catalog=No
     pool.shutdown(wait=False)
     future = ctx.context_future
     try:
-        with eager_loads(reads_once(ctx)):
+        with eager_loads(reads_once(ctx), layers=mask_inputs(ctx.items, ctx.cfg.mask)):
             load_inputs(ctx)
             compute_masks(ctx)
         coregister_references(ctx)

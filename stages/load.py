@@ -265,12 +265,16 @@ def load_reflectance(items: Sequence[pystac.Item], bands: Sequence[str], geobox:
         if missing:
             raise InputDataError(f"item {it.id} has no assets {missing}; pick grid.bands among {sorted(it.assets)}")
     eager = _EAGER_LOADS.get()
+    resampling = reflectance_resampling(bands, abs(geobox.resolution.x), items)
+    extra = _colayers(eager, items, bands, geobox)
     ds = odc.stac.load(
-        items, bands=list(bands), geobox=geobox, chunks=None if eager else {"x": chunk, "y": chunk},
-        resampling=reflectance_resampling(bands, abs(geobox.resolution.x), items),
+        items, bands=[*bands, *extra], geobox=geobox, chunks=None if eager else {"x": chunk, "y": chunk},
+        resampling=resampling | {a: CATEGORICAL[a] for a in extra},
         dtype="float32", groupby="id", preserve_original_order=True, fail_on_error=True,
         driver=reader_driver(items),
     )
+    for a in extra:
+        eager.loaded[(a, tuple(it.id for it in items), geobox)] = ds[a]
     # DN -> reflectance in ONE task per (date, block) for all bands (scale, offset, nodata -> NaN), instead of
     # xarray's where / multiply / add / concat / transpose / astype tasks per band: 6x fewer tasks per input block
     # (graph size and scheduler time grow with the area; the values are the same, float32 in the same order)
@@ -291,6 +295,23 @@ def load_reflectance(items: Sequence[pystac.Item], bands: Sequence[str], geobox:
     da.attrs = {}
     da = da.rio.write_crs(geobox.crs.to_wkt())
     return validate_scene(da, name=name, bands=tuple(bands))
+
+
+def _colayers(eager: _EagerLoads | None, items, bands, geobox) -> list[str]:
+    """The layer assets (:func:`eager_loads`) the first eager reflectance load of a target reads with its bands: those
+    every item carries, that are not bands, whose hrefs pass the policy (:func:`_prepared`) and need no fetch."""
+    if eager is None or not eager.first:
+        return []
+    eager.first = False
+    extra = [a for a in eager.layers
+             if a in CATEGORICAL and a not in bands and all(a in it.assets for it in items)]
+    if not extra:
+        return []
+    try:
+        same = _prepared(items, extra, geobox)
+    except Exception:  # noqa: BLE001 - not co-loaded: load_layer reads it alone and raises the specific error
+        return []
+    return extra if all(a is b for a, b in zip(same, items)) else []
 
 
 def _nodata_value(nodata) -> float | None:
@@ -327,10 +348,14 @@ def load_layer(items: Sequence[pystac.Item], asset: str, geobox: GeoBox, chunk: 
         if have:
             raise ContractError(f"asset {asset!r} present on {have} but not on all items; mask each item alike")
         return None
+    eager = _EAGER_LOADS.get()
+    if eager is not None and dtype == "float32":  # read with the target's reflectance (:func:`eager_loads`)
+        da = eager.loaded.pop((asset, tuple(it.id for it in items), geobox), None)
+        if da is not None:
+            return da.assign_coords(time=[np.datetime64(it.datetime.replace(tzinfo=None), "ns") for it in items])
     items = _prepared(items, [asset], geobox)
     k = native_zoom(items, asset, geobox, chunk)
     gb = geobox.zoom_out(k) if k > 1 else geobox
-    eager = _EAGER_LOADS.get()
     ds = odc.stac.load(items, bands=[asset], geobox=gb, chunks=None if eager else {"x": chunk // k, "y": chunk // k},
                        resampling=CATEGORICAL.get(asset, "nearest"), dtype=dtype, groupby="id",
                        preserve_original_order=True, driver=reader_driver(items))
@@ -407,19 +432,36 @@ class ReadFailure:
         return asdict(self)
 
 
-#: True while the loads of one small target run eagerly (:func:`eager_loads`): odc-stac reads the pixels at once into
+@dataclass
+class _EagerLoads:
+    """The state of :func:`eager_loads` in one thread: the layer assets the first reflectance load reads in the same
+    ``odc.stac.load`` call, and what it read of them (``(asset, item ids, geobox) -> DataArray``)."""
+
+    layers: tuple = ()
+    first: bool = True
+    loaded: dict = None
+
+
+#: Set while the loads of one small target run eagerly (:func:`eager_loads`): odc-stac reads the pixels at once into
 #: numpy (its direct loader) instead of building a dask graph. A context variable: per thread, so targets in flight
 #: on other threads keep their own setting.
-_EAGER_LOADS: contextvars.ContextVar[bool] = contextvars.ContextVar("cloudfree_eager_loads", default=False)
+_EAGER_LOADS: contextvars.ContextVar[_EagerLoads | None] = contextvars.ContextVar("cloudfree_eager_loads",
+                                                                                   default=None)
 
 
 @contextlib.contextmanager
-def eager_loads(on: bool = True):
+def eager_loads(on: bool = True, layers: Sequence[str] = ()):
     """Within the block, :func:`load_reflectance` and :func:`load_layer` read eagerly (numpy) when ``on``: for a
     small target read whole anyway (:func:`read_small_once`), the graph of its ~15 chunk reads costs more than the
     reads. odc-stac's direct and dask loaders fill each chunk with the same function (``_fill_nd_slice``) from
-    the same readers, and the reflectance conversion is element-wise per date, so the values are the same."""
-    token = _EAGER_LOADS.set(bool(on))
+    the same readers, and the reflectance conversion is element-wise per date, so the values are the same.
+
+    ``layers``: class/probability assets (:data:`CATEGORICAL`, e.g. SCL) that :func:`load_layer` will read of the
+    same items on the same grid: the first :func:`load_reflectance` in the block reads them in its own
+    ``odc.stac.load`` call (nearest, on the output grid: the values of :func:`load_layer`'s read, see
+    :func:`native_zoom`), and :func:`load_layer` takes them from there. odc-stac parses the items and builds its
+    dataset once per target instead of twice (issue 22)."""
+    token = _EAGER_LOADS.set(_EagerLoads(tuple(layers), True, {}) if on else None)
     try:
         yield
     finally:
