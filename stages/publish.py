@@ -93,6 +93,24 @@ def _apply_mgrs(item: pystac.Item, tile: str | None) -> None:
         MgrsExtension.ext(item, add_if_missing=True).apply(m.group(2), m.group(3), int(m.group(1)))
 
 
+def geographic_extent(geobox: GeoBox):
+    """``geobox.geographic_extent`` (its footprint in EPSG:4326, densified to 100 points a side), the same geometry:
+    odc-geo's ``footprint`` ends with ``dropna()``, which rebuilds the polygon point by point in Python (~1/3 of the
+    call on a small target, issue 22) to drop non-finite points; a one-ring polygon whose points are all finite is
+    returned as reprojected (the rebuild would give the same points)."""
+    import numpy as np
+    import shapely
+
+    if geobox.crs is None or geobox.crs.geographic:
+        return geobox.geographic_extent
+    ext = geobox.extent
+    bbox = ext.boundingbox
+    g = ext.to_crs("epsg:4326", resolution=max(bbox.span_x, bbox.span_y) / 100, wrapdateline=False)
+    if g.geom_type == "Polygon" and not g.geom.interiors and np.isfinite(shapely.get_coordinates(g.geom)).all():
+        return g
+    return g.dropna()
+
+
 def output_item(
     target: pystac.Item, references: Sequence[pystac.Item], out: WrittenOutput, geobox: GeoBox, bands: Sequence[str],
     model_name: str, model_params: dict, run_id: str, harmonisation: Sequence[dict], extra: dict | None = None,
@@ -105,7 +123,7 @@ def output_item(
     from cloudfree.catalogs.harmonise import processing_level
     from cloudfree.stages.search import mgrs_tile
 
-    extent = geobox.geographic_extent  # a property that densifies and reprojects the footprint: computed once
+    extent = geographic_extent(geobox)  # densifies and reprojects the footprint: computed once
     bbox = list(extent.boundingbox)
     geom = extent.geom.__geo_interface__
     now = datetime.now(timezone.utc)

@@ -77,6 +77,7 @@ def test_small_target_shortcuts_give_the_general_paths_bytes(tmp_path, monkeypat
     import cloudfree.stages.cog as cog
     import cloudfree.pipeline.runner as runner
     import cloudfree.stages.load as load
+    import cloudfree.stages.publish as publish
 
     fast = _batch(tmp_path / "fast", 3, model_name, blocksize)
     orig = cog._geotiff_tags_once
@@ -88,8 +89,28 @@ def test_small_target_shortcuts_give_the_general_paths_bytes(tmp_path, monkeypat
     monkeypatch.setattr(runner, "reads_once", lambda ctx: False)  # the loads build their dask graphs
     monkeypatch.setattr(load, "read_small_once", lambda geobox, window, *arrays: dask.persist(*arrays))
     monkeypatch.setattr(cog, "_geotiff_tags_once", uncached)
+    # and every target takes odc-geo's footprint
+    monkeypatch.setattr(publish, "geographic_extent", lambda geobox: geobox.geographic_extent)
     general = _batch(tmp_path / "general", 3, model_name, blocksize)
     assert sum(_same_outputs(f, g) for f, g in zip(fast, general)) >= 3 * 12
+
+
+def test_footprint_is_odc_geos_for_every_crs_and_shape():
+    """The output item's footprint (``publish.geographic_extent``, without odc-geo's point-by-point ``dropna``
+    rebuild when every point is finite) is exactly ``GeoBox.geographic_extent``: the same points, the same bbox."""
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+
+    from cloudfree.stages.publish import geographic_extent
+
+    for crs, res, (x0, y0) in (("EPSG:32629", 100.0, (199980.0, 2800020.0)), ("EPSG:32633", 10.0, (500000.5, 5.3e6)),
+                               ("EPSG:3857", 30.0, (1e6, 6e6)), ("EPSG:32601", 60.0, (166000.0, 7e6)),
+                               ("EPSG:4326", 0.001, (10.0, 50.0))):
+        for shape in ((104, 104), (400, 300), (1, 1)):
+            gb = GeoBox(shape, Affine(res, 0, x0, 0, -res, y0), crs)
+            want, got = gb.geographic_extent, geographic_extent(gb)
+            assert got.geom.__geo_interface__ == want.geom.__geo_interface__, (crs, shape)
+            assert list(got.boundingbox) == list(want.boundingbox)
 
 
 def test_cached_geotiff_tags_are_gdals_for_every_origin_and_nodata():
