@@ -109,7 +109,7 @@ def check_band_crs(item, bands: Sequence[str]) -> None:
     from cloudfree.catalogs.access import readable_href
     from cloudfree.catalogs.sentinel_hub import is_virtual
     from cloudfree.pipeline.errors import InputDataError
-    from cloudfree.stages.load import GDAL_RETRY_ENV
+    from cloudfree.stages.load import GDAL_RETRY_ENV, memo_read
 
     def declared(props: dict):
         code = props.get("proj:code") or (f"EPSG:{props['proj:epsg']}" if props.get("proj:epsg") else None)
@@ -130,9 +130,13 @@ def check_band_crs(item, bands: Sequence[str]) -> None:
         if is_virtual(asset.href):  # fetched later on the output grid (Sentinel Hub): nothing to compare yet
             continue
         href = readable_href(item, b)  # the href policy and signing, as every read of an asset
-        try:
+
+        def read_crs():
             with rasterio.Env(**GDAL_RETRY_ENV), rasterio.open(href) as ds:
-                got = ds.crs
+                return ds.crs
+
+        try:  # once per file and process (memo_read: a batch's targets share their items)
+            got = memo_read(href, ("crs",), read_crs)
         except (rasterio.errors.RasterioError, OSError):
             continue
         if got is None or got != want:

@@ -36,6 +36,8 @@ and returned (the runner records them in the output item's ``cloudfree:plausibil
 from __future__ import annotations
 
 import logging
+import threading
+from collections import OrderedDict
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -148,11 +150,79 @@ def _low(v: np.ndarray | None) -> float | None:
     return float(np.percentile(v, LOW_PERCENTILE)) if v is not None and v.size >= 16 else None
 
 
+#: most check results kept by :func:`check_reflectance` (a tuple of warnings each).
+CHECK_MEMO_MAX = 256
+_CHECK_MEMO: "OrderedDict[tuple, tuple[str, ...]]" = OrderedDict()
+_CHECK_LOCK = threading.Lock()
+
+
+def _memo_key(target: pystac.Item, references: Sequence[pystac.Item], bands: Sequence[str],
+              skip: set) -> tuple | None:
+    """What :func:`check_reflectance`'s result depends on: the item ids and their order, the bands, and per
+    checked asset (and the target's SCL) the file it reads (:func:`~cloudfree.stages.load.file_validator`: path,
+    mtime, size) and the scale/offset applied to it. None (not memoised) when an asset is not a local file."""
+    from cloudfree.catalogs.access import readable_href
+    from cloudfree.catalogs.sentinel_hub import is_virtual
+    from cloudfree.stages.load import file_validator, item_harmonisation
+
+    parts = []
+    for it in [target, *references]:
+        for b in bands:
+            if (it.id, b) in skip or b not in it.assets:
+                parts.append((it.id, b, None))
+                continue
+            if is_virtual(it.assets[b].href):
+                return None
+            v = file_validator(readable_href(it, b))
+            if v is None:
+                return None
+            parts.append((it.id, b, v, tuple(float(x) for x in item_harmonisation(it, b))))
+    scl = None
+    if "SCL" in target.assets:
+        if is_virtual(target.assets["SCL"].href):
+            return None
+        scl = file_validator(readable_href(target, "SCL"))
+        if scl is None:
+            return None
+    return target.id, tuple(r.id for r in references), tuple(bands), tuple(sorted(skip)), tuple(parts), scl
+
+
 def check_reflectance(target: pystac.Item, references: Sequence[pystac.Item], bands: Sequence[str],
                       skip: Iterable[tuple[str, str]] = ()) -> list[str]:
     """Check ``target`` (and the references' scale) as described in the module docstring; return the warnings,
-    raise :class:`InputDataError` on a clear error. ``skip``: ``(item id, band)`` pairs whose read failed."""
+    raise :class:`InputDataError` on a clear error. ``skip``: ``(item id, band)`` pairs whose read failed.
+
+    The check looks at whole-item overview samples, not at the target's grid: a batch of targets of the same items
+    (issue 22: ~10 ms of numpy statistics per small target) gets the result of its first target, kept by
+    :func:`_memo_key` (local files only; a file rewritten in place is checked again). Only a check whose every
+    sample was read is kept, and never an error (the next target checks again and raises again)."""
     skip = set(skip)
+    try:
+        key = _memo_key(target, references, bands, skip)
+    except Exception:  # noqa: BLE001 - the check itself raises it, naming the item (e.g. a refused href)
+        key = None
+    if key is not None:
+        with _CHECK_LOCK:
+            hit = _CHECK_MEMO.get(key)
+            if hit is not None:
+                _CHECK_MEMO.move_to_end(key)
+        if hit is not None:
+            for msg in hit:
+                log.warning("%s", msg)
+            return list(hit)
+    warnings, complete = _check_reflectance(target, references, bands, skip)
+    if key is not None and complete:
+        with _CHECK_LOCK:
+            _CHECK_MEMO[key] = tuple(warnings)
+            while len(_CHECK_MEMO) > CHECK_MEMO_MAX:
+                _CHECK_MEMO.popitem(last=False)
+    return warnings
+
+
+def _check_reflectance(target: pystac.Item, references: Sequence[pystac.Item], bands: Sequence[str],
+                       skip: set) -> tuple[list[str], bool]:
+    """:func:`check_reflectance` without the memo: ``(warnings, complete)``, ``complete`` when every sample (each
+    asset's, the target's SCL if it has one) was read."""
     warnings: list[str] = []
     keys = [(it, b) for it in [target, *references] for b in bands if (it.id, b) not in skip]
     # one small overview read per asset; GDAL releases the GIL while it reads, so the reads overlap (remote assets
@@ -163,6 +233,8 @@ def check_reflectance(target: pystac.Item, references: Sequence[pystac.Item], ba
         got = list(ex.map(lambda k: _read_sample(*k), keys))
     grids = {(it.id, b): g for (it, b), g in zip(keys, got)}
     shadow = _shadow_sample(target)
+    complete = all(g is not None for (it, b), g in zip(keys, got) if b in it.assets) and (
+        shadow is not None or "SCL" not in target.assets)
     if shadow is not None:  # the target's cloud shadows are not a scale error (module docstring)
         grids = {k: (None if g is None else
                      ((np.where(shadow, np.nan, g[0]), g[1]) if k[0] == target.id and g[0].shape == shadow.shape
@@ -225,7 +297,7 @@ def check_reflectance(target: pystac.Item, references: Sequence[pystac.Item], ba
                    f"(max {max(p99):.4f}): implausibly dark, check the item's scale/offset")
             log.warning("%s", msg)
             warnings.append(msg)
-    return warnings
+    return warnings, complete
 
 
 def band_swap(grids: dict[str, np.ndarray]) -> tuple[float, float] | None:

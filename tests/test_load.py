@@ -271,3 +271,54 @@ def test_plausibility_check_reads_each_sample_once(demo_items, monkeypatch):
     again = plausibility.check_reflectance(target, refs, ["B02", "B03", "B04", "B08"])
     assert again == first
     assert opened == []
+
+
+def test_plausibility_check_is_kept_per_items_files_and_scales(demo_items, monkeypatch, tmp_path):
+    """A batch's targets share their items: the check (whole-item samples, not the target's grid) runs once for
+    the same items, bands, files and scales. Another scale, a rewritten file or another band list checks again;
+    an error is never kept (the next target raises it again)."""
+    import os
+    import shutil
+
+    from cloudfree.pipeline.errors import InputDataError
+    from cloudfree.stages import plausibility
+
+    ids = sorted(demo_items)
+    target, refs = demo_items[TARGET], [demo_items[i] for i in ids if i != TARGET][:2]
+    bands = ["B02", "B03", "B04", "B08"]
+    plausibility._CHECK_MEMO.clear()
+    real, runs = plausibility._check_reflectance, []
+
+    def counting(*a, **kw):
+        runs.append(a[0].id)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(plausibility, "_check_reflectance", counting)
+    first = plausibility.check_reflectance(target, refs, bands)
+    assert plausibility.check_reflectance(target, refs, bands) == first
+    assert len(runs) == 1
+    assert plausibility.check_reflectance(target, refs, bands[:3]) == first  # other bands: checked again
+    assert len(runs) == 2
+    d = target.to_dict()  # the same files, the target's B04 4x too dark: a warning, not the kept result
+    d["properties"].pop("s2:processing_baseline", None)
+    for b in bands:
+        d["assets"][b]["raster:bands"] = [{"scale": 1e-4 / (4 if b == "B04" else 1), "offset": 0}]
+    dark = pystac.Item.from_dict(d)
+    (warning,) = plausibility.check_reflectance(dark, refs, bands)
+    assert "band B04" in warning and len(runs) == 3
+    assert plausibility.check_reflectance(dark, refs, bands) == [warning] and len(runs) == 3
+    d["assets"]["B04"]["raster:bands"] = [{"scale": 1.0, "offset": 0}]  # unscaled: an error, raised every time
+    for _ in range(2):
+        with pytest.raises(InputDataError, match="unscaled"):
+            plausibility.check_reflectance(pystac.Item.from_dict(d), refs, ["B04"])
+    assert len(runs) == 5
+    copy = tmp_path / "B02.tif"  # a file rewritten in place (new mtime): checked again
+    shutil.copy(target.assets["B02"].get_absolute_href(), copy)
+    moved = target.clone()
+    moved.assets["B02"].href = str(copy)
+    plausibility.check_reflectance(moved, refs, bands)
+    plausibility.check_reflectance(moved, refs, bands)
+    assert len(runs) == 6
+    os.utime(copy, ns=(os.stat(copy).st_atime_ns, os.stat(copy).st_mtime_ns + 10**9))
+    plausibility.check_reflectance(moved, refs, bands)
+    assert len(runs) == 7
