@@ -830,7 +830,7 @@ def write_item(ctx: TargetContext, out, staged: dict, checked, tile_seconds: dic
         metrics = evaluate_against_truth(target, out.reflectance, ctx.geobox, ctx.bands, cfg.grid.chunk)
     extra = {"cloudfree:evaluation": metrics} if metrics else {}
     stats = cover_stats(out.files["confidence"], out.files["mask_provenance"], cfg.output.confidence_floor,
-                        source_path=out.files["source"])
+                        source_path=out.files["source"], arrays=out.arrays)
     # eo:cloud_cover of an output = the share that is not a usable cloud-free estimate (low confidence, cloudy and
     # not restored, failed reads, nodata), so an unusable output never ranks as a clear reference later
     extra["eo:cloud_cover"] = round(100 * stats["unusable_after"], 2)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import OrderedDict
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -712,7 +713,8 @@ def compute_once(*objs, markers: list[list] | None = None, lookahead: int | None
 
 def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocksize: int = 512,
                  compress: str = "deflate", extra_compute=(), progress=None, desc: str = "",
-                 geobox: GeoBox | None = None, strip_blocks: int | None = None) -> tuple[dict[str, Path], list, GeoBox]:
+                 geobox: GeoBox | None = None, strip_blocks: int | None = None,
+                 arrays_out: dict | None = None) -> tuple[dict[str, Path], list, GeoBox]:
     """Write every layer of ``ds`` as a COG into ``folder`` (file names from ``names[layer]``) in ONE dask pass,
     together with ``extra_compute``; returns ``(files, computed extras, the files' grid)``.
 
@@ -720,7 +722,8 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
     its own would fuse the shared reads into each of them and read the inputs again per consumer. The files'
     grid is ``geobox`` exactly (no padding, see :func:`_unpadded`). ``strip_blocks``: compute the blocks in column
     strips of that many blocks (:func:`strip_order`, :func:`spill_across`): for models with a halo, whose line
-    buffer would otherwise grow with the width of the output.
+    buffer would otherwise grow with the width of the output. ``arrays_out``: a dict that receives the encoded
+    layers (``{name: (band, y, x) array}``) when they are computed into memory (one tile).
     """
     if geobox is None:
         geobox = ds.reflectance.odc.geobox
@@ -733,12 +736,18 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
         # then written directly (write_cog_array: the same bytes as the streaming writer, without its graph)
         with progress(desc or "compute+write") if progress is not None else contextlib.nullcontext():
             arrays, *extras = compute_once([layer.data for layer, _, _ in layers.values()], *extra_compute)
+        layouts = {}
         for (name, (layer, _, scales)), arr in zip(layers.items(), arrays):
+            nodata = layer.odc.nodata
             files[name] = write_cog_array(arr, geobox, Path(folder) / names[name].name,
-                                          [str(b) for b in layer.band.values], layer.odc.nodata,
+                                          [str(b) for b in layer.band.values], nodata,
                                           blocksize=blocksize, compress=compress, scales=scales,
                                           offsets=[0.0] * len(scales) if scales else None)
-        _validate(files)
+            layouts[name] = (str(geobox.crs), np.shape(arr), np.asarray(arr).dtype.str, blocksize, compress,
+                             repr(nodata), scales is not None)
+            if arrays_out is not None:
+                arrays_out[name] = np.asarray(arr)
+        _validate_layouts(files, layouts)
         return files, extras, geobox
     for name, (layer, resampling, scales) in layers.items():
         if isinstance(layer.data, np.ndarray):  # in memory but more than one COG tile: the streaming writer's path
@@ -765,6 +774,29 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
                                   else None)
     _validate(files)
     return files, extras, geobox
+
+
+#: layouts (:func:`write_cog_array`'s shape, dtype, tiling, compression, nodata, scales) whose file passed
+#: ``cog_validate`` in this process (bounded: the oldest is forgotten).
+_VALID_LAYOUTS: "OrderedDict[tuple, None]" = OrderedDict()
+_VALID_LOCK = threading.Lock()
+
+
+def _validate_layouts(files: dict[str, Path], layouts: dict[str, tuple]) -> None:
+    """:func:`_validate` of the directly written files whose layout no file has passed yet in this process.
+
+    :func:`write_cog_array` lays out a one-tile COG from its layout alone (header, tile order, offsets after the
+    header): the structure ``cog_validate`` checks is the same for every file of one layout, and its ~1 ms a file
+    (an open and the IFD walk) was ~3 % of a small target (issue 22). The first file of each layout (and of each
+    grid shape) is validated, so a writer change that breaks the structure still fails the first target."""
+    with _VALID_LOCK:
+        todo = {n: f for n, f in files.items() if layouts[n] not in _VALID_LAYOUTS}
+    _validate(todo)
+    with _VALID_LOCK:
+        for n in todo:
+            _VALID_LAYOUTS[layouts[n]] = None
+        while len(_VALID_LAYOUTS) > 256:
+            _VALID_LAYOUTS.popitem(last=False)
 
 
 def _validate(files: dict[str, Path]) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -154,7 +155,7 @@ LOW_CONFIDENCE = 0.5
 
 
 def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: float = 0.0,
-                max_side: int = 1024, source_path: Path | None = None) -> dict:
+                max_side: int = 1024, source_path: Path | None = None, arrays: dict | None = None) -> dict:
     """Cover statistics of an output, read decimated from its COGs. Shares are of all output pixels unless said:
 
     * ``masked_before``: share of the target's *valid* pixels any mask method flagged (None: no valid pixel);
@@ -166,6 +167,10 @@ def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: floa
       mask refinement's opening removed, kept as observed: ``SOURCE_OPENED``);
     * ``unusable_after``: share that is not a usable cloud-free estimate (nodata, low confidence, unfilled or
       failed), the value published as the output's ``eo:cloud_cover``.
+
+    ``arrays``: the layers as they were written (``{"confidence": (1, y, x) uint8, ...}``, e.g.
+    :class:`~cloudfree.stages.write.WrittenOutput` ``arrays`` of a small target): a layer whose file would be read
+    whole (no side above ``max_side``) is taken from there instead of read back, the same pixels.
     """
     import rasterio
 
@@ -173,7 +178,17 @@ def cover_stats(confidence_path: Path, provenance_path: Path | None, floor: floa
                                              SOURCE_REFERENCE_BASE, SOURCE_UNFILLED)
     from cloudfree.stages.masks import NODATA_BIT
 
+    in_memory = {}
+    for name, path in (("confidence", confidence_path), ("mask_provenance", provenance_path),
+                       ("source", source_path)):
+        a = (arrays or {}).get(name)
+        if path is not None and a is not None and a.ndim == 3 and max(a.shape[1:]) <= max_side:
+            in_memory[Path(path)] = a[0]
+
     def read(path, shape=None):
+        a = in_memory.get(Path(path))
+        if a is not None and (shape is None or tuple(shape) == a.shape):
+            return a
         with rasterio.open(path) as ds:
             if shape is None:
                 k = max(1, int(np.ceil(max(ds.shape) / max_side)))

@@ -47,6 +47,9 @@ class WrittenOutput:
     stem: str
     directory: Path
     files: dict[str, Path] = field(default_factory=dict)
+    #: the encoded layers as written, ``{name: (band, y, x) integer array}``, when they were computed into memory
+    #: (a target of one COG tile, :func:`cloudfree.stages.cog.write_layers`); empty otherwise
+    arrays: dict = field(default_factory=dict)
 
     @property
     def reflectance(self) -> Path:
@@ -130,7 +133,7 @@ def _write_into(ds: xr.Dataset, stage: Path, stem: str, cfg: OutputConfig, extra
     out = WrittenOutput(stem, stage)
     files, extras, _ = write_layers(ds, stage, final, blocksize=cfg.blocksize, compress=cfg.compress,
                                     extra_compute=extra_compute, progress=progress, desc=f"{stem}: compute+write",
-                                    strip_blocks=strip_blocks)
+                                    strip_blocks=strip_blocks, arrays_out=out.arrays)
     out.files.update(files)
     for name, path in band_vrts(stage, stem, bands).items():
         out.files[name] = path

@@ -77,6 +77,7 @@ def test_small_target_shortcuts_give_the_general_paths_bytes(tmp_path, monkeypat
     import cloudfree.stages.cog as cog
     import cloudfree.pipeline.runner as runner
     import cloudfree.stages.load as load
+    import cloudfree.stages.output_check as output_check
     import cloudfree.stages.plausibility as plausibility
     import cloudfree.stages.publish as publish
 
@@ -90,8 +91,12 @@ def test_small_target_shortcuts_give_the_general_paths_bytes(tmp_path, monkeypat
     monkeypatch.setattr(runner, "reads_once", lambda ctx: False)  # the loads build their dask graphs
     monkeypatch.setattr(load, "read_small_once", lambda geobox, window, *arrays: dask.persist(*arrays))
     monkeypatch.setattr(cog, "_geotiff_tags_once", uncached)
-    # and every target checks its items and takes odc-geo's footprint
+    # and every target checks its items, validates every COG, reads its cover statistics back from the files and
+    # takes odc-geo's footprint
     monkeypatch.setattr(plausibility, "_memo_key", lambda *a: None)
+    monkeypatch.setattr(cog, "_validate_layouts", lambda files, layouts: cog._validate(files))
+    stats = output_check.cover_stats
+    monkeypatch.setattr(output_check, "cover_stats", lambda *a, arrays=None, **kw: stats(*a, **kw))
     monkeypatch.setattr(publish, "geographic_extent", lambda geobox: geobox.geographic_extent)
     general = _batch(tmp_path / "general", 3, model_name, blocksize)
     assert sum(_same_outputs(f, g) for f, g in zip(fast, general)) >= 3 * 12
@@ -113,6 +118,27 @@ def test_footprint_is_odc_geos_for_every_crs_and_shape():
             want, got = gb.geographic_extent, geographic_extent(gb)
             assert got.geom.__geo_interface__ == want.geom.__geo_interface__, (crs, shape)
             assert list(got.boundingbox) == list(want.boundingbox)
+
+
+def test_cover_stats_from_the_written_arrays_are_the_files(tmp_path):
+    """A small target's cover statistics come from its encoded layers in memory: the same numbers as read back
+    from its COGs (the writer keeps the arrays it wrote)."""
+    from cloudfree.stages.output_check import cover_stats
+
+    (folder,) = _batch(tmp_path, 1)
+    files = {k: next(folder.glob(f"*/*_{k}.tif")) for k in ("confidence", "mask_provenance", "source")}
+    import rasterio
+
+    arrays = {}
+    for k, f in files.items():
+        with rasterio.open(f) as ds:
+            arrays[k] = ds.read()
+    want = cover_stats(files["confidence"], files["mask_provenance"], 0.3, source_path=files["source"])
+    got = cover_stats(files["confidence"], files["mask_provenance"], 0.3, source_path=files["source"], arrays=arrays)
+    assert got == want
+    arrays["source"] = arrays["source"] * 0  # the arrays are what is used (all source 0: nothing restored)
+    assert cover_stats(files["confidence"], files["mask_provenance"], 0.3, source_path=files["source"],
+                       arrays=arrays)["restored_after"] == 0.0 != want["restored_after"]
 
 
 def test_cached_geotiff_tags_are_gdals_for_every_origin_and_nodata():
