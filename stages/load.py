@@ -271,7 +271,7 @@ def load_reflectance(items: Sequence[pystac.Item], bands: Sequence[str], geobox:
         items, bands=[*bands, *extra], geobox=geobox, chunks=None if eager else {"x": chunk, "y": chunk},
         resampling=resampling | {a: CATEGORICAL[a] for a in extra},
         dtype="float32", groupby="id", preserve_original_order=True, fail_on_error=True,
-        driver=reader_driver(items),
+        driver=reader_driver(items), pool=_eager_pool() if eager else None,
     )
     for a in extra:
         eager.loaded[(a, tuple(it.id for it in items), geobox)] = ds[a]
@@ -295,6 +295,39 @@ def load_reflectance(items: Sequence[pystac.Item], bands: Sequence[str], geobox:
     da.attrs = {}
     da = da.rio.write_crs(geobox.crs.to_wkt())
     return validate_scene(da, name=name, bands=tuple(bands))
+
+
+class _KeptPool:
+    """A thread pool odc-stac's ``pmap`` uses as a context manager without shutting it down on exit."""
+
+    def __init__(self, n: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(n, thread_name_prefix="cloudfree-eager-read")
+
+    def __enter__(self):
+        return self.pool
+
+    def __exit__(self, *exc):
+        return False
+
+
+_POOLS: dict[int, _KeptPool] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _eager_pool() -> _KeptPool | None:
+    """Threads for an eager odc-stac load (its reads, one per band and date, into disjoint slices of one array): the
+    threaded scheduler's ``num_workers`` (``run.workers``), as the dask loader's reads would run, in a pool kept for
+    the process (as dask keeps its own: threads whose GDAL environment is set up once); None (in this thread) for
+    one worker or another scheduler."""
+    n = dask.config.get("num_workers", None)
+    if not (dask.config.get("scheduler", None) == "threads" and isinstance(n, int) and n > 1):
+        return None
+    with _POOLS_LOCK:
+        if n not in _POOLS:
+            _POOLS[n] = _KeptPool(n)
+        return _POOLS[n]
 
 
 def _colayers(eager: _EagerLoads | None, items, bands, geobox) -> list[str]:
@@ -358,7 +391,8 @@ def load_layer(items: Sequence[pystac.Item], asset: str, geobox: GeoBox, chunk: 
     gb = geobox.zoom_out(k) if k > 1 else geobox
     ds = odc.stac.load(items, bands=[asset], geobox=gb, chunks=None if eager else {"x": chunk // k, "y": chunk // k},
                        resampling=CATEGORICAL.get(asset, "nearest"), dtype=dtype, groupby="id",
-                       preserve_original_order=True, driver=reader_driver(items))
+                       preserve_original_order=True, driver=reader_driver(items),
+                       pool=_eager_pool() if eager else None)
     da = ds[asset]
     if k > 1:
         from odc.geo.xr import xr_coords
