@@ -236,8 +236,8 @@ def test_one_tile_cog_written_directly_has_the_streaming_writers_bytes(tmp_path,
 @pytest.mark.parametrize("slack", [1, 2, 5])
 def test_bounded_lookahead_gates_reads_and_never_deadlocks(slack):
     """cloudfree.stages.cog.bound_lookahead on a 2-D halo graph (every output block needs the reads of its 8 neighbours, as
-    a halo model does): every read starts only after the marker ``slack`` blocks before the first block that
-    needs it has finished, and the graph still completes (threads, 4 workers) with the right values."""
+    a halo model does): every read starts only after every marker up to ``slack`` blocks before the first block
+    that needs it has finished, and the graph still completes (threads, 4 workers) with the right values."""
     import threading
 
     from dask._task_spec import DataNode, Task, TaskRef
@@ -284,8 +284,8 @@ def test_bounded_lookahead_gates_reads_and_never_deadlocks(slack):
             done.add(i)
             continue
         lo = first_block(i)
-        if lo >= slack:
-            assert lo - slack in done, (i, lo, sorted(done))
+        if lo >= slack:  # every block up to lo - slack, not that block alone (a late block holds reads back)
+            assert set(range(lo - slack + 1)) <= done, (i, lo, sorted(done))
 
 
 def test_bench_reports_the_median_of_repeated_runs_and_the_issue_ratios():

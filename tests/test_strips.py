@@ -47,3 +47,27 @@ def test_spilled_small_results_stay_in_memory():
     h = _spill_value(np.arange(4), "/nonexistent/never-written.pkl")
     assert isinstance(h, _Spilled) and h.path is None
     np.testing.assert_array_equal(_unspill(h), np.arange(4))
+
+
+def test_read_back_crossings_are_not_kept_alive_by_the_slices_taken_from_them(tmp_path, monkeypatch):
+    """A later strip's task that slices a read-back result (an overlap's halo strip) returns an array of its own,
+    not a view: a view held until its consumer ran kept the whole read-back block in memory (issue 22: 174 MB of
+    the 16x reference-replace scene)."""
+    import cloudfree.stages.cog as cog
+
+    monkeypatch.setattr(cog, "SPILL_MIN_BYTES", 0)
+    src = da.from_array(np.arange(64 * 96, dtype=np.float32).reshape(64, 96), chunks=16).map_blocks(np.sqrt)
+    out = src.map_overlap(lambda b: b + 1, depth=2, boundary="none")
+    expected = out.compute(scheduler="sync")
+    dsk = dict(dask.array.optimization.optimize(out.__dask_graph__(), list(flatten(out.__dask_keys__()))))
+    raster = list(flatten(out.__dask_keys__()))
+    order = strip_order(out.numblocks, 2)
+    assert spill_across(dsk, [[raster[p]] for p in order], [(p % out.numblocks[1]) // 2 for p in order],
+                        str(tmp_path)) > 0
+    owned = [k for k, t in dsk.items() if getattr(t, "func", None) is cog._owned]
+    assert owned  # the late readers of the crossings
+    for k in owned:
+        v = dask.get(dsk, k)
+        assert isinstance(v, np.ndarray) and v.base is None, k
+    got = np.block([[dask.get(dsk, k) for k in row] for row in out.__dask_keys__()])
+    np.testing.assert_array_equal(got, expected)
