@@ -92,12 +92,21 @@ def neighbours(tile: TileWindow, tiles: Sequence[TileWindow]) -> list[TileWindow
             and t.read[1].start < cx.stop and t.read[1].stop > cx.start]
 
 
+def piece_of(tile: TileWindow, core: TileWindow) -> tuple[slice, slice]:
+    """Where ``core``'s block lies in ``tile``'s read window (what :func:`blend_block` takes of its prediction)."""
+    (cy, cx), (ry, rx) = core.core, tile.read
+    ys = slice(max(cy.start, ry.start), min(cy.stop, ry.stop))
+    xs = slice(max(cx.start, rx.start), min(cx.stop, rx.stop))
+    return slice(ys.start - ry.start, ys.stop - ry.start), slice(xs.start - rx.start, xs.stop - rx.start)
+
+
 def blend_block(core: TileWindow, parts: Sequence[tuple[TileWindow, np.ndarray, np.ndarray]], n_bands: int,
-                kind: BlendKind) -> np.ndarray:
+                kind: BlendKind, cropped: bool = False) -> np.ndarray:
     """One output block ``(n_bands + 2, y, x)`` from overlapping tile predictions.
 
     ``parts``: ``(tile, prediction (n_bands + 2, ry, rx) over tile.read, weights (ry, rx))``. Layers
-    ``[:n_bands]`` are reflectance, ``n_bands`` confidence, ``n_bands + 1`` source (not blended).
+    ``[:n_bands]`` are reflectance, ``n_bands`` confidence, ``n_bands + 1`` source (not blended). ``cropped``:
+    each prediction is already its :func:`piece_of` for ``core`` (the same pixels, so the same values).
     """
     (cy, cx) = core.core
     shape = (cy.stop - cy.start, cx.stop - cx.start)
@@ -112,11 +121,17 @@ def blend_block(core: TileWindow, parts: Sequence[tuple[TileWindow, np.ndarray, 
             continue
         src_sl = (slice(ys.start - ry.start, ys.stop - ry.start), slice(xs.start - rx.start, xs.stop - rx.start))
         dst_sl = (slice(ys.start - cy.start, ys.stop - cy.start), slice(xs.start - cx.start, xs.stop - cx.start))
+        if cropped:
+            if pred.shape[1:] != (ys.stop - ys.start, xs.stop - xs.start):  # pragma: no cover - graph bug guard
+                raise ConfigError(f"tile {tile.index}: its piece for block {core.index} has shape {pred.shape}")
+            psl = (slice(None), slice(None))
+        else:
+            psl = src_sl
         if tile.index == core.index:
-            source = pred[n_bands + 1][src_sl]
+            source = pred[n_bands + 1][psl]
         if kind == "none" and tile.index != core.index:
             continue
-        vals = pred[: n_bands + 1][(slice(None),) + src_sl].astype(np.float64)
+        vals = pred[: n_bands + 1][(slice(None),) + psl].astype(np.float64)
         ww = np.broadcast_to(w[src_sl], vals.shape) if kind != "none" else np.ones(vals.shape)
         ok = np.isfinite(vals) & (ww > 0)
         acc[(slice(None),) + dst_sl] += np.where(ok, vals * ww, 0.0)

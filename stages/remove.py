@@ -136,6 +136,21 @@ def _blend_task(core, parts, axis_w, n_bands, kind):
                        n_bands, kind)
 
 
+def _piece(pred: tuple[np.ndarray, float], sl: tuple[slice, slice]) -> np.ndarray:
+    """The part of one tile's ``(prediction, seconds)`` that one output block blends (a copy: a view would keep the
+    whole prediction in memory)."""
+    return np.array(pred[0][(slice(None),) + tuple(sl)], copy=True)
+
+
+def _blend_pieces(core, near, axis_w, n_bands, kind, *pieces):
+    """:func:`_blend_task` of the neighbours' :func:`_piece` for this block."""
+    from cloudfree.stages.mosaic import blend_block
+
+    wy, wx = axis_w
+    return blend_block(core, [(t, p, np.outer(wy[t.index[0]], wx[t.index[1]])) for t, p in zip(near, pieces)],
+                       n_bands, kind, cropped=True)
+
+
 def to_tile_inputs(inputs: "SceneInputs", halo: int = 0, context=None) -> TileInputs:
     """Materialise a whole (small) scene as one TileInputs, e.g. the coarse sample for ``fit_scene``."""
     import dask as _dask
@@ -250,6 +265,11 @@ def _predict_task(model, context, static: dict, layouts: tuple, *pieces):
                         sar=sar, **static)
 
 
+#: each output block blends copies of its part of the neighbours' predictions (:func:`_piece`), so a prediction is
+#: released as soon as its parts are cut, not when the last of its 9 blocks is blended.
+BLEND_PIECES = True
+
+
 def _blend_parts(core, near, axis_w, n_bands, kind, *preds):
     return _blend_task(core, list(zip(near, preds)), axis_w, n_bands, kind)
 
@@ -266,7 +286,7 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
     Every input chunk is read once: tiles get their halo from the neighbouring chunks (:class:`HaloWindows`).
     A registered model travels as a :class:`ModelHandle` and is built once per worker process.
     """
-    from cloudfree.stages.mosaic import grid_axis_weights, neighbours
+    from cloudfree.stages.mosaic import grid_axis_weights, neighbours, piece_of
 
     from dask._task_spec import DataNode, Task, TaskRef
     from dask.delayed import Delayed
@@ -326,8 +346,16 @@ def remove_clouds(inputs: SceneInputs, model, tiles: list[TileWindow], halo: int
                 layer[k] = Task(k, _core, TaskRef(preds[t.index]), ys, xs)
             else:
                 near = neighbours(t, tiles)
-                layer[k] = Task(k, _blend_parts, t, tuple(near), TaskRef(axis_k), nb, kind,
-                                *(TaskRef(preds[n.index]) for n in near))
+                if not BLEND_PIECES:
+                    layer[k] = Task(k, _blend_parts, t, tuple(near), TaskRef(axis_k), nb, kind,
+                                    *(TaskRef(preds[n.index]) for n in near))
+                    continue
+                refs = []
+                for n in near:
+                    pk = (f"{name}-piece", *n.index, *t.index)
+                    layer[pk] = Task(pk, _piece, TaskRef(preds[n.index]), piece_of(n, t))
+                    refs.append(TaskRef(pk))
+                layer[k] = Task(k, _blend_pieces, t, tuple(near), TaskRef(axis_k), nb, kind, *refs)
     timing_keys = []
     if timings is not None:
         for t in tiles:

@@ -118,6 +118,32 @@ def test_per_tile_statistics_model_has_seams_without_blending_and_none_with_it(t
     assert len(timings) == len(tiles) and all(s > 0 for _, s in timings)
 
 
+@pytest.mark.parametrize("kind", ["feather", "hann"])
+def test_blending_pieces_of_the_predictions_gives_the_same_bytes(thin_scene, monkeypatch, kind):
+    """Each output block blends copies of its part of the neighbours' predictions (stages.remove.BLEND_PIECES,
+    issue 22: a prediction is released once cut, not when the last of its 9 blocks is blended): the same values as
+    blending the whole predictions, bit for bit, on real pixels."""
+    import dask
+
+    import cloudfree.stages.remove as remove
+    from cloudfree.models.registry import build_model
+
+    inputs, target = thin_scene
+    model = build_model("dcp", {"keep_clear_target": False})
+    tiles = plan_tiles(target.shape[1:], 64, model.spec.halo)
+    out = {}
+    with dask.config.set(scheduler="threads"):
+        for pieces in (False, True):
+            monkeypatch.setattr(remove, "BLEND_PIECES", pieces)
+            ds = remove.remove_clouds(inputs, model, tiles, model.spec.halo, blend=kind)
+            keys = [str(k[0]) for k in ds.__dask_graph__() if isinstance(k, tuple)]
+            assert any(k.endswith("-piece") for k in keys) == pieces
+            out[pieces] = np.stack(dask.compute(ds.reflectance.data, ds.confidence.data, ds.source.data)[1:]), \
+                ds.reflectance.values
+    np.testing.assert_array_equal(out[True][0], out[False][0])
+    np.testing.assert_array_equal(out[True][1], out[False][1])
+
+
 def _fallback_inputs():
     import xarray as xr
 
