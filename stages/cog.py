@@ -451,8 +451,11 @@ def bound_lookahead(dsk: dict, markers: list[list], slack: int) -> int:
     ``dsk``. For every task, ``lo`` = the first block (raster position) whose markers depend on it. A block is
     *written* when the level-0 tile compressions of all its layers (the markers' ``_compress_cog_tile``
     dependents; the markers themselves if there are none) are done: one ``done`` task per block depends on
-    them. A source task (one whose dependencies are only data nodes: odc-stac's reads, after
-    :func:`inline_reader_opens`) with ``lo >= slack`` waits for ``done(lo - slack)``.
+    them, and on the block before it (:data:`PREFIX_GATE`), so ``done(p)`` means every block up to ``p`` is written.
+    A source task (one whose dependencies are only data nodes: odc-stac's reads, after
+    :func:`inline_reader_opens`) with ``lo >= slack`` waits for ``done(lo - slack)``. Gated on one block alone, a
+    later block that finished early let the reads run on while an earlier one lagged (a column waiting for its
+    neighbour's missed-cloud flags): the next strip's inputs were read and the lagging column's held (issue 22).
 
     Without this, dask's ordering and the threaded scheduler read blocks rows ahead of their consumers whenever a
     worker is idle (1 GB of held inputs and tile predictions in the 16x phyvlm-cr scene), or, with one worker,
@@ -462,7 +465,8 @@ def bound_lookahead(dsk: dict, markers: list[list], slack: int) -> int:
     with the width of the output, not its area.
 
     Never deadlocks: a gated source feeds only blocks ``>= lo`` and waits for ``done(lo - slack)``, which depends
-    only on sources with ``lo' <= lo - slack < lo``; by induction over raster positions every block can finish.
+    only on blocks up to ``lo - slack`` and so on sources with ``lo' <= lo - slack < lo``; by induction over
+    raster positions every block can finish.
     Returns the number of gated tasks.
     """
     from dask._task_spec import DataNode, Task, TaskRef

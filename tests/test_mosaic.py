@@ -138,10 +138,10 @@ def test_blending_pieces_of_the_predictions_gives_the_same_bytes(thin_scene, mon
             ds = remove.remove_clouds(inputs, model, tiles, model.spec.halo, blend=kind)
             keys = [str(k[0]) for k in ds.__dask_graph__() if isinstance(k, tuple)]
             assert any(k.endswith("-piece") for k in keys) == pieces
-            out[pieces] = np.stack(dask.compute(ds.reflectance.data, ds.confidence.data, ds.source.data)[1:]), \
-                ds.reflectance.values
-    np.testing.assert_array_equal(out[True][0], out[False][0])
-    np.testing.assert_array_equal(out[True][1], out[False][1])
+            out[pieces] = dask.compute(ds.reflectance.data, ds.confidence.data, ds.source.data)
+    for a, b in zip(out[True], out[False]):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    assert np.isfinite(out[True][0]).mean() > 0.9  # real values, not an all-NaN pass
 
 
 def _fallback_inputs():
