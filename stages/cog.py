@@ -659,7 +659,7 @@ def spill_across(dsk: dict, markers: list[list], strip_of: list[int], folder: st
         load = Task(None, _unspill, TaskRef(sk))
         for d, ref in late:
             t = dsk[d].substitute({ref: load})
-            if isinstance(t, Task) and type(t) is Task:
+            if type(t) is Task:  # not an Alias or data node
                 # a dependent that slices the read-back result (the halo strip of an overlap) would return a view:
                 # held until its own consumer runs, it kept the whole read-back block alive (174 MB of the 16x
                 # reference-replace scene's 540 MB traced); its result is made its own array instead

@@ -119,7 +119,7 @@ def blend_block(core: TileWindow, parts: Sequence[tuple[TileWindow, np.ndarray, 
         xs = slice(max(cx.start, rx.start), min(cx.stop, rx.stop))
         if ys.start >= ys.stop or xs.start >= xs.stop:
             continue
-        src_sl = (slice(ys.start - ry.start, ys.stop - ry.start), slice(xs.start - rx.start, xs.stop - rx.start))
+        src_sl = piece_of(tile, core)
         dst_sl = (slice(ys.start - cy.start, ys.stop - cy.start), slice(xs.start - cx.start, xs.stop - cx.start))
         if cropped:
             if pred.shape[1:] != (ys.stop - ys.start, xs.stop - xs.start):  # pragma: no cover - graph bug guard
