@@ -438,6 +438,11 @@ def _done(*_written) -> None:
     return None
 
 
+def _is_spill(task) -> bool:
+    """``task`` writes a result to disk for a later strip (:func:`spill_across`)."""
+    return getattr(task, "func", None) is _spill_value
+
+
 def _after(_gate, value):
     """The value of a gated source task (``_gate`` is the completion marker it waited for)."""
     return value
@@ -453,7 +458,13 @@ def bound_lookahead(dsk: dict, markers: list[list], slack: int) -> int:
     dependents; the markers themselves if there are none) are done: one ``done`` task per block depends on
     them, and on the block before it (:data:`PREFIX_GATE`), so ``done(p)`` means every block up to ``p`` is written.
     A source task (one whose dependencies are only data nodes: odc-stac's reads, after
-    :func:`inline_reader_opens`) with ``lo >= slack`` waits for ``done(lo - slack)``. Gated on one block alone, a
+    :func:`inline_reader_opens`), or a later strip's read-back of a spilled result (one whose only task
+    dependencies are :func:`spill_across`'s spill handles), with ``lo >= slack`` waits for ``done(lo - slack)``.
+    Ungated, a read-back ran as soon as its spill was written and its result was held for the whole strip: the
+    tile predictions' pieces for the next column, 150 MB at the 16x phyvlm-cr peak. Gated (bench --factors 16
+    --workers 2, scene jobs, 2 runs each, alternated): phyvlm-cr 1054/1040 MB peak RSS against 1116/1143 ungated,
+    dcp 562/527 against 648/663, reference-replace 586/569 against 605/565, seconds the same (46.4/44.7 against
+    47.3/44.5 for phyvlm-cr). Gated on one block alone, a
     later block that finished early let the reads run on while an earlier one lagged (a column waiting for its
     neighbour's missed-cloud flags): the next strip's inputs were read and the lagging column's held (issue 22).
 
@@ -466,7 +477,8 @@ def bound_lookahead(dsk: dict, markers: list[list], slack: int) -> int:
 
     Never deadlocks: a gated source feeds only blocks ``>= lo`` and waits for ``done(lo - slack)``, which depends
     only on blocks up to ``lo - slack`` and so on sources with ``lo' <= lo - slack < lo``; by induction over
-    raster positions every block can finish.
+    raster positions every block can finish. A gated read-back is the same case: it also feeds only blocks
+    ``>= lo``, and the spill it reads belongs to an earlier block, which its gate never waits on.
     Returns the number of gated tasks.
     """
     from dask._task_spec import DataNode, Task, TaskRef
@@ -501,7 +513,7 @@ def bound_lookahead(dsk: dict, markers: list[list], slack: int) -> int:
     for k, t in list(dsk.items()):
         if not isinstance(t, Task) or k in pos or lo.get(k) is None or lo[k] < slack:
             continue
-        if any(not isinstance(dsk.get(d), DataNode) for d in t.dependencies):
+        if any(not (isinstance(dsk.get(d), DataNode) or _is_spill(dsk.get(d))) for d in t.dependencies):
             continue
         dsk[k] = Task(k, _after, TaskRef(done(lo[k] - slack)), t)
         gated += 1
