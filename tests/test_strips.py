@@ -8,6 +8,19 @@ from dask.core import flatten
 from cloudfree.stages.cog import _Spilled, spill_across, strip_order
 
 
+def _halo_graph(values: np.ndarray):
+    """4 x 6 blocks of 16 px, each a task of its own (as the reads are), under a halo kernel: every output block
+    needs its neighbours' pixels (as a removal model's tiles do). ``(out, expected values, optimised graph, output
+    keys in raster order, strip order (2 columns), markers in that order)``."""
+    src = da.from_array(values.astype(np.float32), chunks=16).map_blocks(np.sqrt)
+    out = src.map_overlap(lambda b: b * 2 + np.roll(b, 1, axis=0), depth=3, boundary="reflect")
+    expected = out.compute(scheduler="sync")
+    dsk = dict(dask.array.optimization.optimize(out.__dask_graph__(), list(flatten(out.__dask_keys__()))))
+    raster = list(flatten(out.__dask_keys__()))
+    order = strip_order(out.numblocks, 2)
+    return out, expected, dsk, raster, order, [[raster[p]] for p in order]
+
+
 def test_strip_order_is_a_permutation_by_column_strips():
     order = strip_order((3, 5), 2)
     assert sorted(order) == list(range(15))
@@ -21,16 +34,7 @@ def test_spill_across_keeps_the_values_and_puts_the_border_crossings_on_disk(tmp
     import cloudfree.stages.cog as cog
 
     monkeypatch.setattr(cog, "SPILL_MIN_BYTES", 0)  # these test blocks are 1 KB: write every crossing to disk
-    rng = np.random.default_rng(0)
-    # 4 x 6 blocks, each a task of its own (as the reads are)
-    src = da.from_array(rng.random((64, 96)).astype(np.float32), chunks=16).map_blocks(np.sqrt)
-    # a halo kernel: every output block needs its neighbours' pixels (as a removal model's tiles do)
-    out = src.map_overlap(lambda b: b * 2 + np.roll(b, 1, axis=0), depth=3, boundary="reflect")
-    expected = out.compute(scheduler="sync")
-    dsk = dict(dask.array.optimization.optimize(out.__dask_graph__(), list(flatten(out.__dask_keys__()))))
-    raster = list(flatten(out.__dask_keys__()))
-    order = strip_order(out.numblocks, 2)
-    markers = [[raster[p]] for p in order]
+    out, expected, dsk, raster, order, markers = _halo_graph(np.random.default_rng(0).random((64, 96)))
     strips = [(p % out.numblocks[1]) // 2 for p in order]
     n = spill_across(dsk, markers, strips, str(tmp_path))
     assert n > 0  # the input chunks and overlap pieces at the two strip borders
@@ -88,13 +92,7 @@ def test_read_backs_of_a_later_strip_wait_for_their_blocks_like_reads(tmp_path, 
     import cloudfree.stages.cog as cog
 
     monkeypatch.setattr(cog, "SPILL_MIN_BYTES", 0)
-    src = da.from_array(np.arange(64 * 96, dtype=np.float32).reshape(64, 96), chunks=16).map_blocks(np.sqrt)
-    out = src.map_overlap(lambda b: b * 2 + np.roll(b, 1, axis=0), depth=3, boundary="reflect")
-    expected = out.compute(scheduler="sync")
-    dsk = dict(dask.array.optimization.optimize(out.__dask_graph__(), list(flatten(out.__dask_keys__()))))
-    raster = list(flatten(out.__dask_keys__()))
-    order = strip_order(out.numblocks, 2)
-    markers = [[raster[p]] for p in order]
+    out, expected, dsk, raster, order, markers = _halo_graph(np.arange(64 * 96).reshape(64, 96))
     assert spill_across(dsk, markers, [(p % out.numblocks[1]) // 2 for p in order], str(tmp_path)) > 0
     readers = [k for k, t in dsk.items() if t.dependencies and all(getattr(dsk[d], "func", None) is cog._spill_value
                                                             for d in t.dependencies)]
