@@ -478,7 +478,7 @@ def bound_lookahead(dsk: dict, markers: list[list], slack: int) -> int:
     Never deadlocks: a gated source feeds only blocks ``>= lo`` and waits for ``done(lo - slack)``, which depends
     only on blocks up to ``lo - slack`` and so on sources with ``lo' <= lo - slack < lo``; by induction over
     raster positions every block can finish. A gated read-back is the same case: it also feeds only blocks
-    ``>= lo``, and the spill it reads belongs to an earlier block, which its gate never waits on.
+    ``>= lo`` (so ``done(lo - slack)`` never depends on it), and the spill it reads comes from an earlier block.
     Returns the number of gated tasks.
     """
     from dask._task_spec import DataNode, Task, TaskRef
