@@ -461,12 +461,12 @@ def bound_lookahead(dsk: dict, markers: list[list], slack: int) -> int:
     :func:`inline_reader_opens`), or a later strip's read-back of a spilled result (one whose only task
     dependencies are :func:`spill_across`'s spill handles), with ``lo >= slack`` waits for ``done(lo - slack)``.
     Ungated, a read-back ran as soon as its spill was written and its result was held for the whole strip: the
-    tile predictions' pieces for the next column, 150 MB at the 16x phyvlm-cr peak. Gated (bench --factors 16
-    --workers 2, scene jobs, 2 runs each, alternated): phyvlm-cr 1054/1040 MB peak RSS against 1116/1143 ungated,
-    dcp 562/527 against 648/663, reference-replace 586/569 against 605/565, seconds the same (46.4/44.7 against
-    47.3/44.5 for phyvlm-cr). Gated on one block alone, a
-    later block that finished early let the reads run on while an earlier one lagged (a column waiting for its
-    neighbour's missed-cloud flags): the next strip's inputs were read and the lagging column's held (issue 22).
+    tile predictions' pieces for the next column, 63 MB at the 16x phyvlm-cr peak (150 MB with a 1-block
+    lookahead). Gated (bench --factors 16 --workers 2, scene jobs, 2 runs each, alternated): phyvlm-cr 1054/1040 MB
+    peak RSS against 1116/1143 ungated, dcp 562/527 against 648/663, reference-replace 586/569 against 605/565,
+    seconds the same (46.4/44.7 against 47.3/44.5 for phyvlm-cr). Gated on one block alone, a later block that
+    finished early let the reads run on while an earlier one lagged (a column waiting for its neighbour's
+    missed-cloud flags): the next strip's inputs were read and the lagging column's held (issue 22).
 
     Without this, dask's ordering and the threaded scheduler read blocks rows ahead of their consumers whenever a
     worker is idle (1 GB of held inputs and tile predictions in the 16x phyvlm-cr scene), or, with one worker,
