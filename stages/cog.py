@@ -808,6 +808,9 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
             import dask.array as dsa
 
             layer = layer.copy(data=dsa.from_array(layer.data, chunks=(-1, blocksize, blocksize)))
+        # the COG's blocks (cog_write's rechunk, a no-op where the chunks already are the blocks): a layer chunked
+        # otherwise (mask_provenance on grid.chunk px beside tile-sized predictions) still gives one marker per block
+        layer = layer.copy(data=layer.data.rechunk({0: -1, 1: blocksize, 2: blocksize}))
         blocks.append(list(flatten(layer.data.__dask_keys__())))  # raster order: how far the reads may run ahead
         grid = layer.data.numblocks[1:]
         dst = Path(folder) / names[name].name

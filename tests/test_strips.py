@@ -1,5 +1,7 @@
 """Column strips with spilled crossings (issue 22: flat memory for halo models): same values, crossings on disk."""
 
+from pathlib import Path
+
 import dask
 import dask.array as da
 import numpy as np
@@ -127,3 +129,36 @@ def test_read_backs_of_a_later_strip_wait_for_their_blocks_like_reads(tmp_path, 
     got = np.block([[blocks[i * out.numblocks[1] + j] for j in range(out.numblocks[1])]
                     for i in range(out.numblocks[0])])
     np.testing.assert_array_equal(got, expected)
+
+
+def test_load_chunks_smaller_than_the_tiles_write_the_same_cogs_in_strips(tmp_path):
+    """A halo model on a grid loaded in ``grid.chunk`` = 256 px under 512 px tiles and COG blocks (the
+    mask_provenance layer keeps the load's chunks, the predictions the tiles'): the column-strip writer orders its
+    blocks by the COG blocks of every layer (it used to take them from the layers' own chunks and failed with an
+    IndexError), and the files are byte-identical to those of a 512 px load. Real 29RKH pixels at 100 m, 3 x 3
+    blocks."""
+    import pytest
+
+    from cloudfree.pipeline.evaluation.bench import DATA, _config, dated_items
+    from cloudfree.pipeline.runner import dask_context, process_target
+    from cloudfree.models.registry import build_model
+    from cloudfree.stages.search import Candidate, TargetPlan
+
+    if not (DATA / "B02.tif").exists():
+        pytest.skip("needs ../shared/data/s2-l2a-tile-29RKH-100m")
+    items = dated_items(DATA, 3)
+    plan = TargetPlan(items[0], tuple(Candidate(item=it, dt_days=-5.0 * k, clear_fraction=1.0, overlap=1.0,
+                                                same_orbit=True, same_tile=True, score=1.0, reason="test")
+                                      for k, it in enumerate(items[1:], 1)), ())
+    files = {}
+    for chunk in (512, 256):
+        cfg = _config(100.0, tmp_path / str(chunk), "dcp").replace(grid={"chunk": chunk})
+        assert cfg.tile.size == cfg.output.blocksize == 512
+        with dask_context(cfg):
+            r = process_target(plan, build_model("dcp", {}), cfg, "test")
+        assert r.status == "done", r.error
+        files[chunk] = {k: Path(p).read_bytes() for k, p in r.outputs.items() if str(p).endswith(".tif")}
+    assert {"reflectance", "mask_provenance"} <= set(files[512]), sorted(files[512])
+    assert files[256].keys() == files[512].keys()
+    for k in files[512]:
+        assert files[256][k] == files[512][k], k
