@@ -79,12 +79,39 @@ def _filled(img: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return np.nan_to_num(out - mu, nan=0.0)
 
 
+def hann_window(shape: tuple[int, int]) -> np.ndarray:
+    """``skimage.filters.window("hann", shape)``, the same float64 values (tests/test_coregister.py compares them),
+    without importing ``scipy.signal`` and ``skimage.transform`` for it: that import cost ~1 s of the first
+    co-registration in every process (a one-scene ``make`` target pays it per scene; issue 22).
+
+    As skimage builds it: the symmetric 1-D Hann window of the longest side (scipy's ``general_cosine``: 0.5 +
+    0.5 cos over ``linspace(-pi, pi)``), sampled at each pixel's distance from the centre (axes scaled to the
+    longest side; float64 scale factors as skimage's numpy-integer shape gives them), linear interpolation with
+    zero outside (skimage's ``warp``: ``map_coordinates``, order 1, ``grid-constant``)."""
+    n = max(shape)
+    fac = np.linspace(-np.pi, np.pi, n)
+    w = np.zeros(n)
+    w += 0.5 * np.cos(0 * fac)
+    w += 0.5 * np.cos(fac)
+    if n == 1:
+        w = np.ones(1)
+    axes = [np.arange(s, dtype=np.float32) * np.float64(n / s) for s in shape]
+    center = n / 2 - 0.5
+    dist = 0
+    for g in np.meshgrid(*axes, sparse=True, indexing="ij"):
+        g -= center
+        dist = dist + g * g
+    coords = np.zeros((len(shape),) + np.shape(dist), dtype=np.float32)
+    coords[0] = np.sqrt(dist) + center
+    return ndimage.map_coordinates(w.reshape((-1,) + (1,) * (len(shape) - 1)), coords, order=1,
+                                   mode="grid-constant", cval=0.0, prefilter=False)
+
+
 def phase_shift_kernel(target: np.ndarray, moving: np.ndarray, valid: np.ndarray, upsample: int) -> np.ndarray:
     """Sub-pixel phase correlation on the mean-filled, Hann-windowed images; returns ``(dy, dx)``."""
-    from skimage.filters import window
     from skimage.registration import phase_cross_correlation
 
-    w = window("hann", target.shape)
+    w = hann_window(target.shape)
     shift, _, _ = phase_cross_correlation(_filled(target, valid) * w, _filled(moving, valid) * w,
                                           upsample_factor=upsample, normalization=None)
     return np.asarray(shift, float)

@@ -162,3 +162,16 @@ def test_shift_estimated_on_a_cloudy_target_is_unreliable_not_a_bound_to_raise(b
     assert "unreliable" in c.reason and "raise" not in c.reason
     # not estimated (issue 22: the estimate would be thrown away): no shift recorded, the clear overlap is
     assert "not estimated" in c.reason and c.shift_px == (0.0, 0.0) and c.n_pixels == int((~cloudy[28:228, 28:228]).sum())
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (256, 256), (300, 517), (511, 512), (100, 37), (3, 1), (1, 1)])
+def test_hann_window_is_skimages_to_the_bit(shape):
+    """The phase correlation's window is skimage's (the estimates, hence the shifted references and the outputs,
+    stay byte-identical), built without the ~1 s import of scipy.signal behind ``skimage.filters.window``."""
+    from skimage.filters import window
+
+    from cloudfree.stages.coregister import hann_window
+
+    got, want = hann_window(shape), window("hann", shape)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
