@@ -504,7 +504,8 @@ def eager_loads(on: bool = True, layers: Sequence[str] = ()):
 
 def read_small_once(geobox: GeoBox, window: int, *arrays):
     """``arrays`` (dask-backed xarray objects of one target) computed together now when the target fits in
-    ``window`` x ``window`` px (``coregister.window``), else unchanged.
+    ``window`` x ``window`` px (``coregister.window``; the runner passes the target's own size for a larger target
+    whose inputs are small, :func:`cloudfree.pipeline.runner.read_whole`), else unchanged.
 
     For such a target the co-registration estimate's eager read would be the whole target, and the main pass would
     read it all again: one ``dask.compute`` of the loads and masks reads every input pixel once, and the estimate,

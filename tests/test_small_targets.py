@@ -185,3 +185,61 @@ def test_a_small_targets_item_is_serialised_once(tmp_path):
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
     coll = json.loads((folder / "collection.json").read_text())
     assert [lk["href"] for lk in coll["links"] if lk["rel"] == "item"] == [f"./{item.parent.name}/{item.name}"]
+
+
+def _misregistered_copy(folder: Path, dx_m: float, dy_m: float) -> Path:
+    """The 29RKH files with their geotransform moved by ``(dx_m, dy_m)`` metres: a SIMULATED misregistration of
+    real pixels (same values, geolocated off by a fraction of a 100 m pixel), for a reference the co-registration
+    must find and shift."""
+    import shutil
+
+    import rasterio
+    from affine import Affine
+
+    from cloudfree.pipeline.evaluation.bench import FILES
+
+    folder.mkdir()
+    shutil.copy(DATA / "S2A_29RKH_20200219_0_L2A.json", folder)
+    for name in FILES:
+        with rasterio.open(DATA / f"{name}.tif") as src:
+            profile, data = src.profile, src.read()
+        profile["transform"] = Affine.translation(dx_m, dy_m) * profile["transform"]
+        with rasterio.open(folder / f"{name}.tif", "w", **profile) as dst:
+            dst.write(data)
+    return folder
+
+
+@pytest.mark.parametrize("model_name", ["phyvlm-cr", "reference-replace"])
+def test_a_target_read_whole_gives_the_lazy_paths_bytes(tmp_path, monkeypatch, model_name):
+    """A 1098 x 1098 px target (3 x 3 chunks, larger than the co-registration window) with two references, one of
+    them misregistered by (0.4, -0.3) px (simulated, :func:`_misregistered_copy`): read whole before the estimate
+    (``runner.read_whole``: nothing read twice) it writes every COG byte for byte as when it is read lazily (the
+    estimate's window read, then the main pass), and the shift is applied in both."""
+    import cloudfree.pipeline.runner as runner
+    from cloudfree.models.registry import build_model
+    from cloudfree.pipeline.evaluation.bench import _config, local_29rkh_item
+    from cloudfree.pipeline.runner import dask_context, process_target
+    from cloudfree.stages.search import Candidate, TargetPlan
+
+    moved = _misregistered_copy(tmp_path / "moved", 40.0, 30.0)
+    items = [local_29rkh_item(DATA), local_29rkh_item(DATA, item_id="S2A_29RKH_REF_D1", shift_days=-5.0),
+             local_29rkh_item(moved, item_id="S2A_29RKH_REF_MOVED_D2", shift_days=-10.0)]
+    plan = TargetPlan(items[0], tuple(Candidate(item=it, dt_days=-5.0 * k, clear_fraction=1.0, overlap=1.0,
+                                                same_orbit=True, same_tile=True, score=1.0, reason="test")
+                                      for k, it in enumerate(items[1:], 1)), ())
+    whole = []
+    real = runner.read_whole
+    monkeypatch.setattr(runner, "read_whole", lambda ctx: whole.append(real(ctx)) or whole[-1])
+    outs = {}
+    for mode in ("whole", "lazy"):
+        if mode == "lazy":
+            monkeypatch.setattr(runner, "read_whole", lambda ctx: False)
+        cfg = _config(100.0, tmp_path / mode / "out", model_name)
+        with dask_context(cfg):
+            res = process_target(plan, build_model(model_name, {}), cfg, "test-run")
+        assert res.status == "done", res.error
+        status = {c["id"] if "id" in c else c.get("item_id"): c["status"] for c in res.coregistration}
+        assert "applied" in status.values(), res.coregistration
+        outs[mode] = tmp_path / mode / "out"
+    assert whole == [True]  # the target was read whole in the first run
+    assert _same_outputs(outs["whole"], outs["lazy"]) >= 8
