@@ -209,18 +209,19 @@ def _misregistered_copy(folder: Path, dx_m: float, dy_m: float) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("model_name", ["phyvlm-cr", "reference-replace"])
-def test_a_target_read_whole_gives_the_lazy_paths_bytes(tmp_path, monkeypatch, model_name):
-    """A 1098 x 1098 px target (3 x 3 chunks, larger than the co-registration window) with two references, one of
-    them misregistered by (0.4, -0.3) px (simulated, :func:`_misregistered_copy`): read whole before the estimate
-    (``runner.read_whole``: nothing read twice) it writes every COG byte for byte as when it is read lazily (the
-    estimate's window read, then the main pass), and the shift is applied in both."""
+def test_a_target_read_whole_gives_the_lazy_paths_bytes(tmp_path, monkeypatch):
+    """A 1098 x 1098 px target (3 x 3 chunks, larger than the co-registration window; phyvlm-cr: 3 x 3 tiles with a
+    123 px halo, blended) with two references, one of them misregistered by (0.4, -0.3) px (simulated,
+    :func:`_misregistered_copy`): read whole before the estimate (``runner.read_whole``: nothing read twice) it
+    writes every COG byte for byte as when it is read lazily (the estimate's window read, then the main pass), and
+    the shift is applied in both."""
     import cloudfree.pipeline.runner as runner
     from cloudfree.models.registry import build_model
     from cloudfree.pipeline.evaluation.bench import _config, local_29rkh_item
     from cloudfree.pipeline.runner import dask_context, process_target
     from cloudfree.stages.search import Candidate, TargetPlan
 
+    model_name = "phyvlm-cr"
     moved = _misregistered_copy(tmp_path / "moved", 40.0, 30.0)
     items = [local_29rkh_item(DATA), local_29rkh_item(DATA, item_id="S2A_29RKH_REF_D1", shift_days=-5.0),
              local_29rkh_item(moved, item_id="S2A_29RKH_REF_MOVED_D2", shift_days=-10.0)]
