@@ -91,9 +91,9 @@ def hann_window(shape: tuple[int, int]) -> np.ndarray:
     n = max(shape)
     fac = np.linspace(-np.pi, np.pi, n)
     w = np.zeros(n)
-    w += 0.5 * np.cos(0 * fac)
+    w += 0.5 * np.cos(0 * fac)  # scipy's two sums in its order: the same float64 bits
     w += 0.5 * np.cos(fac)
-    if n == 1:
+    if n == 1:  # scipy returns [1.] for one sample (the formula gives 0 at -pi)
         w = np.ones(1)
     axes = [np.arange(s, dtype=np.float32) * np.float64(n / s) for s in shape]
     center = n / 2 - 0.5

@@ -31,14 +31,11 @@ def _stable(d):
 def _batch(out: Path, n: int, model_name: str = "reference-replace", blocksize: int = 512) -> list[Path]:
     """``n`` targets of the bench's small-target batch through ``process_target`` into ``out``; their folders."""
     from cloudfree.models.registry import build_model
-    from cloudfree.pipeline.evaluation.bench import _config, batch_windows, dated_items
+    from cloudfree.pipeline.evaluation.bench import _config, batch_windows, dated_items, scene_plan
     from cloudfree.pipeline.runner import dask_context, process_target
-    from cloudfree.stages.search import Candidate, TargetPlan
 
     items = dated_items(DATA, 3)
-    plan = TargetPlan(items[0], tuple(Candidate(item=it, dt_days=-5.0 * k, clear_fraction=1.0, overlap=1.0,
-                                                same_orbit=True, same_tile=True, score=1.0, reason="test")
-                                      for k, it in enumerate(items[1:], 1)), ())
+    plan = scene_plan(items, "test")
     cfg0 = _config(100.0, out, model_name, 2).replace(output={"quicklook": True, "blocksize": blocksize})
     model = build_model(model_name, {})
     folders = []
@@ -217,17 +214,14 @@ def test_a_target_read_whole_gives_the_lazy_paths_bytes(tmp_path, monkeypatch):
     the shift is applied in both."""
     import cloudfree.pipeline.runner as runner
     from cloudfree.models.registry import build_model
-    from cloudfree.pipeline.evaluation.bench import _config, local_29rkh_item
+    from cloudfree.pipeline.evaluation.bench import _config, local_29rkh_item, scene_plan
     from cloudfree.pipeline.runner import dask_context, process_target
-    from cloudfree.stages.search import Candidate, TargetPlan
 
     model_name = "phyvlm-cr"
     moved = _misregistered_copy(tmp_path / "moved", 40.0, 30.0)
     items = [local_29rkh_item(DATA), local_29rkh_item(DATA, item_id="S2A_29RKH_REF_D1", shift_days=-5.0),
              local_29rkh_item(moved, item_id="S2A_29RKH_REF_MOVED_D2", shift_days=-10.0)]
-    plan = TargetPlan(items[0], tuple(Candidate(item=it, dt_days=-5.0 * k, clear_fraction=1.0, overlap=1.0,
-                                                same_orbit=True, same_tile=True, score=1.0, reason="test")
-                                      for k, it in enumerate(items[1:], 1)), ())
+    plan = scene_plan(items, "test")
     whole = []
     real = runner.read_whole
     monkeypatch.setattr(runner, "read_whole", lambda ctx: whole.append(real(ctx)) or whole[-1])

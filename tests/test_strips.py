@@ -83,8 +83,9 @@ def test_read_backs_of_a_later_strip_wait_for_their_blocks_like_reads(tmp_path, 
     """A task of a later strip whose only input is a spilled result (a tile prediction's piece for the next column,
     an overlap's halo strip) is gated by bound_lookahead like a read: ungated, dask ran it as soon as the spill was
     written and held its result for the whole strip (issue 22: 63 MB of prediction pieces at the 16x phyvlm-cr
-    peak, 150 MB with a 1-block lookahead). Checked on the graph (every such task waits for the blocks up to its first block - slack) and in a run
-    on 4 threads (each starts only after those blocks were computed; same values)."""
+    peak, 150 MB with a 1-block lookahead). Checked on the graph (every such task waits for the blocks up to its
+    first block - slack) and in a run on 4 threads (each starts only after those blocks were computed; same
+    values)."""
     import threading
 
     from dask._task_spec import TaskRef
@@ -96,8 +97,7 @@ def test_read_backs_of_a_later_strip_wait_for_their_blocks_like_reads(tmp_path, 
     monkeypatch.setattr(cog, "SPILL_MIN_BYTES", 0)
     out, expected, dsk, raster, order, markers = _halo_graph(np.arange(64 * 96).reshape(64, 96))
     assert spill_across(dsk, markers, [(p % out.numblocks[1]) // 2 for p in order], str(tmp_path)) > 0
-    readers = [k for k, t in dsk.items() if t.dependencies and all(getattr(dsk[d], "func", None) is cog._spill_value
-                                                            for d in t.dependencies)]
+    readers = [k for k, t in dsk.items() if t.dependencies and all(cog._is_spill(dsk[d]) for d in t.dependencies)]
     assert readers
     slack = 1
     pos = {m[0]: i for i, m in enumerate(markers)}
@@ -139,17 +139,14 @@ def test_load_chunks_smaller_than_the_tiles_write_the_same_cogs_in_strips(tmp_pa
     blocks."""
     import pytest
 
-    from cloudfree.pipeline.evaluation.bench import DATA, _config, dated_items
-    from cloudfree.pipeline.runner import dask_context, process_target
     from cloudfree.models.registry import build_model
-    from cloudfree.stages.search import Candidate, TargetPlan
+    from cloudfree.pipeline.evaluation.bench import DATA, _config, dated_items, scene_plan
+    from cloudfree.pipeline.runner import dask_context, process_target
 
     if not (DATA / "B02.tif").exists():
         pytest.skip("needs ../shared/data/s2-l2a-tile-29RKH-100m")
     items = dated_items(DATA, 3)
-    plan = TargetPlan(items[0], tuple(Candidate(item=it, dt_days=-5.0 * k, clear_fraction=1.0, overlap=1.0,
-                                                same_orbit=True, same_tile=True, score=1.0, reason="test")
-                                      for k, it in enumerate(items[1:], 1)), ())
+    plan = scene_plan(items, "test")
     files = {}
     for chunk in (512, 256):
         cfg = _config(100.0, tmp_path / str(chunk), "dcp").replace(grid={"chunk": chunk})

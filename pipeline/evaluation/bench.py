@@ -110,6 +110,16 @@ def dated_items(folder: Path, n: int) -> list[pystac.Item]:
     return [first] + [local_29rkh_item(folder, item_id=f"{first.id}_D{k}", shift_days=-5.0 * k) for k in range(1, n)]
 
 
+def scene_plan(items: list[pystac.Item], reason: str = "bench"):
+    """The plan of a scene job: ``items[0]`` the target, the others its references, 5 days apart (as
+    :func:`dated_items` dates them), every candidate clear and on the same orbit and tile."""
+    from cloudfree.stages.search import Candidate, TargetPlan
+
+    return TargetPlan(items[0], tuple(Candidate(item=it, dt_days=-5.0 * k, clear_fraction=1.0, overlap=1.0,
+                                                same_orbit=True, same_tile=True, score=1.0, reason=reason)
+                                      for k, it in enumerate(items[1:], 1)), ())
+
+
 def _odc_median(items, geobox, out: Path) -> None:
     import odc.stac
     from odc.geo.xr import write_cog
@@ -243,7 +253,6 @@ def run_one(job: str, factor: int, workers: int, folder: Path, profile: bool = F
     from cloudfree.pipeline.runner import dask_context, process_target
     from cloudfree.stages.cog import observe_graphs, profile_computes
     from cloudfree.stages.load import output_geobox
-    from cloudfree.stages.search import Candidate, TargetPlan
     from cloudfree.stages.tile import plan_tiles
 
     res = FACTORS[factor]
@@ -273,9 +282,7 @@ def run_one(job: str, factor: int, workers: int, folder: Path, profile: bool = F
                 _pixel_composite(items, "29RKH", "2020-02", cfg, None, out, "bench")
             elif job.startswith("scene:"):
                 model = build_model(model_name, {})
-                plan = TargetPlan(items[0], tuple(Candidate(item=it, dt_days=-5.0 * k, clear_fraction=1.0, overlap=1.0,
-                                                            same_orbit=True, same_tile=True, score=1.0, reason="bench")
-                                                  for k, it in enumerate(items[1:3], 1)), ())
+                plan = scene_plan(items[:3])
                 r = process_target(plan, model, cfg, "bench")
                 if r.status != "done":
                     raise RuntimeError(f"bench run failed: {r.error}")
@@ -334,7 +341,6 @@ def run_batch(job: str, n: int, side: int, workers: int, folder: Path, in_flight
     from cloudfree.models.registry import build_model
     from cloudfree.pipeline.runner import dask_context, map_units, process_target
     from cloudfree.stages.load import output_geobox
-    from cloudfree.stages.search import Candidate, TargetPlan
 
     items = dated_items(folder, 3)
     model_name = job.split(":", 1)[1] if job.startswith("batch:") else "reference-replace"
@@ -345,9 +351,7 @@ def run_batch(job: str, n: int, side: int, workers: int, folder: Path, in_flight
     with tempfile.TemporaryDirectory(prefix="cloudfree-bench-") as tmp:
         cfg0 = _config(100.0, Path(tmp), model_name, workers)
         model = build_model(model_name, {}) if job.startswith("batch:") else None
-        plan = TargetPlan(items[0], tuple(Candidate(item=it, dt_days=-5.0 * k, clear_fraction=1.0, overlap=1.0,
-                                                    same_orbit=True, same_tile=True, score=1.0, reason="bench")
-                                          for k, it in enumerate(items[1:3], 1)), ())
+        plan = scene_plan(items[:3])
         def one(i: int) -> float:
             aoi = aois[i]
             out = Path(tmp) / f"t{i}"
