@@ -88,28 +88,57 @@ def interpolate_in_time(
     if dt.size != nt:
         raise ModelError(f"temporal: {dt.size} reference dates for {nt} references; the tile needs reference_dt_days")
     ok = np.asarray(valid, bool) & np.isfinite(vals).all(axis=1)
-    image = np.full((nb, ny, nx), np.nan, np.float32)
     if nt == 0:
-        return image, np.full((ny, nx), -1, np.int16), np.zeros((ny, nx), bool)
-    dtc = dt[:, None, None]
-    before = np.where(ok & (dtc <= 0), dtc, -np.inf)
-    after = np.where(ok & (dtc >= 0), dtc, np.inf)
-    ib, ia = before.argmax(axis=0), after.argmin(axis=0)
-    db, da = np.take_along_axis(before, ib[None], 0)[0], np.take_along_axis(after, ia[None], 0)[0]
+        return np.full((nb, ny, nx), np.nan, np.float32), np.full((ny, nx), -1, np.int16), np.zeros((ny, nx), bool)
+    ib, db, vb = _nearest_side(vals, ok, dt, before=True)
+    ia, da, va = _nearest_side(vals, ok, dt, before=False)
     has_b, has_a = np.isfinite(db), np.isfinite(da)
-    vb = np.take_along_axis(vals, ib[None, None], 0)[0]
-    va = np.take_along_axis(vals, ia[None, None], 0)[0]
     both = has_b & has_a
     span = np.where(both, da - db, 1.0)
     w_after = np.where(both & (span > 0), -db / np.where(span > 0, span, 1.0), 0.5).astype(np.float32)
-    image = np.where(both[None], vb * (1 - w_after) + va * w_after,
-                     np.where(has_b[None], vb, np.where(has_a[None], va, np.nan))).astype(np.float32)
+    # where both: the weighted mean; where one side only: that side's value; else NaN (in place: the nested
+    # np.where over (band, y, x) went through float64 and was a third of this function's time)
+    image = vb * (1 - w_after)
+    image += va * w_after
+    np.copyto(image, vb, where=(has_b & ~has_a)[None])
+    np.copyto(image, va, where=(has_a & ~has_b)[None])
+    image[:, ~(has_b | has_a)] = np.nan
     nearest = np.where(has_b & (~has_a | (-db <= da)), ib, np.where(has_a, ia, -1)).astype(np.int16)
     if method == "robust":
         sel = both & (ok.sum(axis=0) >= min_robust)
         if sel.any():
             image[:, sel] = _robust_line(vals[:, :, sel], ok[:, sel], dt, tau_days, huber_k, iterations)
     return image, nearest, both
+
+
+def _nearest_side(vals: np.ndarray, ok: np.ndarray, dt: np.ndarray, before: bool
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per pixel, the valid observation nearest to ``dt = 0`` on one side (``before``: ``dt <= 0``, else
+    ``dt >= 0``): its index (0 where there is none), its ``dt`` (float64; -inf / +inf where none) and its values
+    ``(band, y, x)`` (observation 0's where none).
+
+    The values of ``argmax``/``argmin`` over ``where(ok & side, dt, -/+inf)`` and ``take_along_axis`` (ties to the
+    earliest observation, index 0 where every entry is infinite), computed with one pass per observation: ``dt`` is
+    one number per observation, so each pass is a plane-wise compare and select (issue 22: the reductions and the
+    gathers over the time axis were a fifth of a phyvlm-cr tile's time; ~3x faster for 2-4 references)."""
+    nt = vals.shape[0]
+    ny, nx = ok.shape[1:]
+    idx = np.zeros((ny, nx), np.intp)
+    best = np.full((ny, nx), -np.inf if before else np.inf)
+    value = vals[0].copy()
+    for t in range(nt):
+        d = float(dt[t])
+        if not (d <= 0 if before else d >= 0):
+            continue
+        # strictly nearer (an equal dt keeps the earlier observation, as argmax/argmin keep the first)
+        take = ok[t] & ((d > best) if before else (d < best))
+        if not take.any():
+            continue
+        np.copyto(idx, t, where=take)  # (copyto: boolean-index assignment is ~5x slower here)
+        np.copyto(best, d, where=take)
+        if t:  # where observation 0 is taken, value already holds it
+            np.copyto(value, vals[t], where=take[None])
+    return idx, best, value
 
 
 def _robust_line(v: np.ndarray, ok: np.ndarray, dt: np.ndarray, tau: float, k: float, iterations: int) -> np.ndarray:

@@ -48,6 +48,50 @@ def test_bracket_interpolation_is_linear_in_date_and_nearest_when_one_sided():
     assert np.isnan(none).all()
 
 
+def _interpolate_by_gathers(values, valid, dts):
+    """The bracket interpolation as it was written before issue 22 (argmax/argmin over the time axis and
+    take_along_axis gathers): the oracle that :func:`interpolate_in_time`'s per-observation passes must match."""
+    vals = np.asarray(values, np.float32)
+    dt = np.asarray(dts, np.float64).reshape(-1)
+    ok = np.asarray(valid, bool) & np.isfinite(vals).all(axis=1)
+    dtc = dt[:, None, None]
+    before = np.where(ok & (dtc <= 0), dtc, -np.inf)
+    after = np.where(ok & (dtc >= 0), dtc, np.inf)
+    ib, ia = before.argmax(axis=0), after.argmin(axis=0)
+    db, da = np.take_along_axis(before, ib[None], 0)[0], np.take_along_axis(after, ia[None], 0)[0]
+    has_b, has_a = np.isfinite(db), np.isfinite(da)
+    vb = np.take_along_axis(vals, ib[None, None], 0)[0]
+    va = np.take_along_axis(vals, ia[None, None], 0)[0]
+    both = has_b & has_a
+    span = np.where(both, da - db, 1.0)
+    w_after = np.where(both & (span > 0), -db / np.where(span > 0, span, 1.0), 0.5).astype(np.float32)
+    image = np.where(both[None], vb * (1 - w_after) + va * w_after,
+                     np.where(has_b[None], vb, np.where(has_a[None], va, np.nan))).astype(np.float32)
+    nearest = np.where(has_b & (~has_a | (-db <= da)), ib, np.where(has_a, ia, -1)).astype(np.int16)
+    return image, nearest, both
+
+
+@pytest.mark.parametrize("dts", [(-10.0,), (12.0,), (0.0,), (-10.0, 12.0), (3.0, -3.0), (-5.0, -5.0, 3.0, 0.0),
+                                 (0.0, 0.0, -2.0), (7.0, 7.0, 7.0), (-1.0, -30.0, 2.0, 40.0, -1.0)])
+def test_interpolation_is_the_gathers_to_the_bit(dts):
+    """Ties between equal dates, dt = 0 on both sides, one-sided and empty pixels, NaN observations: the same
+    bits (image, nearest index, bracketed) as the argmax + gather formulation it replaced."""
+    rng = np.random.default_rng(len(dts))
+    nt = len(dts)
+    values = rng.normal(0.2, 0.05, (nt, 4, 40, 48)).astype(np.float32)
+    values[rng.random(values.shape) < 0.02] = np.nan
+    values[:, :, :5, :5] = np.inf  # an unusable value the validity test must catch as well
+    valid = rng.random((nt, 40, 48)) < 0.6
+    valid[:, 10:20, 10:20] = True
+    valid[:, 30:, 30:] = False  # no observation at all
+    img, nearest, bracketed = interpolate_in_time(values, valid, dts)
+    ref_img, ref_nearest, ref_bracketed = _interpolate_by_gathers(values, valid, dts)
+    assert img.dtype == ref_img.dtype and img.tobytes() == ref_img.tobytes()
+    assert nearest.dtype == ref_nearest.dtype and np.array_equal(nearest, ref_nearest)
+    assert np.array_equal(bracketed, ref_bracketed)
+    assert np.isnan(img[:, 30:, 30:]).all() and (nearest[30:, 30:] == -1).all()
+
+
 def test_robust_fit_resists_one_unmasked_cloudy_date():
     base = _surface()
     dts = (-5.0, 5.0, -15.0, 15.0, 25.0)
