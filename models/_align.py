@@ -231,11 +231,13 @@ def local_alignment(target: np.ndarray, pred: np.ndarray, fit: np.ndarray, radiu
     ny, nx = fit.shape
     k = subsample if subsample > 1 and min(ny, nx) >= 4 * subsample and radius >= subsample else 1
     w = fit.astype(np.float32)
-    p = np.where(fit[None], pred, 0.0).astype(np.float32)
-    t = np.where(fit[None], target, 0.0).astype(np.float32)
+    p = np.where(fit[None], pred, 0.0).astype(np.float32, copy=False)
+    t = np.where(fit[None], target, 0.0).astype(np.float32, copy=False)
     # the five weighted moments, on the k x k block-mean grid (the field is smooth at this radius; Fast Guided
-    # Filter, He & Sun 2015): block means of products are exact window sums at the coarse scale
-    moments = [w, p * w, t * w, p * p * w, p * t * w]
+    # Filter, He & Sun 2015): block means of products are exact window sums at the coarse scale. The weights are
+    # 0/1 and p, t are already +0 where w is 0, so p * w == p (and so on) to the bit: the products by w are not
+    # taken (issue 22: they were a fifth of this function's time)
+    moments = [w, p, t, p * p, p * t]
     if k > 1:
         moments = [block_mean(m, k) for m in moments]
     rk = max(1, int(round(radius / k)))
@@ -262,8 +264,8 @@ def local_alignment(target: np.ndarray, pred: np.ndarray, fit: np.ndarray, radiu
     out = gain * pred + offset
     if max_change is not None:
         lim = max_change[0] + max_change[1] * np.abs(pred)
-        out = np.clip(out, pred - lim, pred + lim)
-    return out.astype(np.float32)
+        out = np.clip(out, pred - lim, pred + lim, out=out)
+    return out.astype(np.float32, copy=False)
 
 
 def thin_mask(mask: np.ndarray, max_pixels: int = MAX_FIT_PIXELS) -> np.ndarray:
