@@ -560,8 +560,14 @@ def _register_sizeof() -> None:
 _register_sizeof()  # the benchmark's held-memory profile (and dask.distributed) then counts what a handle keeps
 
 #: block rows of a strip within which a result is held; a dependent further on reads it back from disk
-#: (:func:`spill_across`); 0 = only across strip borders.
-SPILL_REACH_ROWS = 0
+#: (:func:`spill_across`); None = only across strip borders. 0: every input chunk or prediction that a later block
+#: of the strip needs (the halo's line buffer: a halo + blend block needs 5 rows of input chunks, 3 of them again
+#: for the next block) is written once and read back inside each later consumer. bench --factors 16 --workers 2,
+#: alternated, 3 runs each (issue 22): phyvlm-cr peak RSS 934 / 953 / 954 MB against 996 / 1002 / 999 with None,
+#: 44.6 / 39.1 / 53.2 s against 45.8 / 40.6 / 47.7; held results at the peak 185 MB against 306 (the first block's
+#: 3 x 3 chunks, as the whole 1x image); dcp (47 px halo) 545 / 547 / 552 against 541 / 550 / 559 MB, the same
+#: seconds; the same bytes out (4x COGs of both hash-identical).
+SPILL_REACH_ROWS: int | None = 0
 
 #: results smaller than this are not written to disk by :func:`spill_across`.
 SPILL_MIN_BYTES = 1 << 20
@@ -826,9 +832,9 @@ def write_layers(ds: xr.Dataset, folder: Path, names: dict[str, Path], *, blocks
         markers = [markers[p] for p in order]
         strips = [(p % nbx) // strip_blocks for p in order]
     with progress(desc or "compute+write") if progress is not None else contextlib.nullcontext():
+        reach = strip_blocks * SPILL_REACH_ROWS if strip_blocks and SPILL_REACH_ROWS is not None else None
         _, *extras = compute_once(writes, *extra_compute, markers=markers, strips=strips, spill_in=folder,
-                                  spill_reach=strip_blocks * SPILL_REACH_ROWS if strip_blocks and SPILL_REACH_ROWS
-                                  else None)
+                                  spill_reach=reach)
     _validate(files)
     return files, extras, geobox
 

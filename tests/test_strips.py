@@ -47,6 +47,27 @@ def test_spill_across_keeps_the_values_and_puts_the_border_crossings_on_disk(tmp
     assert all(f.suffix == ".pkl" for f in files)
 
 
+def test_spill_reach_zero_puts_the_strips_line_buffer_on_disk_too(tmp_path, monkeypatch):
+    """``reach=0`` (:data:`cloudfree.stages.cog.SPILL_REACH_ROWS`, the default for halo models): a result that a
+    later block of the same strip needs (the halo's line buffer of input chunks) is read back from disk as well,
+    not only the strip-border crossings; the values stay the same."""
+    import cloudfree.stages.cog as cog
+
+    monkeypatch.setattr(cog, "SPILL_MIN_BYTES", 0)
+    counts = {}
+    for reach in (None, 0):
+        out, expected, dsk, raster, order, markers = _halo_graph(np.random.default_rng(1).random((64, 96)))
+        strips = [(p % out.numblocks[1]) // 2 for p in order]
+        folder = tmp_path / str(reach)
+        folder.mkdir()
+        counts[reach] = spill_across(dsk, markers, strips, str(folder), reach=reach)
+        got = np.block([[dask.get(dsk, k) for k in row] for row in out.__dask_keys__()])
+        np.testing.assert_array_equal(got, expected)
+    # within a strip, the input chunks of a block row are needed by the rows above and below it too
+    assert counts[0] > counts[None] > 0, counts
+    assert cog.SPILL_REACH_ROWS == 0
+
+
 def test_spilled_small_results_stay_in_memory():
     from cloudfree.stages.cog import _spill_value, _unspill
 
